@@ -1,0 +1,183 @@
+"""The :class:`Editor`: a model plus the state that edits need (templates, statistics,
+history), applying edits atomically and reverting them exactly.
+
+    editor = Editor(*load_model())
+    result = editor.edit(Request("{} is located in the city of", "Eiffel Tower", "Rome"))
+    editor.revert()            # back to the original weights, bit for bit
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, asdict
+from typing import Dict, List, Optional, Sequence, Union
+
+from .arch import ArchSpec, ModelAdapter
+from .delta import AppliedEdit, LayerDelta, apply_deltas
+from .errors import MethodError
+from .generation import cached_context_templates
+from .methods import METHODS, ROMEConfig, compute_rome
+from .requests import Request
+from .stats import LayerStats, layer_stats
+from .values import ValueProblem, optimize_values
+
+__all__ = ["Editor", "EditResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EditResult:
+    """What one call of :meth:`Editor.edit` did."""
+
+    method: str
+    layers: List[int]
+    requests: List[Request]
+    deltas: List[LayerDelta]
+    applied: AppliedEdit = field(repr=False)
+    config: object = field(repr=False)
+    seconds: float = 0.0
+    timings: Dict[str, float] = field(default_factory=dict)
+    info: List[dict] = field(default_factory=list)
+
+    @property
+    def delta_norm(self) -> float:
+        """Frobenius norm of the total update (summed per layer, then root-sum-square)."""
+        import math
+
+        by_layer: Dict[int, object] = {}
+        for d in self.deltas:
+            by_layer[d.layer] = by_layer.get(d.layer, 0) + d.dense()
+        return math.sqrt(sum(float((m.double() ** 2).sum()) for m in by_layer.values()))
+
+    def revert(self) -> None:
+        self.applied.revert()
+
+
+class Editor:
+    """Holds a model and everything edits reuse.
+
+    Args:
+        model, tokenizer: a loaded causal LM (see :func:`factedit.load_model`).
+        arch: explicit module layout for unknown architectures.
+        progress: show progress bars (statistics).
+    """
+
+    def __init__(self, model, tokenizer, arch: Optional[ArchSpec] = None, progress: bool = True):
+        self.adapter = ModelAdapter(model, tokenizer, arch)
+        self.progress = progress
+        self.history: List[EditResult] = []
+        self._templates: Dict[tuple, List[str]] = {}
+        self._stats: Dict[tuple, LayerStats] = {}
+
+    @property
+    def model(self):
+        return self.adapter.model
+
+    @property
+    def tokenizer(self):
+        return self.adapter.tokenizer
+
+    # ------------------------------------------------------------------ shared state
+    def templates(self, seed: int = 0, lengths=((5, 10), (10, 10))) -> List[str]:
+        key = (seed, tuple(map(tuple, lengths)))
+        if key not in self._templates:
+            self._templates[key] = cached_context_templates(self.adapter, seed, key[1])
+        return self._templates[key]
+
+    def stats(self, layer: int, corpus: Optional[str] = None, n_tokens: int = 100_000) -> LayerStats:
+        key = (layer, corpus, n_tokens)
+        if key not in self._stats:
+            self._stats[key] = layer_stats(self.adapter, layer, corpus=corpus, n_tokens=n_tokens,
+                                           progress=self.progress)
+        return self._stats[key]
+
+    # ------------------------------------------------------------------ editing
+    def make_config(self, method: str = "r-rome", **overrides) -> ROMEConfig:
+        if method not in METHODS:
+            raise MethodError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+        cls = METHODS[method]
+        if cls is ROMEConfig:
+            overrides.setdefault("variant", method)
+        try:
+            return cls(**overrides).resolved(self.adapter)
+        except TypeError as e:
+            raise MethodError(f"invalid option for {method}: {e}") from None
+
+    def compute(self, requests: Union[Request, Sequence[Request]], method: str = "r-rome",
+                config: Optional[ROMEConfig] = None, **overrides):
+        """Compute (but do not apply) the deltas of a single ROME request.
+
+        Returns ``(deltas, info, timings, config)``. Nothing in the model changes.
+        """
+        reqs = [requests] if isinstance(requests, Request) else list(requests)
+        if len(reqs) != 1:
+            raise MethodError("ROME edits one request at a time; pass one Request (or use Editor.edit)")
+        cfg = config.resolved(self.adapter) if config is not None else self.make_config(method, **overrides)
+        timings: Dict[str, float] = {}
+        t = time.perf_counter()
+        stats = self.stats(cfg.layer, cfg.stats_corpus, cfg.stats_tokens)
+        timings["stats"] = time.perf_counter() - t
+        t = time.perf_counter()
+        templates = self.templates(cfg.seed, cfg.context_lengths)
+        timings["templates"] = time.perf_counter() - t
+        t = time.perf_counter()
+        problem = ValueProblem(self.adapter, cfg.layer, reqs, templates, cfg.essence_prompts, cfg.fact_token)
+        values = optimize_values(problem, cfg.value)
+        timings["values"] = time.perf_counter() - t
+        t = time.perf_counter()
+        C = stats.mom2.to(values.k_star.device)
+        delta = compute_rome(C, values, 0, cfg.variant, cfg.layer)
+        timings["solve"] = time.perf_counter() - t
+        info = [{"nll_before": values.nll_before[0], "nll_after": values.nll_after[0], "steps": values.steps,
+                 "delta_v_norm": float(values.delta[0].norm()), "v0_norm": float(values.v0[0].norm())}]
+        return [delta], info, timings, cfg
+
+    def edit(self, requests: Union[Request, Sequence[Request]], method: str = "r-rome",
+             config: Optional[ROMEConfig] = None, **overrides) -> EditResult:
+        """Compute and apply an edit (several requests are edited one after another).
+
+        If anything fails, every weight touched by this call is restored before the error
+        propagates.
+        """
+        reqs = [requests] if isinstance(requests, Request) else list(requests)
+        t0 = time.perf_counter()
+        done: List[EditResult] = []
+        try:
+            for req in reqs:
+                deltas, info, timings, cfg = self.compute(req, method, config, **overrides)
+                applied = apply_deltas(self.adapter, deltas)
+                done.append(EditResult(cfg.variant, list(cfg.layers), [req], deltas, applied, cfg,
+                                       time.perf_counter() - t0, timings, info))
+        except BaseException:
+            for r in reversed(done):
+                r.revert()
+            raise
+        if len(done) == 1:
+            result = done[0]
+        else:
+            result = EditResult(done[0].method, sorted({l for r in done for l in r.layers}), reqs,
+                                [d for r in done for d in r.deltas], _Chain([r.applied for r in done]),
+                                done[0].config, 0.0, {}, [i for r in done for i in r.info])
+        result.seconds = time.perf_counter() - t0
+        self.history.append(result)
+        return result
+
+    def revert(self, n: int = 1) -> None:
+        """Undo the last ``n`` edits, newest first."""
+        if n > len(self.history):
+            raise MethodError(f"cannot revert {n} edits: only {len(self.history)} applied")
+        for _ in range(n):
+            self.history.pop().revert()
+
+
+class _Chain:
+    """Several applied edits reverted newest first."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def revert(self):
+        for p in reversed(self.parts):
+            p.revert()

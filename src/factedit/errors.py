@@ -1,0 +1,48 @@
+"""Exceptions raised by factedit. Every user-facing failure is a :class:`FactEditError`.
+
+The CLI turns any ``FactEditError`` into a one-paragraph message on stderr and exit code 2;
+anything else is a bug.
+"""
+
+__all__ = [
+    "FactEditError",
+    "RequestError",
+    "ArchitectureError",
+    "LayerError",
+    "StatsError",
+    "CorpusError",
+    "ModelLoadError",
+    "MethodError",
+]
+
+
+class FactEditError(Exception):
+    """Base class: a clear, user-facing error. The model is left as it was."""
+
+
+class RequestError(FactEditError, ValueError):
+    """The edit request is malformed (template, subject, target)."""
+
+
+class ArchitectureError(FactEditError):
+    """The model's module layout is not known and no override was given."""
+
+
+class LayerError(FactEditError, ValueError):
+    """A layer index is out of range for the model."""
+
+
+class StatsError(FactEditError):
+    """Key statistics are missing, unreadable or numerically invalid."""
+
+
+class CorpusError(FactEditError):
+    """The text corpus for statistics cannot be read or is empty."""
+
+
+class ModelLoadError(FactEditError):
+    """The model could not be loaded."""
+
+
+class MethodError(FactEditError, ValueError):
+    """Unknown editing method or invalid method configuration."""

@@ -1,0 +1,143 @@
+"""Text generation and target scoring on an adapted model.
+
+    templates = context_templates(adapter, seed=0)          # ["{}", "The ... . {}", ...]
+    p = target_probabilities(adapter, ["Eiffel Tower is in"], ["Rome"])   # exp(mean log p)
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .tokens import encode_with_target
+
+__all__ = ["sample_continuations", "context_templates", "cached_context_templates", "greedy_continuation", "target_probabilities",
+           "target_logprobs"]
+
+
+def _start_ids(tok) -> List[int]:
+    for t in (tok.bos_token_id, tok.eos_token_id):
+        if t is not None:
+            return [int(t)]
+    raise ValueError("tokenizer has neither a BOS nor an EOS token to start sampling from")
+
+
+@torch.no_grad()
+def sample_continuations(
+    adapter,
+    n: int,
+    length: int,
+    seed: int,
+    top_k: int = 5,
+    prompt_ids: Optional[List[int]] = None,
+) -> List[List[int]]:
+    """``n`` sampled continuations of ``length`` tokens (top-k sampling, seeded, batched).
+
+    Reproducible for a given seed, model and device: the generator is private, global RNG
+    state is not touched.
+    """
+    model, device = adapter.model, adapter.device
+    start = prompt_ids if prompt_ids is not None else _start_ids(adapter.tokenizer)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    ids = torch.tensor([start] * n, device=device)
+    out = model(input_ids=ids, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    new = []
+    for _ in range(length):
+        logits = logits.float().cpu()
+        if top_k:
+            vals, idx = logits.topk(top_k, dim=-1)
+            choice = torch.multinomial(F.softmax(vals, dim=-1), 1, generator=gen)
+            nxt = idx.gather(1, choice)
+        else:
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)
+        new.append(nxt)
+        out = model(input_ids=nxt.to(device), past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1, :]
+    return torch.cat(new, dim=1).tolist()
+
+
+def context_templates(adapter, seed: int = 0, lengths: Sequence[tuple] = ((5, 10), (10, 10))) -> List[str]:
+    """ROME's context templates: ``"{}"`` plus model-generated prefixes, each ``"<text>. {}"``.
+
+    ``lengths`` holds ``(tokens, count)`` pairs (ROME: 10 texts of 5 and 10 of 10 tokens).
+    """
+    tok = adapter.tokenizer
+    out = ["{}"]
+    for i, (length, count) in enumerate(lengths):
+        for ids in sample_continuations(adapter, count, length, seed=seed * 1000 + i):
+            text = tok.decode(ids, skip_special_tokens=True)
+            text = " ".join(text.replace("{", " ").replace("}", " ").split())
+            out.append(f"{text}. {{}}")
+    return out
+
+
+def cached_context_templates(adapter, seed: int = 0, lengths: Sequence[tuple] = ((5, 10), (10, 10))) -> List[str]:
+    """:func:`context_templates`, stored per (model, seed, lengths) under ``$FACTEDIT_HOME/templates``."""
+    import json
+
+    from .models import model_fingerprint
+    from .paths import atomic_write_text, factedit_home
+
+    key = "-".join(f"{a}x{b}" for a, b in lengths)
+    path = factedit_home() / "templates" / f"{model_fingerprint(adapter.model)}-seed{seed}-{key}.json"
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(cached, list) and cached and all(isinstance(t, str) and t.count("{}") == 1 for t in cached):
+            return cached
+    except (OSError, ValueError):
+        pass  # missing or damaged: regenerate (deterministic) and rewrite atomically
+    templates = context_templates(adapter, seed=seed, lengths=lengths)
+    atomic_write_text(path, json.dumps(templates))
+    return templates
+
+
+@torch.no_grad()
+def greedy_continuation(adapter, prompt: str, max_new_tokens: int = 12) -> str:
+    """Greedy continuation of ``prompt`` (the generated text only)."""
+    tok, model = adapter.tokenizer, adapter.model
+    enc = tok(prompt, return_tensors="pt").to(adapter.device)
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+        top_p=None, top_k=None, temperature=None,
+    )
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def target_logprobs(adapter, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> List[float]:
+    """Mean per-token log-likelihood of each space-prefixed target after its prompt.
+
+    Teacher forcing; logits are computed only at the positions that predict target tokens.
+    """
+    tok = adapter.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    items = [encode_with_target(tok, p, t) for p, t in zip(prompts, targets)]
+    result: List[float] = []
+    for b in range(0, len(items), batch_size):
+        chunk = items[b: b + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        rows, cols, tgt = [], [], []
+        for r, (seq, idx) in enumerate(chunk):
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+            for i in idx:
+                rows.append(r), cols.append(i - 1), tgt.append(seq[i])
+        dev = adapter.device
+        hidden = adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+        sel = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
+        logp = F.log_softmax(adapter.logits(sel).float(), dim=-1)
+        tok_lp = logp[torch.arange(len(tgt), device=dev), torch.tensor(tgt, device=dev)].cpu()
+        rows_t = torch.tensor(rows)
+        for r in range(len(chunk)):
+            result.append(float(tok_lp[rows_t == r].mean()))
+    return result
+
+
+def target_probabilities(adapter, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> List[float]:
+    """``exp`` of :func:`target_logprobs`: the per-token geometric-mean probability."""
+    return [float(torch.tensor(lp).exp()) for lp in target_logprobs(adapter, prompts, targets, batch_size)]

@@ -1,0 +1,283 @@
+"""Target-value optimisation: find δ so that the layer's W_out output v + δ at the fact
+token makes the model say the new target. One implementation serves every method.
+
+Only what depends on δ is recomputed at each optimisation step:
+
+* positions before the fact token are run **once** and kept as a key/value cache;
+* layers below the edit layer are skipped (their output at the fact token onwards is cached);
+* logits are formed only at target positions and at the essence (KL) positions.
+
+``fast=False`` runs the plain full forward with a hook instead; tests check both agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .hooks import Trace, replaced_forward, rewrap
+from .tokens import encode_request
+
+__all__ = ["ValueConfig", "ValueProblem", "ValueResult", "optimize_values"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ValueConfig:
+    """Knobs of the value optimisation (ROME's defaults).
+
+    Attributes:
+        steps: maximum Adam steps.
+        lr: Adam learning rate.
+        kl_factor: weight of the essence-drift KL term.
+        weight_decay: weight of ``‖δ‖ / ‖v0‖²``.
+        clamp_norm_factor: ``‖δ‖ ≤ clamp_norm_factor · ‖v0‖`` after every step.
+        early_stop_loss: stop a request once its total loss is below this.
+    """
+
+    steps: int = 25
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    early_stop_loss: float = 0.05
+
+
+@dataclass
+class _Row:
+    ids: List[int]
+    fact: int
+    predict: List[int]  # positions whose logits predict target tokens
+    targets: List[int]
+    req: int
+    kind: str  # "rewrite" | "kl"
+    bare: bool = False
+
+
+@dataclass
+class ValueResult:
+    """Per request: δ, the original value v0 at the bare prompt, keys k_o and k* (float32)."""
+
+    delta: torch.Tensor  # (n, d_model)
+    v0: torch.Tensor  # (n, d_model) W_out output at the fact token of the bare prompt
+    k_o: torch.Tensor  # (n, d_ff) key of the bare prompt
+    k_star: torch.Tensor  # (n, d_ff) key averaged over the context templates
+    losses: List[List[float]]  # per step, per request
+    steps: int
+    nll_before: List[float]
+    nll_after: List[float]
+
+
+class ValueProblem:
+    """The batch of prompts for one or more requests at one layer, laid out for fast steps."""
+
+    def __init__(self, adapter, layer: int, requests: Sequence, templates: Sequence[str],
+                 essence_prompts: Sequence[str] = ("{} is a",), fact_token: str = "subject_last"):
+        self.adapter, self.layer = adapter, adapter.check_layer(layer)
+        self.n_req = len(requests)
+        tok = adapter.tokenizer
+        rows: List[_Row] = []
+        for r, req in enumerate(requests):
+            for ctx in templates:
+                template = ctx.replace("{}", req.prompt)
+                ids, fact, tidx = encode_request(tok, template, req.subject, req.target_new, fact_token)
+                rows.append(_Row(ids[: tidx[-1]], fact, [i - 1 for i in tidx], [ids[i] for i in tidx], r,
+                                 "rewrite", bare=(ctx == "{}")))
+            for ess in essence_prompts:
+                ids, fact, _ = encode_request(tok, ess, req.subject, None, fact_token)
+                rows.append(_Row(ids[: fact + 1], fact, [], [], r, "kl"))
+        self.rows = rows
+        self._layout()
+
+    # ------------------------------------------------------------------ layout
+    def _layout(self):
+        rows, dev = self.rows, self.adapter.device
+        pad = self.adapter.tokenizer.pad_token_id or 0
+        B = len(rows)
+        P = max(r.fact for r in rows)
+        S = max(len(r.ids) - r.fact for r in rows)
+        pre_ids = torch.full((B, P), pad, dtype=torch.long)
+        pre_mask = torch.zeros((B, P), dtype=torch.long)
+        pre_pos = torch.zeros((B, P), dtype=torch.long)
+        suf_ids = torch.full((B, S), pad, dtype=torch.long)
+        suf_mask = torch.zeros((B, S), dtype=torch.long)
+        full_ids = torch.full((B, P + S), pad, dtype=torch.long)
+        full_mask = torch.zeros((B, P + S), dtype=torch.long)
+        for b, r in enumerate(rows):
+            f, n = r.fact, len(r.ids)
+            if f:
+                pre_ids[b, P - f:] = torch.tensor(r.ids[:f])
+                pre_mask[b, P - f:] = 1
+                pre_pos[b, P - f:] = torch.arange(f)
+            suf_ids[b, : n - f] = torch.tensor(r.ids[f:])
+            suf_mask[b, : n - f] = 1
+            full_ids[b, :n] = torch.tensor(r.ids)
+            full_mask[b, :n] = 1
+        self.P, self.S = P, S
+        facts = torch.tensor([r.fact for r in rows])
+        self.pre = dict(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev), position_ids=pre_pos.to(dev))
+        self.suf = dict(input_ids=suf_ids.to(dev), attention_mask=torch.cat([pre_mask, suf_mask], 1).to(dev),
+                        position_ids=(facts[:, None] + torch.arange(S)[None, :]).to(dev))
+        self.full = dict(input_ids=full_ids.to(dev), attention_mask=full_mask.to(dev))
+        self.facts = facts.to(dev)
+        self.row_req = torch.tensor([r.req for r in rows], device=dev)
+        # positions (suffix coordinates) where logits are needed
+        sel_rows, sel_cols, sel_tgt, sel_w = [], [], [], []
+        n_rewrite = [sum(1 for r in rows if r.req == q and r.kind == "rewrite") for q in range(self.n_req)]
+        for b, r in enumerate(rows):
+            for p, t in zip(r.predict, r.targets):
+                sel_rows.append(b), sel_cols.append(p - r.fact), sel_tgt.append(t)
+                sel_w.append(1.0 / (len(r.targets) * n_rewrite[r.req]))
+        kl_rows = [b for b, r in enumerate(rows) if r.kind == "kl"]
+        self.n_nll = len(sel_rows)
+        self.sel_rows = torch.tensor(sel_rows + kl_rows, device=dev)
+        self.sel_cols = torch.tensor(sel_cols + [0] * len(kl_rows), device=dev)
+        self.sel_tgt = torch.tensor(sel_tgt, device=dev)
+        self.sel_w = torch.tensor(sel_w, device=dev)
+        self.sel_req = self.row_req[self.sel_rows[: self.n_nll]]
+        self.kl_req = self.row_req[torch.tensor(kl_rows, device=dev, dtype=torch.long)]
+        n_kl = [max(1, sum(1 for r in rows if r.req == q and r.kind == "kl")) for q in range(self.n_req)]
+        self.kl_w = torch.tensor([1.0 / n_kl[r.req] for r in rows if r.kind == "kl"], device=dev)
+        self.bare_rows = torch.tensor(
+            [next(b for b, r in enumerate(rows) if r.req == q and r.bare) for q in range(self.n_req)], device=dev)
+        self.rewrite_mask = torch.tensor([r.kind == "rewrite" for r in rows], device=dev)
+
+    # ------------------------------------------------------------------ forward passes
+    @torch.no_grad()
+    def prepare(self):
+        """Run the δ-independent part once: prefix cache, skipped-layer output, keys, v0, KL base."""
+        ad, l = self.adapter, self.layer
+        self.cache = None
+        if self.P:
+            self.cache = ad.body(**self.pre, use_cache=True).past_key_values
+        stack = contextlib.ExitStack()
+        with stack:
+            t_in = stack.enter_context(Trace(ad.layers[l - 1], retain_output=True)) if l else None
+            t_raw = stack.enter_context(_RawOutput(ad.layers[max(l - 1, 0)]))
+            t_w = stack.enter_context(Trace(ad.w_out(l), retain_input=True, retain_output=True))
+            h = ad.body(**self.suf, past_key_values=copy.deepcopy(self.cache), use_cache=self.cache is not None).last_hidden_state
+        self.h_in = t_in.output if t_in else None
+        self.layer_out_template = t_raw.output
+        self.keys = t_w.input[:, 0, :].float()  # (B, d_ff)
+        self.values = t_w.output[:, 0, :].float()  # (B, d_model)
+        logits = self._logits(h)
+        self.kl_base = F.log_softmax(logits[self.n_nll:], dim=-1)
+        return self
+
+    def _logits(self, h):
+        sel = h[self.sel_rows, self.sel_cols]
+        return self.adapter.logits(sel).float()
+
+    def _inject(self, delta):
+        rows_delta = delta[self.row_req]  # (B, d_model)
+
+        def edit(out):
+            first = out[:, :1, :] + rows_delta[:, None, :].to(out.dtype)
+            return torch.cat([first, out[:, 1:, :]], dim=1)
+        return edit
+
+    def logits(self, delta: torch.Tensor, fast: bool = True) -> torch.Tensor:
+        """Logits at the selected positions with δ added at the fact token (differentiable in δ)."""
+        ad, l = self.adapter, self.layer
+        if not fast:
+            return self._logits_full(delta)
+        with contextlib.ExitStack() as stack:
+            if l:
+                tmpl, h_in = self.layer_out_template, self.h_in
+
+                def skip(*args, **kwargs):
+                    return rewrap(tmpl, args[0] if args else kwargs["hidden_states"])
+
+                def inject(*args, **kwargs):
+                    return rewrap(tmpl, h_in)
+
+                for j in range(l - 1):
+                    stack.enter_context(replaced_forward(ad.layers[j], skip))
+                stack.enter_context(replaced_forward(ad.layers[l - 1], inject))
+            stack.enter_context(Trace(ad.w_out(l), edit_output=self._inject(delta)))
+            cache = copy.deepcopy(self.cache)
+            h = ad.body(**self.suf, past_key_values=cache, use_cache=cache is not None).last_hidden_state
+        return self._logits(h)
+
+    def _logits_full(self, delta):
+        """Reference: the whole padded sequences through the whole model, δ added by a hook."""
+        ad = self.adapter
+        rows_delta = delta[self.row_req]
+        facts = self.facts
+
+        def edit(out):
+            add = torch.zeros_like(out)
+            add[torch.arange(out.shape[0], device=out.device), facts] = rows_delta.to(out.dtype)
+            return out + add
+
+        with Trace(ad.w_out(self.layer), edit_output=edit):
+            h = ad.body(**self.full).last_hidden_state
+        sel = h[self.sel_rows, self.sel_cols + self.facts[self.sel_rows]]
+        return ad.logits(sel).float()
+
+    def losses(self, logits: torch.Tensor):
+        """Per-request rewrite NLL and essence KL(P_orig ‖ P_δ) from :meth:`logits`."""
+        logp = F.log_softmax(logits[: self.n_nll], dim=-1)
+        tok_nll = -logp[torch.arange(self.n_nll, device=logp.device), self.sel_tgt] * self.sel_w
+        nll = torch.zeros(self.n_req, device=logp.device).index_add(0, self.sel_req, tok_nll)
+        kl_logp = F.log_softmax(logits[self.n_nll:], dim=-1)
+        kl_each = (self.kl_base.exp() * (self.kl_base - kl_logp)).sum(-1) * self.kl_w
+        kl = torch.zeros(self.n_req, device=logp.device).index_add(0, self.kl_req, kl_each)
+        return nll, kl
+
+
+class _RawOutput(Trace):
+    """Keeps the raw (un-unwrapped) output object of a module, to mimic its structure."""
+
+    def _hook(self, module, inputs, output):
+        self.output = output
+        return output
+
+
+def optimize_values(problem: ValueProblem, cfg: ValueConfig, fast: bool = True) -> ValueResult:
+    """Adam on δ (one row per request) with ROME's loss, norm clamp and early stop."""
+    p = problem.prepare()
+    dev = p.keys.device
+    n = p.n_req
+    v0 = p.values[p.bare_rows]  # (n, d_model)
+    k_o = p.keys[p.bare_rows]
+    k_star = torch.stack([p.keys[(p.row_req == q) & p.rewrite_mask].mean(0) for q in range(n)])
+    delta = torch.zeros_like(v0, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    max_norm = cfg.clamp_norm_factor * v0.norm(dim=-1)  # (n,)
+    v0_sq = v0.norm(dim=-1) ** 2
+    active = torch.ones(n, dtype=torch.bool, device=dev)
+    history: List[List[float]] = []
+    nll_before = None
+    steps = 0
+    with torch.enable_grad():
+        for it in range(cfg.steps):
+            nll, kl = p.losses(p.logits(delta, fast=fast))
+            wd = cfg.weight_decay * delta.norm(dim=-1) / v0_sq
+            loss = nll + cfg.kl_factor * kl + wd
+            history.append([float(x) for x in loss.detach()])
+            if nll_before is None:
+                nll_before = [float(x) for x in nll.detach()]
+            active = active & (loss.detach() >= cfg.early_stop_loss)
+            if not bool(active.any()) or it == cfg.steps - 1:
+                break
+            opt.zero_grad(set_to_none=True)
+            (loss * active).sum().backward()
+            frozen = delta.detach()[~active].clone()
+            opt.step()
+            steps = it + 1
+            with torch.no_grad():
+                delta[~active] = frozen  # Adam momentum must not move finished requests
+                norms = delta.norm(dim=-1)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+                delta.mul_(scale[:, None])
+    # the loop always ends on a freshly evaluated loss of the final δ
+    return ValueResult(delta.detach().float(), v0, k_o, k_star, history, steps, nll_before,
+                       [float(x) for x in nll.detach()])
