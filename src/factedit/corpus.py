@@ -25,7 +25,10 @@ from typing import Callable, Iterator, Optional
 from .errors import CorpusError
 from .paths import atomic_write_text, factedit_home
 
-__all__ = ["Corpus", "resolve_corpus", "HF_CORPORA"]
+__all__ = ["Corpus", "resolve_corpus", "HF_CORPORA", "MODEL_CORPUS_TOKENS"]
+
+#: Tokens sampled from the model for the ``"model"`` corpus (at least 16 per key dimension).
+MODEL_CORPUS_TOKENS = 40_000
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +154,7 @@ def _model_corpus(adapter, n_tokens: int, seed: int = 0) -> Corpus:
     path = factedit_home() / "corpora" / f"model-{fp}-seed{seed}-{n_tokens}.jsonl"
     if not path.is_file():
         log.info("sampling ~%d tokens of text from the model for statistics (once; cached at %s)", n_tokens, path)
-        docs, total, batch, length = [], 0, 32, 128
+        docs, total, batch, length = [], 0, 64, 128
         tok = adapter.tokenizer
         i = 0
         while total < n_tokens:
@@ -179,7 +182,8 @@ def resolve_corpus(spec: Optional[str], adapter=None, n_tokens: int = 100_000) -
     if spec in ("model", "self"):
         if adapter is None:
             raise CorpusError("the 'model' corpus needs a model to sample from")
-        return _model_corpus(adapter, n_tokens)
+        # sampling costs a full forward per token: cap it (C needs n ≫ d_ff, not millions)
+        return _model_corpus(adapter, min(n_tokens, max(MODEL_CORPUS_TOKENS, 16 * adapter.d_ff)))
     if spec in HF_CORPORA:
         return _hf_corpus(spec)
     return _file_corpus(Path(spec).expanduser())
