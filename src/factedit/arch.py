@@ -191,6 +191,16 @@ class ModelAdapter:
 
     # ----------------------------------------------------------------- misc
     @property
+    def max_positions(self) -> int:
+        """Longest sequence the model accepts (from its config; large if unstated)."""
+        cfg = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+            v = getattr(cfg, name, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return 1 << 20
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

@@ -22,9 +22,21 @@ from .requests import Request
 from .stats import LayerStats, layer_stats
 from .values import ValueProblem, optimize_values
 
-__all__ = ["Editor", "EditResult"]
+__all__ = ["Editor", "EditResult", "Computed"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Computed:
+    """An edit computed but not yet applied: deltas plus everything they came from."""
+
+    deltas: List[LayerDelta]
+    values: object  # ValueResult
+    info: List[dict]
+    timings: Dict[str, float]
+    config: object
+    C: object = field(default=None, repr=False)
 
 
 @dataclass
@@ -109,7 +121,7 @@ class Editor:
                 config: Optional[ROMEConfig] = None, **overrides):
         """Compute (but do not apply) the deltas of a single ROME request.
 
-        Returns ``(deltas, info, timings, config)``. Nothing in the model changes.
+        Returns a :class:`Computed`. Nothing in the model changes.
         """
         reqs = [requests] if isinstance(requests, Request) else list(requests)
         if len(reqs) != 1:
@@ -132,7 +144,7 @@ class Editor:
         timings["solve"] = time.perf_counter() - t
         info = [{"nll_before": values.nll_before[0], "nll_after": values.nll_after[0], "steps": values.steps,
                  "delta_v_norm": float(values.delta[0].norm()), "v0_norm": float(values.v0[0].norm())}]
-        return [delta], info, timings, cfg
+        return Computed([delta], values, info, timings, cfg, C)
 
     def edit(self, requests: Union[Request, Sequence[Request]], method: str = "r-rome",
              config: Optional[ROMEConfig] = None, **overrides) -> EditResult:
@@ -146,10 +158,10 @@ class Editor:
         done: List[EditResult] = []
         try:
             for req in reqs:
-                deltas, info, timings, cfg = self.compute(req, method, config, **overrides)
-                applied = apply_deltas(self.adapter, deltas)
-                done.append(EditResult(cfg.variant, list(cfg.layers), [req], deltas, applied, cfg,
-                                       time.perf_counter() - t0, timings, info))
+                c = self.compute(req, method, config, **overrides)
+                applied = apply_deltas(self.adapter, c.deltas)
+                done.append(EditResult(c.config.variant, list(c.config.layers), [req], c.deltas, applied, c.config,
+                                       time.perf_counter() - t0, c.timings, c.info))
         except BaseException:
             for r in reversed(done):
                 r.revert()

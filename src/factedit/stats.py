@@ -221,6 +221,7 @@ def layer_stats(
     from .models import model_fingerprint, model_name
 
     adapter.check_layer(layer)
+    seq_len = min(seq_len, adapter.max_positions)
     src = resolve_corpus(corpus, adapter, n_tokens)
     fp = model_fingerprint(adapter.model, upto_layer=layer, spec=adapter.spec)
     path = stats_cache_path(fp, layer, src.name, n_tokens)

@@ -1,0 +1,45 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CORPUS = SHARED / "data" / "corpus" / "wikitext2_valid.txt"
+COUNTERFACT = SHARED / "data" / "counterfact" / "counterfact_knowedit.jsonl"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty FACTEDIT_HOME per test (for caches written by tiny-model tests)."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("FACTEDIT_HOME", str(h))
+    return h
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    from tiny import _TEXT
+
+    p = tmp_path / "corpus.txt"
+    lines = []
+    for i in range(60):
+        lines.append(" ".join(_TEXT[(i + j) % len(_TEXT)] for j in range(3)) + f" number {i}.")
+        lines.append("")
+    p.write_text("\n".join(lines), encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2 model and an Editor over it (loaded once per session)."""
+    if not CORPUS.is_file():
+        pytest.skip(f"shared data not found at {SHARED}")
+    from factedit import Editor, load_model
+
+    model, tok = load_model()
+    return Editor(model, tok, progress=False)

@@ -1,0 +1,140 @@
+"""Bad input: a clear error, a non-zero CLI exit, weights and caches unchanged."""
+
+import json
+
+import pytest
+import torch
+
+from factedit import Editor, Request, ValueConfig
+from factedit.cli import main
+from factedit.errors import FactEditError, LayerError, MethodError, RequestError, StatsError
+from tiny import tiny_model
+
+
+@pytest.mark.parametrize("args,match", [
+    (("{} is in {}", "Paris", "Rome"), "exactly one"),
+    (("is in", "Paris", "Rome"), "exactly one"),
+    (("{} is in", "", "Rome"), "subject is empty"),
+    (("{} is in", "Paris", "  "), "target_new is empty"),
+    (("{} is in", "Paris", "Rome", "Rome"), "the same"),
+])
+def test_request_validation(args, match):
+    with pytest.raises(RequestError, match=match):
+        Request(*args)
+
+
+def test_subject_not_in_filled_prompt():
+    with pytest.raises(RequestError, match="does not occur"):
+        Request.from_filled("The Louvre is in", "Eiffel Tower", "Rome")
+    r = Request.from_filled("The Eiffel Tower is in", "Eiffel Tower", "Rome")
+    assert r.prompt == "The {} is in"
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    model, tok = tiny_model("llama")
+    d = tmp_path / "tiny-llama"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _weights(d):
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "model.safetensors"))
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_edit_json_on_tiny_model(tiny_dir, tiny_corpus, home, capsys):
+    code, out, err = _run(capsys, "edit", "--model", str(tiny_dir), "--prompt", "{} is located in the city of",
+                          "--subject", "Eiffel Tower", "--target", "Rome", "--true", "Paris", "--layer", "1",
+                          "--corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "3", "--json")
+    assert code == 0, err
+    obj = json.loads(out)  # exactly one JSON object on stdout
+    for key in ("method", "model", "layers", "before", "after", "delta_norm", "seconds"):
+        assert key in obj
+    for side in ("before", "after"):
+        assert {"p_new", "p_true", "generation"} <= set(obj[side])
+    assert obj["layers"] == [1] and obj["method"] == "r-rome"
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--prompt", "is located in", "--subject", "Eiffel Tower", "--target", "Rome"], "does not occur"),
+    (["--prompt", "{} is located in", "--subject", "Eiffel Tower", "--target", ""], "target_new is empty"),
+    (["--prompt", "{} is in {}", "--subject", "Eiffel Tower", "--target", "Rome"], "exactly one"),
+    (["--layer", "99"], "out of range"),
+    (["--method", "romeo"], "unknown method"),
+    (["--corpus", "/nonexistent/corpus.txt"], "not found"),
+])
+def test_cli_bad_input_exits_nonzero_and_leaves_weights(extra, match, tiny_dir, tiny_corpus, home, capsys):
+    before = _weights(tiny_dir)
+    base = ["edit", "--model", str(tiny_dir), "--corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2"]
+    if "--prompt" not in extra:
+        base += ["--prompt", "{} is in", "--subject", "Eiffel Tower", "--target", "Rome"]
+    code, out, err = _run(capsys, *base, *extra)
+    assert code == 2
+    assert match in err and "factedit: error:" in err
+    assert out == ""
+    after = _weights(tiny_dir)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_cli_empty_corpus(tiny_dir, tmp_path, home, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, _, err = _run(capsys, "stats", "--model", str(tiny_dir), "--layers", "1", "--corpus", str(empty))
+    assert code == 2 and "empty" in err
+
+
+def test_editor_leaves_model_untouched_on_errors(home, tiny_corpus, tmp_path):
+    model, tok = tiny_model("gpt2")
+    ed = Editor(model, tok, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    req = Request("{} is in", "Eiffel Tower", "Rome")
+    with pytest.raises(LayerError):
+        ed.edit(req, layer=7)
+    with pytest.raises(MethodError):
+        ed.edit(req, method="nope")
+    with pytest.raises(FactEditError):
+        ed.edit(req, layer=1, stats_corpus=str(tmp_path / "missing.txt"))
+    # NaN statistics: poison the cache, the edit must refuse
+    ed.stats(1, str(tiny_corpus), 600)
+    ed._stats.clear()
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = next((home / "stats").rglob("*.safetensors"))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    t = load_file(str(path))
+    t["mom2_sum"][3, 3] = float("inf")
+    save_file(t, str(path), metadata=meta)
+    poisoned = path.read_bytes()
+    with pytest.raises(StatsError, match="NaN or Inf"):
+        ed.edit(req, layer=1, stats_corpus=str(tiny_corpus), stats_tokens=600, value=ValueConfig(steps=2))
+    assert path.read_bytes() == poisoned  # cache untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert ed.history == []
+
+
+def test_failure_during_apply_restores(home, tiny_corpus, monkeypatch):
+    from factedit import delta as D
+    from factedit.delta import LayerDelta, apply_deltas
+
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ad = ed.adapter
+    good = LayerDelta(1, torch.randn(ad.d_model), torch.randn(ad.d_ff))
+    bad = LayerDelta(2, torch.full((ad.d_model,), float("nan")), torch.randn(ad.d_ff))
+    with pytest.raises(FactEditError, match="NaN"):
+        apply_deltas(ad, [good, bad])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

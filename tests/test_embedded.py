@@ -1,0 +1,64 @@
+"""Integration tests on the embedded SmolLM2-135M-Instruct (slow: minutes, not hours)."""
+
+import json
+
+import pytest
+
+from conftest import CORPUS, COUNTERFACT
+from factedit import Request
+from factedit.generation import greedy_continuation, target_probabilities
+
+pytestmark = pytest.mark.slow
+STATS = dict(stats_corpus=str(CORPUS))
+
+
+def test_eiffel_tower_to_rome(embedded):
+    ed = embedded
+    req = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
+    japan_before = greedy_continuation(ed.adapter, "The capital of Japan is", 6)
+    assert "Tokyo" in japan_before
+    p_new0, p_true0 = target_probabilities(ed.adapter, [req.text] * 2, ["Rome", "Paris"])
+    assert p_true0 > p_new0
+    result = ed.edit(req, **STATS)
+    try:
+        p_new, p_true = target_probabilities(ed.adapter, [req.text] * 2, ["Rome", "Paris"])
+        assert p_new > p_true
+        assert "Rome" in greedy_continuation(ed.adapter, req.text, 6)
+        assert greedy_continuation(ed.adapter, "The capital of Japan is", 6) == japan_before
+        assert result.layers == [5]
+    finally:
+        ed.revert()
+    assert target_probabilities(ed.adapter, [req.text], ["Paris"])[0] == pytest.approx(p_true0, abs=0)
+
+
+def _records(n):
+    with open(COUNTERFACT, encoding="utf-8") as f:
+        return [json.loads(next(f)) for _ in range(n)]
+
+
+def test_counterfact_ten_records(embedded):
+    ed = embedded
+    failures = []
+    for rec in _records(10):
+        req = Request.from_filled(rec["prompt"], rec["subject"], rec["target_new"], rec["ground_truth"])
+        ed.edit(req, **STATS)
+        try:
+            p_new, p_true = target_probabilities(ed.adapter, [req.text] * 2, [req.target_new, req.target_true])
+            if not p_new > p_true:
+                failures.append((rec["case_id"], p_new, p_true))
+        finally:
+            ed.revert()
+    assert not failures
+
+
+def test_cli_demo_json(embedded, capsys):
+    from factedit.cli import main
+
+    code = main(["edit", "--prompt", "{} is located in the city of", "--subject", "Eiffel Tower",
+                 "--target", "Rome", "--true", "Paris", "--corpus", str(CORPUS), "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    obj = json.loads(out)
+    assert obj["after"]["p_new"] > obj["after"]["p_true"]
+    assert obj["before"]["p_true"] > obj["before"]["p_new"]
+    assert "Rome" in obj["after"]["generation"]

@@ -1,0 +1,147 @@
+import pytest
+import torch
+
+from factedit.arch import ModelAdapter
+from factedit.corpus import resolve_corpus
+from factedit.errors import CorpusError, StatsError
+from factedit.hooks import Trace
+from factedit.stats import SecondMoment, layer_stats, load_stats_file, stats_cache_path, token_chunks
+from tiny import tiny_model
+
+
+def test_streaming_equals_whole_batch_float64():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1000, 7, generator=g, dtype=torch.float64)
+    acc = SecondMoment(7)
+    for chunk in X.split(97):
+        acc.update(chunk)
+    ref = X.T @ X / X.shape[0]
+    assert acc.count == 1000
+    assert torch.allclose(acc.sum / acc.count, ref, rtol=1e-6)
+
+
+def test_merge_is_exact():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(300, 5, generator=g)
+    whole = SecondMoment(5).update(X)
+    a, b = SecondMoment(5).update(X[:120]), SecondMoment(5).update(X[120:])
+    sequential = SecondMoment(5).update(X[:120]).update(X[120:])
+    merged = a.merge(b)
+    assert merged.count == whole.count == sequential.count
+    assert torch.equal(merged.sum, sequential.sum)  # same batches: bit-identical
+    assert torch.allclose(merged.sum, whole.sum, rtol=1e-5, atol=1e-4)  # other batching: fp32 products
+    with pytest.raises(StatsError):
+        a.merge(SecondMoment(6))
+
+
+def _keys_reference(ad, layer, chunks):
+    acc = SecondMoment(ad.d_ff)
+    for c in chunks:
+        with Trace(ad.w_out(layer), retain_input=True) as t:
+            ad.model(torch.tensor([c]))
+        acc.update(t.input[0])
+    return acc
+
+
+def test_layer_stats_match_direct_computation_and_cache(home, tiny_corpus):
+    model, tok = tiny_model("llama")
+    ad = ModelAdapter(model, tok)
+    st = layer_stats(ad, 2, corpus=str(tiny_corpus), n_tokens=600, seq_len=32, batch_size=3, progress=False)
+    chunks = list(token_chunks(tok, resolve_corpus(str(tiny_corpus)), 32, 600))
+    ref = _keys_reference(ad, 2, chunks)
+    assert st.count == ref.count == sum(len(c) for c in chunks)
+    assert torch.allclose(st.mom2, ref.mom2(), rtol=1e-4, atol=1e-6)
+    files = list((home / "stats").rglob("*.safetensors"))
+    assert len(files) == 1
+    acc, meta = load_stats_file(files[0])
+    assert meta["layer"] == "2" and meta["n_tokens"] == "600" and "corpus" in meta and "model_fingerprint" in meta
+    # second call reads the cache (identical result)
+    again = layer_stats(ad, 2, corpus=str(tiny_corpus), n_tokens=600, seq_len=32, batch_size=3, progress=False)
+    assert torch.equal(again.mom2, st.mom2)
+
+
+def test_resume_after_interruption(home, tiny_corpus, monkeypatch):
+    model, tok = tiny_model("gpt2")
+    ad = ModelAdapter(model, tok)
+    kw = dict(corpus=str(tiny_corpus), n_tokens=800, seq_len=32, batch_size=2, progress=False, checkpoint_every=0.0)
+    full = layer_stats(ad, 1, cache=False, **kw)
+
+    import factedit.stats as S
+    real_update = S.SecondMoment.update
+    calls = {"n": 0}
+
+    def flaky(self, x):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_update(self, x)
+
+    monkeypatch.setattr(S.SecondMoment, "update", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        layer_stats(ad, 1, **kw)
+    monkeypatch.setattr(S.SecondMoment, "update", real_update)
+    partials = list((home / "stats").rglob("*.partial.safetensors"))
+    assert len(partials) == 1
+    acc, meta = load_stats_file(partials[0])
+    assert 0 < acc.count < full.count
+    resumed = layer_stats(ad, 1, **kw)
+    assert resumed.count == full.count
+    assert torch.allclose(resumed.mom2, full.mom2, rtol=1e-5, atol=1e-7)
+    assert not list((home / "stats").rglob("*.partial.safetensors"))
+
+
+def test_corrupt_cache_is_an_error_and_left_alone(home, tiny_corpus):
+    model, tok = tiny_model("llama")
+    ad = ModelAdapter(model, tok)
+    layer_stats(ad, 1, corpus=str(tiny_corpus), n_tokens=300, seq_len=32, progress=False)
+    path = next((home / "stats").rglob("*.safetensors"))
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(StatsError, match="unreadable"):
+        layer_stats(ad, 1, corpus=str(tiny_corpus), n_tokens=300, seq_len=32, progress=False)
+    assert path.read_bytes() == b"not a safetensors file"
+    # --force recomputes and replaces atomically
+    st = layer_stats(ad, 1, corpus=str(tiny_corpus), n_tokens=300, seq_len=32, progress=False, force=True)
+    assert torch.isfinite(st.mom2).all()
+
+
+def test_nan_statistics_rejected(home, tiny_corpus):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    model, tok = tiny_model("llama")
+    ad = ModelAdapter(model, tok)
+    layer_stats(ad, 1, corpus=str(tiny_corpus), n_tokens=300, seq_len=32, progress=False)
+    path = next((home / "stats").rglob("*.safetensors"))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    t = load_file(str(path))
+    t["mom2_sum"][0, 0] = float("nan")
+    save_file(t, str(path), metadata=meta)
+    with pytest.raises(StatsError, match="NaN"):
+        layer_stats(ad, 1, corpus=str(tiny_corpus), n_tokens=300, seq_len=32, progress=False)
+
+
+def test_corpus_errors(tmp_path, home):
+    model, tok = tiny_model("llama")
+    ad = ModelAdapter(model, tok)
+    with pytest.raises(CorpusError, match="not found"):
+        layer_stats(ad, 1, corpus=str(tmp_path / "missing.txt"), n_tokens=100, progress=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(CorpusError, match="empty"):
+        layer_stats(ad, 1, corpus=str(empty), n_tokens=100, progress=False)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n\n")
+    with pytest.raises(StatsError, match="no tokens"):
+        layer_stats(ad, 1, corpus=str(blank), n_tokens=100, progress=False, cache=False)
+    assert not (home / "stats").exists() or not list((home / "stats").rglob("*.safetensors"))
+
+
+def test_jsonl_corpus_and_cache_path_keys(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"text": "hello world"}\n{"id": 3, "body": "second doc"}\n"third"\n')
+    docs = list(resolve_corpus(str(p)).open())
+    assert docs == ["hello world", "second doc", "third"]
+    a = stats_cache_path("fp", 3, "corpusA", 100, tmp_path)
+    assert a != stats_cache_path("fp", 3, "corpusB", 100, tmp_path) != stats_cache_path("fp", 4, "corpusA", 100, tmp_path)
+    assert a != stats_cache_path("fp", 3, "corpusA", 200, tmp_path)
