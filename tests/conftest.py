@@ -43,3 +43,15 @@ def embedded():
 
     model, tok = load_model()
     return Editor(model, tok, progress=False)
+
+
+def poison_stats_file(path, value=float("nan"), index=(0, 0)):
+    """Write a non-finite entry into a statistics cache file, keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    t = load_file(str(path))
+    t["mom2_sum"][index] = value
+    save_file(t, str(path), metadata=meta)

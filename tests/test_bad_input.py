@@ -106,15 +106,10 @@ def test_editor_leaves_model_untouched_on_errors(home, tiny_corpus, tmp_path):
     # NaN statistics: poison the cache, the edit must refuse
     ed.stats(1, str(tiny_corpus), 600)
     ed._stats.clear()
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from conftest import poison_stats_file
 
     path = next((home / "stats").rglob("*.safetensors"))
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    t = load_file(str(path))
-    t["mom2_sum"][3, 3] = float("inf")
-    save_file(t, str(path), metadata=meta)
+    poison_stats_file(path, float("inf"), (3, 3))
     poisoned = path.read_bytes()
     with pytest.raises(StatsError, match="NaN or Inf"):
         ed.edit(req, layer=1, stats_corpus=str(tiny_corpus), stats_tokens=600, value=ValueConfig(steps=2))

@@ -75,3 +75,26 @@ def test_replaced_forward_restores():
     assert "forward" not in net.a.__dict__
     assert net.a(torch.ones(1, 3)).abs().sum() > 0
     assert issubclass(StopForward, Exception)
+
+
+def test_trace_dict_and_positions():
+    from factedit.hooks import TraceDict, at_positions
+
+    torch.manual_seed(1)
+    net, x = Net(), torch.randn(2, 5, 3)
+    with TraceDict(net, ["a", "b"], retain_output=True) as td:
+        y = net(x)
+    assert torch.allclose(td["b"].output, y)
+    with TraceDict(net, ["a"], edit_output={"a": at_positions([1, 3], lambda h: h * 0)}, retain_output=True) as td:
+        net(x)
+    h = td["a"].output
+    assert torch.equal(h[:, [1, 3]], torch.zeros(2, 2, 4))
+    assert torch.allclose(h[:, 0], net.a(x)[:, 0])
+    per_row = at_positions(torch.tensor([0, 4]), lambda h: h + 1)(torch.zeros(2, 5, 4))
+    assert per_row[0, 0].eq(1).all() and per_row[1, 4].eq(1).all() and per_row.sum() == 8
+    called = []
+    hb = net.b.register_forward_hook(lambda *a: called.append(1))
+    with TraceDict(net, ["a"], stop=True):
+        net(x)
+    hb.remove()
+    assert not called and not net.a._forward_hooks

@@ -20,6 +20,17 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def _computed(arch, method, tiny_corpus):
+    """(W0, Computed, k*, k_o, δ, C⁻¹) of one edit at layer 2, in float64."""
+    model, tok = tiny_model(arch)
+    ed = Editor(model, tok, progress=False)
+    W0 = ed.adapter.w_out_weight(2).detach().clone().double()
+    c = ed.compute(REQ, method, **_opts(tiny_corpus))
+    v = c.values
+    Cinv = torch.linalg.inv(c.C.double())  # explicit inverse: only as the reference formula
+    return W0, c, v.k_star[0].double(), v.k_o[0].double(), v.delta[0].double(), Cinv
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_r_rome_exact_algebra(arch, home, tiny_corpus):
     model, tok = tiny_model(arch)
@@ -47,14 +58,8 @@ def test_r_rome_exact_algebra(arch, home, tiny_corpus):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
 def test_rome_reproduces_original_code_update(arch, home, tiny_corpus):
-    model, tok = tiny_model(arch)
-    ed = Editor(model, tok, progress=False)
-    W0 = ed.adapter.w_out_weight(2).detach().clone().double()
-    c = ed.compute(REQ, "rome", **_opts(tiny_corpus))
-    v = c.values
-    k_star, k_o, delta = v.k_star[0].double(), v.k_o[0].double(), v.delta[0].double()
+    W0, c, k_star, k_o, delta, Cinv = _computed(arch, "rome", tiny_corpus)
     v_star = W0 @ k_o + delta  # the original code's target: bare-prompt value plus δ
-    Cinv = torch.linalg.inv(c.C.double())  # explicit inverse: the reference formula only
     ref = torch.outer(v_star - W0 @ k_o, Cinv @ k_star) / (k_o @ Cinv @ k_star)
     assert _rel(c.deltas[0].dense().double(), ref) < 1e-4
     assert not torch.allclose(k_star, k_o)
@@ -62,13 +67,7 @@ def test_rome_reproduces_original_code_update(arch, home, tiny_corpus):
 
 @pytest.mark.parametrize("arch", ["gptj", "qwen2"])
 def test_p_rome_uses_k_o_throughout(arch, home, tiny_corpus):
-    model, tok = tiny_model(arch)
-    ed = Editor(model, tok, progress=False)
-    W0 = ed.adapter.w_out_weight(2).detach().clone().double()
-    c = ed.compute(REQ, "p-rome", **_opts(tiny_corpus))
-    v = c.values
-    k_o, delta = v.k_o[0].double(), v.delta[0].double()
-    Cinv = torch.linalg.inv(c.C.double())
+    W0, c, k_star, k_o, delta, Cinv = _computed(arch, "p-rome", tiny_corpus)
     ref = torch.outer(delta, Cinv @ k_o) / (k_o @ Cinv @ k_o)
     assert _rel(c.deltas[0].dense().double(), ref) < 1e-4
     assert _rel((W0 + ref) @ k_o, W0 @ k_o + delta) < 1e-6

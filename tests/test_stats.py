@@ -105,18 +105,12 @@ def test_corrupt_cache_is_an_error_and_left_alone(home, tiny_corpus):
 
 
 def test_nan_statistics_rejected(home, tiny_corpus):
-    from safetensors.torch import load_file, save_file
-    from safetensors import safe_open
+    from conftest import poison_stats_file
 
     model, tok = tiny_model("llama")
     ad = ModelAdapter(model, tok)
     layer_stats(ad, 1, corpus=str(tiny_corpus), n_tokens=300, seq_len=32, progress=False)
-    path = next((home / "stats").rglob("*.safetensors"))
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    t = load_file(str(path))
-    t["mom2_sum"][0, 0] = float("nan")
-    save_file(t, str(path), metadata=meta)
+    poison_stats_file(next((home / "stats").rglob("*.safetensors")))
     with pytest.raises(StatsError, match="NaN"):
         layer_stats(ad, 1, corpus=str(tiny_corpus), n_tokens=300, seq_len=32, progress=False)
 

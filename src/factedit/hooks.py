@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-__all__ = ["StopForward", "Trace", "unwrap", "rewrap", "stop_after", "replaced_forward"]
+__all__ = ["StopForward", "Trace", "TraceDict", "at_positions", "unwrap", "rewrap", "stop_after", "replaced_forward"]
 
 
 class StopForward(Exception):
@@ -94,6 +94,83 @@ class Trace(contextlib.AbstractContextManager):
             self._handle.remove()
             self._handle = None
         return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+class TraceDict(contextlib.AbstractContextManager):
+    """:class:`Trace` over several modules named as in ``model.named_modules()``.
+
+        with TraceDict(model, ["model.layers.2.mlp", "model.layers.3.mlp"], retain_output=True) as td:
+            model(ids)
+        td["model.layers.2.mlp"].output
+
+    ``edit_output`` may be a dict name -> fn; ``stop=True`` stops after the *last* module to run.
+    """
+
+    def __init__(self, model: nn.Module, names, retain_input=False, retain_output=False, edit_output=None,
+                 stop: bool = False):
+        self.traces = {}
+        for name in names:
+            fn = edit_output.get(name) if isinstance(edit_output, dict) else edit_output
+            self.traces[name] = Trace(model.get_submodule(name), retain_input, retain_output, fn)
+        self.stop = stop
+        self._seen = set()
+        self._stopper = None
+
+    def __getitem__(self, name: str) -> Trace:
+        return self.traces[name]
+
+    def __enter__(self) -> "TraceDict":
+        entered = []
+        try:
+            for t in self.traces.values():
+                t.__enter__()
+                entered.append(t)
+            if self.stop:
+                names = list(self.traces)
+
+                def make(name):
+                    def hook(module, inputs, output):
+                        self._seen.add(name)
+                        if self._seen.issuperset(names):
+                            raise StopForward()
+                    return hook
+
+                self._stopper = [self.traces[n].module.register_forward_hook(make(n)) for n in names]
+        except BaseException:
+            for t in entered:
+                t.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        for h in self._stopper or []:
+            h.remove()
+        for t in self.traces.values():
+            t.__exit__(None, None, None)
+        return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+def at_positions(positions, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An ``edit_output`` that applies ``fn`` to the hidden states at token ``positions`` only.
+
+    ``positions``: an int, a list of ints (same for every batch row) or a (batch,) tensor
+    (one position per row). ``fn`` maps (batch, n, d) -> (batch, n, d).
+    """
+
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        if isinstance(positions, torch.Tensor) and positions.ndim == 1 and positions.numel() == h.shape[0]:
+            rows = torch.arange(h.shape[0], device=h.device)
+            pos = positions.to(h.device)
+            new = fn(h[rows, pos][:, None, :])[:, 0, :]
+            out = h.clone()
+            out[rows, pos] = new.to(h.dtype)
+            return out
+        pos = [positions] if isinstance(positions, int) else list(positions)
+        out = h.clone()
+        out[:, pos, :] = fn(h[:, pos, :]).to(h.dtype)
+        return out
+
+    return edit
 
 
 @contextlib.contextmanager
