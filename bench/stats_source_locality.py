@@ -95,6 +95,7 @@ def run_source(editor, source: str, records: list[dict], log) -> dict:
             "greedy_before": before["greedy"],
             "greedy_after": after["greedy"],
             "greedy_same": first_token(editor.adapter, before["greedy"]) == first_token(editor.adapter, after["greedy"]),
+            "greedy3_same": before["greedy"] == after["greedy"],
             "delta_norm": res.delta_norm,
             "seconds": res.seconds,
             "seconds_excl_stats": res.seconds - t_stats,
@@ -104,34 +105,43 @@ def run_source(editor, source: str, records: list[dict], log) -> dict:
             f"|dP_loc|={row['dp_loc']:.4f} greedy {before['greedy']!r}->{after['greedy']!r} "
             f"||D||={row['delta_norm']:.3f} t={row['seconds']:.1f}s (stats {t_stats:.1f}s)")
     st = editor.stats(layer, source, STATS_TOKENS)  # in-memory cached: reports the token count used
-    mean = statistics.fmean
+    return summarize({"source": source, "layer": layer, "stats_count": st.count,
+                      "stats_corpus": st.meta.get("corpus"), "stats_seconds": stats_seconds, "rows": rows})
+
+
+def summarize(res: dict) -> dict:
+    """Add the aggregate columns to one source's result (from its per-record rows)."""
+    rows = res["rows"]
+    for row in rows:  # results saved before this column existed
+        row.setdefault("greedy3_same", row["greedy_before"] == row["greedy_after"])
+
+    def mean(key):
+        return statistics.fmean(float(row[key]) for row in rows)
+
     return {
-        "source": source,
+        **res,
         "n": len(rows),
-        "layer": layer,
-        "stats_count": st.count,
-        "stats_corpus": st.meta.get("corpus"),
-        "es": mean(r["es"] for r in rows),
-        "ps": mean(r["ps"] for r in rows),
-        "dp_loc": mean(r["dp_loc"] for r in rows),
-        "greedy_same": mean(r["greedy_same"] for r in rows),
-        "delta_norm": mean(r["delta_norm"] for r in rows),
-        "seconds": mean(r["seconds_excl_stats"] for r in rows),
-        "stats_seconds": stats_seconds,
-        "rows": rows,
+        "es": mean("es"),
+        "ps": mean("ps"),
+        "dp_loc": mean("dp_loc"),
+        "greedy_same": mean("greedy_same"),
+        "greedy3_same": mean("greedy3_same"),
+        "delta_norm": mean("delta_norm"),
+        "seconds": mean("seconds_excl_stats"),
     }
 
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| stats source | C tokens | ES | PS | mean \\|ΔP_loc\\| | loc. greedy unchanged | mean ‖Δ‖ | mean edit s | one-time C s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| stats source | C tokens | ES | PS | mean \\|ΔP_loc\\| | loc. greedy 1st token unchanged "
+        "| loc. greedy 3 tokens unchanged | mean ‖Δ‖ | mean edit s | one-time C s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         name = "model (sampled text)" if r["source"] == "model" else Path(r["source"]).name
         lines.append(
             f"| {name} | {r['stats_count']:,} | {r['es']:.2f} | {r['ps']:.2f} | {r['dp_loc']:.4f} | "
-            f"{r['greedy_same']:.2f} | {r['delta_norm']:.3f} | {r['seconds']:.1f} | {r['stats_seconds']:.1f} |"
+            f"{r['greedy_same']:.2f} | {r['greedy3_same']:.2f} | {r['delta_norm']:.3f} | {r['seconds']:.1f} | {r['stats_seconds']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -141,32 +151,40 @@ def main(argv=None) -> int:
     ap.add_argument("--n-records", type=int, default=10)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--out-md", type=Path, default=None)
-    ap.add_argument("--out-json", type=Path, default=None, help="optional per-record results")
+    ap.add_argument("--out-json", type=Path, default=None, help="also write per-record results here")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="re-render the table from a previous --out-json file instead of editing")
     args = ap.parse_args(argv)
-
-    from factedit import Editor, load_model
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    t0 = time.perf_counter()
-    model, tok = load_model()
-    editor = Editor(model, tok, progress=False)
-    log(f"model loaded in {time.perf_counter() - t0:.1f}s")
-    records = read_records(DATA, args.n_records, args.offset)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text(encoding="utf-8"))
+        results = [summarize(r) for r in saved["results"]]
+        n, offset = saved.get("n_records", results[0]["n"]), saved.get("offset", args.offset)
+    else:
+        from factedit import Editor, load_model
 
-    results = [run_source(editor, s, records, log) for s in SOURCES]
+        t0 = time.perf_counter()
+        model, tok = load_model()
+        editor = Editor(model, tok, progress=False)
+        log(f"model loaded in {time.perf_counter() - t0:.1f}s")
+        records = read_records(DATA, args.n_records, args.offset)
+        n, offset = len(records), args.offset
+        results = [run_source(editor, s, records, log) for s in SOURCES]
+
     md = table(results)
-    notes = (f"\nn = {len(records)} CounterFact records (offset {args.offset}), method r-rome, layer "
+    notes = (f"\nn = {n} CounterFact records (offset {offset}), method r-rome, layer "
              f"{results[0]['layer']}, stats_tokens={STATS_TOKENS:,} requested; "
              f"'mean edit s' excludes the one-time computation of C; "
-             f"locality greedy = first token of a 3-token greedy continuation.\n")
+             f"locality greedy = 3-token greedy continuation of the locality prompt.\n")
     print(md + "\n" + notes)
     if args.out_md:
         args.out_md.write_text(md + "\n" + notes, encoding="utf-8")
     if args.out_json:
-        args.out_json.write_text(json.dumps({"platform": platform.platform(), "results": results},
-                                            indent=1, default=str), encoding="utf-8")
+        args.out_json.write_text(json.dumps({"platform": platform.platform(), "n_records": n, "offset": offset,
+                                             "results": results}, indent=1, default=str), encoding="utf-8")
     return 0
 
 

@@ -60,8 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--subject", default=None)
     e.add_argument("--target", default=None, help="the new object")
     e.add_argument("--true", default=None, dest="true", help="the current object (optional, for comparison)")
-    e.add_argument("--method", default="r-rome", help="r-rome (default), rome, p-rome")
+    e.add_argument("--method", default="r-rome", help="r-rome (default), rome, p-rome, memit, emmet, alphaedit, ft")
     e.add_argument("--layer", type=int, default=None, help="edited layer (default from the model depth)")
+    e.add_argument("--layers", type=_layers, default=None,
+                   help="edited layers of a multi-layer method, e.g. 3,4,5,6,7 (default: a span from the depth)")
+    e.add_argument("--requests", default=None,
+                   help="JSONL/JSON file of requests (factedit or CounterFact layouts) instead of --prompt/--subject/--target")
+    e.add_argument("--limit", type=int, default=None, help="with --requests: use only the first N")
+    e.add_argument("--batch-size", type=int, default=None, help="requests per target-optimisation batch (batch methods)")
     e.add_argument("--seed", type=int, default=0, help="seed of the context templates")
     e.add_argument("--steps", type=int, default=None, help="max optimisation steps (default 25)")
     e.add_argument("--paraphrase", action="append", default=None,
@@ -101,13 +107,58 @@ def _snapshot(adapter, req, prompts):
     return snap
 
 
+def _efficacy(adapter, reqs):
+    from .generation import target_logprobs
+
+    known = [r for r in reqs if r.target_true]
+    if not known:
+        return None
+    new = target_logprobs(adapter, [r.text for r in known], [r.target_new for r in known])
+    true = target_logprobs(adapter, [r.text for r in known], [r.target_true for r in known])
+    return sum(a > b for a, b in zip(new, true)) / len(known)
+
+
+def cmd_edit_many(args) -> int:
+    from .editor import Editor
+    from .models import load_model, model_name
+    from .requests_io import load_requests
+
+    reqs = load_requests(args.requests, limit=args.limit)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    editor = Editor(model, tok, arch=_arch_spec(args.arch_spec), progress=not args.json and sys.stderr.isatty())
+    overrides = dict(stats_corpus=args.corpus, stats_tokens=args.stats_tokens, seed=args.seed)
+    if args.layers is not None:
+        overrides["layers"] = tuple(args.layers)
+    elif args.layer is not None:
+        overrides["layer"] = args.layer
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    cfg = editor.make_config(args.method, steps=args.steps, **overrides)
+    before = _efficacy(editor.adapter, reqs)
+    t = time.perf_counter()
+    result = editor.edit(reqs, config=cfg)
+    seconds = time.perf_counter() - t
+    after = _efficacy(editor.adapter, reqs)
+    out = {"method": args.method, "model": model_name(model), "layers": result.layers, "n_requests": len(reqs),
+           "seconds": round(seconds, 3), "efficacy": after, "efficacy_before": before,
+           "delta_norm": result.delta_norm, "timings": {k: round(v, 3) for k, v in result.timings.items()}}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        eff = "n/a (no target_true)" if after is None else f"{before:.3f} -> {after:.3f}"
+        print(f"factedit {args.method} on {out['model']}, layers {result.layers}: {len(reqs)} requests "
+              f"in {seconds:.1f} s\n  efficacy (P(new) > P(true)): {eff}\n  ||Δ|| = {result.delta_norm:.3f}")
+    return 0
+
+
 def cmd_edit(args) -> int:
     from .editor import Editor
     from .errors import RequestError
     from .models import load_model, model_name
     from .requests import Request
-    from .values import ValueConfig
 
+    if args.requests:
+        return cmd_edit_many(args)
     given = [args.prompt, args.subject, args.target]
     if all(x is None for x in given):
         prompt, subject, target, true = DEMO["prompt"], DEMO["subject"], DEMO["target"], args.true or DEMO["true"]
@@ -121,9 +172,12 @@ def cmd_edit(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     editor = Editor(model, tok, arch=_arch_spec(args.arch_spec), progress=not args.json and sys.stderr.isatty())
     overrides = dict(layer=args.layer, seed=args.seed, stats_corpus=args.corpus, stats_tokens=args.stats_tokens)
-    if args.steps is not None:
-        overrides["value"] = ValueConfig(steps=args.steps)
-    cfg = editor.make_config(args.method, **overrides)  # validates method and layer before any work
+    if args.layers is not None:
+        overrides["layers"] = tuple(args.layers)
+        overrides.pop("layer")
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    cfg = editor.make_config(args.method, steps=args.steps, **overrides)  # validates method and layer before any work
     paraphrases = args.paraphrase or [p.format(prompt=req.text, subject=req.subject) for p in DEFAULT_PARAPHRASES]
     prompts = [req.text] + paraphrases
     _snapshot.max_new_tokens = args.max_new_tokens

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -32,22 +32,30 @@ class LayerDelta:
 
     layer: int
     left: torch.Tensor
-    right: torch.Tensor
+    right: Optional[torch.Tensor]
 
     def __post_init__(self):
         if self.left.ndim == 1:
             self.left = self.left[:, None]
-        if self.right.ndim == 1:
-            self.right = self.right[:, None]
-        if self.left.shape[1] != self.right.shape[1]:
-            raise ValueError(f"factor ranks differ: {self.left.shape} vs {self.right.shape}")
+        if self.right is not None:
+            if self.right.ndim == 1:
+                self.right = self.right[:, None]
+            if self.left.shape[1] != self.right.shape[1]:
+                raise ValueError(f"factor ranks differ: {self.left.shape} vs {self.right.shape}")
+
+    @classmethod
+    def from_dense(cls, layer: int, matrix: torch.Tensor) -> "LayerDelta":
+        """A full-rank delta (fine-tuning): ``left`` holds Δ itself and ``right`` is None."""
+        return cls(layer, matrix.to(torch.float32), None)
 
     @property
     def rank(self) -> int:
-        return int(self.left.shape[1])
+        return int(self.left.shape[1]) if self.right is not None else int(min(self.left.shape))
 
     def dense(self) -> torch.Tensor:
         """The (d_model, d_ff) matrix Δ in float32."""
+        if self.right is None:
+            return self.left
         return (self.left.to(torch.float64) @ self.right.to(torch.float64).T).to(torch.float32)
 
     def norm(self) -> float:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Union
 
 from .arch import ArchSpec, ModelAdapter
 from .delta import AppliedEdit, LayerDelta, apply_deltas
 from .errors import MethodError
 from .generation import cached_context_templates
-from .methods import METHODS, ROMEConfig, compute_rome
+from .methods import METHODS, BatchConfig, FTConfig, ROMEConfig, compute_batch, compute_ft, compute_rome
 from .requests import Request
 from .stats import LayerStats, layer_stats
 from .values import ValueProblem, optimize_values
@@ -37,6 +37,7 @@ class Computed:
     timings: Dict[str, float]
     config: object
     C: object = field(default=None, repr=False)
+    state: Optional[dict] = field(default=None, repr=False)  # method state after this edit
 
 
 @dataclass
@@ -52,6 +53,8 @@ class EditResult:
     seconds: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)
     info: List[dict] = field(default_factory=list)
+    state_before: Optional[dict] = field(default=None, repr=False)
+    stateful: bool = False  # the method carries state across edits (AlphaEdit)
 
     @property
     def delta_norm(self) -> float:
@@ -82,6 +85,9 @@ class Editor:
         self.history: List[EditResult] = []
         self._templates: Dict[tuple, List[str]] = {}
         self._stats: Dict[tuple, LayerStats] = {}
+        self._projectors: Dict[tuple, object] = {}
+        #: per-method state carried across sequential edits (AlphaEdit: {layer: K_p K_pᵀ})
+        self.state: Dict[str, dict] = {}
 
     @property
     def model(self):
@@ -105,28 +111,69 @@ class Editor:
                                            progress=self.progress)
         return self._stats[key]
 
+    def projector(self, layer: int, C, threshold: float):
+        """AlphaEdit's null-space projector of layer ``layer`` (cached per threshold)."""
+        from .solver import null_space_projector
+
+        key = (layer, threshold, id(C))
+        if key not in self._projectors:
+            self._projectors[key] = null_space_projector(C, threshold)
+        return self._projectors[key]
+
     # ------------------------------------------------------------------ editing
-    def make_config(self, method: str = "r-rome", **overrides) -> ROMEConfig:
+    def make_config(self, method: str = "r-rome", **overrides):
+        """The method's config dataclass with model-derived defaults filled in."""
         if method not in METHODS:
             raise MethodError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
         cls = METHODS[method]
         if cls is ROMEConfig:
             overrides.setdefault("variant", method)
+        elif cls is BatchConfig:
+            overrides.setdefault("method", method)
+        if "layer" in overrides and cls is not ROMEConfig:
+            layer = overrides.pop("layer")
+            if layer is not None:
+                overrides.setdefault("layers", (layer,))
+        if "layers" in overrides and cls is ROMEConfig:
+            layers = overrides.pop("layers")
+            if layers is not None:
+                if len(layers) != 1:
+                    raise MethodError(f"{method} edits a single layer; got layers {list(layers)}")
+                overrides["layer"] = layers[0]
+        if cls is FTConfig:
+            for k in ("stats_corpus", "stats_tokens", "seed"):
+                overrides.pop(k, None)
+        steps = overrides.pop("steps", None)
         try:
-            return cls(**overrides).resolved(self.adapter)
+            cfg = cls(**overrides)
         except TypeError as e:
             raise MethodError(f"invalid option for {method}: {e}") from None
+        if steps is not None:
+            cfg = replace(cfg, steps=steps) if cls is FTConfig else replace(cfg, value=replace(cfg.value, steps=steps))
+        return cfg.resolved(self.adapter)
 
     def compute(self, requests: Union[Request, Sequence[Request]], method: str = "r-rome",
-                config: Optional[ROMEConfig] = None, **overrides):
-        """Compute (but do not apply) the deltas of a single ROME request.
+                config=None, **overrides) -> Computed:
+        """Compute (but do not apply) an edit. Nothing in the model changes.
 
-        Returns a :class:`Computed`. Nothing in the model changes.
+        ROME variants take exactly one request; MEMIT / EMMET / AlphaEdit / FT take a batch.
         """
         reqs = [requests] if isinstance(requests, Request) else list(requests)
-        if len(reqs) != 1:
-            raise MethodError("ROME edits one request at a time; pass one Request (or use Editor.edit)")
+        if not reqs:
+            raise MethodError("no requests to edit")
         cfg = config.resolved(self.adapter) if config is not None else self.make_config(method, **overrides)
+        if isinstance(cfg, ROMEConfig):
+            if len(reqs) != 1:
+                raise MethodError("ROME edits one request at a time; pass one Request (or use Editor.edit)")
+            return self._compute_rome(reqs[0], cfg)
+        if isinstance(cfg, BatchConfig):
+            deltas, info, timings, state = compute_batch(self, reqs, cfg, self.state.get(cfg.method))
+            return Computed(deltas, None, info, timings, cfg, None, state)
+        t = time.perf_counter()
+        deltas, info = compute_ft(self, reqs, cfg)
+        return Computed(deltas, None, info, {"values": time.perf_counter() - t}, cfg)
+
+    def _compute_rome(self, req: Request, cfg: ROMEConfig) -> Computed:
         timings: Dict[str, float] = {}
         t = time.perf_counter()
         stats = self.stats(cfg.layer, cfg.stats_corpus, cfg.stats_tokens)
@@ -135,7 +182,7 @@ class Editor:
         templates = self.templates(cfg.seed, cfg.context_lengths)
         timings["templates"] = time.perf_counter() - t
         t = time.perf_counter()
-        problem = ValueProblem(self.adapter, cfg.layer, reqs, templates, cfg.essence_prompts, cfg.fact_token)
+        problem = ValueProblem(self.adapter, cfg.layer, [req], templates, cfg.essence_prompts, cfg.fact_token)
         values = optimize_values(problem, cfg.value)
         timings["values"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -156,15 +203,22 @@ class Editor:
         reqs = [requests] if isinstance(requests, Request) else list(requests)
         t0 = time.perf_counter()
         done: List[EditResult] = []
+        cfg0 = config.resolved(self.adapter) if config is not None else self.make_config(method, **overrides)
+        groups = [[r] for r in reqs] if isinstance(cfg0, ROMEConfig) else [reqs]
         try:
-            for req in reqs:
-                c = self.compute(req, method, config, **overrides)
+            for group in groups:
+                c = self.compute(group, config=cfg0)
                 applied = apply_deltas(self.adapter, c.deltas)
-                done.append(EditResult(c.config.variant, list(c.config.layers), [req], c.deltas, applied, c.config,
-                                       time.perf_counter() - t0, c.timings, c.info))
+                key = getattr(c.config, "variant", method)
+                before = self.state.get(key)
+                if c.state is not None:
+                    self.state[key] = c.state
+                done.append(EditResult(key, list(c.config.layers), list(group), c.deltas, applied, c.config,
+                                       time.perf_counter() - t0, c.timings, c.info, state_before=before,
+                                       stateful=c.state is not None))
         except BaseException:
             for r in reversed(done):
-                r.revert()
+                self._undo(r)
             raise
         if len(done) == 1:
             result = done[0]
@@ -181,7 +235,16 @@ class Editor:
         if n > len(self.history):
             raise MethodError(f"cannot revert {n} edits: only {len(self.history)} applied")
         for _ in range(n):
-            self.history.pop().revert()
+            self._undo(self.history.pop())
+
+    def _undo(self, result: EditResult) -> None:
+        """Revert the weights of ``result`` and restore the method state it replaced."""
+        result.revert()
+        if result.stateful:
+            if result.state_before is None:
+                self.state.pop(result.method, None)
+            else:
+                self.state[result.method] = result.state_before
 
 
 class _Chain:

@@ -10,7 +10,7 @@ import torch
 
 from .errors import StatsError
 
-__all__ = ["solve_spd", "rank_one_update", "rome_update"]
+__all__ = ["solve_spd", "rome_update"]
 
 
 def solve_spd(C: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -30,27 +30,14 @@ def solve_spd(C: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return x[:, 0] if vec else x
 
 
-def rank_one_update(delta: torch.Tensor, C: torch.Tensor, k_dir: torch.Tensor, k_res: torch.Tensor):
-    """Factors (left, right) of the rank-one update ``Δ = left ⊗ right``.
-
-    ``Δ = δ (C⁻¹ k_dir)ᵀ / (k_resᵀ C⁻¹ k_dir)``: ``k_dir`` sets the direction in key space,
-    ``k_res`` the key whose output moves by exactly δ (``Δ k_res = δ``).
-    Returns ``left = δ`` (d_model,) and ``right = C⁻¹k_dir / (k_resᵀ C⁻¹ k_dir)`` (d_ff,), float64.
-    """
-    u = solve_spd(C, k_dir)
-    denom = torch.dot(k_res.to(torch.float64), u)
-    if not torch.isfinite(denom) or denom.abs() < 1e-30:
-        raise StatsError(f"degenerate ROME denominator kᵀC⁻¹k = {float(denom):.3g}")
-    return delta.to(torch.float64), u / denom
-
-
 def rome_update(W: torch.Tensor, C: torch.Tensor, v_star: torch.Tensor, k_dir: torch.Tensor,
                 k_res: torch.Tensor) -> torch.Tensor:
     """Dense ROME update ``Δ = (v* - W k_res)(C⁻¹k_dir)ᵀ / (k_resᵀC⁻¹k_dir)`` (float64).
 
     ``k_dir = k_res = k*`` is the paper (r-ROME); ``k_dir = k*, k_res = k_o`` the original code;
-    ``k_dir = k_res = k_o`` p-ROME.
+    ``k_dir = k_res = k_o`` p-ROME. The n = 1 case of :func:`factedit.solver.equality`.
     """
+    from .solver import equality
+
     resid = v_star.to(torch.float64) - W.to(torch.float64) @ k_res.to(torch.float64)
-    left, right = rank_one_update(resid, C, k_dir, k_res)
-    return torch.outer(left, right)
+    return equality(resid[:, None], k_dir[:, None], C, k_res[:, None]).dense()

@@ -66,7 +66,7 @@ class ValueResult:
     """Per request: δ, the original value v0 at the bare prompt, keys k_o and k* (float32)."""
 
     delta: torch.Tensor  # (n, d_model)
-    v0: torch.Tensor  # (n, d_model) W_out output at the fact token of the bare prompt
+    v0: torch.Tensor  # (n, d_model) value at the injection site, fact token of the bare prompt
     k_o: torch.Tensor  # (n, d_ff) key of the bare prompt
     k_star: torch.Tensor  # (n, d_ff) key averaged over the context templates
     losses: List[List[float]]  # per step, per request
@@ -79,8 +79,13 @@ class ValueProblem:
     """The batch of prompts for one or more requests at one layer, laid out for fast steps."""
 
     def __init__(self, adapter, layer: int, requests: Sequence, templates: Sequence[str],
-                 essence_prompts: Sequence[str] = ("{} is a",), fact_token: str = "subject_last"):
+                 essence_prompts: Sequence[str] = ("{} is a",), fact_token: str = "subject_last",
+                 inject: str = "w_out"):
         self.adapter, self.layer = adapter, adapter.check_layer(layer)
+        if inject not in ("w_out", "residual"):
+            raise ValueError(f"inject must be 'w_out' or 'residual', got {inject!r}")
+        # where δ is added: W_out's output (ROME's v*) or the layer's residual output (MEMIT's z*)
+        self.site = adapter.w_out(layer) if inject == "w_out" else adapter.layers[layer]
         self.n_req = len(requests)
         tok = adapter.tokenizer
         rows: List[_Row] = []
@@ -161,12 +166,13 @@ class ValueProblem:
         with stack:
             t_in = stack.enter_context(Trace(ad.layers[l - 1], retain_output=True)) if l else None
             t_raw = stack.enter_context(_RawOutput(ad.layers[max(l - 1, 0)]))
-            t_w = stack.enter_context(Trace(ad.w_out(l), retain_input=True, retain_output=True))
+            t_w = stack.enter_context(Trace(ad.w_out(l), retain_input=True))
+            t_site = stack.enter_context(Trace(self.site, retain_output=True))
             h = ad.body(**self.suf, past_key_values=copy.deepcopy(self.cache), use_cache=self.cache is not None).last_hidden_state
         self.h_in = t_in.output if t_in else None
         self.layer_out_template = t_raw.output
         self.keys = t_w.input[:, 0, :].float()  # (B, d_ff)
-        self.values = t_w.output[:, 0, :].float()  # (B, d_model)
+        self.values = t_site.output[:, 0, :].float()  # (B, d_model) at the injection site
         logits = self._logits(h)
         self.kl_base = F.log_softmax(logits[self.n_nll:], dim=-1)
         return self
@@ -201,7 +207,7 @@ class ValueProblem:
                 for j in range(l - 1):
                     stack.enter_context(replaced_forward(ad.layers[j], skip))
                 stack.enter_context(replaced_forward(ad.layers[l - 1], inject))
-            stack.enter_context(Trace(ad.w_out(l), edit_output=self._inject(delta)))
+            stack.enter_context(Trace(self.site, edit_output=self._inject(delta)))
             cache = copy.deepcopy(self.cache)
             h = ad.body(**self.suf, past_key_values=cache, use_cache=cache is not None).last_hidden_state
         return self._logits(h)
@@ -217,7 +223,7 @@ class ValueProblem:
             add[torch.arange(out.shape[0], device=out.device), facts] = rows_delta.to(out.dtype)
             return out + add
 
-        with Trace(ad.w_out(self.layer), edit_output=edit):
+        with Trace(self.site, edit_output=edit):
             h = ad.body(**self.full).last_hidden_state
         sel = h[self.sel_rows, self.sel_cols + self.facts[self.sel_rows]]
         return ad.logits(sel).float()

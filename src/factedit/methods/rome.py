@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 from ..arch import ArchSpec
 from ..delta import LayerDelta
 from ..errors import MethodError
-from ..linalg import rank_one_update
+from ..solver import equality
 from ..values import ValueConfig
 
 __all__ = ["ROMEConfig", "ROME_VARIANTS", "compute_rome", "default_layer", "default_stats_tokens"]
@@ -91,5 +91,5 @@ def compute_rome(C, values, index: int, variant: str, layer: int) -> LayerDelta:
         k_dir, k_res = k_o, k_o
     else:
         raise MethodError(f"unknown ROME variant {variant!r}")
-    left, right = rank_one_update(delta, C, k_dir, k_res)
-    return LayerDelta(layer, left.float(), right.float())
+    sol = equality(delta[:, None], k_dir[:, None], C, k_res[:, None])  # ROME = the n = 1 equality case
+    return LayerDelta(layer, sol.left.float(), sol.right.float())

@@ -1,0 +1,139 @@
+"""MEMIT / EMMET / AlphaEdit / FT on tiny models: distribution over layers, atomicity, sequences."""
+
+import pytest
+import torch
+
+from factedit import Editor, Request, ValueConfig
+from factedit.errors import RequestError
+from factedit.keys import template_keys
+from tiny import tiny_model
+
+REQS = [Request("{} is located in the city of", "Eiffel Tower", "Rome"),
+        Request("{} is in", "Space Needle", "Tokyo"),
+        Request("The capital of {} is", "Japan", "Paris")]
+SPAN = (1, 2, 3)
+
+
+def _opts(tiny_corpus, **kw):
+    base = dict(layers=SPAN, stats_corpus=str(tiny_corpus), stats_tokens=2000, value=ValueConfig(steps=6))
+    base.update(kw)
+    return base
+
+
+def test_memit_spreads_residual_over_span(home, tiny_corpus, monkeypatch):
+    """R_l = (Z* − Z_cur) / (layers left), with Z_cur measured after the earlier layers' updates."""
+    import factedit.methods.batch as B
+
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    seen = []
+    real = B.least_squares
+
+    def spy(R, K, C, lam):
+        # Z_cur at the last span layer on the model as it is right now (earlier layers applied)
+        _, Z_now = template_keys(ed.adapter, REQS, ed.templates(0, ((10, 5),)), SPAN[0], SPAN[-1])
+        seen.append((R.clone(), Z_now))
+        return real(R, K, C, lam)
+
+    monkeypatch.setattr(B, "least_squares", spy)
+    # λ small: the tiny model's C is not on the scale MEMIT's 15000 was tuned for
+    cfg = ed.make_config("memit", **_opts(tiny_corpus, mom2_update_weight=0.1))
+    Z_target, _ = B.target_residuals(ed, REQS, cfg, ed.templates(0, ((10, 5),)))
+    c = ed.compute(REQS, config=cfg)
+    assert len(seen) == 3 and [d.layer for d in c.deltas] == list(SPAN)
+    for i, (R, Z_now) in enumerate(seen):
+        expected = (Z_target - Z_now) / (len(SPAN) - i)
+        assert torch.allclose(R.T.float(), expected, atol=1e-4), i
+    # compute() left the model as it was; applying moves the residual towards the targets
+    _, Z0 = template_keys(ed.adapter, REQS, ed.templates(0, ((10, 5),)), 1, 3)
+    assert torch.allclose(Z0, seen[0][1], atol=1e-5)
+    ed.edit(REQS, config=cfg)
+    _, Z1 = template_keys(ed.adapter, REQS, ed.templates(0, ((10, 5),)), 1, 3)
+    assert (Z_target - Z1).norm() < 0.5 * (Z_target - Z0).norm()
+
+
+def test_emmet_last_layer_is_exact(home, tiny_corpus):
+    """With a one-layer span, EMMET's equality solve gives Δ K = Z* − Z_cur on the averaged keys."""
+    import factedit.methods.batch as B
+
+    model, tok = tiny_model("gpt2")
+    ed = Editor(model, tok, progress=False)
+    cfg = ed.make_config("emmet", **_opts(tiny_corpus, layers=(3,)))
+    templates = ed.templates(0, ((10, 5),))
+    Z_target, _ = B.target_residuals(ed, REQS, cfg, templates)  # deterministic: same as inside compute
+    K, Z_cur = template_keys(ed.adapter, REQS, templates, 3, 3)
+    c = ed.compute(REQS, config=cfg)
+    D = c.deltas[0].dense().double()
+    assert c.deltas[0].rank == len(REQS)
+    R = (Z_target - Z_cur).double().T
+    assert float((D @ K.double().T - R).norm() / R.norm()) < 1e-3
+
+
+@pytest.mark.parametrize("method", ["memit", "emmet", "alphaedit", "ft"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "gemma2"])
+def test_methods_run_and_revert_on_architectures(method, arch, home, tiny_corpus):
+    model, tok = tiny_model(arch)
+    ed = Editor(model, tok, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = {} if method == "ft" else _opts(tiny_corpus, nullspace_threshold=1e9) if method == "alphaedit" else _opts(tiny_corpus)
+    if method == "ft":
+        kw = dict(layers=(2,), steps=5, lr=1e-2, norm_constraint=1e-2)
+    r = ed.edit(REQS, method=method, **kw)
+    assert r.delta_norm > 0
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(k.endswith("weight") for k in changed)
+    ed.revert()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_duplicate_and_contradictory_requests_named(home, tiny_corpus):
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    bad = REQS + [Request("{} is in", "Space Needle", "Berlin")]
+    with pytest.raises(RequestError, match=r"contradictory.*#1 and #3.*Space Needle"):
+        ed.edit(bad, "memit", **_opts(tiny_corpus))
+    with pytest.raises(RequestError, match="duplicate"):
+        ed.edit(REQS + [REQS[0]], "emmet", **_opts(tiny_corpus))
+
+
+def test_failure_in_the_middle_of_multilayer_update_restores_all(home, tiny_corpus, monkeypatch):
+    import factedit.methods.batch as B
+
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = {"n": 0}
+    real = B.least_squares
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure at the third layer")
+        return real(*a, **k)
+
+    monkeypatch.setattr(B, "least_squares", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        ed.edit(REQS, "memit", **_opts(tiny_corpus))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert ed.history == []
+
+
+def test_alphaedit_sequence_state_and_revert(home, tiny_corpus):
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    kw = _opts(tiny_corpus, nullspace_threshold=1e9, layers=(2, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ed.edit(REQS[:1], "alphaedit", **kw)
+    G1 = {l: g.clone() for l, g in ed.state["alphaedit"].items()}
+    ed.edit(REQS[1:2], "alphaedit", **kw)
+    ed.edit(REQS[2:], "alphaedit", **kw)
+    assert set(ed.state["alphaedit"]) == {2, 3}
+    assert not torch.allclose(ed.state["alphaedit"][2], G1[2])
+    ed.revert(2)  # the last two batches
+    assert torch.equal(ed.state["alphaedit"][2], G1[2])
+    ed.revert(1)
+    assert "alphaedit" not in ed.state
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -1,0 +1,81 @@
+"""The batched solver against closed forms on small random matrices."""
+
+import numpy as np
+import pytest
+import torch
+
+from factedit.solver import equality, least_squares, null_space, null_space_projector
+
+D_MODEL, D_FF, N0 = 6, 12, 200
+
+
+def _setup(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    K0 = torch.randn(D_FF, N0, generator=g, dtype=torch.float64)
+    C = K0 @ K0.T / N0
+    K1 = torch.randn(D_FF, n, generator=g, dtype=torch.float64)
+    R = torch.randn(D_MODEL, n, generator=g, dtype=torch.float64)
+    return K0, C, K1, R
+
+
+@pytest.mark.parametrize("n,lam", [(1, 10.0), (4, 100.0), (9, 15000.0)])
+def test_memit_equals_stacked_least_squares(n, lam):
+    K0, C, K1, R = _setup(n)
+    sol = least_squares(R, K1, C, lam)
+    # minimise λ‖Δ K0'‖² + ‖Δ K1 − R‖² with K0' K0'ᵀ = C, as one stacked least-squares problem
+    A = np.concatenate([np.sqrt(lam) * (K0 / np.sqrt(N0)).numpy().T, K1.numpy().T])  # (N0 + n, d_ff)
+    B = np.concatenate([np.zeros((N0, D_MODEL)), R.numpy().T])
+    ref = np.linalg.lstsq(A, B, rcond=None)[0].T  # Δ (d_model, d_ff)
+    np.testing.assert_allclose(sol.dense().numpy(), ref, rtol=1e-6, atol=1e-9)
+    assert sol.left.shape == (D_MODEL, n) and sol.right.shape == (D_FF, n)
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_emmet_satisfies_every_constraint(n):
+    K0, C, K1, R = _setup(n, 1)
+    sol = equality(R, K1, C)
+    D = sol.dense()
+    rel = (D @ K1 - R).norm() / R.norm()
+    assert rel < 1e-4 and sol.ridge == 0.0
+    # and it is the minimum-change solution in the C metric: closed form with explicit inverses
+    Ci = torch.linalg.inv(C)
+    ref = R @ torch.linalg.inv(K1.T @ Ci @ K1) @ K1.T @ Ci
+    assert torch.allclose(D, ref, rtol=1e-6, atol=1e-9)
+
+
+def test_emmet_reports_ridge_for_duplicate_keys():
+    K0, C, K1, R = _setup(3, 2)
+    K = torch.cat([K1[:, :1], K1[:, :1] * (1 + 1e-9), K1[:, 2:]], dim=1)  # two near-identical keys
+    sol = equality(R, K, C, max_condition=1e8)
+    assert sol.ridge > 0 and sol.condition > 1e8
+    assert torch.isfinite(sol.dense()).all()
+
+
+def test_rome_through_batched_solver_equals_single_edit_rome():
+    K0, C, K1, R = _setup(1, 3)
+    k, r = K1[:, 0], R[:, 0]
+    Cik = torch.linalg.solve(C, k)
+    rome = torch.outer(r, Cik) / (k @ Cik)  # the rank-one ROME update
+    assert torch.allclose(equality(R, K1, C).dense(), rome, rtol=1e-9)
+    ko = torch.randn(D_FF, dtype=torch.float64)
+    orig = torch.outer(r, Cik) / (ko @ Cik)  # the original code's asymmetric denominator
+    assert torch.allclose(equality(R, K1, C, ko[:, None]).dense(), orig, rtol=1e-9)
+
+
+def test_alphaedit_update_preserves_protected_keys():
+    g = torch.Generator().manual_seed(4)
+    Q, _ = torch.linalg.qr(torch.randn(D_FF, D_FF, generator=g, dtype=torch.float64))
+    evals = torch.cat([torch.linspace(1.0, 5.0, 8), torch.full((4,), 1e-4)]).double()
+    C = Q @ torch.diag(evals) @ Q.T
+    K0 = Q[:, :8] @ torch.randn(8, 50, generator=g, dtype=torch.float64)  # keys in the preserved subspace
+    P = null_space_projector(C, threshold=1e-2)
+    assert torch.allclose(P @ P, P, atol=1e-10) and round(float(torch.trace(P))) == 4
+    K1 = torch.randn(D_FF, 3, generator=g, dtype=torch.float64)
+    R = torch.randn(D_MODEL, 3, generator=g, dtype=torch.float64)
+    D = null_space(R, K1, P, alpha=1.0).dense()
+    assert D.norm() > 0
+    assert (D @ K0).norm() <= 1e-3 * D.norm() * K0.norm()
+    # with earlier keys remembered, the update also leaves them (nearly) alone
+    Kp = P @ torch.randn(D_FF, 2, generator=g, dtype=torch.float64)
+    D2 = null_space(R, K1, P, Kp @ Kp.T * 1e4, alpha=1.0).dense()
+    assert (D2 @ Kp).norm() < (D @ Kp).norm()
