@@ -52,3 +52,34 @@ def test_optimisation_is_deterministic():
     a = optimize_values(ValueProblem(ad, 1, REQS[:1], TEMPLATES), ValueConfig(steps=5))
     b = optimize_values(ValueProblem(ad, 1, REQS[:1], TEMPLATES), ValueConfig(steps=5))
     assert torch.equal(a.delta, b.delta)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3_text"])
+def test_active_subset_equals_full_batch(arch):
+    """Dropping finished requests from the batch gives the same logits for the others."""
+    model, tok = tiny_model(arch)
+    ad = ModelAdapter(model, tok)
+    reqs = REQS + [Request("The capital of {} is", "Japan", "Tokyo")]
+    p = ValueProblem(ad, 2, reqs, TEMPLATES, inject="residual").prepare()
+    d = torch.randn(3, ad.d_model)
+    full = p.logits(d)
+    active = torch.tensor([True, False, True])
+    sub = p.logits(d, active=active)
+    entries = active[p.row_req[p.sel_rows]]
+    assert torch.allclose(sub, full[entries], atol=1e-4)
+    nll_full, kl_full = p.losses(full)
+    nll_sub, kl_sub = p.losses(sub, active=active)
+    assert torch.allclose(nll_sub[active], nll_full[active], atol=1e-5)
+    assert torch.allclose(kl_sub[active], kl_full[active], atol=1e-5)
+    assert float(nll_sub[1]) == 0.0
+
+
+def test_batched_optimisation_equals_one_at_a_time():
+    model, tok = tiny_model("llama")
+    ad = ModelAdapter(model, tok)
+    cfg = ValueConfig(steps=8, early_stop_loss=3.0)  # some requests stop early, others do not
+    both = optimize_values(ValueProblem(ad, 1, REQS, TEMPLATES), cfg)
+    for i, r in enumerate(REQS):
+        alone = optimize_values(ValueProblem(ad, 1, [r], TEMPLATES), cfg)
+        assert torch.allclose(both.delta[i], alone.delta[0], atol=1e-4, rtol=1e-3)
+        assert both.nll_after[i] == pytest.approx(alone.nll_after[0], abs=1e-4)

@@ -173,30 +173,45 @@ class ValueProblem:
         self.layer_out_template = t_raw.output
         self.keys = t_w.input[:, 0, :].float()  # (B, d_ff)
         self.values = t_site.output[:, 0, :].float()  # (B, d_model) at the injection site
-        logits = self._logits(h)
+        logits = self.adapter.logits(h[self.sel_rows, self.sel_cols]).float()
         self.kl_base = F.log_softmax(logits[self.n_nll:], dim=-1)
         return self
 
-    def _logits(self, h):
-        sel = h[self.sel_rows, self.sel_cols]
-        return self.adapter.logits(sel).float()
-
-    def _inject(self, delta):
-        rows_delta = delta[self.row_req]  # (B, d_model)
+    def _inject(self, delta, row_req):
+        rows_delta = delta[row_req]  # (B, d_model)
 
         def edit(out):
             first = out[:, :1, :] + rows_delta[:, None, :].to(out.dtype)
             return torch.cat([first, out[:, 1:, :]], dim=1)
         return edit
 
-    def logits(self, delta: torch.Tensor, fast: bool = True) -> torch.Tensor:
-        """Logits at the selected positions with δ added at the fact token (differentiable in δ)."""
+    def logits(self, delta: torch.Tensor, fast: bool = True, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits at the selected positions with δ added at the fact token (differentiable in δ).
+
+        ``active`` (n_req,) bool: compute only the rows of these requests (finished requests
+        drop out of the batch); the result then holds only their entries, in order.
+        """
         ad, l = self.adapter, self.layer
         if not fast:
             return self._logits_full(delta)
+        suf, h_in, row_req = self.suf, self.h_in, self.row_req
+        cache = copy.deepcopy(self.cache)
+        sel_rows, sel_cols = self.sel_rows, self.sel_cols
+        if active is not None and not bool(active.all()):
+            keep = active[self.row_req]
+            idx = keep.nonzero()[:, 0]
+            suf = {k: v[idx] for k, v in suf.items()}
+            h_in = h_in[idx] if h_in is not None else None
+            row_req = row_req[idx]
+            if cache is not None:
+                cache.batch_select_indices(idx)
+            remap = torch.full_like(keep, -1, dtype=torch.long)
+            remap[idx] = torch.arange(len(idx), device=idx.device)
+            entries = keep[sel_rows]
+            sel_rows, sel_cols = remap[sel_rows[entries]], sel_cols[entries]
         with contextlib.ExitStack() as stack:
             if l:
-                tmpl, h_in = self.layer_out_template, self.h_in
+                tmpl = self.layer_out_template
 
                 def skip(*args, **kwargs):
                     return rewrap(tmpl, args[0] if args else kwargs["hidden_states"])
@@ -207,10 +222,9 @@ class ValueProblem:
                 for j in range(l - 1):
                     stack.enter_context(replaced_forward(ad.layers[j], skip))
                 stack.enter_context(replaced_forward(ad.layers[l - 1], inject))
-            stack.enter_context(Trace(self.site, edit_output=self._inject(delta)))
-            cache = copy.deepcopy(self.cache)
-            h = ad.body(**self.suf, past_key_values=cache, use_cache=cache is not None).last_hidden_state
-        return self._logits(h)
+            stack.enter_context(Trace(self.site, edit_output=self._inject(delta, row_req)))
+            h = ad.body(**suf, past_key_values=cache, use_cache=cache is not None).last_hidden_state
+        return self.adapter.logits(h[sel_rows, sel_cols]).float()
 
     def _logits_full(self, delta):
         """Reference: the whole padded sequences through the whole model, δ added by a hook."""
@@ -228,14 +242,22 @@ class ValueProblem:
         sel = h[self.sel_rows, self.sel_cols + self.facts[self.sel_rows]]
         return ad.logits(sel).float()
 
-    def losses(self, logits: torch.Tensor):
-        """Per-request rewrite NLL and essence KL(P_orig ‖ P_δ) from :meth:`logits`."""
-        logp = F.log_softmax(logits[: self.n_nll], dim=-1)
-        tok_nll = -logp[torch.arange(self.n_nll, device=logp.device), self.sel_tgt] * self.sel_w
-        nll = torch.zeros(self.n_req, device=logp.device).index_add(0, self.sel_req, tok_nll)
-        kl_logp = F.log_softmax(logits[self.n_nll:], dim=-1)
-        kl_each = (self.kl_base.exp() * (self.kl_base - kl_logp)).sum(-1) * self.kl_w
-        kl = torch.zeros(self.n_req, device=logp.device).index_add(0, self.kl_req, kl_each)
+    def losses(self, logits: torch.Tensor, active: Optional[torch.Tensor] = None):
+        """Per-request rewrite NLL and essence KL(P_orig ‖ P_δ) from :meth:`logits`
+        (zero for requests outside ``active``)."""
+        sel_tgt, sel_w, sel_req = self.sel_tgt, self.sel_w, self.sel_req
+        kl_base, kl_w, kl_req = self.kl_base, self.kl_w, self.kl_req
+        if active is not None and not bool(active.all()):
+            e, k = active[sel_req], active[kl_req]
+            sel_tgt, sel_w, sel_req = sel_tgt[e], sel_w[e], sel_req[e]
+            kl_base, kl_w, kl_req = kl_base[k], kl_w[k], kl_req[k]
+        n_nll = len(sel_tgt)
+        logp = F.log_softmax(logits[:n_nll], dim=-1)
+        tok_nll = -logp[torch.arange(n_nll, device=logp.device), sel_tgt] * sel_w
+        nll = torch.zeros(self.n_req, device=logp.device).index_add(0, sel_req, tok_nll)
+        kl_logp = F.log_softmax(logits[n_nll:], dim=-1)
+        kl_each = (kl_base.exp() * (kl_base - kl_logp)).sum(-1) * kl_w
+        kl = torch.zeros(self.n_req, device=logp.device).index_add(0, kl_req, kl_each)
         return nll, kl
 
 
@@ -260,18 +282,24 @@ def optimize_values(problem: ValueProblem, cfg: ValueConfig, fast: bool = True) 
     max_norm = cfg.clamp_norm_factor * v0.norm(dim=-1)  # (n,)
     v0_sq = v0.norm(dim=-1) ** 2
     active = torch.ones(n, dtype=torch.bool, device=dev)
+    last_loss = torch.zeros(n, device=dev)
+    last_nll = torch.zeros(n, device=dev)
     history: List[List[float]] = []
     nll_before = None
     steps = 0
     with torch.enable_grad():
         for it in range(cfg.steps):
-            nll, kl = p.losses(p.logits(delta, fast=fast))
+            act = active.clone()
+            nll, kl = p.losses(p.logits(delta, fast=fast, active=act), active=act)
             wd = cfg.weight_decay * delta.norm(dim=-1) / v0_sq
             loss = nll + cfg.kl_factor * kl + wd
-            history.append([float(x) for x in loss.detach()])
+            with torch.no_grad():
+                last_loss[act] = loss.detach()[act]
+                last_nll[act] = nll.detach()[act]
+            history.append([float(x) for x in last_loss])
             if nll_before is None:
                 nll_before = [float(x) for x in nll.detach()]
-            active = active & (loss.detach() >= cfg.early_stop_loss)
+            active = act & (loss.detach() >= cfg.early_stop_loss)
             if not bool(active.any()) or it == cfg.steps - 1:
                 break
             opt.zero_grad(set_to_none=True)
@@ -280,10 +308,10 @@ def optimize_values(problem: ValueProblem, cfg: ValueConfig, fast: bool = True) 
             opt.step()
             steps = it + 1
             with torch.no_grad():
-                delta[~active] = frozen  # Adam momentum must not move finished requests
+                delta[~active] = frozen  # finished requests keep their δ (Adam momentum must not move it)
                 norms = delta.norm(dim=-1)
                 scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
                 delta.mul_(scale[:, None])
-    # the loop always ends on a freshly evaluated loss of the final δ
+    # every request's last evaluated loss is that of its final δ
     return ValueResult(delta.detach().float(), v0, k_o, k_star, history, steps, nll_before,
-                       [float(x) for x in nll.detach()])
+                       [float(x) for x in last_nll])

@@ -117,15 +117,21 @@ def target_residuals(editor, requests, cfg: BatchConfig, templates, progress: bo
     from tqdm.auto import tqdm
 
     L = cfg.layers[-1]
-    zs, infos = [], []
-    chunks = [requests[i: i + cfg.batch_size] for i in range(0, len(requests), cfg.batch_size)]
+    tok = editor.adapter.tokenizer
+    # requests of similar token length share a chunk: less padding in every step
+    order = sorted(range(len(requests)),
+                   key=lambda i: len(tok(requests[i].text + " " + requests[i].target_new)["input_ids"]))
+    zs: List[Optional[torch.Tensor]] = [None] * len(requests)
+    infos: List[dict] = [{}] * len(requests)
+    chunks = [order[i: i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     for chunk in tqdm(chunks, desc="targets", unit="batch", disable=not progress or len(chunks) < 2):
-        problem = ValueProblem(editor.adapter, L, chunk, templates, cfg.essence_prompts, cfg.fact_token,
-                               inject="residual")
+        problem = ValueProblem(editor.adapter, L, [requests[i] for i in chunk], templates, cfg.essence_prompts,
+                               cfg.fact_token, inject="residual")
         res = optimize_values(problem, cfg.value)
-        zs.append(res.v0 + res.delta)
-        infos += [{"nll_before": b, "nll_after": a, "steps": res.steps} for b, a in zip(res.nll_before, res.nll_after)]
-    return torch.cat(zs).float(), infos
+        for j, i in enumerate(chunk):
+            zs[i] = res.v0[j] + res.delta[j]
+            infos[i] = {"nll_before": res.nll_before[j], "nll_after": res.nll_after[j], "steps": res.steps}
+    return torch.stack(zs).float(), infos
 
 
 def compute_batch(editor, requests: Sequence, cfg: BatchConfig, state: Optional[dict] = None):
