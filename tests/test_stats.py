@@ -139,3 +139,15 @@ def test_jsonl_corpus_and_cache_path_keys(tmp_path):
     a = stats_cache_path("fp", 3, "corpusA", 100, tmp_path)
     assert a != stats_cache_path("fp", 3, "corpusB", 100, tmp_path) != stats_cache_path("fp", 4, "corpusA", 100, tmp_path)
     assert a != stats_cache_path("fp", 3, "corpusA", 200, tmp_path)
+
+
+def test_documents_are_bounded_without_paragraph_breaks(tmp_path):
+    from factedit.corpus import MAX_DOC_CHARS
+
+    p = tmp_path / "wall.txt"
+    p.write_text("\n".join(["word " * 200] * 1000))  # ~1 MB, no blank line
+    docs = list(resolve_corpus(str(p)).open())
+    assert len(docs) > 10 and max(map(len, docs)) <= MAX_DOC_CHARS + 1000
+    q = tmp_path / "big.jsonl"
+    q.write_text('{"text": "%s"}\n' % ("x" * (3 * MAX_DOC_CHARS)))
+    assert [len(d) for d in resolve_corpus(str(q)).open()] == [MAX_DOC_CHARS] * 3

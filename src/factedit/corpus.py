@@ -27,6 +27,9 @@ from .paths import atomic_write_text, factedit_home
 
 __all__ = ["Corpus", "resolve_corpus", "HF_CORPORA", "MODEL_CORPUS_TOKENS"]
 
+#: Longest document handed to the tokenizer at once (longer text is split).
+MAX_DOC_CHARS = 20_000
+
 #: Tokens sampled from the model for the ``"model"`` corpus (at least 16 per key dimension).
 MODEL_CORPUS_TOKENS = 40_000
 
@@ -48,6 +51,11 @@ def _clean(text: str) -> str:
         for a, b in _WIKITEXT_FIXES:
             text = text.replace(a, b)
     return text.strip()
+
+
+def _pieces(text: str) -> Iterator[str]:
+    for i in range(0, len(text), MAX_DOC_CHARS):
+        yield text[i: i + MAX_DOC_CHARS]
 
 
 @dataclass
@@ -75,16 +83,20 @@ def _file_corpus(path: Path) -> Corpus:
     suffix = path.suffix.lower()
 
     def read_txt() -> Iterator[str]:
-        buf = []
+        buf, size = [], 0
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 s = line.strip()
                 if not s or re.fullmatch(r"=+ .* =+", s):  # blank line or wikitext heading
                     if buf:
                         yield _clean(" ".join(buf))
-                        buf = []
+                        buf, size = [], 0
                     continue
                 buf.append(s)
+                size += len(s)
+                if size > MAX_DOC_CHARS:  # memory stays bounded even without paragraph breaks
+                    yield _clean(" ".join(buf))
+                    buf, size = [], 0
         if buf:
             yield _clean(" ".join(buf))
 
@@ -97,14 +109,11 @@ def _file_corpus(path: Path) -> Corpus:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise CorpusError(f"{path}:{n}: not valid JSON ({e})") from None
-                if isinstance(obj, str):
-                    yield obj
-                elif isinstance(obj, dict):
-                    text = obj.get("text")
-                    if not isinstance(text, str):
-                        text = next((v for v in obj.values() if isinstance(v, str)), None)
-                    if text:
-                        yield _clean(text)
+                if isinstance(obj, dict):
+                    obj = obj.get("text") if isinstance(obj.get("text"), str) else \
+                        next((v for v in obj.values() if isinstance(v, str)), None)
+                if isinstance(obj, str) and obj:
+                    yield from _pieces(_clean(obj))
 
     reader = read_jsonl if suffix in (".jsonl", ".json") else read_txt
     return Corpus(name, reader)
@@ -127,7 +136,7 @@ def _hf_corpus(key: str) -> Corpus:
         for row in ds:
             text = row.get(field) or ""
             if text.strip() and not re.fullmatch(r"\s*=+ .* =+\s*", text):
-                yield _clean(text)
+                yield from _pieces(_clean(text))
 
     return Corpus(f"hf:{dataset}:{config}:{split}", read)
 
