@@ -73,7 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--paraphrase", action="append", default=None,
                    help="an extra prompt to show before/after (repeatable; default: two rephrasings)")
     e.add_argument("--max-new-tokens", type=int, default=12)
+    e.add_argument("--save-patch", default=None, help="write the edit as a patch file (safetensors)")
+    e.add_argument("--save-model", default=None, help="write the edited model as a Hugging Face folder")
     _common(e)
+
+    a = sub.add_parser("apply", help="apply patch files (in order) to a model")
+    a.add_argument("patches", nargs="+")
+    a.add_argument("--force", action="store_true", help="apply even if the base fingerprints differ (recorded)")
+    a.add_argument("--save-model", default=None, help="write the patched model here")
+    _common(a)
+
+    r = sub.add_parser("revert", help="remove patches (newest last on the command line) from a saved edited model")
+    r.add_argument("patches", nargs="+")
+    r.add_argument("--save-model", default=None, help="where to write the reverted model (default: in place)")
+    _common(r)
+
+    i = sub.add_parser("inspect", help="show what a patch file changes")
+    i.add_argument("patch")
+    i.add_argument("--json", action="store_true")
 
     s = sub.add_parser("stats", help="compute and cache the key statistics C ahead of time")
     s.add_argument("--layers", type=_layers, default=None, help="comma-separated layers (default: the default edit layer)")
@@ -139,9 +156,10 @@ def cmd_edit_many(args) -> int:
     result = editor.edit(reqs, config=cfg)
     seconds = time.perf_counter() - t
     after = _efficacy(editor.adapter, reqs)
+    saved = _save_outputs(args, editor, result)
     out = {"method": args.method, "model": model_name(model), "layers": result.layers, "n_requests": len(reqs),
            "seconds": round(seconds, 3), "efficacy": after, "efficacy_before": before,
-           "delta_norm": result.delta_norm, "timings": {k: round(v, 3) for k, v in result.timings.items()}}
+           "delta_norm": result.delta_norm, "timings": {k: round(v, 3) for k, v in result.timings.items()}, **saved}
     if args.json:
         print(json.dumps(out))
     else:
@@ -184,12 +202,13 @@ def cmd_edit(args) -> int:
     before = _snapshot(editor.adapter, req, prompts)
     result = editor.edit(req, config=cfg)
     after = _snapshot(editor.adapter, req, prompts)
+    saved = _save_outputs(args, editor, result)
     out = {
         "method": args.method, "model": model_name(model), "layers": result.layers,
         "request": req.to_dict(), "before": before, "after": after,
         "delta_norm": result.delta_norm, "seconds": round(result.seconds, 3),
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
-        "total_seconds": round(time.perf_counter() - t0, 3),
+        "total_seconds": round(time.perf_counter() - t0, 3), **saved,
     }
     if args.json:
         print(json.dumps(out))
@@ -206,6 +225,75 @@ def cmd_edit(args) -> int:
         print(f"\n  {p!r}\n    before: {b.strip()!r}\n    after:  {a.strip()!r}")
     print(f"\n  ||Δ|| = {result.delta_norm:.3f}   edit {result.seconds:.1f} s "
           f"(values {result.timings.get('values', 0):.1f} s, statistics {result.timings.get('stats', 0):.1f} s)")
+    return 0
+
+
+def _save_outputs(args, editor, result) -> dict:
+    out = {}
+    if getattr(args, "save_patch", None):
+        from .patch import Patch
+
+        out["patch"] = str(Patch.from_result(result).save(args.save_patch))
+    if getattr(args, "save_model", None):
+        from .models import save_model
+
+        out["saved_model"] = str(save_model(editor.model, editor.tokenizer, args.save_model))
+    return out
+
+
+def cmd_apply(args) -> int:
+    from .arch import ModelAdapter
+    from .models import load_model, save_model
+    from .patch import Patch, apply_patches
+
+    patches = [Patch.load(p) for p in args.patches]  # all validated before the model is touched
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    adapter = ModelAdapter(model, tok, _arch_spec(args.arch_spec))
+    apply_patches(adapter, patches, force=args.force)
+    out = {"applied": args.patches, "forced": [p.meta.get("forced_mismatch", []) for p in patches]}
+    if args.save_model:
+        out["saved_model"] = str(save_model(model, tok, args.save_model))
+    print(json.dumps(out) if args.json else "\n".join(f"applied {p}" for p in args.patches)
+          + (f"\nsaved to {out['saved_model']}" if args.save_model else ""))
+    return 0
+
+
+def cmd_revert(args) -> int:
+    from .arch import ModelAdapter
+    from .errors import ModelLoadError
+    from .models import load_model, save_model
+    from .patch import Patch, revert_patch
+
+    if not args.model:
+        raise ModelLoadError("revert needs --model DIR: the saved edited model to revert")
+    patches = [Patch.load(p) for p in args.patches]
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    adapter = ModelAdapter(model, tok, _arch_spec(args.arch_spec))
+    exact = {}
+    for p in reversed(patches):
+        exact.update(revert_patch(adapter, p))
+    target = save_model(model, tok, args.save_model or args.model)
+    out = {"reverted": args.patches, "saved_model": str(target), "bit_identical_to_base": exact}
+    print(json.dumps(out) if args.json else f"reverted {len(patches)} patch(es); saved to {target}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .patch import Patch
+
+    info = Patch.load(args.patch).describe()
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{args.patch}: {info['method']} patch of {info['model']} (factedit {info['factedit_version']})")
+    for l in info["layers"]:
+        print(f"  layer {l}: {info['modules'].get(str(l), '?')}  rank {info['ranks'][str(l)]}  "
+              f"||Δ|| {info['norms'][str(l)]:.4f}")
+    for r in info["requests"]:
+        print(f"  {r['prompt'].replace('{}', r['subject'])!r} -> {r['target_new']!r}"
+              + (f" (was {r['target_true']!r})" if r.get("target_true") else ""))
+    if info.get("forced"):
+        print("  NOTE: applied with --force to a model whose fingerprints differed")
     return 0
 
 
@@ -241,9 +329,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .errors import FactEditError
 
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(getattr(args, "verbose", False))
     try:
-        return {"edit": cmd_edit, "stats": cmd_stats}[args.command](args)
+        return {"edit": cmd_edit, "stats": cmd_stats, "apply": cmd_apply, "revert": cmd_revert,
+                "inspect": cmd_inspect}[args.command](args)
     except FactEditError as e:
         print(f"factedit: error: {e}", file=sys.stderr)
         return 2

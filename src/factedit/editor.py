@@ -55,6 +55,7 @@ class EditResult:
     info: List[dict] = field(default_factory=list)
     state_before: Optional[dict] = field(default=None, repr=False)
     stateful: bool = False  # the method carries state across edits (AlphaEdit)
+    fingerprints: Dict[str, str] = field(default_factory=dict, repr=False)  # edited matrices before the edit
 
     @property
     def delta_norm(self) -> float:
@@ -204,6 +205,10 @@ class Editor:
         t0 = time.perf_counter()
         done: List[EditResult] = []
         cfg0 = config.resolved(self.adapter) if config is not None else self.make_config(method, **overrides)
+        from .patch import matrix_fingerprint
+
+        fingerprints = {self.adapter.w_out_name(l): matrix_fingerprint(self.adapter.w_out_parameter(l))
+                        for l in cfg0.layers}
         groups = [[r] for r in reqs] if isinstance(cfg0, ROMEConfig) else [reqs]
         try:
             for group in groups:
@@ -224,9 +229,10 @@ class Editor:
             result = done[0]
         else:
             result = EditResult(done[0].method, sorted({l for r in done for l in r.layers}), reqs,
-                                [d for r in done for d in r.deltas], _Chain([r.applied for r in done]),
+                                [d for r in done for d in r.deltas], _Chain(self.adapter, [r.applied for r in done]),
                                 done[0].config, 0.0, {}, [i for r in done for i in r.info])
         result.seconds = time.perf_counter() - t0
+        result.fingerprints = fingerprints
         self.history.append(result)
         return result
 
@@ -250,7 +256,8 @@ class Editor:
 class _Chain:
     """Several applied edits reverted newest first."""
 
-    def __init__(self, parts):
+    def __init__(self, adapter, parts):
+        self.adapter = adapter
         self.parts = parts
 
     def revert(self):

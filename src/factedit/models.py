@@ -25,7 +25,7 @@ import torch
 from .errors import ModelLoadError
 from .paths import factedit_home
 
-__all__ = ["DEFAULT_MODEL", "load_model", "embedded_model_dir", "model_fingerprint", "model_name"]
+__all__ = ["DEFAULT_MODEL", "load_model", "save_model", "embedded_model_dir", "model_fingerprint", "model_name"]
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +164,25 @@ def model_fingerprint(model, upto_layer: Optional[int] = None, spec=None) -> str
         h.update(str(tuple(p.shape)).encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def save_model(model, tokenizer, directory) -> Path:
+    """Write a normal Hugging Face folder (safetensors + tokenizer) atomically: the folder
+    appears complete or not at all. Loads in plain ``transformers``."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

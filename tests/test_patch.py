@@ -1,0 +1,198 @@
+"""Patch files: round trip, integrity, stacking, fuzzing (tiny models)."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from factedit import Editor, Request, ValueConfig
+from factedit.generation import target_logprobs
+from factedit.patch import Patch, PatchError, apply_patch, apply_patches, matrix_fingerprint, revert_patch
+from factedit.arch import ModelAdapter
+from tiny import tiny_model
+
+REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
+
+
+def _opts(tiny_corpus, **kw):
+    return dict(layer=2, stats_corpus=str(tiny_corpus), stats_tokens=800, value=ValueConfig(steps=4),
+                context_lengths=((3, 2),), **kw)
+
+
+@pytest.fixture
+def edited(home, tiny_corpus, tmp_path):
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    res = ed.edit(REQ, **_opts(tiny_corpus))
+    path = Patch.from_result(res).save(tmp_path / "p.safetensors")
+    lp = target_logprobs(ed.adapter, [REQ.text], ["Rome"])[0]
+    return ed, res, path, lp
+
+
+def _fresh(arch="llama", seed=0):
+    m, t = tiny_model(arch, seed=seed)
+    return ModelAdapter(m, t)
+
+
+def test_round_trip_and_exact_revert(edited):
+    ed, res, path, lp = edited
+    ad = _fresh()
+    base = {k: v.clone() for k, v in ad.model.state_dict().items()}
+    applied = apply_patch(ad, Patch.load(path))
+    assert target_logprobs(ad, [REQ.text], ["Rome"])[0] == pytest.approx(lp, abs=1e-5)
+    assert torch.allclose(ad.w_out_weight(2), ed.adapter.w_out_weight(2), atol=1e-6)
+    applied.revert()
+    for k, v in ad.model.state_dict().items():
+        assert torch.equal(v, base[k]), k
+
+
+def test_patch_is_small_and_describes_itself(edited):
+    ed, res, path, _ = edited
+    assert path.stat().st_size < 16_000  # factors, not the dense (24 x 40) matrix... and metadata
+    info = Patch.load(path).describe()
+    assert info["method"] == "r-rome" and info["layers"] == [2] and info["ranks"] == {"2": 1}
+    assert info["requests"][0]["subject"] == "Eiffel Tower"
+    assert "model.layers.2.mlp.down_proj" in info["fingerprints"]
+
+
+def test_different_base_refused_naming_matrix_and_force_recorded(edited):
+    _, _, path, _ = edited
+    other = _fresh(seed=1)
+    before = other.w_out_weight(2).clone()
+    with pytest.raises(PatchError, match=r"model\.layers\.2\.mlp\.down_proj"):
+        apply_patch(other, Patch.load(path))
+    assert torch.equal(other.w_out_weight(2), before)
+    p = Patch.load(path)
+    apply_patch(other, p, force=True)
+    assert p.meta["forced"] is True and p.meta["forced_mismatch"] == ["model.layers.2.mlp.down_proj"]
+
+
+def test_wrong_shapes_refused(edited, home, tiny_corpus):
+    _, _, path, _ = edited
+    gpt2 = _fresh("gpt2")  # d_ff 96 vs 40
+    with pytest.raises(PatchError, match="shape"):
+        apply_patch(gpt2, Patch.load(path))
+
+
+def test_stack_and_revert_saved_model(home, tiny_corpus, tmp_path):
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    r1 = ed.edit(REQ, **_opts(tiny_corpus))
+    p1 = Patch.from_result(r1)
+    r2 = ed.edit(Request("{} is in", "Space Needle", "Tokyo"), **_opts(tiny_corpus))
+    p2 = Patch.from_result(r2)
+    ad = _fresh()
+    base = ad.w_out_weight(2).clone()
+    with pytest.raises(PatchError):  # p2 was computed on base + p1: refused on the bare base
+        apply_patch(ad, p2)
+    done = apply_patches(ad, [p1, p2])
+    assert torch.allclose(ad.w_out_weight(2), ed.adapter.w_out_weight(2), atol=1e-6)
+    for a in reversed(done):
+        a.revert()
+    assert torch.equal(ad.w_out_weight(2), base)
+    # a saved edited model has no originals in memory: revert by subtraction, close to the base
+    apply_patch(ad, p1)
+    exact = revert_patch(ad, p1)
+    assert set(exact) == {"model.layers.2.mlp.down_proj"}
+    assert torch.allclose(ad.w_out_weight(2), base, atol=1e-6)
+
+
+def test_truncated_and_tampered_files(edited, tmp_path):
+    _, _, path, _ = edited
+    data = path.read_bytes()
+    for cut in (0, 8, len(data) // 2, len(data) - 3):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(PatchError):
+            Patch.load(bad)
+    p = Patch.load(path)
+    # metadata naming other layers than the tensors
+    from safetensors.torch import save_file
+    meta = dict(p.meta, layers=[3])
+    save_file({"0.layer2.left": p.deltas[0].left, "0.layer2.right": p.deltas[0].right}, str(tmp_path / "t.safetensors"),
+              metadata={"factedit": json.dumps(meta)})
+    with pytest.raises(PatchError, match="layers"):
+        Patch.load(tmp_path / "t.safetensors")
+    save_file({"0.layer2.left": p.deltas[0].left}, str(tmp_path / "m.safetensors"), metadata={"factedit": json.dumps(p.meta)})
+    with pytest.raises(PatchError, match="factors"):
+        Patch.load(tmp_path / "m.safetensors")
+    save_file({"0.layer2.left": p.deltas[0].left * float("nan"), "0.layer2.right": p.deltas[0].right},
+              str(tmp_path / "n.safetensors"), metadata={"factedit": json.dumps(p.meta)})
+    with pytest.raises(PatchError, match="NaN"):
+        Patch.load(tmp_path / "n.safetensors")
+    with pytest.raises(PatchError, match="not found"):
+        Patch.load(tmp_path / "missing.safetensors")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzz_corrupted_bytes_never_crash_nor_half_apply(edited, tmp_path, data):
+    _, _, path, _ = edited
+    raw = bytearray(path.read_bytes())
+    n = data.draw(st.integers(1, 8))
+    for _ in range(n):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    bad = tmp_path / "fuzz.safetensors"
+    bad.write_bytes(bytes(raw))
+    ad = _fresh()
+    before = ad.w_out_weight(2).clone()
+    try:
+        apply_patch(ad, Patch.load(bad))
+    except PatchError:
+        assert torch.equal(ad.w_out_weight(2), before)
+    else:  # the corruption hit nothing that matters (e.g. a float in the factors): applied whole
+        assert torch.isfinite(ad.w_out_weight(2)).all()
+
+
+def test_matrix_fingerprint_is_bit_exact():
+    a = torch.randn(4, 5)
+    b = a.clone()
+    assert matrix_fingerprint(a) == matrix_fingerprint(b)
+    b[0, 0] = torch.nextafter(b[0, 0], torch.tensor(10.0))
+    assert matrix_fingerprint(a) != matrix_fingerprint(b)
+    assert matrix_fingerprint(a.bfloat16()) != matrix_fingerprint(a.half())
+
+
+def test_cli_patch_workflow(home, tiny_corpus, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from factedit.cli import main
+
+    model, tok = tiny_model("llama")
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    patch, edited_dir = tmp_path / "e.safetensors", tmp_path / "edited"
+    code = main(["edit", "--model", str(base_dir), "--prompt", "{} is located in the city of", "--subject",
+                 "Eiffel Tower", "--target", "Rome", "--layer", "2", "--corpus", str(tiny_corpus), "--stats-tokens",
+                 "800", "--steps", "3", "--save-patch", str(patch), "--save-model", str(edited_dir), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["patch"] == str(patch)
+    # the saved edited model loads in plain transformers and matches the in-session edit
+    plain = AutoModelForCausalLM.from_pretrained(edited_dir)
+    ad_plain = ModelAdapter(plain, AutoTokenizer.from_pretrained(edited_dir))
+    assert target_logprobs(ad_plain, [REQ.text], ["Rome"])[0] == pytest.approx(
+        __import__("math").log(out["after"]["p_new"]), abs=1e-5)
+    assert main(["inspect", str(patch)]) == 0
+    assert "Eiffel Tower" in capsys.readouterr().out
+    applied_dir = tmp_path / "applied"
+    assert main(["apply", str(patch), "--model", str(base_dir), "--save-model", str(applied_dir), "--json"]) == 0
+    capsys.readouterr()
+    a = AutoModelForCausalLM.from_pretrained(applied_dir).state_dict()
+    b = plain.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b)
+    # applying twice is refused: the base no longer matches
+    assert main(["apply", str(patch), "--model", str(applied_dir)]) == 2
+    assert "does not match its fingerprint" in capsys.readouterr().err
+    assert main(["revert", str(patch), "--model", str(applied_dir), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    base_w = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    back = AutoModelForCausalLM.from_pretrained(applied_dir).state_dict()
+    assert all(torch.allclose(back[k], base_w[k], atol=1e-6) for k in base_w)
+    assert "model.layers.2.mlp.down_proj" in r["bit_identical_to_base"]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(patch.read_bytes()[:100])
+    assert main(["apply", str(bad), "--model", str(base_dir)]) == 2
+    assert main(["inspect", str(bad)]) == 2
