@@ -10,8 +10,10 @@ from .delta import AppliedEdit, LayerDelta, apply_deltas
 from .editor import EditResult, Editor
 from .errors import FactEditError
 from .generation import greedy_continuation, target_probabilities
-from .methods import METHODS, ROMEConfig
-from .models import DEFAULT_MODEL, load_model
+from .guard import CollapseError, GuardConfig
+from .patch import Patch, PatchError, apply_patch, apply_patches, revert_patch
+from .methods import METHODS, BatchConfig, FTConfig, ROMEConfig
+from .models import DEFAULT_MODEL, load_model, save_model
 from .requests import Request
 from .stats import LayerStats, SecondMoment, layer_stats
 from .values import ValueConfig
@@ -20,7 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArchSpec", "ModelAdapter", "AppliedEdit", "LayerDelta", "apply_deltas", "EditResult", "Editor",
-    "FactEditError", "greedy_continuation", "target_probabilities", "METHODS", "ROMEConfig",
-    "DEFAULT_MODEL", "load_model", "Request", "LayerStats", "SecondMoment", "layer_stats", "ValueConfig",
+    "FactEditError", "greedy_continuation", "target_probabilities", "METHODS", "ROMEConfig", "BatchConfig",
+    "FTConfig", "CollapseError", "GuardConfig", "Patch", "PatchError", "apply_patch", "apply_patches",
+    "revert_patch", "DEFAULT_MODEL", "load_model", "save_model", "Request", "LayerStats", "SecondMoment", "layer_stats", "ValueConfig",
     "__version__",
 ]

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--paraphrase", action="append", default=None,
                    help="an extra prompt to show before/after (repeatable; default: two rephrasings)")
     e.add_argument("--max-new-tokens", type=int, default=12)
+    e.add_argument("--no-guard", action="store_true",
+                   help="skip the collapse guard (apply even an edit that looks like it would break the model)")
     e.add_argument("--save-patch", default=None, help="write the edit as a patch file (safetensors)")
     e.add_argument("--save-model", default=None, help="write the edited model as a Hugging Face folder")
     _common(e)
@@ -124,6 +126,12 @@ def _snapshot(adapter, req, prompts):
     return snap
 
 
+def _guard(args):
+    from .guard import GuardConfig
+
+    return GuardConfig(enabled=not args.no_guard)
+
+
 def _efficacy(adapter, reqs):
     from .generation import target_logprobs
 
@@ -153,7 +161,7 @@ def cmd_edit_many(args) -> int:
     cfg = editor.make_config(args.method, steps=args.steps, **overrides)
     before = _efficacy(editor.adapter, reqs)
     t = time.perf_counter()
-    result = editor.edit(reqs, config=cfg)
+    result = editor.edit(reqs, config=cfg, guard=_guard(args))
     seconds = time.perf_counter() - t
     after = _efficacy(editor.adapter, reqs)
     saved = _save_outputs(args, editor, result)
@@ -200,13 +208,13 @@ def cmd_edit(args) -> int:
     prompts = [req.text] + paraphrases
     _snapshot.max_new_tokens = args.max_new_tokens
     before = _snapshot(editor.adapter, req, prompts)
-    result = editor.edit(req, config=cfg)
+    result = editor.edit(req, config=cfg, guard=_guard(args))
     after = _snapshot(editor.adapter, req, prompts)
     saved = _save_outputs(args, editor, result)
     out = {
         "method": args.method, "model": model_name(model), "layers": result.layers,
         "request": req.to_dict(), "before": before, "after": after,
-        "delta_norm": result.delta_norm, "seconds": round(result.seconds, 3),
+        "delta_norm": result.delta_norm, "seconds": round(result.seconds, 3), "guard": result.guard,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "total_seconds": round(time.perf_counter() - t0, 3), **saved,
     }

@@ -17,6 +17,8 @@ from .arch import ArchSpec, ModelAdapter
 from .delta import AppliedEdit, LayerDelta, apply_deltas
 from .errors import MethodError
 from .generation import cached_context_templates
+from .guard import CollapseError, GuardConfig, entropy_probe, norm_reference
+from .guard import check as check_guard
 from .methods import METHODS, BatchConfig, FTConfig, ROMEConfig, compute_batch, compute_ft, compute_rome
 from .requests import Request
 from .stats import LayerStats, layer_stats
@@ -56,6 +58,7 @@ class EditResult:
     state_before: Optional[dict] = field(default=None, repr=False)
     stateful: bool = False  # the method carries state across edits (AlphaEdit)
     fingerprints: Dict[str, str] = field(default_factory=dict, repr=False)  # edited matrices before the edit
+    guard: Optional[dict] = None  # the collapse guard's decision (None: guard off)
 
     @property
     def delta_norm(self) -> float:
@@ -89,6 +92,7 @@ class Editor:
         self._projectors: Dict[tuple, object] = {}
         #: per-method state carried across sequential edits (AlphaEdit: {layer: K_p K_pᵀ})
         self.state: Dict[str, dict] = {}
+        self._entropy: Optional[float] = None  # guard's fluency probe of the current weights
 
     @property
     def model(self):
@@ -195,12 +199,17 @@ class Editor:
         return Computed([delta], values, info, timings, cfg, C)
 
     def edit(self, requests: Union[Request, Sequence[Request]], method: str = "r-rome",
-             config: Optional[ROMEConfig] = None, **overrides) -> EditResult:
-        """Compute and apply an edit (several requests are edited one after another).
+             config=None, guard: Optional[GuardConfig] = None, **overrides) -> EditResult:
+        """Compute and apply an edit. ROME variants edit several requests one after another;
+        MEMIT / EMMET / AlphaEdit / FT edit them as one batch.
 
+        The collapse guard (:mod:`factedit.guard`, on by default) rolls back an edit whose
+        update norm or generation entropy looks like a disabling edit and raises
+        :class:`~factedit.guard.CollapseError`; ``guard=GuardConfig(enabled=False)`` forces it.
         If anything fails, every weight touched by this call is restored before the error
         propagates.
         """
+        guard = guard or GuardConfig()
         reqs = [requests] if isinstance(requests, Request) else list(requests)
         t0 = time.perf_counter()
         done: List[EditResult] = []
@@ -213,18 +222,36 @@ class Editor:
         try:
             for group in groups:
                 c = self.compute(group, config=cfg0)
+                refs = self._guard_references(cfg0, guard)
+                if guard.enabled and self._entropy is None:
+                    self._entropy = entropy_probe(self.adapter, guard)
                 applied = apply_deltas(self.adapter, c.deltas)
                 key = getattr(c.config, "variant", method)
                 before = self.state.get(key)
                 if c.state is not None:
                     self.state[key] = c.state
-                done.append(EditResult(key, list(c.config.layers), list(group), c.deltas, applied, c.config,
-                                       time.perf_counter() - t0, c.timings, c.info, state_before=before,
-                                       stateful=c.state is not None))
+                res = EditResult(key, list(c.config.layers), list(group), c.deltas, applied, c.config,
+                                 time.perf_counter() - t0, c.timings, c.info, state_before=before,
+                                 stateful=c.state is not None)
+                done.append(res)
+                if guard.enabled:
+                    res.guard = check_guard(res, refs, self._entropy, entropy_probe(self.adapter, guard), guard,
+                                            len(group))
+                    if not res.guard["passed"]:
+                        raise CollapseError(
+                            f"edit rolled back: it looks like a disabling edit that would break the model: "
+                            + "; ".join(res.guard["fired"])
+                            + ". Try another layer or method (r-rome is the stable ROME), or force it with "
+                            "guard=GuardConfig(enabled=False) (CLI: --no-guard)."
+                        )
+                    self._entropy = res.guard["entropy_after"]
         except BaseException:
             for r in reversed(done):
                 self._undo(r)
             raise
+        finally:
+            if not guard.enabled:
+                self._entropy = None
         if len(done) == 1:
             result = done[0]
         else:
@@ -243,8 +270,16 @@ class Editor:
         for _ in range(n):
             self._undo(self.history.pop())
 
+    def _guard_references(self, cfg, guard: GuardConfig) -> Dict[int, float]:
+        """Calibrated norm references (ROME variants: one layer, one request per edit)."""
+        if not guard.enabled or not isinstance(cfg, ROMEConfig):
+            return {}
+        return {cfg.layer: norm_reference(self, cfg.layer, cfg.stats_corpus, cfg.stats_tokens,
+                                          cfg.value.clamp_norm_factor)}
+
     def _undo(self, result: EditResult) -> None:
         """Revert the weights of ``result`` and restore the method state it replaced."""
+        self._entropy = None
         result.revert()
         if result.stateful:
             if result.state_before is None:

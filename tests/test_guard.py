@@ -1,0 +1,66 @@
+"""Collapse guard on tiny models: passes normal edits, rolls back the others."""
+
+import pytest
+import torch
+
+import factedit.editor as E
+from factedit import Editor, GuardConfig, Request, ValueConfig
+from factedit.guard import CollapseError
+from factedit.metrics import generation_entropy, ngram_entropy
+from factedit.patch import Patch
+from tiny import tiny_model
+
+REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome")
+
+
+def _opts(tiny_corpus):
+    return dict(layer=2, stats_corpus=str(tiny_corpus), stats_tokens=800, value=ValueConfig(steps=3))
+
+
+def test_entropy_metrics_hand_computed():
+    assert ngram_entropy([1, 1, 1, 1], 2) == 0.0
+    assert ngram_entropy([1, 2, 3, 4], 2) == pytest.approx(1.584962, abs=1e-5)  # 3 distinct bigrams
+    assert ngram_entropy([1], 2) == 0.0
+    assert generation_entropy([1, 2, 3, 4, 5]) == pytest.approx((2 / 3 * 2 + 4 / 3 * 1.584962) / 2, abs=1e-5)
+
+
+def test_normal_edit_passes_and_is_recorded(home, tiny_corpus):
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    r = ed.edit(REQ, **_opts(tiny_corpus))
+    assert r.guard["passed"] and r.guard["fired"] == []
+    assert float(r.guard["norms"]["2"]) <= float(r.guard["limits"]["2"])
+    assert Patch.from_result(r).meta["guard"]["passed"] is True
+
+
+def test_huge_update_is_rolled_back(home, tiny_corpus, monkeypatch):
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real = E.compute_rome
+
+    def blown_up(C, values, i, variant, layer):  # a disabling edit: the denominator nearly vanishes
+        d = real(C, values, i, variant, layer)
+        d.right = d.right * 1e4
+        return d
+
+    monkeypatch.setattr(E, "compute_rome", blown_up)
+    with pytest.raises(CollapseError, match=r"‖Δ‖ of layer 2.*--no-guard"):
+        ed.edit(REQ, **_opts(tiny_corpus))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert ed.history == []
+    r = ed.edit(REQ, guard=GuardConfig(enabled=False), **_opts(tiny_corpus))  # forced
+    assert r.guard is None
+
+
+def test_entropy_collapse_is_rolled_back(home, tiny_corpus, monkeypatch):
+    model, tok = tiny_model("gpt2")
+    ed = Editor(model, tok, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    values = iter([3.0, 0.5])  # before: fluent; after: repeating itself
+    monkeypatch.setattr(E, "entropy_probe", lambda adapter, cfg: next(values))
+    with pytest.raises(CollapseError, match="entropy fell from 3.00 to 0.50"):
+        ed.edit(REQ, **_opts(tiny_corpus))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
