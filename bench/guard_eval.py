@@ -1,0 +1,131 @@
+"""How well does the collapse guard separate normal edits from disabling ones?
+
+For each CounterFact record the target value δ is optimised once; the update is then formed
+both as r-ROME (k* everywhere) and as the original code's `rome` (k_o in residual and
+denominator), as in ALGORITHMS.md §3. Each is applied, judged by the guard, and judged
+independently for collapse, then reverted.
+
+Independent collapse label ("disabling edit"): on *held-out* prompts (not the guard's), the
+mean generation entropy of 48-token greedy continuations falls by more than 40%, or at least
+3 of 5 unrelated probe facts change their greedy answer.
+
+    python bench/guard_eval.py --records 40 --out docs/GUARD.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "wikitext2_valid.txt"
+CF = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_knowedit.jsonl"
+HELD_OUT = ("Once upon a time, there was", "The weather today is", "Scientists have discovered that",
+            "The best way to learn a language is", "Last summer we went to", "The company announced")
+PROBES = ("The capital of Japan is", "The Eiffel Tower is located in the city of", "The largest planet in the solar system is",
+          "Water is made of hydrogen and", "The author of Romeo and Juliet is")
+
+
+@torch.no_grad()
+def held_out_entropy(adapter):
+    from factedit.guard import GuardConfig, entropy_probe
+
+    return entropy_probe(adapter, GuardConfig(prompts=HELD_OUT, max_new_tokens=48))
+
+
+def probe_answers(adapter):
+    from factedit.generation import greedy_continuation
+
+    return [greedy_continuation(adapter, p, 3).strip().split(" ")[0] for p in PROBES]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=40)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from factedit import Editor, GuardConfig, load_model
+    from factedit.delta import apply_deltas
+    from factedit.guard import check, entropy_probe, norm_reference
+    from factedit.methods.rome import compute_rome
+    from factedit.requests_io import load_requests
+
+    model, tok = load_model()
+    ed = Editor(model, tok, progress=False)
+    reqs = load_requests(CF, limit=args.records)
+    gcfg = GuardConfig()
+    base_h = held_out_entropy(ed.adapter)
+    base_answers = probe_answers(ed.adapter)
+    g_before = entropy_probe(ed.adapter, gcfg)
+    rows = []
+    t0 = time.time()
+    for i, req in enumerate(reqs):
+        c = ed.compute(req, "r-rome", stats_corpus=str(CORPUS))
+        layer = c.config.layer
+        ref = norm_reference(ed, layer, c.config.stats_corpus, c.config.stats_tokens, c.config.value.clamp_norm_factor)
+        variants = {"r-rome": c.deltas, "rome": [compute_rome(c.C, c.values, 0, "rome", layer)]}
+        for name, deltas in variants.items():
+            applied = apply_deltas(ed.adapter, deltas)
+            try:
+                fake = type("R", (), {"deltas": deltas})()
+                decision = check(fake, {layer: ref}, g_before, entropy_probe(ed.adapter, gcfg), gcfg)
+                h = held_out_entropy(ed.adapter)
+                changed = sum(a != b for a, b in zip(probe_answers(ed.adapter), base_answers))
+            finally:
+                applied.revert()
+            collapsed = h < 0.6 * base_h or changed >= 3
+            rows.append({"case": i, "variant": name, "norm": float(decision["norms"][str(layer)]),
+                         "limit": float(decision["limits"][str(layer)]), "guard_fired": not decision["passed"],
+                         "reasons": decision["fired"], "held_out_entropy": h, "probes_changed": changed,
+                         "collapsed": collapsed})
+            print(json.dumps(rows[-1]), flush=True)
+
+    def rate(sel, key):
+        return sum(r[key] for r in sel) / max(1, len(sel))
+
+    rr = [r for r in rows if r["variant"] == "r-rome"]
+    ro = [r for r in rows if r["variant"] == "rome"]
+    dis = [r for r in rows if r["collapsed"]]
+    normal = [r for r in rr if not r["collapsed"]]
+    norm_med = statistics.median(r["norm"] for r in rr)
+    lines = [
+        "## Collapse guard: false positives and detection", "",
+        f"Command: `python bench/guard_eval.py --records {args.records}`  ",
+        f"Date: {datetime.date.today()}; embedded SmolLM2-135M-Instruct, layer {layer}, statistics from WikiText-2 "
+        f"(100k tokens), guard defaults (norm factor {gcfg.norm_factor:g}, entropy drop {gcfg.entropy_drop:.0%}). "
+        f"Run time {time.time() - t0:.0f} s.", "",
+        f"Baseline held-out generation entropy {base_h:.2f} bits. An edit counts as *disabling* when, on held-out "
+        "prompts the guard never sees, entropy falls below 60% of that or ≥ 3 of 5 unrelated probe facts change.", "",
+        "| | edits | disabling (independent label) | guard fired | median ‖Δ‖ | max ‖Δ‖ |",
+        "|---|---|---|---|---|---|",
+        f"| r-ROME | {len(rr)} | {sum(r['collapsed'] for r in rr)} | {sum(r['guard_fired'] for r in rr)} | "
+        f"{norm_med:.3g} | {max(r['norm'] for r in rr):.3g} |",
+        f"| ROME (original code) | {len(ro)} | {sum(r['collapsed'] for r in ro)} | {sum(r['guard_fired'] for r in ro)} | "
+        f"{statistics.median(r['norm'] for r in ro):.3g} | {max(r['norm'] for r in ro):.3g} |", "",
+        f"* False-positive rate on normal r-ROME edits: {rate(normal, 'guard_fired'):.1%} "
+        f"({sum(r['guard_fired'] for r in normal)} of {len(normal)}).",
+        f"* Detection rate on disabling edits (all variants): {rate(dis, 'guard_fired'):.1%} "
+        f"({sum(r['guard_fired'] for r in dis)} of {len(dis)}).",
+        f"* Norm limit of this layer: {rows[0]['limit']:.3g}.", "",
+        "Cases where the guard fired: " + (", ".join(
+            f"#{r['case']} {r['variant']} (‖Δ‖ {r['norm']:.3g}, entropy {r['held_out_entropy']:.2f}, "
+            f"{r['probes_changed']} probes changed)" for r in rows if r["guard_fired"]) or "none"),
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        head = "# Collapse guard\n\nSee `src/factedit/guard.py` for what the guard checks.\n\n"
+        out.write_text(head + text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
