@@ -196,3 +196,24 @@ def test_cli_patch_workflow(home, tiny_corpus, tmp_path, capsys):
     bad.write_bytes(patch.read_bytes()[:100])
     assert main(["apply", str(bad), "--model", str(base_dir)]) == 2
     assert main(["inspect", str(bad)]) == 2
+
+
+def test_history_saved_and_reloaded_as_patch_stack(home, tiny_corpus, tmp_path):
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    ed.edit(REQ, **_opts(tiny_corpus))
+    ed.edit(Request("{} is in", "Space Needle", "Tokyo"), **_opts(tiny_corpus))
+    names = ed.save_history(tmp_path / "hist")
+    assert len(names) == 2
+    target = ed.adapter.w_out_weight(2).clone()
+    m2, t2 = tiny_model("llama")
+    ed2 = Editor(m2, t2, progress=False)
+    base = ed2.adapter.w_out_weight(2).clone()
+    assert ed2.load_history(tmp_path / "hist") == 2
+    assert torch.allclose(ed2.adapter.w_out_weight(2), target, atol=1e-6)
+    assert [r.requests[0].subject for r in ed2.history] == ["Eiffel Tower", "Space Needle"]
+    ed2.revert(2)
+    assert torch.equal(ed2.adapter.w_out_weight(2), base)
+    (tmp_path / "hist" / "stack.json").write_text("{not json")
+    with pytest.raises(PatchError, match="not a factedit history"):
+        ed2.load_history(tmp_path / "hist")

@@ -270,6 +270,49 @@ class Editor:
         for _ in range(n):
             self._undo(self.history.pop())
 
+    # ------------------------------------------------------------------ history as patches
+    def save_history(self, directory) -> List[str]:
+        """Write the applied edits as a stack of patch files plus ``stack.json`` (their order)."""
+        import json
+        from pathlib import Path
+
+        from .patch import Patch
+        from .paths import atomic_write_text
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        names = []
+        for i, r in enumerate(self.history):
+            name = f"{i:05d}-{r.method}.safetensors"
+            Patch.from_result(r, self.adapter).save(d / name)
+            names.append(name)
+        atomic_write_text(d / "stack.json", json.dumps({"patches": names}))
+        return names
+
+    def load_history(self, directory, force: bool = False) -> int:
+        """Apply a stack written by :meth:`save_history` (all or nothing) and add it to the history,
+        so that :meth:`revert` can undo it edit by edit. Returns the number of edits applied."""
+        import json
+        from pathlib import Path
+
+        from .patch import Patch, PatchError, apply_patches
+
+        d = Path(directory)
+        try:
+            names = json.loads((d / "stack.json").read_text(encoding="utf-8"))["patches"]
+            assert isinstance(names, list) and all(isinstance(n, str) and "/" not in n for n in names)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            raise PatchError(f"{d}: not a factedit history (stack.json missing or malformed)") from None
+        patches = [Patch.load(d / n) for n in names]
+        applied = apply_patches(self.adapter, patches, force=force)
+        for p, a in zip(patches, applied):
+            self.history.append(EditResult(p.meta.get("method", "patch"), list(p.meta.get("layers", [])),
+                                           [Request(**r) for r in p.meta.get("requests", [])], p.deltas, a,
+                                           p.meta.get("config"), guard=p.meta.get("guard"),
+                                           fingerprints=dict(p.meta["fingerprints"])))
+        self._entropy = None
+        return len(patches)
+
     def _guard_references(self, cfg, guard: GuardConfig) -> Dict[int, float]:
         """Calibrated norm references (ROME variants: one layer, one request per edit)."""
         if not guard.enabled or not isinstance(cfg, ROMEConfig):
