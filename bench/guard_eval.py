@@ -5,11 +5,15 @@ both as r-ROME (k* everywhere) and as the original code's `rome` (k_o in residua
 denominator), as in ALGORITHMS.md §3. Each is applied, judged by the guard, and judged
 independently for collapse, then reverted.
 
+Disabling edits are rare, so records are first *screened* without any optimisation: for the
+same δ, ‖Δ_rome‖ / ‖Δ_r-rome‖ = |k*ᵀC⁻¹k* / k_oᵀC⁻¹k*| exactly, which needs only the keys. The
+records with the largest ratio and a random sample of the others are then evaluated in full.
+
 Independent collapse label ("disabling edit"): on *held-out* prompts (not the guard's), the
 mean generation entropy of 48-token greedy continuations falls by more than 40%, or at least
 3 of 5 unrelated probe facts change their greedy answer.
 
-    python bench/guard_eval.py --records 40 --out docs/GUARD.md
+    python bench/guard_eval.py --screen 2000 --top 8 --random 12 --out docs/GUARD.md
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ def probe_answers(adapter):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--records", type=int, default=40)
+    ap.add_argument("--screen", type=int, default=2000, help="records screened by the key ratio")
+    ap.add_argument("--top", type=int, default=8, help="highest-ratio records evaluated in full")
+    ap.add_argument("--random", type=int, default=12, help="random other records evaluated in full")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -59,7 +65,26 @@ def main():
 
     model, tok = load_model()
     ed = Editor(model, tok, progress=False)
-    reqs = load_requests(CF, limit=args.records)
+    from factedit.keys import template_keys
+    from factedit.linalg import solve_spd
+    from factedit.methods.rome import default_layer
+    import random
+
+    screened = load_requests(CF, limit=args.screen)
+    layer = default_layer(ed.adapter.n_layers)
+    cfg = ed.make_config("r-rome", stats_corpus=str(CORPUS))
+    C = ed.stats(layer, cfg.stats_corpus, cfg.stats_tokens).mom2
+    t_screen = time.time()
+    k_star, _ = template_keys(ed.adapter, screened, ed.templates(cfg.seed, cfg.context_lengths), layer)
+    k_o, _ = template_keys(ed.adapter, screened, ["{}"], layer)
+    U = solve_spd(C, k_star.T.double())  # (d_ff, n)
+    ratio = ((k_star.double().T * U).sum(0) / (k_o.double().T * U).sum(0)).abs()
+    t_screen = time.time() - t_screen
+    order = sorted(range(len(screened)), key=lambda i: -float(ratio[i]))
+    top = order[: args.top]
+    rest = random.Random(0).sample(order[args.top:], args.random)
+    picked = top + rest
+    reqs = [screened[i] for i in picked]
     gcfg = GuardConfig()
     base_h = held_out_entropy(ed.adapter)
     base_answers = probe_answers(ed.adapter)
@@ -81,7 +106,7 @@ def main():
             finally:
                 applied.revert()
             collapsed = h < 0.6 * base_h or changed >= 3
-            rows.append({"case": i, "variant": name, "norm": float(decision["norms"][str(layer)]),
+            rows.append({"case": picked[i], "ratio": float(ratio[picked[i]]), "variant": name, "norm": float(decision["norms"][str(layer)]),
                          "limit": float(decision["limits"][str(layer)]), "guard_fired": not decision["passed"],
                          "reasons": decision["fired"], "held_out_entropy": h, "probes_changed": changed,
                          "collapsed": collapsed})
@@ -97,10 +122,14 @@ def main():
     norm_med = statistics.median(r["norm"] for r in rr)
     lines = [
         "## Collapse guard: false positives and detection", "",
-        f"Command: `python bench/guard_eval.py --records {args.records}`  ",
+        f"Command: `python bench/guard_eval.py --screen {args.screen} --top {args.top} --random {args.random}`  ",
         f"Date: {datetime.date.today()}; embedded SmolLM2-135M-Instruct, layer {layer}, statistics from WikiText-2 "
         f"(100k tokens), guard defaults (norm factor {gcfg.norm_factor:g}, entropy drop {gcfg.entropy_drop:.0%}). "
         f"Run time {time.time() - t0:.0f} s.", "",
+        f"Screening: {args.screen} CounterFact records in {t_screen:.0f} s; key ratio |k*ᵀC⁻¹k*/k_oᵀC⁻¹k*| "
+        f"median {float(ratio.median()):.2f}, max {float(ratio.max()):.3g}; "
+        f"{int((ratio > 10).sum())} records above 10. Evaluated in full: the {args.top} highest and "
+        f"{args.random} random others.", "",
         f"Baseline held-out generation entropy {base_h:.2f} bits. An edit counts as *disabling* when, on held-out "
         "prompts the guard never sees, entropy falls below 60% of that or ≥ 3 of 5 unrelated probe facts change.", "",
         "| | edits | disabling (independent label) | guard fired | median ‖Δ‖ | max ‖Δ‖ |",
@@ -115,7 +144,7 @@ def main():
         f"({sum(r['guard_fired'] for r in dis)} of {len(dis)}).",
         f"* Norm limit of this layer: {rows[0]['limit']:.3g}.", "",
         "Cases where the guard fired: " + (", ".join(
-            f"#{r['case']} {r['variant']} (‖Δ‖ {r['norm']:.3g}, entropy {r['held_out_entropy']:.2f}, "
+            f"#{r['case']} {r['variant']} (ratio {r['ratio']:.3g}, ‖Δ‖ {r['norm']:.3g}, entropy {r['held_out_entropy']:.2f}, "
             f"{r['probes_changed']} probes changed)" for r in rows if r["guard_fired"]) or "none"),
         "",
     ]

@@ -24,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-DATA = Path("/work/shared/data/counterfact/counterfact_knowedit.jsonl")
-SOURCES = ["model", "/work/shared/data/corpus/wikitext2_valid.txt"]
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED / "counterfact" / "counterfact_knowedit.jsonl"
+SOURCES = ["model", str(SHARED / "corpus" / "wikitext2_valid.txt")]
 STATS_TOKENS = 100_000
 
 
