@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import cpu_name, write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "wikitext2_valid.txt"
 CF = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_knowedit.jsonl"
@@ -72,7 +75,7 @@ def main():
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(json.dumps(row), flush=True)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = cpu_name()
     lines = ["## Batch editing (MEMIT, EMMET) on the embedded model", "",
              f"Command: `python bench/bench_batch.py --sizes {args.sizes} --methods {args.methods}`  ",
              f"Date: {datetime.date.today()}; machine: {cpu}, {os.cpu_count()} cores. Each row is a fresh process; "
@@ -93,13 +96,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     if args.out:
-        out = Path(args.out)
-        old = out.read_text(encoding="utf-8") if out.exists() else "# Benchmarks\n"
-        start = old.find("## Batch editing")
-        if start >= 0:
-            end = old.find("\n## ", start + 5)
-            old = old[:start] + old[end + 1:] if end >= 0 else old[:start]
-        out.write_text(old.rstrip() + "\n\n" + text, encoding="utf-8")
+        write_section(args.out, "## Batch editing", text)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import cpu_name, write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 CORPUS = SHARED / "corpus" / "wikitext2_valid.txt"
@@ -142,7 +145,7 @@ def main():
     per_step = [r["values"] / max(r["steps"], 1) for r in rows]
     bound_step = [r["flops_step"] / (gflops * 1e9) for r in rows]
     med_bound_edit = statistics.median(r["flops_step"] * max(r["steps"], 1) / (gflops * 1e9) for r in rows)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     lines = [
         "## Single edit (r-ROME) on the embedded model",
         "",
@@ -175,14 +178,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     if args.out:
-        out = Path(args.out)
-        head = "# Benchmarks\n\nEvery figure here comes from a script in `bench/`, with the command that produced it.\n\n"
-        old = out.read_text(encoding="utf-8") if out.exists() else head
-        start = old.find("## Single edit (r-ROME)")
-        if start >= 0:
-            end = old.find("\n## ", start + 5)
-            old = old[:start] + old[end + 1:] if end >= 0 else old[:start]
-        out.write_text(old.rstrip() + "\n\n" + text, encoding="utf-8")
+        write_section(args.out, "## Single edit (r-ROME)", text)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,14 @@ import argparse
 import datetime
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "wikitext2_valid.txt"
@@ -151,9 +155,8 @@ def main():
     text = "\n".join(lines)
     print(text)
     if args.out:
-        out = Path(args.out)
-        head = "# Collapse guard\n\nSee `src/factedit/guard.py` for what the guard checks.\n\n"
-        out.write_text(head + text, encoding="utf-8")
+        write_section(args.out, "## Collapse guard", text,
+                      head="# Collapse guard\n\nSee `src/factedit/guard.py` for what the guard checks.\n\n")
 
 
 if __name__ == "__main__":

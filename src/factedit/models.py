@@ -69,18 +69,7 @@ def embedded_model_dir() -> Path:
     model.hf_quantizer = None  # the dequantized model still carries the GGUF quantizer
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return save_model(model, tok, target)
 
 
 def _resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:

@@ -1,0 +1,26 @@
+"""Shared helpers of the benchmark scripts: machine description and markdown sections."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+HEAD = "# Benchmarks\n\nEvery figure here comes from a script in `bench/`, with the command that produced it.\n\n"
+
+
+def cpu_name() -> str:
+    try:
+        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def write_section(path, heading: str, text: str, head: str = HEAD) -> None:
+    """Replace (or append) the section starting with ``heading`` in the markdown file ``path``."""
+    out = Path(path)
+    old = out.read_text(encoding="utf-8") if out.exists() else head
+    start = old.find(heading)
+    if start >= 0:
+        end = old.find("\n## ", start + len(heading))
+        old = old[:start] + old[end + 1:] if end >= 0 else old[:start]
+    out.write_text(old.rstrip() + "\n\n" + text, encoding="utf-8")
