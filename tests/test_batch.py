@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from factedit import Editor, Request, ValueConfig
+from factedit import Editor, GuardConfig, Request, ValueConfig
 from factedit.errors import RequestError
 from factedit.keys import template_keys
 from tiny import tiny_model
@@ -12,6 +12,7 @@ REQS = [Request("{} is located in the city of", "Eiffel Tower", "Rome"),
         Request("{} is in", "Space Needle", "Tokyo"),
         Request("The capital of {} is", "Japan", "Paris")]
 SPAN = (1, 2, 3)
+NO_GUARD = GuardConfig(enabled=False)  # tiny random models are not fluent; the guard is tested in test_guard.py
 
 
 def _opts(tiny_corpus, **kw):
@@ -47,7 +48,7 @@ def test_memit_spreads_residual_over_span(home, tiny_corpus, monkeypatch):
     # compute() left the model as it was; applying moves the residual towards the targets
     _, Z0 = template_keys(ed.adapter, REQS, ed.templates(0, ((10, 5),)), 1, 3)
     assert torch.allclose(Z0, seen[0][1], atol=1e-5)
-    ed.edit(REQS, config=cfg)
+    ed.edit(REQS, config=cfg, guard=NO_GUARD)
     _, Z1 = template_keys(ed.adapter, REQS, ed.templates(0, ((10, 5),)), 1, 3)
     assert (Z_target - Z1).norm() < 0.5 * (Z_target - Z0).norm()
 
@@ -78,7 +79,7 @@ def test_methods_run_and_revert_on_architectures(method, arch, home, tiny_corpus
     kw = {} if method == "ft" else _opts(tiny_corpus, nullspace_threshold=1e9) if method == "alphaedit" else _opts(tiny_corpus)
     if method == "ft":
         kw = dict(layers=(2,), steps=5, lr=1e-2, norm_constraint=1e-2)
-    r = ed.edit(REQS, method=method, **kw)
+    r = ed.edit(REQS, method=method, guard=NO_GUARD, **kw)
     assert r.delta_norm > 0
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all(k.endswith("weight") for k in changed)
@@ -125,10 +126,10 @@ def test_alphaedit_sequence_state_and_revert(home, tiny_corpus):
     ed = Editor(model, tok, progress=False)
     kw = _opts(tiny_corpus, nullspace_threshold=1e9, layers=(2, 3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ed.edit(REQS[:1], "alphaedit", **kw)
+    ed.edit(REQS[:1], "alphaedit", guard=NO_GUARD, **kw)
     G1 = {l: g.clone() for l, g in ed.state["alphaedit"].items()}
-    ed.edit(REQS[1:2], "alphaedit", **kw)
-    ed.edit(REQS[2:], "alphaedit", **kw)
+    ed.edit(REQS[1:2], "alphaedit", guard=NO_GUARD, **kw)
+    ed.edit(REQS[2:], "alphaedit", guard=NO_GUARD, **kw)
     assert set(ed.state["alphaedit"]) == {2, 3}
     assert not torch.allclose(ed.state["alphaedit"][2], G1[2])
     ed.revert(2)  # the last two batches

@@ -90,6 +90,7 @@ class Editor:
         self._templates: Dict[tuple, List[str]] = {}
         self._stats: Dict[tuple, LayerStats] = {}
         self._projectors: Dict[tuple, object] = {}
+        self._target_memo: Dict[tuple, dict] = {}
         #: per-method state carried across sequential edits (AlphaEdit: {layer: K_p K_pᵀ})
         self.state: Dict[str, dict] = {}
         self._entropy: Optional[float] = None  # guard's fluency probe of the current weights
@@ -115,6 +116,18 @@ class Editor:
             self._stats[key] = layer_stats(self.adapter, layer, corpus=corpus, n_tokens=n_tokens,
                                            progress=self.progress)
         return self._stats[key]
+
+    def target_memo(self, layer: int, templates, value_cfg, essence, fact_token) -> dict:
+        """The memo of optimised targets for the *current* weights and these settings
+        (request -> (z*, info)); a different weight fingerprint starts a fresh memo."""
+        from .models import model_fingerprint
+
+        key = (model_fingerprint(self.model), layer, tuple(templates), value_cfg, tuple(essence), fact_token)
+        if key not in self._target_memo:
+            if len(self._target_memo) >= 8:  # bounded: drop the oldest
+                self._target_memo.pop(next(iter(self._target_memo)))
+            self._target_memo[key] = {}
+        return self._target_memo[key]
 
     def projector(self, layer: int, C, threshold: float):
         """AlphaEdit's null-space projector of layer ``layer`` (cached per threshold)."""

@@ -112,26 +112,37 @@ def check_batch(requests: Sequence) -> None:
         seen[key] = i
 
 
+def _suffix_length(tok, req, fact_token: str) -> int:
+    from ..tokens import encode_request
+
+    ids, fact, _ = encode_request(tok, req.prompt, req.subject, req.target_new, fact_token)
+    return len(ids) - fact
+
+
 def target_residuals(editor, requests, cfg: BatchConfig, templates, progress: bool = False):
-    """z* = z₀ + δ at the last span layer for every request, optimised ``batch_size`` at a time."""
+    """z* = z₀ + δ at the last span layer for every request, optimised ``batch_size`` at a time.
+
+    Results are memoised in the editor per (weights, request, layer, templates, value config), so
+    trying several methods on the same requests optimises each target once.
+    """
     from tqdm.auto import tqdm
 
     L = cfg.layers[-1]
+    memo = editor.target_memo(L, templates, cfg.value, cfg.essence_prompts, cfg.fact_token)
+    todo = [i for i, r in enumerate(requests) if r not in memo]
     tok = editor.adapter.tokenizer
-    # requests of similar token length share a chunk: less padding in every step
-    order = sorted(range(len(requests)),
-                   key=lambda i: len(tok(requests[i].text + " " + requests[i].target_new)["input_ids"]))
-    zs: List[Optional[torch.Tensor]] = [None] * len(requests)
-    infos: List[dict] = [{}] * len(requests)
-    chunks = [order[i: i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    # requests whose δ-dependent part (fact token onwards) has the same length share a chunk
+    todo.sort(key=lambda i: _suffix_length(tok, requests[i], cfg.fact_token))
+    chunks = [todo[i: i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
     for chunk in tqdm(chunks, desc="targets", unit="batch", disable=not progress or len(chunks) < 2):
         problem = ValueProblem(editor.adapter, L, [requests[i] for i in chunk], templates, cfg.essence_prompts,
                                cfg.fact_token, inject="residual")
         res = optimize_values(problem, cfg.value)
         for j, i in enumerate(chunk):
-            zs[i] = res.v0[j] + res.delta[j]
-            infos[i] = {"nll_before": res.nll_before[j], "nll_after": res.nll_after[j], "steps": res.steps}
-    return torch.stack(zs).float(), infos
+            memo[requests[i]] = (res.v0[j] + res.delta[j],
+                                 {"nll_before": res.nll_before[j], "nll_after": res.nll_after[j], "steps": res.steps})
+    zs = torch.stack([memo[r][0] for r in requests]).float()
+    return zs, [dict(memo[r][1]) for r in requests]
 
 
 def compute_batch(editor, requests: Sequence, cfg: BatchConfig, state: Optional[dict] = None):
