@@ -335,8 +335,9 @@ class Editor:
 
     def _undo(self, result: EditResult) -> None:
         """Revert the weights of ``result`` and restore the method state it replaced."""
-        self._entropy = None
         result.revert()
+        # the weights are bit-identical to those before the edit: so is their fluency probe
+        self._entropy = result.guard["entropy_before"] if result.guard else None
         if result.stateful:
             if result.state_before is None:
                 self.state.pop(result.method, None)

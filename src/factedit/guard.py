@@ -35,8 +35,7 @@ CALIBRATION_SUBJECTS = (
     "Albert Einstein", "Toyota", "the Beatles", "Mount Everest", "Shakespeare", "Google", "the Nile",
     "Angela Merkel", "Nintendo",
 )
-GENERIC_PROMPTS = ("The most important thing about history is", "My favorite food is", "In the morning, I usually",
-                   "The city was quiet when")
+GENERIC_PROMPTS = ("The most important thing about history is", "My favorite food is", "The city was quiet when")
 
 
 class CollapseError(FactEditError):
@@ -60,7 +59,7 @@ class GuardConfig:
     norm_factor: float = 10.0
     entropy_drop: float = 0.3
     prompts: Tuple[str, ...] = GENERIC_PROMPTS
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24
 
 
 def norm_reference(editor, layer: int, corpus: Optional[str], n_tokens: int, clamp: float = 4.0) -> float:

@@ -39,7 +39,12 @@ class ValueConfig:
         kl_factor: weight of the essence-drift KL term.
         weight_decay: weight of ``‖δ‖ / ‖v0‖²``.
         clamp_norm_factor: ``‖δ‖ ≤ clamp_norm_factor · ‖v0‖`` after every step.
-        early_stop_loss: stop a request once its total loss is below this.
+        early_stop_loss: stop a request once its loss is below this.
+        early_stop_on: ``"nll"`` (default): the rewrite NLL, i.e. stop once the new target has
+            per-token probability ≈ e^-0.05 ≈ 0.95; ``"loss"``: the total loss, as the ROME code
+            does. With the weight-decay and KL terms the total rarely falls below 0.05, so under
+            ``"loss"`` nearly every CounterFact edit runs all steps (median 24 of 25 on SmolLM2,
+            ~3× the time) for no gain in efficacy.
     """
 
     steps: int = 25
@@ -48,6 +53,7 @@ class ValueConfig:
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 0.05
+    early_stop_on: str = "nll"
 
 
 @dataclass
@@ -299,7 +305,8 @@ def optimize_values(problem: ValueProblem, cfg: ValueConfig, fast: bool = True) 
             history.append([float(x) for x in last_loss])
             if nll_before is None:
                 nll_before = [float(x) for x in nll.detach()]
-            active = act & (loss.detach() >= cfg.early_stop_loss)
+            crit = nll.detach() if cfg.early_stop_on == "nll" else loss.detach()
+            active = act & (crit >= cfg.early_stop_loss)
             if not bool(active.any()) or it == cfg.steps - 1:
                 break
             opt.zero_grad(set_to_none=True)
