@@ -21,6 +21,8 @@ def test_batch_of_50_counterfact_records(embedded, method):
         ed.revert()
 
 
+@pytest.mark.xfail(strict=True, reason="known open defect (issue #3): with the paper's absolute null-space "
+                   "threshold, AlphaEdit on SmolLM2 does not retain the first successful edit over 50 sequential edits")
 def test_alphaedit_50_sequential_edits_keep_the_first(embedded):
     """Retention under sequential AlphaEdit: edits that took hold when applied still hold after
     50 single edits. (Single-edit efficacy of AlphaEdit on this model is itself low with the
