@@ -252,7 +252,7 @@ class Editor:
                                             len(group))
                     if not res.guard["passed"]:
                         raise CollapseError(
-                            f"edit rolled back: it looks like a disabling edit that would break the model: "
+                            "edit rolled back: it looks like a disabling edit that would break the model: "
                             + "; ".join(res.guard["fired"])
                             + ". Try another layer or method (r-rome is the stable ROME), or force it with "
                             "guard=GuardConfig(enabled=False) (CLI: --no-guard)."

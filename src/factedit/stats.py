@@ -11,7 +11,6 @@ their provenance in the safetensors metadata and can be shared between users.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field

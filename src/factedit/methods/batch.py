@@ -20,7 +20,7 @@ from ..arch import ArchSpec
 from ..delta import LayerDelta, apply_deltas
 from ..errors import MethodError, RequestError
 from ..keys import template_keys
-from ..solver import equality, least_squares, null_space, null_space_projector
+from ..solver import equality, least_squares, null_space
 from ..values import ValueConfig, ValueProblem, optimize_values
 from .rome import default_stats_tokens
 
