@@ -20,6 +20,7 @@ from .generation import cached_context_templates
 from .guard import CollapseError, GuardConfig, entropy_probe, norm_reference
 from .guard import check as check_guard
 from .methods import METHODS, BatchConfig, FTConfig, ROMEConfig, compute_batch, compute_ft, compute_rome
+from .methods.batch import add_keys
 from .requests import Request
 from .stats import LayerStats, layer_stats
 from .values import ValueProblem, optimize_values
@@ -39,7 +40,7 @@ class Computed:
     timings: Dict[str, float]
     config: object
     C: object = field(default=None, repr=False)
-    state: Optional[dict] = field(default=None, repr=False)  # method state after this edit
+    state_keys: Optional[dict] = field(default=None, repr=False)  # AlphaEdit: this batch's keys per layer
 
 
 @dataclass
@@ -55,7 +56,7 @@ class EditResult:
     seconds: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)
     info: List[dict] = field(default_factory=list)
-    state_before: Optional[dict] = field(default=None, repr=False)
+    state_keys: Optional[dict] = field(default=None, repr=False)  # keys added to the method state
     stateful: bool = False  # the method carries state across edits (AlphaEdit)
     fingerprints: Dict[str, str] = field(default_factory=dict, repr=False)  # edited matrices before the edit
     guard: Optional[dict] = None  # the collapse guard's decision (None: guard off)
@@ -93,6 +94,9 @@ class Editor:
         self._target_memo: Dict[tuple, dict] = {}
         #: per-method state carried across sequential edits (AlphaEdit: {layer: K_p K_pᵀ})
         self.state: Dict[str, dict] = {}
+        # the state of each method before the oldest stateful edit in the history; later states
+        # are replayed from it (history keeps only each batch's keys, not d_ff × d_ff matrices)
+        self._state_base: Dict[str, Optional[dict]] = {}
         self._entropy: Optional[float] = None  # guard's fluency probe of the current weights
 
     @property
@@ -185,8 +189,8 @@ class Editor:
                 raise MethodError("ROME edits one request at a time; pass one Request (or use Editor.edit)")
             return self._compute_rome(reqs[0], cfg)
         if isinstance(cfg, BatchConfig):
-            deltas, info, timings, state = compute_batch(self, reqs, cfg, self.state.get(cfg.method))
-            return Computed(deltas, None, info, timings, cfg, None, state)
+            deltas, info, timings, keys = compute_batch(self, reqs, cfg, self.state.get(cfg.method))
+            return Computed(deltas, None, info, timings, cfg, None, keys)
         t = time.perf_counter()
         deltas, info = compute_ft(self, reqs, cfg)
         return Computed(deltas, None, info, {"values": time.perf_counter() - t}, cfg)
@@ -240,12 +244,13 @@ class Editor:
                     self._entropy = entropy_probe(self.adapter, guard)
                 applied = apply_deltas(self.adapter, c.deltas)
                 key = getattr(c.config, "variant", method)
-                before = self.state.get(key)
-                if c.state is not None:
-                    self.state[key] = c.state
+                if c.state_keys is not None:
+                    if not any(r.stateful and r.method == key for r in self.history + done):
+                        self._state_base[key] = self.state.get(key)
+                    self.state[key] = add_keys(self.state.get(key), c.state_keys)
                 res = EditResult(key, list(c.config.layers), list(group), c.deltas, applied, c.config,
-                                 time.perf_counter() - t0, c.timings, c.info, state_before=before,
-                                 stateful=c.state is not None)
+                                 time.perf_counter() - t0, c.timings, c.info, state_keys=c.state_keys,
+                                 stateful=c.state_keys is not None)
                 done.append(res)
                 if guard.enabled:
                     res.guard = check_guard(res, refs, self._entropy, entropy_probe(self.adapter, guard), guard,
@@ -339,10 +344,15 @@ class Editor:
         # the weights are bit-identical to those before the edit: so is their fluency probe
         self._entropy = result.guard["entropy_before"] if result.guard else None
         if result.stateful:
-            if result.state_before is None:
+            # replay the keys of the remaining stateful edits on top of the base: bit-exact
+            state = self._state_base.get(result.method)
+            for r in self.history:
+                if r.stateful and r.method == result.method and r is not result:
+                    state = add_keys(state, r.state_keys)
+            if state is None:
                 self.state.pop(result.method, None)
             else:
-                self.state[result.method] = result.state_before
+                self.state[result.method] = state
 
 
 class _Chain:

@@ -24,7 +24,7 @@ from ..solver import equality, least_squares, null_space
 from ..values import ValueConfig, ValueProblem, optimize_values
 from .rome import default_stats_tokens
 
-__all__ = ["BatchConfig", "BATCH_METHODS", "default_span", "check_batch", "compute_batch"]
+__all__ = ["BatchConfig", "BATCH_METHODS", "default_span", "check_batch", "compute_batch", "add_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,13 @@ class BatchConfig:
             another scale than SmolLM2's (E[kkᵀ] eigenvalues 0.003–4.1 at layer 8), where 15000 leaves a
             50-request batch at 0.62 efficacy and 1000 reaches 0.94 (100 gives the same).
         max_condition: EMMET adds a ridge when the key system's condition number exceeds this.
-        nullspace_threshold: AlphaEdit keeps eigenvectors of C with eigenvalue below this.
-        alpha: AlphaEdit's ridge α.
+        nullspace_threshold: AlphaEdit keeps eigenvectors of C with eigenvalue below this (the paper's 1e-2).
+        alpha: AlphaEdit's ridge α (absolute). ``None`` (default): ``alpha_scale · tr(P C)``, i.e. relative
+            to the mean energy of a key inside the preserved null space. α must be small against the
+            null-space energy of the edited keys, or neither the new edit nor the key memory of earlier
+            edits constrains the solve: on SmolLM2 (tr(PC) ≈ 4–5 at layers 4–8) the paper's α = 10 lost
+            the first of 20 sequential edits, α = 0.1 kept all 18 that took hold.
+        alpha_scale: see ``alpha``.
         batch_size: requests per target-optimisation batch (memory is linear in it).
         stats_corpus: corpus spec for C; ``None`` = auto.
         stats_tokens: tokens for C; default from the width.
@@ -71,7 +76,8 @@ class BatchConfig:
     mom2_update_weight: float = 1000.0
     max_condition: float = 1e8
     nullspace_threshold: float = 1e-2
-    alpha: float = 10.0
+    alpha: Optional[float] = None
+    alpha_scale: float = 0.02
     batch_size: int = 16
     stats_corpus: Optional[str] = None
     stats_tokens: Optional[int] = None
@@ -147,12 +153,23 @@ def target_residuals(editor, requests, cfg: BatchConfig, templates, progress: bo
     return zs, [dict(memo[r][1]) for r in requests]
 
 
+def add_keys(state: Optional[dict], keys: Dict[int, torch.Tensor]) -> dict:
+    """AlphaEdit's key memory after a batch: ``{layer: K_p K_pᵀ + K Kᵀ}`` (a new dict; ``state``
+    is not modified). Replaying the same ``keys`` in the same order reproduces it bit for bit,
+    which is how the Editor reverts it without keeping every earlier (d_ff × d_ff) matrix."""
+    state = dict(state or {})
+    for l, K in keys.items():
+        state[l] = (state[l] if l in state else 0) + K @ K.T
+    return state
+
+
 def compute_batch(editor, requests: Sequence, cfg: BatchConfig, state: Optional[dict] = None):
     """Deltas of a batch edit over the span. The model is updated layer by layer while
     computing (later keys depend on earlier layers) and restored before returning.
 
-    Returns ``(deltas, info, timings, new_state)``; ``state`` holds AlphaEdit's key memory
-    ``{layer: K_p K_pᵀ}`` and is not modified (the caller commits ``new_state``).
+    Returns ``(deltas, info, timings, keys)``; ``state`` holds AlphaEdit's key memory
+    ``{layer: K_p K_pᵀ}`` and is not modified; ``keys`` (AlphaEdit only, else ``None``) are this
+    batch's keys ``{layer: K (d_ff, n) float64}``, committed by the caller with :func:`add_keys`.
     """
     import time
 
@@ -170,7 +187,7 @@ def compute_batch(editor, requests: Sequence, cfg: BatchConfig, state: Optional[
     timings["values"] = time.perf_counter() - t
     t = time.perf_counter()
     state = dict(state or {})
-    new_state = dict(state)
+    new_keys: Dict[int, torch.Tensor] = {}
     deltas: List[LayerDelta] = []
     applied = []
     L = cfg.layers[-1]
@@ -189,9 +206,15 @@ def compute_batch(editor, requests: Sequence, cfg: BatchConfig, state: Optional[
                                 l, sol.condition, sol.ridge)
             else:
                 P = editor.projector(l, C[l], cfg.nullspace_threshold)
-                sol = null_space(R, Kt, P, state.get(l), cfg.alpha)
-                K64 = Kt.double()
-                new_state[l] = (state[l] if l in state else 0) + K64 @ K64.T
+                if float(P.diagonal().sum()) < 0.5:
+                    raise MethodError(f"AlphaEdit: no eigenvalue of the key statistics at layer {l} is below "
+                                      f"nullspace_threshold={cfg.nullspace_threshold:g}, so every update would change "
+                                      "preserved keys; raise the threshold or use memit/emmet")
+                alpha = cfg.alpha
+                if alpha is None:
+                    alpha = cfg.alpha_scale * float((P * C[l].to(P.dtype)).sum())  # tr(P C), P and C symmetric
+                sol = null_space(R, Kt, P, state.get(l), alpha)
+                new_keys[l] = Kt.double()
             d = LayerDelta(l, sol.left.float(), sol.right.float())
             applied.append(apply_deltas(ad, [d]))
             deltas.append(d)
@@ -201,4 +224,4 @@ def compute_batch(editor, requests: Sequence, cfg: BatchConfig, state: Optional[
         for a in reversed(applied):
             a.revert()
     timings["solve"] = time.perf_counter() - t
-    return deltas, info, timings, (new_state if cfg.method == "alphaedit" else None)
+    return deltas, info, timings, (new_keys if cfg.method == "alphaedit" else None)
