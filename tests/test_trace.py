@@ -118,6 +118,21 @@ def test_trace_cells_match_restore_sets(tiny_adapters):
     assert s > 0 and torch.all(r.scores["hidden"][:s] == r.p_corrupt)
 
 
+def test_trace_selected_token_classes(tiny_adapters):
+    ad = tiny_adapters["qwen2"]
+    full = trace_prompt(ad, PROMPT, SUBJECT, config=TraceConfig(kinds=("mlp",), samples=2, window=2), sigma=0.5)
+    part = trace_prompt(ad, PROMPT, SUBJECT, sigma=0.5,
+                        config=TraceConfig(kinds=("mlp",), samples=2, window=2, classes=("last_subject",)))
+    e = full.subject_range[1]
+    torch.testing.assert_close(part.scores["mlp"][e - 1], full.scores["mlp"][e - 1], rtol=1e-6, atol=1e-9)
+    rest = torch.cat([part.scores["mlp"][: e - 1], part.scores["mlp"][e:]])
+    assert bool(rest.isnan().all())
+    assert part.recommended_layer == full.recommended_layer
+    assert part.to_dict()["mlp"][0] == [None] * ad.n_layers
+    with pytest.raises(TraceError, match="token classes"):
+        TraceConfig(classes=("subject",)).check(4)
+
+
 def test_window_clipping():
     assert list(window_layers(0, 10, 30)) == [0, 1, 2, 3, 4]
     assert list(window_layers(3, 10, 30)) == list(range(0, 8))
@@ -307,11 +322,12 @@ def test_cli_trace_dataset_writes_recommendation(tiny_dir, home, tmp_path, capsy
     assert len(load_facts(path)) == len(facts)
     out = tmp_path / "avg"
     code = main(["trace", "--model", str(tiny_dir), "--dataset", str(path), "--limit", "2", "--kind", "mlp",
-                 "--samples", "2", "--window", "2", "--out", str(out), "--json"])
+                 "--classes", "last_subject", "--samples", "2", "--window", "2", "--out", str(out), "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     obj = json.loads(captured.out)
     assert obj["n_facts"] == 2 and obj["hidden"] is None and len(obj["mlp"]) == len(TOKEN_CLASSES)
+    assert obj["mlp"][0] == [None] * 4 and None not in obj["mlp"][TOKEN_CLASSES.index("last_subject")]
     assert (out / "average_mlp.png").exists() and len((out / "facts.jsonl").read_text().splitlines()) == 2
     rec = load_recommendation(ad)
     assert rec is not None and rec.layer == obj["recommended_layer"] and rec.n_facts == 2

@@ -1,7 +1,7 @@
 """``factedit trace``: causal tracing of one prompt, or averaged over known facts.
 
     factedit trace --prompt "The Space Needle is in the city of" --subject "Space Needle" --out out/
-    factedit trace --dataset known_1000.json --limit 100 --kind mlp --out out/avg/
+    factedit trace --dataset known_1000.json --limit 100 --kind mlp --classes last_subject --out out/rec/
 
 The data-set form also caches the recommended edit layer of the model, which ``factedit edit``
 then uses for ROME variants when ``--layer`` is not given (:func:`traced_layer`).
@@ -32,6 +32,15 @@ def _kinds(text: str):
     return kinds
 
 
+def _classes(text: str):
+    from .tracing import TOKEN_CLASSES
+
+    classes = tuple(c.strip() for c in text.split(",") if c.strip())
+    if not classes or set(classes) - set(TOKEN_CLASSES):
+        raise argparse.ArgumentTypeError(f"--classes must be a comma list of {', '.join(TOKEN_CLASSES)}; got {text!r}")
+    return classes
+
+
 def add_parser(sub) -> None:
     t = sub.add_parser("trace", help="causal tracing: which layers and tokens carry a fact")
     t.add_argument("--prompt", default=None, help="the prompt, subject filled in (or with {} for the subject)")
@@ -45,6 +54,9 @@ def add_parser(sub) -> None:
     t.add_argument("--samples", type=int, default=10, help="noise samples per prompt (default 10)")
     t.add_argument("--window", type=int, default=None,
                    help="MLP/attention layers restored together (default 10, or the depth of a shallower model)")
+    t.add_argument("--classes", type=_classes, default=None,
+                   help="trace only these token classes, e.g. last_subject (the recommendation needs only it; "
+                        "default: every token)")
     t.add_argument("--noise-factor", type=float, default=3.0, help="σ = this × embedding std of subjects (default 3)")
     t.add_argument("--seed", type=int, default=0, help="seed of the noise")
     t.add_argument("--out", required=True, help="directory for the JSON and the heatmaps")
@@ -84,7 +96,7 @@ def cmd_trace(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     adapter = ModelAdapter(model, tok, _arch_spec(args.arch_spec))
     cfg = TraceConfig(kinds=args.kind, samples=args.samples, window=args.window, noise_factor=args.noise_factor,
-                      seed=args.seed).check(adapter.n_layers)
+                      seed=args.seed, classes=args.classes).check(adapter.n_layers)
     out_dir = Path(args.out)
     if facts is not None:
         return _dataset(args, adapter, cfg, facts, out_dir, model_name(model))

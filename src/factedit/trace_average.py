@@ -7,7 +7,7 @@
     avg.recommended_layer       # argmax of the MLP row "last_subject"
 
 Indirect effect of a cell = P(answer | corrupted, cell restored) − P(answer | corrupted).
-Token classes follow the ROME paper (Meng et al. 2022, Fig. 2); see :func:`token_classes`.
+Token classes follow the ROME paper (Meng et al. 2022, Fig. 2); see :func:`factedit.tracing.token_classes`.
 """
 
 from __future__ import annotations
@@ -15,41 +15,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 
 from .errors import FactEditError, TraceError
-from .tracing import KINDS, TraceResult, prepare_prompt
+from .tracing import KINDS, TOKEN_CLASSES, TraceResult, prepare_prompt, token_classes
 
 __all__ = ["TOKEN_CLASSES", "CLASS_LABELS", "token_classes", "TraceAverage", "Fact", "load_facts", "known_facts"]
 
-TOKEN_CLASSES = ("first_subject", "middle_subject", "last_subject", "first_subsequent", "further", "last")
 CLASS_LABELS = {
     "first_subject": "First subject token", "middle_subject": "Middle subject tokens",
     "last_subject": "Last subject token", "first_subsequent": "First subsequent token",
     "further": "Further tokens", "last": "Last token",
 }
-
-
-def token_classes(n_tokens: int, subject_range: Tuple[int, int]) -> Dict[str, List[int]]:
-    """Token positions of each class for a prompt of ``n_tokens`` with the subject at ``[s, e)``.
-
-    As in ROME's averages, a one-token subject is both the first and the last subject token,
-    and a single token after the subject is both the first subsequent and the last token.
-    Tokens before the subject belong to no class (noise cannot reach them).
-    """
-    s, e = subject_range
-    if not 0 <= s < e <= n_tokens:
-        raise TraceError(f"subject range {subject_range!r} is not inside {n_tokens} tokens")
-    return {
-        "first_subject": [s],
-        "middle_subject": list(range(s + 1, e - 1)),
-        "last_subject": [e - 1],
-        "first_subsequent": [e] if e < n_tokens else [],
-        "further": list(range(e + 1, n_tokens - 1)),
-        "last": [n_tokens - 1],
-    }
 
 
 class TraceAverage:

@@ -45,12 +45,13 @@ def plot_trace(trace: dict, kind: str, path, model: Optional[str] = None) -> Pat
     """Heatmap of ``trace[kind]`` (tokens × layers of P(answer)); subject tokens marked with ``*``."""
     import numpy as np
 
-    scores = np.asarray(trace[kind], dtype=float)
     s, e = trace["subject_range"]
     labels = [repr(t)[1:-1] + ("*" if s <= i < e else "") for i, t in enumerate(trace["tokens"])]
     fig = _figure(len(labels))
     ax = fig.add_subplot(1, 1, 1)
-    img = ax.pcolormesh(scores, cmap=_CMAP[kind], vmin=min(trace["p_corrupt"], scores.min()), shading="flat")
+    scores = np.array([[np.nan if x is None else x for x in row] for row in trace[kind]], dtype=float)
+    img = ax.pcolormesh(np.ma.masked_invalid(scores), cmap=_CMAP[kind],
+                        vmin=min(trace["p_corrupt"], float(np.nanmin(scores))), shading="flat")
     ax.invert_yaxis()
     ax.set_yticks(np.arange(len(labels)) + 0.5)
     ax.set_yticklabels(labels)

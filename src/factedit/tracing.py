@@ -25,10 +25,11 @@ from .errors import LayerError, RequestError, TraceError
 from .hooks import Trace, replaced_forward, rewrap
 from .tokens import encode, token_at_char
 
-__all__ = ["KINDS", "TraceConfig", "TracePrompt", "TraceResult", "CausalTracer", "window_layers",
+__all__ = ["KINDS", "TOKEN_CLASSES", "token_classes", "TraceConfig", "TracePrompt", "TraceResult", "CausalTracer", "window_layers",
            "restore_set", "prepare_prompt", "gaussian_noise", "trace_prompt"]
 
 KINDS = ("hidden", "mlp", "attn")
+TOKEN_CLASSES = ("first_subject", "middle_subject", "last_subject", "first_subsequent", "further", "last")
 
 #: one restored site: (kind, layer, token position)
 Site = Tuple[str, int, int]
@@ -47,6 +48,8 @@ class TraceConfig:
         noise_factor: σ = factor × the embedding standard deviation over subjects (ROME: 3).
         seed: seed of the noise (the same samples serve every restore set).
         batch_tokens: rows × prompt tokens per forward (memory bound).
+        classes: trace only the tokens of these :data:`TOKEN_CLASSES` (``None``: every token);
+            the other cells are NaN. ``("last_subject",)`` is all a layer recommendation needs.
     """
 
     kinds: Tuple[str, ...] = KINDS
@@ -55,6 +58,7 @@ class TraceConfig:
     noise_factor: float = 3.0
     seed: int = 0
     batch_tokens: int = 16384
+    classes: Optional[Tuple[str, ...]] = None
 
     def check(self, n_layers: int) -> "TraceConfig":
         """A copy with the window resolved for a model of ``n_layers``; raises on bad settings."""
@@ -69,9 +73,31 @@ class TraceConfig:
             raise LayerError(f"window must be a positive number of layers, got {self.window!r}")
         if self.window > n_layers:
             raise LayerError(f"window {self.window} is larger than the model: it has {n_layers} layers")
+        if self.classes is not None and (not self.classes or set(self.classes) - set(TOKEN_CLASSES)):
+            raise TraceError(f"token classes must be among {', '.join(TOKEN_CLASSES)}; got {self.classes!r}")
         if not self.noise_factor >= 0:
             raise TraceError(f"noise_factor must be >= 0, got {self.noise_factor!r}")
         return self
+
+
+def token_classes(n_tokens: int, subject_range: Tuple[int, int]) -> Dict[str, List[int]]:
+    """Token positions of each class for a prompt of ``n_tokens`` with the subject at ``[s, e)``.
+
+    As in ROME's averages, a one-token subject is both the first and the last subject token,
+    and a single token after the subject is both the first subsequent and the last token.
+    Tokens before the subject belong to no class (noise cannot reach them).
+    """
+    s, e = subject_range
+    if not 0 <= s < e <= n_tokens:
+        raise TraceError(f"subject range {subject_range!r} is not inside {n_tokens} tokens")
+    return {
+        "first_subject": [s],
+        "middle_subject": list(range(s + 1, e - 1)),
+        "last_subject": [e - 1],
+        "first_subsequent": [e] if e < n_tokens else [],
+        "further": list(range(e + 1, n_tokens - 1)),
+        "last": [n_tokens - 1],
+    }
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
@@ -349,16 +375,15 @@ class TraceResult:
     @property
     def recommended_layer(self) -> Optional[int]:
         """Layer of the strongest MLP effect at the last subject token (``None`` without MLP)."""
-        if "mlp" not in self.scores:
-            return None
-        return int(self.scores["mlp"][self.subject_range[1] - 1].argmax())
+        row = self.scores["mlp"][self.subject_range[1] - 1] if "mlp" in self.scores else None
+        return None if row is None or bool(row.isnan().any()) else int(row.argmax())
 
     def to_dict(self) -> dict:
         out = {"prompt": self.prompt, "subject": self.subject, "answer": self.answer, "answer_id": self.answer_id,
                "tokens": self.tokens, "subject_range": list(self.subject_range),
                "layers": list(range(self.n_layers)), "p_clean": self.p_clean, "p_corrupt": self.p_corrupt}
         for k in KINDS:
-            out[k] = self.scores[k].tolist() if k in self.scores else None
+            out[k] = [[None if x != x else x for x in row] for row in self.scores[k].tolist()] if k in self.scores else None
         out.update(recommended_layer=self.recommended_layer, samples=self.samples, window=self.window,
                    noise_sigma=self.noise_sigma)
         return out
@@ -371,6 +396,7 @@ def trace_prompt(adapter, prompt: str, subject: str, answer: Optional[str] = Non
     Without ``answer`` the model's own greedy next token is traced. ``sigma`` defaults to
     ``config.noise_factor`` × the cached embedding std of the model. Positions before the
     subject are not run: noise cannot reach them, so restoring them gives P_corrupt exactly.
+    With ``config.classes`` only those token classes are traced (other cells NaN).
     """
     cfg = (config or TraceConfig()).check(adapter.n_layers)
     tp = prepare_prompt(adapter.tokenizer, prompt, subject, answer, adapter.max_positions)
@@ -382,10 +408,16 @@ def trace_prompt(adapter, prompt: str, subject: str, answer: Optional[str] = Non
     answer_id = tracer.greedy_answer if tp.answer_id is None else tp.answer_id
     p_corrupt = tracer.p_corrupt(answer_id)
     L, T, first = adapter.n_layers, len(tp.ids), tp.subject_range[0]
-    cells = [(k, t, l) for k in cfg.kinds for t in range(first, T) for l in range(L)]
+    if cfg.classes is None:
+        positions = list(range(first, T))
+    else:
+        classes = token_classes(T, tp.subject_range)
+        positions = sorted({t for c in cfg.classes for t in classes[c]})
+    cells = [(k, t, l) for k in cfg.kinds for t in positions for l in range(L)]
     values = tracer.restored([restore_set(k, t, l, cfg.window, L) for k, t, l in cells], answer_id,
                              cfg.batch_tokens)
-    scores = {k: torch.full((T, L), p_corrupt, dtype=torch.float64) for k in cfg.kinds}
+    scores = {k: torch.full((T, L), p_corrupt if cfg.classes is None else float("nan"), dtype=torch.float64)
+              for k in cfg.kinds}
     for (k, t, l), v in zip(cells, values.tolist()):
         scores[k][t, l] = v
     tok = adapter.tokenizer
