@@ -320,6 +320,11 @@ def test_cli_trace_dataset_writes_recommendation(tiny_dir, home, tmp_path, capsy
     path = tmp_path / "facts.json"
     path.write_text(json.dumps(facts))
     assert len(load_facts(path)) == len(facts)
+    from factedit.trace_average import known_facts
+
+    loaded = load_facts(path)
+    by_one = [f.id for f in known_facts(ad, loaded, batch_size=1)]
+    assert by_one == [f.id for f in known_facts(ad, loaded)] and "1" not in by_one and len(by_one) == len(facts) - 1
     out = tmp_path / "avg"
     code = main(["trace", "--model", str(tiny_dir), "--dataset", str(path), "--limit", "2", "--kind", "mlp",
                  "--classes", "last_subject", "--samples", "2", "--window", "2", "--out", str(out), "--json"])

@@ -267,34 +267,48 @@ class CausalTracer:
     def p_corrupt(self, answer_id: int) -> float:
         return float(self.corrupt_probs[answer_id])
 
-    def restored(self, sets: Sequence[Sequence[Site]], answer_id: int, batch_tokens: int = 16384) -> torch.Tensor:
+    @torch.no_grad()
+    def restored(self, sets: Sequence[Sequence[Site]], answer_id: int, batch_tokens: int = 16384,
+                 min_tokens: int = 512) -> torch.Tensor:
         """Mean P(answer) over the noise samples for each restore set: (len(sets),) float64.
 
-        Sets are grouped by their first restored position p0 and layer: positions before p0
-        come from a cached corrupted prefix, layers before the first restored one are skipped.
+        Sets are grouped by their first restored position p0: positions before it come from a
+        cached corrupted prefix. Within a group, sets sorted by their first restored layer share
+        a forward that skips the layers before the earliest of them; a forward takes sets from
+        the next layer on only while it has fewer than ``min_tokens`` rows × positions (small
+        matrix products are slow on CPU). The final states of all forwards share one LM-head pass.
         """
         L = self.adapter.n_layers
-        out = torch.empty(len(sets), dtype=torch.float64)
-        groups: Dict[Tuple[int, int], List[int]] = defaultdict(list)
+        groups: Dict[int, List[Tuple[int, int]]] = defaultdict(list)
         for i, sites in enumerate(sets):
             for kind, layer, token in sites:
                 self.adapter.check_layer(layer)
                 if kind not in KINDS or not 0 <= token < self.T:
                     raise TraceError(f"invalid restore site {(kind, layer, token)!r}")
             inject = min((layer if kind == "hidden" else layer - 1 for kind, layer, _ in sites), default=L - 1)
-            p0 = min((token for _, _, token in sites), default=self.T - 1)
-            groups[p0, inject].append(i)
-        for (p0, inject), idx in sorted(groups.items()):
-            per = max(1, batch_tokens // (self.S * (self.T - p0)))
-            for c in range(0, len(idx), per):
-                chunk = idx[c: c + per]
-                out[chunk] = self._run(p0, inject, [sets[i] for i in chunk], answer_id)
-        return out
+            groups[min((token for _, _, token in sites), default=self.T - 1)].append((inject, i))
+        finals = torch.empty(len(sets), self.S, self.width, device=self.adapter.device, dtype=self.dtype)
+        for p0, members in sorted(groups.items()):
+            per_set = self.S * (self.T - p0)  # rows × positions of one set
+            members.sort()
+            chunk: List[Tuple[int, int]] = []
+            for inject, i in members + [(None, None)]:
+                size = len(chunk) * per_set
+                if chunk and (inject is None or size + per_set > batch_tokens
+                              or (size >= min_tokens and inject != chunk[-1][0])):
+                    idx = [j for _, j in chunk]
+                    finals[idx] = self._run(p0, chunk[0][0], [sets[j] for j in idx])
+                    chunk = []
+                chunk.append((inject, i))
+        probs = torch.cat([self._probs(f.reshape(-1, self.width))[:, answer_id].double().cpu()
+                           for f in finals.split(max(1, 4096 // self.S))])
+        return probs.view(len(sets), self.S).mean(1)
 
     @torch.no_grad()
-    def _run(self, p0: int, inject: int, sets: Sequence[Sequence[Site]], answer_id: int) -> torch.Tensor:
+    def _run(self, p0: int, inject: int, sets: Sequence[Sequence[Site]]) -> torch.Tensor:
         """One forward of S × len(sets) rows (row = sample · n + set) over positions ``[p0, T)``;
-        layers ≤ ``inject`` come from the corrupted run, positions < p0 from its KV cache."""
+        layers ≤ ``inject`` come from the corrupted run, positions < p0 from its KV cache.
+        Returns the final states at the last position, (len(sets), S, d)."""
         ad, S, T, n = self.adapter, self.S, self.T, len(sets)
         dev = ad.device
         B = n * S
@@ -326,8 +340,7 @@ class CausalTracer:
             pos = torch.arange(p0, T, device=dev)[None].expand(B, -1)
             h = ad.body(input_ids=self.ids[:, p0:].expand(B, -1), position_ids=pos, past_key_values=cache,
                         use_cache=cache is not None).last_hidden_state[:, -1]
-        p = self._probs(h)[:, answer_id].double()
-        return p.view(S, n).mean(0).cpu()
+        return h.view(S, n, -1).transpose(0, 1)
 
 
 def _restore(rows: torch.Tensor, toks: torch.Tensor, clean: torch.Tensor, offset: int):
