@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -142,8 +143,9 @@ def _dataset(args, adapter, cfg, facts, out_dir: Path, name: str) -> int:
     avg = TraceAverage(adapter.n_layers, cfg.kinds)
     lines = []
     show = not args.json and sys.stderr.isatty()
-    for fact in known_facts(adapter, facts, args.limit):
-        r = trace_prompt(adapter, fact.prompt, fact.subject, fact.answer, cfg, sigma)
+    for n, fact in enumerate(known_facts(adapter, facts, args.limit)):
+        # a seed per fact: the average sees fresh noise draws, not one draw reused
+        r = trace_prompt(adapter, fact.prompt, fact.subject, fact.answer, replace(cfg, seed=cfg.seed + n), sigma)
         avg.update(r)
         lines.append(json.dumps({"id": fact.id, **r.to_dict()}))
         if show:

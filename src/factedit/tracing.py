@@ -268,38 +268,28 @@ class CausalTracer:
         return float(self.corrupt_probs[answer_id])
 
     @torch.no_grad()
-    def restored(self, sets: Sequence[Sequence[Site]], answer_id: int, batch_tokens: int = 16384,
-                 min_tokens: int = 512) -> torch.Tensor:
+    def restored(self, sets: Sequence[Sequence[Site]], answer_id: int, batch_tokens: int = 16384) -> torch.Tensor:
         """Mean P(answer) over the noise samples for each restore set: (len(sets),) float64.
 
-        Sets are grouped by their first restored position p0: positions before it come from a
-        cached corrupted prefix. Within a group, sets sorted by their first restored layer share
-        a forward that skips the layers before the earliest of them; a forward takes sets from
-        the next layer on only while it has fewer than ``min_tokens`` rows × positions (small
-        matrix products are slow on CPU). The final states of all forwards share one LM-head pass.
+        Sets are grouped by their first restored position p0 (positions before it come from a
+        cached corrupted prefix), then by their first restored layer (earlier layers are skipped);
+        see :func:`_chunks` for how layer groups share forwards. The final states of all forwards
+        share one LM-head pass.
         """
         L = self.adapter.n_layers
-        groups: Dict[int, List[Tuple[int, int]]] = defaultdict(list)
+        groups: Dict[int, Dict[int, List[int]]] = defaultdict(lambda: defaultdict(list))
         for i, sites in enumerate(sets):
             for kind, layer, token in sites:
                 self.adapter.check_layer(layer)
                 if kind not in KINDS or not 0 <= token < self.T:
                     raise TraceError(f"invalid restore site {(kind, layer, token)!r}")
             inject = min((layer if kind == "hidden" else layer - 1 for kind, layer, _ in sites), default=L - 1)
-            groups[min((token for _, _, token in sites), default=self.T - 1)].append((inject, i))
+            groups[min((token for _, _, token in sites), default=self.T - 1)][inject].append(i)
         finals = torch.empty(len(sets), self.S, self.width, device=self.adapter.device, dtype=self.dtype)
-        for p0, members in sorted(groups.items()):
+        for p0, by_layer in sorted(groups.items()):
             per_set = self.S * (self.T - p0)  # rows × positions of one set
-            members.sort()
-            chunk: List[Tuple[int, int]] = []
-            for inject, i in members + [(None, None)]:
-                size = len(chunk) * per_set
-                if chunk and (inject is None or size + per_set > batch_tokens
-                              or (size >= min_tokens and inject != chunk[-1][0])):
-                    idx = [j for _, j in chunk]
-                    finals[idx] = self._run(p0, chunk[0][0], [sets[j] for j in idx])
-                    chunk = []
-                chunk.append((inject, i))
+            for start, idx in _chunks(by_layer, per_set, L, max(per_set, batch_tokens)):
+                finals[idx] = self._run(p0, start, [sets[j] for j in idx])
         probs = torch.cat([self._probs(f.reshape(-1, self.width))[:, answer_id].double().cpu()
                            for f in finals.split(max(1, 4096 // self.S))])
         return probs.view(len(sets), self.S).mean(1)
@@ -341,6 +331,34 @@ class CausalTracer:
             h = ad.body(input_ids=self.ids[:, p0:].expand(B, -1), position_ids=pos, past_key_values=cache,
                         use_cache=cache is not None).last_hidden_state[:, -1]
         return h.view(S, n, -1).transpose(0, 1)
+
+
+def _chunks(by_layer: Dict[int, List[int]], per_set: int, n_layers: int, batch_tokens: int,
+            small: int = 16, fixed: int = 64):
+    """Split sets (keyed by the layer a forward must start after) into forwards.
+
+    A forward starts after its earliest layer; sets that could start later then recompute a few
+    corrupted layers. A layer group joins the current forward while that waste (its tokens × the
+    extra layers) is below what a separate forward costs: ``small`` token-rows per layer of a
+    small matrix product plus ``fixed`` for a forward's own overhead. Yields (start, set indices).
+    """
+    chunk: List[int] = []
+    start = size = 0
+    for layer in sorted(by_layer):
+        idx = by_layer[layer]
+        for c in range(0, len(idx), max(1, batch_tokens // per_set)):
+            part = idx[c: c + max(1, batch_tokens // per_set)]
+            tokens = len(part) * per_set
+            waste = tokens * (layer - start)
+            if chunk and size + tokens <= batch_tokens and waste <= (n_layers - 1 - layer) * small + fixed:
+                chunk += part
+                size += tokens
+                continue
+            if chunk:
+                yield start, chunk
+            chunk, start, size = list(part), layer, tokens
+    if chunk:
+        yield start, chunk
 
 
 def _restore(rows: torch.Tensor, toks: torch.Tensor, clean: torch.Tensor, offset: int):
