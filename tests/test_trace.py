@@ -368,3 +368,20 @@ def test_embedded_hidden_trace(embedded, home):
     last, subj = tr.restored([[("hidden", L - 1, T - 1)], [("hidden", 3, tp.subject_range[1] - 1)]], tp.answer_id)
     assert float(last) == pytest.approx(p_clean, rel=1e-4)
     assert float(subj) > p_corrupt + 0.5 * (p_clean - p_corrupt)  # early layers at the subject carry the fact
+
+
+def test_cli_edit_uses_cached_recommendation(tiny_dir, tiny_corpus, home, capsys):
+    from factedit.models import load_model
+
+    edit = ["edit", "--model", str(tiny_dir), "--prompt", "{} is located in the city of", "--subject", "Eiffel Tower",
+            "--target", "Rome", "--corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2",
+            "--no-guard", "--json"]
+    ad = ModelAdapter(*load_model(str(tiny_dir)))
+    save_recommendation(ad, LayerRecommendation(2, (0.0, 0.1, 0.3, 0.2), 5, 3, 4, "facts.json"))
+    assert main(edit) == 0
+    assert json.loads(capsys.readouterr().out)["layers"] == [2]
+    assert main(edit + ["--layer", "1"]) == 0  # an explicit layer wins
+    assert json.loads(capsys.readouterr().out)["layers"] == [1]
+    (trace_dir(ad) / "recommendation.json").write_text("{broken")
+    assert main(edit) == 0  # a damaged cache falls back to the depth rule: round(0.17 * 4) = 1
+    assert json.loads(capsys.readouterr().out)["layers"] == [1]
