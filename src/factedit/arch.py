@@ -158,6 +158,17 @@ class ModelAdapter:
     def attn(self, i: int) -> nn.Module:
         return _get(self.layer(i), self.spec.attn)
 
+    def component(self, kind: str, i: int) -> nn.Module:
+        """The module whose output causal tracing restores: ``"hidden"`` (the layer's residual
+        output), ``"mlp"`` or ``"attn"`` of layer ``i``."""
+        if kind == "hidden":
+            return self.layer(i)
+        if kind == "mlp":
+            return self.mlp(i)
+        if kind == "attn":
+            return self.attn(i)
+        raise ValueError(f"unknown component kind {kind!r}; expected hidden, mlp or attn")
+
     def w_out(self, i: int) -> nn.Module:
         """The module whose input is the key and whose output is the value at layer ``i``."""
         return self._w_out_modules[self.check_layer(i)]

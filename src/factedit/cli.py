@@ -1,4 +1,4 @@
-"""Command line: ``factedit edit`` and ``factedit stats``.
+"""Command line: ``factedit edit``, ``stats``, ``apply``, ``revert``, ``inspect`` and ``trace``.
 
 Errors that are the user's to fix print one message on stderr and exit with status 2;
 the model and caches are left as they were.
@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default=None, help="the new object")
     e.add_argument("--true", default=None, dest="true", help="the current object (optional, for comparison)")
     e.add_argument("--method", default="r-rome", help="r-rome (default), rome, p-rome, memit, emmet, alphaedit, ft")
-    e.add_argument("--layer", type=int, default=None, help="edited layer (default from the model depth)")
+    e.add_argument("--layer", type=int, default=None,
+                   help="edited layer (default: the cached causal-trace recommendation for ROME variants, "
+                        "see `factedit trace --dataset`; otherwise from the model depth)")
     e.add_argument("--layers", type=_layers, default=None,
                    help="edited layers of a multi-layer method, e.g. 3,4,5,6,7 (default: a span from the depth)")
     e.add_argument("--requests", default=None,
@@ -98,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layers", type=_layers, default=None, help="comma-separated layers (default: the default edit layer)")
     s.add_argument("--force", action="store_true", help="recompute even if cached")
     _common(s)
+
+    from .cli_trace import add_parser as add_trace_parser
+
+    add_trace_parser(sub)
     return ap
 
 
@@ -144,6 +150,7 @@ def _efficacy(adapter, reqs):
 
 
 def cmd_edit_many(args) -> int:
+    from .cli_trace import traced_layer
     from .editor import Editor
     from .models import load_model, model_name
     from .requests_io import load_requests
@@ -154,8 +161,8 @@ def cmd_edit_many(args) -> int:
     overrides = dict(stats_corpus=args.corpus, stats_tokens=args.stats_tokens, seed=args.seed)
     if args.layers is not None:
         overrides["layers"] = tuple(args.layers)
-    elif args.layer is not None:
-        overrides["layer"] = args.layer
+    else:
+        overrides["layer"] = args.layer if args.layer is not None else traced_layer(editor.adapter, args.method)
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     cfg = editor.make_config(args.method, steps=args.steps, **overrides)
@@ -178,6 +185,7 @@ def cmd_edit_many(args) -> int:
 
 
 def cmd_edit(args) -> int:
+    from .cli_trace import traced_layer
     from .editor import Editor
     from .errors import RequestError
     from .models import load_model, model_name
@@ -197,7 +205,8 @@ def cmd_edit(args) -> int:
     t0 = time.perf_counter()
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     editor = Editor(model, tok, arch=_arch_spec(args.arch_spec), progress=not args.json and sys.stderr.isatty())
-    overrides = dict(layer=args.layer, seed=args.seed, stats_corpus=args.corpus, stats_tokens=args.stats_tokens)
+    layer = args.layer if args.layer is not None or args.layers is not None else traced_layer(editor.adapter, args.method)
+    overrides = dict(layer=layer, seed=args.seed, stats_corpus=args.corpus, stats_tokens=args.stats_tokens)
     if args.layers is not None:
         overrides["layers"] = tuple(args.layers)
         overrides.pop("layer")
@@ -334,13 +343,14 @@ def cmd_stats(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .cli_trace import cmd_trace
     from .errors import FactEditError
 
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
     try:
         return {"edit": cmd_edit, "stats": cmd_stats, "apply": cmd_apply, "revert": cmd_revert,
-                "inspect": cmd_inspect}[args.command](args)
+                "inspect": cmd_inspect, "trace": cmd_trace}[args.command](args)
     except FactEditError as e:
         print(f"factedit: error: {e}", file=sys.stderr)
         return 2

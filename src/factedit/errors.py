@@ -13,6 +13,7 @@ __all__ = [
     "CorpusError",
     "ModelLoadError",
     "MethodError",
+    "TraceError",
 ]
 
 
@@ -46,3 +47,7 @@ class ModelLoadError(FactEditError):
 
 class MethodError(FactEditError, ValueError):
     """Unknown editing method or invalid method configuration."""
+
+
+class TraceError(FactEditError, ValueError):
+    """A causal-trace setting or data set is invalid (window, samples, known-facts file)."""
