@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .tokens import encode_with_target
 
 __all__ = ["sample_continuations", "context_templates", "cached_context_templates", "greedy_continuation", "target_probabilities",
-           "target_logprobs"]
+           "target_logprobs", "target_token_scores"]
 
 
 def _start_ids(tok) -> List[int]:
@@ -107,35 +107,50 @@ def greedy_continuation(adapter, prompt: str, max_new_tokens: int = 12) -> str:
 
 
 @torch.no_grad()
+def target_token_scores(adapter, prompts: Sequence[str], targets: Sequence[str],
+                        batch_size: int = 32) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per (prompt, target) pair: the log-likelihood of each token of the space-prefixed target
+    and whether that token is the model's top-1 prediction, both under teacher forcing.
+
+    Rows are batched by length (little padding); logits are computed only at the positions
+    that predict target tokens. Returns ``(logprobs, hits)`` per pair, float32 and bool (CPU).
+    """
+    tok = adapter.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    items = [encode_with_target(tok, p, t) for p, t in zip(prompts, targets)]
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    result: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(items)
+    dev = adapter.device
+    for b in range(0, len(order), batch_size):
+        chunk = order[b: b + batch_size]
+        width = max(len(items[i][0]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        rows, cols, tgt = [], [], []
+        for r, i in enumerate(chunk):
+            seq, idx = items[i]
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+            for j in idx:
+                rows.append(r), cols.append(j - 1), tgt.append(seq[j])
+        hidden = adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+        sel = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
+        logp = F.log_softmax(adapter.logits(sel).float(), dim=-1)
+        tgt_t = torch.tensor(tgt, device=dev)
+        tok_lp = logp[torch.arange(len(tgt), device=dev), tgt_t].cpu()
+        hits = (logp.argmax(dim=-1) == tgt_t).cpu()
+        rows_t = torch.tensor(rows)
+        for r, i in enumerate(chunk):
+            result[i] = (tok_lp[rows_t == r], hits[rows_t == r])
+    return result  # type: ignore[return-value]
+
+
 def target_logprobs(adapter, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> List[float]:
     """Mean per-token log-likelihood of each space-prefixed target after its prompt.
 
     Teacher forcing; logits are computed only at the positions that predict target tokens.
     """
-    tok = adapter.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    items = [encode_with_target(tok, p, t) for p, t in zip(prompts, targets)]
-    result: List[float] = []
-    for b in range(0, len(items), batch_size):
-        chunk = items[b: b + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        rows, cols, tgt = [], [], []
-        for r, (seq, idx) in enumerate(chunk):
-            ids[r, : len(seq)] = torch.tensor(seq)
-            mask[r, : len(seq)] = 1
-            for i in idx:
-                rows.append(r), cols.append(i - 1), tgt.append(seq[i])
-        dev = adapter.device
-        hidden = adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
-        sel = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
-        logp = F.log_softmax(adapter.logits(sel).float(), dim=-1)
-        tok_lp = logp[torch.arange(len(tgt), device=dev), torch.tensor(tgt, device=dev)].cpu()
-        rows_t = torch.tensor(rows)
-        for r in range(len(chunk)):
-            result.append(float(tok_lp[rows_t == r].mean()))
-    return result
+    return [float(lp.mean()) for lp, _ in target_token_scores(adapter, prompts, targets, batch_size)]
 
 
 def target_probabilities(adapter, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> List[float]:
