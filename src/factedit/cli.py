@@ -1,4 +1,4 @@
-"""Command line: ``factedit edit`` and ``factedit stats``.
+"""Command line: ``factedit edit | stats | apply | revert | inspect | eval | summarize``.
 
 Errors that are the user's to fix print one message on stderr and exit with status 2;
 the model and caches are left as they were.
@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layers", type=_layers, default=None, help="comma-separated layers (default: the default edit layer)")
     s.add_argument("--force", action="store_true", help="recompute even if cached")
     _common(s)
+
+    from .cli_eval import add_parsers
+
+    add_parsers(sub, _common)
     return ap
 
 
@@ -338,9 +342,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
+    from .cli_eval import cmd_eval, cmd_summarize
+
     try:
         return {"edit": cmd_edit, "stats": cmd_stats, "apply": cmd_apply, "revert": cmd_revert,
-                "inspect": cmd_inspect}[args.command](args)
+                "inspect": cmd_inspect, "eval": cmd_eval, "summarize": cmd_summarize}[args.command](args)
     except FactEditError as e:
         print(f"factedit: error: {e}", file=sys.stderr)
         return 2

@@ -67,7 +67,8 @@ def read_records(path) -> List[Tuple[str, object]]:
         data = data if isinstance(data, list) else [data]
         return [(f"{path.name} record {i}", r) for i, r in enumerate(data)]
     records = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines() also breaks inside strings at U+0085, U+2028, ...
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -127,6 +127,7 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
     config, compare, method_cfg = _config(editor, cfg, path)
     store.check_or_write_config(config, compare)
     groups = _groups(cases, cfg.batch_size)
+    _warm_up(editor, method_cfg)
     state = _resume(editor, store, cfg, groups)
     tasks = load_tasks(cfg.downstream_dir, cfg.downstream) if cfg.downstream_every else []
     run = _Run(editor, cfg, store, method_cfg, groups, tasks, *state)
@@ -139,6 +140,16 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
         if on_group is not None:
             on_group(len(run.done), len(groups))
     return run.summary()
+
+
+def _warm_up(editor, method_cfg) -> None:
+    """Fill the editor's caches (context templates, statistics) from the original weights, as the first
+    edit of an uninterrupted run does, so that a resumed sequential run edits exactly like it."""
+    if method_cfg is None or not hasattr(method_cfg, "context_lengths"):
+        return
+    editor.templates(method_cfg.seed, method_cfg.context_lengths)
+    for layer in method_cfg.layers:
+        editor.stats(layer, method_cfg.stats_corpus, method_cfg.stats_tokens)
 
 
 def _resume(editor, store: RunStore, cfg: EvalConfig, groups) -> tuple:
