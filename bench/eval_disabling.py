@@ -30,13 +30,14 @@ GENERIC = ("The most important thing about history is", "My favorite food is", "
            "Once upon a time, there was", "Scientists have discovered that")
 
 
-def screen(ed, cases, cfg):
+def screen(ed, cases, cfg, n_templates=None):
     from factedit.keys import template_keys
     from factedit.linalg import solve_spd
 
     C = ed.stats(cfg.layer, cfg.stats_corpus, cfg.stats_tokens).mom2
     reqs = [c.request for c in cases]
-    k_star, _ = template_keys(ed.adapter, reqs, ed.templates(cfg.seed, cfg.context_lengths), cfg.layer)
+    templates = ed.templates(cfg.seed, cfg.context_lengths)[: n_templates or None]
+    k_star, _ = template_keys(ed.adapter, reqs, templates, cfg.layer)
     k_o, _ = template_keys(ed.adapter, reqs, ["{}"], cfg.layer)
     U = solve_spd(C, k_star.T.double())
     return ((k_star.double().T * U).sum(0) / (k_o.double().T * U).sum(0)).abs()
@@ -52,6 +53,9 @@ def generic_entropy(adapter, length: int) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--screen", type=int, default=1000, help="CounterFact records screened by the key ratio")
+    ap.add_argument("--offset", type=int, default=0, help="first screened record")
+    ap.add_argument("--screen-templates", type=int, default=None,
+                    help="screen with only the first N context templates (cheaper, approximate ratios)")
     ap.add_argument("--top", type=int, default=6, help="highest-ratio records edited under rome and r-rome")
     ap.add_argument("--cases", default=None, help="comma-separated case ids to edit instead of the top of the screen")
     ap.add_argument("--ge-length", type=int, default=60)
@@ -64,16 +68,16 @@ def main():
 
     ed = Editor(*load_model(), progress=False)
     cfg = ed.make_config("r-rome", stats_corpus=str(CORPUS))
-    cases = load_cases(CF, limit=args.screen)
-    t0 = time.time()
-    ratio = screen(ed, cases, cfg)
-    t_screen = time.time() - t0
-    order = sorted(range(len(cases)), key=lambda i: -float(ratio[i]))[: args.top]
-    print("highest key ratios:", [(cases[i].case_id, round(float(ratio[i]), 2)) for i in
-                                  sorted(range(len(cases)), key=lambda i: -float(ratio[i]))[:15]], flush=True)
-    if args.cases:
+    cases = load_cases(CF, limit=args.screen, offset=args.offset)
+    if args.cases:  # only these (the key ratio is then computed for them alone)
         wanted = {int(x) for x in args.cases.split(",")}
-        order = [i for i, c in enumerate(cases) if c.case_id in wanted]
+        cases = [c for c in cases if c.case_id in wanted]
+    t0 = time.time()
+    ratio = screen(ed, cases, cfg, None if args.cases else args.screen_templates)
+    t_screen = time.time() - t0
+    ranked = sorted(range(len(cases)), key=lambda i: -float(ratio[i]))
+    print("highest key ratios:", [(cases[i].case_id, round(float(ratio[i]), 2)) for i in ranked[:15]], flush=True)
+    order = ranked if args.cases else ranked[: args.top]
     ge = GenerationConfig(length=args.ge_length)
     base_generic = generic_entropy(ed.adapter, args.ge_length)
     rows = []
@@ -95,9 +99,10 @@ def main():
             print(json.dumps(row), flush=True)
     lines = [
         "## Disabling edits of `rome`, and r-ROME on the same records", "",
-        f"Command: `python bench/eval_disabling.py --screen {args.screen} --top {args.top} --ge-length {args.ge_length}`  ",
+        f"Command: `python bench/eval_disabling.py --screen {args.screen} --top {args.top} --ge-length {args.ge_length}"
+        + (f" --cases {args.cases}" if args.cases else "") + "`  ",
         f"Date: {time.strftime('%Y-%m-%d')}; embedded SmolLM2-135M-Instruct, layer {cfg.layer}, statistics from "
-        f"WikiText-2, collapse guard off. Screening {args.screen} records by |k*ᵀC⁻¹k*/k_oᵀC⁻¹k*| took "
+        f"WikiText-2, collapse guard off. Screening {len(cases)} records by |k*ᵀC⁻¹k*/k_oᵀC⁻¹k*| took "
         f"{t_screen:.0f} s (median ratio {float(ratio.median()):.2f}, max {float(ratio.max()):.3g}). GE ×100 of "
         f"{args.ge_length}-token top-5 samples; generic prompts' GE before any edit: {base_generic:.0f}.", "",
         "| case | key ratio | method | ‖Δ‖/numel | GE case (before → after) | GE generic | ES | PS | NS |",

@@ -74,18 +74,22 @@ def test_scores_use_mean_per_token_log_prob(monkeypatch):
     from factedit import Request
     from factedit.evaluation import CounterFactCase
 
-    table = {("p0", "new"): [-1.0, -1.0], ("p0", "true"): [-1.5],
-             ("p1", "new"): [-2.0], ("p1", "true"): [-1.0, -3.0],  # tie of means: -2 == -2
-             ("n0", "new"): [-0.5], ("n0", "true"): [-0.2, -0.4]}
+    toks = {("p0", "new"): [1, 2], ("p0", "true"): [3], ("p1", "new"): [4], ("p1", "true"): [5, 6],
+            ("n0", "new"): [7], ("n0", "true"): [8, 9]}
+    logp = {1: -1.0, 2: -1.0, 3: -1.5, 4: -2.0, 5: -1.0, 6: -3.0, 7: -0.5, 8: -0.2, 9: -0.4}
 
-    def fake(adapter, prompts, targets, batch_size=32):
-        return [(torch.tensor(table[(p, t)]), torch.zeros(len(table[(p, t)]), dtype=torch.bool))
-                for p, t in zip(prompts, targets)]
+    def fake_encode(tok, prompt, target):
+        ids = [100] + toks[(prompt, target)]
+        return ids, list(range(1, len(ids)))
 
-    monkeypatch.setattr(SM, "target_token_scores", fake)
+    def fake_scores(adapter, seqs, queries, batch_size=32):
+        return [(torch.tensor([logp[t] for _, t in q]), torch.zeros(len(q), dtype=torch.bool)) for q in queries]
+
+    monkeypatch.setattr(SM, "encode_with_target", fake_encode)
+    monkeypatch.setattr(SM, "position_scores", fake_scores)
     case = CounterFactCase(0, Request("{}", "p0", "new", "true"), ("p1",), ("n0",))
-    rec = SM.score_cases(None, [case])[0]
-    assert rec["rewrite_lp"] == [(-1.0, -1.5)]
+    rec = SM.score_cases(type("A", (), {"tokenizer": None})(), [case])[0]
+    assert rec["rewrite_lp"] == [(-1.0, -1.5)] and rec["paraphrase_lp"] == [(-2.0, -2.0)]
     assert (rec["ES"], rec["PS"], rec["NS"]) == (1.0, 0.0, 1.0)
     assert rec["NM"] == pytest.approx(math.exp(-0.3) - math.exp(-0.5))
 
@@ -121,6 +125,23 @@ def test_batched_scores_match_plain_forward_in_order(tiny):
         assert lp.tolist() == pytest.approx(ref_lp, abs=1e-4)
         assert hits.tolist() == ref_hits
     assert len(got[0][0]) > 1  # a multi-token target
+
+
+def test_case_scores_share_rows_without_changing_results(tiny):
+    """o* and o_c read from one sequence where possible: same numbers as scoring each pair alone."""
+    from factedit import Request
+    from factedit.evaluation import CounterFactCase, score_cases
+    from factedit.generation import target_token_scores
+
+    case = CounterFactCase(5, Request("The capital of {} is", "Japan", "Paris", "Tokyo and Rome"),
+                           ("Japan's capital city is",), ("The Space Needle is in the city of", "Rome is in"))
+    rec = score_cases(tiny, [case])[0]
+    prompts = [case.request.text, *case.paraphrase_prompts, *case.neighborhood_prompts]
+    ref = [(float(a[0].mean()), float(b[0].mean())) for a, b in zip(
+        target_token_scores(tiny, prompts, ["Paris"] * 4), target_token_scores(tiny, prompts, ["Tokyo and Rome"] * 4))]
+    got = rec["rewrite_lp"] + rec["paraphrase_lp"] + rec["neighborhood_lp"]
+    for g, r in zip(got, ref):
+        assert g == pytest.approx(r, abs=1e-4)
 
 
 def test_zsre_token_accuracy_is_teacher_forced_top1(tiny):

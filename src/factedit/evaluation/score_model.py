@@ -13,7 +13,8 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..generation import target_token_scores
+from ..generation import position_scores
+from ..tokens import encode_with_target
 from .datasets import Case, ZsRECase
 from .scoring import counterfact_case, text_entropy, token_accuracy
 
@@ -68,6 +69,46 @@ def sample_texts(adapter, prompts: Sequence[str], length: int, seed: int, top_k:
     return [tok.decode(e + c[: max(0, length - len(e))], skip_special_tokens=True) for e, c in zip(enc, cont)]
 
 
+class _Rows:
+    """Token sequences and the (position, token) queries on them, for one :func:`position_scores` call.
+
+    A CounterFact prompt is scored for o* and o_c. When the two share the prompt's tokens and one of
+    them is a single token, one sequence serves both: the single token is read at the position that
+    predicts the other target's first token (a causal model sees the same prefix there).
+    """
+
+    def __init__(self, tok):
+        self.tok, self.seqs, self.queries = tok, [], []
+
+    def _add(self, ids, queries) -> int:
+        self.seqs.append(ids)
+        self.queries.append(queries)
+        return len(self.seqs) - 1
+
+    def target(self, prompt: str, target: str) -> tuple:
+        ids, idx = encode_with_target(self.tok, prompt, target)
+        return ("one", self._add(ids, [(j, ids[j]) for j in idx]))
+
+    def pair(self, prompt: str, new: str, true: str) -> tuple:
+        (ids_n, idx_n), (ids_t, idx_t) = (encode_with_target(self.tok, prompt, t) for t in (new, true))
+        if ids_n[: idx_n[0]] == ids_t[: idx_t[0]] and min(len(idx_n), len(idx_t)) == 1:
+            swap = len(idx_t) > 1  # the multi-token target (if any) gets the sequence
+            ids, idx, other = (ids_t, idx_t, ids_n[idx_n[0]]) if swap else (ids_n, idx_n, ids_t[idx_t[0]])
+            row = self._add(ids, [(j, ids[j]) for j in idx] + [(idx[0], other)])
+            return ("shared", row, len(idx), swap)
+        return ("two", self._add(ids_n, [(j, ids_n[j]) for j in idx_n]),
+                self._add(ids_t, [(j, ids_t[j]) for j in idx_t]))
+
+    @staticmethod
+    def pair_result(plan, scores) -> tuple:
+        """``(mean log P(o*), mean log P(o_c))`` of a pair planned by :meth:`pair`."""
+        if plan[0] == "two":
+            return float(scores[plan[1]][0].mean()), float(scores[plan[2]][0].mean())
+        lp = scores[plan[1]][0]
+        own, other = float(lp[: plan[2]].mean()), float(lp[plan[2]])
+        return (other, own) if plan[3] else (own, other)
+
+
 def _generation_prompts(case: Case, cfg: GenerationConfig) -> List[str]:
     if isinstance(case, ZsRECase):
         return [case.request.text]
@@ -79,43 +120,34 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
     """Metrics of each case on the current weights.
 
     CounterFact: ES/PS/NS, EM/PM/NM per case and the raw ``(log P(o*), log P(o_c))`` pairs per prompt
-    (``rewrite_lp``, ``paraphrase_lp``, ``neighborhood_lp``); zsRE: token accuracy of
-    ``alt`` on the question (efficacy) and its rephrase (paraphrase), and of ``loc_ans`` on ``loc?``
-    (specificity). All rows of all cases go through one call of :func:`target_token_scores`.
+    (``rewrite_lp``, ``paraphrase_lp``, ``neighborhood_lp``); zsRE: token accuracy of ``alt`` on the
+    question (efficacy) and its rephrase (paraphrase), and of ``loc_ans`` on ``loc?`` (specificity).
+    All prompts of all cases go through one batched :func:`position_scores` call; GE (if on) samples
+    each case's generation prompts as one batch.
     """
-    prompts: List[str] = []
-    targets: List[str] = []
-    spans = []  # per case: list of (name, start, stop) of its rows
+    rows = _Rows(adapter.tokenizer)
+    plans = []
     for c in cases:
-        mine = []
         if isinstance(c, ZsRECase):
-            for name, p, t in (("efficacy", c.request.text, c.request.target_new),
-                               ("paraphrase", c.rephrase, c.request.target_new),
-                               ("specificity", c.loc + "?", c.loc_ans)):
-                mine.append((name, len(prompts), len(prompts) + 1))
-                prompts.append(p), targets.append(t)
+            plans.append({name: rows.target(p, t) for name, p, t in (
+                ("efficacy", c.request.text, c.request.target_new), ("paraphrase", c.rephrase, c.request.target_new),
+                ("specificity", c.loc + "?", c.loc_ans))})
         else:
             r = c.request
-            for name, ps in (("rewrite", [r.text]), ("paraphrase", c.paraphrase_prompts),
-                             ("neighborhood", c.neighborhood_prompts)):
-                start = len(prompts)
-                for p in ps:  # rows interleaved: (p, new), (p, true)
-                    prompts += [p, p]
-                    targets += [r.target_new, r.target_true]
-                mine.append((name, start, len(prompts)))
-        spans.append(mine)
-    scores = target_token_scores(adapter, prompts, targets, batch_size)
+            plans.append({name: [rows.pair(p, r.target_new, r.target_true) for p in ps] for name, ps in (
+                ("rewrite", [r.text]), ("paraphrase", c.paraphrase_prompts), ("neighborhood", c.neighborhood_prompts))})
+    scores = position_scores(adapter, rows.seqs, rows.queries, batch_size)
     out = []
-    for c, mine in zip(cases, spans):
+    for c, plan in zip(cases, plans):
         rec: Dict = {}
         if isinstance(c, ZsRECase):
-            for name, a, _ in mine:
-                lp, hits = scores[a]
-                rec[name] = token_accuracy(hits.tolist())
+            for name, (_, i) in plan.items():
+                hits = scores[i][1].tolist()
+                rec[name] = token_accuracy(hits)
                 rec[f"{name}_hits"] = [bool(h) for h in hits]
         else:
-            for name, a, b in mine:
-                rec[f"{name}_lp"] = [(float(scores[i][0].mean()), float(scores[i + 1][0].mean())) for i in range(a, b, 2)]
+            for name, pairs in plan.items():
+                rec[f"{name}_lp"] = [_Rows.pair_result(p, scores) for p in pairs]
             rec.update(counterfact_case(rec["rewrite_lp"], rec["paraphrase_lp"], rec["neighborhood_lp"]))
         if ge.length > 0:
             gp = _generation_prompts(c, ge)
