@@ -50,6 +50,13 @@ def generic_entropy(adapter, length: int) -> float:
     return 100 * text_entropy(sample_texts(adapter, GENERIC, length, seed=0))
 
 
+def greedy_entropy(adapter) -> float:
+    """The collapse guard's probe: entropy ×100 of 24-token greedy continuations of generic prompts."""
+    from factedit.guard import GuardConfig, entropy_probe
+
+    return 100 * entropy_probe(adapter, GuardConfig())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--screen", type=int, default=1000, help="CounterFact records screened by the key ratio")
@@ -80,6 +87,7 @@ def main():
     order = ranked if args.cases else ranked[: args.top]
     ge = GenerationConfig(length=args.ge_length)
     base_generic = generic_entropy(ed.adapter, args.ge_length)
+    base_greedy = greedy_entropy(ed.adapter)
     rows = []
     for i in order:
         case = cases[i]
@@ -91,7 +99,8 @@ def main():
                 row = {"case_id": case.case_id, "ratio": float(ratio[i]), "method": method,
                        "delta_norm": normalized_delta_norm(res.deltas)[0], "GE_case": 100 * s["GE"],
                        "GE_case_before": 100 * base["GE"], "GE_generic": generic_entropy(ed.adapter, args.ge_length),
-                       "GE_generic_before": base_generic, "ES": s["ES"], "PS": s["PS"], "NS": s["NS"],
+                       "GE_generic_before": base_generic, "greedy": greedy_entropy(ed.adapter),
+                       "greedy_before": base_greedy, "ES": s["ES"], "PS": s["PS"], "NS": s["NS"],
                        "sample": s["generations"][0][:160]}
             finally:
                 ed.revert()
@@ -104,13 +113,15 @@ def main():
         f"Date: {time.strftime('%Y-%m-%d')}; embedded SmolLM2-135M-Instruct, layer {cfg.layer}, statistics from "
         f"WikiText-2, collapse guard off. Screening {len(cases)} records by |k*ᵀC⁻¹k*/k_oᵀC⁻¹k*| took "
         f"{t_screen:.0f} s (median ratio {float(ratio.median()):.2f}, max {float(ratio.max()):.3g}). GE ×100 of "
-        f"{args.ge_length}-token top-5 samples; generic prompts' GE before any edit: {base_generic:.0f}.", "",
-        "| case | key ratio | method | ‖Δ‖/numel | GE case (before → after) | GE generic | ES | PS | NS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"{args.ge_length}-token top-5 samples of the case's prompts and of generic prompts (before any edit: "
+        f"{base_generic:.0f}); greedy: the collapse guard's probe (24-token greedy continuations, ×100; before: "
+        f"{base_greedy:.0f}).", "",
+        "| case | key ratio | method | ‖Δ‖/numel | GE case (before → after) | GE generic | greedy | ES | PS | NS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['case_id']} | {r['ratio']:.3g} | {r['method']} | {r['delta_norm']:.3g} | "
-                     f"{r['GE_case_before']:.0f} → {r['GE_case']:.0f} | {r['GE_generic']:.0f} | {r['ES']:.0f} | "
+                     f"{r['GE_case_before']:.0f} → {r['GE_case']:.0f} | {r['GE_generic']:.0f} | {r['greedy']:.0f} | {r['ES']:.0f} | "
                      f"{r['PS']:.0f} | {r['NS']:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: the method name of the unedited model's row
 BASELINE = "none"
+#: rewrite summary.json during a run at most this often (and at checkpoints and the end)
+SUMMARY_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,7 @@ class _Run:
         self.groups, self.tasks = groups, tasks
         self.done, self.records, self.stack, self.downstream = set(done), list(records), stack, list(downstream)
         self.guard = GuardConfig(enabled=cfg.guard)
+        self._summary_at = float("-inf")
 
     @property
     def n_edits(self) -> int:
@@ -265,9 +268,13 @@ class _Run:
             rec = {"n_edits": n, "tasks": acc, "retention": retention, "seconds": time.perf_counter() - t0}
             self.store.append(self.store.downstream_path, [rec])
             self.downstream.append(rec)
-        self.summary()
+            self.summary()
+        elif finished or time.perf_counter() - self._summary_at > SUMMARY_EVERY_S:
+            self.summary()
 
     def summary(self) -> dict:
+        """Run-level scores so far, written to ``summary.json``."""
+        self._summary_at = time.perf_counter()
         s = summarize_records(self.records)
         ok = [r for r in self.records if "error" not in r]
         s["seconds_per_edit"] = sum(r["edit_seconds"] for r in ok) / len(ok) if ok else None
