@@ -169,15 +169,21 @@ def test_label_logprobs_match_hand_computation():
     ed = _editor("gpt2")
     tok = ed.tokenizer
     prompts = ["Review: good\nSentiment:", "The capital of Japan is Tokyo. Answer:"]
-    for labels in (("Paris", "city", "the"), ("xylophone", "quartz")):
-        got = label_logprobs(ed.adapter, prompts, labels)
-        for i, p in enumerate(prompts):
+    demos = "Review: bad\nSentiment: Paris\n\n"  # a shared prefix: run once, reused through the KV cache
+    cases = [(labels, prefix) for labels in (("Paris", "city", "the"), ("xylophone", "quartz")) for prefix in ("", demos)]
+    for labels, prefix in cases:
+        full = [prefix + p for p in prompts]
+        got = label_logprobs(ed.adapter, full, labels, batch_size=2)  # padded batches
+        for i, p in enumerate(full):
             for j, lab in enumerate(labels):
                 ids, idx = encode_with_target(tok, p, lab)
                 with torch.no_grad():
                     logp = torch.log_softmax(ed.model(input_ids=torch.tensor([ids])).logits[0], -1)
                 ref = sum(float(logp[k - 1, ids[k]]) for k in idx)
                 assert float(got[i, j]) == pytest.approx(ref, abs=1e-4)
+    from factedit.evaluation.downstream import MIN_SHARED_PREFIX, _common_prefix
+
+    assert _common_prefix([tok(demos + p)["input_ids"] for p in prompts]) >= MIN_SHARED_PREFIX  # cache path taken
     assert len(encode_with_target(tok, prompts[0], "city")[1]) == 1  # the first set takes the one-forward path
     assert len(encode_with_target(tok, prompts[0], "quartz")[1]) > 1  # the second is teacher-forced
 

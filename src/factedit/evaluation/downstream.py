@@ -23,6 +23,9 @@ from ..requests_io import read_records
 from ..tokens import encode_with_target
 from .datasets import DatasetError
 
+#: share a common token prefix through the KV cache only from this length on
+MIN_SHARED_PREFIX = 8
+
 __all__ = ["TaskSpec", "TASKS", "DownstreamConfig", "Task", "load_task", "load_tasks", "task_prompts",
            "label_logprobs", "evaluate_task", "evaluate_tasks"]
 
@@ -160,10 +163,62 @@ def load_tasks(directory, cfg: DownstreamConfig = DownstreamConfig()) -> List[Ta
     return [load_task(directory, t, cfg.n, cfg.shots) for t in cfg.tasks]
 
 
+def _demo_prefix(task: Task) -> str:
+    return "".join(f"{text} {task.spec.labels[label]}\n\n" for text, label in task.demos)
+
+
 def task_prompts(task: Task) -> List[str]:
     """Few-shot prompts: each demo followed by its label word, then the example up to ``Answer:``."""
-    prefix = "".join(f"{text} {task.spec.labels[label]}\n\n" for text, label in task.demos)
+    prefix = _demo_prefix(task)
     return [prefix + text for text, _ in task.examples]
+
+
+@torch.no_grad()
+def _last_logprobs(adapter, rows: Sequence[List[int]], prefix_ids: List[int], batch_size: int) -> List[torch.Tensor]:
+    """Log-softmax at the last token of ``prefix_ids + row`` for each row; the prefix runs once and its
+    KV cache is shared by every batch."""
+    import copy
+
+    tok, dev = adapter.tokenizer, adapter.device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    cache = None
+    if prefix_ids:
+        cache = adapter.body(input_ids=torch.tensor([prefix_ids], device=dev), use_cache=True).past_key_values
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: List[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
+    for b in range(0, len(order), batch_size):
+        chunk = order[b: b + batch_size]
+        width = max(len(rows[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(chunk):
+            ids[r, : len(rows[i])] = torch.tensor(rows[i])
+            mask[r, : len(rows[i])] = 1
+        kw = {}
+        if cache is not None:
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(len(chunk))
+            kw = dict(past_key_values=past, use_cache=True)
+            mask = torch.cat([torch.ones(len(chunk), len(prefix_ids), dtype=torch.long), mask], dim=1)
+        hidden = adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw).last_hidden_state
+        last = mask[:, len(prefix_ids):].sum(1) - 1
+        h = hidden[torch.arange(len(chunk), device=dev), last.to(dev)]
+        logp = F.log_softmax(adapter.logits(h).float(), dim=-1).cpu()
+        for r, i in enumerate(chunk):
+            out[i] = logp[r]
+    return out
+
+
+def _common_prefix(rows: Sequence[List[int]]) -> int:
+    """Length of the longest common prefix of token lists."""
+    n = min(len(r) for r in rows)
+    first = rows[0]
+    for other in rows[1:]:
+        k = 0
+        while k < n and other[k] == first[k]:
+            k += 1
+        n = k
+    return n
 
 
 @torch.no_grad()
@@ -171,9 +226,10 @@ def label_logprobs(adapter, prompts: Sequence[str], labels: Sequence[str], batch
     """``(n_prompts, n_labels)`` summed log-probabilities of each space-prefixed label after each prompt.
 
     When every label is one token that extends the prompt's own tokens, a prompt costs one forward
-    (logits at its last position); otherwise its labels are scored by teacher forcing.
+    (logits at its last position), and the tokens all such prompts start with (the demonstrations) are
+    run once and shared through the KV cache. Otherwise the labels are teacher-forced.
     """
-    tok, dev = adapter.tokenizer, adapter.device
+    tok = adapter.tokenizer
     out = torch.empty(len(prompts), len(labels))
     fast, slow = [], []
     for i, p in enumerate(prompts):
@@ -186,25 +242,17 @@ def label_logprobs(adapter, prompts: Sequence[str], labels: Sequence[str], batch
                 break
             toks.append(ids[idx[0]])
         (fast if toks else slow).append((i, base, toks))
-    fast.sort(key=lambda x: len(x[1]))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for b in range(0, len(fast), batch_size):
-        chunk = fast[b: b + batch_size]
-        width = max(len(x[1]) for x in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, (_, base, _) in enumerate(chunk):
-            ids[r, : len(base)] = torch.tensor(base)
-            mask[r, : len(base)] = 1
-        hidden = adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
-        last = hidden[torch.arange(len(chunk), device=dev), mask.sum(1).to(dev) - 1]
-        logp = F.log_softmax(adapter.logits(last).float(), dim=-1).cpu()
-        for r, (i, _, toks) in enumerate(chunk):
-            out[i] = logp[r, toks]
+    if fast:
+        rows = [base for _, base, _ in fast]
+        cut = min(_common_prefix(rows), min(len(r) for r in rows) - 1)
+        cut = cut if cut >= MIN_SHARED_PREFIX else 0
+        logps = _last_logprobs(adapter, [r[cut:] for r in rows], rows[0][:cut], batch_size)
+        for (i, _, toks), lp in zip(fast, logps):
+            out[i] = lp[toks]
     if slow:
-        rows = [(i, j) for i, _, _ in slow for j in range(len(labels))]
-        scores = target_token_scores(adapter, [prompts[i] for i, _ in rows], [labels[j] for _, j in rows], batch_size)
-        for (i, j), (lp, _) in zip(rows, scores):
+        rows2 = [(i, j) for i, _, _ in slow for j in range(len(labels))]
+        scores = target_token_scores(adapter, [prompts[i] for i, _ in rows2], [labels[j] for _, j in rows2], batch_size)
+        for (i, j), (lp, _) in zip(rows2, scores):
             out[i, j] = float(lp.sum())
     return out
 
