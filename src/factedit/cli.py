@@ -1,4 +1,4 @@
-"""Command line: ``factedit edit``, ``stats``, ``apply``, ``revert``, ``inspect`` and ``trace``.
+"""Command line: ``factedit edit | stats | apply | revert | inspect | trace | eval | summarize``.
 
 Errors that are the user's to fix print one message on stderr and exit with status 2;
 the model and caches are left as they were.
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_trace import add_parser as add_trace_parser
 
     add_trace_parser(sub)
+    from .cli_eval import add_parsers
+
+    add_parsers(sub, _common)
     return ap
 
 
@@ -348,9 +351,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
+    from .cli_eval import cmd_eval, cmd_summarize
+
     try:
         return {"edit": cmd_edit, "stats": cmd_stats, "apply": cmd_apply, "revert": cmd_revert,
-                "inspect": cmd_inspect, "trace": cmd_trace}[args.command](args)
+                "inspect": cmd_inspect, "trace": cmd_trace, "eval": cmd_eval,
+                "summarize": cmd_summarize}[args.command](args)
     except FactEditError as e:
         print(f"factedit: error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .tokens import encode_with_target
 
 __all__ = ["sample_continuations", "context_templates", "cached_context_templates", "greedy_continuation", "target_probabilities",
-           "target_logprobs"]
+           "target_logprobs", "target_token_scores", "position_scores"]
 
 
 def _start_ids(tok) -> List[int]:
@@ -107,35 +107,58 @@ def greedy_continuation(adapter, prompt: str, max_new_tokens: int = 12) -> str:
 
 
 @torch.no_grad()
+def position_scores(adapter, seqs: Sequence[Sequence[int]], queries: Sequence[Sequence[Tuple[int, int]]],
+                    batch_size: int = 32) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """For each token sequence and each ``(j, t)`` of its queries: the log-probability that token ``t``
+    comes at position ``j`` (predicted at ``j - 1``, teacher forcing) and whether ``t`` is the top-1 there.
+
+    Sequences are batched by length (little padding); logits are formed only at queried positions.
+    Returns ``(logprobs, hits)`` per sequence, float32 and bool on the CPU, in input order.
+    """
+    tok = adapter.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    result: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(seqs)
+    dev = adapter.device
+    for b in range(0, len(order), batch_size):
+        chunk = order[b: b + batch_size]
+        width = max(len(seqs[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        rows, cols, tgt = [], [], []
+        for r, i in enumerate(chunk):
+            ids[r, : len(seqs[i])] = torch.tensor(list(seqs[i]))
+            mask[r, : len(seqs[i])] = 1
+            for j, t in queries[i]:
+                rows.append(r), cols.append(j - 1), tgt.append(t)
+        hidden = adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+        sel = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
+        logp = F.log_softmax(adapter.logits(sel).float(), dim=-1)
+        tgt_t = torch.tensor(tgt, device=dev)
+        tok_lp = logp[torch.arange(len(tgt), device=dev), tgt_t].cpu()
+        hits = (logp.argmax(dim=-1) == tgt_t).cpu()
+        rows_t = torch.tensor(rows)
+        for r, i in enumerate(chunk):
+            result[i] = (tok_lp[rows_t == r], hits[rows_t == r])
+    return result  # type: ignore[return-value]
+
+
+def target_token_scores(adapter, prompts: Sequence[str], targets: Sequence[str],
+                        batch_size: int = 32) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per (prompt, target) pair: the log-likelihood of each token of the space-prefixed target
+    and whether that token is the model's top-1 prediction, both under teacher forcing
+    (see :func:`position_scores`)."""
+    items = [encode_with_target(adapter.tokenizer, p, t) for p, t in zip(prompts, targets)]
+    return position_scores(adapter, [ids for ids, _ in items], [[(j, ids[j]) for j in idx] for ids, idx in items],
+                           batch_size)
+
+
 def target_logprobs(adapter, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> List[float]:
     """Mean per-token log-likelihood of each space-prefixed target after its prompt.
 
     Teacher forcing; logits are computed only at the positions that predict target tokens.
     """
-    tok = adapter.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    items = [encode_with_target(tok, p, t) for p, t in zip(prompts, targets)]
-    result: List[float] = []
-    for b in range(0, len(items), batch_size):
-        chunk = items[b: b + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        rows, cols, tgt = [], [], []
-        for r, (seq, idx) in enumerate(chunk):
-            ids[r, : len(seq)] = torch.tensor(seq)
-            mask[r, : len(seq)] = 1
-            for i in idx:
-                rows.append(r), cols.append(i - 1), tgt.append(seq[i])
-        dev = adapter.device
-        hidden = adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
-        sel = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
-        logp = F.log_softmax(adapter.logits(sel).float(), dim=-1)
-        tok_lp = logp[torch.arange(len(tgt), device=dev), torch.tensor(tgt, device=dev)].cpu()
-        rows_t = torch.tensor(rows)
-        for r in range(len(chunk)):
-            result.append(float(tok_lp[rows_t == r].mean()))
-    return result
+    return [float(lp.mean()) for lp, _ in target_token_scores(adapter, prompts, targets, batch_size)]
 
 
 def target_probabilities(adapter, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> List[float]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 from .errors import RequestError
 from .requests import Request
 
-__all__ = ["load_requests", "request_from_record"]
+__all__ = ["load_requests", "request_from_record", "read_records"]
 
 
 def _field(rec: dict, name: str, where: str):
@@ -52,29 +52,38 @@ def request_from_record(rec, where: str = "record") -> Request:
         raise RequestError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
-def load_requests(path, limit: int | None = None, offset: int = 0) -> List[Request]:
-    """Requests from a ``.jsonl`` (one record a line) or ``.json`` (a list of records) file."""
+def read_records(path) -> List[Tuple[str, object]]:
+    """``(where, record)`` pairs from a ``.jsonl`` (one record a line) or ``.json`` (a list of
+    records, or one record) file; ``where`` names the file and line or index for error messages."""
     path = Path(path)
     if not path.is_file():
-        raise RequestError(f"requests file not found: {path}")
+        raise RequestError(f"file not found: {path}")
     text = path.read_text(encoding="utf-8")
-    records = []
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise RequestError(f"{path}: not valid JSON ({e})") from None
         data = data if isinstance(data, list) else [data]
-        records = [(f"{path.name} record {i}", r) for i, r in enumerate(data)]
-    else:
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path.name}:{n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise RequestError(f"{path.name}:{n}: not valid JSON ({e})") from None
-    records = records[offset:]
+        return [(f"{path.name} record {i}", r) for i, r in enumerate(data)]
+    records = []
+    # split on "\n" only: str.splitlines() also breaks inside strings at U+0085, U+2028, ...
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path.name}:{n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise RequestError(f"{path.name}:{n}: not valid JSON ({e})") from None
+    return records
+
+
+def load_requests(path, limit: int | None = None, offset: int = 0) -> List[Request]:
+    """Requests from a ``.jsonl`` (one record a line) or ``.json`` (a list of records) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RequestError(f"requests file not found: {path}")
+    records = read_records(path)[offset:]
     if limit is not None:
         records = records[:limit]
     if not records:

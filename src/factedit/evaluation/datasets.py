@@ -1,0 +1,287 @@
+"""Evaluation data: CounterFact (original ``counterfact.json`` and KnowEdit layouts), zsRE (MEND
+layout), the causal-tracing knowns, with the layout detected from the records.
+
+    cases = load_cases("../shared/data/counterfact/counterfact_knowedit.jsonl", limit=200)
+    cases[0].request, cases[0].paraphrase_prompts, cases[0].neighborhood_prompts
+
+A malformed record raises :class:`DatasetError` naming the file, the record and the field.
+Datasets can also be given as an ``http(s)://`` or ``file://`` URL: :func:`resolve_dataset`
+downloads it once into ``$FACTEDIT_HOME/datasets`` and checks its SHA-256 when one is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+from ..errors import RequestError
+from ..paths import atomic_path, factedit_home
+from ..requests import Request
+from ..requests_io import read_records, request_from_record
+
+__all__ = ["DatasetError", "CounterFactCase", "ZsRECase", "KnownFact", "Case", "detect_layout", "load_cases",
+           "load_knowns", "resolve_dataset", "sha256_of", "COUNTERFACT_URL"]
+
+#: where the ROME authors publish the full original CounterFact (21,919 records, ~45 MB)
+COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
+
+
+class DatasetError(RequestError):
+    """An evaluation record or data file is malformed, missing or fails its checksum."""
+
+
+@dataclass(frozen=True)
+class CounterFactCase:
+    """One CounterFact case: the rewrite plus the prompts that measure it.
+
+    Attributes:
+        case_id: the record's ``case_id`` (else its index in the file).
+        request: template, subject, ``target_new`` (o*) and ``target_true`` (o_c).
+        paraphrase_prompts: rephrasings of the rewrite prompt (PS).
+        neighborhood_prompts: other subjects with the same true object (NS).
+        attribute_prompts: other subjects that have o* (kept; not scored).
+        generation_prompts: prompts about the subject whose continuations give GE.
+    """
+
+    case_id: int
+    request: Request
+    paraphrase_prompts: Tuple[str, ...] = ()
+    neighborhood_prompts: Tuple[str, ...] = ()
+    attribute_prompts: Tuple[str, ...] = ()
+    generation_prompts: Tuple[str, ...] = ()
+
+    kind = "counterfact"
+
+
+@dataclass(frozen=True)
+class ZsRECase:
+    """One zsRE case (MEND layout): question ``src`` about ``subject``, new answer ``alt``.
+
+    Attributes:
+        case_id: index in the file.
+        request: ``src`` as the template, ``alt`` as ``target_new``, ``answers[0]`` as ``target_true``.
+        rephrase: a rephrased question (generalization).
+        loc: an unrelated Natural Questions question, scored as ``loc + "?"`` (specificity).
+        loc_ans: its answer.
+    """
+
+    case_id: int
+    request: Request
+    rephrase: str
+    loc: str
+    loc_ans: str
+
+    kind = "zsre"
+
+
+Case = Union[CounterFactCase, ZsRECase]
+
+
+@dataclass(frozen=True)
+class KnownFact:
+    """A fact the model is known to answer (ROME's ``known_1000.json``), for causal tracing."""
+
+    known_id: int
+    subject: str
+    attribute: str
+    template: str
+    prompt: str
+    prediction: str
+    relation_id: str
+
+
+def detect_layout(record) -> str:
+    """``"counterfact"`` (original), ``"knowedit"``, ``"zsre"`` or ``"requests"`` (factedit JSONL)."""
+    if isinstance(record, dict):
+        if "requested_rewrite" in record:
+            return "counterfact"
+        if "ground_truth" in record:
+            return "knowedit"
+        if "src" in record and "alt" in record:
+            return "zsre"
+        if "prompt" in record and "target_new" in record:
+            return "requests"
+    keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
+    raise DatasetError(f"unknown record layout (keys {keys}); expected CounterFact (requested_rewrite, ...), "
+                       "KnowEdit CounterFact (prompt, ground_truth, ...), zsRE (src, alt, answers, loc, ...) or "
+                       "factedit requests (prompt, subject, target_new)")
+
+
+def _where(where: str, rec) -> str:
+    cid = rec.get("case_id") if isinstance(rec, dict) else None
+    return f"{where} (case_id {cid})" if cid is not None else where
+
+
+def _get(rec: dict, name: str, where: str, kind=str):
+    if name not in rec:
+        raise DatasetError(f"{where}: missing field {name!r}")
+    v = rec[name]
+    if kind is str and not (isinstance(v, str) and v.strip()):
+        raise DatasetError(f"{where}: field {name!r} must be a non-empty string, got {v!r:.60}")
+    if kind is list and not (isinstance(v, list) and all(isinstance(x, str) and x.strip() for x in v)):
+        raise DatasetError(f"{where}: field {name!r} must be a list of non-empty strings")
+    return v
+
+
+def _request(rec: dict, where: str) -> Request:
+    try:
+        return request_from_record(rec, where)
+    except RequestError as e:
+        raise DatasetError(str(e)) from None
+
+
+def _case_id(rec: dict, where: str, default: int) -> int:
+    cid = rec.get("case_id", default)
+    if isinstance(cid, bool) or not isinstance(cid, int):
+        raise DatasetError(f"{where}: field 'case_id' must be an integer, got {cid!r}")
+    return cid
+
+
+def _counterfact(rec: dict, where: str, index: int) -> CounterFactCase:
+    req = _request(rec, where)
+    if req.target_true is None:
+        raise DatasetError(f"{where}: field 'requested_rewrite.target_true' is needed for evaluation")
+    lists = {k: tuple(_get(rec, k, where, list)) for k in
+             ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts")}
+    return CounterFactCase(_case_id(rec, where, index), req, **lists)
+
+
+def _knowedit(rec: dict, where: str, index: int) -> CounterFactCase:
+    req = _request(rec, where)
+    para = _get(rec, "rephrase_prompt", where)
+    neigh = _get(rec, "locality_prompt", where)
+    loc_truth = _get(rec, "locality_ground_truth", where)
+    if loc_truth.strip() != req.target_true.strip():
+        raise DatasetError(f"{where}: field 'locality_ground_truth' ({loc_truth!r}) differs from 'ground_truth' "
+                           f"({req.target_true!r}); CounterFact neighbours share the true object")
+    # no generation prompts in this layout: GE uses the rewrite and paraphrase prompts
+    return CounterFactCase(_case_id(rec, where, index), req, (para,), (neigh,), (), (req.text, para))
+
+
+def _zsre(rec: dict, where: str, index: int) -> ZsRECase:
+    src, subject, alt = (_get(rec, k, where) for k in ("src", "subject", "alt"))
+    answers = _get(rec, "answers", where, list)
+    if not answers:
+        raise DatasetError(f"{where}: field 'answers' is empty")
+    if subject not in src:
+        raise DatasetError(f"{where}: field 'subject' ({subject!r}) does not occur in field 'src'")
+    true = answers[0] if answers[0].strip() != alt.strip() else None
+    try:
+        req = Request.from_filled(src, subject, alt, true)
+    except RequestError as e:
+        raise DatasetError(f"{where}: {e}") from None
+    rephrase, loc, loc_ans = (_get(rec, k, where) for k in ("rephrase", "loc", "loc_ans"))
+    return ZsRECase(_case_id(rec, where, index), req, rephrase, loc, loc_ans)
+
+
+def _requests(rec: dict, where: str, index: int) -> CounterFactCase:
+    req = _request(rec, where)
+    if req.target_true is None:
+        raise DatasetError(f"{where}: field 'target_true' is needed for evaluation")
+    return CounterFactCase(_case_id(rec, where, index), req, generation_prompts=(req.text,))
+
+
+_PARSERS = {"counterfact": _counterfact, "knowedit": _knowedit, "zsre": _zsre, "requests": _requests}
+
+
+def load_cases(path, limit: Optional[int] = None, offset: int = 0) -> List[Case]:
+    """Evaluation cases ``offset .. offset+limit`` of a dataset file, layout auto-detected from its
+    first record (all records must share it). Only the selected records are parsed."""
+    try:
+        records = read_records(path)
+    except RequestError as e:
+        raise DatasetError(str(e)) from None
+    if not records:
+        raise DatasetError(f"{path}: no records")
+    where0, first = records[0]
+    layout = detect_layout(first)
+    if offset < 0 or (limit is not None and limit < 0):
+        raise DatasetError("offset and limit must be >= 0")
+    chosen = list(enumerate(records))[offset:]
+    if limit is not None:
+        chosen = chosen[:limit]
+    if not chosen:
+        raise DatasetError(f"{path}: no records at offset {offset} (the file has {len(records)})")
+    cases = []
+    for index, (where, rec) in chosen:
+        w = _where(where, rec)
+        if not isinstance(rec, dict):
+            raise DatasetError(f"{w}: expected a JSON object, got {type(rec).__name__}")
+        if detect_layout(rec) != layout:
+            raise DatasetError(f"{w}: layout {detect_layout(rec)!r} differs from the file's ({layout!r})")
+        cases.append(_PARSERS[layout](rec, w, index))
+    ids = [c.case_id for c in cases]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DatasetError(f"{path}: case_id {dup} occurs more than once")
+    return cases
+
+
+def load_knowns(path) -> List[KnownFact]:
+    """ROME's causal-tracing knowns (``known_1000.json``)."""
+    try:
+        records = read_records(path)
+    except RequestError as e:
+        raise DatasetError(str(e)) from None
+    out = []
+    for i, (where, rec) in enumerate(records):
+        if not isinstance(rec, dict):
+            raise DatasetError(f"{where}: expected a JSON object")
+        w = f"{where} (known_id {rec.get('known_id', '?')})"
+        kid = rec.get("known_id", i)
+        if isinstance(kid, bool) or not isinstance(kid, int):
+            raise DatasetError(f"{w}: field 'known_id' must be an integer")
+        f = {k: _get(rec, k, w) for k in ("subject", "attribute", "template", "prompt", "prediction", "relation_id")}
+        if f["template"].count("{}") != 1:
+            raise DatasetError(f"{w}: field 'template' must contain exactly one '{{}}'")
+        out.append(KnownFact(kid, **f))
+    return out
+
+
+def sha256_of(path) -> str:
+    """Hex SHA-256 of a file (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_dataset(spec: str, sha256: Optional[str] = None, cache_dir: Optional[Path] = None) -> Path:
+    """A local dataset path for ``spec``: a path as is, or a URL downloaded once (atomically) into
+    ``cache_dir`` (default ``$FACTEDIT_HOME/datasets``). ``sha256`` is checked in both cases."""
+    scheme = urllib.parse.urlparse(spec).scheme
+    if scheme in ("http", "https", "file"):
+        name = Path(urllib.parse.urlparse(spec).path).name or "dataset.json"
+        digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
+        path = (cache_dir or factedit_home() / "datasets") / f"{digest}-{name}"
+        if not path.is_file():
+            try:
+                with urllib.request.urlopen(spec, timeout=60) as resp, atomic_path(path) as tmp:
+                    with open(tmp, "wb") as out:
+                        shutil.copyfileobj(resp, out)
+            except OSError as e:
+                raise DatasetError(f"cannot download {spec}: {e}") from None
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise DatasetError(f"dataset not found: {path}")
+    if sha256 is not None:
+        got = sha256_of(path)
+        if got.lower() != sha256.lower():
+            if scheme:
+                path.unlink(missing_ok=True)  # a bad download is not kept
+            raise DatasetError(f"{spec}: SHA-256 is {got}, expected {sha256}")
+    return path
+
+
+def prompts_of(case: Case) -> Sequence[str]:
+    """Every prompt a case is scored on (for sizing and tests)."""
+    if isinstance(case, ZsRECase):
+        return (case.request.text, case.rephrase, case.loc + "?")
+    return (case.request.text, *case.paraphrase_prompts, *case.neighborhood_prompts)

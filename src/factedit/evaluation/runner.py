@@ -1,0 +1,287 @@
+"""The evaluation loop: edit, score, revert (or keep, ``sequential``), record; resumable.
+
+    cfg = EvalConfig(method="r-rome", dataset="../shared/data/counterfact/counterfact_knowedit.jsonl", limit=200)
+    summary = run_eval(editor, cfg, "runs/r-rome")
+
+Cases are edited in groups of ``batch_size`` (ROME variants: 1) from the original weights and
+reverted after scoring; with ``sequential`` the edits accumulate, each one is saved as a patch,
+and every ``downstream_every`` edits the downstream tasks and the scores of all earlier edits are
+measured. The collapse guard is off unless ``guard`` (raw method behaviour is what is measured).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from ..errors import RequestError
+from ..guard import CollapseError, GuardConfig
+from ..methods import METHODS, ROMEConfig
+from .datasets import Case, load_cases, resolve_dataset, sha256_of
+from .downstream import DownstreamConfig, evaluate_tasks, load_tasks
+from .score_model import GenerationConfig, score_cases
+from .scoring import normalized_delta_norm, summarize_records
+from .store import RunError, RunStore
+
+__all__ = ["EvalConfig", "run_eval", "BASELINE"]
+
+log = logging.getLogger(__name__)
+
+#: the method name of the unedited model's row
+BASELINE = "none"
+#: rewrite summary.json during a run at most this often (and at checkpoints and the end)
+SUMMARY_EVERY_S = 30.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation run.
+
+    Attributes:
+        method: editing method, or ``"none"`` for the unedited baseline.
+        dataset: path or URL of a CounterFact / zsRE file (layout auto-detected).
+        dataset_sha256: expected SHA-256 of the dataset file (checked when given).
+        limit, offset: evaluate records ``offset .. offset+limit``.
+        batch_size: cases per edit (batch methods; ROME variants edit one case at a time).
+        sequential: keep every edit (no revert): the model accumulates them.
+        downstream_dir: directory of the downstream task files (sequential runs).
+        downstream_every: measure downstream tasks and earlier edits every this many edits.
+        downstream: settings of the downstream tasks (examples per task, shots).
+        generation: GE settings (``length`` 0 disables GE).
+        score_batch: rows per forward pass when scoring.
+        guard: run the collapse guard (off: measure the method as it is).
+        method_options: options of :meth:`Editor.make_config` (layer, layers, steps, stats_corpus, ...).
+    """
+
+    method: str = "r-rome"
+    dataset: str = ""
+    dataset_sha256: Optional[str] = None
+    limit: Optional[int] = None
+    offset: int = 0
+    batch_size: int = 1
+    sequential: bool = False
+    downstream_dir: Optional[str] = None
+    downstream_every: Optional[int] = None
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    score_batch: int = 64
+    guard: bool = False
+    method_options: Tuple[Tuple[str, object], ...] = ()
+
+    def check(self) -> None:
+        """Refuse inconsistent settings before any work."""
+        if self.method != BASELINE and self.method not in METHODS:
+            raise RunError(f"unknown method {self.method!r}; available: {BASELINE}, {', '.join(METHODS)}")
+        if self.batch_size < 1:
+            raise RunError("--batch-size must be >= 1")
+        if self.batch_size > 1 and (self.method == BASELINE or METHODS[self.method] is ROMEConfig):
+            raise RunError(f"{self.method} edits one case at a time; --batch-size is for memit, emmet, alphaedit, ft")
+        if self.sequential and self.method == BASELINE:
+            raise RunError("--sequential needs an editing method (the baseline makes no edits)")
+        if self.downstream_every is not None:
+            if not self.sequential:
+                raise RunError("--downstream-every needs --sequential")
+            if self.downstream_every < 1:
+                raise RunError("--downstream-every must be >= 1")
+            if not self.downstream_dir:
+                raise RunError("--downstream-every needs --downstream DIR (the task files)")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["method_options"] = {k: v for k, v in self.method_options}
+        return d
+
+
+def _groups(cases: Sequence[Case], size: int) -> List[List[Case]]:
+    return [list(cases[i: i + size]) for i in range(0, len(cases), size)]
+
+
+def _config(editor, cfg: EvalConfig, dataset_path) -> Tuple[dict, dict, object]:
+    from .. import __version__
+    from ..models import model_fingerprint, model_name
+    from ..patch import _jsonable
+
+    method_cfg = None if cfg.method == BASELINE else editor.make_config(cfg.method, **dict(cfg.method_options))
+    compare = {**cfg.to_dict(), "model_fingerprint": model_fingerprint(editor.model),
+               "dataset_sha256_actual": sha256_of(dataset_path),
+               "method_config": _jsonable(method_cfg) if method_cfg is not None else None}
+    compare = json.loads(json.dumps(compare, default=str))  # as it reads back from config.json
+    config = {"factedit_version": __version__, "model": model_name(editor.model), "dataset_path": str(dataset_path),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return config, compare, method_cfg
+
+
+def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int, int], None]] = None) -> dict:
+    """Run (or continue) an evaluation into ``out_dir``; returns the summary (also in ``summary.json``).
+
+    Sequential runs leave their edits applied (``editor.history``); other runs leave the weights as
+    they found them.
+    """
+    cfg.check()
+    if editor.history:
+        raise RunError("the editor already holds edits; evaluate from the model's original weights")
+    path = resolve_dataset(cfg.dataset, cfg.dataset_sha256)
+    cases = load_cases(path, cfg.limit, cfg.offset)
+    store = RunStore(out_dir)
+    config, compare, method_cfg = _config(editor, cfg, path)
+    store.check_or_write_config(config, compare)
+    groups = _groups(cases, cfg.batch_size)
+    _warm_up(editor, method_cfg)
+    state = _resume(editor, store, cfg, groups)
+    tasks = load_tasks(cfg.downstream_dir, cfg.downstream) if cfg.downstream_every else []
+    run = _Run(editor, cfg, store, method_cfg, groups, tasks, *state)
+    run.checkpoint()
+    for g, group in enumerate(groups):
+        if g in run.done:
+            continue
+        run.one_group(g, group)
+        run.checkpoint()
+        if on_group is not None:
+            on_group(len(run.done), len(groups))
+    return run.summary()
+
+
+def _warm_up(editor, method_cfg) -> None:
+    """Fill the editor's caches (context templates, statistics) from the original weights, as the first
+    edit of an uninterrupted run does, so that a resumed sequential run edits exactly like it."""
+    if method_cfg is None or not hasattr(method_cfg, "context_lengths"):
+        return
+    editor.templates(method_cfg.seed, method_cfg.context_lengths)
+    for layer in method_cfg.layers:
+        editor.stats(layer, method_cfg.stats_corpus, method_cfg.stats_tokens)
+
+
+def _resume(editor, store: RunStore, cfg: EvalConfig, groups) -> tuple:
+    """Done groups, their records, the sequential stack (re-applied) and downstream records."""
+    stack = store.load_stack() if cfg.sequential else None
+    want = {g: {c.case_id for c in group} for g, group in enumerate(groups)}
+
+    def complete(records) -> set:
+        seen: Dict[int, set] = {}
+        for r in records:
+            seen.setdefault(r.get("group"), set()).add(r.get("case_id"))
+        ok = {g for g, ids in want.items() if seen.get(g) == ids}
+        if stack is not None:
+            ok &= {e["group"] for e in stack["groups"]}
+        return ok
+
+    records = store.load_records(complete)
+    done = {r["group"] for r in records}
+    if stack is not None and stack["groups"]:
+        if {e["group"] for e in stack["groups"]} - done:
+            raise RunError(f"{store.dir}: committed edits without their records; move the run directory away")
+        if stack["patches"]:
+            editor.load_history(store.patch_dir)
+        saved = store.load_state(stack)
+        if saved is not None:
+            editor.state[cfg.method] = saved
+        log.info("resumed a sequential run: %d edits re-applied", len(stack["patches"]))
+    downstream = store.load_downstream() if cfg.sequential else []
+    return done, records, stack, downstream
+
+
+class _Run:
+    """The state of a run in progress (one instance per :func:`run_eval` call)."""
+
+    def __init__(self, editor, cfg: EvalConfig, store: RunStore, method_cfg, groups, tasks, done, records, stack,
+                 downstream):
+        self.editor, self.cfg, self.store, self.method_cfg = editor, cfg, store, method_cfg
+        self.groups, self.tasks = groups, tasks
+        self.done, self.records, self.stack, self.downstream = set(done), list(records), stack, list(downstream)
+        self.guard = GuardConfig(enabled=cfg.guard)
+        self._summary_at = float("-inf")
+
+    @property
+    def n_edits(self) -> int:
+        return sum(len(self.groups[g]) for g in self.done)
+
+    def one_group(self, g: int, group: List[Case]) -> None:
+        ed, cfg = self.editor, self.cfg
+        n_before = self.n_edits if cfg.sequential else 0
+        base = {"group": g, "method": cfg.method, "n_edits_before": n_before}
+        result, error, t0 = None, None, time.perf_counter()
+        if cfg.method != BASELINE:
+            try:
+                result = ed.edit([c.request for c in group], config=self.method_cfg, guard=self.guard)
+            except CollapseError as e:
+                error = {"rolled_back": str(e)}
+            except RequestError as e:  # this case cannot be edited; configuration errors stop the run
+                error = {"error": f"{type(e).__name__}: {e}"}
+        t_edit = time.perf_counter() - t0
+        try:
+            rows = self._score(group, error, result, base, t_edit)
+        finally:
+            if result is not None and not cfg.sequential:
+                ed.revert()
+        if cfg.sequential:
+            self._commit(g, group, result, rows)
+        else:
+            self.store.append(self.store.cases_path, rows)
+        self.records += rows
+        self.done.add(g)
+
+    def _score(self, group, error, result, base, t_edit) -> List[dict]:
+        t0 = time.perf_counter()
+        scores = [{} for _ in group] if error and "error" in error else score_cases(
+            self.editor.adapter, group, self.cfg.generation, self.cfg.score_batch)
+        t_score = (time.perf_counter() - t0) / len(group)
+        norm, fro = normalized_delta_norm(result.deltas) if result is not None else (None, None)
+        rows = []
+        for c, s in zip(group, scores):
+            rows.append({"case_id": c.case_id, **base, "request": c.request.to_dict(), **s, **(error or {}),
+                         "delta_norm": norm, "delta_fro": fro, "edit_seconds": t_edit / len(group),
+                         "score_seconds": t_score, "guard": result.guard if result is not None else None,
+                         "base_fingerprints": result.fingerprints if result is not None else None})
+        return rows
+
+    def _commit(self, g: int, group, result, rows) -> None:
+        """Sequential: patch file, records, then the stack (the commit point)."""
+        from ..patch import Patch
+
+        name = None
+        if result is not None:
+            name = f"{len(self.stack['patches']):05d}-{g:05d}.safetensors"
+            Patch.from_result(result, self.editor.adapter).save(self.store.patch_dir / name)
+        state_name = self.store.save_state(self.editor.state.get(self.cfg.method), self.stack, g)
+        self.store.append(self.store.cases_path, rows)
+        if name is not None:
+            self.stack["patches"].append(name)
+        self.stack["groups"].append({"group": g, "cases": [c.case_id for c in group], "patch": name})
+        self.stack["state"] = state_name or self.stack.get("state")
+        self.store.commit(self.stack)
+
+    def checkpoint(self) -> None:
+        """Sequential runs: downstream accuracy and the scores of all earlier edits at 0 edits, whenever
+        the count reaches or passes a multiple of ``downstream_every``, and at the end."""
+        k, n = self.cfg.downstream_every, self.n_edits
+        last = max((d["n_edits"] for d in self.downstream), default=None)
+        finished = len(self.done) == len(self.groups)
+        if k and (last is None or n // k > last // k or (finished and n != last)):
+            t0 = time.perf_counter()
+            acc = evaluate_tasks(self.editor.adapter, self.tasks, self.cfg.downstream.batch_size)
+            earlier = [c for g in sorted(self.done) for c in self.groups[g]]
+            retention = (summarize_records(score_cases(self.editor.adapter, earlier, batch_size=self.cfg.score_batch))
+                         if earlier else None)
+            rec = {"n_edits": n, "tasks": acc, "retention": retention, "seconds": time.perf_counter() - t0}
+            self.store.append(self.store.downstream_path, [rec])
+            self.downstream.append(rec)
+            self.summary()
+        elif finished or time.perf_counter() - self._summary_at > SUMMARY_EVERY_S:
+            self.summary()
+
+    def summary(self) -> dict:
+        """Run-level scores so far, written to ``summary.json``."""
+        self._summary_at = time.perf_counter()
+        s = summarize_records(self.records)
+        ok = [r for r in self.records if "error" not in r]
+        s["seconds_per_edit"] = sum(r["edit_seconds"] for r in ok) / len(ok) if ok else None
+        s["seconds_per_case"] = sum(r["edit_seconds"] + r["score_seconds"] for r in ok) / len(ok) if ok else None
+        s.update(method=self.cfg.method, dataset=self.cfg.dataset, sequential=self.cfg.sequential,
+                 complete=len(self.done) == len(self.groups), n_cases=sum(len(g) for g in self.groups))
+        if self.downstream:
+            s["downstream"] = self.downstream[-1]
+        self.store.write_summary(s)
+        return s

@@ -1,0 +1,158 @@
+"""Scoring cases on the model as it is now: every prompt × target of a group of cases in as few
+batched forward passes as possible, and the generations behind GE.
+
+    rows = score_cases(adapter, cases)            # one dict of metrics per case
+    rows = score_cases(adapter, cases, ge=GenerationConfig(length=100))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..generation import position_scores
+from ..tokens import encode_with_target
+from .datasets import Case, ZsRECase
+from .scoring import counterfact_case, text_entropy, token_accuracy
+
+__all__ = ["GenerationConfig", "score_cases", "sample_texts"]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Generations for GE (ROME: top-k 5 sampling up to 100 tokens including the prompt).
+
+    Attributes:
+        length: total tokens per text (prompt included); 0 disables GE.
+        top_k: sample from the k most likely tokens.
+        max_prompts: use at most this many generation prompts per case (CounterFact has 10).
+        seed: base seed; each case samples with ``seed + case_id`` (reproducible, resumable).
+    """
+
+    length: int = 100
+    top_k: int = 5
+    max_prompts: int = 10
+    seed: int = 0
+
+
+@torch.no_grad()
+def sample_texts(adapter, prompts: Sequence[str], length: int, seed: int, top_k: int = 5) -> List[str]:
+    """Top-k samples continuing each prompt (batched, left-padded, KV cache) to ``length`` tokens in
+    all, prompt included; returns prompt + continuation as text. A private generator seeds the sampling."""
+    tok, model, dev = adapter.tokenizer, adapter.model, adapter.device
+    enc = [list(tok(p)["input_ids"]) for p in prompts]
+    width = max(len(e) for e in enc)
+    steps = max(0, length - min(len(e) for e in enc))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(enc), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, e in enumerate(enc):
+        ids[r, width - len(e):] = torch.tensor(e)
+        mask[r, width - len(e):] = 1
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    new = []
+    for _ in range(steps):
+        vals, idx = out.logits[:, -1, :].float().cpu().topk(top_k, dim=-1)
+        nxt = idx.gather(1, torch.multinomial(F.softmax(vals, dim=-1), 1, generator=gen)).to(dev)
+        new.append(nxt)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
+                    use_cache=True)
+    cont = torch.cat(new, dim=1).tolist() if new else [[] for _ in enc]
+    return [tok.decode(e + c[: max(0, length - len(e))], skip_special_tokens=True) for e, c in zip(enc, cont)]
+
+
+class _Rows:
+    """Token sequences and the (position, token) queries on them, for one :func:`position_scores` call.
+
+    A CounterFact prompt is scored for o* and o_c. When the two share the prompt's tokens and one of
+    them is a single token, one sequence serves both: the single token is read at the position that
+    predicts the other target's first token (a causal model sees the same prefix there).
+    """
+
+    def __init__(self, tok):
+        self.tok, self.seqs, self.queries = tok, [], []
+
+    def _add(self, ids, queries) -> int:
+        self.seqs.append(ids)
+        self.queries.append(queries)
+        return len(self.seqs) - 1
+
+    def target(self, prompt: str, target: str) -> tuple:
+        ids, idx = encode_with_target(self.tok, prompt, target)
+        return ("one", self._add(ids, [(j, ids[j]) for j in idx]))
+
+    def pair(self, prompt: str, new: str, true: str) -> tuple:
+        (ids_n, idx_n), (ids_t, idx_t) = (encode_with_target(self.tok, prompt, t) for t in (new, true))
+        if ids_n[: idx_n[0]] == ids_t[: idx_t[0]] and min(len(idx_n), len(idx_t)) == 1:
+            swap = len(idx_t) > 1  # the multi-token target (if any) gets the sequence
+            ids, idx, other = (ids_t, idx_t, ids_n[idx_n[0]]) if swap else (ids_n, idx_n, ids_t[idx_t[0]])
+            row = self._add(ids, [(j, ids[j]) for j in idx] + [(idx[0], other)])
+            return ("shared", row, len(idx), swap)
+        return ("two", self._add(ids_n, [(j, ids_n[j]) for j in idx_n]),
+                self._add(ids_t, [(j, ids_t[j]) for j in idx_t]))
+
+    @staticmethod
+    def pair_result(plan, scores) -> tuple:
+        """``(mean log P(o*), mean log P(o_c))`` of a pair planned by :meth:`pair`."""
+        if plan[0] == "two":
+            return float(scores[plan[1]][0].mean()), float(scores[plan[2]][0].mean())
+        lp = scores[plan[1]][0]
+        own, other = float(lp[: plan[2]].mean()), float(lp[plan[2]])
+        return (other, own) if plan[3] else (own, other)
+
+
+def _generation_prompts(case: Case, cfg: GenerationConfig) -> List[str]:
+    if isinstance(case, ZsRECase):
+        return [case.request.text]
+    return list(case.generation_prompts[: cfg.max_prompts])
+
+
+def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = GenerationConfig(length=0),
+                batch_size: int = 64) -> List[Dict]:
+    """Metrics of each case on the current weights.
+
+    CounterFact: ES/PS/NS, EM/PM/NM per case and the raw ``(log P(o*), log P(o_c))`` pairs per prompt
+    (``rewrite_lp``, ``paraphrase_lp``, ``neighborhood_lp``); zsRE: token accuracy of ``alt`` on the
+    question (efficacy) and its rephrase (paraphrase), and of ``loc_ans`` on ``loc?`` (specificity).
+    All prompts of all cases go through one batched :func:`position_scores` call; GE (if on) samples
+    each case's generation prompts as one batch.
+    """
+    rows = _Rows(adapter.tokenizer)
+    plans = []
+    for c in cases:
+        if isinstance(c, ZsRECase):
+            plans.append({name: rows.target(p, t) for name, p, t in (
+                ("efficacy", c.request.text, c.request.target_new), ("paraphrase", c.rephrase, c.request.target_new),
+                ("specificity", c.loc + "?", c.loc_ans))})
+        else:
+            r = c.request
+            plans.append({name: [rows.pair(p, r.target_new, r.target_true) for p in ps] for name, ps in (
+                ("rewrite", [r.text]), ("paraphrase", c.paraphrase_prompts), ("neighborhood", c.neighborhood_prompts))})
+    scores = position_scores(adapter, rows.seqs, rows.queries, batch_size)
+    out = []
+    for c, plan in zip(cases, plans):
+        rec: Dict = {}
+        if isinstance(c, ZsRECase):
+            for name, (_, i) in plan.items():
+                hits = scores[i][1].tolist()
+                rec[name] = token_accuracy(hits)
+                rec[f"{name}_hits"] = [bool(h) for h in hits]
+        else:
+            for name, pairs in plan.items():
+                rec[f"{name}_lp"] = [_Rows.pair_result(p, scores) for p in pairs]
+            rec.update(counterfact_case(rec["rewrite_lp"], rec["paraphrase_lp"], rec["neighborhood_lp"]))
+        if ge.length > 0:
+            gp = _generation_prompts(c, ge)
+            texts = sample_texts(adapter, gp, ge.length, ge.seed + c.case_id, ge.top_k) if gp else []
+            rec["GE"] = text_entropy(texts)
+            rec["generations"] = texts[:2]
+        out.append(rec)
+    return out

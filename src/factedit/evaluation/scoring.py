@@ -1,0 +1,128 @@
+"""Pure metric functions (ALGORITHMS.md §9). No model here: inputs are log-probabilities,
+top-1 hits, token lists, update matrices.
+
+A target's score is its mean per-token log-likelihood under teacher forcing (target prefixed by
+a space), so ``P = exp(mean log p)``, the per-token geometric mean, as in ROME's code.
+
+**Ties count as failures in both directions**: a rewrite/paraphrase prompt succeeds only if
+``P(o*) > P(o_c)`` strictly, a neighbourhood prompt only if ``P(o_c) > P(o*)`` strictly (ROME
+compares NLLs with the same strict inequalities).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from ..metrics import generation_entropy
+
+__all__ = ["Pair", "success_rate", "magnitude", "counterfact_case", "harmonic_mean", "token_accuracy",
+           "word_tokens", "text_entropy", "normalized_delta_norm", "outliers", "mean_or_none", "summarize_records",
+           "COUNTERFACT_KEYS", "ZSRE_KEYS"]
+
+#: (log P(o*), log P(o_c)) of one prompt: mean per-token log-likelihoods
+Pair = Tuple[float, float]
+
+COUNTERFACT_KEYS = ("ES", "PS", "NS", "EM", "PM", "NM", "GE")
+ZSRE_KEYS = ("efficacy", "paraphrase", "specificity")
+
+
+def success_rate(pairs: Sequence[Pair], new_wins: bool = True) -> Optional[float]:
+    """Fraction of prompts where o* beats o_c (``new_wins``) or o_c beats o* (neighbourhood);
+    strict, so a tie is a failure either way. ``None`` for no prompts."""
+    if not pairs:
+        return None
+    return sum((a > b) if new_wins else (b > a) for a, b in pairs) / len(pairs)
+
+
+def magnitude(pairs: Sequence[Pair], new_minus_true: bool = True) -> Optional[float]:
+    """Mean of ``P(o*) − P(o_c)`` (or ``P(o_c) − P(o*)``) with ``P = exp(mean log p)``."""
+    if not pairs:
+        return None
+    diffs = [math.exp(a) - math.exp(b) for a, b in pairs]
+    return sum(d if new_minus_true else -d for d in diffs) / len(diffs)
+
+
+def counterfact_case(rewrite: Sequence[Pair], paraphrase: Sequence[Pair], neighborhood: Sequence[Pair]) -> Dict[str, Optional[float]]:
+    """ES/PS/NS (fractions) and EM/PM/NM (probability differences) of one case."""
+    return {"ES": success_rate(rewrite), "PS": success_rate(paraphrase), "NS": success_rate(neighborhood, False),
+            "EM": magnitude(rewrite), "PM": magnitude(paraphrase), "NM": magnitude(neighborhood, False)}
+
+
+def harmonic_mean(values: Iterable[Optional[float]]) -> Optional[float]:
+    """Harmonic mean (ROME's score S); 0 if any value is 0, ``None`` if any is missing."""
+    vals = list(values)
+    if not vals or any(v is None for v in vals):
+        return None
+    if any(v <= 0 for v in vals):
+        return 0.0
+    return len(vals) / sum(1 / v for v in vals)
+
+
+def token_accuracy(hits: Sequence[bool]) -> float:
+    """zsRE: fraction of target tokens that are the top-1 prediction under teacher forcing."""
+    if not len(hits):
+        raise ValueError("no target tokens")
+    return sum(bool(h) for h in hits) / len(hits)
+
+
+_WORD = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
+
+
+def word_tokens(text: str) -> List[str]:
+    """Words and punctuation marks (close to NLTK's ``word_tokenize``, which ROME's GE uses)."""
+    return _WORD.findall(text)
+
+
+def text_entropy(texts: Sequence[str]) -> Optional[float]:
+    """ROME's GE of a case: mean over texts of the weighted bi/trigram entropy of its words (bits)."""
+    if not texts:
+        return None
+    return sum(generation_entropy(word_tokens(t)) for t in texts) / len(texts)
+
+
+def normalized_delta_norm(deltas) -> Tuple[float, float]:
+    """``(‖Δ‖_F / numel(Δ), ‖Δ‖_F)`` of an edit, r-ROME's normalised norm. Deltas of the same layer are
+    summed first; over several layers the squared norms add up and so do the element counts."""
+    import torch
+
+    by_layer: Dict[int, "torch.Tensor"] = {}
+    for d in deltas:
+        m = d.dense().double()
+        by_layer[d.layer] = by_layer[d.layer] + m if d.layer in by_layer else m
+    if not by_layer:
+        return 0.0, 0.0
+    fro = math.sqrt(sum(float((m ** 2).sum()) for m in by_layer.values()))
+    return fro / sum(m.numel() for m in by_layer.values()), fro
+
+
+def outliers(values: Sequence[float], factor: float = 10.0) -> List[int]:
+    """Indices of values above ``factor`` × the median (disabling edits have ‖Δ‖ orders of magnitude off)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return []
+    med = statistics.median(finite)
+    return [i for i, v in enumerate(values) if v is not None and (not math.isfinite(v) or v > factor * med)]
+
+
+def mean_or_none(values: Iterable[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarize_records(records: Sequence[dict]) -> Dict[str, Optional[float]]:
+    """Run-level scores from per-case records: means over cases, scores and magnitudes × 100
+    (percent / percentage points), GE × 100 as in ROME's tables, S the harmonic mean of ES, PS, NS."""
+    ok = [r for r in records if "error" not in r]
+    out: Dict[str, Optional[float]] = {"n": len(ok), "n_errors": len(records) - len(ok)}
+    for k in COUNTERFACT_KEYS + ZSRE_KEYS:
+        m = mean_or_none(r.get(k) for r in ok)
+        out[k] = None if m is None else 100 * m
+    out["S"] = harmonic_mean([out["ES"], out["PS"], out["NS"]])
+    norms = [r["delta_norm"] for r in ok if r.get("delta_norm") is not None]
+    out["delta_norm_median"] = statistics.median(norms) if norms else None
+    out["delta_norm_max"] = max(norms) if norms else None
+    out["disabling"] = len(outliers(norms)) if norms else 0
+    return out

@@ -1,0 +1,160 @@
+"""The files of an evaluation run, written so that an interrupted run can continue.
+
+    DIR/config.json       the run's full configuration (atomic); a resume must match it
+    DIR/cases.jsonl       one record per case, appended group by group (write, flush, fsync)
+    DIR/downstream.jsonl  sequential runs: downstream accuracy and retention every K edits
+    DIR/patches/          sequential runs: one patch per edit + stack.json (the commit point)
+    DIR/summary.json      run-level scores (atomic)
+
+A torn last line (the process died mid-write) is dropped on resume, and so are the records of a
+group that is not complete (or, in a sequential run, not committed to ``stack.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from ..errors import FactEditError
+from ..paths import atomic_path, atomic_write_text
+
+__all__ = ["RunError", "RunStore"]
+
+
+class RunError(FactEditError):
+    """An evaluation run cannot start or continue (e.g. its directory holds a different run)."""
+
+
+def read_jsonl(path: Path) -> Tuple[List[dict], bool]:
+    """Records of a JSONL file written by appends, and whether a torn last line was dropped."""
+    if not path.is_file():
+        return [], False
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn = lines[-1] != b""  # the file should end with a newline
+    body, last = lines[:-1], lines[-1]
+    out = []
+    for n, line in enumerate(body, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if n == len(body) and not last:
+                torn = True  # a complete-looking but broken last line
+                continue
+            raise RunError(f"{path}:{n}: damaged record in the middle of the file; move the run directory away") from None
+    return out, torn
+
+
+class RunStore:
+    """Reads and writes one run directory."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.cases_path = self.dir / "cases.jsonl"
+        self.downstream_path = self.dir / "downstream.jsonl"
+        self.patch_dir = self.dir / "patches"
+
+    # ------------------------------------------------------------------ config
+    def check_or_write_config(self, config: dict, compare: dict) -> bool:
+        """Write ``config.json`` for a new run; for an existing one, refuse unless the ``compare`` part
+        matches. Returns True when resuming."""
+        path = self.dir / "config.json"
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:
+                raise RunError(f"{path} is damaged; move the run directory away") from None
+            old = saved.get("compare", {})
+            diff = sorted(k for k in set(old) | set(compare) if old.get(k) != compare.get(k))
+            if diff:
+                k = diff[0]
+                raise RunError(f"{self.dir} holds a run with a different configuration ({k}: saved "
+                               f"{old.get(k)!r}, now {compare.get(k)!r}"
+                               + (f"; {len(diff) - 1} more differences" if len(diff) > 1 else "")
+                               + "); use another --out directory or remove it")
+            return True
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({**config, "compare": compare}, indent=2, default=str))
+        return False
+
+    # ------------------------------------------------------------------ records
+    def load_records(self, complete_groups) -> List[dict]:
+        """Records of the groups accepted by ``complete_groups(records) -> set``; the file is rewritten
+        (atomically) without a torn line or records of unfinished groups."""
+        records, torn = read_jsonl(self.cases_path)
+        keep_groups = complete_groups(records)
+        kept = [r for r in records if r.get("group") in keep_groups]
+        if torn or len(kept) != len(records):
+            self._rewrite(self.cases_path, kept)
+        return kept
+
+    def append(self, path: Path, records: List[dict]) -> None:
+        """Append records durably (one write, flush, fsync)."""
+        text = "".join(json.dumps(r, default=_json_default) + "\n" for r in records)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def load_downstream(self) -> List[dict]:
+        records, torn = read_jsonl(self.downstream_path)
+        if torn:
+            self._rewrite(self.downstream_path, records)
+        return records
+
+    def _rewrite(self, path: Path, records: List[dict]) -> None:
+        atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+
+    # ------------------------------------------------------------------ sequential edits
+    def load_stack(self) -> dict:
+        path = self.patch_dir / "stack.json"
+        if not path.is_file():
+            return {"patches": [], "groups": [], "state": None}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise RunError(f"{path} is damaged; move the run directory away") from None
+
+    def commit(self, stack: dict) -> None:
+        """Make the stack (patches, finished groups, state file) the committed state of the run."""
+        atomic_write_text(self.patch_dir / "stack.json", json.dumps(stack))
+
+    def save_state(self, state: Optional[Dict[int, object]], stack: dict, group: int) -> Optional[str]:
+        """Write a method's state (AlphaEdit's key memory) to whichever of two files the stack does not
+        reference, so the committed one is never overwritten. Returns its name."""
+        if not state:
+            return None
+        from safetensors.torch import save_file
+
+        name = "state-b.safetensors" if stack.get("state") == "state-a.safetensors" else "state-a.safetensors"
+        with atomic_path(self.patch_dir / name, suffix=".safetensors") as tmp:
+            save_file({str(k): v.contiguous() for k, v in state.items()}, str(tmp), metadata={"group": str(group)})
+        return name
+
+    def load_state(self, stack: dict) -> Optional[Dict[int, object]]:
+        if not stack.get("state"):
+            return None
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = self.patch_dir / stack["state"]
+        with safe_open(str(path), framework="pt") as f:
+            group = int(f.metadata().get("group", -1))
+        if stack["groups"] and group != stack["groups"][-1]["group"]:
+            raise RunError(f"{path} belongs to group {group}, not to the last committed one")
+        return {int(k): v for k, v in load_file(str(path)).items()}
+
+
+def _json_default(x):
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    return str(x)

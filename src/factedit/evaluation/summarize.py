@@ -1,0 +1,147 @@
+"""Comparing runs: a markdown table, and PNG plots of sequential runs (scores and downstream
+accuracy against the number of edits, ‖Δ‖ per edit).
+
+    runs = [load_run(d) for d in ("runs/rome", "runs/r-rome")]
+    print(table(runs)); plot_runs(runs, "runs/plots")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from .scoring import summarize_records
+from .store import RunError, read_jsonl
+
+__all__ = ["Run", "load_run", "table", "plot_runs", "default_plot_dir"]
+
+COLUMNS = (("n", "n", "{:.0f}"), ("ES", "ES", "{:.1f}"), ("PS", "PS", "{:.1f}"), ("NS", "NS", "{:.1f}"),
+           ("S", "S", "{:.1f}"), ("EM", "EM", "{:.1f}"), ("PM", "PM", "{:.1f}"), ("NM", "NM", "{:.1f}"),
+           ("GE", "GE", "{:.1f}"), ("efficacy", "zsRE eff.", "{:.1f}"), ("paraphrase", "zsRE para.", "{:.1f}"),
+           ("specificity", "zsRE spec.", "{:.1f}"), ("delta_norm_median", "‖Δ‖/numel med.", "{:.3g}"),
+           ("delta_norm_max", "‖Δ‖/numel max", "{:.3g}"), ("disabling", "‖Δ‖ outliers", "{:.0f}"),
+           ("seconds_per_edit", "s/edit", "{:.2f}"))
+
+
+@dataclass
+class Run:
+    """One run directory, read back."""
+
+    path: Path
+    config: dict
+    summary: dict
+    records: List[dict]
+    downstream: List[dict]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def sequential(self) -> bool:
+        return bool(self.config.get("compare", {}).get("sequential"))
+
+
+def load_run(directory) -> Run:
+    """Read a run directory written by :func:`~factedit.evaluation.runner.run_eval`."""
+    d = Path(directory)
+    try:
+        config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise RunError(f"{d}: not an evaluation run (config.json missing or damaged)") from None
+    records, _ = read_jsonl(d / "cases.jsonl")
+    downstream, _ = read_jsonl(d / "downstream.jsonl")
+    try:
+        summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = summarize_records(records)
+    summary.setdefault("method", config.get("compare", {}).get("method"))
+    return Run(d, config, summary, records, downstream)
+
+
+def _cell(value, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def table(runs: Sequence[Run]) -> str:
+    """A markdown table, one row per run, with the columns that any run has."""
+    cols = [c for c in COLUMNS if any(r.summary.get(c[0]) is not None for r in runs)]
+    head = ["run", "method", "mode"] + [c[1] for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        mode = "sequential" if r.sequential else "single"
+        cells = [r.name, str(r.summary.get("method")), mode] + [_cell(r.summary.get(k), f) for k, _, f in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RunError("plots need matplotlib: pip install 'factedit[eval]'") from None
+    return plt
+
+
+def plot_runs(runs: Sequence[Run], out_dir) -> List[Path]:
+    """PNG plots of the sequential runs among ``runs`` (one line per run); returns the files written."""
+    seq = [r for r in runs if r.sequential]
+    if not seq:
+        return []
+    plt = _plt()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, key in zip(axes, ("ES", "PS", "NS")):
+        for r in seq:
+            pts = [(d["n_edits"], d["retention"][key]) for d in r.downstream if d.get("retention")]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=r.name)
+        ax.set(title=f"{key} of all earlier edits", xlabel="edits", ylim=(0, 100))
+    axes[0].set_ylabel("%")
+    axes[0].legend(fontsize=8)
+    save(fig, "sequential_scores.png")
+
+    tasks = sorted({t for r in seq for d in r.downstream for t in d.get("tasks", {}) if t != "mean"})
+    if tasks:
+        fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(3.2 * (len(tasks) + 1), 3.4), sharey=True)
+        for ax, t in zip(axes, tasks + ["mean"]):
+            for r in seq:
+                pts = [(d["n_edits"], 100 * d["tasks"][t]) for d in r.downstream if t in d.get("tasks", {})]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ms=3, label=r.name)
+            ax.set(title=t, xlabel="edits", ylim=(0, 100))
+        axes[0].set_ylabel("accuracy %")
+        axes[0].legend(fontsize=8)
+        save(fig, "sequential_downstream.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for r in seq:
+        pts = sorted({(x["n_edits_before"] + 1, x["delta_norm"]) for x in r.records if x.get("delta_norm")})
+        if pts:
+            ax.plot(*zip(*pts), marker=".", lw=0.8, label=r.name)
+    ax.set(yscale="log", xlabel="edit number", ylabel="‖Δ‖ / numel(Δ)", title="update norm per edit")
+    ax.legend(fontsize=8)
+    save(fig, "sequential_delta_norm.png")
+    return written
+
+
+def default_plot_dir(runs: Sequence[Run]) -> Optional[Path]:
+    """Where plots go without ``--plots``: inside the single sequential run, else next to the runs."""
+    seq = [r for r in runs if r.sequential]
+    if not seq:
+        return None
+    return seq[0].path / "plots" if len(seq) == 1 else seq[0].path.parent / "plots"

@@ -1,0 +1,229 @@
+"""Evaluation runs on tiny models: resumability, sequential vs single-edit semantics, downstream
+scoring, summaries, CLI errors."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import COUNTERFACT
+from factedit import Editor
+from factedit.evaluation import DownstreamConfig, EvalConfig, GenerationConfig, RunError, run_eval
+from factedit.evaluation.downstream import label_logprobs
+from factedit.patch import matrix_fingerprint
+from tiny import tiny_model
+
+pytestmark = pytest.mark.skipif(not COUNTERFACT.is_file(), reason="shared data not found")
+VOLATILE = ("edit_seconds", "score_seconds")
+
+
+def _editor(kind="llama"):
+    model, tok = tiny_model(kind)
+    return Editor(model, tok, progress=False)
+
+
+def _cfg(tiny_corpus, method="r-rome", **kw):
+    opts = {"stats_corpus": str(tiny_corpus), "stats_tokens": 2000, "steps": 4}
+    opts.update({"layers": (1, 2)} if method in ("memit", "emmet", "alphaedit") else {"layer": 1})
+    base = dict(method=method, dataset=str(COUNTERFACT), limit=4, generation=GenerationConfig(length=24),
+                method_options=tuple(sorted(opts.items())))
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def _records(d):
+    return [{k: v for k, v in json.loads(l).items() if k not in VOLATILE}
+            for l in (d / "cases.jsonl").read_text().splitlines()]
+
+
+def _downstream_dir(tmp_path):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    rows = [{"sentence": s, "label": l} for s, l in (("good", 1), ("bad", 0), ("fine", 1), ("awful", 0), ("nice", 1))]
+    (d / "sst2.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return d
+
+
+class Boom(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch, k):
+    """Make the k+1-th scoring call raise (the process 'dies' in the middle of a run)."""
+    import factedit.evaluation.runner as R
+
+    real, calls = R.score_cases, []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) > k:
+            raise Boom()
+        return real(*a, **kw)
+
+    monkeypatch.setattr(R, "score_cases", flaky)
+
+
+def test_resume_matches_uninterrupted_run(home, tiny_corpus, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_corpus)
+    full = run_eval(_editor(), cfg, tmp_path / "full")
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        with pytest.raises(Boom):
+            run_eval(_editor(), cfg, tmp_path / "cut")
+    assert len(_records(tmp_path / "cut")) == 2
+    with open(tmp_path / "cut" / "cases.jsonl", "a") as f:
+        f.write('{"case_id": 2, "group": 2, "ES"')  # a torn line from a write cut short
+    resumed = run_eval(_editor(), cfg, tmp_path / "cut")
+    assert _records(tmp_path / "cut") == _records(tmp_path / "full")
+    assert [r["case_id"] for r in _records(tmp_path / "full")] == [0, 1, 2, 3]
+    assert {k: resumed[k] for k in ("n", "ES", "PS", "NS", "S", "GE")} == {k: full[k] for k in ("n", "ES", "PS", "NS", "S", "GE")}
+    again = run_eval(_editor(), cfg, tmp_path / "cut")  # a finished run: nothing to do
+    assert again["n"] == 4 and len(_records(tmp_path / "cut")) == 4
+
+
+def test_resume_refuses_another_configuration(home, tiny_corpus, tmp_path):
+    run_eval(_editor(), _cfg(tiny_corpus, limit=1), tmp_path / "r")
+    with pytest.raises(RunError, match=r"different configuration \(limit: saved 1, now 2"):
+        run_eval(_editor(), _cfg(tiny_corpus, limit=2), tmp_path / "r")
+
+
+def test_single_edits_start_from_original_weights(home, tiny_corpus, tmp_path):
+    ed = _editor()
+    w0 = ed.adapter.w_out_weight(1).clone()
+    run_eval(ed, _cfg(tiny_corpus), tmp_path / "r")
+    recs = _records(tmp_path / "r")
+    fp0 = matrix_fingerprint(w0)
+    assert [r["base_fingerprints"]["model.layers.1.mlp.down_proj"] for r in recs] == [fp0] * 4
+    assert all(r["n_edits_before"] == 0 for r in recs)
+    assert torch.equal(ed.adapter.w_out_weight(1), w0) and not ed.history
+
+
+def test_sequential_accumulates_and_resumes(home, tiny_corpus, tmp_path, monkeypatch):
+    tasks = _downstream_dir(tmp_path)
+    cfg = _cfg(tiny_corpus, sequential=True, downstream_dir=str(tasks), downstream_every=2,
+               downstream=DownstreamConfig(tasks=("sst2",), n=2, shots=1))
+    ed = _editor()
+    w0 = ed.adapter.w_out_weight(1).clone()
+    run_eval(ed, cfg, tmp_path / "full")
+    recs = _records(tmp_path / "full")
+    fps = [r["base_fingerprints"]["model.layers.1.mlp.down_proj"] for r in recs]
+    assert fps[0] == matrix_fingerprint(w0) and len(set(fps)) == 4  # each edit sees the previous ones
+    assert [r["n_edits_before"] for r in recs] == [0, 1, 2, 3] and len(ed.history) == 4
+    down = [json.loads(l) for l in (tmp_path / "full" / "downstream.jsonl").read_text().splitlines()]
+    assert [d["n_edits"] for d in down] == [0, 2, 4]
+    assert down[0]["retention"] is None and down[2]["retention"]["n"] == 4
+    assert set(down[1]["tasks"]) == {"sst2", "mean"}
+
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(Boom):
+            run_eval(_editor(), cfg, tmp_path / "cut")
+    ed2 = _editor()
+    run_eval(ed2, cfg, tmp_path / "cut")  # re-applies the 3 saved edits, then does the 4th
+    assert _records(tmp_path / "cut") == recs
+    assert torch.equal(ed2.adapter.w_out_weight(1), ed.adapter.w_out_weight(1))
+    down2 = [json.loads(l) for l in (tmp_path / "cut" / "downstream.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in d.items() if k != "seconds"} for d in down2] == \
+        [{k: v for k, v in d.items() if k != "seconds"} for d in down]
+
+
+def test_alphaedit_sequential_resume_restores_key_memory(home, tiny_corpus, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_corpus, "alphaedit", sequential=True, batch_size=2, generation=GenerationConfig(length=0))
+    ed = _editor()
+    run_eval(ed, cfg, tmp_path / "full")
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 1)
+        with pytest.raises(Boom):
+            run_eval(_editor(), cfg, tmp_path / "cut")
+    ed2 = _editor()
+    run_eval(ed2, cfg, tmp_path / "cut")
+    assert _records(tmp_path / "cut") == _records(tmp_path / "full")
+    for l in (1, 2):
+        assert torch.equal(ed2.adapter.w_out_weight(l), ed.adapter.w_out_weight(l))
+        assert torch.equal(ed2.state["alphaedit"][l], ed.state["alphaedit"][l])
+
+
+def test_batch_method_edits_groups(home, tiny_corpus, tmp_path):
+    run_eval(_editor(), _cfg(tiny_corpus, "memit", batch_size=3, generation=GenerationConfig(length=0)), tmp_path / "m")
+    recs = _records(tmp_path / "m")
+    assert [r["group"] for r in recs] == [0, 0, 0, 1]
+    assert recs[0]["delta_norm"] == recs[2]["delta_norm"] != recs[3]["delta_norm"]
+    assert len(recs[0]["base_fingerprints"]) == 2 and "GE" not in recs[0]
+
+
+def test_inconsistent_settings_are_refused():
+    for kw, msg in ((dict(method="r-rome", batch_size=2), "one case at a time"),
+                    (dict(method="none", sequential=True), "needs an editing method"),
+                    (dict(downstream_every=5), "needs --sequential"),
+                    (dict(sequential=True, downstream_every=5), "needs --downstream DIR"),
+                    (dict(method="nope"), "unknown method")):
+        with pytest.raises(RunError, match=msg):
+            EvalConfig(dataset="x", **kw).check()
+
+
+def test_label_logprobs_match_hand_computation():
+    """Each label's summed log-prob after the prompt, from a plain forward per (prompt, label): the
+    one-forward path (single-token labels) and the teacher-forced path (multi-token labels) agree with it."""
+    from factedit.tokens import encode_with_target
+
+    ed = _editor("gpt2")
+    tok = ed.tokenizer
+    prompts = ["Review: good\nSentiment:", "The capital of Japan is Tokyo. Answer:"]
+    demos = "Review: bad\nSentiment: Paris\n\n"  # a shared prefix: run once, reused through the KV cache
+    cases = [(labels, prefix) for labels in (("Paris", "city", "the"), ("xylophone", "quartz")) for prefix in ("", demos)]
+    for labels, prefix in cases:
+        full = [prefix + p for p in prompts]
+        got = label_logprobs(ed.adapter, full, labels, batch_size=2)  # padded batches
+        for i, p in enumerate(full):
+            for j, lab in enumerate(labels):
+                ids, idx = encode_with_target(tok, p, lab)
+                with torch.no_grad():
+                    logp = torch.log_softmax(ed.model(input_ids=torch.tensor([ids])).logits[0], -1)
+                ref = sum(float(logp[k - 1, ids[k]]) for k in idx)
+                assert float(got[i, j]) == pytest.approx(ref, abs=1e-4)
+    from factedit.evaluation.downstream import MIN_SHARED_PREFIX, _common_prefix
+
+    assert _common_prefix([tok(demos + p)["input_ids"] for p in prompts]) >= MIN_SHARED_PREFIX  # cache path taken
+    assert len(encode_with_target(tok, prompts[0], "city")[1]) == 1  # the first set takes the one-forward path
+    assert len(encode_with_target(tok, prompts[0], "quartz")[1]) > 1  # the second is teacher-forced
+
+
+def test_downstream_accuracy_counts_argmax_labels(monkeypatch, tmp_path):
+    import factedit.evaluation.downstream as D
+
+    task = D.load_task(_downstream_dir(tmp_path), "sst2", n=4, shots=1)
+    # hand-made scores: examples are good(1), bad(0), fine(1), awful(0) minus the demo; predict 1 for all
+    monkeypatch.setattr(D, "label_logprobs", lambda a, p, l, b=16: torch.tensor([[0.0, 1.0]] * len(p)))
+    res = D.evaluate_task(None, task)
+    gold = [l for _, l in task.examples]
+    assert res["predictions"] == [1] * len(gold) and res["accuracy"] == sum(gold) / len(gold)
+
+
+def test_summarize_table_and_plots(home, tiny_corpus, tmp_path, capsys):
+    from factedit.cli import main
+
+    tasks = _downstream_dir(tmp_path)
+    run_eval(_editor(), _cfg(tiny_corpus, "none", limit=2, generation=GenerationConfig(length=0)), tmp_path / "base")
+    run_eval(_editor(), _cfg(tiny_corpus, limit=3, sequential=True, downstream_dir=str(tasks), downstream_every=1,
+                             downstream=DownstreamConfig(tasks=("sst2",), n=2, shots=1),
+                             generation=GenerationConfig(length=0)), tmp_path / "seq")
+    code = main(["summarize", str(tmp_path / "base"), str(tmp_path / "seq"), "--plots", str(tmp_path / "plots")])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("| run | method | mode | n | ES | PS | NS | S |")
+    assert lines[2].startswith("| base | none | single | 2 |") and lines[3].startswith("| seq | r-rome | sequential | 3 |")
+    for name in ("sequential_scores.png", "sequential_downstream.png", "sequential_delta_norm.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["summarize", str(tmp_path / "base"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["method"] == "none"
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    from factedit.cli import main
+
+    assert main(["eval", "--method", "rome", "--batch-size", "4", "--dataset", str(COUNTERFACT),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "one case at a time" in capsys.readouterr().err
+    assert main(["summarize", str(tmp_path)]) == 2
+    assert "not an evaluation run" in capsys.readouterr().err
