@@ -14,6 +14,9 @@ mean generation entropy of 48-token greedy continuations falls by more than 40%,
 3 of 5 unrelated probe facts change their greedy answer.
 
     python bench/guard_eval.py --screen 2000 --top 8 --random 12 --out docs/GUARD.md
+
+Known disabling records (found by ``bench/eval_disabling.py`` over the first 9,250 records, see
+docs/EVALUATION.md) can be added without screening them again: ``--cases 6276,1357,583``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def main():
     ap.add_argument("--screen", type=int, default=2000, help="records screened by the key ratio")
     ap.add_argument("--top", type=int, default=8, help="highest-ratio records evaluated in full")
     ap.add_argument("--random", type=int, default=12, help="random other records evaluated in full")
+    ap.add_argument("--cases", default="", help="comma-separated record indices evaluated in full as well")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -87,8 +91,19 @@ def main():
     order = sorted(range(len(screened)), key=lambda i: -float(ratio[i]))
     top = order[: args.top]
     rest = random.Random(0).sample(order[args.top:], args.random)
-    picked = top + rest
-    reqs = [screened[i] for i in picked]
+    extra = [int(x) for x in args.cases.split(",") if x.strip()]
+    picked = top + rest + [i for i in extra if i not in top + rest]
+    reqs = [screened[i] if i < len(screened) else load_requests(CF, limit=1, offset=i)[0] for i in picked]
+    templates = ed.templates(cfg.seed, cfg.context_lengths)
+
+    def key_ratio(i, req):
+        if i < len(screened):
+            return float(ratio[i])
+        ks, _ = template_keys(ed.adapter, [req], templates, layer)
+        ko, _ = template_keys(ed.adapter, [req], ["{}"], layer)
+        u = solve_spd(C, ks.T.double())
+        return float(((ks.double().T * u).sum(0) / (ko.double().T * u).sum(0)).abs()[0])
+
     gcfg = GuardConfig()
     base_h = held_out_entropy(ed.adapter)
     base_answers = probe_answers(ed.adapter)
@@ -110,7 +125,7 @@ def main():
             finally:
                 applied.revert()
             collapsed = h < 0.6 * base_h or changed >= 3
-            rows.append({"case": picked[i], "ratio": float(ratio[picked[i]]), "variant": name, "norm": float(decision["norms"][str(layer)]),
+            rows.append({"case": picked[i], "ratio": key_ratio(picked[i], req), "variant": name, "norm": float(decision["norms"][str(layer)]),
                          "limit": float(decision["limits"][str(layer)]), "guard_fired": not decision["passed"],
                          "reasons": decision["fired"], "held_out_entropy": h, "probes_changed": changed,
                          "collapsed": collapsed})
@@ -126,14 +141,16 @@ def main():
     norm_med = statistics.median(r["norm"] for r in rr)
     lines = [
         "## Collapse guard: false positives and detection", "",
-        f"Command: `python bench/guard_eval.py --screen {args.screen} --top {args.top} --random {args.random}`  ",
+        f"Command: `python bench/guard_eval.py --screen {args.screen} --top {args.top} --random {args.random}"
+        + (f" --cases {args.cases}" if args.cases else "") + "`  ",
         f"Date: {datetime.date.today()}; embedded SmolLM2-135M-Instruct, layer {layer}, statistics from WikiText-2 "
         f"(100k tokens), guard defaults (norm factor {gcfg.norm_factor:g}, entropy drop {gcfg.entropy_drop:.0%}). "
         f"Run time {time.time() - t0:.0f} s.", "",
         f"Screening: {args.screen} CounterFact records in {t_screen:.0f} s; key ratio |k*ᵀC⁻¹k*/k_oᵀC⁻¹k*| "
         f"median {float(ratio.median()):.2f}, max {float(ratio.max()):.3g}; "
         f"{int((ratio > 10).sum())} records above 10. Evaluated in full: the {args.top} highest and "
-        f"{args.random} random others.", "",
+        f"{args.random} random others" + (f", plus records {args.cases} (known disabling edits of `rome`, "
+        "found by bench/eval_disabling.py; see docs/EVALUATION.md)" if args.cases else "") + ".", "",
         f"Baseline held-out generation entropy {base_h:.2f} bits. An edit counts as *disabling* when, on held-out "
         "prompts the guard never sees, entropy falls below 60% of that or ≥ 3 of 5 unrelated probe facts change.", "",
         "| | edits | disabling (independent label) | guard fired | median ‖Δ‖ | max ‖Δ‖ |",

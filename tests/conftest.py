@@ -34,6 +34,18 @@ def tiny_corpus(tmp_path):
     return p
 
 
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A tiny random LLaMA saved as a Hugging Face folder (for CLI tests)."""
+    from tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    d = tmp_path / "tiny-llama"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2 model and an Editor over it (loaded once per session)."""

@@ -30,14 +30,6 @@ def test_subject_not_in_filled_prompt():
     assert r.prompt == "The {} is in"
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    model, tok = tiny_model("llama")
-    d = tmp_path / "tiny-llama"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
 
 def _weights(d):
     from safetensors.torch import load_file
@@ -120,7 +112,6 @@ def test_editor_leaves_model_untouched_on_errors(home, tiny_corpus, tmp_path):
 
 
 def test_failure_during_apply_restores(home, tiny_corpus, monkeypatch):
-    from factedit import delta as D
     from factedit.delta import LayerDelta, apply_deltas
 
     model, tok = tiny_model("llama")

@@ -1,7 +1,5 @@
 """Patches and the guard on the embedded model (slow)."""
 
-import json
-
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
 def test_round_trip_on_embedded_model(embedded, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from factedit import Editor, load_model, save_model
+    from factedit import load_model, save_model
     from factedit.arch import ModelAdapter
 
     ed = embedded
@@ -60,3 +58,28 @@ def test_patch_size_grows_linearly_with_requests(embedded, tmp_path):
     # factors: 2 layers x (576 + 1536) x n floats; metadata grows with the requests too
     per_request = (sizes[8] - sizes[2]) / 6
     assert 2 * (576 + 1536) * 4 <= per_request <= 2 * (576 + 1536) * 4 + 2000
+
+
+def test_guard_catches_a_real_rome_disabling_edit(embedded):
+    """CounterFact record 6276 is a disabling edit of the original code's `rome` on this model
+    (update ~500× r-ROME's, neighbour flipped, gibberish: docs/EVALUATION.md). The guard rolls it
+    back with an explanation and leaves the weights bit-identical; r-ROME on the same request passes."""
+    from conftest import COUNTERFACT
+    from factedit.guard import CollapseError
+    from factedit.requests_io import load_requests
+
+    ed = embedded
+    req = load_requests(COUNTERFACT, limit=1, offset=6276)[0]
+    before = {k: v.clone() for k, v in ed.model.state_dict().items()}
+    with pytest.raises(CollapseError, match="disabling edit"):
+        ed.edit(req, method="rome", stats_corpus=str(CORPUS))
+    assert ed.history == []
+    for k, v in ed.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    result = ed.edit(req, method="r-rome", stats_corpus=str(CORPUS))
+    try:
+        assert result.guard["passed"], result.guard
+        new, true = target_logprobs(ed.adapter, [req.text] * 2, [req.target_new, req.target_true])
+        assert new > true
+    finally:
+        ed.revert()

@@ -276,14 +276,6 @@ def test_recommendation_cache(tiny_adapters, home):
         assert load_recommendation(ad) is None
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    model, tok = tiny_model("llama")
-    d = tmp_path / "tiny-llama"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
 
 def test_cli_trace_single(tiny_dir, home, tmp_path, capsys):
     out = tmp_path / "out"
