@@ -1,6 +1,7 @@
 """Benchmark of batch editing (MEMIT, EMMET) on the embedded model.
 
 For each batch size n, a fresh process edits the first n CounterFact records (KnowEdit layout)
+with distinct (prompt, subject) — CounterFact has a few contradictory pairs, which a batch refuses —
 with each method in turn (reverting in between) and reports total seconds, seconds per edit,
 the split between target optimisation and the rest (keys + solves), efficacy, and peak RSS.
 The target residuals z* are the same for MEMIT and EMMET (same code, same inputs), so they are
@@ -38,7 +39,11 @@ def one(methods: list, n: int) -> list:
     from factedit.cli import _efficacy
     from factedit.requests_io import load_requests
 
-    reqs = load_requests(CF, limit=n)
+    reqs, seen = [], set()
+    for r in load_requests(CF, limit=2 * n):  # the first n records with distinct (prompt, subject)
+        if (r.prompt, r.subject) not in seen and len(reqs) < n:  # (CounterFact has contradictory pairs)
+            seen.add((r.prompt, r.subject))
+            reqs.append(r)
     model, tok = load_model()
     editor = Editor(model, tok, progress=False)
     rows, shared_values = [], None
@@ -74,12 +79,16 @@ def main():
     ap.add_argument("--single-edit-seconds", type=float, default=None,
                     help="median r-ROME edit time to compare with (from bench_edit.py)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--include", default=None,
+                    help="JSONL of rows printed by an earlier run (e.g. smaller sizes), added to the table")
     ap.add_argument("--one", nargs=2, metavar=("METHODS", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.one[0].split(","), int(args.one[1]))))
         return
     rows = []
+    if args.include:
+        rows += [json.loads(l) for l in Path(args.include).read_text().splitlines() if l.strip()]
     for n in map(int, args.sizes.split(",")):
         out = subprocess.run([sys.executable, __file__, "--one", args.methods, str(n)], capture_output=True, text=True)
         if out.returncode:
@@ -90,7 +99,9 @@ def main():
             print(json.dumps(row), flush=True)
     cpu = cpu_name()
     lines = ["## Batch editing (MEMIT, EMMET) on the embedded model", "",
-             f"Command: `python bench/bench_batch.py --sizes {args.sizes} --methods {args.methods}`  ",
+             f"Command: `python bench/bench_batch.py --sizes {args.sizes} --methods {args.methods}`"
+             + (f" (rows of smaller sizes from an earlier run of the same command, `--include`)" if args.include else "")
+             + "  ",
              f"Date: {datetime.date.today()}; machine: {cpu}, {os.cpu_count()} cores. Each row is a fresh process; "
              "statistics for the span (layers " + ", ".join(map(str, rows[0]['layers'])) + ", 100k WikiText-2 tokens each) "
              "were cached beforehand and are not in the timings. Target optimisation (*) is shared: "
