@@ -100,7 +100,7 @@ def main():
     cpu = cpu_name()
     lines = ["## Batch editing (MEMIT, EMMET) on the embedded model", "",
              f"Command: `python bench/bench_batch.py --sizes {args.sizes} --methods {args.methods}`"
-             + (f" (rows of smaller sizes from an earlier run of the same command, `--include`)" if args.include else "")
+             + (" (rows of smaller sizes from an earlier run of the same command, `--include`)" if args.include else "")
              + "  ",
              f"Date: {datetime.date.today()}; machine: {cpu}, {os.cpu_count()} cores. Each row is a fresh process; "
              "statistics for the span (layers " + ", ".join(map(str, rows[0]['layers'])) + ", 100k WikiText-2 tokens each) "
