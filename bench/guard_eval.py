@@ -9,9 +9,10 @@ Disabling edits are rare, so records are first *screened* without any optimisati
 same δ, ‖Δ_rome‖ / ‖Δ_r-rome‖ = |k*ᵀC⁻¹k* / k_oᵀC⁻¹k*| exactly, which needs only the keys. The
 records with the largest ratio and a random sample of the others are then evaluated in full.
 
-Independent collapse label ("disabling edit"): on *held-out* prompts (not the guard's), the
-mean generation entropy of 48-token greedy continuations falls by more than 40%, or at least
-3 of 5 unrelated probe facts change their greedy answer.
+Independent collapse label ("disabling edit"), on inputs the guard never sees: the mean
+generation entropy of 48-token greedy continuations of held-out prompts falls by more than 40%,
+or at least 3 of 5 unrelated probe facts change their greedy answer, or the mean NLL of a held-out
+WikiText-2 test passage (1,024 tokens) rises by more than 0.5 nats/token (perplexity × 1.65).
 
     python bench/guard_eval.py --screen 2000 --top 8 --random 12 --out docs/GUARD.md
 
@@ -50,6 +51,14 @@ def held_out_entropy(adapter):
     return entropy_probe(adapter, GuardConfig(prompts=HELD_OUT, max_new_tokens=48))
 
 
+@torch.no_grad()
+def held_out_nll(adapter, text: str) -> float:
+    """Mean next-token NLL (nats) of a held-out WikiText-2 passage (4 × 256 tokens)."""
+    ids = adapter.tokenizer(text, return_tensors="pt")["input_ids"][:, : 4 * 256].reshape(4, 256).to(adapter.device)
+    logits = adapter.model(input_ids=ids).logits.float()
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+
+
 def probe_answers(adapter):
     from factedit.generation import greedy_continuation
 
@@ -69,7 +78,7 @@ def main():
     from factedit.delta import apply_deltas
     from factedit.guard import check, entropy_probe, norm_reference
     from factedit.methods.rome import compute_rome
-    from factedit.requests_io import load_requests
+    from factedit.evaluation import load_cases
 
     model, tok = load_model()
     ed = Editor(model, tok, progress=False)
@@ -78,7 +87,8 @@ def main():
     from factedit.methods.rome import default_layer
     import random
 
-    screened = load_requests(CF, limit=args.screen)
+    cases = load_cases(CF, limit=args.screen)
+    screened = [c.request for c in cases]
     layer = default_layer(ed.adapter.n_layers)
     cfg = ed.make_config("r-rome", stats_corpus=str(CORPUS))
     C = ed.stats(layer, cfg.stats_corpus, cfg.stats_tokens).mom2
@@ -91,13 +101,21 @@ def main():
     order = sorted(range(len(screened)), key=lambda i: -float(ratio[i]))
     top = order[: args.top]
     rest = random.Random(0).sample(order[args.top:], args.random)
-    extra = [int(x) for x in args.cases.split(",") if x.strip()]
-    picked = top + rest + [i for i in extra if i not in top + rest]
-    reqs = [screened[i] if i < len(screened) else load_requests(CF, limit=1, offset=i)[0] for i in picked]
+    # --cases are CounterFact case ids (not line numbers); those beyond the screen are looked up
+    extra = {int(x) for x in args.cases.split(",") if x.strip()}
+    by_id = {c.case_id: (i, c.request) for i, c in enumerate(cases)}
+    missing = extra - set(by_id)
+    if missing:
+        for c in load_cases(CF):
+            if c.case_id in missing:
+                by_id[c.case_id] = (None, c.request)
+    picked = [(cases[i].case_id, i, screened[i]) for i in top + rest]
+    picked += [(cid, *by_id[cid]) for cid in sorted(extra) if cid not in {p[0] for p in picked}]
+    reqs = [p[2] for p in picked]
     templates = ed.templates(cfg.seed, cfg.context_lengths)
 
     def key_ratio(i, req):
-        if i < len(screened):
+        if i is not None:
             return float(ratio[i])
         ks, _ = template_keys(ed.adapter, [req], templates, layer)
         ko, _ = template_keys(ed.adapter, [req], ["{}"], layer)
@@ -107,6 +125,8 @@ def main():
     gcfg = GuardConfig()
     base_h = held_out_entropy(ed.adapter)
     base_answers = probe_answers(ed.adapter)
+    passage = (CORPUS.parent / "wikitext2_test.txt").read_text(encoding="utf-8")[:20000]
+    base_nll = held_out_nll(ed.adapter, passage)
     g_before = entropy_probe(ed.adapter, gcfg)
     rows = []
     t0 = time.time()
@@ -122,12 +142,14 @@ def main():
                 decision = check(fake, {layer: ref}, g_before, entropy_probe(ed.adapter, gcfg), gcfg)
                 h = held_out_entropy(ed.adapter)
                 changed = sum(a != b for a, b in zip(probe_answers(ed.adapter), base_answers))
+                nll = held_out_nll(ed.adapter, passage)
             finally:
                 applied.revert()
-            collapsed = h < 0.6 * base_h or changed >= 3
-            rows.append({"case": picked[i], "ratio": key_ratio(picked[i], req), "variant": name, "norm": float(decision["norms"][str(layer)]),
+            collapsed = h < 0.6 * base_h or changed >= 3 or nll > base_nll + 0.5
+            rows.append({"case": picked[i][0], "ratio": key_ratio(picked[i][1], req), "variant": name, "norm": float(decision["norms"][str(layer)]),
                          "limit": float(decision["limits"][str(layer)]), "guard_fired": not decision["passed"],
                          "reasons": decision["fired"], "held_out_entropy": h, "probes_changed": changed,
+                         "held_out_nll": nll,
                          "collapsed": collapsed})
             print(json.dumps(rows[-1]), flush=True)
 
@@ -151,8 +173,9 @@ def main():
         f"{int((ratio > 10).sum())} records above 10. Evaluated in full: the {args.top} highest and "
         f"{args.random} random others" + (f", plus records {args.cases} (known disabling edits of `rome`, "
         "found by bench/eval_disabling.py; see docs/EVALUATION.md)" if args.cases else "") + ".", "",
-        f"Baseline held-out generation entropy {base_h:.2f} bits. An edit counts as *disabling* when, on held-out "
-        "prompts the guard never sees, entropy falls below 60% of that or ≥ 3 of 5 unrelated probe facts change.", "",
+        f"Baseline: held-out generation entropy {base_h:.2f}, held-out WikiText-2 NLL {base_nll:.3f} nats/token. An edit "
+        "counts as *disabling* when, on inputs the guard never sees, that entropy falls below 60%, ≥ 3 of 5 unrelated "
+        "probe facts change, or the NLL rises by more than 0.5.", "",
         "| | edits | disabling (independent label) | guard fired | median ‖Δ‖ | max ‖Δ‖ |",
         "|---|---|---|---|---|---|",
         f"| r-ROME | {len(rr)} | {sum(r['collapsed'] for r in rr)} | {sum(r['guard_fired'] for r in rr)} | "
@@ -164,11 +187,11 @@ def main():
         f"* Detection rate on disabling edits (all variants): {rate(dis, 'guard_fired'):.1%} "
         f"({sum(r['guard_fired'] for r in dis)} of {len(dis)}).",
         f"* Norm limit of this layer: {rows[0]['limit']:.3g}.", "",
-        "Cases where the guard fired: " + (", ".join(
-            f"#{r['case']} {r['variant']} (ratio {r['ratio']:.3g}, ‖Δ‖ {r['norm']:.3g}, entropy {r['held_out_entropy']:.2f}, "
-            f"{r['probes_changed']} probes changed)" for r in rows if r["guard_fired"]) or "none"),
-        "",
-    ]
+        "| case | variant | key ratio | ‖Δ‖ | guard | held-out entropy | probes changed | held-out NLL | disabling |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ] + [f"| {r['case']} | {r['variant']} | {r['ratio']:.3g} | {r['norm']:.3g} | "
+         f"{'fired' if r['guard_fired'] else 'passed'} | {r['held_out_entropy']:.2f} | {r['probes_changed']} | "
+         f"{r['held_out_nll']:.3f} | {'yes' if r['collapsed'] else 'no'} |" for r in rows] + [""]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -65,11 +65,11 @@ def test_guard_catches_a_real_rome_disabling_edit(embedded):
     (update ~500× r-ROME's, neighbour flipped, gibberish: docs/EVALUATION.md). The guard rolls it
     back with an explanation and leaves the weights bit-identical; r-ROME on the same request passes."""
     from conftest import COUNTERFACT
+    from factedit.evaluation import load_cases
     from factedit.guard import CollapseError
-    from factedit.requests_io import load_requests
 
     ed = embedded
-    req = load_requests(COUNTERFACT, limit=1, offset=6276)[0]
+    req = next(c for c in load_cases(COUNTERFACT, limit=2500, offset=4250) if c.case_id == 6276).request
     before = {k: v.clone() for k, v in ed.model.state_dict().items()}
     with pytest.raises(CollapseError, match="disabling edit"):
         ed.edit(req, method="rome", stats_corpus=str(CORPUS))
