@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -80,7 +81,7 @@ def main():
                     help="median r-ROME edit time to compare with (from bench_edit.py)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--include", default=None,
-                    help="JSONL of rows printed by an earlier run (e.g. smaller sizes), added to the table")
+                    help="JSONL of rows of earlier runs (e.g. smaller sizes): added to the table; new rows are appended")
     ap.add_argument("--one", nargs=2, metavar=("METHODS", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -89,7 +90,7 @@ def main():
     rows = []
     if args.include:
         rows += [json.loads(l) for l in Path(args.include).read_text().splitlines() if l.strip()]
-    for n in map(int, args.sizes.split(",")):
+    for n in [int(x) for x in args.sizes.split(",") if x]:
         out = subprocess.run([sys.executable, __file__, "--one", args.methods, str(n)], capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)
@@ -97,11 +98,13 @@ def main():
         for row in json.loads(out.stdout.strip().splitlines()[-1]):
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.include:  # keep the raw rows for later runs of other sizes
+                with open(args.include, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
     cpu = cpu_name()
     lines = ["## Batch editing (MEMIT, EMMET) on the embedded model", "",
-             f"Command: `python bench/bench_batch.py --sizes {args.sizes} --methods {args.methods}`"
-             + (" (rows of smaller sizes from an earlier run of the same command, `--include`)" if args.include else "")
-             + "  ",
+             "Command: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`"
+             + (f" (rows in {args.include} come from earlier runs of this script)" if args.include else "") + "  ",
              f"Date: {datetime.date.today()}; machine: {cpu}, {os.cpu_count()} cores. Each row is a fresh process; "
              "statistics for the span (layers " + ", ".join(map(str, rows[0]['layers'])) + ", 100k WikiText-2 tokens each) "
              "were cached beforehand and are not in the timings. Target optimisation (*) is shared: "
