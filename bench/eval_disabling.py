@@ -31,16 +31,11 @@ GENERIC = ("The most important thing about history is", "My favorite food is", "
 
 
 def screen(ed, cases, cfg, n_templates=None):
-    from factedit.keys import template_keys
-    from factedit.linalg import solve_spd
+    from factedit.methods.rome import rome_norm_ratio
 
     C = ed.stats(cfg.layer, cfg.stats_corpus, cfg.stats_tokens).mom2
-    reqs = [c.request for c in cases]
     templates = ed.templates(cfg.seed, cfg.context_lengths)[: n_templates or None]
-    k_star, _ = template_keys(ed.adapter, reqs, templates, cfg.layer)
-    k_o, _ = template_keys(ed.adapter, reqs, ["{}"], cfg.layer)
-    U = solve_spd(C, k_star.T.double())
-    return ((k_star.double().T * U).sum(0) / (k_o.double().T * U).sum(0)).abs()
+    return rome_norm_ratio(ed.adapter, C, [c.request for c in cases], templates, cfg.layer)
 
 
 def generic_entropy(adapter, length: int) -> float:

@@ -77,14 +77,11 @@ def main():
     from factedit import Editor, GuardConfig, load_model
     from factedit.delta import apply_deltas
     from factedit.guard import check, entropy_probe, norm_reference
-    from factedit.methods.rome import compute_rome
+    from factedit.methods.rome import compute_rome, default_layer, rome_norm_ratio
     from factedit.evaluation import load_cases
 
     model, tok = load_model()
     ed = Editor(model, tok, progress=False)
-    from factedit.keys import template_keys
-    from factedit.linalg import solve_spd
-    from factedit.methods.rome import default_layer
     import random
 
     cases = load_cases(CF, limit=args.screen)
@@ -92,11 +89,9 @@ def main():
     layer = default_layer(ed.adapter.n_layers)
     cfg = ed.make_config("r-rome", stats_corpus=str(CORPUS))
     C = ed.stats(layer, cfg.stats_corpus, cfg.stats_tokens).mom2
+    templates = ed.templates(cfg.seed, cfg.context_lengths)
     t_screen = time.time()
-    k_star, _ = template_keys(ed.adapter, screened, ed.templates(cfg.seed, cfg.context_lengths), layer)
-    k_o, _ = template_keys(ed.adapter, screened, ["{}"], layer)
-    U = solve_spd(C, k_star.T.double())  # (d_ff, n)
-    ratio = ((k_star.double().T * U).sum(0) / (k_o.double().T * U).sum(0)).abs()
+    ratio = rome_norm_ratio(ed.adapter, C, screened, templates, layer)
     t_screen = time.time() - t_screen
     order = sorted(range(len(screened)), key=lambda i: -float(ratio[i]))
     top = order[: args.top]
@@ -112,15 +107,8 @@ def main():
     picked = [(cases[i].case_id, i, screened[i]) for i in top + rest]
     picked += [(cid, *by_id[cid]) for cid in sorted(extra) if cid not in {p[0] for p in picked}]
     reqs = [p[2] for p in picked]
-    templates = ed.templates(cfg.seed, cfg.context_lengths)
-
-    def key_ratio(i, req):
-        if i is not None:
-            return float(ratio[i])
-        ks, _ = template_keys(ed.adapter, [req], templates, layer)
-        ko, _ = template_keys(ed.adapter, [req], ["{}"], layer)
-        u = solve_spd(C, ks.T.double())
-        return float(((ks.double().T * u).sum(0) / (ko.double().T * u).sum(0)).abs()[0])
+    ratios = [float(ratio[i]) if i is not None else float(rome_norm_ratio(ed.adapter, C, [r], templates, layer)[0])
+              for _, i, r in picked]
 
     gcfg = GuardConfig()
     base_h = held_out_entropy(ed.adapter)
@@ -146,7 +134,7 @@ def main():
             finally:
                 applied.revert()
             collapsed = h < 0.6 * base_h or changed >= 3 or nll > base_nll + 0.5
-            rows.append({"case": picked[i][0], "ratio": key_ratio(picked[i][1], req), "variant": name, "norm": float(decision["norms"][str(layer)]),
+            rows.append({"case": picked[i][0], "ratio": ratios[i], "variant": name, "norm": float(decision["norms"][str(layer)]),
                          "limit": float(decision["limits"][str(layer)]), "guard_fired": not decision["passed"],
                          "reasons": decision["fired"], "held_out_entropy": h, "probes_changed": changed,
                          "held_out_nll": nll,

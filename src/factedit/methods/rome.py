@@ -19,7 +19,7 @@ from ..errors import MethodError
 from ..solver import equality
 from ..values import ValueConfig
 
-__all__ = ["ROMEConfig", "ROME_VARIANTS", "compute_rome", "default_layer", "default_stats_tokens"]
+__all__ = ["ROMEConfig", "ROME_VARIANTS", "compute_rome", "default_layer", "default_stats_tokens", "rome_norm_ratio"]
 
 ROME_VARIANTS = ("r-rome", "rome", "p-rome")
 
@@ -93,3 +93,15 @@ def compute_rome(C, values, index: int, variant: str, layer: int) -> LayerDelta:
         raise MethodError(f"unknown ROME variant {variant!r}")
     sol = equality(delta[:, None], k_dir[:, None], C, k_res[:, None])  # ROME = the n = 1 equality case
     return LayerDelta(layer, sol.left.float(), sol.right.float())
+
+
+def rome_norm_ratio(adapter, C, requests, templates, layer: int):
+    """``|k*ᵀC⁻¹k* / k_oᵀC⁻¹k*|`` per request: ‖Δ_rome‖ / ‖Δ_r-rome‖ for the same δ (ALGORITHMS.md §3),
+    from the keys alone (no optimisation). Large values flag the original code's disabling edits."""
+    from ..keys import template_keys
+    from ..linalg import solve_spd
+
+    k_star, _ = template_keys(adapter, requests, templates, layer)
+    k_o, _ = template_keys(adapter, requests, ["{}"], layer)
+    U = solve_spd(C, k_star.T.double())  # (d_ff, n) C⁻¹ k*
+    return ((k_star.double().T * U).sum(0) / (k_o.double().T * U).sum(0)).abs()
