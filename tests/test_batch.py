@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from factedit import Editor, GuardConfig, Request, ValueConfig
-from factedit.errors import RequestError
+from factedit.errors import MethodError, RequestError
 from factedit.keys import template_keys
 from tiny import tiny_model
 
@@ -138,3 +138,16 @@ def test_alphaedit_sequence_state_and_revert(home, tiny_corpus):
     assert "alphaedit" not in ed.state
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_alphaedit_without_null_space_is_refused(home, tiny_corpus):
+    """A layer whose key statistics have no eigenvalue below the threshold leaves AlphaEdit nothing
+    to edit with: a clear error naming the layer, not a silent zero update; weights unchanged."""
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MethodError, match="no eigenvalue .* below nullspace_threshold=1e-12"):
+        ed.edit(REQS[:1], "alphaedit", guard=NO_GUARD, **_opts(tiny_corpus, nullspace_threshold=1e-12))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert ed.history == [] and "alphaedit" not in ed.state
