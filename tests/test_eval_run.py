@@ -65,11 +65,12 @@ def _interrupt_after(monkeypatch, k):
     monkeypatch.setattr(R, "score_cases", flaky)
 
 
-def test_resume_matches_uninterrupted_run(home, tiny_corpus, tmp_path, monkeypatch):
-    cfg = _cfg(tiny_corpus)
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_resume_matches_uninterrupted_run(home, tiny_corpus, tmp_path, monkeypatch, chunk):
+    cfg = _cfg(tiny_corpus, chunk=chunk)  # chunks of `chunk` cases scored together: one scoring call each
     full = run_eval(_editor(), cfg, tmp_path / "full")
     with monkeypatch.context() as m:
-        _interrupt_after(m, 2)
+        _interrupt_after(m, 2 // chunk)
         with pytest.raises(Boom):
             run_eval(_editor(), cfg, tmp_path / "cut")
     assert len(_records(tmp_path / "cut")) == 2

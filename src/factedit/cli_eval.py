@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Callable
 
-__all__ = ["add_parsers", "cmd_eval", "cmd_summarize"]
+__all__ = ["add_parsers", "eval_config", "cmd_eval", "cmd_summarize"]
 
 SUMMARY_KEYS = ("n", "ES", "PS", "NS", "S", "EM", "PM", "NM", "GE", "seconds_per_edit")
 
@@ -39,6 +39,10 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
                    help="tokens per generation for GE, prompt included (ROME: 100); 0 skips GE")
     e.add_argument("--ge-prompts", type=int, default=10, help="generation prompts per case (default all, ≤ 10)")
     e.add_argument("--score-batch", type=int, default=64, help="rows per forward pass when scoring")
+    e.add_argument("--chunk", type=int, default=25,
+                   help="single-edit runs: cases edited (each from the original weights) and scored together (default 25)")
+    e.add_argument("--prefetch-batch", type=int, default=16,
+                   help="ROME variants, single-edit runs: targets optimised together (independent; default 16)")
     e.add_argument("--guard", action="store_true", help="run the collapse guard (off: measure raw method behaviour)")
     e.add_argument("--layer", type=int, default=None)
     e.add_argument("--layers", type=_layers, default=None, help="span of a multi-layer method, e.g. 4,5,6,7,8")
@@ -64,19 +68,27 @@ def _method_options(args) -> tuple:
     return tuple(sorted((k, v) for k, v in opts.items() if v is not None))
 
 
-def cmd_eval(args) -> int:
-    from .cli import _arch_spec
-    from .editor import Editor
-    from .evaluation import DownstreamConfig, EvalConfig, GenerationConfig, run_eval
-    from .models import load_model
+def eval_config(args):
+    """The :class:`~factedit.evaluation.EvalConfig` of parsed ``factedit eval`` arguments."""
+    from .evaluation import DownstreamConfig, EvalConfig, GenerationConfig
 
-    cfg = EvalConfig(
+    return EvalConfig(
         method=args.method, dataset=args.dataset, dataset_sha256=args.dataset_sha256, limit=args.limit,
         offset=args.offset, batch_size=args.batch_size, sequential=args.sequential,
         downstream_dir=args.downstream, downstream_every=args.downstream_every,
         downstream=DownstreamConfig(n=args.downstream_n, shots=args.downstream_shots),
         generation=GenerationConfig(length=args.ge_length, max_prompts=args.ge_prompts, seed=args.seed),
-        score_batch=args.score_batch, guard=args.guard, method_options=_method_options(args))
+        score_batch=args.score_batch, chunk=args.chunk, prefetch_batch=args.prefetch_batch, guard=args.guard,
+        method_options=_method_options(args))
+
+
+def cmd_eval(args) -> int:
+    from .cli import _arch_spec
+    from .editor import Editor
+    from .evaluation import run_eval
+    from .models import load_model
+
+    cfg = eval_config(args)
     cfg.check()  # before loading the model
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     editor = Editor(model, tok, arch=_arch_spec(args.arch_spec), progress=not args.json and sys.stderr.isatty())

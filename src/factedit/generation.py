@@ -106,14 +106,25 @@ def greedy_continuation(adapter, prompt: str, max_new_tokens: int = 12) -> str:
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def _owned(models, owners, indices):
+    """The context in which rows ``indices`` run on their own edited models (if any)."""
+    import contextlib
+
+    if models is None:
+        return contextlib.nullcontext()
+    return models.rows([owners[i] for i in indices])
+
+
 @torch.no_grad()
 def position_scores(adapter, seqs: Sequence[Sequence[int]], queries: Sequence[Sequence[Tuple[int, int]]],
-                    batch_size: int = 32) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+                    batch_size: int = 32, models=None,
+                    owners: Optional[Sequence[int]] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """For each token sequence and each ``(j, t)`` of its queries: the log-probability that token ``t``
     comes at position ``j`` (predicted at ``j - 1``, teacher forcing) and whether ``t`` is the top-1 there.
 
     Sequences are batched by length (little padding); logits are formed only at queried positions.
-    Returns ``(logprobs, hits)`` per sequence, float32 and bool on the CPU, in input order.
+    With ``models`` (a :class:`~factedit.row_deltas.RowDeltas`), sequence ``i`` is scored on edited
+    model ``owners[i]``. Returns ``(logprobs, hits)`` per sequence, float32 and bool on the CPU, in input order.
     """
     tok = adapter.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -131,7 +142,8 @@ def position_scores(adapter, seqs: Sequence[Sequence[int]], queries: Sequence[Se
             mask[r, : len(seqs[i])] = 1
             for j, t in queries[i]:
                 rows.append(r), cols.append(j - 1), tgt.append(t)
-        hidden = adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+        with _owned(models, owners, chunk):
+            hidden = adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
         sel = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
         logp = F.log_softmax(adapter.logits(sel).float(), dim=-1)
         tgt_t = torch.tensor(tgt, device=dev)

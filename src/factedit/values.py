@@ -80,6 +80,12 @@ class ValueResult:
     nll_before: List[float]
     nll_after: List[float]
 
+    def select(self, i: int) -> "ValueResult":
+        """Request ``i`` alone (as if optimised by itself: the requests of a batch are independent)."""
+        return ValueResult(self.delta[i: i + 1], self.v0[i: i + 1], self.k_o[i: i + 1], self.k_star[i: i + 1],
+                           [[step[i]] for step in self.losses], self.steps, [self.nll_before[i]],
+                           [self.nll_after[i]])
+
 
 class ValueProblem:
     """The batch of prompts for one or more requests at one layer, laid out for fast steps."""

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import RequestError
+from ..errors import FactEditError, RequestError
 from ..guard import CollapseError, GuardConfig
 from ..methods import METHODS, ROMEConfig
 from .datasets import Case, load_cases, resolve_dataset, sha256_of
@@ -52,6 +52,12 @@ class EvalConfig:
         downstream: settings of the downstream tasks (examples per task, shots).
         generation: GE settings (``length`` 0 disables GE).
         score_batch: rows per forward pass when scoring.
+        chunk: single-edit runs (not sequential, guard off) edit this many cases (whole groups), each
+            from the original weights, and score them together: case ``i`` runs on W + Δ_i through
+            :class:`~factedit.row_deltas.RowDeltas` (the weights are never written), so the scoring
+            and the GE generations of many edits share their forward passes.
+        prefetch_batch: ROME variants in single-edit runs optimise the δ of this many cases of a chunk
+            together (:meth:`Editor.prefetch_targets`; independent per case).
         guard: run the collapse guard (off: measure the method as it is).
         method_options: options of :meth:`Editor.make_config` (layer, layers, steps, stats_corpus, ...).
     """
@@ -68,6 +74,8 @@ class EvalConfig:
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     score_batch: int = 64
+    chunk: int = 25
+    prefetch_batch: int = 16
     guard: bool = False
     method_options: Tuple[Tuple[str, object], ...] = ()
 
@@ -77,6 +85,8 @@ class EvalConfig:
             raise RunError(f"unknown method {self.method!r}; available: {BASELINE}, {', '.join(METHODS)}")
         if self.batch_size < 1:
             raise RunError("--batch-size must be >= 1")
+        if self.chunk < 1 or self.prefetch_batch < 1:
+            raise RunError("--chunk and --prefetch-batch must be >= 1")
         if self.batch_size > 1 and (self.method == BASELINE or METHODS[self.method] is ROMEConfig):
             raise RunError(f"{self.method} edits one case at a time; --batch-size is for memit, emmet, alphaedit, ft")
         if self.sequential and self.method == BASELINE:
@@ -134,14 +144,33 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
     tasks = load_tasks(cfg.downstream_dir, cfg.downstream) if cfg.downstream_every else []
     run = _Run(editor, cfg, store, method_cfg, groups, tasks, *state)
     run.checkpoint()
-    for g, group in enumerate(groups):
-        if g in run.done:
-            continue
-        run.one_group(g, group)
+    todo = [g for g in range(len(groups)) if g not in run.done]
+    if cfg.sequential or cfg.guard:  # each edit applied for real, one after another
+        parts = [[g] for g in todo]
+    else:
+        parts = _chunks(todo, groups, cfg.chunk)
+    for part in parts:
+        if cfg.sequential or cfg.guard:
+            run.one_group(part[0], groups[part[0]])
+        else:
+            run.one_chunk(part)
         run.checkpoint()
         if on_group is not None:
             on_group(len(run.done), len(groups))
     return run.summary()
+
+
+def _chunks(todo: List[int], groups, size: int) -> List[List[int]]:
+    """Consecutive groups of ``todo`` with at least ``size`` cases per chunk (the last may have fewer)."""
+    parts: List[List[int]] = []
+    n = size
+    for g in todo:
+        if n >= size:
+            parts.append([])
+            n = 0
+        parts[-1].append(g)
+        n += len(groups[g])
+    return parts
 
 
 def _warm_up(editor, method_cfg) -> None:
@@ -228,14 +257,71 @@ class _Run:
         scores = [{} for _ in group] if error and "error" in error else score_cases(
             self.editor.adapter, group, self.cfg.generation, self.cfg.score_batch)
         t_score = (time.perf_counter() - t0) / len(group)
-        norm, fro = normalized_delta_norm(result.deltas) if result is not None else (None, None)
-        rows = []
-        for c, s in zip(group, scores):
-            rows.append({"case_id": c.case_id, **base, "request": c.request.to_dict(), **s, **(error or {}),
-                         "delta_norm": norm, "delta_fro": fro, "edit_seconds": t_edit / len(group),
-                         "score_seconds": t_score, "guard": result.guard if result is not None else None,
-                         "base_fingerprints": result.fingerprints if result is not None else None})
-        return rows
+        return self._rows(group, scores, error, base, result.deltas if result is not None else None, t_edit,
+                          t_score, result.guard if result is not None else None,
+                          result.fingerprints if result is not None else None)
+
+    @staticmethod
+    def _rows(group, scores, error, base, deltas, t_edit, t_score, guard, fingerprints) -> List[dict]:
+        norm, fro = normalized_delta_norm(deltas) if deltas is not None else (None, None)
+        return [{"case_id": c.case_id, **base, "request": c.request.to_dict(), **s, **(error or {}),
+                 "delta_norm": norm, "delta_fro": fro, "edit_seconds": t_edit / len(group),
+                 "score_seconds": t_score, "guard": guard, "base_fingerprints": fingerprints}
+                for c, s in zip(group, scores)]
+
+    def one_chunk(self, gs: List[int]) -> None:
+        """Single-edit runs: edit each group of ``gs`` from the original weights (computed, never
+        written into the model), then score all their cases together, each on its own W + Δ."""
+        from ..patch import matrix_fingerprint
+        from ..row_deltas import RowDeltas
+
+        ed, cfg = self.editor, self.cfg
+        cases = [c for g in gs for c in self.groups[g]]
+        t_pre = 0.0
+        if cfg.method != BASELINE and len(cases) > 1:
+            try:
+                t_pre = ed.prefetch_targets([c.request for c in cases], self.method_cfg, cfg.prefetch_batch)
+            except RequestError as e:  # one bad request: every case is optimised (and fails) on its own
+                log.info("prefetch of targets skipped: %s", e)
+        fingerprints = None
+        if self.method_cfg is not None:
+            fingerprints = {ed.adapter.w_out_name(l): matrix_fingerprint(ed.adapter.w_out_parameter(l))
+                            for l in self.method_cfg.layers}
+        edits: Dict[int, tuple] = {}
+        for g in gs:
+            group = self.groups[g]
+            t0 = time.perf_counter()
+            computed, error = None, None
+            if cfg.method != BASELINE:
+                try:
+                    computed = ed.compute([c.request for c in group], config=self.method_cfg)
+                except RequestError as e:
+                    error = {"error": f"{type(e).__name__}: {e}"}
+                if computed is not None:
+                    for d in computed.deltas:  # as apply_deltas would refuse it
+                        if not d.is_finite():
+                            raise FactEditError(f"the update for layer {d.layer} contains NaN/Inf (cases "
+                                                f"{[c.case_id for c in group]})")
+            t_edit = time.perf_counter() - t0 + t_pre * len(group) / len(cases)
+            edits[g] = (computed, error, t_edit)
+        owner = {g: i for i, g in enumerate(gs)}
+        scored = [(g, c) for g in gs for c in self.groups[g] if edits[g][1] is None]
+        t0 = time.perf_counter()
+        models = RowDeltas(ed.adapter, [edits[g][0].deltas if edits[g][0] is not None else [] for g in gs])
+        with models:
+            scores = score_cases(ed.adapter, [c for _, c in scored], cfg.generation, cfg.score_batch, models,
+                                 [owner[g] for g, _ in scored])
+        t_score = (time.perf_counter() - t0) / max(1, len(scored))
+        by_case = {(g, c.case_id): s for (g, c), s in zip(scored, scores)}
+        for g in gs:
+            group, (computed, error, t_edit) = self.groups[g], edits[g]
+            base = {"group": g, "method": cfg.method, "n_edits_before": 0}
+            rows = self._rows(group, [by_case.get((g, c.case_id), {}) for c in group], error, base,
+                              computed.deltas if computed is not None else None, t_edit,
+                              t_score if error is None else 0.0, None, fingerprints)
+            self.store.append(self.store.cases_path, rows)
+            self.records += rows
+            self.done.add(g)
 
     def _commit(self, g: int, group, result, rows) -> None:
         """Sequential: patch file, records, then the stack (the commit point)."""

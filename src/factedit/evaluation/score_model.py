@@ -8,7 +8,8 @@ batched forward passes as possible, and the generations behind GE.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+import contextlib
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from ..tokens import encode_with_target
 from .datasets import Case, ZsRECase
 from .scoring import counterfact_case, text_entropy, token_accuracy
 
-__all__ = ["GenerationConfig", "score_cases", "sample_texts"]
+__all__ = ["GenerationConfig", "score_cases", "sample_texts", "sample_text_groups"]
 
 
 @dataclass(frozen=True)
@@ -30,20 +31,38 @@ class GenerationConfig:
         top_k: sample from the k most likely tokens.
         max_prompts: use at most this many generation prompts per case (CounterFact has 10).
         seed: base seed; each case samples with ``seed + case_id`` (reproducible, resumable).
+        batch_rows: generation prompts sampled together (several cases per batch; each case keeps its
+            own generator, so the batching does not change what is drawn).
     """
 
     length: int = 100
     top_k: int = 5
     max_prompts: int = 10
     seed: int = 0
+    batch_rows: int = 64
+
+
+def sample_texts(adapter, prompts: Sequence[str], length: int, seed: int, top_k: int = 5) -> List[str]:
+    """Top-k samples continuing each prompt to ``length`` tokens in all, prompt included; returns
+    prompt + continuation as text. A private generator seeded with ``seed`` drives the sampling."""
+    return sample_text_groups(adapter, [(prompts, seed)], length, top_k)[0]
 
 
 @torch.no_grad()
-def sample_texts(adapter, prompts: Sequence[str], length: int, seed: int, top_k: int = 5) -> List[str]:
-    """Top-k samples continuing each prompt (batched, left-padded, KV cache) to ``length`` tokens in
-    all, prompt included; returns prompt + continuation as text. A private generator seeds the sampling."""
-    tok, model, dev = adapter.tokenizer, adapter.model, adapter.device
-    enc = [list(tok(p)["input_ids"]) for p in prompts]
+def sample_text_groups(adapter, groups: Sequence[Tuple[Sequence[str], int]], length: int, top_k: int = 5,
+                       models=None, owners: Optional[Sequence[int]] = None) -> List[List[str]]:
+    """:func:`sample_texts` of several ``(prompts, seed)`` groups in one left-padded batch with a KV
+    cache. Each group draws from its own generator exactly as it would alone (so batching does not
+    change which token is drawn, up to the rounding of the batched forward); with ``models`` (a
+    :class:`~factedit.row_deltas.RowDeltas`) group ``g`` runs on edited model ``owners[g]``."""
+    tok, body, dev = adapter.tokenizer, adapter.body, adapter.device
+    enc, group_of = [], []
+    for g, (prompts, _) in enumerate(groups):
+        for p in prompts:
+            enc.append(list(tok(p)["input_ids"]))
+            group_of.append(g)
+    if not enc:
+        return [[] for _ in groups]
     width = max(len(e) for e in enc)
     steps = max(0, length - min(len(e) for e in enc))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -52,21 +71,34 @@ def sample_texts(adapter, prompts: Sequence[str], length: int, seed: int, top_k:
     for r, e in enumerate(enc):
         ids[r, width - len(e):] = torch.tensor(e)
         mask[r, width - len(e):] = 1
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gens = [torch.Generator(device="cpu").manual_seed(int(seed)) for _, seed in groups]
+    spans, r0 = [], 0
+    for prompts, _ in groups:
+        spans.append((r0, r0 + len(prompts)))
+        r0 += len(prompts)
     ids, mask = ids.to(dev), mask.to(dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    ctx = models.rows([owners[g] for g in group_of]) if models is not None else contextlib.nullcontext()
     new = []
-    for _ in range(steps):
-        vals, idx = out.logits[:, -1, :].float().cpu().topk(top_k, dim=-1)
-        nxt = idx.gather(1, torch.multinomial(F.softmax(vals, dim=-1), 1, generator=gen)).to(dev)
-        new.append(nxt)
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
-                    use_cache=True)
+    with ctx:
+        out = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        for _ in range(steps):
+            logits = adapter.logits(out.last_hidden_state[:, -1, :])  # only the last position's logits
+            vals, idx = logits.float().cpu().topk(top_k, dim=-1)
+            probs = F.softmax(vals, dim=-1)
+            choice = torch.empty((len(enc), 1), dtype=torch.long)
+            for (a, b), gen in zip(spans, gens):
+                if b > a:
+                    choice[a:b] = torch.multinomial(probs[a:b], 1, generator=gen)
+            nxt = idx.gather(1, choice).to(dev)
+            new.append(nxt)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = body(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
+                       use_cache=True)
     cont = torch.cat(new, dim=1).tolist() if new else [[] for _ in enc]
-    return [tok.decode(e + c[: max(0, length - len(e))], skip_special_tokens=True) for e, c in zip(enc, cont)]
+    texts = [tok.decode(e + c[: max(0, length - len(e))], skip_special_tokens=True) for e, c in zip(enc, cont)]
+    return [texts[a:b] for a, b in spans]
 
 
 class _Rows:
@@ -116,18 +148,20 @@ def _generation_prompts(case: Case, cfg: GenerationConfig) -> List[str]:
 
 
 def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = GenerationConfig(length=0),
-                batch_size: int = 64) -> List[Dict]:
+                batch_size: int = 64, models=None, owners: Optional[Sequence[int]] = None) -> List[Dict]:
     """Metrics of each case on the current weights.
 
     CounterFact: ES/PS/NS, EM/PM/NM per case and the raw ``(log P(o*), log P(o_c))`` pairs per prompt
     (``rewrite_lp``, ``paraphrase_lp``, ``neighborhood_lp``); zsRE: token accuracy of ``alt`` on the
     question (efficacy) and its rephrase (paraphrase), and of ``loc_ans`` on ``loc?`` (specificity).
     All prompts of all cases go through one batched :func:`position_scores` call; GE (if on) samples
-    each case's generation prompts as one batch.
+    the generation prompts of several cases per batch (``ge.batch_rows``). With ``models`` (a
+    :class:`~factedit.row_deltas.RowDeltas`), case ``i`` is scored on edited model ``owners[i]``.
     """
     rows = _Rows(adapter.tokenizer)
-    plans = []
-    for c in cases:
+    plans, row_owner = [], []
+    for i, c in enumerate(cases):
+        n0 = len(rows.seqs)
         if isinstance(c, ZsRECase):
             plans.append({name: rows.target(p, t) for name, p, t in (
                 ("efficacy", c.request.text, c.request.target_new), ("paraphrase", c.rephrase, c.request.target_new),
@@ -136,7 +170,8 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
             r = c.request
             plans.append({name: [rows.pair(p, r.target_new, r.target_true) for p in ps] for name, ps in (
                 ("rewrite", [r.text]), ("paraphrase", c.paraphrase_prompts), ("neighborhood", c.neighborhood_prompts))})
-    scores = position_scores(adapter, rows.seqs, rows.queries, batch_size)
+        row_owner += [owners[i] if models is not None else -1] * (len(rows.seqs) - n0)
+    scores = position_scores(adapter, rows.seqs, rows.queries, batch_size, models, row_owner)
     out = []
     for c, plan in zip(cases, plans):
         rec: Dict = {}
@@ -149,10 +184,27 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
             for name, pairs in plan.items():
                 rec[f"{name}_lp"] = [_Rows.pair_result(p, scores) for p in pairs]
             rec.update(counterfact_case(rec["rewrite_lp"], rec["paraphrase_lp"], rec["neighborhood_lp"]))
-        if ge.length > 0:
-            gp = _generation_prompts(c, ge)
-            texts = sample_texts(adapter, gp, ge.length, ge.seed + c.case_id, ge.top_k) if gp else []
-            rec["GE"] = text_entropy(texts)
-            rec["generations"] = texts[:2]
         out.append(rec)
+    if ge.length > 0:
+        for part in _ge_batches([_generation_prompts(c, ge) for c in cases], ge.batch_rows):
+            texts = sample_text_groups(adapter, [(_generation_prompts(cases[i], ge), ge.seed + cases[i].case_id)
+                                                 for i in part], ge.length, ge.top_k, models,
+                                       [owners[i] for i in part] if models is not None else None)
+            for i, t in zip(part, texts):
+                out[i]["GE"] = text_entropy(t)
+                out[i]["generations"] = t[:2]
     return out
+
+
+def _ge_batches(prompts: Sequence[Sequence[str]], max_rows: int) -> List[List[int]]:
+    """Consecutive cases whose generation prompts add up to at most ``max_rows`` (a case is never split)."""
+    parts: List[List[int]] = []
+    rows = 0
+    for i, p in enumerate(prompts):
+        if parts and rows + len(p) <= max(max_rows, 1):
+            parts[-1].append(i)
+            rows += len(p)
+        else:
+            parts.append([i])
+            rows = len(p)
+    return parts

@@ -1,0 +1,115 @@
+"""The runs behind docs/RESULTS.md, in one process, then their table.
+
+Each run is exactly ``factedit eval`` with the options printed in the table (same code path, same
+configuration file, resumable the same way: run this again after an interruption and each run
+continues where it stopped). Doing them in one process lets runs share what is identical between
+them: the Editor's memo of optimised targets (rome / r-rome / p-rome share δ, memit / emmet /
+alphaedit share z*) and the loaded model and statistics.
+
+    python bench/run_results.py single --limit 200                 # runs/single/<method>
+    python bench/run_results.py sequential --limit 200             # runs/seq/<method>
+    python bench/run_results.py table                              # print both tables (markdown)
+
+Run it alone on the machine: the table reports seconds per edit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+CF = DATA / "counterfact" / "counterfact_knowedit.jsonl"
+CORPUS = DATA / "corpus" / "wikitext2_valid.txt"
+DOWNSTREAM = DATA / "downstream"
+
+SINGLE = {"none": 1, "rome": 1, "r-rome": 1, "p-rome": 1, "memit": 25, "emmet": 25, "alphaedit": 25, "ft": 25}
+SEQUENTIAL = {"rome": 1, "r-rome": 1, "emmet": 10, "alphaedit": 10}
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+def command(method: str, part: str, limit: int, out: Path, downstream_n: int, every: int) -> list:
+    """The ``factedit eval`` argument list of one run (what the table prints)."""
+    batch = (SINGLE if part == "single" else SEQUENTIAL)[method]
+    args = ["factedit", "eval", "--method", method, "--dataset", _rel(CF), "--limit", str(limit)]
+    if batch > 1:
+        args += ["--batch-size", str(batch)]
+    if part == "sequential":
+        args += ["--sequential", "--downstream-every", str(every), "--downstream", _rel(DOWNSTREAM),
+                 "--downstream-n", str(downstream_n)]
+    if method != "none":
+        args += ["--corpus", _rel(CORPUS)]
+    return args + ["--out", _rel(out / method)]
+
+
+def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int) -> None:
+    from factedit import Editor, load_model
+    from factedit.cli import build_parser
+    from factedit.cli_eval import eval_config
+
+    model, tok = load_model()
+    editor = Editor(model, tok, progress=False)
+    parser = build_parser()
+    for m in methods:
+        argv = command(m, part, limit, out, downstream_n, every)
+        args = parser.parse_args(argv[1:])
+        cfg = eval_config(args)
+        t0 = time.perf_counter()
+        print(f"[{time.strftime('%H:%M:%S')}] {shlex.join(argv)}", file=sys.stderr, flush=True)
+
+        def progress(done: int, total: int) -> None:
+            print(f"  {m}: {done}/{total} groups, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+        from factedit.evaluation import run_eval
+
+        s = run_eval(editor, cfg, args.out, on_group=progress)
+        print(f"  {m}: ES {s.get('ES')} PS {s.get('PS')} NS {s.get('NS')} GE {s.get('GE')} "
+              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        if editor.history:  # a sequential run leaves its edits applied: back to the original weights
+            editor.revert(len(editor.history))
+            editor.state.clear()
+
+
+def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: int) -> str:
+    from factedit.evaluation.summarize import load_run, table as summary_table
+
+    runs = [load_run(out / m) for m in methods if (out / m / "summary.json").is_file()]
+    lines = [summary_table(runs), "", "Commands (from the repository root):", "", "```bash"]
+    lines += [shlex.join(command(Path(r.path).name, part, limit, out, downstream_n, every)) for r in runs]
+    lines += ["```"]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("part", choices=["single", "sequential", "table"])
+    ap.add_argument("--methods", default=None, help="comma-separated subset (default: all of the part)")
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--out", default=None, help="runs directory (default runs/single or runs/seq)")
+    ap.add_argument("--downstream-n", type=int, default=50)
+    ap.add_argument("--every", type=int, default=20)
+    a = ap.parse_args()
+    os.chdir(ROOT)  # the commands are relative to the repository root
+    parts = ["single", "sequential"] if a.part == "table" else [a.part]
+    for part in parts:
+        methods = a.methods.split(",") if a.methods else list(SINGLE if part == "single" else SEQUENTIAL)
+        out = Path(a.out) if a.out else ROOT / "runs" / ("single" if part == "single" else "seq")
+        if a.part == "table":
+            print(f"### {part}\n\n{table(out, part, methods, a.limit, a.downstream_n, a.every)}\n")
+        else:
+            run(part, methods, a.limit, out, a.downstream_n, a.every)
+
+
+if __name__ == "__main__":
+    main()
