@@ -82,7 +82,7 @@ def test_scores_use_mean_per_token_log_prob(monkeypatch):
         ids = [100] + toks[(prompt, target)]
         return ids, list(range(1, len(ids)))
 
-    def fake_scores(adapter, seqs, queries, batch_size=32):
+    def fake_scores(adapter, seqs, queries, batch_size=32, models=None, owners=None):
         return [(torch.tensor([logp[t] for _, t in q]), torch.zeros(len(q), dtype=torch.bool)) for q in queries]
 
     monkeypatch.setattr(SM, "encode_with_target", fake_encode)

@@ -146,9 +146,10 @@ def _cfg(tiny_corpus, method, **kw):
 
 
 @pytest.mark.skipif(not COUNTERFACT.is_file(), reason="shared data not found")
-@pytest.mark.parametrize("method,batch", [("rome", 1), ("memit", 2), ("ft", 2), ("none", 1)])
-def test_chunked_run_equals_editing_each_case_for_real(home, tiny_corpus, tmp_path, method, batch):
-    cfg = _cfg(tiny_corpus, method, batch_size=batch, chunk=4)
+@pytest.mark.parametrize("method,batch,prefetch", [("rome", 1, 1), ("r-rome", 1, 3), ("memit", 2, 1), ("ft", 2, 1),
+                                                   ("none", 1, 1)])
+def test_chunked_run_equals_editing_each_case_for_real(home, tiny_corpus, tmp_path, method, batch, prefetch):
+    cfg = _cfg(tiny_corpus, method, batch_size=batch, chunk=4, prefetch_batch=prefetch)
     ed = Editor(*tiny_model("llama"), progress=False)
     run_eval(ed, cfg, tmp_path / "run")
     recs = [json.loads(l) for l in (tmp_path / "run" / "cases.jsonl").read_text().splitlines()]

@@ -41,8 +41,9 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
     e.add_argument("--score-batch", type=int, default=64, help="rows per forward pass when scoring")
     e.add_argument("--chunk", type=int, default=25,
                    help="single-edit runs: cases edited (each from the original weights) and scored together (default 25)")
-    e.add_argument("--prefetch-batch", type=int, default=16,
-                   help="ROME variants, single-edit runs: targets optimised together (independent; default 16)")
+    e.add_argument("--prefetch-batch", type=int, default=1,
+                   help="ROME variants, single-edit runs: targets optimised together (independent; default 1: "
+                   "slower on CPU, meant for GPUs)")
     e.add_argument("--guard", action="store_true", help="run the collapse guard (off: measure raw method behaviour)")
     e.add_argument("--layer", type=int, default=None)
     e.add_argument("--layers", type=_layers, default=None, help="span of a multi-layer method, e.g. 4,5,6,7,8")
