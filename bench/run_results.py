@@ -4,7 +4,8 @@ Each run is exactly ``factedit eval`` with the options printed in the table (sam
 configuration file, resumable the same way: run this again after an interruption and each run
 continues where it stopped). Doing them in one process lets runs share what is identical between
 them: the Editor's memo of optimised targets (rome / r-rome / p-rome share δ, memit / emmet /
-alphaedit share z*) and the loaded model and statistics.
+alphaedit share z*; the runs of such a family advance one chunk at a time in turn) and the loaded
+model and statistics.
 
     python bench/run_results.py single --limit 200                 # runs/single/<method>
     python bench/run_results.py sequential --limit 200             # runs/seq/<method>
@@ -33,10 +34,8 @@ SEQUENTIAL = {"rome": 1, "r-rome": 1, "emmet": 10, "alphaedit": 10}
 
 
 def _rel(p: Path) -> str:
-    try:
-        return str(p.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(p)
+    """``p`` relative to the repository root (the commands run there), e.g. ``../shared/data/...``."""
+    return os.path.relpath(p.resolve(), ROOT)
 
 
 def command(method: str, part: str, limit: int, out: Path, downstream_n: int, every: int) -> list:
@@ -53,32 +52,56 @@ def command(method: str, part: str, limit: int, out: Path, downstream_n: int, ev
     return args + ["--out", _rel(out / method)]
 
 
+#: runs whose targets are identical (the Editor's memo shares them): taken chunk by chunk in turn
+FAMILIES = (("r-rome", "rome", "p-rome"), ("memit", "emmet", "alphaedit"))
+
+
+class _Pause(Exception):
+    """Raised after one chunk of a run, to give the next run of its family a turn."""
+
+
 def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int) -> None:
     from factedit import Editor, load_model
     from factedit.cli import build_parser
     from factedit.cli_eval import eval_config
+    from factedit.evaluation import run_eval
 
     model, tok = load_model()
     editor = Editor(model, tok, progress=False)
     parser = build_parser()
-    for m in methods:
-        argv = command(m, part, limit, out, downstream_n, every)
-        args = parser.parse_args(argv[1:])
-        cfg = eval_config(args)
-        t0 = time.perf_counter()
-        print(f"[{time.strftime('%H:%M:%S')}] {shlex.join(argv)}", file=sys.stderr, flush=True)
+    # single edits: the runs of a family advance one chunk at a time in turn, so that each chunk's
+    # targets are optimised once for all of them, and an interruption loses at most one chunk of it
+    groups = [[m] for m in methods]
+    if part == "single":
+        groups = [[m for m in fam if m in methods] for fam in FAMILIES]
+        groups = [g for g in groups if g] + [[m] for m in methods if not any(m in f for f in FAMILIES)]
+    for family in groups:
+        todo = list(family)
+        t0 = {m: None for m in family}
+        while todo:
+            for m in list(todo):
+                argv = command(m, part, limit, out, downstream_n, every)
+                args = parser.parse_args(argv[1:])
+                if t0[m] is None:
+                    t0[m] = time.perf_counter()
+                    print(f"[{time.strftime('%H:%M:%S')}] {shlex.join(argv)}", file=sys.stderr, flush=True)
 
-        def progress(done: int, total: int) -> None:
-            print(f"  {m}: {done}/{total} groups, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+                def progress(done: int, total: int, m=m) -> None:
+                    print(f"  {m}: {done}/{total} groups, {time.perf_counter() - t0[m]:.0f} s", file=sys.stderr,
+                          flush=True)
+                    if len(family) > 1 and done < total:
+                        raise _Pause()
 
-        from factedit.evaluation import run_eval
-
-        s = run_eval(editor, cfg, args.out, on_group=progress)
-        print(f"  {m}: ES {s.get('ES')} PS {s.get('PS')} NS {s.get('NS')} GE {s.get('GE')} "
-              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-        if editor.history:  # a sequential run leaves its edits applied: back to the original weights
-            editor.revert(len(editor.history))
-            editor.state.clear()
+                try:
+                    s = run_eval(editor, eval_config(args), args.out, on_group=progress)
+                except _Pause:
+                    continue
+                todo.remove(m)
+                print(f"  {m}: ES {s.get('ES')} PS {s.get('PS')} NS {s.get('NS')} GE {s.get('GE')}", file=sys.stderr,
+                      flush=True)
+                if editor.history:  # a sequential run leaves its edits applied: back to the original weights
+                    editor.revert(len(editor.history))
+                    editor.state.clear()
 
 
 def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: int) -> str:

@@ -174,3 +174,30 @@ def test_chunked_run_equals_editing_each_case_for_real(home, tiny_corpus, tmp_pa
                 assert got["delta_norm"] == pytest.approx(normalized_delta_norm(res.deltas)[0], rel=1e-3)
             else:
                 assert got["delta_norm"] is None
+
+
+@pytest.mark.skipif(not COUNTERFACT.is_file(), reason="shared data not found")
+@pytest.mark.parametrize("method,batch", [("r-rome", 1), ("emmet", 2)])
+def test_sequential_ge_of_pending_edits_equals_ge_right_after_each_edit(home, tiny_corpus, tmp_path, method, batch):
+    # GE of up to 3 consecutive edits is sampled together after the third, each row on the weights
+    # right after its own edit (later deltas subtracted); the reference samples right after each edit
+    cfg = _cfg(tiny_corpus, method, batch_size=batch, sequential=True, chunk=3, limit=6)
+    ed = Editor(*tiny_model("llama"), progress=False)
+    run_eval(ed, cfg, tmp_path / "run")
+    recs = [json.loads(l) for l in (tmp_path / "run" / "cases.jsonl").read_text().splitlines()]
+    stack = json.loads((tmp_path / "run" / "patches" / "stack.json").read_text())
+    assert len(stack["groups"]) == 6 // batch and len(recs) == 6
+
+    ref = Editor(*tiny_model("llama"), progress=False)
+    mcfg = ref.make_config(method, **dict(cfg.method_options))
+    cases = load_cases(COUNTERFACT, 6)
+    for i in range(0, 6, batch):
+        group = cases[i: i + batch]
+        ref.edit([c.request for c in group], config=mcfg, guard=GuardConfig(enabled=False))
+        want = score_cases(ref.adapter, group, cfg.generation)
+        for w, got in zip(want, recs[i: i + batch]):
+            assert got["generations"] == w["generations"]
+            assert got["GE"] == pytest.approx(w["GE"])
+            torch.testing.assert_close(torch.tensor(got["rewrite_lp"]), torch.tensor(w["rewrite_lp"]))
+    for l in mcfg.layers:  # the run applied the same edits, bit for bit
+        assert torch.equal(ed.adapter.w_out_parameter(l), ref.adapter.w_out_parameter(l))

@@ -58,6 +58,10 @@ class LayerDelta:
             return self.left
         return (self.left.to(torch.float64) @ self.right.to(torch.float64).T).to(torch.float32)
 
+    def negated(self) -> "LayerDelta":
+        """``-Δ`` (undoes this delta when added)."""
+        return LayerDelta(self.layer, -self.left, self.right)
+
     def is_finite(self) -> bool:
         """No NaN/Inf in the factors."""
         return bool(torch.isfinite(self.left).all()) and (self.right is None or bool(torch.isfinite(self.right).all()))

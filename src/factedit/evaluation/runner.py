@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import FactEditError, RequestError
@@ -22,7 +22,7 @@ from ..guard import CollapseError, GuardConfig
 from ..methods import METHODS, ROMEConfig
 from .datasets import Case, load_cases, resolve_dataset, sha256_of
 from .downstream import DownstreamConfig, evaluate_tasks, load_tasks
-from .score_model import GenerationConfig, score_cases
+from .score_model import GenerationConfig, generation_scores, score_cases
 from .scoring import normalized_delta_norm, summarize_records
 from .store import RunError, RunStore
 
@@ -55,7 +55,11 @@ class EvalConfig:
         chunk: single-edit runs (not sequential, guard off) edit this many cases (whole groups), each
             from the original weights, and score them together: case ``i`` runs on W + Δ_i through
             :class:`~factedit.row_deltas.RowDeltas` (the weights are never written), so the scoring
-            and the GE generations of many edits share their forward passes.
+            and the GE generations of many edits share their forward passes. Sequential runs apply
+            and score (ES/PS/NS) each edit at once, and sample the GE texts of up to this many
+            consecutive edits together (each on the weights right after its edit: the later edits'
+            deltas are subtracted per row), committing them together; a downstream checkpoint or
+            the end of the run flushes earlier.
         prefetch_batch: ROME variants in single-edit runs optimise the δ of this many cases of a chunk
             together (:meth:`Editor.prefetch_targets`; independent per case). 1 (default): one at a
             time — on a 2-core CPU a batch of 8 took 11.1 s per case against 9.95 s alone (the work
@@ -223,12 +227,14 @@ class _Run:
         self.editor, self.cfg, self.store, self.method_cfg = editor, cfg, store, method_cfg
         self.groups, self.tasks = groups, tasks
         self.done, self.records, self.stack, self.downstream = set(done), list(records), stack, list(downstream)
+        # sequential runs: edits applied and scored (ES/PS/NS) whose GE and commit wait for the next flush
+        self.pending: List[tuple] = []
         self.guard = GuardConfig(enabled=cfg.guard)
         self._summary_at = float("-inf")
 
     @property
     def n_edits(self) -> int:
-        return sum(len(self.groups[g]) for g in self.done)
+        return sum(len(self.groups[g]) for g in self.done) + sum(len(p[1]) for p in self.pending)
 
     def one_group(self, g: int, group: List[Case]) -> None:
         ed, cfg = self.editor, self.cfg
@@ -244,21 +250,26 @@ class _Run:
                 error = {"error": f"{type(e).__name__}: {e}"}
         t_edit = time.perf_counter() - t0
         try:
-            rows = self._score(group, error, result, base, t_edit)
+            rows = self._score(group, error, result, base, t_edit, ge=not cfg.sequential)
         finally:
             if result is not None and not cfg.sequential:
                 ed.revert()
         if cfg.sequential:
-            self._commit(g, group, result, rows)
+            self.pending.append((g, group, result, rows))
+            n = self.n_edits
+            if (cfg.generation.length == 0 or sum(len(p[1]) for p in self.pending) >= cfg.chunk
+                    or self._checkpoint_due(n) or len(self.done) + len(self.pending) == len(self.groups)):
+                self.flush()
         else:
             self.store.append(self.store.cases_path, rows)
-        self.records += rows
-        self.done.add(g)
+            self.records += rows
+            self.done.add(g)
 
-    def _score(self, group, error, result, base, t_edit) -> List[dict]:
+    def _score(self, group, error, result, base, t_edit, ge: bool = True) -> List[dict]:
         t0 = time.perf_counter()
+        gen = self.cfg.generation if ge else replace(self.cfg.generation, length=0)
         scores = [{} for _ in group] if error and "error" in error else score_cases(
-            self.editor.adapter, group, self.cfg.generation, self.cfg.score_batch)
+            self.editor.adapter, group, gen, self.cfg.score_batch)
         t_score = (time.perf_counter() - t0) / len(group)
         return self._rows(group, scores, error, base, result.deltas if result is not None else None, t_edit,
                           t_score, result.guard if result is not None else None,
@@ -326,29 +337,72 @@ class _Run:
             self.records += rows
             self.done.add(g)
 
-    def _commit(self, g: int, group, result, rows) -> None:
-        """Sequential: patch file, records, then the stack (the commit point)."""
+    def flush(self) -> None:
+        """Sequential runs: GE of the pending edits, then their commit.
+
+        The edits were applied one after another and each scored (ES/PS/NS) right after it; their GE
+        generations run now, together: the weights are those after the last pending edit, and the
+        rows of edit m subtract the deltas of the pending edits after m (:class:`RowDeltas`), i.e.
+        run on the weights right after edit m (up to float rounding)."""
+        from ..row_deltas import RowDeltas
+
+        if not self.pending:
+            return
+        ge = self.cfg.generation
+        if ge.length > 0:
+            t0 = time.perf_counter()
+            models, cases, owners, slots = [], [], [], []
+            for m, (_, group, _, rows) in enumerate(self.pending):
+                models.append([d.negated() for _, _, r, _ in self.pending[m + 1:] if r is not None for d in r.deltas])
+                for c, row in zip(group, rows):
+                    if "error" not in row:
+                        cases.append(c), owners.append(m), slots.append(row)
+            with RowDeltas(self.editor.adapter, models) as rd:
+                texts = generation_scores(self.editor.adapter, cases, ge, rd, owners)
+            t = (time.perf_counter() - t0) / max(1, len(cases))
+            for row, rec in zip(slots, texts):
+                row.update(rec)
+                row["score_seconds"] += t
+        self._commit(self.pending)
+        self.pending = []
+
+    def _commit(self, pending) -> None:
+        """Sequential: patch files, records, then the stack (the commit point)."""
         from ..patch import Patch
 
-        name = None
-        if result is not None:
-            name = f"{len(self.stack['patches']):05d}-{g:05d}.safetensors"
-            Patch.from_result(result, self.editor.adapter).save(self.store.patch_dir / name)
-        state_name = self.store.save_state(self.editor.state.get(self.cfg.method), self.stack, g)
+        names, n0 = [], len(self.stack["patches"])
+        for g, _, result, _ in pending:
+            name = None
+            if result is not None:
+                name = f"{n0 + sum(1 for x in names if x):05d}-{g:05d}.safetensors"
+                Patch.from_result(result, self.editor.adapter).save(self.store.patch_dir / name)
+            names.append(name)
+        state_name = self.store.save_state(self.editor.state.get(self.cfg.method), self.stack, pending[-1][0])
+        rows = [r for p in pending for r in p[3]]
         self.store.append(self.store.cases_path, rows)
-        if name is not None:
-            self.stack["patches"].append(name)
-        self.stack["groups"].append({"group": g, "cases": [c.case_id for c in group], "patch": name})
+        for (g, group, _, _), name in zip(pending, names):
+            if name is not None:
+                self.stack["patches"].append(name)
+            self.stack["groups"].append({"group": g, "cases": [c.case_id for c in group], "patch": name})
         self.stack["state"] = state_name or self.stack.get("state")
         self.store.commit(self.stack)
+        self.records += rows
+        self.done.update(p[0] for p in pending)
+
+    def _checkpoint_due(self, n: int) -> bool:
+        k = self.cfg.downstream_every
+        last = max((d["n_edits"] for d in self.downstream), default=None)
+        return bool(k) and (last is None or n // k > last // k)
 
     def checkpoint(self) -> None:
         """Sequential runs: downstream accuracy and the scores of all earlier edits at 0 edits, whenever
         the count reaches or passes a multiple of ``downstream_every``, and at the end."""
+        if self.pending:  # a checkpoint sees committed edits only (one_group flushes before one is due)
+            return
         k, n = self.cfg.downstream_every, self.n_edits
         last = max((d["n_edits"] for d in self.downstream), default=None)
         finished = len(self.done) == len(self.groups)
-        if k and (last is None or n // k > last // k or (finished and n != last)):
+        if k and (self._checkpoint_due(n) or (finished and n != last)):
             t0 = time.perf_counter()
             acc = evaluate_tasks(self.editor.adapter, self.tasks, self.cfg.downstream.batch_size)
             earlier = [c for g in sorted(self.done) for c in self.groups[g]]

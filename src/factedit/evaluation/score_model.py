@@ -19,7 +19,7 @@ from ..tokens import encode_with_target
 from .datasets import Case, ZsRECase
 from .scoring import counterfact_case, text_entropy, token_accuracy
 
-__all__ = ["GenerationConfig", "score_cases", "sample_texts", "sample_text_groups"]
+__all__ = ["GenerationConfig", "score_cases", "generation_scores", "sample_texts", "sample_text_groups"]
 
 
 @dataclass(frozen=True)
@@ -186,13 +186,23 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
             rec.update(counterfact_case(rec["rewrite_lp"], rec["paraphrase_lp"], rec["neighborhood_lp"]))
         out.append(rec)
     if ge.length > 0:
-        for part in _ge_batches([_generation_prompts(c, ge) for c in cases], ge.batch_rows):
-            texts = sample_text_groups(adapter, [(_generation_prompts(cases[i], ge), ge.seed + cases[i].case_id)
-                                                 for i in part], ge.length, ge.top_k, models,
-                                       [owners[i] for i in part] if models is not None else None)
-            for i, t in zip(part, texts):
-                out[i]["GE"] = text_entropy(t)
-                out[i]["generations"] = t[:2]
+        for rec, g in zip(out, generation_scores(adapter, cases, ge, models, owners)):
+            rec.update(g)
+    return out
+
+
+def generation_scores(adapter, cases: Sequence[Case], ge: GenerationConfig, models=None,
+                      owners: Optional[Sequence[int]] = None) -> List[Dict]:
+    """``{"GE", "generations"}`` of each case: its generation prompts sampled (``ge.batch_rows``
+    prompts of several cases per batch, each case with its own generator), optionally case ``i`` on
+    edited model ``owners[i]`` of ``models``."""
+    out: List[Dict] = [{} for _ in cases]
+    for part in _ge_batches([_generation_prompts(c, ge) for c in cases], ge.batch_rows):
+        texts = sample_text_groups(adapter, [(_generation_prompts(cases[i], ge), ge.seed + cases[i].case_id)
+                                             for i in part], ge.length, ge.top_k, models,
+                                   [owners[i] for i in part] if models is not None else None)
+        for i, t in zip(part, texts):
+            out[i] = {"GE": text_entropy(t), "generations": t[:2]}
     return out
 
 
