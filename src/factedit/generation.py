@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .row_deltas import rows_on
 from .tokens import encode_with_target
 
 __all__ = ["sample_continuations", "context_templates", "cached_context_templates", "greedy_continuation", "target_probabilities",
@@ -106,15 +107,6 @@ def greedy_continuation(adapter, prompt: str, max_new_tokens: int = 12) -> str:
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def _owned(models, owners, indices):
-    """The context in which rows ``indices`` run on their own edited models (if any)."""
-    import contextlib
-
-    if models is None:
-        return contextlib.nullcontext()
-    return models.rows([owners[i] for i in indices])
-
-
 @torch.no_grad()
 def position_scores(adapter, seqs: Sequence[Sequence[int]], queries: Sequence[Sequence[Tuple[int, int]]],
                     batch_size: int = 32, models=None,
@@ -142,7 +134,7 @@ def position_scores(adapter, seqs: Sequence[Sequence[int]], queries: Sequence[Se
             mask[r, : len(seqs[i])] = 1
             for j, t in queries[i]:
                 rows.append(r), cols.append(j - 1), tgt.append(t)
-        with _owned(models, owners, chunk):
+        with rows_on(models, [owners[i] for i in chunk] if models is not None else None):
             hidden = adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
         sel = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
         logp = F.log_softmax(adapter.logits(sel).float(), dim=-1)

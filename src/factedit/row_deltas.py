@@ -24,7 +24,7 @@ import torch
 
 from .delta import LayerDelta
 
-__all__ = ["RowDeltas"]
+__all__ = ["RowDeltas", "rows_on"]
 
 
 class RowDeltas(contextlib.AbstractContextManager):
@@ -38,7 +38,6 @@ class RowDeltas(contextlib.AbstractContextManager):
 
     def __init__(self, adapter, models: Sequence[Sequence[LayerDelta]]):
         self.adapter = adapter
-        self.n_models = len(models)
         # per layer: per model the (left, right) factors (right None: dense Δ in left)
         self._by_layer: Dict[int, Dict[int, List[LayerDelta]]] = {}
         for m, deltas in enumerate(models):
@@ -94,3 +93,9 @@ class RowDeltas(contextlib.AbstractContextManager):
             yield self
         finally:
             self.owners = prev
+
+
+def rows_on(models: Optional[RowDeltas], owners: Optional[Sequence[int]]):
+    """The context in which the next forward passes' rows run on edited models ``owners`` of
+    ``models`` (a no-op context when ``models`` is None: the current weights)."""
+    return contextlib.nullcontext() if models is None else models.rows(owners)

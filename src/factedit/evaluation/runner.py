@@ -152,12 +152,9 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
     run = _Run(editor, cfg, store, method_cfg, groups, tasks, *state)
     run.checkpoint()
     todo = [g for g in range(len(groups)) if g not in run.done]
-    if cfg.sequential or cfg.guard:  # each edit applied for real, one after another
-        parts = [[g] for g in todo]
-    else:
-        parts = _chunks(todo, groups, cfg.chunk)
-    for part in parts:
-        if cfg.sequential or cfg.guard:
+    applied = cfg.sequential or cfg.guard  # each edit applied for real, one after another
+    for part in ([[g] for g in todo] if applied else _chunks(todo, groups, cfg.chunk)):
+        if applied:
             run.one_group(part[0], groups[part[0]])
         else:
             run.one_chunk(part)

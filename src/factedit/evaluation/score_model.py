@@ -8,13 +8,13 @@ batched forward passes as possible, and the generations behind GE.
 from __future__ import annotations
 
 from dataclasses import dataclass
-import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..generation import position_scores
+from ..row_deltas import rows_on
 from ..tokens import encode_with_target
 from .datasets import Case, ZsRECase
 from .scoring import counterfact_case, text_entropy, token_accuracy
@@ -78,9 +78,8 @@ def sample_text_groups(adapter, groups: Sequence[Tuple[Sequence[str], int]], len
         r0 += len(prompts)
     ids, mask = ids.to(dev), mask.to(dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    ctx = models.rows([owners[g] for g in group_of]) if models is not None else contextlib.nullcontext()
     new = []
-    with ctx:
+    with rows_on(models, [owners[g] for g in group_of] if models is not None else None):
         out = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         for _ in range(steps):
             logits = adapter.logits(out.last_hidden_state[:, -1, :])  # only the last position's logits
