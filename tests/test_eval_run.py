@@ -159,7 +159,9 @@ def test_inconsistent_settings_are_refused():
                     (dict(method="none", sequential=True), "needs an editing method"),
                     (dict(downstream_every=5), "needs --sequential"),
                     (dict(sequential=True, downstream_every=5), "needs --downstream DIR"),
-                    (dict(method="nope"), "unknown method")):
+                    (dict(method="nope"), "unknown method"),
+                    (dict(chunk=0), "--chunk and --prefetch-batch must be >= 1"),
+                    (dict(prefetch_batch=0), "--chunk and --prefetch-batch must be >= 1")):
         with pytest.raises(RunError, match=msg):
             EvalConfig(dataset="x", **kw).check()
 
