@@ -4,8 +4,9 @@ Each run is exactly ``factedit eval`` with the options printed in the table (sam
 configuration file, resumable the same way: run this again after an interruption and each run
 continues where it stopped). Doing them in one process lets runs share what is identical between
 them: the Editor's memo of optimised targets (rome / r-rome / p-rome share δ, memit / emmet /
-alphaedit share z*; the runs of such a family advance one chunk at a time in turn) and the loaded
-model and statistics.
+alphaedit share z*; the runs of such a family advance one chunk at a time in turn), the loaded
+model and statistics, and the downstream accuracy of the original weights (the same for every
+sequential run at 0 edits).
 
     python bench/run_results.py single --limit 200                 # runs/single/<method>
     python bench/run_results.py sequential --limit 200             # runs/seq/<method>
@@ -30,7 +31,8 @@ CORPUS = DATA / "corpus" / "wikitext2_valid.txt"
 DOWNSTREAM = DATA / "downstream"
 
 SINGLE = {"none": 1, "rome": 1, "r-rome": 1, "p-rome": 1, "memit": 25, "emmet": 25, "alphaedit": 25, "ft": 25}
-SEQUENTIAL = {"rome": 1, "r-rome": 1, "emmet": 10, "alphaedit": 10}
+#: sequential runs, in the order they are run (the cheaper batch methods first)
+SEQUENTIAL = {"emmet": 10, "alphaedit": 10, "rome": 1, "r-rome": 1}
 
 
 def _rel(p: Path) -> str:
@@ -105,10 +107,13 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
 
 
 def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: int) -> str:
-    from factedit.evaluation.summarize import load_run, table as summary_table
+    from factedit.evaluation.summarize import load_run, sequential_table, table as summary_table
 
     runs = [load_run(out / m) for m in methods if (out / m / "summary.json").is_file()]
-    lines = [summary_table(runs), "", "Commands (from the repository root):", "", "```bash"]
+    lines = [summary_table(runs), ""]
+    if sequential_table(runs):
+        lines += [sequential_table(runs), ""]
+    lines += ["Commands (from the repository root):", "", "```bash"]
     lines += [shlex.join(command(Path(r.path).name, part, limit, out, downstream_n, every)) for r in runs]
     lines += ["```"]
     return "\n".join(lines)
@@ -120,8 +125,8 @@ def main():
     ap.add_argument("--methods", default=None, help="comma-separated subset (default: all of the part)")
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--out", default=None, help="runs directory (default runs/single or runs/seq)")
-    ap.add_argument("--downstream-n", type=int, default=50)
-    ap.add_argument("--every", type=int, default=20)
+    ap.add_argument("--downstream-n", type=int, default=32)
+    ap.add_argument("--every", type=int, default=40)
     a = ap.parse_args()
     os.chdir(ROOT)  # the commands are relative to the repository root
     parts = ["single", "sequential"] if a.part == "table" else [a.part]

@@ -130,6 +130,28 @@ def test_sequential_accumulates_and_resumes(home, tiny_corpus, tmp_path, monkeyp
         [{k: v for k, v in d.items() if k != "seconds"} for d in down]
 
 
+def test_runs_in_one_process_share_downstream_accuracy_of_identical_weights(home, tiny_corpus, tmp_path,
+                                                                           monkeypatch):
+    """Two sequential runs on one Editor: the tasks at 0 edits (same weights) are evaluated once and
+    the second run records the same accuracy; after edits they are evaluated again."""
+    import factedit.evaluation.runner as R
+
+    calls = []
+    real = R.evaluate_tasks
+    monkeypatch.setattr(R, "evaluate_tasks", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    tasks = _downstream_dir(tmp_path)
+    kw = dict(limit=2, sequential=True, downstream_dir=str(tasks), downstream_every=2,
+              downstream=DownstreamConfig(tasks=("sst2",), n=2, shots=1), generation=GenerationConfig(length=0))
+    ed = _editor()
+    run_eval(ed, _cfg(tiny_corpus, **kw), tmp_path / "a")
+    assert len(calls) == 2  # at 0 and at 2 edits
+    ed.revert(len(ed.history))
+    run_eval(ed, _cfg(tiny_corpus, "p-rome", **kw), tmp_path / "b")
+    assert len(calls) == 3  # 0 edits: shared; 2 edits (different weights): evaluated
+    down = [[json.loads(l) for l in (tmp_path / d / "downstream.jsonl").read_text().splitlines()] for d in "ab"]
+    assert down[0][0]["tasks"] == down[1][0]["tasks"] and [d["n_edits"] for d in down[1]] == [0, 2]
+
+
 def test_alphaedit_sequential_resume_restores_key_memory(home, tiny_corpus, tmp_path, monkeypatch):
     cfg = _cfg(tiny_corpus, "alphaedit", sequential=True, batch_size=2, generation=GenerationConfig(length=0))
     ed = _editor()
@@ -218,6 +240,14 @@ def test_summarize_table_and_plots(home, tiny_corpus, tmp_path, capsys):
     lines = out.splitlines()
     assert lines[0].startswith("| run | method | mode | n | ES | PS | NS | S |")
     assert lines[2].startswith("| base | none | single | 2 |") and lines[3].startswith("| seq | r-rome | sequential | 3 |")
+    seq_head = next(i for i, l in enumerate(lines) if l.startswith("| run | method | edits | ES after edit"))
+    row = lines[seq_head + 2].split(" | ")
+    assert lines[seq_head + 3].startswith("plot: ")  # only the sequential run has a row
+    down = [json.loads(l) for l in (tmp_path / "seq" / "downstream.jsonl").read_text().splitlines()]
+    recs = [json.loads(l) for l in (tmp_path / "seq" / "cases.jsonl").read_text().splitlines()]
+    assert row[0] == "| seq" and row[2] == "3" and row[4] == f"{down[-1]['retention']['ES']:.1f}"
+    assert row[-2] == f"{100 * down[0]['tasks']['mean']:.1f}" and row[-1] == f"{100 * down[-1]['tasks']['mean']:.1f} |"
+    assert row[7] == "–"  # GE not sampled (length 0)
     for name in ("sequential_scores.png", "sequential_downstream.png", "sequential_delta_norm.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["summarize", str(tmp_path / "base"), "--json"]) == 0

@@ -113,7 +113,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_summarize(args) -> int:
-    from .evaluation.summarize import default_plot_dir, load_run, plot_runs, table
+    from .evaluation.summarize import default_plot_dir, load_run, plot_runs, sequential_table, table
 
     runs = [load_run(d) for d in args.runs]
     plot_dir = args.plots or default_plot_dir(runs)
@@ -123,6 +123,10 @@ def cmd_summarize(args) -> int:
                          {"runs": [{"run": str(r.path), **r.summary} for r in runs], "plots": [str(p) for p in plots]}))
         return 0
     print(table(runs))
+    seq = sequential_table(runs)
+    if seq:
+        print("\nSequential runs (ES/PS/NS at end: all earlier edits re-scored on the final weights):\n")
+        print(seq)
     for p in plots:
         print(f"plot: {p}")
     return 0

@@ -91,7 +91,7 @@ class Editor:
         self._templates: Dict[tuple, List[str]] = {}
         self._stats: Dict[tuple, LayerStats] = {}
         self._projectors: Dict[tuple, object] = {}
-        self._target_memo: Dict[tuple, dict] = {}
+        self._memo: Dict[tuple, dict] = {}  # weights_memo
         #: per-method state carried across sequential edits (AlphaEdit: {layer: K_p K_pᵀ})
         self.state: Dict[str, dict] = {}
         # the state of each method before the oldest stateful edit in the history; later states
@@ -121,18 +121,23 @@ class Editor:
                                            progress=self.progress)
         return self._stats[key]
 
-    def target_memo(self, layer: int, templates, value_cfg, essence, fact_token, site: str = "residual") -> dict:
-        """The memo of optimised targets for the *current* weights and these settings (``site``
-        ``"residual"``: request -> (z*, info) of the batch methods; ``"w_out"``: request -> ROME's
-        :class:`~factedit.values.ValueResult`); a different weight fingerprint starts a fresh memo."""
+    def weights_memo(self, *key) -> dict:
+        """A memo dict for the *current* weights and ``key``: whatever was stored in it is only seen
+        again while the weights have the same fingerprint (bounded: the 8 newest keys are kept)."""
         from .models import model_fingerprint
 
-        key = (model_fingerprint(self.model), layer, tuple(templates), value_cfg, tuple(essence), fact_token, site)
-        if key not in self._target_memo:
-            if len(self._target_memo) >= 8:  # bounded: drop the oldest
-                self._target_memo.pop(next(iter(self._target_memo)))
-            self._target_memo[key] = {}
-        return self._target_memo[key]
+        full = (model_fingerprint(self.model),) + key
+        if full not in self._memo:
+            if len(self._memo) >= 8:  # drop the oldest
+                self._memo.pop(next(iter(self._memo)))
+            self._memo[full] = {}
+        return self._memo[full]
+
+    def target_memo(self, layer: int, templates, value_cfg, essence, fact_token, site: str = "residual") -> dict:
+        """The memo of optimised targets for the current weights and these settings (``site``
+        ``"residual"``: request -> (z*, info) of the batch methods; ``"w_out"``: request -> ROME's
+        :class:`~factedit.values.ValueResult`)."""
+        return self.weights_memo("targets", layer, tuple(templates), value_cfg, tuple(essence), fact_token, site)
 
     def projector(self, layer: int, C, threshold: float):
         """AlphaEdit's null-space projector of layer ``layer`` (cached per threshold)."""

@@ -401,7 +401,11 @@ class _Run:
         finished = len(self.done) == len(self.groups)
         if k and (self._checkpoint_due(n) or (finished and n != last)):
             t0 = time.perf_counter()
-            acc = evaluate_tasks(self.editor.adapter, self.tasks, self.cfg.downstream.batch_size)
+            # the same weights give the same accuracy: runs in one process share it (all runs at 0 edits)
+            memo = self.editor.weights_memo("downstream", self.cfg.downstream_dir, self.cfg.downstream)
+            if "acc" not in memo:
+                memo["acc"] = evaluate_tasks(self.editor.adapter, self.tasks, self.cfg.downstream.batch_size)
+            acc = dict(memo["acc"])
             earlier = [c for g in sorted(self.done) for c in self.groups[g]]
             retention = (summarize_records(score_cases(self.editor.adapter, earlier, batch_size=self.cfg.score_batch))
                          if earlier else None)

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 from .scoring import summarize_records
 from .store import RunError, read_jsonl
 
-__all__ = ["Run", "load_run", "table", "plot_runs", "default_plot_dir"]
+__all__ = ["Run", "load_run", "table", "sequential_table", "plot_runs", "default_plot_dir"]
 
 COLUMNS = (("n", "n", "{:.0f}"), ("ES", "ES", "{:.1f}"), ("PS", "PS", "{:.1f}"), ("NS", "NS", "{:.1f}"),
            ("S", "S", "{:.1f}"), ("EM", "EM", "{:.1f}"), ("PM", "PM", "{:.1f}"), ("NM", "NM", "{:.1f}"),
@@ -73,6 +73,38 @@ def table(runs: Sequence[Run]) -> str:
     for r in runs:
         mode = "sequential" if r.sequential else "single"
         cells = [r.name, str(r.summary.get("method")), mode] + [_cell(r.summary.get(k), f) for k, _, f in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _ge_window(records: Sequence[dict], first: bool, k: int) -> Optional[float]:
+    """Mean GE (× 100) of the first or last ``k`` edits of a sequential run, in edit order."""
+    ok = sorted((r for r in records if "error" not in r and r.get("GE") is not None),
+                key=lambda r: (r["n_edits_before"], r["case_id"]))
+    part = ok[:k] if first else ok[-k:]
+    return 100 * sum(r["GE"] for r in part) / len(part) if part else None
+
+
+def sequential_table(runs: Sequence[Run], window: int = 20) -> str:
+    """A markdown table of the sequential runs among ``runs`` with downstream checkpoints: what is
+    left at the end (ES/PS/NS of all earlier edits re-scored on the final weights), fluency of the
+    first and last ``window`` edits (GE right after each edit), and downstream accuracy at 0 edits and
+    at the end; "" when there is none."""
+    seq = [r for r in runs if r.sequential and r.downstream]
+    if not seq:
+        return ""
+    head = ["run", "method", "edits", "ES after edit", "ES at end", "PS at end", "NS at end",
+            f"GE first {window}", f"GE last {window}", "downstream mean at 0", "downstream mean at end"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in seq:
+        first, last = r.downstream[0], r.downstream[-1]
+        ret = last.get("retention") or {}
+        mean = [d.get("tasks", {}).get("mean") for d in (first, last)]
+        cells = [r.name, str(r.summary.get("method")), str(last["n_edits"]), _cell(r.summary.get("ES"), "{:.1f}"),
+                 *(_cell(ret.get(k), "{:.1f}") for k in ("ES", "PS", "NS")),
+                 _cell(_ge_window(r.records, True, window), "{:.1f}"),
+                 _cell(_ge_window(r.records, False, window), "{:.1f}"),
+                 *(_cell(None if m is None else 100 * m, "{:.1f}") for m in mean)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
