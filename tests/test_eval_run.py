@@ -107,7 +107,9 @@ def test_sequential_accumulates_and_resumes(home, tiny_corpus, tmp_path, monkeyp
                downstream=DownstreamConfig(tasks=("sst2",), n=2, shots=1))
     ed = _editor()
     w0 = ed.adapter.w_out_weight(1).clone()
-    run_eval(ed, cfg, tmp_path / "full")
+    progress = []
+    run_eval(ed, cfg, tmp_path / "full", on_group=lambda done, total: progress.append((done, total)))
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]  # edited groups, committed or waiting for their GE
     recs = _records(tmp_path / "full")
     fps = [r["base_fingerprints"]["model.layers.1.mlp.down_proj"] for r in recs]
     assert fps[0] == matrix_fingerprint(w0) and len(set(fps)) == 4  # each edit sees the previous ones
@@ -140,16 +142,17 @@ def test_runs_in_one_process_share_downstream_accuracy_of_identical_weights(home
     real = R.evaluate_tasks
     monkeypatch.setattr(R, "evaluate_tasks", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     tasks = _downstream_dir(tmp_path)
-    kw = dict(limit=2, sequential=True, downstream_dir=str(tasks), downstream_every=2,
+    # 9 edits: more weight fingerprints (target memos) than a memo kind keeps, none of them downstream's
+    kw = dict(limit=9, sequential=True, downstream_dir=str(tasks), downstream_every=9,
               downstream=DownstreamConfig(tasks=("sst2",), n=2, shots=1), generation=GenerationConfig(length=0))
     ed = _editor()
     run_eval(ed, _cfg(tiny_corpus, **kw), tmp_path / "a")
-    assert len(calls) == 2  # at 0 and at 2 edits
+    assert len(calls) == 2  # at 0 and at 9 edits
     ed.revert(len(ed.history))
     run_eval(ed, _cfg(tiny_corpus, "p-rome", **kw), tmp_path / "b")
-    assert len(calls) == 3  # 0 edits: shared; 2 edits (different weights): evaluated
+    assert len(calls) == 3  # 0 edits: shared; 9 edits (different weights): evaluated
     down = [[json.loads(l) for l in (tmp_path / d / "downstream.jsonl").read_text().splitlines()] for d in "ab"]
-    assert down[0][0]["tasks"] == down[1][0]["tasks"] and [d["n_edits"] for d in down[1]] == [0, 2]
+    assert down[0][0]["tasks"] == down[1][0]["tasks"] and [d["n_edits"] for d in down[1]] == [0, 9]
 
 
 def test_alphaedit_sequential_resume_restores_key_memory(home, tiny_corpus, tmp_path, monkeypatch):

@@ -91,7 +91,7 @@ class Editor:
         self._templates: Dict[tuple, List[str]] = {}
         self._stats: Dict[tuple, LayerStats] = {}
         self._projectors: Dict[tuple, object] = {}
-        self._memo: Dict[tuple, dict] = {}  # weights_memo
+        self._memo: Dict[str, Dict[tuple, dict]] = {}  # weights_memo: kind -> key -> memo
         #: per-method state carried across sequential edits (AlphaEdit: {layer: K_p K_pᵀ})
         self.state: Dict[str, dict] = {}
         # the state of each method before the oldest stateful edit in the history; later states
@@ -121,17 +121,20 @@ class Editor:
                                            progress=self.progress)
         return self._stats[key]
 
-    def weights_memo(self, *key) -> dict:
-        """A memo dict for the *current* weights and ``key``: whatever was stored in it is only seen
-        again while the weights have the same fingerprint (bounded: the 8 newest keys are kept)."""
+    def weights_memo(self, kind: str, *key) -> dict:
+        """A memo dict for the *current* weights, ``kind`` and ``key``: whatever was stored in it is only
+        seen again while the weights have the same fingerprint. Bounded per kind (the 8 newest keys), so
+        that e.g. the many target memos of a sequential run do not push out the downstream accuracy of
+        the original weights."""
         from .models import model_fingerprint
 
+        memos = self._memo.setdefault(kind, {})
         full = (model_fingerprint(self.model),) + key
-        if full not in self._memo:
-            if len(self._memo) >= 8:  # drop the oldest
-                self._memo.pop(next(iter(self._memo)))
-            self._memo[full] = {}
-        return self._memo[full]
+        if full not in memos:
+            if len(memos) >= 8:  # drop the oldest
+                memos.pop(next(iter(memos)))
+            memos[full] = {}
+        return memos[full]
 
     def target_memo(self, layer: int, templates, value_cfg, essence, fact_token, site: str = "residual") -> dict:
         """The memo of optimised targets for the current weights and these settings (``site``

@@ -159,8 +159,8 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
         else:
             run.one_chunk(part)
         run.checkpoint()
-        if on_group is not None:
-            on_group(len(run.done), len(groups))
+        if on_group is not None:  # groups edited so far (a sequential run commits them a chunk at a time)
+            on_group(len(run.done) + len(run.pending), len(groups))
     return run.summary()
 
 
