@@ -111,8 +111,10 @@ def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: i
 
     runs = [load_run(out / m) for m in methods if (out / m / "summary.json").is_file()]
     lines = [summary_table(runs), ""]
-    if sequential_table(runs):
-        lines += [sequential_table(runs), ""]
+    base = out.parent / "single" / "none"  # the unedited run of the same records: per-record GE baseline
+    seq = sequential_table(([load_run(base)] if (base / "summary.json").is_file() else []) + runs)
+    if seq:
+        lines += [seq, ""]
     lines += ["Commands (from the repository root):", "", "```bash"]
     lines += [shlex.join(command(Path(r.path).name, part, limit, out, downstream_n, every)) for r in runs]
     lines += ["```"]

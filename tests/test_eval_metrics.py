@@ -156,3 +156,29 @@ def test_zsre_token_accuracy_is_teacher_forced_top1(tiny):
         hits = _naive(tiny, p, t)[1]
         assert rec[f"{name}_hits"] == hits
         assert rec[name] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_sequential_table_retention_and_ge_change_against_unedited_records():
+    from pathlib import Path
+
+    from factedit.evaluation.summarize import Run, sequential_table
+
+    # 4 edits in 2 groups of 2; GE of each case right after its edit, in edit order 0.3, 0.2, 0.5, 0.1
+    recs = [{"case_id": c, "n_edits_before": nb, "GE": ge}
+            for c, nb, ge in ((7, 0, 0.3), (3, 0, 0.2), (1, 2, 0.5), (9, 2, 0.1))]
+    down = [{"n_edits": 0, "tasks": {"mean": 0.5}, "retention": None},
+            {"n_edits": 4, "tasks": {"mean": 0.25}, "retention": {"ES": 75.0, "PS": 50.0, "NS": 100.0}}]
+    seq = Run(Path("runs/seq"), {"compare": {"sequential": True}}, {"method": "emmet", "ES": 100.0}, recs, down)
+    base = Run(Path("runs/none"), {"compare": {}}, {"method": "none"},
+               [{"case_id": c, "GE": ge} for c, ge in ((1, 0.4), (3, 0.2), (7, 0.1), (9, 0.2))], [])
+
+    rows = sequential_table([seq], window=2).splitlines()
+    assert "| GE, first 2 | GE, last 2 |" in rows[0]
+    # edit order: (0, 3) then (0, 7), (2, 1), (2, 9); first two GE 0.2, 0.3; last two 0.5, 0.1
+    assert rows[2] == "| seq | emmet | 4 | 100.0 | 75.0 | 50.0 | 100.0 | 25.0 | 30.0 | 50.0 | 25.0 |"
+
+    rows = sequential_table([base, seq], window=2).splitlines()
+    assert "| ΔGE vs unedited, first 2 | ΔGE vs unedited, last 2 |" in rows[0] and len(rows) == 3
+    # first two: (0.2 - 0.2 + 0.3 - 0.1) / 2 = 0.1; last two: (0.5 - 0.4 + 0.1 - 0.2) / 2 = 0.0
+    assert rows[2] == "| seq | emmet | 4 | 100.0 | 75.0 | 50.0 | 100.0 | 10.0 | 0.0 | 50.0 | 25.0 |"
+    assert sequential_table([base]) == ""

@@ -62,7 +62,10 @@ def load_run(directory) -> Run:
 
 
 def _cell(value, fmt: str) -> str:
-    return "–" if value is None else fmt.format(value)
+    if value is None:
+        return "–"
+    text = fmt.format(value)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.0" from rounding
 
 
 def table(runs: Sequence[Run]) -> str:
@@ -77,24 +80,40 @@ def table(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
-def _ge_window(records: Sequence[dict], first: bool, k: int) -> Optional[float]:
-    """Mean GE (× 100) of the first or last ``k`` edits of a sequential run, in edit order."""
+def _baseline_ge(runs: Sequence[Run]) -> dict:
+    """case id -> GE of an unedited run (method ``none``) among ``runs``; {} when there is none."""
+    for r in runs:
+        if r.summary.get("method") == "none" and not r.sequential:
+            return {x["case_id"]: x["GE"] for x in r.records if "error" not in x and x.get("GE") is not None}
+    return {}
+
+
+def _ge_window(records: Sequence[dict], first: bool, k: int, base: dict) -> Optional[float]:
+    """Mean GE (× 100) of the first or last ``k`` edits of a sequential run, in edit order; minus the
+    same records' unedited GE when ``base`` has them all."""
     ok = sorted((r for r in records if "error" not in r and r.get("GE") is not None),
                 key=lambda r: (r["n_edits_before"], r["case_id"]))
     part = ok[:k] if first else ok[-k:]
-    return 100 * sum(r["GE"] for r in part) / len(part) if part else None
+    if not part:
+        return None
+    ref = [base[r["case_id"]] for r in part] if all(r["case_id"] in base for r in part) else [0.0] * len(part)
+    return 100 * sum(r["GE"] - b for r, b in zip(part, ref)) / len(part)
 
 
-def sequential_table(runs: Sequence[Run], window: int = 20) -> str:
+def sequential_table(runs: Sequence[Run], window: int = 40) -> str:
     """A markdown table of the sequential runs among ``runs`` with downstream checkpoints: what is
     left at the end (ES/PS/NS of all earlier edits re-scored on the final weights), fluency of the
-    first and last ``window`` edits (GE right after each edit), and downstream accuracy at 0 edits and
-    at the end; "" when there is none."""
+    first and last ``window`` edits (GE sampled right after each edit; as the change from the same
+    records' unedited GE when an unedited run of them is among ``runs``, since GE varies more between
+    records than edits change it), and downstream accuracy at 0 edits and at the end; "" when there
+    is none."""
     seq = [r for r in runs if r.sequential and r.downstream]
     if not seq:
         return ""
+    base = _baseline_ge(runs)
+    ge = "ΔGE vs unedited" if base else "GE"
     head = ["run", "method", "edits", "ES after edit", "ES at end", "PS at end", "NS at end",
-            f"GE first {window}", f"GE last {window}", "downstream mean at 0", "downstream mean at end"]
+            f"{ge}, first {window}", f"{ge}, last {window}", "downstream mean at 0", "downstream mean at end"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in seq:
         first, last = r.downstream[0], r.downstream[-1]
@@ -102,8 +121,7 @@ def sequential_table(runs: Sequence[Run], window: int = 20) -> str:
         mean = [d.get("tasks", {}).get("mean") for d in (first, last)]
         cells = [r.name, str(r.summary.get("method")), str(last["n_edits"]), _cell(r.summary.get("ES"), "{:.1f}"),
                  *(_cell(ret.get(k), "{:.1f}") for k in ("ES", "PS", "NS")),
-                 _cell(_ge_window(r.records, True, window), "{:.1f}"),
-                 _cell(_ge_window(r.records, False, window), "{:.1f}"),
+                 *(_cell(_ge_window(r.records, f, window, base), "{:.1f}") for f in (True, False)),
                  *(_cell(None if m is None else 100 * m, "{:.1f}") for m in mean)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
