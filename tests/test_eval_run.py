@@ -247,7 +247,6 @@ def test_summarize_table_and_plots(home, tiny_corpus, tmp_path, capsys):
     row = lines[seq_head + 2].split(" | ")
     assert lines[seq_head + 3].startswith("plot: ")  # only the sequential run has a row
     down = [json.loads(l) for l in (tmp_path / "seq" / "downstream.jsonl").read_text().splitlines()]
-    recs = [json.loads(l) for l in (tmp_path / "seq" / "cases.jsonl").read_text().splitlines()]
     assert row[0] == "| seq" and row[2] == "3" and row[4] == f"{down[-1]['retention']['ES']:.1f}"
     assert row[-2] == f"{100 * down[0]['tasks']['mean']:.1f}" and row[-1] == f"{100 * down[-1]['tasks']['mean']:.1f} |"
     assert row[7] == "–"  # GE not sampled (length 0)

@@ -72,12 +72,15 @@ def table(runs: Sequence[Run]) -> str:
     """A markdown table, one row per run, with the columns that any run has."""
     cols = [c for c in COLUMNS if any(r.summary.get(c[0]) is not None for r in runs)]
     head = ["run", "method", "mode"] + [c[1] for c in cols]
+    rows = [[r.name, str(r.summary.get("method")), "sequential" if r.sequential else "single"]
+            + [_cell(r.summary.get(k), f) for k, _, f in cols] for r in runs]
+    return _markdown(head, rows)
+
+
+def _markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table."""
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in runs:
-        mode = "sequential" if r.sequential else "single"
-        cells = [r.name, str(r.summary.get("method")), mode] + [_cell(r.summary.get(k), f) for k, _, f in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
 def _baseline_ge(runs: Sequence[Run]) -> dict:
@@ -114,17 +117,16 @@ def sequential_table(runs: Sequence[Run], window: int = 40) -> str:
     ge = "ΔGE vs unedited" if base else "GE"
     head = ["run", "method", "edits", "ES after edit", "ES at end", "PS at end", "NS at end",
             f"{ge}, first {window}", f"{ge}, last {window}", "downstream mean at 0", "downstream mean at end"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in seq:
         first, last = r.downstream[0], r.downstream[-1]
         ret = last.get("retention") or {}
         mean = [d.get("tasks", {}).get("mean") for d in (first, last)]
-        cells = [r.name, str(r.summary.get("method")), str(last["n_edits"]), _cell(r.summary.get("ES"), "{:.1f}"),
-                 *(_cell(ret.get(k), "{:.1f}") for k in ("ES", "PS", "NS")),
-                 *(_cell(_ge_window(r.records, f, window, base), "{:.1f}") for f in (True, False)),
-                 *(_cell(None if m is None else 100 * m, "{:.1f}") for m in mean)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([r.name, str(r.summary.get("method")), str(last["n_edits"]), _cell(r.summary.get("ES"), "{:.1f}"),
+                     *(_cell(ret.get(k), "{:.1f}") for k in ("ES", "PS", "NS")),
+                     *(_cell(_ge_window(r.records, f, window, base), "{:.1f}") for f in (True, False)),
+                     *(_cell(None if m is None else 100 * m, "{:.1f}") for m in mean)])
+    return _markdown(head, rows)
 
 
 def _plt():
