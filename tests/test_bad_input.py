@@ -63,6 +63,9 @@ def test_cli_edit_json_on_tiny_model(tiny_dir, tiny_corpus, home, capsys):
     (["--layer", "99"], "out of range"),
     (["--method", "romeo"], "unknown method"),
     (["--corpus", "/nonexistent/corpus.txt"], "not found"),
+    (["--set", "value.learning_rate=0.1"], "has no option 'learning_rate'"),
+    (["--set", "value.lr=fast"], "not a valid float"),
+    (["--set", "lr"], "KEY=VALUE"),
 ])
 def test_cli_bad_input_exits_nonzero_and_leaves_weights(extra, match, tiny_dir, tiny_corpus, home, capsys):
     before = _weights(tiny_dir)

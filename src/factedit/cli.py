@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=None, help="requests per target-optimisation batch (batch methods)")
     e.add_argument("--seed", type=int, default=0, help="seed of the context templates")
     e.add_argument("--steps", type=int, default=None, help="max optimisation steps (default 25)")
+    e.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="any field of the method's config, e.g. norm_constraint=0.01 (ft) or value.lr=0.1; repeatable")
     e.add_argument("--paraphrase", action="append", default=None,
                    help="an extra prompt to show before/after (repeatable; default: two rephrasings)")
     e.add_argument("--max-new-tokens", type=int, default=12)
@@ -155,6 +157,7 @@ def _efficacy(adapter, reqs):
 def cmd_edit_many(args) -> int:
     from .cli_trace import traced_layer
     from .editor import Editor
+    from .methods.options import parse_options
     from .models import load_model, model_name
     from .requests_io import load_requests
 
@@ -168,7 +171,7 @@ def cmd_edit_many(args) -> int:
         overrides["layer"] = args.layer if args.layer is not None else traced_layer(editor.adapter, args.method)
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
-    cfg = editor.make_config(args.method, steps=args.steps, **overrides)
+    cfg = editor.make_config(args.method, steps=args.steps, options=parse_options(args.set or ()), **overrides)
     before = _efficacy(editor.adapter, reqs)
     t = time.perf_counter()
     result = editor.edit(reqs, config=cfg, guard=_guard(args))
@@ -191,6 +194,7 @@ def cmd_edit(args) -> int:
     from .cli_trace import traced_layer
     from .editor import Editor
     from .errors import RequestError
+    from .methods.options import parse_options
     from .models import load_model, model_name
     from .requests import Request
 
@@ -215,7 +219,8 @@ def cmd_edit(args) -> int:
         overrides.pop("layer")
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
-    cfg = editor.make_config(args.method, steps=args.steps, **overrides)  # validates method and layer before any work
+    # validates method, layer and options before any work
+    cfg = editor.make_config(args.method, steps=args.steps, options=parse_options(args.set or ()), **overrides)
     paraphrases = args.paraphrase or [p.format(prompt=req.text, subject=req.subject) for p in DEFAULT_PARAPHRASES]
     prompts = [req.text] + paraphrases
     _snapshot.max_new_tokens = args.max_new_tokens

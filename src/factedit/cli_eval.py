@@ -48,6 +48,8 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
     e.add_argument("--layer", type=int, default=None)
     e.add_argument("--layers", type=_layers, default=None, help="span of a multi-layer method, e.g. 4,5,6,7,8")
     e.add_argument("--steps", type=int, default=None, help="max optimisation steps")
+    e.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="any field of the method's config, e.g. norm_constraint=0.01 (ft) or value.lr=0.1; repeatable")
     e.add_argument("--seed", type=int, default=0, help="seed of the context templates and of GE sampling")
     e.add_argument("--out", required=True, help="run directory (per-case JSONL, summary.json, config.json)")
     common(e)
@@ -59,6 +61,8 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
 
 
 def _method_options(args) -> tuple:
+    from .methods.options import parse_options
+
     opts = {"stats_corpus": args.corpus, "stats_tokens": args.stats_tokens, "seed": args.seed}
     if args.layers is not None:
         opts["layers"] = args.layers
@@ -66,6 +70,8 @@ def _method_options(args) -> tuple:
         opts["layer"] = args.layer
     if args.steps is not None:
         opts["steps"] = args.steps
+    if args.set:
+        opts["options"] = parse_options(args.set)
     return tuple(sorted((k, v) for k, v in opts.items() if v is not None))
 
 

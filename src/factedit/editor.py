@@ -21,6 +21,7 @@ from .guard import CollapseError, GuardConfig, entropy_probe, norm_reference
 from .guard import check as check_guard
 from .methods import METHODS, BatchConfig, FTConfig, ROMEConfig, compute_batch, compute_ft, compute_rome
 from .methods.batch import add_keys
+from .methods.options import with_options
 from .requests import Request
 from .stats import LayerStats, layer_stats
 from .values import ValueProblem, optimize_values
@@ -152,8 +153,12 @@ class Editor:
         return self._projectors[key]
 
     # ------------------------------------------------------------------ editing
-    def make_config(self, method: str = "r-rome", **overrides):
-        """The method's config dataclass with model-derived defaults filled in."""
+    def make_config(self, method: str = "r-rome", options=(), **overrides):
+        """The method's config dataclass with model-derived defaults filled in.
+
+        ``options``: ``{"field" or "nested.field": value}`` (or pairs) set last, values given as text
+        converted to the field's type (:func:`~factedit.methods.options.with_options`).
+        """
         if method not in METHODS:
             raise MethodError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
         cls = METHODS[method]
@@ -181,7 +186,7 @@ class Editor:
             raise MethodError(f"invalid option for {method}: {e}") from None
         if steps is not None:
             cfg = replace(cfg, steps=steps) if cls is FTConfig else replace(cfg, value=replace(cfg.value, steps=steps))
-        return cfg.resolved(self.adapter)
+        return with_options(cfg, dict(options)).resolved(self.adapter)
 
     def compute(self, requests: Union[Request, Sequence[Request]], method: str = "r-rome",
                 config=None, **overrides) -> Computed:
