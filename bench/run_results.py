@@ -30,9 +30,12 @@ CF = DATA / "counterfact" / "counterfact_knowedit.jsonl"
 CORPUS = DATA / "corpus" / "wikitext2_valid.txt"
 DOWNSTREAM = DATA / "downstream"
 
-SINGLE = {"none": 1, "rome": 1, "r-rome": 1, "p-rome": 1, "memit": 25, "emmet": 25, "alphaedit": 25, "ft": 25}
+#: run name -> (method, cases per edit[, --set options]); the run's directory is its name
+SINGLE = {"none": ("none", 1), "rome": ("rome", 1), "r-rome": ("r-rome", 1), "p-rome": ("p-rome", 1),
+          "memit": ("memit", 25), "emmet": ("emmet", 25), "alphaedit": ("alphaedit", 25), "ft": ("ft", 25),
+          "ft-b1": ("ft", 1), "ft-b1-unclamped": ("ft", 1, ("norm_constraint=1",))}
 #: sequential runs, in the order they are run (the cheaper batch methods first)
-SEQUENTIAL = {"emmet": 10, "alphaedit": 10, "rome": 1, "r-rome": 1}
+SEQUENTIAL = {"emmet": ("emmet", 10), "alphaedit": ("alphaedit", 10), "rome": ("rome", 1), "r-rome": ("r-rome", 1)}
 
 
 def _rel(p: Path) -> str:
@@ -40,9 +43,9 @@ def _rel(p: Path) -> str:
     return os.path.relpath(p.resolve(), ROOT)
 
 
-def command(method: str, part: str, limit: int, out: Path, downstream_n: int, every: int) -> list:
-    """The ``factedit eval`` argument list of one run (what the table prints)."""
-    batch = (SINGLE if part == "single" else SEQUENTIAL)[method]
+def command(name: str, part: str, limit: int, out: Path, downstream_n: int, every: int) -> list:
+    """The ``factedit eval`` argument list of run ``name`` (what the table prints)."""
+    method, batch, *options = (SINGLE if part == "single" else SEQUENTIAL)[name]
     args = ["factedit", "eval", "--method", method, "--dataset", _rel(CF), "--limit", str(limit)]
     if batch > 1:
         args += ["--batch-size", str(batch)]
@@ -51,7 +54,9 @@ def command(method: str, part: str, limit: int, out: Path, downstream_n: int, ev
                  "--downstream-n", str(downstream_n)]
     if method != "none":
         args += ["--corpus", _rel(CORPUS)]
-    return args + ["--out", _rel(out / method)]
+    for opt in options[0] if options else ():
+        args += ["--set", opt]
+    return args + ["--out", _rel(out / name)]
 
 
 #: runs whose targets are identical (the Editor's memo shares them): taken chunk by chunk in turn
@@ -124,7 +129,7 @@ def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: i
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("part", choices=["single", "sequential", "table"])
-    ap.add_argument("--methods", default=None, help="comma-separated subset (default: all of the part)")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the runs, e.g. ft-b1 (default: all of the part)")
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--out", default=None, help="runs directory (default runs/single or runs/seq)")
     ap.add_argument("--downstream-n", type=int, default=32)

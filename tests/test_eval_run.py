@@ -264,3 +264,30 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert "one case at a time" in capsys.readouterr().err
     assert main(["summarize", str(tmp_path)]) == 2
     assert "not an evaluation run" in capsys.readouterr().err
+
+
+def test_summarize_mode_names_the_batch_size(tmp_path):
+    from factedit.evaluation.summarize import Run
+
+    def mode(**compare):
+        return Run(tmp_path, {"compare": compare}, {}, [], []).mode
+
+    assert mode(batch_size=25) == "single, batches of 25"
+    assert mode(batch_size=10, sequential=True) == "sequential, batches of 10"
+    assert mode(batch_size=1, sequential=True) == "sequential" and mode() == "single"
+
+
+def test_cli_eval_set_reaches_the_method_config(tiny_dir, home, tmp_path, capsys):
+    from factedit.cli import main
+
+    out = tmp_path / "ft"
+    argv = ["eval", "--method", "ft", "--model", str(tiny_dir), "--dataset", str(COUNTERFACT), "--limit", "1",
+            "--ge-length", "0", "--set", "norm_constraint=0.01", "--set", "lr=1e-3", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    compare = json.loads((out / "config.json").read_text())["compare"]
+    assert compare["method_config"]["norm_constraint"] == 0.01 and compare["method_config"]["lr"] == 1e-3
+    assert compare["method_options"]["options"] == [["norm_constraint", "0.01"], ["lr", "1e-3"]]
+    record = json.loads((out / "cases.jsonl").read_text().splitlines()[0])
+    assert 0 < record["delta_norm"] <= 0.01  # ‖Δ‖/numel ≤ the L∞ bound
+    assert main(argv[:-4] + ["--set", "norm_constraint=1", "--out", str(out)]) == 2  # a different config: no resume
+    assert "holds a run with a different configuration (method_config" in capsys.readouterr().err

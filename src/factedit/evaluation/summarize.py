@@ -43,6 +43,13 @@ class Run:
     def sequential(self) -> bool:
         return bool(self.config.get("compare", {}).get("sequential"))
 
+    @property
+    def mode(self) -> str:
+        """"single" or "sequential", with the batch size when an edit takes more than one case."""
+        batch = self.config.get("compare", {}).get("batch_size") or 1
+        mode = "sequential" if self.sequential else "single"
+        return f"{mode}, batches of {batch}" if batch > 1 else mode
+
 
 def load_run(directory) -> Run:
     """Read a run directory written by :func:`~factedit.evaluation.runner.run_eval`."""
@@ -72,7 +79,7 @@ def table(runs: Sequence[Run]) -> str:
     """A markdown table, one row per run, with the columns that any run has."""
     cols = [c for c in COLUMNS if any(r.summary.get(c[0]) is not None for r in runs)]
     head = ["run", "method", "mode"] + [c[1] for c in cols]
-    rows = [[r.name, str(r.summary.get("method")), "sequential" if r.sequential else "single"]
+    rows = [[r.name, str(r.summary.get("method")), r.mode]
             + [_cell(r.summary.get(k), f) for k, _, f in cols] for r in runs]
     return _markdown(head, rows)
 
