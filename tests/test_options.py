@@ -26,6 +26,7 @@ def test_values_take_the_type_of_the_field():
     assert rome.value.lr == 0.1 and rome.value.early_stop_on == "loss" and rome.value.steps == 25
     assert rome.context_lengths == ((5, 3),) and rome.essence_prompts == ("{} is",)
     assert rome.stats_tokens == 5000  # an optional field (None = model-derived): JSON value
+    assert with_options(BatchConfig(), {"layers": "[4, 5]"}).layers == (4, 5)  # lists as tuples
     assert with_options(ROMEConfig(), {"stats_corpus": "wikitext"}).stats_corpus == "wikitext"  # or text
     assert with_options(BatchConfig(), {"value.clamp_norm_factor": 2}).value.clamp_norm_factor == 2  # typed: as is
     assert ROMEConfig().value.lr == 0.5  # the defaults are not touched

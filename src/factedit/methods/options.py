@@ -44,15 +44,20 @@ def _convert(text: Any, current: Any, key: str) -> Any:
             value = json.loads(text)
             if not isinstance(value, list):
                 raise ValueError(text)
-            return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+            return _tuples(value)
     except ValueError:
         raise MethodError(f"--set {key}: {text!r} is not a valid {type(current).__name__}") from None
     if current is None:  # an optional field left to its model-derived default: a JSON value, or text
         try:
-            return json.loads(text)
+            return _tuples(json.loads(text))
         except ValueError:
             return text
     raise MethodError(f"--set {key}: this field ({type(current).__name__}) cannot be set from text")
+
+
+def _tuples(value):
+    """JSON lists as (nested) tuples: config dataclasses are frozen and hashable."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def with_options(cfg, options: Mapping[str, Any]):
