@@ -291,3 +291,6 @@ def test_cli_eval_set_reaches_the_method_config(tiny_dir, home, tmp_path, capsys
     assert 0 < record["delta_norm"] <= 0.01  # ‖Δ‖/numel ≤ the L∞ bound
     assert main(argv[:-4] + ["--set", "norm_constraint=1", "--out", str(out)]) == 2  # a different config: no resume
     assert "holds a run with a different configuration (method_config" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    assert main(argv[:-4] + ["--set", "norm_constrain=1", "--out", str(bad)]) == 2
+    assert "has no option 'norm_constrain'" in capsys.readouterr().err and not bad.exists()

@@ -27,6 +27,7 @@ def test_values_take_the_type_of_the_field():
     assert rome.context_lengths == ((5, 3),) and rome.essence_prompts == ("{} is",)
     assert rome.stats_tokens == 5000  # an optional field (None = model-derived): JSON value
     assert with_options(BatchConfig(), {"layers": "[4, 5]"}).layers == (4, 5)  # lists as tuples
+    assert with_options(ROMEConfig(), {"context_lengths": [[5, 3]]}).context_lengths == ((5, 3),)
     assert with_options(ROMEConfig(), {"stats_corpus": "wikitext"}).stats_corpus == "wikitext"  # or text
     assert with_options(BatchConfig(), {"value.clamp_norm_factor": 2}).value.clamp_norm_factor == 2  # typed: as is
     assert ROMEConfig().value.lr == 0.5  # the defaults are not touched
@@ -35,6 +36,7 @@ def test_values_take_the_type_of_the_field():
 @pytest.mark.parametrize("options,match", [
     ({"norm_constrain": "1"}, "FTConfig has no option 'norm_constrain'; options: layers, lr, norm_constraint, steps"),
     ({"steps": "2.5"}, "'2.5' is not a valid int"),
+    ({"lr": "nan"}, "'nan' is not a valid float"),
     ({"value": "1"}, "set one of its fields instead: value.steps"),
     ({"steps.x": "1"}, "'steps' has no sub-options"),
     ({"arch": "{}"}, "has no option 'arch'"),

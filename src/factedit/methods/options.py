@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import fields, is_dataclass, replace
 from typing import Any, Mapping, Sequence, Tuple
 
@@ -27,7 +28,7 @@ def parse_options(items: Sequence[str]) -> Tuple[Tuple[str, str], ...]:
 def _convert(text: Any, current: Any, key: str) -> Any:
     """``text`` as a value of the type of ``current`` (the field's present value)."""
     if not isinstance(text, str):
-        return text  # already typed (Python callers)
+        return _tuples(text)  # already typed (Python callers)
     try:
         if isinstance(current, bool):
             low = text.lower()
@@ -37,7 +38,10 @@ def _convert(text: Any, current: Any, key: str) -> Any:
         if isinstance(current, int):
             return int(text)
         if isinstance(current, float):
-            return float(text)
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError(text)
+            return value
         if isinstance(current, str):
             return text
         if isinstance(current, tuple):
