@@ -30,10 +30,10 @@ CF = DATA / "counterfact" / "counterfact_knowedit.jsonl"
 CORPUS = DATA / "corpus" / "wikitext2_valid.txt"
 DOWNSTREAM = DATA / "downstream"
 
-#: run name -> (method, cases per edit[, --set options]); the run's directory is its name
+#: run name -> (method, cases per edit, *--set options); the run's directory is its name
 SINGLE = {"none": ("none", 1), "rome": ("rome", 1), "r-rome": ("r-rome", 1), "p-rome": ("p-rome", 1),
           "memit": ("memit", 25), "emmet": ("emmet", 25), "alphaedit": ("alphaedit", 25), "ft": ("ft", 25),
-          "ft-b1": ("ft", 1), "ft-b1-unclamped": ("ft", 1, ("norm_constraint=1",))}
+          "ft-b1": ("ft", 1), "ft-b1-unclamped": ("ft", 1, "norm_constraint=1")}
 #: sequential runs, in the order they are run (the cheaper batch methods first)
 SEQUENTIAL = {"emmet": ("emmet", 10), "alphaedit": ("alphaedit", 10), "rome": ("rome", 1), "r-rome": ("r-rome", 1)}
 
@@ -54,7 +54,7 @@ def command(name: str, part: str, limit: int, out: Path, downstream_n: int, ever
                  "--downstream-n", str(downstream_n)]
     if method != "none":
         args += ["--corpus", _rel(CORPUS)]
-    for opt in options[0] if options else ():
+    for opt in options:
         args += ["--set", opt]
     return args + ["--out", _rel(out / name)]
 
@@ -116,10 +116,11 @@ def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: i
 
     runs = [load_run(out / m) for m in methods if (out / m / "summary.json").is_file()]
     lines = [summary_table(runs), ""]
-    base = out.parent / "single" / "none"  # the unedited run of the same records: per-record GE baseline
-    seq = sequential_table(([load_run(base)] if (base / "summary.json").is_file() else []) + runs)
-    if seq:
-        lines += [seq, ""]
+    if part == "sequential":
+        base = out.parent / "single" / "none"  # the unedited run of the same records: per-record GE baseline
+        seq = sequential_table(([load_run(base)] if (base / "summary.json").is_file() else []) + runs)
+        if seq:
+            lines += [seq, ""]
     lines += ["Commands (from the repository root):", "", "```bash"]
     lines += [shlex.join(command(Path(r.path).name, part, limit, out, downstream_n, every)) for r in runs]
     lines += ["```"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
 from .arch import ArchSpec, ModelAdapter
@@ -185,7 +185,7 @@ class Editor:
         except TypeError as e:
             raise MethodError(f"invalid option for {method}: {e}") from None
         if steps is not None:
-            cfg = replace(cfg, steps=steps) if cls is FTConfig else replace(cfg, value=replace(cfg.value, steps=steps))
+            cfg = with_options(cfg, {"steps" if cls is FTConfig else "value.steps": steps})
         return with_options(cfg, dict(options)).resolved(self.adapter)
 
     def compute(self, requests: Union[Request, Sequence[Request]], method: str = "r-rome",

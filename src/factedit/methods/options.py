@@ -67,7 +67,7 @@ def _tuples(value):
 def with_options(cfg, options: Mapping[str, Any]):
     """A copy of the config dataclass ``cfg`` with each ``"field"`` or ``"nested.field"`` of
     ``options`` set; an unknown name is an error listing the fields that exist."""
-    for key, value in dict(options).items():
+    for key, value in options.items():
         cfg = _set(cfg, key.split("."), value, key)
     return cfg
 
