@@ -38,7 +38,7 @@ def one(methods: list, n: int) -> list:
     """Run inside a fresh process: load, edit n requests with each method, measure."""
     from factedit import Editor, load_model
     from factedit.cli import _efficacy
-    from factedit.requests_io import load_requests
+    from factedit.core.request_files import load_requests
 
     reqs, seen = [], set()
     for r in load_requests(CF, limit=2 * n):  # the first n records with distinct (prompt, subject)

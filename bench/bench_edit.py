@@ -72,7 +72,7 @@ def delta_dependent_flops(adapter, problem) -> float:
 
 def bench_edits(editor, records, layer):
     from factedit import Request
-    from factedit.values import ValueProblem
+    from factedit.edit.values import ValueProblem
 
     rows = []
     for rec in records:
@@ -89,8 +89,8 @@ def bench_edits(editor, records, layer):
 
 
 def bench_stats(adapter, layer, n_tokens):
-    from factedit.stats import layer_stats, token_chunks
-    from factedit.corpus import resolve_corpus
+    from factedit.stats.layer import layer_stats, token_chunks
+    from factedit.stats.corpus import resolve_corpus
 
     t = time.perf_counter()
     st = layer_stats(adapter, layer, corpus=str(CORPUS), n_tokens=n_tokens, cache=False, progress=False)
@@ -125,7 +125,7 @@ def main():
     args = ap.parse_args()
 
     from factedit import Editor, load_model
-    from factedit.methods.rome import default_layer
+    from factedit.edit.methods.rome import default_layer
 
     gflops = matmul_gflops()
     model, tok = load_model()

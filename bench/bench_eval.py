@@ -42,9 +42,9 @@ def main():
     args = ap.parse_args()
 
     from factedit import ModelAdapter, load_model
-    from factedit.delta import LayerDelta
+    from factedit.edit.deltas import LayerDelta
     from factedit.evaluation import GenerationConfig, load_cases, score_cases
-    from factedit.row_deltas import RowDeltas
+    from factedit.edit.row_deltas import RowDeltas
 
     model, tok = load_model(device=args.device)
     ad = ModelAdapter(model, tok)

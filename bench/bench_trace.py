@@ -63,7 +63,7 @@ def truncated(model, spec_layers: str, n: int) -> None:
 
 
 def run_one(adapter, prompt: str, samples: int, reps: int) -> dict:
-    from factedit.tracing import TraceConfig, trace_prompt
+    from factedit.trace.causal import TraceConfig, trace_prompt
 
     cfg = TraceConfig(samples=samples)
     times = []
@@ -86,7 +86,7 @@ def main(argv: List[str] = None) -> int:
     args = ap.parse_args(argv)
 
     from factedit import load_model
-    from factedit.arch import ModelAdapter
+    from factedit.core.arch import ModelAdapter
 
     model, tok = load_model()
     adapter = ModelAdapter(model, tok)

@@ -31,7 +31,7 @@ GENERIC = ("The most important thing about history is", "My favorite food is", "
 
 
 def screen(ed, cases, cfg, n_templates=None):
-    from factedit.methods.rome import rome_norm_ratio
+    from factedit.edit.methods.rome import rome_norm_ratio
 
     C = ed.stats(cfg.layer, cfg.stats_corpus, cfg.stats_tokens).mom2
     templates = ed.templates(cfg.seed, cfg.context_lengths)[: n_templates or None]
@@ -47,7 +47,7 @@ def generic_entropy(adapter, length: int) -> float:
 
 def greedy_entropy(adapter) -> float:
     """The collapse guard's probe: entropy ×100 of 24-token greedy continuations of generic prompts."""
-    from factedit.guard import GuardConfig, entropy_probe
+    from factedit.edit.guard import GuardConfig, entropy_probe
 
     return 100 * entropy_probe(adapter, GuardConfig())
 

@@ -46,7 +46,7 @@ PROBES = ("The capital of Japan is", "The Eiffel Tower is located in the city of
 
 @torch.no_grad()
 def held_out_entropy(adapter):
-    from factedit.guard import GuardConfig, entropy_probe
+    from factedit.edit.guard import GuardConfig, entropy_probe
 
     return entropy_probe(adapter, GuardConfig(prompts=HELD_OUT, max_new_tokens=48))
 
@@ -60,7 +60,7 @@ def held_out_nll(adapter, text: str) -> float:
 
 
 def probe_answers(adapter):
-    from factedit.generation import greedy_continuation
+    from factedit.core.lm import greedy_continuation
 
     return [greedy_continuation(adapter, p, 3).strip().split(" ")[0] for p in PROBES]
 
@@ -75,9 +75,9 @@ def main():
     args = ap.parse_args()
 
     from factedit import Editor, GuardConfig, load_model
-    from factedit.delta import apply_deltas
-    from factedit.guard import check, entropy_probe, norm_reference
-    from factedit.methods.rome import compute_rome, default_layer, rome_norm_ratio
+    from factedit.edit.deltas import apply_deltas
+    from factedit.edit.guard import check, entropy_probe, norm_reference
+    from factedit.edit.methods.rome import compute_rome, default_layer, rome_norm_ratio
     from factedit.evaluation import load_cases
 
     model, tok = load_model()

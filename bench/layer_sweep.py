@@ -41,7 +41,7 @@ def records(n: int) -> List[dict]:
 
 def scores(editor, recs, layer: int) -> dict:
     from factedit import GuardConfig, Request
-    from factedit.generation import target_logprobs
+    from factedit.core.lm import target_logprobs
 
     ad = editor.adapter
     eff = para = neigh = 0
@@ -72,8 +72,8 @@ def main(argv: List[str] = None) -> int:
     args = ap.parse_args(argv)
 
     from factedit import Editor, load_model
-    from factedit.methods.rome import default_layer
-    from factedit.trace_cache import load_recommendation
+    from factedit.edit.methods.rome import default_layer
+    from factedit.trace.cache import load_recommendation
 
     model, tok = load_model()
     editor = Editor(model, tok, progress=False)

@@ -70,7 +70,7 @@ class _Pause(Exception):
 def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int) -> None:
     from factedit import Editor, load_model
     from factedit.cli import build_parser
-    from factedit.cli_eval import eval_config
+    from factedit.cli.eval import eval_config
     from factedit.evaluation import run_eval
 
     model, tok = load_model()

@@ -54,7 +54,7 @@ def first_token(adapter, text: str):
 
 
 def measure(editor, rec: dict) -> dict:
-    from factedit.generation import greedy_continuation, target_probabilities
+    from factedit.core.lm import greedy_continuation, target_probabilities
 
     a = editor.adapter
     p_new, p_true, r_new, r_true, p_loc = target_probabilities(

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from factedit.arch import ARCH_SPECS, ArchSpec, ModelAdapter
-from factedit.errors import ArchitectureError, LayerError
-from factedit.hooks import Trace
+from factedit.core.arch import ARCH_SPECS, ArchSpec, ModelAdapter
+from factedit.core.errors import ArchitectureError, LayerError
+from factedit.core.hooks import Hook
 from tiny import ARCHS, tiny_model
 
 
@@ -14,7 +14,7 @@ def test_adapter_finds_modules_and_orientation(arch):
     assert ad.n_layers == 4 and ad.d_model == 24
     assert ad.spec.fan_in_fan_out == (arch == "gpt2")
     ids = torch.tensor([tok("The Eiffel Tower is in Paris")["input_ids"]])
-    with Trace(ad.w_out(2), retain_input=True, retain_output=True) as t:
+    with Hook(ad.w_out(2), retain_input=True, retain_output=True) as t:
         model(ids)
     W = ad.w_out_weight(2)
     assert W.shape == (ad.d_model, ad.d_ff)

@@ -7,7 +7,7 @@ import torch
 
 from factedit import Editor, Request, ValueConfig
 from factedit.cli import main
-from factedit.errors import FactEditError, LayerError, MethodError, RequestError, StatsError
+from factedit.core.errors import FactEditError, LayerError, MethodError, RequestError, StatsError
 from tiny import tiny_model
 
 
@@ -115,7 +115,7 @@ def test_editor_leaves_model_untouched_on_errors(home, tiny_corpus, tmp_path):
 
 
 def test_failure_during_apply_restores(home, tiny_corpus, monkeypatch):
-    from factedit.delta import LayerDelta, apply_deltas
+    from factedit.edit.deltas import LayerDelta, apply_deltas
 
     model, tok = tiny_model("llama")
     ed = Editor(model, tok, progress=False)

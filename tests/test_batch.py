@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from factedit import Editor, GuardConfig, Request, ValueConfig
-from factedit.errors import MethodError, RequestError
-from factedit.keys import template_keys
+from factedit.core.errors import MethodError, RequestError
+from factedit.edit.keys import template_keys
 from tiny import tiny_model
 
 REQS = [Request("{} is located in the city of", "Eiffel Tower", "Rome"),
@@ -23,7 +23,7 @@ def _opts(tiny_corpus, **kw):
 
 def test_memit_spreads_residual_over_span(home, tiny_corpus, monkeypatch):
     """R_l = (Z* − Z_cur) / (layers left), with Z_cur measured after the earlier layers' updates."""
-    import factedit.methods.batch as B
+    import factedit.edit.methods.batch as B
 
     model, tok = tiny_model("llama")
     ed = Editor(model, tok, progress=False)
@@ -55,7 +55,7 @@ def test_memit_spreads_residual_over_span(home, tiny_corpus, monkeypatch):
 
 def test_emmet_last_layer_is_exact(home, tiny_corpus):
     """With a one-layer span, EMMET's equality solve gives Δ K = Z* − Z_cur on the averaged keys."""
-    import factedit.methods.batch as B
+    import factedit.edit.methods.batch as B
 
     model, tok = tiny_model("gpt2")
     ed = Editor(model, tok, progress=False)
@@ -99,7 +99,7 @@ def test_duplicate_and_contradictory_requests_named(home, tiny_corpus):
 
 
 def test_failure_in_the_middle_of_multilayer_update_restores_all(home, tiny_corpus, monkeypatch):
-    import factedit.methods.batch as B
+    import factedit.edit.methods.batch as B
 
     model, tok = tiny_model("llama")
     ed = Editor(model, tok, progress=False)

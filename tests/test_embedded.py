@@ -6,7 +6,7 @@ import pytest
 
 from conftest import CORPUS, COUNTERFACT
 from factedit import Request
-from factedit.generation import greedy_continuation, target_probabilities
+from factedit.core.lm import greedy_continuation, target_probabilities
 
 pytestmark = pytest.mark.slow
 STATS = dict(stats_corpus=str(CORPUS))

@@ -3,8 +3,8 @@
 import pytest
 
 from conftest import CORPUS, COUNTERFACT
-from factedit.cli import _efficacy
-from factedit.requests_io import load_requests
+from factedit.cli.edit import efficacy
+from factedit.core.request_files import load_requests
 
 pytestmark = pytest.mark.slow
 
@@ -13,10 +13,10 @@ pytestmark = pytest.mark.slow
 def test_batch_of_50_counterfact_records(embedded, method):
     ed = embedded
     reqs = load_requests(COUNTERFACT, limit=50)
-    assert _efficacy(ed.adapter, reqs) < 0.5  # the small model knows some of these facts already
+    assert efficacy(ed.adapter, reqs) < 0.5  # the small model knows some of these facts already
     ed.edit(reqs, method=method, stats_corpus=str(CORPUS))
     try:
-        assert _efficacy(ed.adapter, reqs) >= 0.9
+        assert efficacy(ed.adapter, reqs) >= 0.9
     finally:
         ed.revert()
 
@@ -35,12 +35,12 @@ def test_alphaedit_50_edits_in_10_sequential_batches_keep_the_first(embedded):
     try:
         for batch in batches:
             ed.edit(batch, method="alphaedit", stats_corpus=str(CORPUS))
-            took.append([r for r in batch if _efficacy(ed.adapter, [r]) == 1.0])
+            took.append([r for r in batch if efficacy(ed.adapter, [r]) == 1.0])
         n_took = sum(len(t) for t in took)
         assert n_took >= 40, f"only {n_took} of 50 AlphaEdit edits took hold"
         assert took[0], "no edit of the first batch took hold"
-        assert _efficacy(ed.adapter, took[0]) == 1.0  # the first batch, after 9 more batches
-        assert _efficacy(ed.adapter, [r for t in took for r in t]) >= 0.8
+        assert efficacy(ed.adapter, took[0]) == 1.0  # the first batch, after 9 more batches
+        assert efficacy(ed.adapter, [r for t in took for r in t]) >= 0.8
     finally:
         ed.revert(len(ed.history))
     assert "alphaedit" not in ed.state

@@ -5,8 +5,8 @@ import torch
 
 from conftest import CORPUS
 from factedit import Request
-from factedit.generation import target_logprobs
-from factedit.patch import Patch, apply_patch
+from factedit.core.lm import target_logprobs
+from factedit.patch.files import Patch, apply_patch
 
 pytestmark = pytest.mark.slow
 REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
@@ -16,7 +16,7 @@ def test_round_trip_on_embedded_model(embedded, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from factedit import load_model, save_model
-    from factedit.arch import ModelAdapter
+    from factedit.core.arch import ModelAdapter
 
     ed = embedded
     result = ed.edit(REQ, stats_corpus=str(CORPUS))
@@ -43,7 +43,7 @@ def test_round_trip_on_embedded_model(embedded, tmp_path):
 
 
 def test_patch_size_grows_linearly_with_requests(embedded, tmp_path):
-    from factedit.requests_io import load_requests
+    from factedit.core.request_files import load_requests
     from conftest import COUNTERFACT
 
     ed = embedded
@@ -66,7 +66,7 @@ def test_guard_catches_a_real_rome_disabling_edit(embedded):
     back with an explanation and leaves the weights bit-identical; r-ROME on the same request passes."""
     from conftest import COUNTERFACT
     from factedit.evaluation import load_cases
-    from factedit.guard import CollapseError
+    from factedit.edit.guard import CollapseError
 
     ed = embedded
     req = next(c for c in load_cases(COUNTERFACT, limit=2500, offset=4250) if c.case_id == 6276).request

@@ -33,11 +33,11 @@ def test_rome_disabling_edit_and_r_rome_on_the_same_record(embedded):
     the same record edits as well and leaves the model's generations unchanged. Both updates come from the
     same optimised δ (the variants differ only in the closed form), so δ is optimised once."""
     from factedit import GuardConfig
-    from factedit.delta import apply_deltas
+    from factedit.edit.deltas import apply_deltas
     from factedit.evaluation import load_cases, score_cases
     from factedit.evaluation.scoring import normalized_delta_norm
-    from factedit.guard import entropy_probe
-    from factedit.methods.rome import compute_rome
+    from factedit.edit.guard import entropy_probe
+    from factedit.edit.methods.rome import compute_rome
 
     ed = embedded
     case = next(c for c in load_cases(COUNTERFACT, limit=2500, offset=4250) if c.case_id == 6276)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from factedit.delta import LayerDelta
+from factedit.edit.deltas import LayerDelta
 from factedit.evaluation import scoring as S
 from tiny import tiny_model
 
@@ -105,7 +105,7 @@ def tiny():
 @torch.no_grad()
 def _naive(adapter, prompt, target):
     """Token log-probs and top-1 hits of ``prompt + " " + target`` from one plain forward of that row."""
-    from factedit.tokens import encode_with_target
+    from factedit.core.tokens import encode_with_target
 
     ids, idx = encode_with_target(adapter.tokenizer, prompt, target)
     logp = torch.log_softmax(adapter.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
@@ -115,7 +115,7 @@ def _naive(adapter, prompt, target):
 def test_batched_scores_match_plain_forward_in_order(tiny):
     """Rows are sorted by length inside; results come back in input order, equal to one row at a time
     (multi-token targets included)."""
-    from factedit.generation import target_token_scores
+    from factedit.core.lm import target_token_scores
 
     prompts = ["The Eiffel Tower is located in the city of", "Rome is in", "The capital of Japan is the city"]
     targets = ["Paris and Tokyo", "Italy", "Seattle"]
@@ -131,7 +131,7 @@ def test_case_scores_share_rows_without_changing_results(tiny):
     """o* and o_c read from one sequence where possible: same numbers as scoring each pair alone."""
     from factedit import Request
     from factedit.evaluation import CounterFactCase, score_cases
-    from factedit.generation import target_token_scores
+    from factedit.core.lm import target_token_scores
 
     case = CounterFactCase(5, Request("The capital of {} is", "Japan", "Paris", "Tokyo and Rome"),
                            ("Japan's capital city is",), ("The Space Needle is in the city of", "Rome is in"))

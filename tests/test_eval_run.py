@@ -10,7 +10,7 @@ from conftest import COUNTERFACT
 from factedit import Editor
 from factedit.evaluation import DownstreamConfig, EvalConfig, GenerationConfig, RunError, run_eval
 from factedit.evaluation.downstream import label_logprobs
-from factedit.patch import matrix_fingerprint
+from factedit.core.fingerprints import matrix_fingerprint
 from tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not COUNTERFACT.is_file(), reason="shared data not found")
@@ -194,7 +194,7 @@ def test_inconsistent_settings_are_refused():
 def test_label_logprobs_match_hand_computation():
     """Each label's summed log-prob after the prompt, from a plain forward per (prompt, label): the
     one-forward path (single-token labels) and the teacher-forced path (multi-token labels) agree with it."""
-    from factedit.tokens import encode_with_target
+    from factedit.core.tokens import encode_with_target
 
     ed = _editor("gpt2")
     tok = ed.tokenizer

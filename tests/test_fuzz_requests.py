@@ -4,9 +4,9 @@ import json
 
 from hypothesis import given, settings, strategies as st
 
-from factedit.errors import RequestError
-from factedit.requests import Request
-from factedit.requests_io import request_from_record
+from factedit.core.errors import RequestError
+from factedit.core.requests import Request
+from factedit.core.request_files import request_from_record
 
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30) | st.sampled_from(
     ["{}", "{} is in", " ", "", "{}{}", "The {} of", "Paris"])

@@ -5,9 +5,9 @@ import torch
 
 import factedit.editor as E
 from factedit import Editor, GuardConfig, Request, ValueConfig
-from factedit.guard import CollapseError
-from factedit.metrics import generation_entropy, ngram_entropy
-from factedit.patch import Patch
+from factedit.edit.guard import CollapseError
+from factedit.core.metrics import generation_entropy, ngram_entropy
+from factedit.patch.files import Patch
 from tiny import tiny_model
 
 REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome")

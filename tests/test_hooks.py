@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from factedit.hooks import StopForward, Trace, replaced_forward, rewrap, stop_after, unwrap
+from factedit.core.hooks import Hook, RawOutput, StopForward, replaced_forward, rewrap, start_at_layer, unwrap
 
 
 class Net(nn.Module):
@@ -20,7 +20,7 @@ class Net(nn.Module):
 def test_trace_retains_input_and_output():
     torch.manual_seed(0)
     net, x = Net(), torch.randn(5, 3)
-    with Trace(net.a, retain_input=True, retain_output=True) as t:
+    with Hook(net.a, retain_input=True, retain_output=True) as t:
         net(x)
     assert torch.equal(t.input, x)
     assert torch.allclose(t.output, net.a(x))
@@ -29,7 +29,7 @@ def test_trace_retains_input_and_output():
 
 def test_edit_output_changes_downstream():
     net, x = Net(), torch.randn(5, 3)
-    with Trace(net.a, edit_output=lambda h: h * 0):
+    with Hook(net.a, edit_output=lambda h: h * 0):
         y = net(x)
     assert torch.allclose(y, net.b.bias.expand(5, 2))
 
@@ -38,20 +38,18 @@ def test_stop_forward_skips_rest_and_cleans_up():
     net, x = Net(), torch.randn(2, 3)
     called = []
     h = net.b.register_forward_hook(lambda *a: called.append(1))
-    with Trace(net.a, retain_output=True, stop=True) as t:
+    with Hook(net.a, retain_output=True, stop=True) as t:
         net(x)
         pytest.fail("forward should have stopped")
     h.remove()
     assert t.output is not None and not called
-    with stop_after(net.a):
-        net(x)
     assert not net.a._forward_hooks
 
 
 def test_hook_removed_after_exception():
     net = Net()
     with pytest.raises(RuntimeError):
-        with Trace(net.a, retain_output=True):
+        with Hook(net.a, retain_output=True):
             raise RuntimeError("boom")
     assert not net.a._forward_hooks
 
@@ -77,24 +75,26 @@ def test_replaced_forward_restores():
     assert issubclass(StopForward, Exception)
 
 
-def test_trace_dict_and_positions():
-    from factedit.hooks import TraceDict, at_positions
+def test_start_at_layer_skips_earlier_layers():
+    """A forward started after layer 1 with layer 1's recorded output equals the full forward, and
+    layer 0 is not computed."""
+    torch.manual_seed(2)
+    layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
 
-    torch.manual_seed(1)
-    net, x = Net(), torch.randn(2, 5, 3)
-    with TraceDict(net, ["a", "b"], retain_output=True) as td:
-        y = net(x)
-    assert torch.allclose(td["b"].output, y)
-    with TraceDict(net, ["a"], edit_output={"a": at_positions([1, 3], lambda h: h * 0)}, retain_output=True) as td:
-        net(x)
-    h = td["a"].output
-    assert torch.equal(h[:, [1, 3]], torch.zeros(2, 2, 4))
-    assert torch.allclose(h[:, 0], net.a(x)[:, 0])
-    per_row = at_positions(torch.tensor([0, 4]), lambda h: h + 1)(torch.zeros(2, 5, 4))
-    assert per_row[0, 0].eq(1).all() and per_row[1, 4].eq(1).all() and per_row.sum() == 8
-    called = []
-    hb = net.b.register_forward_hook(lambda *a: called.append(1))
-    with TraceDict(net, ["a"], stop=True):
-        net(x)
-    hb.remove()
-    assert not called and not net.a._forward_hooks
+    def run(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    x = torch.randn(2, 4)
+    with Hook(layers[1], retain_output=True) as h1, RawOutput(layers[1]) as raw:
+        full = run(x)
+    calls = []
+    handle = layers[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with start_at_layer(layers, 1, h1.output, raw.output):
+            started = run(torch.full_like(x, float("nan")))  # layer 0 passes its input through, unused
+    finally:
+        handle.remove()
+    assert torch.equal(started, full)
+    assert "forward" not in layers[0].__dict__ and "forward" not in layers[1].__dict__

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from factedit.errors import StatsError
-from factedit.linalg import rome_update, solve_spd
-from factedit.solver import equality
+from factedit.core.errors import StatsError
+from factedit.edit.solver import equality, solve_spd
+from reference import rome_update
 
 
 def spd(d, seed=0):

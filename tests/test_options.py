@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from factedit.errors import MethodError
-from factedit.methods import BatchConfig, FTConfig, ROMEConfig
-from factedit.methods.options import parse_options, with_options
+from factedit.core.errors import MethodError
+from factedit.edit.methods import BatchConfig, FTConfig, ROMEConfig
+from factedit.edit.methods.options import parse_options, with_options
 
 
 def test_parse_options_splits_at_the_first_equals_sign():

@@ -7,9 +7,10 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from factedit import Editor, Request, ValueConfig
-from factedit.generation import target_logprobs
-from factedit.patch import Patch, PatchError, apply_patch, apply_patches, matrix_fingerprint, revert_patch
-from factedit.arch import ModelAdapter
+from factedit.core.lm import target_logprobs
+from factedit.patch.files import Patch, PatchError, apply_patch, apply_patches, revert_patch
+from factedit.core.fingerprints import matrix_fingerprint
+from factedit.core.arch import ModelAdapter
 from tiny import tiny_model
 
 REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")

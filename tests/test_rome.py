@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from factedit import Editor, Request, ValueConfig
-from factedit.delta import apply_deltas
-from factedit.errors import MethodError
+from factedit.edit.deltas import apply_deltas
+from factedit.core.errors import MethodError
 from tiny import ARCHS, tiny_model
 
 REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
@@ -116,7 +116,7 @@ def test_unknown_method():
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_norm_ratio_from_keys_equals_rome_over_r_rome(arch, home, tiny_corpus):
     """rome_norm_ratio (keys only, no optimisation) is ‖Δ_rome‖ / ‖Δ_r-rome‖ for the same δ."""
-    from factedit.methods.rome import compute_rome, rome_norm_ratio
+    from factedit.edit.methods.rome import compute_rome, rome_norm_ratio
 
     model, tok = tiny_model(arch)
     ed = Editor(model, tok, progress=False)

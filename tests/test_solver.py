@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from factedit.solver import equality, least_squares, null_space, null_space_projector
+from factedit.edit.solver import equality, least_squares, null_space, null_space_projector
 
 D_MODEL, D_FF, N0 = 6, 12, 200
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from factedit.arch import ModelAdapter
-from factedit.corpus import resolve_corpus
-from factedit.errors import CorpusError, StatsError
-from factedit.hooks import Trace
-from factedit.stats import SecondMoment, layer_stats, load_stats_file, stats_cache_path, token_chunks
+from factedit.core.arch import ModelAdapter
+from factedit.stats.corpus import resolve_corpus
+from factedit.core.errors import CorpusError, StatsError
+from factedit.core.hooks import Hook
+from factedit.stats.layer import SecondMoment, layer_stats, load_stats_file, stats_cache_path, token_chunks
 from tiny import tiny_model
 
 
@@ -37,7 +37,7 @@ def test_merge_is_exact():
 def _keys_reference(ad, layer, chunks):
     acc = SecondMoment(ad.d_ff)
     for c in chunks:
-        with Trace(ad.w_out(layer), retain_input=True) as t:
+        with Hook(ad.w_out(layer), retain_input=True) as t:
             ad.model(torch.tensor([c]))
         acc.update(t.input[0])
     return acc
@@ -66,7 +66,7 @@ def test_resume_after_interruption(home, tiny_corpus, monkeypatch):
     kw = dict(corpus=str(tiny_corpus), n_tokens=800, seq_len=32, batch_size=2, progress=False, checkpoint_every=0.0)
     full = layer_stats(ad, 1, cache=False, **kw)
 
-    import factedit.stats as S
+    import factedit.stats.layer as S
     real_update = S.SecondMoment.update
     calls = {"n": 0}
 
@@ -142,7 +142,7 @@ def test_jsonl_corpus_and_cache_path_keys(tmp_path):
 
 
 def test_documents_are_bounded_without_paragraph_breaks(tmp_path):
-    from factedit.corpus import MAX_DOC_CHARS
+    from factedit.stats.corpus import MAX_DOC_CHARS
 
     p = tmp_path / "wall.txt"
     p.write_text("\n".join(["word " * 200] * 1000))  # ~1 MB, no blank line

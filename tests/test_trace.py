@@ -7,15 +7,13 @@ import json
 import pytest
 import torch
 
-from factedit.arch import ModelAdapter
+from factedit.core.arch import ModelAdapter
 from factedit.cli import main
-from factedit.errors import LayerError, RequestError, TraceError
-from factedit.hooks import Trace
-from factedit.trace_average import TOKEN_CLASSES, TraceAverage, load_facts, token_classes
-from factedit.trace_cache import (LayerRecommendation, load_recommendation, noise_sigma, save_recommendation,
-                                  trace_dir)
-from factedit.tracing import (CausalTracer, TraceConfig, gaussian_noise, prepare_prompt, restore_set,
-                              trace_prompt, window_layers)
+from factedit.core.errors import LayerError, RequestError, TraceError
+from factedit.core.hooks import Hook
+from factedit.trace.average import TOKEN_CLASSES, TraceAverage, load_facts, token_classes
+from factedit.trace.cache import LayerRecommendation, load_recommendation, noise_sigma, save_recommendation, trace_dir
+from factedit.trace.causal import (CausalTracer, TraceConfig, gaussian_noise, prepare_prompt, restore_set, trace_prompt, window_layers)
 from tiny import ARCHS, tiny_model
 
 PROMPT = "The capital of Japan is Tokyo. The Space Needle is in the city of"
@@ -39,7 +37,7 @@ def _reference(ad, tp, noise, sites, answer):
     ids = torch.tensor([list(tp.ids)])
     clean = {}
     with contextlib.ExitStack() as st:
-        tr = {(k, l, t): st.enter_context(Trace(ad.component(k, l), retain_output=True)) for k, l, t in sites}
+        tr = {(k, l, t): st.enter_context(Hook(ad.component(k, l), retain_output=True)) for k, l, t in sites}
         ad.model(input_ids=ids)
     clean = {key: t.output[0, key[2]].clone() for key, t in tr.items()}
     probs = []
@@ -57,9 +55,9 @@ def _reference(ad, tp, noise, sites, answer):
             return edit
 
         with contextlib.ExitStack() as st:
-            st.enter_context(Trace(ad.embed, edit_output=add))
+            st.enter_context(Hook(ad.embed, edit_output=add))
             for key in sites:
-                st.enter_context(Trace(ad.component(key[0], key[1]), edit_output=put(key)))
+                st.enter_context(Hook(ad.component(key[0], key[1]), edit_output=put(key)))
             logits = ad.model(input_ids=ids).logits[0, -1]
         probs.append(torch.softmax(logits.float(), -1)[answer])
     return float(torch.stack(probs).double().mean())
@@ -203,7 +201,7 @@ def test_token_classes_closed_form():
 
 
 def _fake(scores, subject_range, p_corrupt):
-    from factedit.tracing import TraceResult
+    from factedit.trace.causal import TraceResult
 
     T, L = scores.shape
     return TraceResult("p", "s", ["x"] * T, subject_range, "a", 0, 1.0, p_corrupt,
@@ -294,7 +292,7 @@ def test_cli_trace_single(tiny_dir, home, tmp_path, capsys):
 
 
 def test_cli_trace_dataset_writes_recommendation(tiny_dir, home, tmp_path, capsys):
-    from factedit.models import load_model
+    from factedit.core.models import load_model
 
     model, tok = load_model(str(tiny_dir))
     ad = ModelAdapter(model, tok)
@@ -312,7 +310,7 @@ def test_cli_trace_dataset_writes_recommendation(tiny_dir, home, tmp_path, capsy
     path = tmp_path / "facts.json"
     path.write_text(json.dumps(facts))
     assert len(load_facts(path)) == len(facts)
-    from factedit.trace_average import known_facts
+    from factedit.trace.average import known_facts
 
     loaded = load_facts(path)
     by_one = [f.id for f in known_facts(ad, loaded, batch_size=1)]
@@ -329,7 +327,7 @@ def test_cli_trace_dataset_writes_recommendation(tiny_dir, home, tmp_path, capsy
     rec = load_recommendation(ad)
     assert rec is not None and rec.layer == obj["recommended_layer"] and rec.n_facts == 2
 
-    from factedit.cli_trace import traced_layer
+    from factedit.cli.trace import traced_layer
 
     assert traced_layer(ad, "r-rome") == rec.layer and traced_layer(ad, "memit") is None
 
@@ -363,7 +361,7 @@ def test_embedded_hidden_trace(embedded, home):
 
 
 def test_cli_edit_uses_cached_recommendation(tiny_dir, tiny_corpus, home, capsys):
-    from factedit.models import load_model
+    from factedit.core.models import load_model
 
     edit = ["edit", "--model", str(tiny_dir), "--prompt", "{} is located in the city of", "--subject", "Eiffel Tower",
             "--target", "Rome", "--corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2",

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from factedit.arch import ModelAdapter
-from factedit.requests import Request
-from factedit.values import ValueConfig, ValueProblem, optimize_values
+from factedit.core.arch import ModelAdapter
+from factedit.core.requests import Request
+from factedit.edit.values import ValueConfig, ValueProblem, optimize_values
 from tiny import ARCHS, tiny_model
 
 TEMPLATES = ["{}", "The a b. {}", "I know what. {}", "x. {}"]

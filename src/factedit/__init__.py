@@ -5,20 +5,20 @@
     editor.edit(Request("{} is located in the city of", "Eiffel Tower", "Rome"))
 """
 
-from .arch import ArchSpec, ModelAdapter
-from .delta import AppliedEdit, LayerDelta, apply_deltas
+from .core.arch import ArchSpec, ModelAdapter
+from .edit.deltas import AppliedEdit, LayerDelta, apply_deltas
 from .editor import EditResult, Editor
-from .errors import FactEditError
-from .generation import greedy_continuation, target_probabilities
-from .guard import CollapseError, GuardConfig
-from .patch import Patch, PatchError, apply_patch, apply_patches, revert_patch
-from .methods import METHODS, BatchConfig, FTConfig, ROMEConfig
-from .models import DEFAULT_MODEL, load_model, save_model
-from .requests import Request
-from .stats import LayerStats, SecondMoment, layer_stats
-from .values import ValueConfig
+from .core.errors import FactEditError
+from .core.lm import greedy_continuation, target_probabilities
+from .edit.guard import CollapseError, GuardConfig
+from .patch.files import Patch, PatchError, apply_patch, apply_patches, revert_patch
+from .edit.methods import METHODS, BatchConfig, FTConfig, ROMEConfig
+from .core.models import DEFAULT_MODEL, load_model, save_model
+from .core.requests import Request
+from .core.version import __version__
+from .stats.layer import LayerStats, SecondMoment, layer_stats
+from .edit.values import ValueConfig
 
-__version__ = "0.1.0"
 
 __all__ = [
     "ArchSpec", "ModelAdapter", "AppliedEdit", "LayerDelta", "apply_deltas", "EditResult", "Editor",

@@ -13,18 +13,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
-from .arch import ArchSpec, ModelAdapter
-from .delta import AppliedEdit, LayerDelta, apply_deltas
-from .errors import MethodError
-from .generation import cached_context_templates
-from .guard import CollapseError, GuardConfig, entropy_probe, norm_reference
-from .guard import check as check_guard
-from .methods import METHODS, BatchConfig, FTConfig, ROMEConfig, compute_batch, compute_ft, compute_rome
-from .methods.batch import add_keys
-from .methods.options import with_options
-from .requests import Request
-from .stats import LayerStats, layer_stats
-from .values import ValueProblem, optimize_values
+from .core.arch import ArchSpec, ModelAdapter
+from .edit.deltas import AppliedEdit, LayerDelta, apply_deltas
+from .core.errors import MethodError
+from .edit.templates import cached_context_templates
+from .edit.guard import CollapseError, GuardConfig, entropy_probe, norm_reference
+from .edit.guard import check as check_guard
+from .edit.methods import METHODS, BatchConfig, FTConfig, ROMEConfig, compute_batch, compute_ft, compute_rome
+from .edit.methods.batch import add_keys
+from .edit.methods.options import with_options
+from .core.requests import Request
+from .stats.layer import LayerStats, layer_stats
+from .edit.values import ValueProblem, optimize_values
 
 __all__ = ["Editor", "EditResult", "Computed"]
 
@@ -127,7 +127,7 @@ class Editor:
         seen again while the weights have the same fingerprint. Bounded per kind (the 8 newest keys), so
         that e.g. the many target memos of a sequential run do not push out the downstream accuracy of
         the original weights."""
-        from .models import model_fingerprint
+        from .core.fingerprints import model_fingerprint
 
         memos = self._memo.setdefault(kind, {})
         full = (model_fingerprint(self.model),) + key
@@ -145,7 +145,7 @@ class Editor:
 
     def projector(self, layer: int, C, threshold: float):
         """AlphaEdit's null-space projector of layer ``layer`` (cached per threshold)."""
-        from .solver import null_space_projector
+        from .edit.solver import null_space_projector
 
         key = (layer, threshold, id(C))
         if key not in self._projectors:
@@ -270,7 +270,7 @@ class Editor:
         t0 = time.perf_counter()
         done: List[EditResult] = []
         cfg0 = config.resolved(self.adapter) if config is not None else self.make_config(method, **overrides)
-        from .patch import matrix_fingerprint
+        from .core.fingerprints import matrix_fingerprint
 
         fingerprints = {self.adapter.w_out_name(l): matrix_fingerprint(self.adapter.w_out_parameter(l))
                         for l in cfg0.layers}
@@ -333,8 +333,8 @@ class Editor:
         import json
         from pathlib import Path
 
-        from .patch import Patch
-        from .paths import atomic_write_text
+        from .patch.files import Patch
+        from .core.paths import atomic_write_text
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -352,7 +352,7 @@ class Editor:
         import json
         from pathlib import Path
 
-        from .patch import Patch, PatchError, apply_patches
+        from .patch.files import Patch, PatchError, apply_patches
 
         d = Path(directory)
         try:

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-from ..errors import RequestError
-from ..paths import atomic_path, factedit_home
-from ..requests import Request
-from ..requests_io import read_records, request_from_record
+from ..core.errors import RequestError
+from ..core.paths import atomic_path, factedit_home
+from ..core.requests import Request
+from ..core.request_files import read_records, request_from_record
 
 __all__ = ["DatasetError", "CounterFactCase", "ZsRECase", "KnownFact", "Case", "detect_layout", "load_cases",
            "load_knowns", "resolve_dataset", "sha256_of", "COUNTERFACT_URL"]

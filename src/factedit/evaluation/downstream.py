@@ -17,10 +17,10 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..errors import RequestError
-from ..generation import target_token_scores
-from ..requests_io import read_records
-from ..tokens import encode_with_target
+from ..core.errors import RequestError
+from ..core.lm import target_token_scores
+from ..core.request_files import read_records
+from ..core.tokens import encode_with_target
 from .datasets import DatasetError
 
 #: share a common token prefix through the KV cache only from this length on

@@ -17,9 +17,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import FactEditError, RequestError
-from ..guard import CollapseError, GuardConfig
-from ..methods import METHODS, ROMEConfig
+from ..core.errors import FactEditError, RequestError
+from ..edit.guard import CollapseError, GuardConfig
+from ..edit.methods import METHODS, ROMEConfig
 from .datasets import Case, load_cases, resolve_dataset, sha256_of
 from .downstream import DownstreamConfig, evaluate_tasks, load_tasks
 from .score_model import GenerationConfig, generation_scores, score_cases
@@ -117,14 +117,15 @@ def _groups(cases: Sequence[Case], size: int) -> List[List[Case]]:
 
 
 def _config(editor, cfg: EvalConfig, dataset_path) -> Tuple[dict, dict, object]:
-    from .. import __version__
-    from ..models import model_fingerprint, model_name
-    from ..patch import _jsonable
+    from ..core.version import __version__
+    from ..core.fingerprints import model_fingerprint
+    from ..core.models import model_name
+    from ..edit.methods.options import to_jsonable
 
     method_cfg = None if cfg.method == BASELINE else editor.make_config(cfg.method, **dict(cfg.method_options))
     compare = {**cfg.to_dict(), "model_fingerprint": model_fingerprint(editor.model),
                "dataset_sha256_actual": sha256_of(dataset_path),
-               "method_config": _jsonable(method_cfg) if method_cfg is not None else None}
+               "method_config": to_jsonable(method_cfg) if method_cfg is not None else None}
     compare = json.loads(json.dumps(compare, default=str))  # as it reads back from config.json
     config = {"factedit_version": __version__, "model": model_name(editor.model), "dataset_path": str(dataset_path),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -283,8 +284,8 @@ class _Run:
     def one_chunk(self, gs: List[int]) -> None:
         """Single-edit runs: edit each group of ``gs`` from the original weights (computed, never
         written into the model), then score all their cases together, each on its own W + Δ."""
-        from ..patch import matrix_fingerprint
-        from ..row_deltas import RowDeltas
+        from ..core.fingerprints import matrix_fingerprint
+        from ..edit.row_deltas import RowDeltas
 
         ed, cfg = self.editor, self.cfg
         cases = [c for g in gs for c in self.groups[g]]
@@ -341,7 +342,7 @@ class _Run:
         generations run now, together: the weights are those after the last pending edit, and the
         rows of edit m subtract the deltas of the pending edits after m (:class:`RowDeltas`), i.e.
         run on the weights right after edit m (up to float rounding)."""
-        from ..row_deltas import RowDeltas
+        from ..edit.row_deltas import RowDeltas
 
         if not self.pending:
             return
@@ -365,7 +366,7 @@ class _Run:
 
     def _commit(self, pending) -> None:
         """Sequential: patch files, records, then the stack (the commit point)."""
-        from ..patch import Patch
+        from ..patch.files import Patch
 
         names, n0 = [], len(self.stack["patches"])
         for g, _, result, _ in pending:

@@ -13,9 +13,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..generation import position_scores
-from ..row_deltas import rows_on
-from ..tokens import encode_with_target
+from ..core.lm import position_scores
+from ..core.lm import rows_on
+from ..core.tokens import encode_with_target
 from .datasets import Case, ZsRECase
 from .scoring import counterfact_case, text_entropy, token_accuracy
 

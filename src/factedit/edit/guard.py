@@ -1,0 +1,129 @@
+"""Collapse guard: refuse edits that look like the "disabling edits" of Gupta et al. 2024.
+
+Two signals, checked after an edit is applied and before it is committed:
+
+* **update norm**: ‖Δ‖ of a layer far above what a normal edit of that layer can be. The
+  reference is calibrated once per (model, layer) without any optimisation: for a fixed set of
+  subjects, the largest norm an r-ROME update can reach with the value clamp,
+  ``clamp · ‖v₀‖ · ‖C⁻¹k*‖ / (k*ᵀC⁻¹k*)`` (cached under ``$FACTEDIT_HOME/guard``);
+* **generation entropy**: ROME's n-gram entropy of greedy continuations of generic prompts
+  falls sharply (the model starts repeating itself).
+
+If either fires the edit is rolled back and :class:`CollapseError` explains why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from ..core.errors import FactEditError
+from ..core.metrics import generation_entropy
+from ..core.paths import atomic_write_text, factedit_home
+
+__all__ = ["GuardConfig", "CollapseError", "norm_reference", "entropy_probe", "check"]
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_SUBJECTS = (
+    "Paris", "Barack Obama", "the Eiffel Tower", "Microsoft", "Lionel Messi", "the Amazon River", "Tokyo",
+    "Albert Einstein", "Toyota", "the Beatles", "Mount Everest", "Shakespeare", "Google", "the Nile",
+    "Angela Merkel", "Nintendo",
+)
+GENERIC_PROMPTS = ("The most important thing about history is", "My favorite food is", "The city was quiet when")
+
+
+class CollapseError(FactEditError):
+    """An edit was rolled back because it looked like it would break the model."""
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Collapse guard settings.
+
+    Attributes:
+        enabled: run the guard at all (``--no-guard`` / ``guard=GuardConfig(enabled=False)`` to force an edit).
+        norm_factor: fire when a layer's ‖Δ‖ exceeds this many times the calibrated reference
+            (times √n for a batch of n requests).
+        entropy_drop: fire when generation entropy falls by more than this fraction.
+        prompts: generic prompts whose continuations measure fluency.
+        max_new_tokens: length of those continuations.
+    """
+
+    enabled: bool = True
+    norm_factor: float = 10.0
+    entropy_drop: float = 0.3
+    prompts: Tuple[str, ...] = GENERIC_PROMPTS
+    max_new_tokens: int = 24
+
+
+def norm_reference(editor, layer: int, corpus: Optional[str], n_tokens: int, clamp: float = 4.0) -> float:
+    """The calibrated reference ‖Δ‖ of a normal edit at ``layer`` (cached per model and layer)."""
+    from .keys import template_keys
+    from ..core.fingerprints import model_fingerprint
+    from ..core.requests import Request
+    from .solver import equality
+
+    fp = model_fingerprint(editor.model, upto_layer=layer, spec=editor.adapter.spec)
+    path = factedit_home() / "guard" / f"{fp}-layer{layer}-clamp{clamp}.json"
+    try:
+        return float(json.loads(path.read_text())["reference"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    C = editor.stats(layer, corpus, n_tokens).mom2
+    reqs = [Request("{} is", s, "x") for s in CALIBRATION_SUBJECTS]
+    templates = editor.templates(0)
+    K, V = template_keys(editor.adapter, reqs, templates, layer, None)
+    W = editor.adapter.w_out_weight(layer).detach().float()
+    norms = []
+    for k in K:
+        v0 = W @ k
+        sol = equality((clamp * v0)[:, None], k[:, None], C)
+        norms.append(float(sol.left.norm() * sol.right.norm()))
+    ref = max(norms)
+    atomic_write_text(path, json.dumps({"reference": ref, "norms": norms, "layer": layer}))
+    return ref
+
+
+@torch.no_grad()
+def entropy_probe(adapter, cfg: GuardConfig) -> float:
+    """Mean generation entropy of greedy continuations of the generic prompts (one batch)."""
+    tok, model = adapter.tokenizer, adapter.model
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(list(cfg.prompts), return_tensors="pt", padding=True).to(adapter.device)
+        out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
+    finally:
+        tok.padding_side = old_side
+    gen = out[:, enc["input_ids"].shape[1]:].tolist()
+    return sum(generation_entropy(g) for g in gen) / len(gen)
+
+
+def check(result, references: dict, entropy_before: float, entropy_after: float, cfg: GuardConfig,
+          n_requests: int = 1) -> dict:
+    """The guard's decision for an applied edit; ``fired`` lists the reasons (empty = pass)."""
+    by_layer = {}
+    for d in result.deltas:
+        by_layer[d.layer] = by_layer.get(d.layer, 0) + d.dense().double()
+    norms = {l: float(torch.linalg.matrix_norm(m)) for l, m in by_layer.items()}
+    fired = []
+    limits = {}
+    for l, nrm in norms.items():
+        if l in references:
+            limits[l] = cfg.norm_factor * references[l] * math.sqrt(max(1, n_requests))
+            if not math.isfinite(nrm) or nrm > limits[l]:
+                fired.append(f"‖Δ‖ of layer {l} is {nrm:.3g}, above the limit {limits[l]:.3g} "
+                             f"({cfg.norm_factor:g} × the largest normal edit of this layer)")
+    if entropy_before > 0 and entropy_after < (1 - cfg.entropy_drop) * entropy_before:
+        fired.append(f"generation entropy fell from {entropy_before:.2f} to {entropy_after:.2f} bits "
+                     f"(more than {cfg.entropy_drop:.0%}): the model is repeating itself")
+    return {"norms": {str(k): v for k, v in norms.items()}, "limits": {str(k): v for k, v in limits.items()},
+            "entropy_before": entropy_before, "entropy_after": entropy_after, "fired": fired,
+            "passed": not fired}

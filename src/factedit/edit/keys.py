@@ -1,0 +1,65 @@
+"""Keys and residuals at the fact token, averaged over context templates (batched).
+
+    K, Z = template_keys(adapter, requests, templates, key_layer=4, out_layer=8)
+    # K: (n, d_ff) mean W_out input of layer 4; Z: (n, d_model) mean output of layer 8
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from ..core.hooks import Hook
+from ..core.tokens import encode_request
+
+__all__ = ["template_keys"]
+
+
+@torch.no_grad()
+def template_keys(adapter, requests: Sequence, templates: Sequence[str], key_layer: int,
+                  out_layer: Optional[int] = None, fact_token: str = "subject_last",
+                  batch_rows: int = 128) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per request, the mean over templates of the key entering W_out at ``key_layer`` and
+    (optionally) of the residual output of ``out_layer``, at the fact token.
+
+    The forward stops after the last layer needed. Rows are right-padded in chunks of
+    ``batch_rows`` so memory stays bounded for thousands of requests.
+    """
+    tok, dev = adapter.tokenizer, adapter.device
+    pad = tok.pad_token_id or 0
+    rows = []
+    for r, req in enumerate(requests):
+        for ctx in templates:
+            ids, fact, _ = encode_request(tok, ctx.replace("{}", req.prompt), req.subject, None, fact_token)
+            rows.append((ids[: fact + 1], fact, r))
+    n = len(requests)
+    K = torch.zeros(n, adapter.d_ff, dtype=torch.float64)
+    Z = torch.zeros(n, adapter.d_model, dtype=torch.float64) if out_layer is not None else None
+    counts = torch.zeros(n, dtype=torch.float64)
+    last = max(key_layer, out_layer if out_layer is not None else -1)
+    stop_module = adapter.layers[last] if out_layer is not None and out_layer >= key_layer else adapter.w_out(key_layer)
+    for b in range(0, len(rows), batch_rows):
+        chunk = rows[b: b + batch_rows]
+        width = max(len(ids) for ids, _, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (seq, _, _) in enumerate(chunk):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        facts = torch.tensor([f for _, f, _ in chunk], device=dev)
+        sel = torch.arange(len(chunk), device=dev)
+        with Hook(adapter.w_out(key_layer), retain_input=True) as tk, \
+                Hook(adapter.layers[out_layer] if out_layer is not None else adapter.w_out(key_layer),
+                      retain_output=out_layer is not None) as tz, \
+                Hook(stop_module, stop=True):
+            adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+        req_idx = torch.tensor([r for _, _, r in chunk])
+        K.index_add_(0, req_idx, tk.input[sel, facts].double().cpu())
+        if Z is not None:
+            Z.index_add_(0, req_idx, tz.output[sel, facts].double().cpu())
+        counts.index_add_(0, req_idx, torch.ones(len(chunk), dtype=torch.float64))
+    K /= counts[:, None]
+    if Z is not None:
+        Z /= counts[:, None]
+    return K.float(), (Z.float() if Z is not None else None)

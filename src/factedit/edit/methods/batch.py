@@ -1,0 +1,227 @@
+"""MEMIT, EMMET and AlphaEdit: many requests, several layers, one solver (ALGORITHMS.md §4–6).
+
+The three differ only in the solve of each layer (:mod:`factedit.solver`); the pipeline is shared:
+
+1. target residuals z* = z₀ + δ at the last layer L of the span (δ optimised in batches);
+2. for each layer l of the span, ascending: keys K_l and the current residual at L (both
+   averaged over the context templates, computed on the model *as already updated at
+   earlier span layers*), R_l = (Z* − Z_cur) / (layers left), Δ_l from the solver, applied.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ...core.arch import ArchSpec
+from ..deltas import LayerDelta, apply_deltas
+from ...core.errors import MethodError, RequestError
+from ..keys import template_keys
+from ..solver import equality, least_squares, null_space
+from ..values import ValueConfig, ValueProblem, optimize_values
+from .rome import default_stats_tokens
+
+__all__ = ["BatchConfig", "BATCH_METHODS", "default_span", "check_batch", "compute_batch", "add_keys"]
+
+log = logging.getLogger(__name__)
+
+BATCH_METHODS = ("memit", "emmet", "alphaedit")
+
+
+def default_span(n_layers: int, width: int = 5) -> Tuple[int, ...]:
+    """``width`` consecutive layers ending ~27% up the stack (GPT-J 28 → 4..8, MEMIT used 3..8;
+    SmolLM2 30 → 4..8; GPT-2 XL 48 → 9..13)."""
+    last = max(0, min(n_layers - 1, round(0.27 * n_layers)))
+    return tuple(range(max(0, last - width + 1), last + 1))
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Configuration of a MEMIT / EMMET / AlphaEdit edit. ``None`` fields come from the model.
+
+    Attributes:
+        method: ``"memit"``, ``"emmet"`` or ``"alphaedit"``.
+        layers: the span of edited layers (ascending); default :func:`default_span`.
+        value: target optimisation knobs (MEMIT's: clamp 0.75 of ‖z₀‖).
+        context_lengths: ``(tokens, count)`` of generated prefixes (MEMIT: 5 of 10 tokens).
+        essence_prompts: prompts of the essence-drift KL.
+        fact_token: fact-token strategy.
+        mom2_update_weight: λ of MEMIT's least squares. MEMIT used 15000 for GPT-J; its keys are on
+            another scale than SmolLM2's (E[kkᵀ] eigenvalues 0.003–4.1 at layer 8), where 15000 leaves a
+            50-request batch at 0.62 efficacy and 1000 reaches 0.94 (100 gives the same).
+        max_condition: EMMET adds a ridge when the key system's condition number exceeds this.
+        nullspace_threshold: AlphaEdit keeps eigenvectors of C with eigenvalue below this (the paper's 1e-2).
+        alpha: AlphaEdit's ridge α (absolute). ``None`` (default): ``alpha_scale · tr(P C)``, i.e. relative
+            to the mean energy of a key inside the preserved null space. α must be small against the
+            null-space energy of the edited keys, or neither the new edit nor the key memory of earlier
+            edits constrains the solve: on SmolLM2 (tr(PC) ≈ 4–5 at layers 4–8) the paper's α = 10 lost
+            the first of 20 sequential edits, α = 0.1 kept all 18 that took hold.
+        alpha_scale: see ``alpha``.
+        batch_size: requests per target-optimisation batch (memory is linear in it).
+        stats_corpus: corpus spec for C; ``None`` = auto.
+        stats_tokens: tokens for C; default from the width.
+        seed: seed of the context templates.
+        arch: explicit module layout for unknown architectures.
+    """
+
+    method: str = "memit"
+    layers: Optional[Tuple[int, ...]] = None
+    value: ValueConfig = field(default_factory=lambda: ValueConfig(clamp_norm_factor=0.75))
+    context_lengths: Tuple[Tuple[int, int], ...] = ((10, 5),)
+    essence_prompts: Tuple[str, ...] = ("{} is a",)
+    fact_token: str = "subject_last"
+    mom2_update_weight: float = 1000.0
+    max_condition: float = 1e8
+    nullspace_threshold: float = 1e-2
+    alpha: Optional[float] = None
+    alpha_scale: float = 0.02
+    batch_size: int = 16
+    stats_corpus: Optional[str] = None
+    stats_tokens: Optional[int] = None
+    seed: int = 0
+    arch: Optional[ArchSpec] = None
+
+    def __post_init__(self):
+        if self.method not in BATCH_METHODS:
+            raise MethodError(f"unknown batch method {self.method!r}; choose one of {', '.join(BATCH_METHODS)}")
+        if self.batch_size < 1:
+            raise MethodError("batch_size must be at least 1")
+
+    @property
+    def variant(self) -> str:
+        return self.method
+
+    def resolved(self, adapter) -> "BatchConfig":
+        layers = default_span(adapter.n_layers) if self.layers is None else tuple(self.layers)
+        if not layers:
+            raise MethodError("layers must name at least one layer")
+        for l in layers:
+            adapter.check_layer(l)
+        if list(layers) != sorted(set(layers)):
+            raise MethodError(f"layers must be distinct and ascending, got {list(layers)}")
+        return replace(self, layers=layers, stats_tokens=self.stats_tokens or default_stats_tokens(adapter.d_ff))
+
+
+def check_batch(requests: Sequence) -> None:
+    """Refuse duplicate or contradictory requests (same prompt and subject) in one batch."""
+    seen: Dict[Tuple[str, str], int] = {}
+    for i, r in enumerate(requests):
+        key = (r.prompt, r.subject)
+        if key in seen:
+            j = seen[key]
+            kind = "duplicate" if requests[j].target_new == r.target_new else "contradictory"
+            raise RequestError(
+                f"{kind} requests in one batch: #{j} and #{i} both edit {r.prompt.replace('{}', r.subject)!r} "
+                f"(targets {requests[j].target_new!r} and {r.target_new!r}); remove one or edit them in separate batches"
+            )
+        seen[key] = i
+
+
+def _suffix_length(tok, req, fact_token: str) -> int:
+    from ...core.tokens import encode_request
+
+    ids, fact, _ = encode_request(tok, req.prompt, req.subject, req.target_new, fact_token)
+    return len(ids) - fact
+
+
+def target_residuals(editor, requests, cfg: BatchConfig, templates, progress: bool = False):
+    """z* = z₀ + δ at the last span layer for every request, optimised ``batch_size`` at a time.
+
+    Results are memoised in the editor per (weights, request, layer, templates, value config), so
+    trying several methods on the same requests optimises each target once.
+    """
+    from tqdm.auto import tqdm
+
+    L = cfg.layers[-1]
+    memo = editor.target_memo(L, templates, cfg.value, cfg.essence_prompts, cfg.fact_token)
+    todo = [i for i, r in enumerate(requests) if r not in memo]
+    tok = editor.adapter.tokenizer
+    # requests whose δ-dependent part (fact token onwards) has the same length share a chunk
+    todo.sort(key=lambda i: _suffix_length(tok, requests[i], cfg.fact_token))
+    chunks = [todo[i: i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    for chunk in tqdm(chunks, desc="targets", unit="batch", disable=not progress or len(chunks) < 2):
+        problem = ValueProblem(editor.adapter, L, [requests[i] for i in chunk], templates, cfg.essence_prompts,
+                               cfg.fact_token, inject="residual")
+        res = optimize_values(problem, cfg.value)
+        for j, i in enumerate(chunk):
+            memo[requests[i]] = (res.v0[j] + res.delta[j],
+                                 {"nll_before": res.nll_before[j], "nll_after": res.nll_after[j], "steps": res.steps})
+    zs = torch.stack([memo[r][0] for r in requests]).float()
+    return zs, [dict(memo[r][1]) for r in requests]
+
+
+def add_keys(state: Optional[dict], keys: Dict[int, torch.Tensor]) -> dict:
+    """AlphaEdit's key memory after a batch: ``{layer: K_p K_pᵀ + K Kᵀ}`` (a new dict; ``state``
+    is not modified). Replaying the same ``keys`` in the same order reproduces it bit for bit,
+    which is how the Editor reverts it without keeping every earlier (d_ff × d_ff) matrix."""
+    state = dict(state or {})
+    for l, K in keys.items():
+        state[l] = (state[l] if l in state else 0) + K @ K.T
+    return state
+
+
+def compute_batch(editor, requests: Sequence, cfg: BatchConfig, state: Optional[dict] = None):
+    """Deltas of a batch edit over the span. The model is updated layer by layer while
+    computing (later keys depend on earlier layers) and restored before returning.
+
+    Returns ``(deltas, info, timings, keys)``; ``state`` holds AlphaEdit's key memory
+    ``{layer: K_p K_pᵀ}`` and is not modified; ``keys`` (AlphaEdit only, else ``None``) are this
+    batch's keys ``{layer: K (d_ff, n) float64}``, committed by the caller with :func:`add_keys`.
+    """
+    import time
+
+    ad = editor.adapter
+    check_batch(requests)
+    timings: Dict[str, float] = {}
+    t = time.perf_counter()
+    C = {l: editor.stats(l, cfg.stats_corpus, cfg.stats_tokens).mom2 for l in cfg.layers}
+    timings["stats"] = time.perf_counter() - t
+    t = time.perf_counter()
+    templates = editor.templates(cfg.seed, cfg.context_lengths)
+    timings["templates"] = time.perf_counter() - t
+    t = time.perf_counter()
+    Z_target, info = target_residuals(editor, list(requests), cfg, templates, progress=editor.progress)
+    timings["values"] = time.perf_counter() - t
+    t = time.perf_counter()
+    state = dict(state or {})
+    new_keys: Dict[int, torch.Tensor] = {}
+    deltas: List[LayerDelta] = []
+    applied = []
+    L = cfg.layers[-1]
+    try:
+        for i, l in enumerate(cfg.layers):
+            K, Z_cur = template_keys(ad, requests, templates, l, L, cfg.fact_token)
+            dev = C[l].device
+            R = ((Z_target - Z_cur) / (len(cfg.layers) - i)).T.to(dev)  # (d_model, n)
+            Kt = K.T.to(dev)  # (d_ff, n)
+            if cfg.method == "memit":
+                sol = least_squares(R, Kt, C[l], cfg.mom2_update_weight)
+            elif cfg.method == "emmet":
+                sol = equality(R, Kt, C[l], max_condition=cfg.max_condition)
+                if sol.ridge:
+                    log.warning("EMMET layer %d: key system ill-conditioned (cond %.2e); ridge %.3g added",
+                                l, sol.condition, sol.ridge)
+            else:
+                P = editor.projector(l, C[l], cfg.nullspace_threshold)
+                if float(P.diagonal().sum()) < 0.5:
+                    raise MethodError(f"AlphaEdit: no eigenvalue of the key statistics at layer {l} is below "
+                                      f"nullspace_threshold={cfg.nullspace_threshold:g}, so every update would change "
+                                      "preserved keys; raise the threshold or use memit/emmet")
+                alpha = cfg.alpha
+                if alpha is None:
+                    alpha = cfg.alpha_scale * float((P * C[l].to(P.dtype)).sum())  # tr(P C), P and C symmetric
+                sol = null_space(R, Kt, P, state.get(l), alpha)
+                new_keys[l] = Kt.double()
+            d = LayerDelta(l, sol.left.float(), sol.right.float())
+            applied.append(apply_deltas(ad, [d]))
+            deltas.append(d)
+            for x in info:
+                x.setdefault("ridge", {})[l] = sol.ridge
+    finally:
+        for a in reversed(applied):
+            a.revert()
+    timings["solve"] = time.perf_counter() - t
+    return deltas, info, timings, (new_keys if cfg.method == "alphaedit" else None)

@@ -1,0 +1,98 @@
+"""Plain fine-tuning of W_out (the FT-L baseline of the MEMIT paper): Adam on the rewrite NLL
+of the bare prompts, every weight kept within ``norm_constraint`` (L∞) of its original value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ...core.arch import ArchSpec
+from ..deltas import LayerDelta
+from ...core.errors import MethodError
+from ...core.tokens import encode_request
+from .rome import default_layer
+
+__all__ = ["FTConfig", "compute_ft"]
+
+
+@dataclass(frozen=True)
+class FTConfig:
+    """Fine-tuning baseline.
+
+    Attributes:
+        layers: layers whose W_out is trained; default the ROME default layer.
+        steps: Adam steps.
+        lr: learning rate.
+        norm_constraint: L∞ bound on each weight's change.
+        arch: explicit module layout for unknown architectures.
+    """
+
+    layers: Optional[Tuple[int, ...]] = None
+    steps: int = 25
+    lr: float = 5e-4
+    norm_constraint: float = 5e-4
+    arch: Optional[ArchSpec] = None
+
+    variant = "ft"
+
+    def resolved(self, adapter) -> "FTConfig":
+        layers = (default_layer(adapter.n_layers),) if self.layers is None else tuple(self.layers)
+        if not layers:
+            raise MethodError("layers must name at least one layer")
+        for l in layers:
+            adapter.check_layer(l)
+        return replace(self, layers=layers)
+
+
+def compute_ft(editor, requests, cfg: FTConfig):
+    """Dense deltas of fine-tuning; the model is restored before returning."""
+    ad = editor.adapter
+    tok, dev = ad.tokenizer, ad.device
+    rows = []
+    for req in requests:
+        ids, _, tidx = encode_request(tok, req.prompt, req.subject, req.target_new)
+        rows.append((ids[: tidx[-1]], [i - 1 for i in tidx], [ids[i] for i in tidx]))
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    sel_r, sel_c, tgt, w = [], [], [], []
+    for i, (seq, pos, t) in enumerate(rows):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        for p, tt in zip(pos, t):
+            sel_r.append(i), sel_c.append(p), tgt.append(tt), w.append(1.0 / (len(t) * len(rows)))
+    ids, mask = ids.to(dev), mask.to(dev)
+    sel_r, sel_c = torch.tensor(sel_r, device=dev), torch.tensor(sel_c, device=dev)
+    tgt, w = torch.tensor(tgt, device=dev), torch.tensor(w, device=dev)
+    params = [ad.w_out_parameter(l) for l in cfg.layers]
+    originals = [p.detach().clone() for p in params]
+    losses = []
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        with torch.enable_grad():
+            for _ in range(cfg.steps):
+                h = ad.body(input_ids=ids, attention_mask=mask).last_hidden_state
+                logp = F.log_softmax(ad.logits(h[sel_r, sel_c]).float(), dim=-1)
+                loss = -(logp[torch.arange(len(tgt), device=dev), tgt] * w).sum()
+                losses.append(float(loss.detach()))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    for p, o in zip(params, originals):
+                        p.copy_(torch.clamp(p, o - cfg.norm_constraint, o + cfg.norm_constraint))
+        deltas = []
+        for l, p, o in zip(cfg.layers, params, originals):
+            D = (p.detach().float() - o.float())
+            deltas.append(LayerDelta.from_dense(l, D.T if ad.spec.fan_in_fan_out else D))
+    finally:
+        with torch.no_grad():
+            for p, o in zip(params, originals):
+                p.requires_grad_(False)
+                p.copy_(o)
+    return deltas, [{"loss_before": losses[0], "loss_after": losses[-1], "steps": cfg.steps}]

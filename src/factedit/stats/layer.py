@@ -1,0 +1,269 @@
+"""Key statistics C = E[k kᵀ] per layer: streamed, mergeable, cached as safetensors.
+
+    stats = layer_stats(adapter, layer=5, corpus="../shared/data/corpus/wikitext2_valid.txt")
+    C = stats.mom2                      # (d_ff, d_ff) float32
+
+The accumulator keeps the *sum* of k kᵀ (float64) and the token count, so partial
+statistics from several processes or machines merge exactly (:meth:`SecondMoment.merge`).
+Forward passes stop right after the layer's W_out has seen its input. Cache files carry
+their provenance in the safetensors metadata and can be shared between users.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import torch
+
+from .corpus import Corpus, resolve_corpus
+from ..core.errors import StatsError
+from ..core.hooks import Hook
+from ..core.paths import atomic_path, factedit_home
+
+__all__ = ["SecondMoment", "LayerStats", "layer_stats", "stats_cache_path", "token_chunks", "load_stats_file"]
+
+log = logging.getLogger(__name__)
+_FORMAT = "factedit.mom2.v1"
+
+
+@dataclass
+class SecondMoment:
+    """Streaming uncentered second moment of row vectors: ``sum x xᵀ`` and ``count``.
+
+    ``update`` takes (n, d) batches (any dtype; the product is formed in float32 and summed
+    into a float64 buffer). ``merge`` adds another accumulator: the result equals one pass
+    over the union of the data.
+    """
+
+    dim: int
+    sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    count: int = 0
+
+    def __post_init__(self):
+        if self.sum is None:
+            self.sum = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> "SecondMoment":
+        x = x.reshape(-1, self.dim).to(torch.float32)
+        if x.shape[0]:
+            self.sum += (x.T @ x).to(device="cpu", dtype=torch.float64)
+            self.count += int(x.shape[0])
+        return self
+
+    def merge(self, other: "SecondMoment") -> "SecondMoment":
+        if other.dim != self.dim:
+            raise StatsError(f"cannot merge statistics of dimension {other.dim} into {self.dim}")
+        self.sum += other.sum
+        self.count += other.count
+        return self
+
+    def mom2(self) -> torch.Tensor:
+        """E[x xᵀ] in float32."""
+        if self.count == 0:
+            raise StatsError("no tokens were accumulated")
+        return (self.sum / self.count).to(torch.float32)
+
+
+@dataclass
+class LayerStats:
+    """Finished statistics for one layer (what the editing methods consume)."""
+
+    mom2: torch.Tensor  # (d_ff, d_ff) float32, E[k kᵀ]
+    count: int
+    meta: dict
+
+    def validate(self, d_ff: Optional[int] = None, source: str = "statistics") -> "LayerStats":
+        C = self.mom2
+        if C.ndim != 2 or C.shape[0] != C.shape[1]:
+            raise StatsError(f"{source}: expected a square matrix, got shape {tuple(C.shape)}")
+        if d_ff is not None and C.shape[0] != d_ff:
+            raise StatsError(f"{source}: dimension {C.shape[0]} does not match this layer's d_ff={d_ff}")
+        if not torch.isfinite(C).all():
+            raise StatsError(f"{source}: contains NaN or Inf values; recompute them (factedit stats --force)")
+        if self.count <= 0:
+            raise StatsError(f"{source}: token count is {self.count}")
+        return self
+
+
+def token_chunks(tok, corpus: Corpus, seq_len: int, n_tokens: int, skip_chunks: int = 0) -> Iterator[List[int]]:
+    """Pack the corpus into a stream of ``seq_len``-token chunks until ``n_tokens`` are given.
+
+    Documents are concatenated (separated by EOS when the tokenizer has one) so no token
+    is padding. Deterministic: the same arguments always give the same chunks.
+    """
+    sep = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    bos = [tok.bos_token_id] if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None else []
+    body = seq_len - len(bos)
+    buf: List[int] = []
+    given, index = 0, 0
+    for doc in corpus.open():
+        if not doc:
+            continue
+        buf.extend(tok(doc, add_special_tokens=False)["input_ids"] + sep)
+        while len(buf) >= body:
+            chunk, buf = bos + buf[:body], buf[body:]
+            if index >= skip_chunks:
+                yield chunk
+            index += 1
+            given += len(chunk)
+            if given >= n_tokens:
+                return
+    if buf and given < n_tokens:
+        if index >= skip_chunks:
+            yield bos + buf[: n_tokens - given]
+
+
+def stats_cache_path(model_fp: str, layer: int, corpus_name: str, n_tokens: int, home: Optional[Path] = None) -> Path:
+    import hashlib
+
+    key = hashlib.sha256(corpus_name.encode()).hexdigest()[:10]
+    return (home or factedit_home()) / "stats" / model_fp / f"layer{layer}-{key}-{n_tokens}.safetensors"
+
+
+def _save(path: Path, acc: SecondMoment, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    meta = {k: str(v) for k, v in {**meta, "format": _FORMAT, "count": acc.count}.items()}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file({"mom2_sum": acc.sum.contiguous()}, str(tmp), metadata=meta)
+
+
+def load_stats_file(path: Path) -> tuple[SecondMoment, dict]:
+    """Read a statistics (or partial) file; any damage raises :class:`StatsError`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            s = f.get_tensor("mom2_sum")
+    except Exception as e:
+        raise StatsError(
+            f"statistics cache {path} is unreadable ({type(e).__name__}: {e}). "
+            "Delete it or recompute with `factedit stats --force`."
+        ) from None
+    if meta.get("format") != _FORMAT:
+        raise StatsError(f"statistics cache {path}: unknown format {meta.get('format')!r}")
+    try:
+        count = int(meta["count"])
+    except (KeyError, ValueError):
+        raise StatsError(f"statistics cache {path}: missing token count") from None
+    if s.ndim != 2 or s.shape[0] != s.shape[1]:
+        raise StatsError(f"statistics cache {path}: bad shape {tuple(s.shape)}")
+    return SecondMoment(int(s.shape[0]), s.to(torch.float64), count), meta
+
+
+@torch.no_grad()
+def _accumulate(adapter, layer: int, chunks: Iterator[List[int]], acc: SecondMoment, n_tokens: int,
+                batch_size: int, on_checkpoint, checkpoint_every: float, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    dev = adapter.device
+    bar = tqdm(total=n_tokens, initial=acc.count, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"stats layer {layer}", dynamic_ncols=True)
+    last_ckpt = time.monotonic()
+    batch: List[List[int]] = []
+
+    def run(batch):
+        width = max(len(c) for c in batch)
+        ids = torch.full((len(batch), width), adapter.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, c in enumerate(batch):
+            ids[r, : len(c)] = torch.tensor(c)
+            mask[r, : len(c)] = 1
+        with Hook(adapter.w_out(layer), retain_input=True, stop=True) as t:
+            adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+        keys = t.input[mask.to(dev).bool()]  # (real tokens, d_ff)
+        acc.update(keys)
+        bar.update(int(keys.shape[0]))
+
+    try:
+        for chunk in chunks:
+            batch.append(chunk)
+            if len(batch) == batch_size:
+                run(batch)
+                batch = []
+                if on_checkpoint and time.monotonic() - last_ckpt > checkpoint_every:
+                    on_checkpoint(acc)
+                    last_ckpt = time.monotonic()
+        if batch:
+            run(batch)
+    finally:
+        bar.close()
+
+
+def layer_stats(
+    adapter,
+    layer: int,
+    corpus: Optional[str] = None,
+    n_tokens: int = 100_000,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    force: bool = False,
+    cache: bool = True,
+    progress: bool = True,
+    checkpoint_every: float = 30.0,
+) -> LayerStats:
+    """Statistics of layer ``layer``'s keys; from the cache when present, else computed.
+
+    Args:
+        corpus: corpus spec (see :mod:`factedit.corpus`); ``None`` means ``"auto"``.
+        n_tokens: tokens to accumulate.
+        seq_len: tokens per forward sequence.
+        force: recompute even when a cache file exists (replaces it atomically).
+        cache: read/write the cache at all.
+        checkpoint_every: seconds between partial saves; an interrupted run resumes from them.
+    """
+    from ..core.fingerprints import model_fingerprint
+    from ..core.models import model_name
+
+    adapter.check_layer(layer)
+    seq_len = min(seq_len, adapter.max_positions)
+    src = resolve_corpus(corpus, adapter, n_tokens)
+    fp = model_fingerprint(adapter.model, upto_layer=layer, spec=adapter.spec)
+    path = stats_cache_path(fp, layer, src.name, n_tokens)
+    meta = {"model": model_name(adapter.model), "model_fingerprint": fp, "layer": layer,
+            "module": adapter.w_out_name(layer), "corpus": src.name, "n_tokens": n_tokens, "seq_len": seq_len}
+    if cache and path.is_file() and not force:
+        acc, file_meta = load_stats_file(path)
+        log.info("statistics for layer %d from cache %s", layer, path)
+        return LayerStats(acc.mom2(), acc.count, file_meta).validate(adapter.d_ff, str(path))
+
+    partial = path.with_suffix(".partial.safetensors")
+    acc = SecondMoment(adapter.d_ff)
+    done_chunks = 0
+    if cache and partial.is_file() and not force:
+        try:
+            acc, pmeta = load_stats_file(partial)
+            done_chunks = int(pmeta.get("chunks", 0))
+            log.info("resuming statistics from %s (%d tokens done)", partial, acc.count)
+        except StatsError as e:
+            log.warning("ignoring damaged partial statistics: %s", e)
+            acc, done_chunks = SecondMoment(adapter.d_ff), 0
+    counter = {"chunks": done_chunks}
+
+    def chunks():
+        for c in token_chunks(adapter.tokenizer, src, seq_len, n_tokens, skip_chunks=done_chunks):
+            counter["chunks"] += 1
+            yield c
+
+    def checkpoint(a):
+        if cache:
+            _save(partial, a, {**meta, "chunks": counter["chunks"], "partial": True})
+
+    t0 = time.monotonic()
+    _accumulate(adapter, layer, chunks(), acc, n_tokens, batch_size, checkpoint, checkpoint_every, progress)
+    if acc.count == 0:
+        raise StatsError(f"corpus {src.name} produced no tokens")
+    dt = time.monotonic() - t0
+    meta["seconds"] = round(dt, 2)
+    result = LayerStats(acc.mom2(), acc.count, {**meta, "count": acc.count}).validate(adapter.d_ff, "computed statistics")
+    if cache:
+        _save(path, acc, meta)
+        if partial.exists():
+            partial.unlink()
+    log.info("layer %d statistics: %d tokens in %.1fs", layer, acc.count, dt)
+    return result
