@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..core.batching import pad_id, pad_rows
 from ..core.errors import FactEditError
 from ..core.metrics import generation_entropy
 from ..core.paths import atomic_write_text, factedit_home
@@ -93,16 +94,11 @@ def norm_reference(editor, layer: int, corpus: Optional[str], n_tokens: int, cla
 @torch.no_grad()
 def entropy_probe(adapter, cfg: GuardConfig) -> float:
     """Mean generation entropy of greedy continuations of the generic prompts (one batch)."""
-    tok, model = adapter.tokenizer, adapter.model
-    old_side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(list(cfg.prompts), return_tensors="pt", padding=True).to(adapter.device)
-        out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
-    finally:
-        tok.padding_side = old_side
-    gen = out[:, enc["input_ids"].shape[1]:].tolist()
+    tok = adapter.tokenizer
+    batch = pad_rows([tok(p)["input_ids"] for p in cfg.prompts], pad_id(tok), side="left", device=adapter.device)
+    out = adapter.model.generate(**batch.inputs(), max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
+    gen = out[:, batch.width:].tolist()
     return sum(generation_entropy(g) for g in gen) / len(gen)
 
 

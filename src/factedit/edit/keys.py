@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ..core.batching import pad_id, pad_rows
 from ..core.hooks import Hook
 from ..core.tokens import encode_request
 
@@ -27,7 +28,7 @@ def template_keys(adapter, requests: Sequence, templates: Sequence[str], key_lay
     ``batch_rows`` so memory stays bounded for thousands of requests.
     """
     tok, dev = adapter.tokenizer, adapter.device
-    pad = tok.pad_token_id or 0
+    pad = pad_id(tok)
     rows = []
     for r, req in enumerate(requests):
         for ctx in templates:
@@ -41,19 +42,14 @@ def template_keys(adapter, requests: Sequence, templates: Sequence[str], key_lay
     stop_module = adapter.layers[last] if out_layer is not None and out_layer >= key_layer else adapter.w_out(key_layer)
     for b in range(0, len(rows), batch_rows):
         chunk = rows[b: b + batch_rows]
-        width = max(len(ids) for ids, _, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (seq, _, _) in enumerate(chunk):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
+        batch = pad_rows([ids for ids, _, _ in chunk], pad, device=dev)
         facts = torch.tensor([f for _, f, _ in chunk], device=dev)
         sel = torch.arange(len(chunk), device=dev)
         with Hook(adapter.w_out(key_layer), retain_input=True) as tk, \
                 Hook(adapter.layers[out_layer] if out_layer is not None else adapter.w_out(key_layer),
                       retain_output=out_layer is not None) as tz, \
                 Hook(stop_module, stop=True):
-            adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+            adapter.body(**batch.inputs(), use_cache=False)
         req_idx = torch.tensor([r for _, _, r in chunk])
         K.index_add_(0, req_idx, tk.input[sel, facts].double().cpu())
         if Z is not None:

@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..core.batching import pad_id, pad_rows
 from ..core.hooks import Hook, RawOutput, start_at_layer
 from ..core.tokens import encode_request
 
@@ -116,34 +117,20 @@ class ValueProblem:
     # ------------------------------------------------------------------ layout
     def _layout(self):
         rows, dev = self.rows, self.adapter.device
-        pad = self.adapter.tokenizer.pad_token_id or 0
-        B = len(rows)
-        P = max(r.fact for r in rows)
-        S = max(len(r.ids) - r.fact for r in rows)
-        pre_ids = torch.full((B, P), pad, dtype=torch.long)
-        pre_mask = torch.zeros((B, P), dtype=torch.long)
-        pre_pos = torch.zeros((B, P), dtype=torch.long)
-        suf_ids = torch.full((B, S), pad, dtype=torch.long)
-        suf_mask = torch.zeros((B, S), dtype=torch.long)
-        full_ids = torch.full((B, P + S), pad, dtype=torch.long)
-        full_mask = torch.zeros((B, P + S), dtype=torch.long)
-        for b, r in enumerate(rows):
-            f, n = r.fact, len(r.ids)
-            if f:
-                pre_ids[b, P - f:] = torch.tensor(r.ids[:f])
-                pre_mask[b, P - f:] = 1
-                pre_pos[b, P - f:] = torch.arange(f)
-            suf_ids[b, : n - f] = torch.tensor(r.ids[f:])
-            suf_mask[b, : n - f] = 1
-            full_ids[b, :n] = torch.tensor(r.ids)
-            full_mask[b, :n] = 1
+        pad = pad_id(self.adapter.tokenizer)
+        # the part before the fact token is left-padded (one KV-cache prefix whose last position is
+        # the same for every row); the fact token onwards is right-padded after it
+        pre = pad_rows([r.ids[: r.fact] for r in rows], pad, side="left", device=dev)
+        suf = pad_rows([r.ids[r.fact:] for r in rows], pad, device=dev)
+        full = pad_rows([r.ids for r in rows], pad, device=dev)
+        P, S = pre.width, suf.width
         self.P, self.S = P, S
-        facts = torch.tensor([r.fact for r in rows])
-        self.pre = dict(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev), position_ids=pre_pos.to(dev))
-        self.suf = dict(input_ids=suf_ids.to(dev), attention_mask=torch.cat([pre_mask, suf_mask], 1).to(dev),
-                        position_ids=(facts[:, None] + torch.arange(S)[None, :]).to(dev))
-        self.full = dict(input_ids=full_ids.to(dev), attention_mask=full_mask.to(dev))
-        self.facts = facts.to(dev)
+        facts = torch.tensor([r.fact for r in rows], device=dev)
+        self.pre = pre.inputs(positions=True)
+        self.suf = dict(input_ids=suf.input_ids, attention_mask=torch.cat([pre.attention_mask, suf.attention_mask], 1),
+                        position_ids=facts[:, None] + torch.arange(S, device=dev)[None, :])
+        self.full = full.inputs()
+        self.facts = facts
         self.row_req = torch.tensor([r.req for r in rows], device=dev)
         # positions (suffix coordinates) where logits are needed
         sel_rows, sel_cols, sel_tgt, sel_w = [], [], [], []

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..core.batching import pad_id, pad_rows
 from ..core.errors import RequestError
 from ..core.lm import target_token_scores
 from ..core.request_files import read_records
@@ -179,8 +180,8 @@ def _last_logprobs(adapter, rows: Sequence[List[int]], prefix_ids: List[int], ba
     KV cache is shared by every batch."""
     import copy
 
-    tok, dev = adapter.tokenizer, adapter.device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    dev = adapter.device
+    pad = pad_id(adapter.tokenizer)
     cache = None
     if prefix_ids:
         cache = adapter.body(input_ids=torch.tensor([prefix_ids], device=dev), use_cache=True).past_key_values
@@ -188,21 +189,15 @@ def _last_logprobs(adapter, rows: Sequence[List[int]], prefix_ids: List[int], ba
     out: List[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
     for b in range(0, len(order), batch_size):
         chunk = order[b: b + batch_size]
-        width = max(len(rows[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(chunk):
-            ids[r, : len(rows[i])] = torch.tensor(rows[i])
-            mask[r, : len(rows[i])] = 1
-        kw = {}
+        batch = pad_rows([rows[i] for i in chunk], pad, device=dev)
+        mask, kw = batch.attention_mask, {}
         if cache is not None:
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(len(chunk))
             kw = dict(past_key_values=past, use_cache=True)
-            mask = torch.cat([torch.ones(len(chunk), len(prefix_ids), dtype=torch.long), mask], dim=1)
-        hidden = adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw).last_hidden_state
-        last = mask[:, len(prefix_ids):].sum(1) - 1
-        h = hidden[torch.arange(len(chunk), device=dev), last.to(dev)]
+            mask = torch.cat([torch.ones(len(chunk), len(prefix_ids), dtype=torch.long, device=dev), mask], dim=1)
+        hidden = adapter.body(input_ids=batch.input_ids, attention_mask=mask, **kw).last_hidden_state
+        h = hidden[torch.arange(len(chunk), device=dev), batch.last_index]
         logp = F.log_softmax(adapter.logits(h).float(), dim=-1).cpu()
         for r, i in enumerate(chunk):
             out[i] = logp[r]

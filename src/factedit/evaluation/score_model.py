@@ -13,8 +13,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..core.lm import position_scores
-from ..core.lm import rows_on
+from ..core.batching import pad_id, pad_rows
+from ..core.lm import position_scores, rows_on
 from ..core.tokens import encode_with_target
 from .datasets import Case, ZsRECase
 from .scoring import counterfact_case, text_entropy, token_accuracy
@@ -63,21 +63,14 @@ def sample_text_groups(adapter, groups: Sequence[Tuple[Sequence[str], int]], len
             group_of.append(g)
     if not enc:
         return [[] for _ in groups]
-    width = max(len(e) for e in enc)
     steps = max(0, length - min(len(e) for e in enc))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(enc), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, e in enumerate(enc):
-        ids[r, width - len(e):] = torch.tensor(e)
-        mask[r, width - len(e):] = 1
+    batch = pad_rows(enc, pad_id(tok), side="left", device=dev)
     gens = [torch.Generator(device="cpu").manual_seed(int(seed)) for _, seed in groups]
     spans, r0 = [], 0
     for prompts, _ in groups:
         spans.append((r0, r0 + len(prompts)))
         r0 += len(prompts)
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
     new = []
     with rows_on(models, [owners[g] for g in group_of] if models is not None else None):
         out = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)

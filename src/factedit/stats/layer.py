@@ -21,6 +21,7 @@ import torch
 
 from .corpus import Corpus, resolve_corpus
 from ..core.errors import StatsError
+from ..core.batching import pad_id, pad_rows
 from ..core.hooks import Hook
 from ..core.paths import atomic_path, factedit_home
 
@@ -168,15 +169,10 @@ def _accumulate(adapter, layer: int, chunks: Iterator[List[int]], acc: SecondMom
     batch: List[List[int]] = []
 
     def run(batch):
-        width = max(len(c) for c in batch)
-        ids = torch.full((len(batch), width), adapter.tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, c in enumerate(batch):
-            ids[r, : len(c)] = torch.tensor(c)
-            mask[r, : len(c)] = 1
+        b = pad_rows(batch, pad_id(adapter.tokenizer), device=dev)
         with Hook(adapter.w_out(layer), retain_input=True, stop=True) as t:
-            adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
-        keys = t.input[mask.to(dev).bool()]  # (real tokens, d_ff)
+            adapter.body(**b.inputs(), use_cache=False)
+        keys = t.input[b.attention_mask.bool()]  # (real tokens, d_ff)
         acc.update(keys)
         bar.update(int(keys.shape[0]))
 

@@ -19,6 +19,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
+from ..core.batching import pad_id, pad_rows
 from ..core.errors import FactEditError, TraceError
 from .causal import KINDS, TOKEN_CLASSES, TraceResult, prepare_prompt, token_classes
 
@@ -158,15 +159,9 @@ def known_facts(adapter, facts: Sequence[Fact], limit: Optional[int] = None, bat
 
 @torch.no_grad()
 def _greedy_matches(adapter, prompts) -> List[bool]:
-    pad = adapter.tokenizer.pad_token_id or 0
-    width = max(len(tp.ids) for tp in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, tp in enumerate(prompts):
-        ids[r, : len(tp.ids)] = torch.tensor(tp.ids)
-        mask[r, : len(tp.ids)] = 1
     dev = adapter.device
-    h = adapter.body(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
-    last = h[torch.arange(len(prompts), device=dev), mask.sum(1).to(dev) - 1]
+    batch = pad_rows([tp.ids for tp in prompts], pad_id(adapter.tokenizer), device=dev)
+    h = adapter.body(**batch.inputs()).last_hidden_state
+    last = h[torch.arange(len(prompts), device=dev), batch.last_index]
     greedy = adapter.logits(last).argmax(-1).tolist()
     return [g == tp.answer_id for g, tp in zip(greedy, prompts)]

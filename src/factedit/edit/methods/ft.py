@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.arch import ArchSpec
+from ...core.batching import pad_id, pad_rows
 from ..deltas import LayerDelta
 from ...core.errors import MethodError
 from ...core.tokens import encode_request
@@ -55,16 +56,11 @@ def compute_ft(editor, requests, cfg: FTConfig):
     for req in requests:
         ids, _, tidx = encode_request(tok, req.prompt, req.subject, req.target_new)
         rows.append((ids[: tidx[-1]], [i - 1 for i in tidx], [ids[i] for i in tidx]))
-    width = max(len(r[0]) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id or 0, dtype=torch.long)
-    mask = torch.zeros_like(ids)
+    batch = pad_rows([seq for seq, _, _ in rows], pad_id(tok), device=dev)
     sel_r, sel_c, tgt, w = [], [], [], []
-    for i, (seq, pos, t) in enumerate(rows):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
+    for i, (_, pos, t) in enumerate(rows):
         for p, tt in zip(pos, t):
             sel_r.append(i), sel_c.append(p), tgt.append(tt), w.append(1.0 / (len(t) * len(rows)))
-    ids, mask = ids.to(dev), mask.to(dev)
     sel_r, sel_c = torch.tensor(sel_r, device=dev), torch.tensor(sel_c, device=dev)
     tgt, w = torch.tensor(tgt, device=dev), torch.tensor(w, device=dev)
     params = [ad.w_out_parameter(l) for l in cfg.layers]
@@ -76,7 +72,7 @@ def compute_ft(editor, requests, cfg: FTConfig):
         opt = torch.optim.Adam(params, lr=cfg.lr)
         with torch.enable_grad():
             for _ in range(cfg.steps):
-                h = ad.body(input_ids=ids, attention_mask=mask).last_hidden_state
+                h = ad.body(**batch.inputs()).last_hidden_state
                 logp = F.log_softmax(ad.logits(h[sel_r, sel_c]).float(), dim=-1)
                 loss = -(logp[torch.arange(len(tgt), device=dev), tgt] * w).sum()
                 losses.append(float(loss.detach()))
