@@ -5,7 +5,8 @@ import json
 import pytest
 
 from conftest import COUNTERFACT, SHARED
-from factedit.evaluation import CounterFactCase, DatasetError, ZsRECase, load_cases, load_knowns, resolve_dataset
+from factedit.core.known_facts import load_known_facts
+from factedit.evaluation import CounterFactCase, DatasetError, ZsRECase, load_cases, resolve_dataset
 from factedit.evaluation.datasets import sha256_of
 from factedit.evaluation.downstream import TASKS, load_task, task_prompts
 
@@ -45,7 +46,7 @@ def test_zsre():
 
 
 def test_knowns():
-    knowns = load_knowns(DATA / "knowns" / "known_1000.json")
+    knowns = load_known_facts(DATA / "knowns" / "known_1000.json")
     assert len(knowns) == 1209 and knowns[0].subject == "Vinson Massif"
 
 

@@ -11,7 +11,8 @@ from factedit.core.arch import ModelAdapter
 from factedit.cli import main
 from factedit.core.errors import LayerError, RequestError, TraceError
 from factedit.core.hooks import Hook
-from factedit.trace.average import TOKEN_CLASSES, TraceAverage, load_facts, token_classes
+from factedit.core.known_facts import load_known_facts
+from factedit.trace.average import TOKEN_CLASSES, TraceAverage, token_classes
 from factedit.trace.cache import LayerRecommendation, load_recommendation, noise_sigma, save_recommendation, trace_dir
 from factedit.trace.causal import (CausalTracer, TraceConfig, gaussian_noise, prepare_prompt, restore_set, trace_prompt, window_layers)
 from tiny import ARCHS, tiny_model
@@ -309,10 +310,10 @@ def test_cli_trace_dataset_writes_recommendation(tiny_dir, home, tmp_path, capsy
     facts.insert(1, {"prompt": "The capital of Japan is", "subject": "Japan", "attribute": "zzzz"})  # not known
     path = tmp_path / "facts.json"
     path.write_text(json.dumps(facts))
-    assert len(load_facts(path)) == len(facts)
+    assert len(load_known_facts(path)) == len(facts)
     from factedit.trace.average import known_facts
 
-    loaded = load_facts(path)
+    loaded = load_known_facts(path)
     by_one = [f.id for f in known_facts(ad, loaded, batch_size=1)]
     assert by_one == [f.id for f in known_facts(ad, loaded)] and "1" not in by_one and len(by_one) == len(facts) - 1
     out = tmp_path / "avg"

@@ -87,9 +87,9 @@ def cmd_trace(args) -> int:
 
     facts = None
     if args.dataset:
-        from ..trace.average import load_facts
+        from ..core.known_facts import load_known_facts
 
-        facts = load_facts(args.dataset)  # validated before the model loads
+        facts = load_known_facts(args.dataset)  # validated before the model loads
     model, tok = load(args)
     adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec))
     cfg = TraceConfig(kinds=args.kind, samples=args.samples, window=args.window, noise_factor=args.noise_factor,

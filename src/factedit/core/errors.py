@@ -14,6 +14,7 @@ __all__ = [
     "ModelLoadError",
     "MethodError",
     "TraceError",
+    "DataError",
 ]
 
 
@@ -51,3 +52,7 @@ class MethodError(FactEditError, ValueError):
 
 class TraceError(FactEditError, ValueError):
     """A causal-trace setting or data set is invalid (window, samples, known-facts file)."""
+
+
+class DataError(FactEditError, ValueError):
+    """A data file (known facts, ...) cannot be read or is malformed."""

@@ -5,12 +5,12 @@ summaries (``factedit eval`` / ``factedit summarize``). See ``docs/EVALUATION.md
     summary = run_eval(editor, EvalConfig(method="r-rome", dataset="counterfact_knowedit.jsonl", limit=200), "runs/r")
 """
 
-from .datasets import CounterFactCase, DatasetError, KnownFact, ZsRECase, load_cases, load_knowns, resolve_dataset
+from .datasets import CounterFactCase, DatasetError, ZsRECase, load_cases, resolve_dataset
 from .downstream import DownstreamConfig, evaluate_tasks, load_tasks
 from .runner import BASELINE, EvalConfig, run_eval
 from .score_model import GenerationConfig, score_cases
 from .store import RunError
 
-__all__ = ["CounterFactCase", "ZsRECase", "KnownFact", "DatasetError", "load_cases", "load_knowns", "resolve_dataset",
+__all__ = ["CounterFactCase", "ZsRECase", "DatasetError", "load_cases", "resolve_dataset",
            "DownstreamConfig", "evaluate_tasks", "load_tasks", "EvalConfig", "run_eval", "BASELINE",
            "GenerationConfig", "score_cases", "RunError"]

@@ -1,5 +1,5 @@
 """Evaluation data: CounterFact (original ``counterfact.json`` and KnowEdit layouts), zsRE (MEND
-layout), the causal-tracing knowns, with the layout detected from the records.
+layout), with the layout detected from the records.
 
     cases = load_cases("../shared/data/counterfact/counterfact_knowedit.jsonl", limit=200)
     cases[0].request, cases[0].paraphrase_prompts, cases[0].neighborhood_prompts
@@ -17,15 +17,15 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 from ..core.errors import RequestError
 from ..core.paths import atomic_path, factedit_home
 from ..core.requests import Request
 from ..core.request_files import read_records, request_from_record
 
-__all__ = ["DatasetError", "CounterFactCase", "ZsRECase", "KnownFact", "Case", "detect_layout", "load_cases",
-           "load_knowns", "resolve_dataset", "sha256_of", "COUNTERFACT_URL"]
+__all__ = ["DatasetError", "CounterFactCase", "ZsRECase", "Case", "detect_layout", "load_cases",
+           "resolve_dataset", "sha256_of", "COUNTERFACT_URL"]
 
 #: where the ROME authors publish the full original CounterFact (21,919 records, ~45 MB)
 COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
@@ -80,19 +80,6 @@ class ZsRECase:
 
 
 Case = Union[CounterFactCase, ZsRECase]
-
-
-@dataclass(frozen=True)
-class KnownFact:
-    """A fact the model is known to answer (ROME's ``known_1000.json``), for causal tracing."""
-
-    known_id: int
-    subject: str
-    attribute: str
-    template: str
-    prompt: str
-    prediction: str
-    relation_id: str
 
 
 def detect_layout(record) -> str:
@@ -222,27 +209,6 @@ def load_cases(path, limit: Optional[int] = None, offset: int = 0) -> List[Case]
     return cases
 
 
-def load_knowns(path) -> List[KnownFact]:
-    """ROME's causal-tracing knowns (``known_1000.json``)."""
-    try:
-        records = read_records(path)
-    except RequestError as e:
-        raise DatasetError(str(e)) from None
-    out = []
-    for i, (where, rec) in enumerate(records):
-        if not isinstance(rec, dict):
-            raise DatasetError(f"{where}: expected a JSON object")
-        w = f"{where} (known_id {rec.get('known_id', '?')})"
-        kid = rec.get("known_id", i)
-        if isinstance(kid, bool) or not isinstance(kid, int):
-            raise DatasetError(f"{w}: field 'known_id' must be an integer")
-        f = {k: _get(rec, k, w) for k in ("subject", "attribute", "template", "prompt", "prediction", "relation_id")}
-        if f["template"].count("{}") != 1:
-            raise DatasetError(f"{w}: field 'template' must contain exactly one '{{}}'")
-        out.append(KnownFact(kid, **f))
-    return out
-
-
 def sha256_of(path) -> str:
     """Hex SHA-256 of a file (streamed)."""
     h = hashlib.sha256()
@@ -278,10 +244,3 @@ def resolve_dataset(spec: str, sha256: Optional[str] = None, cache_dir: Optional
                 path.unlink(missing_ok=True)  # a bad download is not kept
             raise DatasetError(f"{spec}: SHA-256 is {got}, expected {sha256}")
     return path
-
-
-def prompts_of(case: Case) -> Sequence[str]:
-    """Every prompt a case is scored on (for sizing and tests)."""
-    if isinstance(case, ZsRECase):
-        return (case.request.text, case.rephrase, case.loc + "?")
-    return (case.request.text, *case.paraphrase_prompts, *case.neighborhood_prompts)

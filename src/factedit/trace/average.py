@@ -1,7 +1,7 @@
 """Average causal traces over many known facts, by token class, and recommend an edit layer.
 
     avg = TraceAverage(n_layers=30)
-    for fact in known_facts(adapter, load_facts("known_1000.json"), limit=100):
+    for fact in known_facts(adapter, load_known_facts("known_1000.json"), limit=100):
         avg.update(trace_prompt(adapter, fact.prompt, fact.subject, fact.answer, cfg, sigma))
     avg.effects("mlp")          # (6 token classes, layers) average indirect effect
     avg.recommended_layer       # argmax of the MLP row "last_subject"
@@ -12,18 +12,16 @@ Token classes follow the ROME paper (Meng et al. 2022, Fig. 2); see :func:`facte
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
 import torch
 
 from ..core.batching import pad_id, pad_rows
 from ..core.errors import FactEditError, TraceError
+from ..core.known_facts import KnownFact
 from .causal import KINDS, TOKEN_CLASSES, TraceResult, prepare_prompt, token_classes
 
-__all__ = ["TOKEN_CLASSES", "CLASS_LABELS", "token_classes", "TraceAverage", "Fact", "load_facts", "known_facts"]
+__all__ = ["TOKEN_CLASSES", "CLASS_LABELS", "token_classes", "TraceAverage", "known_facts"]
 
 CLASS_LABELS = {
     "first_subject": "First subject token", "middle_subject": "Middle subject tokens",
@@ -98,42 +96,7 @@ def _num(x: float) -> Optional[float]:
     return None if x != x else x  # NaN -> null in JSON
 
 
-@dataclass(frozen=True)
-class Fact:
-    """A known fact: ``prompt`` (subject filled in) whose answer is ``answer``."""
-
-    prompt: str
-    subject: str
-    answer: str
-    id: str = ""
-
-
-def load_facts(path) -> List[Fact]:
-    """Facts from ROME's knowns file (a JSON list of ``{prompt, subject, attribute}``) or JSONL
-    with ``prompt``, ``subject`` and ``attribute`` / ``answer``."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise TraceError(f"cannot read facts file {p}: {e}") from None
-    try:
-        records = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
-    except ValueError as e:
-        raise TraceError(f"{p} is neither a JSON list nor JSON lines: {e}") from None
-    facts = []
-    for i, r in enumerate(records):
-        answer = r.get("attribute", r.get("answer")) if isinstance(r, dict) else None
-        if not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("subject"), str)
-                and isinstance(answer, str)):
-            raise TraceError(f"{p}, record {i}: need string fields prompt, subject and attribute (or answer)")
-        facts.append(Fact(r["prompt"], r["subject"], answer, str(r.get("known_id", i))))
-    if not facts:
-        raise TraceError(f"{p} holds no facts")
-    return facts
-
-
-def known_facts(adapter, facts: Sequence[Fact], limit: Optional[int] = None, batch_size: int = 32) -> Iterator[Fact]:
+def known_facts(adapter, facts: Sequence[KnownFact], limit: Optional[int] = None, batch_size: int = 32) -> Iterator[KnownFact]:
     """The facts whose answer's first token is the model's greedy next token (at most ``limit``).
 
     Facts that cannot be traced (subject missing from the prompt, answer not a continuation)
