@@ -121,7 +121,7 @@ def main():
     for i, req in enumerate(reqs):
         c = ed.compute(req, "r-rome", stats_corpus=str(CORPUS))
         layer = c.config.layer
-        ref = norm_reference(ed, layer, c.config.stats_corpus, c.config.stats_tokens, c.config.value.clamp_norm_factor)
+        ref = norm_reference(ed.adapter, ed.caches, layer, c.config.stats_corpus, c.config.stats_tokens, c.config.value.clamp_norm_factor)
         variants = {"r-rome": c.deltas, "rome": [compute_rome(c.C, c.values, 0, "rome", layer)]}
         for name, deltas in variants.items():
             applied = apply_deltas(ed.adapter, deltas)

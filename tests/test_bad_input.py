@@ -100,7 +100,7 @@ def test_editor_leaves_model_untouched_on_errors(home, tiny_corpus, tmp_path):
         ed.edit(req, layer=1, stats_corpus=str(tmp_path / "missing.txt"))
     # NaN statistics: poison the cache, the edit must refuse
     ed.stats(1, str(tiny_corpus), 600)
-    ed._stats.clear()
+    ed.caches.clear_stats()
     from conftest import poison_stats_file
 
     path = next((home / "stats").rglob("*.safetensors"))

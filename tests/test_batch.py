@@ -39,7 +39,7 @@ def test_memit_spreads_residual_over_span(home, tiny_corpus, monkeypatch):
     monkeypatch.setattr(B, "least_squares", spy)
     # λ small: the tiny model's C is not on the scale MEMIT's 15000 was tuned for
     cfg = ed.make_config("memit", **_opts(tiny_corpus, mom2_update_weight=0.1))
-    Z_target, _ = B.target_residuals(ed, REQS, cfg, ed.templates(0, ((10, 5),)))
+    Z_target, _ = B.target_residuals(ed.adapter, ed.caches, REQS, cfg, ed.templates(0, ((10, 5),)))
     c = ed.compute(REQS, config=cfg)
     assert len(seen) == 3 and [d.layer for d in c.deltas] == list(SPAN)
     for i, (R, Z_now) in enumerate(seen):
@@ -61,7 +61,7 @@ def test_emmet_last_layer_is_exact(home, tiny_corpus):
     ed = Editor(model, tok, progress=False)
     cfg = ed.make_config("emmet", **_opts(tiny_corpus, layers=(3,)))
     templates = ed.templates(0, ((10, 5),))
-    Z_target, _ = B.target_residuals(ed, REQS, cfg, templates)  # deterministic: same as inside compute
+    Z_target, _ = B.target_residuals(ed.adapter, ed.caches, REQS, cfg, templates)  # deterministic: same as inside compute
     K, Z_cur = template_keys(ed.adapter, REQS, templates, 3, 3)
     c = ed.compute(REQS, config=cfg)
     D = c.deltas[0].dense().double()

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-import factedit.editor as E
+import factedit.edit.guard as G
+import factedit.edit.methods.rome as R
 from factedit import Editor, GuardConfig, Request, ValueConfig
 from factedit.edit.guard import CollapseError
 from factedit.core.metrics import generation_entropy, ngram_entropy
@@ -37,14 +38,14 @@ def test_huge_update_is_rolled_back(home, tiny_corpus, monkeypatch):
     model, tok = tiny_model("llama")
     ed = Editor(model, tok, progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    real = E.compute_rome
+    real = R.compute_rome
 
     def blown_up(C, values, i, variant, layer):  # a disabling edit: the denominator nearly vanishes
         d = real(C, values, i, variant, layer)
         d.right = d.right * 1e4
         return d
 
-    monkeypatch.setattr(E, "compute_rome", blown_up)
+    monkeypatch.setattr(R, "compute_rome", blown_up)
     with pytest.raises(CollapseError, match=r"‖Δ‖ of layer 2.*--no-guard"):
         ed.edit(REQ, **_opts(tiny_corpus))
     for k, v in model.state_dict().items():
@@ -59,7 +60,7 @@ def test_entropy_collapse_is_rolled_back(home, tiny_corpus, monkeypatch):
     ed = Editor(model, tok, progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     values = iter([3.0, 0.5])  # before: fluent; after: repeating itself
-    monkeypatch.setattr(E, "entropy_probe", lambda adapter, cfg: next(values))
+    monkeypatch.setattr(G, "entropy_probe", lambda adapter, cfg: next(values))
     with pytest.raises(CollapseError, match="entropy fell from 3.00 to 0.50"):
         ed.edit(REQ, **_opts(tiny_corpus))
     for k, v in model.state_dict().items():

@@ -24,10 +24,14 @@ import torch
 
 from ..core.batching import pad_id, pad_rows
 from ..core.errors import FactEditError
+from ..core.fingerprints import model_fingerprint
 from ..core.metrics import generation_entropy
 from ..core.paths import atomic_write_text, factedit_home
+from ..core.requests import Request
+from .keys import template_keys
+from .solver import equality
 
-__all__ = ["GuardConfig", "CollapseError", "norm_reference", "entropy_probe", "check"]
+__all__ = ["GuardConfig", "CollapseError", "norm_reference", "entropy_probe", "check", "Guard"]
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +67,18 @@ class GuardConfig:
     max_new_tokens: int = 24
 
 
-def norm_reference(editor, layer: int, corpus: Optional[str], n_tokens: int, clamp: float = 4.0) -> float:
+def norm_reference(adapter, caches, layer: int, corpus: Optional[str], n_tokens: int, clamp: float = 4.0) -> float:
     """The calibrated reference ‖Δ‖ of a normal edit at ``layer`` (cached per model and layer)."""
-    from .keys import template_keys
-    from ..core.fingerprints import model_fingerprint
-    from ..core.requests import Request
-    from .solver import equality
-
-    fp = model_fingerprint(editor.model, upto_layer=layer, spec=editor.adapter.spec)
+    fp = model_fingerprint(adapter.model, upto_layer=layer, spec=adapter.spec)
     path = factedit_home() / "guard" / f"{fp}-layer{layer}-clamp{clamp}.json"
     try:
         return float(json.loads(path.read_text())["reference"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    C = editor.stats(layer, corpus, n_tokens).mom2
+    C = caches.stats(layer, corpus, n_tokens).mom2
     reqs = [Request("{} is", s, "x") for s in CALIBRATION_SUBJECTS]
-    templates = editor.templates(0)
-    K, V = template_keys(editor.adapter, reqs, templates, layer, None)
-    W = editor.adapter.w_out_weight(layer).detach().float()
+    K, _ = template_keys(adapter, reqs, caches.templates(0), layer, None)
+    W = adapter.w_out_weight(layer).detach().float()
     norms = []
     for k in K:
         v0 = W @ k
@@ -123,3 +121,53 @@ def check(result, references: dict, entropy_before: float, entropy_after: float,
     return {"norms": {str(k): v for k, v in norms.items()}, "limits": {str(k): v for k, v in limits.items()},
             "entropy_before": entropy_before, "entropy_after": entropy_after, "fired": fired,
             "passed": not fired}
+
+
+class Guard:
+    """The collapse guard of one model: references per edit, the decision after it is applied, and
+    the fluency probe of the current weights (kept between edits: the probe after one edit is the
+    probe before the next, and an exact revert restores the one before).
+
+        refs = guard.prepare(cfg, guard_cfg)          # before applying
+        decision = guard.judge(result, refs, guard_cfg, n_requests)   # raises CollapseError
+    """
+
+    def __init__(self, adapter, caches):
+        self.adapter, self.caches = adapter, caches
+        self._entropy: Optional[float] = None
+
+    def prepare(self, cfg, guard_cfg: GuardConfig) -> dict:
+        """Before an edit is applied: the calibrated norm references (single-layer, single-request
+        methods) and the fluency probe of the current weights. ``{}`` when the guard is off."""
+        if not guard_cfg.enabled:
+            return {}
+        if self._entropy is None:
+            self._entropy = entropy_probe(self.adapter, guard_cfg)
+        layer = getattr(cfg, "layer", None)
+        if layer is None or not hasattr(cfg, "value"):
+            return {}
+        return {layer: norm_reference(self.adapter, self.caches, layer, cfg.stats_corpus, cfg.stats_tokens,
+                                      cfg.value.clamp_norm_factor)}
+
+    def judge(self, result, references: dict, guard_cfg: GuardConfig, n_requests: int) -> dict:
+        """The decision on an applied edit (stored in ``result.guard``); raises :class:`CollapseError`
+        when it fires (the caller rolls the edit back)."""
+        result.guard = check(result, references, self._entropy, entropy_probe(self.adapter, guard_cfg), guard_cfg,
+                             n_requests)
+        if not result.guard["passed"]:
+            raise CollapseError(
+                "edit rolled back: it looks like a disabling edit that would break the model: "
+                + "; ".join(result.guard["fired"])
+                + ". Try another layer or method (r-rome is the stable ROME), or force it with "
+                "guard=GuardConfig(enabled=False) (CLI: --no-guard)."
+            )
+        self._entropy = result.guard["entropy_after"]
+        return result.guard
+
+    def reverted(self, result) -> None:
+        """``result`` was reverted bit-exactly: the weights' probe is the one before it."""
+        self._entropy = result.guard["entropy_before"] if result.guard else None
+
+    def forget(self) -> None:
+        """The weights changed without the guard (guard off, patches loaded): probe again next time."""
+        self._entropy = None

@@ -11,6 +11,7 @@ The three differ only in the solve of each layer (:mod:`factedit.solver`); the p
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -18,6 +19,7 @@ import torch
 
 from ...core.arch import ArchSpec
 from ..deltas import LayerDelta, apply_deltas
+from ..results import Computed
 from ...core.errors import MethodError, RequestError
 from ..keys import template_keys
 from ..solver import equality, least_squares, null_space
@@ -127,23 +129,23 @@ def _suffix_length(tok, req, fact_token: str) -> int:
     return len(ids) - fact
 
 
-def target_residuals(editor, requests, cfg: BatchConfig, templates, progress: bool = False):
+def target_residuals(adapter, caches, requests, cfg: BatchConfig, templates):
     """z* = z₀ + δ at the last span layer for every request, optimised ``batch_size`` at a time.
 
-    Results are memoised in the editor per (weights, request, layer, templates, value config), so
+    Results are memoised in ``caches`` per (weights, request, layer, templates, value config), so
     trying several methods on the same requests optimises each target once.
     """
     from tqdm.auto import tqdm
 
     L = cfg.layers[-1]
-    memo = editor.target_memo(L, templates, cfg.value, cfg.essence_prompts, cfg.fact_token)
+    memo = caches.target_memo(L, templates, cfg.value, cfg.essence_prompts, cfg.fact_token)
     todo = [i for i, r in enumerate(requests) if r not in memo]
-    tok = editor.adapter.tokenizer
+    tok = adapter.tokenizer
     # requests whose δ-dependent part (fact token onwards) has the same length share a chunk
     todo.sort(key=lambda i: _suffix_length(tok, requests[i], cfg.fact_token))
     chunks = [todo[i: i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
-    for chunk in tqdm(chunks, desc="targets", unit="batch", disable=not progress or len(chunks) < 2):
-        problem = ValueProblem(editor.adapter, L, [requests[i] for i in chunk], templates, cfg.essence_prompts,
+    for chunk in tqdm(chunks, desc="targets", unit="batch", disable=not caches.progress or len(chunks) < 2):
+        problem = ValueProblem(adapter, L, [requests[i] for i in chunk], templates, cfg.essence_prompts,
                                cfg.fact_token, inject="residual")
         res = optimize_values(problem, cfg.value)
         for j, i in enumerate(chunk):
@@ -163,27 +165,25 @@ def add_keys(state: Optional[dict], keys: Dict[int, torch.Tensor]) -> dict:
     return state
 
 
-def compute_batch(editor, requests: Sequence, cfg: BatchConfig, state: Optional[dict] = None):
+def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: Optional[dict] = None) -> Computed:
     """Deltas of a batch edit over the span. The model is updated layer by layer while
     computing (later keys depend on earlier layers) and restored before returning.
 
-    Returns ``(deltas, info, timings, keys)``; ``state`` holds AlphaEdit's key memory
-    ``{layer: K_p K_pᵀ}`` and is not modified; ``keys`` (AlphaEdit only, else ``None``) are this
-    batch's keys ``{layer: K (d_ff, n) float64}``, committed by the caller with :func:`add_keys`.
+    ``state`` holds AlphaEdit's key memory ``{layer: K_p K_pᵀ}`` and is not modified; the result's
+    ``state_keys`` (AlphaEdit only, else ``None``) are this batch's keys ``{layer: K (d_ff, n) float64}``,
+    committed by the caller with :func:`add_keys`.
     """
-    import time
-
-    ad = editor.adapter
+    ad = adapter
     check_batch(requests)
     timings: Dict[str, float] = {}
     t = time.perf_counter()
-    C = {l: editor.stats(l, cfg.stats_corpus, cfg.stats_tokens).mom2 for l in cfg.layers}
+    C = {l: caches.stats(l, cfg.stats_corpus, cfg.stats_tokens).mom2 for l in cfg.layers}
     timings["stats"] = time.perf_counter() - t
     t = time.perf_counter()
-    templates = editor.templates(cfg.seed, cfg.context_lengths)
+    templates = caches.templates(cfg.seed, cfg.context_lengths)
     timings["templates"] = time.perf_counter() - t
     t = time.perf_counter()
-    Z_target, info = target_residuals(editor, list(requests), cfg, templates, progress=editor.progress)
+    Z_target, info = target_residuals(ad, caches, list(requests), cfg, templates)
     timings["values"] = time.perf_counter() - t
     t = time.perf_counter()
     state = dict(state or {})
@@ -205,7 +205,7 @@ def compute_batch(editor, requests: Sequence, cfg: BatchConfig, state: Optional[
                     log.warning("EMMET layer %d: key system ill-conditioned (cond %.2e); ridge %.3g added",
                                 l, sol.condition, sol.ridge)
             else:
-                P = editor.projector(l, C[l], cfg.nullspace_threshold)
+                P = caches.projector(l, C[l], cfg.nullspace_threshold)
                 if float(P.diagonal().sum()) < 0.5:
                     raise MethodError(f"AlphaEdit: no eigenvalue of the key statistics at layer {l} is below "
                                       f"nullspace_threshold={cfg.nullspace_threshold:g}, so every update would change "
@@ -224,4 +224,4 @@ def compute_batch(editor, requests: Sequence, cfg: BatchConfig, state: Optional[
         for a in reversed(applied):
             a.revert()
     timings["solve"] = time.perf_counter() - t
-    return deltas, info, timings, (new_keys if cfg.method == "alphaedit" else None)
+    return Computed(deltas, None, info, timings, cfg, state_keys=new_keys if cfg.method == "alphaedit" else None)

@@ -3,6 +3,7 @@ of the bare prompts, every weight kept within ``norm_constraint`` (L∞) of its 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from ...core.arch import ArchSpec
 from ...core.batching import pad_id, pad_rows
 from ..deltas import LayerDelta
+from ..results import Computed
 from ...core.errors import MethodError
 from ...core.tokens import encode_request
 from .rome import default_layer
@@ -48,9 +50,10 @@ class FTConfig:
         return replace(self, layers=layers)
 
 
-def compute_ft(editor, requests, cfg: FTConfig):
+def compute_ft(adapter, caches, requests, cfg: FTConfig, state=None) -> Computed:
     """Dense deltas of fine-tuning; the model is restored before returning."""
-    ad = editor.adapter
+    t0 = time.perf_counter()
+    ad = adapter
     tok, dev = ad.tokenizer, ad.device
     rows = []
     for req in requests:
@@ -91,4 +94,5 @@ def compute_ft(editor, requests, cfg: FTConfig):
             for p, o in zip(params, originals):
                 p.requires_grad_(False)
                 p.copy_(o)
-    return deltas, [{"loss_before": losses[0], "loss_after": losses[-1], "steps": cfg.steps}]
+    info = [{"loss_before": losses[0], "loss_after": losses[-1], "steps": cfg.steps}]
+    return Computed(deltas, None, info, {"values": time.perf_counter() - t0}, cfg)

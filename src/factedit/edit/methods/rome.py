@@ -10,16 +10,19 @@ With ``v* = W k_res + δ`` (δ from the value optimisation) all three are the ra
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from ...core.arch import ArchSpec
 from ..deltas import LayerDelta
 from ...core.errors import MethodError
 from ..solver import equality
-from ..values import ValueConfig
+from ..results import Computed
+from ..values import ValueConfig, ValueProblem, optimize_values
 
-__all__ = ["ROMEConfig", "ROME_VARIANTS", "compute_rome", "default_layer", "default_stats_tokens", "rome_norm_ratio"]
+__all__ = ["ROMEConfig", "ROME_VARIANTS", "compute_rome", "compute_rome_edit", "prefetch_targets", "default_layer",
+           "default_stats_tokens", "rome_norm_ratio"]
 
 ROME_VARIANTS = ("r-rome", "rome", "p-rome")
 
@@ -93,6 +96,57 @@ def compute_rome(C, values, index: int, variant: str, layer: int) -> LayerDelta:
         raise MethodError(f"unknown ROME variant {variant!r}")
     sol = equality(delta[:, None], k_dir[:, None], C, k_res[:, None])  # ROME = the n = 1 equality case
     return LayerDelta(layer, sol.left.float(), sol.right.float())
+
+
+def _targets(adapter, caches, cfg: ROMEConfig) -> tuple:
+    templates = caches.templates(cfg.seed, cfg.context_lengths)
+    memo = caches.target_memo(cfg.layer, templates, cfg.value, cfg.essence_prompts, cfg.fact_token, site="w_out")
+    return templates, memo
+
+
+def compute_rome_edit(adapter, caches, requests: Sequence, cfg: ROMEConfig, state=None) -> Computed:
+    """A ROME edit of one request: statistics, templates, the target δ (memoised per weights, or
+    prefetched by :func:`prefetch_targets`), then the closed form of ``cfg.variant``."""
+    if len(requests) != 1:
+        raise MethodError("ROME edits one request at a time; pass one Request (or use Editor.edit)")
+    req = requests[0]
+    timings: Dict[str, float] = {}
+    t = time.perf_counter()
+    stats = caches.stats(cfg.layer, cfg.stats_corpus, cfg.stats_tokens)
+    timings["stats"] = time.perf_counter() - t
+    t = time.perf_counter()
+    templates, memo = _targets(adapter, caches, cfg)
+    timings["templates"] = time.perf_counter() - t
+    t = time.perf_counter()
+    values = memo.get(req)  # prefetched, or computed before on the same weights
+    if values is None:
+        problem = ValueProblem(adapter, cfg.layer, [req], templates, cfg.essence_prompts, cfg.fact_token)
+        values = memo[req] = optimize_values(problem, cfg.value)
+    timings["values"] = time.perf_counter() - t
+    t = time.perf_counter()
+    C = stats.mom2.to(values.k_star.device)
+    delta = compute_rome(C, values, 0, cfg.variant, cfg.layer)
+    timings["solve"] = time.perf_counter() - t
+    info = [{"nll_before": values.nll_before[0], "nll_after": values.nll_after[0], "steps": values.steps,
+             "delta_v_norm": float(values.delta[0].norm()), "v0_norm": float(values.v0[0].norm())}]
+    return Computed([delta], values, info, timings, cfg, C)
+
+
+def prefetch_targets(adapter, caches, requests: Sequence, cfg: ROMEConfig, batch_size: int = 16) -> None:
+    """Optimise the targets (δ) of single ROME edits of ``requests`` on the current weights,
+    ``batch_size`` requests per optimisation, into the target memo that :func:`compute_rome_edit`
+    reads (any edit in between changes the weights' fingerprint and leaves them unused). The
+    optimisations of a batch are independent (own δ, own loss, own early stop), so this only amortises
+    the per-forward cost; the δ equal single-request ones up to float rounding."""
+    templates, memo = _targets(adapter, caches, cfg)
+    todo = list(dict.fromkeys(r for r in requests if r not in memo))
+    step = max(1, batch_size)
+    for i in range(0, len(todo), step):
+        chunk = todo[i: i + step]
+        problem = ValueProblem(adapter, cfg.layer, chunk, templates, cfg.essence_prompts, cfg.fact_token)
+        values = optimize_values(problem, cfg.value)
+        for j, r in enumerate(chunk):
+            memo[r] = values.select(j)
 
 
 def rome_norm_ratio(adapter, C, requests, templates, layer: int):

@@ -1,0 +1,86 @@
+"""What edits of one model reuse: context templates, key statistics, AlphaEdit projectors, and
+memos tied to the current weights (optimised targets, downstream accuracy).
+
+    caches = EditCaches(adapter)
+    caches.stats(5, corpus="wikitext2_valid.txt", n_tokens=100_000).mom2      # C of layer 5
+    caches.templates(seed=0)                                                   # ["{}", "... . {}", ...]
+
+The methods receive it next to the adapter (never the Editor); everything in it is also cached
+on disk where that pays (statistics, templates), so a new process starts warm.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from ..core.fingerprints import model_fingerprint
+from ..stats.layer import LayerStats, layer_stats
+from .solver import null_space_projector
+from .templates import cached_context_templates
+
+__all__ = ["EditCaches"]
+
+
+class EditCaches:
+    """In-memory caches of one model's editing inputs.
+
+    Args:
+        adapter: the :class:`~factedit.core.arch.ModelAdapter`.
+        progress: show progress bars while statistics or targets are computed.
+    """
+
+    #: memos kept per kind (the newest ones; see :meth:`weights_memo`)
+    MEMOS_PER_KIND = 8
+
+    def __init__(self, adapter, progress: bool = True):
+        self.adapter = adapter
+        self.progress = progress
+        self._templates: Dict[tuple, List[str]] = {}
+        self._stats: Dict[tuple, LayerStats] = {}
+        self._projectors: Dict[tuple, object] = {}
+        self._memo: Dict[str, Dict[tuple, dict]] = {}  # kind -> (fingerprint, *key) -> memo
+
+    def templates(self, seed: int = 0, lengths=((5, 10), (10, 10))) -> List[str]:
+        """The context templates for ``seed`` and ``(tokens, count)`` ``lengths`` (disk-cached)."""
+        key = (seed, tuple(map(tuple, lengths)))
+        if key not in self._templates:
+            self._templates[key] = cached_context_templates(self.adapter, seed, key[1])
+        return self._templates[key]
+
+    def stats(self, layer: int, corpus: Optional[str] = None, n_tokens: int = 100_000) -> LayerStats:
+        """Key statistics of ``layer`` (disk-cached; see :func:`~factedit.stats.layer.layer_stats`)."""
+        key = (layer, corpus, n_tokens)
+        if key not in self._stats:
+            self._stats[key] = layer_stats(self.adapter, layer, corpus=corpus, n_tokens=n_tokens,
+                                           progress=self.progress)
+        return self._stats[key]
+
+    def clear_stats(self) -> None:
+        """Forget the in-memory statistics (the next use reads the disk cache again)."""
+        self._stats.clear()
+
+    def projector(self, layer: int, C, threshold: float):
+        """AlphaEdit's null-space projector of layer ``layer`` for statistics ``C`` (per threshold)."""
+        key = (layer, threshold, id(C))
+        if key not in self._projectors:
+            self._projectors[key] = null_space_projector(C, threshold)
+        return self._projectors[key]
+
+    def weights_memo(self, kind: str, *key) -> dict:
+        """A memo dict for the *current* weights, ``kind`` and ``key``: whatever was stored in it is only
+        seen again while the weights have the same fingerprint. Bounded per kind (the newest
+        :attr:`MEMOS_PER_KIND` keys), so that e.g. the many target memos of a sequential run do not push
+        out the downstream accuracy of the original weights."""
+        memos = self._memo.setdefault(kind, {})
+        full = (model_fingerprint(self.adapter.model),) + key
+        if full not in memos:
+            if len(memos) >= self.MEMOS_PER_KIND:  # drop the oldest
+                memos.pop(next(iter(memos)))
+            memos[full] = {}
+        return memos[full]
+
+    def target_memo(self, layer: int, templates, value_cfg, essence, fact_token, site: str = "residual") -> dict:
+        """The memo of optimised targets for the current weights and these settings (``site``
+        ``"residual"``: request -> (z*, info) of the batch methods; ``"w_out"``: request -> ROME's
+        :class:`~factedit.edit.values.ValueResult`)."""
+        return self.weights_memo("targets", layer, tuple(templates), value_cfg, tuple(essence), fact_token, site)

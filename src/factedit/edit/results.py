@@ -1,0 +1,68 @@
+"""What an edit is before and after it is applied: :class:`Computed` (deltas plus what they came
+from; nothing in the model changed) and :class:`EditResult` (applied, revertible)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from ..core.requests import Request
+from .deltas import AppliedEdit, LayerDelta
+
+__all__ = ["Computed", "EditResult", "ChainedEdit"]
+
+
+@dataclass
+class Computed:
+    """An edit computed but not yet applied: deltas plus everything they came from."""
+
+    deltas: List[LayerDelta]
+    values: object  # ValueResult (ROME variants), else None
+    info: List[dict]
+    timings: Dict[str, float]
+    config: object
+    C: object = field(default=None, repr=False)
+    state_keys: Optional[dict] = field(default=None, repr=False)  # AlphaEdit: this batch's keys per layer
+
+
+@dataclass
+class EditResult:
+    """What one call of :meth:`Editor.edit` did."""
+
+    method: str
+    layers: List[int]
+    requests: List[Request]
+    deltas: List[LayerDelta]
+    applied: AppliedEdit = field(repr=False)
+    config: object = field(repr=False)
+    seconds: float = 0.0
+    timings: Dict[str, float] = field(default_factory=dict)
+    info: List[dict] = field(default_factory=list)
+    state_keys: Optional[dict] = field(default=None, repr=False)  # keys added to the method state
+    stateful: bool = False  # the method carries state across edits (AlphaEdit)
+    fingerprints: Dict[str, str] = field(default_factory=dict, repr=False)  # edited matrices before the edit
+    guard: Optional[dict] = None  # the collapse guard's decision (None: guard off)
+
+    @property
+    def delta_norm(self) -> float:
+        """Frobenius norm of the total update (summed per layer, then root-sum-square)."""
+        by_layer: Dict[int, object] = {}
+        for d in self.deltas:
+            by_layer[d.layer] = by_layer.get(d.layer, 0) + d.dense()
+        return math.sqrt(sum(float((m.double() ** 2).sum()) for m in by_layer.values()))
+
+    def revert(self) -> None:
+        self.applied.revert()
+
+
+class ChainedEdit:
+    """Several applied edits reverted newest first."""
+
+    def __init__(self, adapter, parts):
+        self.adapter = adapter
+        self.parts = parts
+
+    def revert(self):
+        for p in reversed(self.parts):
+            p.revert()

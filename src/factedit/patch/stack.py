@@ -1,0 +1,49 @@
+"""An edit history as files: one patch per applied edit, in order, plus ``stack.json``.
+
+    save_stack(editor.history, editor.adapter, "edits/")      # 00000-r-rome.safetensors, ..., stack.json
+    results = load_stack(adapter, "edits/")                    # applied (all or nothing), revertible
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Sequence
+
+from ..core.paths import atomic_write_text
+from ..core.requests import Request
+from ..edit.results import EditResult
+from .files import Patch, PatchError, apply_patches
+
+__all__ = ["save_stack", "load_stack"]
+
+
+def save_stack(results: Sequence[EditResult], adapter, directory) -> List[str]:
+    """Write ``results`` (oldest first) as patch files plus ``stack.json`` naming them in order."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, r in enumerate(results):
+        name = f"{i:05d}-{r.method}.safetensors"
+        Patch.from_result(r, adapter).save(d / name)
+        names.append(name)
+    atomic_write_text(d / "stack.json", json.dumps({"patches": names}))
+    return names
+
+
+def load_stack(adapter, directory, force: bool = False) -> List[EditResult]:
+    """Apply a stack written by :func:`save_stack` (all or nothing; each patch checked against the
+    model as left by the previous) and return one revertible :class:`EditResult` per patch."""
+    d = Path(directory)
+    try:
+        names = json.loads((d / "stack.json").read_text(encoding="utf-8"))["patches"]
+        if not (isinstance(names, list) and all(isinstance(n, str) and "/" not in n for n in names)):
+            raise ValueError(names)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PatchError(f"{d}: not a factedit history (stack.json missing or malformed)") from None
+    patches = [Patch.load(d / n) for n in names]
+    applied = apply_patches(adapter, patches, force=force)
+    return [EditResult(p.meta.get("method", "patch"), list(p.meta.get("layers", [])),
+                       [Request(**r) for r in p.meta.get("requests", [])], p.deltas, a, p.meta.get("config"),
+                       guard=p.meta.get("guard"), fingerprints=dict(p.meta["fingerprints"]))
+            for p, a in zip(patches, applied)]
