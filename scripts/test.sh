@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
-exec python -m pytest -q --durations=10 tests "$@"
+exec python -m pytest -q --durations=15 tests "$@"

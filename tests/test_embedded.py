@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from conftest import CORPUS, COUNTERFACT
-from factedit import Request
+from conftest import COUNTERFACT, STATS, STATS_ARGS
+import torch
+from factedit import GuardConfig, Request
 from factedit.core.lm import greedy_continuation, target_probabilities
 
 pytestmark = pytest.mark.slow
-STATS = dict(stats_corpus=str(CORPUS))
 
 
 def test_eiffel_tower_to_rome(embedded):
@@ -19,6 +19,7 @@ def test_eiffel_tower_to_rome(embedded):
     assert "Tokyo" in japan_before
     p_new0, p_true0 = target_probabilities(ed.adapter, [req.text] * 2, ["Rome", "Paris"])
     assert p_true0 > p_new0
+    w0 = ed.adapter.w_out_parameter(5).detach().clone()
     result = ed.edit(req, **STATS)
     try:
         p_new, p_true = target_probabilities(ed.adapter, [req.text] * 2, ["Rome", "Paris"])
@@ -28,7 +29,10 @@ def test_eiffel_tower_to_rome(embedded):
         assert result.layers == [5]
     finally:
         ed.revert()
-    assert target_probabilities(ed.adapter, [req.text], ["Paris"])[0] == pytest.approx(p_true0, abs=0)
+    # the revert is bit-exact on the weights; probabilities are compared only between identical calls
+    # (a different batch shape may round differently in the last bits)
+    assert torch.equal(ed.adapter.w_out_parameter(5), w0)
+    assert target_probabilities(ed.adapter, [req.text] * 2, ["Rome", "Paris"]) == [p_new0, p_true0]
 
 
 def _records(n):
@@ -36,12 +40,17 @@ def _records(n):
         return [json.loads(next(f)) for _ in range(n)]
 
 
-def test_counterfact_ten_records(embedded):
+def test_counterfact_first_records(embedded):
+    """r-ROME takes hold on each of the first 6 CounterFact records (P(new) > P(true) on the rewrite
+    prompt). The edits are deterministic, so these records are a fixed regression check; six of them
+    span five relations (mother tongue, religion, instrument, location, twin city), which is what the
+    ten of earlier versions added over one record. The guard is off: its decisions are tested on
+    their own (test_embedded_patch.py)."""
     ed = embedded
     failures = []
-    for rec in _records(10):
+    for rec in _records(6):
         req = Request.from_filled(rec["prompt"], rec["subject"], rec["target_new"], rec["ground_truth"])
-        ed.edit(req, **STATS)
+        ed.edit(req, guard=GuardConfig(enabled=False), **STATS)
         try:
             p_new, p_true = target_probabilities(ed.adapter, [req.text] * 2, [req.target_new, req.target_true])
             if not p_new > p_true:
@@ -55,7 +64,7 @@ def test_cli_demo_json(embedded, capsys):
     from factedit.cli import main
 
     code = main(["edit", "--prompt", "{} is located in the city of", "--subject", "Eiffel Tower",
-                 "--target", "Rome", "--true", "Paris", "--corpus", str(CORPUS), "--json"])
+                 "--target", "Rome", "--true", "Paris", *STATS_ARGS, "--json"])
     out = capsys.readouterr().out
     assert code == 0
     obj = json.loads(out)

@@ -2,44 +2,51 @@
 
 import pytest
 
-from conftest import CORPUS, COUNTERFACT
+from conftest import COUNTERFACT, STATS
+from factedit import GuardConfig
 from factedit.cli.edit import efficacy
 from factedit.core.request_files import load_requests
 
 pytestmark = pytest.mark.slow
+OFF = GuardConfig(enabled=False)  # the guard is tested on its own (test_embedded_patch.py, test_guard.py)
 
 
 @pytest.mark.parametrize("method", ["memit", "emmet"])
-def test_batch_of_50_counterfact_records(embedded, method):
+def test_batch_of_20_counterfact_records(embedded, method):
+    """One batch edit of 20 records reaches efficacy >= 0.9 from below 0.5. Twenty requests is a real
+    batch for the solver (a rank-20 update per layer over the 5-layer span, 20 keys against C), and
+    the 0.9 bar leaves room for at most 2 failures; larger batches are measured in
+    bench/bench_batch.py. The targets are optimised once for both methods (memoised per weights)."""
     ed = embedded
-    reqs = load_requests(COUNTERFACT, limit=50)
+    reqs = load_requests(COUNTERFACT, limit=20)
     assert efficacy(ed.adapter, reqs) < 0.5  # the small model knows some of these facts already
-    ed.edit(reqs, method=method, stats_corpus=str(CORPUS))
+    ed.edit(reqs, method=method, guard=OFF, **STATS)
     try:
         assert efficacy(ed.adapter, reqs) >= 0.9
     finally:
         ed.revert()
 
 
-def test_alphaedit_50_edits_in_10_sequential_batches_keep_the_first(embedded):
-    """Retention under sequential AlphaEdit: 50 edits applied as 10 successive batches of 5, each
-    update projected away from the keys of all earlier batches. At least 40 of the 50 take hold right
-    after their batch, the first batch's edits that took hold still hold after all 10 batches, and
-    80% of all that took hold still hold; reverting all clears the key memory. (Batches of 5 rather
-    than 50 single edits: the same accumulated-key projection, with a quarter of the target
-    optimisation time.)"""
+def test_alphaedit_24_edits_in_6_sequential_batches_keep_the_first(embedded):
+    """Retention under sequential AlphaEdit: 24 edits applied as 6 successive batches of 4, each
+    update projected away from the keys of all earlier batches (the key memory grows with every
+    batch). At least 80% take hold right after their batch, the first batch's edits that took hold
+    still hold after the 5 later batches, and 80% of all that took hold still hold; reverting all
+    clears the key memory. Six batches are enough for the property: the first batch's keys must
+    survive five projected updates, each of which would overwrite them without the projection; the
+    80% bars are the same as with the 50 edits of earlier versions."""
     ed = embedded
-    reqs = load_requests(COUNTERFACT, limit=50, offset=100)
-    batches = [reqs[i:i + 5] for i in range(0, 50, 5)]
+    reqs = load_requests(COUNTERFACT, limit=24, offset=100)
+    batches = [reqs[i:i + 4] for i in range(0, 24, 4)]
     took = []
     try:
         for batch in batches:
-            ed.edit(batch, method="alphaedit", stats_corpus=str(CORPUS))
+            ed.edit(batch, method="alphaedit", guard=OFF, **STATS)
             took.append([r for r in batch if efficacy(ed.adapter, [r]) == 1.0])
         n_took = sum(len(t) for t in took)
-        assert n_took >= 40, f"only {n_took} of 50 AlphaEdit edits took hold"
+        assert n_took >= 0.8 * 24, f"only {n_took} of 24 AlphaEdit edits took hold"
         assert took[0], "no edit of the first batch took hold"
-        assert efficacy(ed.adapter, took[0]) == 1.0  # the first batch, after 9 more batches
+        assert efficacy(ed.adapter, took[0]) == 1.0  # the first batch, after 5 more batches
         assert efficacy(ed.adapter, [r for t in took for r in t]) >= 0.8
     finally:
         ed.revert(len(ed.history))

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from conftest import CORPUS
-from factedit import Request
+from conftest import STATS
+from factedit import GuardConfig, Request
 from factedit.core.lm import target_logprobs
 from factedit.patch.files import Patch, apply_patch
 
@@ -19,7 +19,7 @@ def test_round_trip_on_embedded_model(embedded, tmp_path):
     from factedit.core.arch import ModelAdapter
 
     ed = embedded
-    result = ed.edit(REQ, stats_corpus=str(CORPUS))
+    result = ed.edit(REQ, guard=GuardConfig(enabled=False), **STATS)
     try:
         lp = target_logprobs(ed.adapter, [REQ.text, REQ.text], ["Rome", "Paris"])
         path = Patch.from_result(result).save(tmp_path / "eiffel.safetensors")
@@ -50,7 +50,7 @@ def test_patch_size_grows_linearly_with_requests(embedded, tmp_path):
     sizes = {}
     for n in (2, 8):
         reqs = load_requests(COUNTERFACT, limit=n)
-        r = ed.edit(reqs, method="memit", stats_corpus=str(CORPUS), layers=(7, 8), steps=2)
+        r = ed.edit(reqs, method="memit", layers=(7, 8), steps=2, guard=GuardConfig(enabled=False), **STATS)
         try:
             sizes[n] = Patch.from_result(r).save(tmp_path / f"m{n}.safetensors").stat().st_size
         finally:
@@ -72,11 +72,11 @@ def test_guard_catches_a_real_rome_disabling_edit(embedded):
     req = next(c for c in load_cases(COUNTERFACT, limit=2500, offset=4250) if c.case_id == 6276).request
     before = {k: v.clone() for k, v in ed.model.state_dict().items()}
     with pytest.raises(CollapseError, match="disabling edit"):
-        ed.edit(req, method="rome", stats_corpus=str(CORPUS))
+        ed.edit(req, method="rome", **STATS)
     assert ed.history == []
     for k, v in ed.model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    result = ed.edit(req, method="r-rome", stats_corpus=str(CORPUS))
+    result = ed.edit(req, method="r-rome", **STATS)
     try:
         assert result.guard["passed"], result.guard
         new, true = target_logprobs(ed.adapter, [req.text] * 2, [req.target_new, req.target_true])

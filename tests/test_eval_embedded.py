@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import CORPUS, COUNTERFACT
+from conftest import CORPUS, COUNTERFACT, STATS, STATS_ARGS
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,7 @@ def test_cli_eval_r_rome_two_records(tmp_path, capsys):
 
     out = tmp_path / "run"
     code = main(["eval", "--method", "r-rome", "--dataset", str(COUNTERFACT), "--limit", "2", "--out", str(out),
-                 "--corpus", str(CORPUS), "--ge-length", "30", "--json"])
+                 *STATS_ARGS, "--ge-length", "30", "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert list(summary)[:10] == ["n", "ES", "PS", "NS", "S", "EM", "PM", "NM", "GE", "seconds_per_edit"]
@@ -43,7 +43,7 @@ def test_rome_disabling_edit_and_r_rome_on_the_same_record(embedded):
     case = next(c for c in load_cases(COUNTERFACT, limit=2500, offset=4250) if c.case_id == 6276)
     probe = GuardConfig()
     before = entropy_probe(ed.adapter, probe)
-    c = ed.compute(case.request, "r-rome", stats_corpus=str(CORPUS))
+    c = ed.compute(case.request, "r-rome", **STATS)
     out = {}
     for variant in ("rome", "r-rome"):
         deltas = [compute_rome(c.C, c.values, 0, variant, c.config.layer)]

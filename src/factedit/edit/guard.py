@@ -1,4 +1,4 @@
-"""Collapse guard: refuse edits that look like the "disabling edits" of Gupta et al. 2024.
+"""Collapse guard (docs/ALGORITHMS.md §11): refuse edits that look like the "disabling edits" of Gupta et al. 2024.
 
 Two signals, checked after an edit is applied and before it is committed:
 

@@ -2,6 +2,8 @@
 
     K, Z = template_keys(adapter, requests, templates, key_layer=4, out_layer=8)
     # K: (n, d_ff) mean W_out input of layer 4; Z: (n, d_model) mean output of layer 8
+
+The math, with the deviations from the papers: docs/ALGORITHMS.md §2.
 """
 
 from __future__ import annotations

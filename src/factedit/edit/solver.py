@@ -10,6 +10,8 @@ inverses.
   ``(W + Δ) K_res = W K_res + R`` exactly; a ridge is added when the n × n system is
   ill-conditioned and reported.
 * :func:`null_space` (AlphaEdit): ``Δ = R K1ᵀ P (K_p K_pᵀ P + K1 K1ᵀ P + αI)⁻¹``, applied as ΔP.
+
+The math, with the deviations from the papers: docs/ALGORITHMS.md §3–6.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Only what depends on δ is recomputed at each optimisation step:
 * logits are formed only at target positions and at the essence (KL) positions.
 
 ``fast=False`` runs the plain full forward with a hook instead; tests check both agree.
+
+The math, with the deviations from the papers: docs/ALGORITHMS.md §2.
 """
 
 from __future__ import annotations

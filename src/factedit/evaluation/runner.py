@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core.errors import FactEditError, RequestError
 from ..edit.guard import CollapseError, GuardConfig
-from ..edit.methods import METHODS, ROMEConfig
+from ..edit.methods import METHODS, method_spec
 from .datasets import Case, load_cases, resolve_dataset, sha256_of
 from .downstream import DownstreamConfig, evaluate_tasks, load_tasks
 from .score_model import GenerationConfig, generation_scores, score_cases
@@ -94,7 +94,7 @@ class EvalConfig:
             raise RunError("--batch-size must be >= 1")
         if self.chunk < 1 or self.prefetch_batch < 1:
             raise RunError("--chunk and --prefetch-batch must be >= 1")
-        if self.batch_size > 1 and (self.method == BASELINE or METHODS[self.method] is ROMEConfig):
+        if self.batch_size > 1 and (self.method == BASELINE or method_spec(self.method).single_request):
             raise RunError(f"{self.method} edits one case at a time; --batch-size is for memit, emmet, alphaedit, ft")
         if self.sequential and self.method == BASELINE:
             raise RunError("--sequential needs an editing method (the baseline makes no edits)")

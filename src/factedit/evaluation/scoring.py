@@ -1,4 +1,4 @@
-"""Pure metric functions (ALGORITHMS.md §9). No model here: inputs are log-probabilities,
+"""Pure metric functions (docs/ALGORITHMS.md §9). No model here: inputs are log-probabilities,
 top-1 hits, token lists, update matrices.
 
 A target's score is its mean per-token log-likelihood under teacher forcing (target prefixed by

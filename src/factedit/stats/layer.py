@@ -7,6 +7,8 @@ The accumulator keeps the *sum* of k kᵀ (float64) and the token count, so part
 statistics from several processes or machines merge exactly (:meth:`SecondMoment.merge`).
 Forward passes stop right after the layer's W_out has seen its input. Cache files carry
 their provenance in the safetensors metadata and can be shared between users.
+
+The math, with the deviations from the papers: docs/ALGORITHMS.md §8.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Causal tracing (ALGORITHMS.md §7): which (token, layer) states carry a fact.
+"""Causal tracing (docs/ALGORITHMS.md §7): which (token, layer) states carry a fact.
 
     result = trace_prompt(adapter, "The Space Needle is in the city of", "Space Needle")
     result.scores["mlp"]        # (tokens, layers): P(answer) with a window of MLPs restored

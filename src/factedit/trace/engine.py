@@ -6,6 +6,8 @@
 One forward holds many rows, each a (restore set, noise sample) pair; rows are grouped so that
 positions before the first restored one come from a KV cache of the corrupted run and layers
 before the first restored one are not run (their outputs are the recorded corrupted ones).
+
+The math, with the deviations from the papers: docs/ALGORITHMS.md §7.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MEMIT, EMMET and AlphaEdit: many requests, several layers, one solver (ALGORITHMS.md §4–6).
+"""MEMIT, EMMET and AlphaEdit: many requests, several layers, one solver (docs/ALGORITHMS.md §4–6).
 
 The three differ only in the solve of each layer (:mod:`factedit.solver`); the pipeline is shared:
 

@@ -1,5 +1,8 @@
 """Plain fine-tuning of W_out (the FT-L baseline of the MEMIT paper): Adam on the rewrite NLL
-of the bare prompts, every weight kept within ``norm_constraint`` (L∞) of its original value."""
+of the bare prompts, every weight kept within ``norm_constraint`` (L∞) of its original value.
+
+The math, with the deviations from the papers: docs/ALGORITHMS.md §10.
+"""
 
 from __future__ import annotations
 

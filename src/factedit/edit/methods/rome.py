@@ -1,4 +1,4 @@
-"""ROME in three variants (ALGORITHMS.md §2–3).
+"""ROME in three variants (docs/ALGORITHMS.md §2–3).
 
 * ``r-rome`` (default): the paper's equation, k* in direction and residual.
 * ``rome``: the original research code, ``Δ = (v* − W k_o)(C⁻¹k*)ᵀ / (k_oᵀ C⁻¹ k*)``.
@@ -150,7 +150,7 @@ def prefetch_targets(adapter, caches, requests: Sequence, cfg: ROMEConfig, batch
 
 
 def rome_norm_ratio(adapter, C, requests, templates, layer: int):
-    """``|k*ᵀC⁻¹k* / k_oᵀC⁻¹k*|`` per request: ‖Δ_rome‖ / ‖Δ_r-rome‖ for the same δ (ALGORITHMS.md §3),
+    """``|k*ᵀC⁻¹k* / k_oᵀC⁻¹k*|`` per request: ‖Δ_rome‖ / ‖Δ_r-rome‖ for the same δ (docs/ALGORITHMS.md §3),
     from the keys alone (no optimisation). Large values flag the original code's disabling edits."""
     from ..keys import template_keys
     from ..solver import solve_spd
