@@ -37,7 +37,7 @@ CF = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_knowedit.jso
 def one(methods: list, n: int) -> list:
     """Run inside a fresh process: load, edit n requests with each method, measure."""
     from factedit import Editor, load_model
-    from factedit.cli import _efficacy
+    from factedit.cli.edit import efficacy
     from factedit.core.request_files import load_requests
 
     reqs, seen = [], set()
@@ -57,7 +57,7 @@ def one(methods: list, n: int) -> list:
         t = time.perf_counter()
         result = editor.edit(reqs, config=cfg)
         total = time.perf_counter() - t
-        eff = _efficacy(editor.adapter, reqs)
+        eff = efficacy(editor.adapter, reqs)
         editor.revert()
         values = result.timings.get("values", 0.0)
         rest = total - values

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import STATS
+from conftest import DEFAULT_STATS, STATS
 from factedit import GuardConfig, Request
 from factedit.core.lm import target_logprobs
 from factedit.patch.files import Patch, apply_patch
@@ -72,11 +72,11 @@ def test_guard_catches_a_real_rome_disabling_edit(embedded):
     req = next(c for c in load_cases(COUNTERFACT, limit=2500, offset=4250) if c.case_id == 6276).request
     before = {k: v.clone() for k, v in ed.model.state_dict().items()}
     with pytest.raises(CollapseError, match="disabling edit"):
-        ed.edit(req, method="rome", **STATS)
+        ed.edit(req, method="rome", **DEFAULT_STATS)
     assert ed.history == []
     for k, v in ed.model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    result = ed.edit(req, method="r-rome", **STATS)
+    result = ed.edit(req, method="r-rome", **DEFAULT_STATS)
     try:
         assert result.guard["passed"], result.guard
         new, true = target_logprobs(ed.adapter, [req.text] * 2, [req.target_new, req.target_true])

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import CORPUS, COUNTERFACT, STATS, STATS_ARGS
+from conftest import CORPUS, COUNTERFACT, DEFAULT_STATS, STATS_ARGS
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_rome_disabling_edit_and_r_rome_on_the_same_record(embedded):
     case = next(c for c in load_cases(COUNTERFACT, limit=2500, offset=4250) if c.case_id == 6276)
     probe = GuardConfig()
     before = entropy_probe(ed.adapter, probe)
-    c = ed.compute(case.request, "r-rome", **STATS)
+    c = ed.compute(case.request, "r-rome", **DEFAULT_STATS)
     out = {}
     for variant in ("rome", "r-rome"):
         deltas = [compute_rome(c.C, c.values, 0, variant, c.config.layer)]
