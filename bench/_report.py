@@ -24,3 +24,12 @@ def write_section(path, heading: str, text: str, head: str = HEAD) -> None:
         end = old.find("\n## ", start + len(heading))
         old = old[:start] + old[end + 1:] if end >= 0 else old[:start]
     out.write_text(old.rstrip() + "\n\n" + text, encoding="utf-8")
+
+
+def publish(lines, out, heading: str, head: str = HEAD, trailing_newline: bool = False) -> str:
+    """Print a benchmark's markdown section and, with ``out``, replace it in that file."""
+    text = "\n".join(lines) + ("\n" if trailing_newline else "")
+    print(text)
+    if out:
+        write_section(out, heading, text, head=head)
+    return text

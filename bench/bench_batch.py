@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, write_section  # noqa: E402
+from _report import cpu_name, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "wikitext2_valid.txt"
@@ -122,10 +122,7 @@ def main():
     lines += ["", "Memory: keys are kept as (n, d_ff) and residuals as (n, d_model); the solves use "
               "(d_ff × d_ff) systems whatever n is (MEMIT: λC + KKᵀ; EMMET: C⁻¹K then an n × n system), "
               "so memory grows linearly in n; target optimisation runs `batch_size` requests at a time.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        write_section(args.out, "## Batch editing", text)
+    publish(lines, args.out, "## Batch editing")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, write_section  # noqa: E402
+from _report import cpu_name, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -174,10 +174,7 @@ def main():
         "activations (no weight gradients), divided by the measured matmul rate.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        write_section(args.out, "## Single edit (r-ROME)", text)
+    publish(lines, args.out, "## Single edit (r-ROME)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, write_section  # noqa: E402
+from _report import cpu_name, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CF = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_knowedit.jsonl"
@@ -68,7 +68,7 @@ def main():
     res = {"per_case_calls": args.n / t_each, "one_call": args.n / t_all, "row_models": args.n / t_rows,
            "with_ge": args.ge_cases / t_ge, "with_ge_chunk": len(chunk) / t_ge_chunk}
     print(res)
-    text = "\n".join([
+    publish([
         "## Evaluation throughput", "",
         f"Command: `python bench/bench_eval.py --n {args.n} --ge-cases {args.ge_cases} --ge-chunk {args.ge_chunk} "
         f"--ge-length {args.ge_length}`  ",
@@ -85,10 +85,7 @@ def main():
         f"{1 / res['with_ge']:.2f} |",
         f"| full case, {len(chunk)} cases together, each on its own edited model (single-edit runs) | "
         f"{res['with_ge_chunk']:.3f} | {1 / res['with_ge_chunk']:.2f} |", "",
-    ])
-    print(text)
-    if args.out:
-        write_section(args.out, "## Evaluation throughput", text)
+    ], args.out, "## Evaluation throughput")
 
 
 if __name__ == "__main__":

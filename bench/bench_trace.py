@@ -23,7 +23,7 @@ from typing import List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, write_section  # noqa: E402
+from _report import cpu_name, publish  # noqa: E402
 
 SUBJECT = "The Space Needle"
 TAIL = " is in the city of"
@@ -125,10 +125,7 @@ def main(argv: List[str] = None) -> int:
     lines += ["", "The work grows as samples × Σ_t (T − t) × Σ_l (L − l): about quadratic in the prompt "
               "length (from the subject on) and in the depth; the last column shows how close the "
               "time follows that count.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        write_section(args.out, "## Causal tracing", text)
+    publish(lines, args.out, "## Causal tracing")
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_section  # noqa: E402
+from _report import publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -118,10 +118,7 @@ def main():
         lines.append(f"| {r['case_id']} | {r['ratio']:.3g} | {r['method']} | {r['delta_norm']:.3g} | "
                      f"{r['GE_case_before']:.0f} → {r['GE_case']:.0f} | {r['GE_generic']:.0f} | {r['greedy']:.0f} | {r['ES']:.0f} | "
                      f"{r['PS']:.0f} | {r['NS']:.0f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        write_section(args.out, "## Disabling edits", text, head="# Evaluation\n\n")
+    publish(lines, args.out, "## Disabling edits", head="# Evaluation\n\n", trailing_newline=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_section  # noqa: E402
+from _report import publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "wikitext2_valid.txt"
@@ -180,11 +180,8 @@ def main():
     ] + [f"| {r['case']} | {r['variant']} | {r['ratio']:.3g} | {r['norm']:.3g} | "
          f"{'fired' if r['guard_fired'] else 'passed'} | {r['held_out_entropy']:.2f} | {r['probes_changed']} | "
          f"{r['held_out_nll']:.3f} | {'yes' if r['collapsed'] else 'no'} |" for r in rows] + [""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        write_section(args.out, "## Collapse guard", text,
-                      head="# Collapse guard\n\nSee `src/factedit/guard.py` for what the guard checks.\n\n")
+    publish(lines, args.out, "## Collapse guard",
+            head="# Collapse guard\n\nSee `src/factedit/edit/guard.py` for what the guard checks.\n\n")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_section  # noqa: E402
+from _report import publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -97,10 +97,7 @@ def main(argv: List[str] = None) -> int:
                          if hit)
         lines.append(f"| {r['layer']} | {r['efficacy']:.2f} | {r['paraphrase']:.2f} | {r['neighborhood']:.2f} | "
                      f"{r['seconds']:.0f} | {note} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        write_section(args.out, "## Edit-layer sweep", text, head=HEAD)
+    publish(lines, args.out, "## Edit-layer sweep", head=HEAD, trailing_newline=True)
     return 0
 
 

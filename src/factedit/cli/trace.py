@@ -66,10 +66,17 @@ def add_parser(sub) -> None:
     add_model_options(t, corpus=False)
 
 
-def _write_json(path: Path, obj) -> None:
+def _write(out_dir: Path, name: str, obj: dict, plot, kinds, model: str, extra=()) -> list:
+    """Write ``obj`` as ``out_dir/name.json`` plus one heatmap per kind (``plot(obj, kind, path)``);
+    returns the paths written (the JSON first, then ``extra``, then the plots)."""
     from ..core.paths import atomic_write_text
 
-    atomic_write_text(path, json.dumps(obj))
+    atomic_write_text(out_dir / f"{name}.json", json.dumps(obj))
+    files = [str(out_dir / f"{name}.json"), *map(str, extra)]
+    prefix = "" if name == "trace" else f"{name}_"
+    for k in kinds:
+        files.append(str(plot(obj, k, out_dir / f"{prefix}{k}.png", model=model)))
+    return files
 
 
 def cmd_trace(args) -> int:
@@ -107,10 +114,7 @@ def _single(args, adapter, cfg, out_dir: Path, name: str) -> int:
     t = time.perf_counter()
     result = trace_prompt(adapter, args.prompt, args.subject, args.answer, cfg)
     obj = {"model": name, **result.to_dict(), "seconds": round(time.perf_counter() - t, 2)}
-    _write_json(out_dir / "trace.json", obj)
-    files = [str(out_dir / "trace.json")]
-    for k in cfg.kinds:
-        files.append(str(plot_trace(obj, k, out_dir / f"{k}.png", model=name)))
+    files = _write(out_dir, "trace", obj, plot_trace, cfg.kinds, name)
     if args.json:
         print(json.dumps(obj))
         return 0
@@ -161,10 +165,7 @@ def _dataset(args, adapter, cfg, facts, out_dir: Path, name: str) -> int:
     from ..core.paths import atomic_write_text
 
     atomic_write_text(out_dir / "facts.jsonl", "\n".join(lines) + "\n")
-    _write_json(out_dir / "average.json", obj)
-    files = [str(out_dir / "average.json"), str(out_dir / "facts.jsonl")]
-    for k in cfg.kinds:
-        files.append(str(plot_average(obj, k, out_dir / f"average_{k}.png", model=name)))
+    files = _write(out_dir, "average", obj, plot_average, cfg.kinds, name, extra=[out_dir / "facts.jsonl"])
     if args.json:
         print(json.dumps(obj))
         return 0
