@@ -117,3 +117,16 @@ def test_every_module_imports_alone(module):
     if module.endswith("__main__"):
         return  # runs the CLI on import
     importlib.import_module(module)
+
+
+def test_python_dash_m_factedit_runs_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "factedit", "edit", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--method METHOD" in out.stdout and "r-rome (default)" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "factedit", "inspect", "/nonexistent.safetensors"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "factedit: error:" in bad.stderr
