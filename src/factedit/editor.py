@@ -85,6 +85,14 @@ class Editor:
         """See :meth:`EditCaches.weights_memo <factedit.edit.caches.EditCaches.weights_memo>`."""
         return self.caches.weights_memo(kind, *key)
 
+    def target_memo(self, layer: int, templates, value_cfg, essence, fact_token, site: str = "residual") -> dict:
+        """See :meth:`EditCaches.target_memo <factedit.edit.caches.EditCaches.target_memo>`."""
+        return self.caches.target_memo(layer, templates, value_cfg, essence, fact_token, site)
+
+    def projector(self, layer: int, C, threshold: float):
+        """AlphaEdit's null-space projector (:meth:`EditCaches.projector <factedit.edit.caches.EditCaches.projector>`)."""
+        return self.caches.projector(layer, C, threshold)
+
     # ------------------------------------------------------------------ editing
     def make_config(self, method: str = "r-rome", options=(), **overrides):
         """The method's config dataclass with model-derived defaults filled in
