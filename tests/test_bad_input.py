@@ -46,7 +46,8 @@ def _run(capsys, *argv):
 def test_cli_edit_json_on_tiny_model(tiny_dir, tiny_corpus, home, capsys):
     code, out, err = _run(capsys, "edit", "--model", str(tiny_dir), "--prompt", "{} is located in the city of",
                           "--subject", "Eiffel Tower", "--target", "Rome", "--true", "Paris", "--layer", "1",
-                          "--corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "3", "--json")
+                          "--corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "3", "--json",
+                          "--allow-unverified")  # a tiny random model: whether the edit takes is not tested here
     assert code == 0, err
     obj = json.loads(out)  # exactly one JSON object on stdout
     for key in ("method", "model", "layers", "before", "after", "delta_norm", "seconds"):
@@ -127,3 +128,43 @@ def test_failure_during_apply_restores(home, tiny_corpus, monkeypatch):
         apply_deltas(ad, [good, bad])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_requests_file_that_is_not_utf8(tiny_dir, tmp_path, home, capsys):
+    path = tmp_path / "latin1.jsonl"
+    lines = [json.dumps({"prompt": "{} is in", "subject": "Paris", "target_new": "Rome"}),
+             json.dumps({"prompt": "{} is in", "subject": "Zürich", "target_new": "Rome"}, ensure_ascii=False)]
+    path.write_bytes("\n".join(lines).encode("latin-1"))
+    code, out, err = _run(capsys, "edit", "--model", str(tiny_dir), "--requests", str(path), "--method", "memit")
+    assert code == 2 and "latin1.jsonl:2: not valid UTF-8" in err and "Traceback" not in err
+    from factedit.evaluation import DatasetError, load_cases
+
+    with pytest.raises(DatasetError, match="latin1.jsonl:2: not valid UTF-8"):
+        load_cases(path)
+
+
+def test_written_files_follow_the_umask(home, tiny_corpus, tmp_path):
+    """Patches, saved models and caches get the mode any file gets under the user's umask (the
+    temporary file's private 0600 / 0700 must not survive the atomic rename)."""
+    import os
+    import stat
+
+    from factedit import Patch, save_model
+    from factedit.core.paths import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        model, tok = tiny_model("llama")
+        ed = Editor(model, tok, progress=False)
+        r = ed.edit(Request("{} is in", "Paris", "Rome"), layer=2, stats_corpus=str(tiny_corpus), stats_tokens=800,
+                    value=ValueConfig(steps=2), context_lengths=((3, 2),))
+        patch = Patch.from_result(r).save(tmp_path / "p.safetensors")
+        saved = save_model(model, tok, tmp_path / "saved")
+        atomic_write_text(tmp_path / "x.json", "{}")
+        modes = {p: stat.S_IMODE(p.stat().st_mode) for p in (patch, tmp_path / "x.json", saved / "model.safetensors")}
+        assert all(m == 0o644 for m in modes.values()), modes
+        assert stat.S_IMODE(saved.stat().st_mode) == 0o755
+        stats_files = list((home / "stats").rglob("*.safetensors"))
+        assert stats_files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in stats_files)
+    finally:
+        os.umask(old)

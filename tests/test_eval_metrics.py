@@ -62,9 +62,12 @@ def test_outliers_and_summary():
             {"ES": 0.0, "PS": 0.5, "NS": 0.5, "GE": 5.0, "delta_norm": 3.0},
             {"error": "RequestError: bad"}]
     s = S.summarize_records(recs)
-    assert (s["n"], s["n_errors"], s["ES"], s["PS"], s["NS"], s["GE"]) == (2, 1, 50, 50, 75, 550)
-    assert s["S"] == pytest.approx(3 / (1 / 50 + 1 / 50 + 1 / 75))
+    # the failed case counts as 0 in every success rate; GE and norms describe the edits that were made
+    assert (s["n"], s["errors"], s["GE"]) == (3, 1, 550)
+    assert (s["ES"], s["PS"], s["NS"]) == pytest.approx((100 / 3, 100 / 3, 50))
+    assert s["S"] == pytest.approx(3 / (3 / 100 + 3 / 100 + 1 / 50))
     assert s["delta_norm_median"] == 2.0 and s["EM"] is None
+    assert S.summarize_records([{"error": "x"}])["ES"] == 0 and S.summarize_records([{"error": "x"}])["efficacy"] is None
 
 
 def test_scores_use_mean_per_token_log_prob(monkeypatch):

@@ -294,3 +294,35 @@ def test_cli_eval_set_reaches_the_method_config(tiny_dir, home, tmp_path, capsys
     bad = tmp_path / "bad"
     assert main(argv[:-4] + ["--set", "norm_constrain=1", "--out", str(bad)]) == 2
     assert "has no option 'norm_constrain'" in capsys.readouterr().err and not bad.exists()
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_case_whose_edit_raised_is_a_failure_in_every_score(home, tiny_corpus, tmp_path, monkeypatch, sequential):
+    """An edit that raises (a request the method cannot edit) counts: in n, in `errors`, and as 0 in
+    ES, PS, NS (and so in S), in single-edit and sequential runs alike."""
+    from factedit.core.errors import RequestError
+
+    ed = _editor()
+    cfg = _cfg(tiny_corpus, sequential=sequential, generation=GenerationConfig(length=0))
+    ok = run_eval(ed, cfg, tmp_path / "ok")
+    if sequential:
+        ed.revert(len(ed.history))
+    real_compute, real_edit = ed.compute, ed.edit
+    bad_subject = json.loads(COUNTERFACT.read_text(encoding="utf-8").splitlines()[1])["subject"]
+
+    def failing(real):
+        def call(requests, *a, **kw):
+            if any(r.subject == bad_subject for r in requests):
+                raise RequestError("injected: this request cannot be edited")
+            return real(requests, *a, **kw)
+        return call
+
+    monkeypatch.setattr(ed, "compute", failing(real_compute))
+    monkeypatch.setattr(ed, "edit", failing(real_edit))
+    s = run_eval(ed, cfg, tmp_path / "bad")
+    recs = {r["case_id"]: r for r in _records(tmp_path / "bad")}
+    assert s["n"] == 4 and s["errors"] == 1 and sum("error" in r for r in recs.values()) == 1
+    good = [r for r in _records(tmp_path / "ok") if r["request"]["subject"] != bad_subject]
+    for key in ("ES", "PS", "NS"):  # the other three cases score as in the clean run; the failure adds 0
+        assert s[key] == pytest.approx(100 * sum(r[key] for r in good) / 4), key
+    assert s["S"] is not None

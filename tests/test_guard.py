@@ -65,3 +65,29 @@ def test_entropy_collapse_is_rolled_back(home, tiny_corpus, monkeypatch):
         ed.edit(REQ, **_opts(tiny_corpus))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_multi_request_rome_edit_records_the_guard_decision(home, tiny_corpus):
+    """Several requests edited one after another in one call: one decision, passed only if every edit
+    passed, with each edit's decision kept (it was None before)."""
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    reqs = [REQ, Request("{} is in", "Space Needle", "Tokyo")]
+    r = ed.edit(reqs, **_opts(tiny_corpus))
+    assert r.guard is not None and r.guard["passed"] is True and len(r.guard["edits"]) == 2
+    assert all(d["passed"] for d in r.guard["edits"])
+    assert r.guard["entropy_before"] == r.guard["edits"][0]["entropy_before"]
+    assert Patch.from_result(r).meta["guard"]["passed"] is True
+    ed.revert()
+
+
+def test_patch_norms_are_the_norm_of_the_summed_update(home, tiny_corpus):
+    """Two ROME edits of one layer in one call: the recorded norm is ‖Δ1 + Δ2‖, not ‖Δ1‖ + ‖Δ2‖."""
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    r = ed.edit([REQ, Request("{} is in", "Space Needle", "Tokyo")], guard=GuardConfig(enabled=False),
+                **_opts(tiny_corpus))
+    d1, d2 = (d.dense().double() for d in r.deltas)
+    norm = Patch.from_result(r).meta["norms"]["2"]
+    assert norm == pytest.approx(float(torch.linalg.matrix_norm(d1 + d2)), rel=1e-9)
+    assert norm < float(torch.linalg.matrix_norm(d1) + torch.linalg.matrix_norm(d2)) * (1 - 1e-6)

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from factedit import Editor, Request, ValueConfig
 from factedit.core.lm import target_logprobs
-from factedit.patch.files import Patch, PatchError, apply_patch, apply_patches, revert_patch
+from factedit.patch.files import Patch, PatchError, apply_patch, apply_patches, revert_patch, revert_patches
 from factedit.core.fingerprints import matrix_fingerprint
 from factedit.core.arch import ModelAdapter
 from tiny import tiny_model
@@ -97,6 +97,33 @@ def test_stack_and_revert_saved_model(home, tiny_corpus, tmp_path):
     exact = revert_patch(ad, p1)
     assert set(exact) == {"model.layers.2.mlp.down_proj"}
     assert torch.allclose(ad.w_out_weight(2), base, atol=1e-6)
+    # reverting again, or a patch that is not applied, is refused and changes nothing
+    now = ad.w_out_weight(2).clone()
+    for p in (p1, p2):
+        with pytest.raises(PatchError, match="does not have this patch applied"):
+            revert_patch(ad, p)
+        assert torch.equal(ad.w_out_weight(2), now)
+    # a stack is reverted newest first in one call; out of order (oldest on top) is refused
+    ad2 = _fresh()
+    apply_patches(ad2, [p1, p2])
+    with pytest.raises(PatchError, match="does not have this patch applied"):
+        revert_patch(ad2, p1)
+    revert_patches(ad2, [p1, p2])
+    assert torch.allclose(ad2.w_out_weight(2), base, atol=1e-6)
+
+
+def _signed(path, tensors, meta):
+    """Write a patch file with valid checksums (so that the structural checks behind them are reached)."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from factedit.patch.files import tensor_sha256
+
+    meta = dict(meta, checksums={k: tensor_sha256(v) for k, v in tensors.items()})
+    raw = json.dumps(meta)
+    save_file(tensors, str(path), metadata={"factedit": raw, "factedit_sha256": hashlib.sha256(raw.encode()).hexdigest()})
+    return path
 
 
 def test_truncated_and_tampered_files(edited, tmp_path):
@@ -108,20 +135,21 @@ def test_truncated_and_tampered_files(edited, tmp_path):
         with pytest.raises(PatchError):
             Patch.load(bad)
     p = Patch.load(path)
+    left, right = p.deltas[0].left, p.deltas[0].right
     # metadata naming other layers than the tensors
-    from safetensors.torch import save_file
-    meta = dict(p.meta, layers=[3])
-    save_file({"0.layer2.left": p.deltas[0].left, "0.layer2.right": p.deltas[0].right}, str(tmp_path / "t.safetensors"),
-              metadata={"factedit": json.dumps(meta)})
+    _signed(tmp_path / "t.safetensors", {"0.layer2.left": left, "0.layer2.right": right}, dict(p.meta, layers=[3]))
     with pytest.raises(PatchError, match="layers"):
         Patch.load(tmp_path / "t.safetensors")
-    save_file({"0.layer2.left": p.deltas[0].left}, str(tmp_path / "m.safetensors"), metadata={"factedit": json.dumps(p.meta)})
+    _signed(tmp_path / "m.safetensors", {"0.layer2.left": left}, p.meta)
     with pytest.raises(PatchError, match="factors"):
         Patch.load(tmp_path / "m.safetensors")
-    save_file({"0.layer2.left": p.deltas[0].left * float("nan"), "0.layer2.right": p.deltas[0].right},
-              str(tmp_path / "n.safetensors"), metadata={"factedit": json.dumps(p.meta)})
+    _signed(tmp_path / "n.safetensors", {"0.layer2.left": left * float("nan"), "0.layer2.right": right}, p.meta)
     with pytest.raises(PatchError, match="NaN"):
         Patch.load(tmp_path / "n.safetensors")
+    # factors whose norm disagrees with the recorded per-layer norm (consistent checksums)
+    _signed(tmp_path / "s.safetensors", {"0.layer2.left": 2 * left, "0.layer2.right": right}, p.meta)
+    with pytest.raises(PatchError, match="norm"):
+        Patch.load(tmp_path / "s.safetensors")
     with pytest.raises(PatchError, match="not found"):
         Patch.load(tmp_path / "missing.safetensors")
 
@@ -139,12 +167,56 @@ def test_fuzz_corrupted_bytes_never_crash_nor_half_apply(edited, tmp_path, data)
     bad.write_bytes(bytes(raw))
     ad = _fresh()
     before = ad.w_out_weight(2).clone()
-    try:
+    if bytes(raw) == path.read_bytes():  # the draw rewrote the same bytes
         apply_patch(ad, Patch.load(bad))
-    except PatchError:
-        assert torch.equal(ad.w_out_weight(2), before)
-    else:  # the corruption hit nothing that matters (e.g. a float in the factors): applied whole
-        assert torch.isfinite(ad.w_out_weight(2)).all()
+        return
+    with pytest.raises(PatchError):  # every changed byte is caught: header, metadata or tensor data
+        apply_patch(ad, Patch.load(bad))
+    assert torch.equal(ad.w_out_weight(2), before)
+
+
+def _flip(data: bytes, at: int, bit: int = 0) -> bytes:
+    raw = bytearray(data)
+    raw[at] ^= 1 << bit
+    return bytes(raw)
+
+
+def test_one_flipped_bit_is_refused_in_data_header_and_metadata(edited, tmp_path):
+    """A flipped exponent bit in a factor once produced a model printing gibberish; now every region
+    of the file is covered by a checksum and nothing is applied."""
+    _, _, path, _ = edited
+    data = path.read_bytes()
+    n_header = int.from_bytes(data[:8], "little")
+    header = data[8: 8 + n_header].decode()
+    cases = {
+        "tensor data": (len(data) - 2, 6),  # the high byte of the last float32: an exponent bit
+        "header": (8 + header.index('"shape"') + 1, 0),
+        "metadata": (8 + header.index("Eiffel") + 1, 0),
+    }
+    ad = _fresh()
+    before = ad.w_out_weight(2).clone()
+    for where, (at, bit) in cases.items():
+        bad = tmp_path / f"flip-{where.replace(' ', '_')}.safetensors"
+        bad.write_bytes(_flip(data, at, bit))
+        with pytest.raises(PatchError):
+            apply_patch(ad, Patch.load(bad))
+        assert torch.equal(ad.w_out_weight(2), before), where
+
+
+def test_cli_apply_of_a_damaged_patch_writes_nothing(edited, tmp_path, capsys):
+    from factedit.cli import main
+
+    ed, _, path, _ = edited
+    base = tmp_path / "base"
+    m, t = tiny_model("llama")
+    m.save_pretrained(base)
+    t.save_pretrained(base)
+    data = path.read_bytes()
+    bad = tmp_path / "damaged.safetensors"
+    bad.write_bytes(_flip(data, len(data) - 2, 6))
+    out = tmp_path / "out"
+    assert main(["apply", str(bad), "--model", str(base), "--save-model", str(out)]) == 2
+    assert "damaged" in capsys.readouterr().err and not out.exists()
 
 
 def test_matrix_fingerprint_is_bit_exact():
@@ -168,7 +240,8 @@ def test_cli_patch_workflow(home, tiny_corpus, tmp_path, capsys):
     patch, edited_dir = tmp_path / "e.safetensors", tmp_path / "edited"
     code = main(["edit", "--model", str(base_dir), "--prompt", "{} is located in the city of", "--subject",
                  "Eiffel Tower", "--target", "Rome", "--layer", "2", "--corpus", str(tiny_corpus), "--stats-tokens",
-                 "800", "--steps", "3", "--save-patch", str(patch), "--save-model", str(edited_dir), "--json"])
+                 "800", "--steps", "3", "--save-patch", str(patch), "--save-model", str(edited_dir), "--json",
+                 "--allow-unverified"])  # the patch workflow is tested, not whether the tiny model's edit takes
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["patch"] == str(patch)
     # the saved edited model loads in plain transformers and matches the in-session edit
@@ -193,6 +266,11 @@ def test_cli_patch_workflow(home, tiny_corpus, tmp_path, capsys):
     back = AutoModelForCausalLM.from_pretrained(applied_dir).state_dict()
     assert all(torch.allclose(back[k], base_w[k], atol=1e-6) for k in base_w)
     assert "model.layers.2.mlp.down_proj" in r["bit_identical_to_base"]
+    # reverting the same folder again is refused, and the folder is left as it is
+    files = {f.name: f.read_bytes() for f in applied_dir.iterdir()}
+    assert main(["revert", str(patch), "--model", str(applied_dir)]) == 2
+    assert "does not have this patch applied" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in applied_dir.iterdir()} == files
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(patch.read_bytes()[:100])
     assert main(["apply", str(bad), "--model", str(base_dir)]) == 2

@@ -54,7 +54,9 @@ def test_layer_stats_match_direct_computation_and_cache(home, tiny_corpus):
     files = list((home / "stats").rglob("*.safetensors"))
     assert len(files) == 1
     acc, meta = load_stats_file(files[0])
-    assert meta["layer"] == "2" and meta["n_tokens"] == "600" and "corpus" in meta and "model_fingerprint" in meta
+    assert meta["layer"] == "2" and meta["requested_tokens"] == "600" and "corpus" in meta
+    assert meta["n_tokens"] == meta["count"] and int(meta["count"]) >= 600  # the tokens actually accumulated
+    assert "corpus" in meta and "model_fingerprint" in meta
     # second call reads the cache (identical result)
     again = layer_stats(ad, 2, corpus=str(tiny_corpus), n_tokens=600, seq_len=32, batch_size=3, progress=False)
     assert torch.equal(again.mom2, st.mom2)
@@ -151,3 +153,32 @@ def test_documents_are_bounded_without_paragraph_breaks(tmp_path):
     q = tmp_path / "big.jsonl"
     q.write_text('{"text": "%s"}\n' % ("x" * (3 * MAX_DOC_CHARS)))
     assert [len(d) for d in resolve_corpus(str(q)).open()] == [MAX_DOC_CHARS] * 3
+
+
+def test_auto_corpus_without_network_is_reported_and_recorded(home, tiny_dir, monkeypatch, caplog, capsys, tmp_path):
+    """corpus=auto never silently changes what the statistics are computed from: the fallback to
+    model-sampled text is logged at warning level and recorded in the edit's result, its JSON and its
+    patch."""
+    import json
+    import logging
+
+    from factedit import Editor, Patch, Request, ValueConfig, load_model
+    from factedit.cli import main
+
+    monkeypatch.delenv("FACTEDIT_CORPUS", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = load_model(str(tiny_dir))
+    ed = Editor(model, tok, progress=False)
+    with caplog.at_level(logging.WARNING):
+        r = ed.edit(Request("{} is in", "Paris", "Rome"), layer=2, stats_tokens=800, value=ValueConfig(steps=2),
+                    context_lengths=((3, 2),))
+    src = r.statistics["2"]
+    assert src["spec"] == "auto" and src["corpus"].startswith("model-sampled")
+    assert src["tokens"] == ed.caches.stats(2, None, 800).count >= 800  # the tokens actually seen
+    assert "not reachable" in src["reason"] and "sampled from the model" in src["reason"]
+    assert any("key statistics from model-sampled" in m for m in caplog.messages)
+    assert Patch.from_result(r).meta["statistics"] == r.statistics
+    code = main(["edit", "--model", str(tiny_dir), "--prompt", "{} is in", "--subject", "Paris", "--target", "Rome",
+                 "--layer", "2", "--stats-tokens", "800", "--steps", "2", "--no-guard", "--json", "--allow-unverified"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["statistics"]["2"]["reason"] == src["reason"]

@@ -366,7 +366,7 @@ def test_cli_edit_uses_cached_recommendation(tiny_dir, tiny_corpus, home, capsys
 
     edit = ["edit", "--model", str(tiny_dir), "--prompt", "{} is located in the city of", "--subject", "Eiffel Tower",
             "--target", "Rome", "--corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2",
-            "--no-guard", "--json"]
+            "--no-guard", "--json", "--allow-unverified"]
     ad = ModelAdapter(*load_model(str(tiny_dir)))
     save_recommendation(ad, LayerRecommendation(2, (0.0, 0.1, 0.3, 0.2), 5, 3, 4, "facts.json"))
     assert main(edit) == 0

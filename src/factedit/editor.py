@@ -24,7 +24,9 @@ from .core.requests import Request
 from .edit.caches import EditCaches
 from .edit.deltas import apply_deltas
 from .edit.guard import Guard, GuardConfig
+from .edit.guard import combine as combine_guard
 from .edit.history import History
+from .edit.verify import retry_config, verify_requests
 from .edit.methods import make_config, spec_of_config
 from .edit.methods.rome import ROMEConfig
 from .edit.methods.rome import prefetch_targets as prefetch_rome_targets
@@ -127,7 +129,7 @@ class Editor:
         return time.perf_counter() - t
 
     def edit(self, requests: Union[Request, Sequence[Request]], method: str = "r-rome",
-             config=None, guard: Optional[GuardConfig] = None, **overrides) -> EditResult:
+             config=None, guard: Optional[GuardConfig] = None, verify: bool = True, **overrides) -> EditResult:
         """Compute and apply an edit. ROME variants edit several requests one after another;
         MEMIT / EMMET / AlphaEdit / FT edit them as one batch.
 
@@ -136,6 +138,13 @@ class Editor:
         :class:`~factedit.edit.guard.CollapseError`; ``guard=GuardConfig(enabled=False)`` forces it.
         If anything fails, every weight touched by this call is restored before the error
         propagates.
+
+        Every edit is then checked on each request's own prompt (:mod:`factedit.edit.verify`):
+        ``result.verification`` holds the outcomes and ``result.verified`` their conjunction. With
+        ``verify`` (default) a single-request edit that did not take is undone and optimised once more
+        within the retry budget (:func:`~factedit.edit.verify.retry_config`); one that still does not
+        take stays applied with ``verified`` False and a warning (the CLI refuses it unless
+        ``--allow-unverified``). ``verify=False`` measures the raw method (outcomes still recorded).
         """
         guard = guard or GuardConfig()
         reqs = [requests] if isinstance(requests, Request) else list(requests)
@@ -147,16 +156,12 @@ class Editor:
         done: List[EditResult] = []
         try:
             for group in ([[r] for r in reqs] if spec.single_request else [reqs]):
-                c = self.compute(group, config=cfg)
-                refs = self.guard.prepare(cfg, guard)
-                applied = apply_deltas(self.adapter, c.deltas)
-                res = EditResult(spec.name, list(cfg.layers), list(group), c.deltas, applied, cfg,
-                                 time.perf_counter() - t0, c.timings, c.info, state_keys=c.state_keys,
-                                 stateful=c.state_keys is not None)
-                self._history.add_state(res, done)
-                done.append(res)
-                if guard.enabled:
-                    self.guard.judge(res, refs, guard, len(group))
+                res = self._apply(group, cfg, spec, guard, done, t0)
+                retry = retry_config(cfg) if verify and spec.single_request else None
+                if not res.verified and retry is not None:
+                    self._undo(done.pop())
+                    res = self._apply(group, retry, spec, guard, done, t0)
+                    res.retried = True
         except BaseException:
             for r in reversed(done):
                 self._undo(r)
@@ -166,11 +171,36 @@ class Editor:
                 self.guard.forget()
         result = done[0] if len(done) == 1 else EditResult(
             spec.name, sorted({l for r in done for l in r.layers}), reqs, [d for r in done for d in r.deltas],
-            ChainedEdit(self.adapter, [r.applied for r in done]), cfg, 0.0, {}, [i for r in done for i in r.info])
+            ChainedEdit(self.adapter, [r.applied for r in done]), cfg, 0.0, {}, [i for r in done for i in r.info],
+            guard=combine_guard([r.guard for r in done]), verification=[v for r in done for v in r.verification],
+            retried=any(r.retried for r in done))
         result.seconds = time.perf_counter() - t0
         result.fingerprints = fingerprints
+        result.statistics = self.caches.sources(cfg)
+        result.fingerprints_after = {self.adapter.w_out_name(l): matrix_fingerprint(self.adapter.w_out_parameter(l))
+                                     for l in cfg.layers}
         self.history.append(result)
+        failed = [r for r, v in zip(result.requests, result.verification) if not v["verified"]]
+        if failed:
+            log.warning("%d of %d edits did not take on their own prompt (%s%s)", len(failed), len(reqs),
+                        ", ".join(repr(r.text + " -> " + r.target_new) for r in failed[:3]),
+                        ", ..." if len(failed) > 3 else "")
         return result
+
+    def _apply(self, group, cfg, spec, guard: GuardConfig, done: List[EditResult], t0: float) -> EditResult:
+        """Compute, apply, judge (guard) and verify one group; appended to ``done``."""
+        c = self.compute(group, config=cfg)
+        refs = self.guard.prepare(cfg, guard)
+        applied = apply_deltas(self.adapter, c.deltas)
+        res = EditResult(spec.name, list(cfg.layers), list(group), c.deltas, applied, cfg,
+                         time.perf_counter() - t0, c.timings, c.info, state_keys=c.state_keys,
+                         stateful=c.state_keys is not None)
+        self._history.add_state(res, done)
+        done.append(res)
+        if guard.enabled:
+            self.guard.judge(res, refs, guard, len(group))
+        res.verification = verify_requests(self.adapter, group)
+        return res
 
     def revert(self, n: int = 1) -> None:
         """Undo the last ``n`` edits, newest first."""

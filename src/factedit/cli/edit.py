@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from ..edit.verify import VERIFY_MIN_P
 from .common import add_model_options, arch_spec, layers_arg, load, method_names
 
 __all__ = ["add_parser", "cmd_edit", "efficacy"]
@@ -37,6 +38,8 @@ def add_parser(sub) -> None:
     e.add_argument("--paraphrase", action="append", default=None,
                    help="an extra prompt to show before/after (repeatable; default: two rephrasings)")
     e.add_argument("--max-new-tokens", type=int, default=12)
+    e.add_argument("--allow-unverified", action="store_true",
+                   help="keep (and save) an edit that did not take on its own prompt (default: exit 2, nothing saved)")
     e.add_argument("--no-guard", action="store_true",
                    help="skip the collapse guard (apply even an edit that looks like it would break the model)")
     e.add_argument("--save-patch", default=None, help="write the edit as a patch file (safetensors)")
@@ -97,17 +100,40 @@ def cmd_edit_many(args) -> int:
     result = editor.edit(reqs, config=cfg, guard=_guard(args))
     seconds = time.perf_counter() - t
     after = efficacy(editor.adapter, reqs)
-    saved = _save_outputs(args, editor, result)
+    saved = _save_outputs(args, editor, result) if result.verified or args.allow_unverified else {}
+    outcomes = [{"prompt": r.text, "target_new": r.target_new, "target_true": r.target_true, **v}
+                for r, v in zip(result.requests, result.verification)]
     out = {"method": args.method, "model": model_name(model), "layers": result.layers, "n_requests": len(reqs),
            "seconds": round(seconds, 3), "efficacy": after, "efficacy_before": before,
-           "delta_norm": result.delta_norm, "timings": {k: round(v, 3) for k, v in result.timings.items()}, **saved}
+           "verified": result.verified, "n_verified": sum(o["verified"] for o in outcomes), "requests": outcomes,
+           "delta_norm": result.delta_norm, "timings": {k: round(v, 3) for k, v in result.timings.items()},
+           "statistics": result.statistics, **saved}
     if args.json:
         print(json.dumps(out))
     else:
         eff = "n/a (no target_true)" if after is None else f"{before:.3f} -> {after:.3f}"
         print(f"factedit {args.method} on {out['model']}, layers {result.layers}: {len(reqs)} requests "
-              f"in {seconds:.1f} s\n  efficacy (P(new) > P(true)): {eff}\n  ||Δ|| = {result.delta_norm:.3f}")
+              f"in {seconds:.1f} s\n  efficacy (P(new) > P(true)): {eff}\n  took (verified on its own prompt): "
+              f"{out['n_verified']} of {len(reqs)}\n  ||Δ|| = {result.delta_norm:.3f}")
+        for o in outcomes:
+            true = "" if o["p_true"] is None else f", P(true) {o['p_true']:.4f}"
+            print(f"  {'ok    ' if o['verified'] else 'FAILED'} {o['prompt']!r} -> {o['target_new']!r}: "
+                  f"P(new) {o['p_new']:.4f}{true}")
+    _refuse_unverified(args, result)
     return 0
+
+
+def _refuse_unverified(args, result) -> None:
+    """Exit 2 (nothing was saved) when an edit did not take, unless ``--allow-unverified``."""
+    if result.verified is False and not args.allow_unverified:
+        from ..core.errors import UnverifiedEditError
+
+        n = sum(not v["verified"] for v in result.verification)
+        raise UnverifiedEditError(
+            f"{n} of {len(result.verification)} edits did not take on their own prompt (the new target is neither "
+            f"the greedy continuation nor at P >= {VERIFY_MIN_P}, or the true target still wins"
+            + (", even after the retry" if result.retried else "") + "); nothing was saved. Try another layer "
+            "or more steps, or pass --allow-unverified to keep it")
 
 
 def cmd_edit(args) -> int:
@@ -147,16 +173,19 @@ def cmd_edit(args) -> int:
     before = _snapshot(editor.adapter, req, prompts)
     result = editor.edit(req, config=cfg, guard=_guard(args))
     after = _snapshot(editor.adapter, req, prompts)
-    saved = _save_outputs(args, editor, result)
+    saved = _save_outputs(args, editor, result) if result.verified or args.allow_unverified else {}
     out = {
         "method": args.method, "model": model_name(model), "layers": result.layers,
         "request": req.to_dict(), "before": before, "after": after,
+        "verified": result.verified, "verification": result.verification[0], "retried": result.retried,
         "delta_norm": result.delta_norm, "seconds": round(result.seconds, 3), "guard": result.guard,
+        "statistics": result.statistics,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "total_seconds": round(time.perf_counter() - t0, 3), **saved,
     }
     if args.json:
         print(json.dumps(out))
+        _refuse_unverified(args, result)
         return 0
     w = max(len(target), len(true or "")) + 4
     print(f"factedit {args.method} on {out['model']}, layer {', '.join(map(str, result.layers))}")
@@ -170,6 +199,8 @@ def cmd_edit(args) -> int:
         print(f"\n  {p!r}\n    before: {b.strip()!r}\n    after:  {a.strip()!r}")
     print(f"\n  ||Δ|| = {result.delta_norm:.3f}   edit {result.seconds:.1f} s "
           f"(values {result.timings.get('values', 0):.1f} s, statistics {result.timings.get('stats', 0):.1f} s)")
+    print("  the edit took: " + ("yes" if result.verified else "NO") + (" (after a retry)" if result.retried else ""))
+    _refuse_unverified(args, result)
     return 0
 
 

@@ -37,6 +37,9 @@ def add_parsers(sub) -> None:
                    help="ROME variants, single-edit runs: targets optimised together (independent; default 1: "
                    "slower on CPU, meant for GPUs)")
     e.add_argument("--guard", action="store_true", help="run the collapse guard (off: measure raw method behaviour)")
+    e.add_argument("--verify", action="store_true",
+                   help="retry edits that do not take on their own prompt (off: the raw method; each case records "
+                   "whether its edit took either way)")
     e.add_argument("--layer", type=int, default=None)
     e.add_argument("--layers", type=layers_arg, default=None, help="span of a multi-layer method, e.g. 4,5,6,7,8")
     e.add_argument("--steps", type=int, default=None, help="max optimisation steps")
@@ -78,6 +81,7 @@ def eval_config(args):
         downstream=DownstreamConfig(n=args.downstream_n, shots=args.downstream_shots),
         generation=GenerationConfig(length=args.ge_length, max_prompts=args.ge_prompts, seed=args.seed),
         score_batch=args.score_batch, chunk=args.chunk, prefetch_batch=args.prefetch_batch, guard=args.guard,
+        verify=args.verify,
         method_options=_method_options(args))
 
 

@@ -19,6 +19,8 @@ def add_parsers(sub) -> None:
     r = sub.add_parser("revert", help="remove patches (newest last on the command line) from a saved edited model")
     r.add_argument("patches", nargs="+")
     r.add_argument("--save-model", default=None, help="where to write the reverted model (default: in place)")
+    r.add_argument("--force", action="store_true",
+                   help="subtract even when the model's matrices are not what the patches left (not applied)")
     add_model_options(r, corpus=False)
 
     i = sub.add_parser("inspect", help="show what a patch file changes")
@@ -48,16 +50,14 @@ def cmd_revert(args) -> int:
     from ..core.arch import ModelAdapter
     from ..core.errors import ModelLoadError
     from ..core.models import save_model
-    from ..patch.files import Patch, revert_patch
+    from ..patch.files import Patch, revert_patches
 
     if not args.model:
         raise ModelLoadError("revert needs --model DIR: the saved edited model to revert")
     patches = [Patch.load(p) for p in args.patches]
     model, tok = load(args)
     adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec))
-    exact = {}
-    for p in reversed(patches):
-        exact.update(revert_patch(adapter, p))
+    exact = revert_patches(adapter, patches, force=args.force)  # refused (nothing written) unless applied
     target = save_model(model, tok, args.save_model or args.model)
     out = {"reverted": args.patches, "saved_model": str(target), "bit_identical_to_base": exact}
     print(json.dumps(out) if args.json else f"reverted {len(patches)} patch(es); saved to {target}")

@@ -15,6 +15,7 @@ __all__ = [
     "MethodError",
     "TraceError",
     "DataError",
+    "UnverifiedEditError",
 ]
 
 
@@ -56,3 +57,7 @@ class TraceError(FactEditError, ValueError):
 
 class DataError(FactEditError, ValueError):
     """A data file (known facts, ...) cannot be read or is malformed."""
+
+
+class UnverifiedEditError(FactEditError):
+    """An edit did not take on its own prompt and the caller asked not to keep such edits."""

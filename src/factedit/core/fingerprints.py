@@ -53,7 +53,7 @@ def model_fingerprint(model, upto_layer: Optional[int] = None, spec=None) -> str
 def matrix_fingerprint(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes (bit-exact identity of a weight matrix)."""
     h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
-    x = t.detach().contiguous().cpu()
+    x = t.detach().cpu().contiguous().reshape(-1)  # row-major bytes, whatever the strides (also of size-1 dims)
     h.update(x.view(torch.uint8).numpy().tobytes() if x.dtype != torch.bfloat16
              else x.view(torch.int16).numpy().tobytes())
     return h.hexdigest()

@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 
 from .errors import ModelLoadError
-from .paths import factedit_home
+from .paths import apply_umask, factedit_home
 
 __all__ = ["DEFAULT_MODEL", "load_model", "save_model", "embedded_model_dir", "model_name"]
 
@@ -130,6 +130,9 @@ def save_model(model, tokenizer, directory) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        apply_umask(tmp, directory=True)  # mkdtemp made it 0700; some writers create their files 0600
+        for p in tmp.rglob("*"):
+            apply_umask(p, directory=p.is_dir())
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             os.replace(target, old)

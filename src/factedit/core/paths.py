@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["factedit_home", "atomic_path", "atomic_write_text"]
+__all__ = ["factedit_home", "atomic_path", "atomic_write_text", "apply_umask"]
 
 
 def factedit_home() -> Path:
@@ -33,10 +33,25 @@ def atomic_path(target: os.PathLike | str, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        apply_umask(tmp_path)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: os.PathLike | str, directory: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open()`` (or ``mkdir``) would under the user's umask.
+
+    Temporary files and folders are created private (0600 / 0700) and that mode would survive the
+    rename into place; the files factedit writes are meant to be shared like any other file."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def atomic_write_text(target: os.PathLike | str, text: str) -> None:

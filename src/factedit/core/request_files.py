@@ -10,7 +10,7 @@ from typing import List, Tuple
 from .errors import RequestError
 from .requests import Request
 
-__all__ = ["load_requests", "request_from_record", "read_records"]
+__all__ = ["load_requests", "request_from_record", "read_records", "read_utf8"]
 
 
 def _field(rec: dict, name: str, where: str):
@@ -52,13 +52,27 @@ def request_from_record(rec, where: str = "record") -> Request:
         raise RequestError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
+def read_utf8(path) -> str:
+    """The text of a UTF-8 file; a clear :class:`RequestError` naming the file, line and column of
+    the first byte that is not UTF-8 (e.g. a Latin-1 export) instead of a ``UnicodeDecodeError``."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise RequestError(f"{path.name}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+                           "save the file as UTF-8") from None
+
+
 def read_records(path) -> List[Tuple[str, object]]:
     """``(where, record)`` pairs from a ``.jsonl`` (one record a line) or ``.json`` (a list of
     records, or one record) file; ``where`` names the file and line or index for error messages."""
     path = Path(path)
     if not path.is_file():
         raise RequestError(f"file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
             data = json.loads(text)

@@ -11,6 +11,7 @@ on disk where that pays (statistics, templates), so a new process starts warm.
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Optional
 
 from ..core.fingerprints import model_fingerprint
@@ -19,6 +20,8 @@ from .solver import null_space_projector
 from .templates import cached_context_templates
 
 __all__ = ["EditCaches"]
+
+log = logging.getLogger(__name__)
 
 
 class EditCaches:
@@ -39,6 +42,7 @@ class EditCaches:
         self._stats: Dict[tuple, LayerStats] = {}
         self._projectors: Dict[tuple, object] = {}
         self._memo: Dict[str, Dict[tuple, dict]] = {}  # kind -> (fingerprint, *key) -> memo
+        self._announced: set = set()  # corpora chosen by "auto" that were reported
 
     def templates(self, seed: int = 0, lengths=((5, 10), (10, 10))) -> List[str]:
         """The context templates for ``seed`` and ``(tokens, count)`` ``lengths`` (disk-cached)."""
@@ -51,9 +55,25 @@ class EditCaches:
         """Key statistics of ``layer`` (disk-cached; see :func:`~factedit.stats.layer.layer_stats`)."""
         key = (layer, corpus, n_tokens)
         if key not in self._stats:
-            self._stats[key] = layer_stats(self.adapter, layer, corpus=corpus, n_tokens=n_tokens,
-                                           progress=self.progress)
+            st = self._stats[key] = layer_stats(self.adapter, layer, corpus=corpus, n_tokens=n_tokens,
+                                                progress=self.progress)
+            name, reason = st.meta.get("corpus"), st.meta.get("corpus_reason")
+            if reason and (name, reason) not in self._announced:
+                self._announced.add((name, reason))
+                log.warning("key statistics from %s (%s)", name, reason)
         return self._stats[key]
+
+    def sources(self, cfg) -> Dict[str, dict]:
+        """Per edited layer of ``cfg``, where its statistics came from: corpus, how it was chosen, tokens
+        (``{}`` for methods without statistics)."""
+        if not hasattr(cfg, "stats_corpus"):
+            return {}
+        out = {}
+        for l in cfg.layers:
+            m = self.stats(l, cfg.stats_corpus, cfg.stats_tokens).meta
+            out[str(l)] = {"corpus": m.get("corpus"), "spec": m.get("corpus_spec"), "reason": m.get("corpus_reason", ""),
+                           "tokens": int(m.get("count", 0))}
+        return out
 
     def clear_stats(self) -> None:
         """Forget the in-memory statistics (the next use reads the disk cache again)."""

@@ -31,7 +31,7 @@ from ..core.requests import Request
 from .keys import template_keys
 from .solver import equality
 
-__all__ = ["GuardConfig", "CollapseError", "norm_reference", "entropy_probe", "check", "Guard"]
+__all__ = ["GuardConfig", "CollapseError", "norm_reference", "entropy_probe", "check", "combine", "Guard"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,17 @@ def check(result, references: dict, entropy_before: float, entropy_after: float,
     return {"norms": {str(k): v for k, v in norms.items()}, "limits": {str(k): v for k, v in limits.items()},
             "entropy_before": entropy_before, "entropy_after": entropy_after, "fired": fired,
             "passed": not fired}
+
+
+def combine(decisions) -> Optional[dict]:
+    """One decision for edits made one after another in one call (a ROME edit of several requests):
+    passed only if each passed; the per-edit decisions under ``"edits"``; ``None`` if the guard was off."""
+    decisions = [d for d in decisions if d is not None]
+    if not decisions:
+        return None
+    return {"passed": all(d["passed"] for d in decisions), "fired": [f for d in decisions for f in d["fired"]],
+            "entropy_before": decisions[0]["entropy_before"], "entropy_after": decisions[-1]["entropy_after"],
+            "edits": list(decisions)}
 
 
 class Guard:

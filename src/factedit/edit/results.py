@@ -42,7 +42,16 @@ class EditResult:
     state_keys: Optional[dict] = field(default=None, repr=False)  # keys added to the method state
     stateful: bool = False  # the method carries state across edits (AlphaEdit)
     fingerprints: Dict[str, str] = field(default_factory=dict, repr=False)  # edited matrices before the edit
+    fingerprints_after: Dict[str, str] = field(default_factory=dict, repr=False)  # ... and right after it
     guard: Optional[dict] = None  # the collapse guard's decision (None: guard off)
+    statistics: Dict[str, dict] = field(default_factory=dict)  # per layer: corpus used (and why), tokens
+    verification: List[dict] = field(default_factory=list)  # per request: verified, p_new, p_true, ...
+    retried: bool = False  # an unverified edit was optimised again within the retry budget
+
+    @property
+    def verified(self) -> Optional[bool]:
+        """Every request's edit took on its own prompt (:mod:`factedit.edit.verify`); None if unchecked."""
+        return all(v["verified"] for v in self.verification) if self.verification else None
 
     @property
     def delta_norm(self) -> float:

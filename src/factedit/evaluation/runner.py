@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -24,6 +25,7 @@ from .datasets import Case, load_cases, resolve_dataset, sha256_of
 from .downstream import DownstreamConfig, evaluate_tasks, load_tasks
 from .score_model import GenerationConfig, generation_scores, score_cases
 from .scoring import normalized_delta_norm, summarize_records
+from ..edit.verify import verified_by_scores
 from .store import RunError, RunStore
 
 __all__ = ["EvalConfig", "run_eval", "BASELINE"]
@@ -66,6 +68,9 @@ class EvalConfig:
             is compute-bound there and padding adds to it); batching is for accelerators, where
             per-forward overhead dominates.
         guard: run the collapse guard (off: measure the method as it is).
+        verify: retry edits that do not take on their own prompt within the retry budget
+            (:meth:`Editor.edit`'s ``verify``; off: the raw method). Every case records its
+            verification outcome either way (``verified``, ``verification``).
         method_options: options of :meth:`Editor.make_config` (layer, layers, steps, stats_corpus, ...).
     """
 
@@ -84,6 +89,7 @@ class EvalConfig:
     chunk: int = 25
     prefetch_batch: int = 1
     guard: bool = False
+    verify: bool = False
     method_options: Tuple[Tuple[str, object], ...] = ()
 
     def check(self) -> None:
@@ -145,15 +151,17 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
     cases = load_cases(path, cfg.limit, cfg.offset)
     store = RunStore(out_dir)
     config, compare, method_cfg = _config(editor, cfg, path)
+    _warm_up(editor, method_cfg)
+    if method_cfg is not None:  # the statistics actually used (corpus, how it was chosen, tokens)
+        config["statistics"] = editor.caches.sources(method_cfg)
     store.check_or_write_config(config, compare)
     groups = _groups(cases, cfg.batch_size)
-    _warm_up(editor, method_cfg)
     state = _resume(editor, store, cfg, groups)
     tasks = load_tasks(cfg.downstream_dir, cfg.downstream) if cfg.downstream_every else []
     run = _Run(editor, cfg, store, method_cfg, groups, tasks, *state)
     run.checkpoint()
     todo = [g for g in range(len(groups)) if g not in run.done]
-    applied = cfg.sequential or cfg.guard  # each edit applied for real, one after another
+    applied = cfg.sequential or cfg.guard or cfg.verify  # each edit applied for real, one after another
     for part in ([[g] for g in todo] if applied else _chunks(todo, groups, cfg.chunk)):
         if applied:
             run.one_group(part[0], groups[part[0]])
@@ -163,6 +171,17 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
         if on_group is not None:  # groups edited so far (a sequential run commits them a chunk at a time)
             on_group(len(run.done) + len(run.pending), len(groups))
     return run.summary()
+
+
+def _verification(scores: dict) -> Optional[dict]:
+    """The verification outcome of a case from its scores on the edited model (the rule of
+    :mod:`factedit.edit.verify`: o* beats o_c on the rewrite prompt and is greedy or at P >= 0.5)."""
+    if "rewrite_lp" not in scores or "rewrite_new_top1" not in scores:
+        return None
+    lp_new, lp_true = scores["rewrite_lp"][0]
+    top1 = scores["rewrite_new_top1"]
+    return {"verified": verified_by_scores(lp_new, top1, lp_true), "p_new": math.exp(lp_new),
+            "p_true": math.exp(lp_true), "new_is_greedy": top1}
 
 
 def _chunks(todo: List[int], groups, size: int) -> List[List[int]]:
@@ -241,7 +260,8 @@ class _Run:
         result, error, t0 = None, None, time.perf_counter()
         if cfg.method != BASELINE:
             try:
-                result = ed.edit([c.request for c in group], config=self.method_cfg, guard=self.guard)
+                result = ed.edit([c.request for c in group], config=self.method_cfg, guard=self.guard,
+                                 verify=cfg.verify)
             except CollapseError as e:
                 error = {"rolled_back": str(e)}
             except RequestError as e:  # this case cannot be edited; configuration errors stop the run
@@ -271,15 +291,23 @@ class _Run:
         t_score = (time.perf_counter() - t0) / len(group)
         return self._rows(group, scores, error, base, result.deltas if result is not None else None, t_edit,
                           t_score, result.guard if result is not None else None,
-                          result.fingerprints if result is not None else None)
+                          result.fingerprints if result is not None else None,
+                          result.verification if result is not None else None,
+                          result.retried if result is not None else False)
 
     @staticmethod
-    def _rows(group, scores, error, base, deltas, t_edit, t_score, guard, fingerprints) -> List[dict]:
+    def _rows(group, scores, error, base, deltas, t_edit, t_score, guard, fingerprints, verification=None,
+              retried: bool = False) -> List[dict]:
         norm, fro = normalized_delta_norm(deltas) if deltas is not None else (None, None)
-        return [{"case_id": c.case_id, **base, "request": c.request.to_dict(), **s, **(error or {}),
-                 "delta_norm": norm, "delta_fro": fro, "edit_seconds": t_edit / len(group),
-                 "score_seconds": t_score, "guard": guard, "base_fingerprints": fingerprints}
-                for c, s in zip(group, scores)]
+        rows = []
+        for i, (c, s) in enumerate(zip(group, scores)):
+            v = verification[i] if verification else _verification(s)
+            rows.append({"case_id": c.case_id, "kind": c.kind, **base, "request": c.request.to_dict(), **s,
+                         **(error or {}), "delta_norm": norm, "delta_fro": fro, "edit_seconds": t_edit / len(group),
+                         "score_seconds": t_score, "guard": guard, "base_fingerprints": fingerprints,
+                         "verified": None if v is None or error else v["verified"], "verification": v,
+                         "retried": retried})
+        return rows
 
     def one_chunk(self, gs: List[int]) -> None:
         """Single-edit runs: edit each group of ``gs`` from the original weights (computed, never

@@ -124,6 +124,14 @@ class _Rows:
                 self._add(ids_t, [(j, ids_t[j]) for j in idx_t]))
 
     @staticmethod
+    def new_is_top1(plan, scores) -> bool:
+        """Whether o*'s first token is the top-1 prediction (greedy) after the prompt of a planned pair."""
+        if plan[0] == "two":
+            return bool(scores[plan[1]][1][0])
+        hits = scores[plan[1]][1]
+        return bool(hits[-1]) if plan[3] else bool(hits[0])  # swapped: o* is the single extra query
+
+    @staticmethod
     def pair_result(plan, scores) -> tuple:
         """``(mean log P(o*), mean log P(o_c))`` of a pair planned by :meth:`pair`."""
         if plan[0] == "two":
@@ -175,6 +183,7 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
         else:
             for name, pairs in plan.items():
                 rec[f"{name}_lp"] = [_Rows.pair_result(p, scores) for p in pairs]
+            rec["rewrite_new_top1"] = _Rows.new_is_top1(plan["rewrite"][0], scores)
             rec.update(counterfact_case(rec["rewrite_lp"], rec["paraphrase_lp"], rec["neighborhood_lp"]))
         out.append(rec)
     if ge.length > 0:

@@ -20,6 +20,7 @@ from ..core.metrics import generation_entropy
 
 __all__ = ["Pair", "success_rate", "magnitude", "counterfact_case", "harmonic_mean", "token_accuracy",
            "word_tokens", "text_entropy", "normalized_delta_norm", "outliers", "mean_or_none", "summarize_records",
+           "SUCCESS_KEYS",
            "COUNTERFACT_KEYS", "ZSRE_KEYS"]
 
 #: (log P(o*), log P(o_c)) of one prompt: mean per-token log-likelihoods
@@ -107,20 +108,42 @@ def outliers(values: Sequence[float], factor: float = 10.0) -> List[int]:
     return [i for i, v in enumerate(values) if v is not None and (not math.isfinite(v) or v > factor * med)]
 
 
+def _kind_has(records: Sequence[dict], key: str) -> bool:
+    """Whether the records' dataset kind scores ``key`` (used when no case was scored at all)."""
+    kinds = {r.get("kind", "counterfact") for r in records}
+    return key in (ZSRE_KEYS if kinds == {"zsre"} else COUNTERFACT_KEYS)
+
+
 def mean_or_none(values: Iterable[Optional[float]]) -> Optional[float]:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
 
 
+#: scores that are rates of success: a case whose edit failed with an error counts 0 in each
+SUCCESS_KEYS = ("ES", "PS", "NS", "efficacy", "paraphrase", "specificity")
+
+
 def summarize_records(records: Sequence[dict]) -> Dict[str, Optional[float]]:
     """Run-level scores from per-case records: means over cases, scores and magnitudes × 100
-    (percent / percentage points), GE × 100 as in ROME's tables, S the harmonic mean of ES, PS, NS."""
+    (percent / percentage points), GE × 100 as in ROME's tables, S the harmonic mean of ES, PS, NS.
+
+    A case whose edit raised (``"error"`` in its record) is a failure: it counts in ``n`` and in
+    ``errors`` and scores 0 in every success rate (:data:`SUCCESS_KEYS`, hence in S). The magnitudes
+    (EM/PM/NM), GE and the update norms describe edits that were made, so they average over those.
+    """
     ok = [r for r in records if "error" not in r]
-    out: Dict[str, Optional[float]] = {"n": len(ok), "n_errors": len(records) - len(ok)}
+    errors = len(records) - len(ok)
+    out: Dict[str, Optional[float]] = {"n": len(records), "errors": errors}
     for k in COUNTERFACT_KEYS + ZSRE_KEYS:
-        m = mean_or_none(r.get(k) for r in ok)
+        vals = [r.get(k) for r in ok]
+        if k in SUCCESS_KEYS and errors and (any(v is not None for v in vals) or _kind_has(records, k)):
+            vals += [0.0] * errors
+        m = mean_or_none(vals)
         out[k] = None if m is None else 100 * m
     out["S"] = harmonic_mean([out["ES"], out["PS"], out["NS"]])
+    checked = [r["verified"] for r in ok if r.get("verified") is not None]
+    # edits that took on their own prompt (docs/ALGORITHMS.md §12), percent of all cases (errors fail)
+    out["verified"] = 100 * sum(checked) / (len(checked) + errors) if checked else None
     norms = [r["delta_norm"] for r in ok if r.get("delta_norm") is not None]
     out["delta_norm_median"] = statistics.median(norms) if norms else None
     out["delta_norm_max"] = max(norms) if norms else None

@@ -8,12 +8,17 @@
 A patch file is ``safetensors``: per edited layer the factors ``layer{l}.left`` (d_model, r) and
 ``layer{l}.right`` (d_ff, r) (or ``layer{l}.dense`` for full-rank fine-tuning), plus JSON
 metadata: format, factedit version, method and its full configuration, the requests, per-layer
-norms, and the SHA-256 of every edited matrix *before* the edit. Nothing is ever unpickled.
+norms of the summed update, the SHA-256 of every edited matrix *before* and *after* the edit, and
+the SHA-256 of every tensor; the metadata's own SHA-256 is stored beside it. :meth:`Patch.load`
+verifies all of them (and the norms against the factors) before anything can be applied, so a
+damaged file is refused, never applied. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -26,13 +31,59 @@ from ..core.fingerprints import matrix_fingerprint
 from ..core.paths import atomic_path
 from ..edit.methods.options import to_jsonable
 
-__all__ = ["PatchError", "Patch", "apply_patch", "apply_patches", "revert_patch"]
+__all__ = ["PatchError", "Patch", "apply_patch", "apply_patches", "revert_patch", "revert_patches", "layer_norms",
+           "tensor_sha256"]
 
-FORMAT = "factedit.patch.v1"
+log = logging.getLogger(__name__)
+
+FORMAT = "factedit.patch.v2"
+#: the first format: no checksums and no after-edit fingerprints (still read; such a patch cannot be
+#: reverted without ``force``)
+FORMAT_V1 = "factedit.patch.v1"
+#: relative tolerance of the recorded per-layer norms against the factors
+NORM_RTOL = 1e-4
 
 
 class PatchError(FactEditError):
     """A patch file is damaged, malformed, or does not fit the model."""
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (what a patch records per tensor)."""
+    return matrix_fingerprint(t)
+
+
+def layer_norms(deltas: Sequence[LayerDelta]) -> Dict[str, float]:
+    """Per edited layer, the Frobenius norm of the *summed* update ‖Σ Δ‖ (float64)."""
+    by_layer: Dict[int, torch.Tensor] = {}
+    for d in deltas:
+        by_layer[d.layer] = by_layer.get(d.layer, 0) + d.dense().double()
+    return {str(l): float(torch.linalg.matrix_norm(m)) for l, m in sorted(by_layer.items())}
+
+
+def _verify_checksums(path, raw: str, raw_sha, meta: dict, tensors: dict) -> None:
+    if raw_sha != _sha256(raw):
+        raise PatchError(f"{path}: the patch metadata is damaged (its SHA-256 does not match); nothing was applied")
+    sums = meta.get("checksums")
+    if not isinstance(sums, dict) or set(sums) != set(tensors):
+        raise PatchError(f"{path}: the tensors in the file are not the ones the metadata lists; nothing was applied")
+    bad = [k for k, t in tensors.items() if tensor_sha256(t) != sums[k]]
+    if bad:
+        raise PatchError(f"{path}: tensor {bad[0]!r} is damaged (its SHA-256 does not match the recorded one)"
+                         + (f", and {len(bad) - 1} more" if len(bad) > 1 else "") + "; nothing was applied")
+
+
+def _verify_norms(path, meta: dict, deltas) -> None:
+    recorded = meta.get("norms") or {}
+    for layer, norm in layer_norms(deltas).items():
+        want = recorded.get(layer)
+        if not isinstance(want, (int, float)) or abs(norm - want) > NORM_RTOL * max(abs(want), 1e-30):
+            raise PatchError(f"{path}: the factors of layer {layer} have norm {norm:.6g}, the metadata records "
+                             f"{want!r}; the file is inconsistent and nothing was applied")
 
 
 @dataclass
@@ -54,16 +105,16 @@ class Patch:
         fps = getattr(result, "fingerprints", None) or {}
         if not fps:
             raise PatchError("this edit carries no base fingerprints; it was not made by Editor.edit")
-        norms: Dict[str, float] = {}
-        for d in result.deltas:
-            norms[str(d.layer)] = norms.get(str(d.layer), 0.0) + float(torch.linalg.matrix_norm(d.dense()))
         meta = {
             "format": FORMAT, "factedit_version": __version__, "method": result.method,
             "config": to_jsonable(result.config), "requests": [r.to_dict() for r in result.requests],
-            "layers": sorted({d.layer for d in result.deltas}), "norms": norms, "fingerprints": fps,
+            "layers": sorted({d.layer for d in result.deltas}), "norms": layer_norms(result.deltas),
+            "fingerprints": fps, "fingerprints_after": dict(getattr(result, "fingerprints_after", None) or {}),
             "model": model_name(adapter.model) if adapter is not None else None,
             "modules": {str(d.layer): adapter.w_out_name(d.layer) for d in result.deltas} if adapter else {},
-            "guard": getattr(result, "guard", None),
+            "guard": getattr(result, "guard", None), "statistics": dict(getattr(result, "statistics", None) or {}),
+            "verified": getattr(result, "verified", None), "verification": list(getattr(result, "verification", None) or []),
+            "retried": bool(getattr(result, "retried", False)),
         }
         return cls(list(result.deltas), meta)
 
@@ -78,9 +129,11 @@ class Patch:
             else:
                 tensors[f"{i}.layer{d.layer}.left"] = d.left.contiguous().float()
                 tensors[f"{i}.layer{d.layer}.right"] = d.right.contiguous().float()
+        meta = {**self.meta, "format": FORMAT, "checksums": {k: tensor_sha256(v) for k, v in tensors.items()}}
+        raw = json.dumps(meta)
         path = Path(path)
         with atomic_path(path, suffix=".safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"factedit": json.dumps(self.meta)})
+            save_file(tensors, str(tmp), metadata={"factedit": raw, "factedit_sha256": _sha256(raw)})
         return path
 
     @classmethod
@@ -93,7 +146,8 @@ class Patch:
             raise PatchError(f"patch file not found: {path}")
         try:
             with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get("factedit")
+                header = f.metadata() or {}
+                raw, raw_sha = header.get("factedit"), header.get("factedit_sha256")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise PatchError(f"{path} is not a readable patch file ({type(e).__name__}: {e})") from None
@@ -101,10 +155,15 @@ class Patch:
             meta = json.loads(raw) if raw else None
         except (TypeError, ValueError):
             meta = None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise PatchError(f"{path}: missing or unknown factedit patch metadata")
+        if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, FORMAT_V1):
+            raise PatchError(f"{path}: missing or unknown factedit patch metadata (damaged, or not a patch)")
         if not isinstance(meta.get("fingerprints"), dict):
             raise PatchError(f"{path}: patch metadata lacks base fingerprints")
+        if meta["format"] == FORMAT:
+            _verify_checksums(path, raw, raw_sha, meta, tensors)
+        else:
+            log.warning("%s: a %s patch, written before patches carried checksums: its data cannot be verified",
+                        path, FORMAT_V1)
         groups: Dict[int, dict] = {}
         for name, t in tensors.items():
             parts = name.split(".")
@@ -129,6 +188,8 @@ class Patch:
                 raise PatchError(f"{path}: delta #{i} has missing or mismatched factors")
         if not deltas or sorted({d.layer for d in deltas}) != sorted(meta.get("layers", [])):
             raise PatchError(f"{path}: the tensors do not match the layers named in the metadata")
+        if meta["format"] == FORMAT:
+            _verify_norms(path, meta, deltas)
         return cls(deltas, meta)
 
     def describe(self) -> dict:
@@ -137,7 +198,9 @@ class Patch:
         return {"method": m.get("method"), "model": m.get("model"), "factedit_version": m.get("factedit_version"),
                 "layers": m.get("layers"), "ranks": {str(d.layer): d.rank for d in self.deltas},
                 "norms": m.get("norms"), "requests": m.get("requests"), "modules": m.get("modules"),
-                "fingerprints": m.get("fingerprints"), "guard": m.get("guard"), "forced": m.get("forced", False)}
+                "fingerprints": m.get("fingerprints"), "fingerprints_after": m.get("fingerprints_after"),
+                "guard": m.get("guard"), "forced": m.get("forced", False), "format": m.get("format"),
+                "verified": m.get("verified"), "statistics": m.get("statistics")}
 
 
 def _check_shapes(adapter, patch: Patch) -> None:
@@ -191,16 +254,47 @@ def apply_patches(adapter, patches: Sequence[Patch], force: bool = False) -> Lis
     return done
 
 
-def revert_patch(adapter, patch: Patch) -> Dict[str, bool]:
-    """Subtract a patch from a model that has it applied (e.g. a saved edited model).
+def revert_patches(adapter, patches: Sequence[Patch], force: bool = False) -> Dict[str, bool]:
+    """Subtract patches (oldest first, as they were applied; reverted newest first) from a model that
+    has them applied, e.g. a saved edited model.
 
-    Returns, per edited matrix, whether the result is bit-identical to the recorded base
-    (it usually is not: ``(W + Δ) − Δ`` rounds differently; in-session reverts through
-    :class:`~factedit.delta.AppliedEdit` are always exact).
+    Before anything changes, every edited matrix must be exactly what the newest patch touching it
+    left (its recorded after-edit fingerprint): a patch that is not applied, or was already reverted,
+    or has other edits on top, is refused (``force`` subtracts anyway). Returns, per edited matrix,
+    whether the result is bit-identical to the recorded base (it usually is not: ``(W + Δ) − Δ``
+    rounds differently; in-session reverts through :class:`~factedit.edit.deltas.AppliedEdit` are exact).
     """
-    _check_shapes(adapter, patch)
-    negated = [LayerDelta(d.layer, -d.left, d.right) if d.right is not None else LayerDelta.from_dense(d.layer, -d.left)
-               for d in patch.deltas]
+    for p in patches:
+        _check_shapes(adapter, p)
+    if not force:
+        checked = set()
+        for p in reversed(patches):
+            after = p.meta.get("fingerprints_after") or {}
+            for layer in sorted({d.layer for d in p.deltas}):
+                name = adapter.w_out_name(layer)
+                if name in checked:
+                    continue  # an older patch under a newer one on the same matrix: checked via the newer
+                checked.add(name)
+                if name not in after:
+                    raise PatchError(f"this patch records no after-edit fingerprint of {name} (written by an older "
+                                     "factedit), so it cannot be checked that it is applied; pass force=True / --force "
+                                     "to subtract it anyway")
+                if matrix_fingerprint(adapter.w_out_parameter(layer)) != after[name]:
+                    raise PatchError(
+                        f"the model does not have this patch applied: {name} is not what the patch left "
+                        "(it was never applied, was already reverted, or other edits changed it since); nothing "
+                        "was changed. Revert patches newest first, or pass force=True / --force to subtract anyway")
+    negated = [d.negated() for p in reversed(patches) for d in reversed(p.deltas)]
     apply_deltas(adapter, negated)
-    return {adapter.w_out_name(l): matrix_fingerprint(adapter.w_out_parameter(l)) ==
-            patch.meta["fingerprints"].get(adapter.w_out_name(l)) for l in sorted({d.layer for d in patch.deltas})}
+    base = {}
+    for p in patches:  # the oldest patch's base of each matrix is the model before them all
+        for name, fp in p.meta["fingerprints"].items():
+            base.setdefault(name, fp)
+    layers = sorted({d.layer for p in patches for d in p.deltas})
+    return {adapter.w_out_name(l): matrix_fingerprint(adapter.w_out_parameter(l)) == base.get(adapter.w_out_name(l))
+            for l in layers}
+
+
+def revert_patch(adapter, patch: Patch, force: bool = False) -> Dict[str, bool]:
+    """:func:`revert_patches` of one patch."""
+    return revert_patches(adapter, [patch], force)

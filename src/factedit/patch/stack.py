@@ -45,5 +45,6 @@ def load_stack(adapter, directory, force: bool = False) -> List[EditResult]:
     applied = apply_patches(adapter, patches, force=force)
     return [EditResult(p.meta.get("method", "patch"), list(p.meta.get("layers", [])),
                        [Request(**r) for r in p.meta.get("requests", [])], p.deltas, a, p.meta.get("config"),
-                       guard=p.meta.get("guard"), fingerprints=dict(p.meta["fingerprints"]))
+                       guard=p.meta.get("guard"), fingerprints=dict(p.meta["fingerprints"]),
+                       fingerprints_after=dict(p.meta.get("fingerprints_after") or {}))
             for p, a in zip(patches, applied)]

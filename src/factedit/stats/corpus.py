@@ -69,6 +69,7 @@ class Corpus:
 
     name: str
     open: Callable[[], Iterator[str]]
+    reason: str = ""  # why this corpus was chosen (set when ``auto`` chose it)
 
 
 def _file_corpus(path: Path) -> Corpus:
@@ -177,17 +178,23 @@ def _model_corpus(adapter, n_tokens: int, seed: int = 0) -> Corpus:
     return corpus
 
 
+def _because(corpus: Corpus, reason: str) -> Corpus:
+    corpus.reason = reason
+    return corpus
+
+
 def resolve_corpus(spec: Optional[str], adapter=None, n_tokens: int = 100_000) -> Corpus:
     """Turn a corpus spec (see module docstring) into a :class:`Corpus`."""
     spec = spec or "auto"
     if spec == "auto":
         env = os.environ.get("FACTEDIT_CORPUS")
         if env:
-            return resolve_corpus(env, adapter, n_tokens)
+            return _because(resolve_corpus(env, adapter, n_tokens), "auto: $FACTEDIT_CORPUS is set")
         if _hub_reachable():
-            return _hf_corpus("wikitext-103")
-        log.info("no corpus given and no network: statistics from text sampled from the model")
-        spec = "model"
+            return _because(_hf_corpus("wikitext-103"), "auto: the Hugging Face hub is reachable")
+        return _because(resolve_corpus("model", adapter, n_tokens),
+                        "auto: no $FACTEDIT_CORPUS and the Hugging Face hub is not reachable, so text sampled "
+                        "from the model itself (pass --corpus FILE for statistics from real text)")
     if spec in ("model", "self"):
         if adapter is None:
             raise CorpusError("the 'model' corpus needs a model to sample from")

@@ -130,7 +130,8 @@ def stats_cache_path(model_fp: str, layer: int, corpus_name: str, n_tokens: int,
 def _save(path: Path, acc: SecondMoment, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    meta = {k: str(v) for k, v in {**meta, "format": _FORMAT, "count": acc.count}.items()}
+    # n_tokens: the tokens actually accumulated (a capped corpus gives fewer than requested)
+    meta = {k: str(v) for k, v in {**meta, "format": _FORMAT, "count": acc.count, "n_tokens": acc.count}.items()}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file({"mom2_sum": acc.sum.contiguous()}, str(tmp), metadata=meta)
 
@@ -224,11 +225,12 @@ def layer_stats(
     fp = model_fingerprint(adapter.model, upto_layer=layer, spec=adapter.spec)
     path = stats_cache_path(fp, layer, src.name, n_tokens)
     meta = {"model": model_name(adapter.model), "model_fingerprint": fp, "layer": layer,
-            "module": adapter.w_out_name(layer), "corpus": src.name, "n_tokens": n_tokens, "seq_len": seq_len}
+            "module": adapter.w_out_name(layer), "corpus": src.name, "requested_tokens": n_tokens, "seq_len": seq_len}
+    source = {"corpus_spec": corpus or "auto", "corpus_reason": src.reason}
     if cache and path.is_file() and not force:
         acc, file_meta = load_stats_file(path)
         log.info("statistics for layer %d from cache %s", layer, path)
-        return LayerStats(acc.mom2(), acc.count, file_meta).validate(adapter.d_ff, str(path))
+        return LayerStats(acc.mom2(), acc.count, {**file_meta, **source}).validate(adapter.d_ff, str(path))
 
     partial = path.with_suffix(".partial.safetensors")
     acc = SecondMoment(adapter.d_ff)
@@ -258,7 +260,8 @@ def layer_stats(
         raise StatsError(f"corpus {src.name} produced no tokens")
     dt = time.monotonic() - t0
     meta["seconds"] = round(dt, 2)
-    result = LayerStats(acc.mom2(), acc.count, {**meta, "count": acc.count}).validate(adapter.d_ff, "computed statistics")
+    result = LayerStats(acc.mom2(), acc.count, {**meta, **source, "count": acc.count, "n_tokens": acc.count}).validate(
+        adapter.d_ff, "computed statistics")
     if cache:
         _save(path, acc, meta)
         if partial.exists():

@@ -2,10 +2,13 @@
 
 The three differ only in the solve of each layer (:mod:`factedit.solver`); the pipeline is shared:
 
-1. target residuals z* = z₀ + δ at the last layer L of the span (δ optimised in batches);
-2. for each layer l of the span, ascending: keys K_l and the current residual at L (both
-   averaged over the context templates, computed on the model *as already updated at
-   earlier span layers*), R_l = (Z* − Z_cur) / (layers left), Δ_l from the solver, applied.
+1. target residuals z* = z₀ + δ at the last layer L of the span (δ optimised in batches; z₀ is the
+   bare prompt's residual);
+2. for each layer l of the span, ascending: keys K_l (averaged over the context templates) and the
+   current residual Z_cur at L of the bare prompts (as MEMIT's code; ``current_residual="templates"``
+   averages it over the templates instead), both on the model *as already updated at earlier span
+   layers*; R_l = (Z* − Z_cur) / (layers left), Δ_l from the solver, applied. At the first layer
+   R = δ / len(span) exactly.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ class BatchConfig:
             edits constrains the solve: on SmolLM2 (tr(PC) ≈ 4–5 at layers 4–8) the paper's α = 10 lost
             the first of 20 sequential edits, α = 0.1 kept all 18 that took hold.
         alpha_scale: see ``alpha``.
+        current_residual: where Z_cur is measured: ``"bare"`` (default; the prompts the targets start
+            from, as MEMIT's code) or ``"templates"`` (averaged over the context templates, as factedit
+            before 2026-12-01: every update then also carried z0_bare − mean_j z_j).
         batch_size: requests per target-optimisation batch (memory is linear in it).
         stats_corpus: corpus spec for C; ``None`` = auto.
         stats_tokens: tokens for C; default from the width.
@@ -80,6 +86,7 @@ class BatchConfig:
     nullspace_threshold: float = 1e-2
     alpha: Optional[float] = None
     alpha_scale: float = 0.02
+    current_residual: str = "bare"
     batch_size: int = 16
     stats_corpus: Optional[str] = None
     stats_tokens: Optional[int] = None
@@ -91,6 +98,8 @@ class BatchConfig:
             raise MethodError(f"unknown batch method {self.method!r}; choose one of {', '.join(BATCH_METHODS)}")
         if self.batch_size < 1:
             raise MethodError("batch_size must be at least 1")
+        if self.current_residual not in ("bare", "templates"):
+            raise MethodError(f"current_residual must be 'bare' or 'templates', got {self.current_residual!r}")
 
     @property
     def variant(self) -> str:
@@ -146,11 +155,12 @@ def target_residuals(adapter, caches, requests, cfg: BatchConfig, templates):
     chunks = [todo[i: i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
     for chunk in tqdm(chunks, desc="targets", unit="batch", disable=not caches.progress or len(chunks) < 2):
         problem = ValueProblem(adapter, L, [requests[i] for i in chunk], templates, cfg.essence_prompts,
-                               cfg.fact_token, inject="residual")
+                               cfg.fact_token, inject="residual", bare_weight=cfg.value.bare_weight)
         res = optimize_values(problem, cfg.value)
         for j, i in enumerate(chunk):
             memo[requests[i]] = (res.v0[j] + res.delta[j],
-                                 {"nll_before": res.nll_before[j], "nll_after": res.nll_after[j], "steps": res.steps})
+                                 {"nll_before": res.nll_before[j], "nll_after": res.nll_after[j],
+                                  "steps": res.steps_each[j]})
     zs = torch.stack([memo[r][0] for r in requests]).float()
     return zs, [dict(memo[r][1]) for r in requests]
 
@@ -193,7 +203,11 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
     L = cfg.layers[-1]
     try:
         for i, l in enumerate(cfg.layers):
-            K, Z_cur = template_keys(ad, requests, templates, l, L, cfg.fact_token)
+            if cfg.current_residual == "templates":
+                K, Z_cur = template_keys(ad, requests, templates, l, L, cfg.fact_token)
+            else:
+                K, _ = template_keys(ad, requests, templates, l, None, cfg.fact_token)
+                _, Z_cur = template_keys(ad, requests, ["{}"], l, L, cfg.fact_token)
             dev = C[l].device
             R = ((Z_target - Z_cur) / (len(cfg.layers) - i)).T.to(dev)  # (d_model, n)
             Kt = K.T.to(dev)  # (d_ff, n)

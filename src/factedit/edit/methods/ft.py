@@ -76,11 +76,14 @@ def compute_ft(adapter, caches, requests, cfg: FTConfig, state=None) -> Computed
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=cfg.lr)
+        def loss_now():
+            h = ad.body(**batch.inputs()).last_hidden_state
+            logp = F.log_softmax(ad.logits(h[sel_r, sel_c]).float(), dim=-1)
+            return -(logp[torch.arange(len(tgt), device=dev), tgt] * w).sum()
+
         with torch.enable_grad():
             for _ in range(cfg.steps):
-                h = ad.body(**batch.inputs()).last_hidden_state
-                logp = F.log_softmax(ad.logits(h[sel_r, sel_c]).float(), dim=-1)
-                loss = -(logp[torch.arange(len(tgt), device=dev), tgt] * w).sum()
+                loss = loss_now()
                 losses.append(float(loss.detach()))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -88,6 +91,8 @@ def compute_ft(adapter, caches, requests, cfg: FTConfig, state=None) -> Computed
                 with torch.no_grad():
                     for p, o in zip(params, originals):
                         p.copy_(torch.clamp(p, o - cfg.norm_constraint, o + cfg.norm_constraint))
+        with torch.no_grad():  # the loss of the weights the edit ends with (after the last step's clamp)
+            loss_after = float(loss_now())
         deltas = []
         for l, p, o in zip(cfg.layers, params, originals):
             D = (p.detach().float() - o.float())
@@ -97,5 +102,5 @@ def compute_ft(adapter, caches, requests, cfg: FTConfig, state=None) -> Computed
             for p, o in zip(params, originals):
                 p.requires_grad_(False)
                 p.copy_(o)
-    info = [{"loss_before": losses[0], "loss_after": losses[-1], "steps": cfg.steps}]
+    info = [{"loss_before": losses[0] if losses else loss_after, "loss_after": loss_after, "steps": cfg.steps}]
     return Computed(deltas, None, info, {"values": time.perf_counter() - t0}, cfg)

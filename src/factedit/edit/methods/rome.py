@@ -120,14 +120,15 @@ def compute_rome_edit(adapter, caches, requests: Sequence, cfg: ROMEConfig, stat
     t = time.perf_counter()
     values = memo.get(req)  # prefetched, or computed before on the same weights
     if values is None:
-        problem = ValueProblem(adapter, cfg.layer, [req], templates, cfg.essence_prompts, cfg.fact_token)
+        problem = ValueProblem(adapter, cfg.layer, [req], templates, cfg.essence_prompts, cfg.fact_token,
+                               bare_weight=cfg.value.bare_weight)
         values = memo[req] = optimize_values(problem, cfg.value)
     timings["values"] = time.perf_counter() - t
     t = time.perf_counter()
     C = stats.mom2.to(values.k_star.device)
     delta = compute_rome(C, values, 0, cfg.variant, cfg.layer)
     timings["solve"] = time.perf_counter() - t
-    info = [{"nll_before": values.nll_before[0], "nll_after": values.nll_after[0], "steps": values.steps,
+    info = [{"nll_before": values.nll_before[0], "nll_after": values.nll_after[0], "steps": values.steps_each[0],
              "delta_v_norm": float(values.delta[0].norm()), "v0_norm": float(values.v0[0].norm())}]
     return Computed([delta], values, info, timings, cfg, C)
 
@@ -143,7 +144,8 @@ def prefetch_targets(adapter, caches, requests: Sequence, cfg: ROMEConfig, batch
     step = max(1, batch_size)
     for i in range(0, len(todo), step):
         chunk = todo[i: i + step]
-        problem = ValueProblem(adapter, cfg.layer, chunk, templates, cfg.essence_prompts, cfg.fact_token)
+        problem = ValueProblem(adapter, cfg.layer, chunk, templates, cfg.essence_prompts, cfg.fact_token,
+                               bare_weight=cfg.value.bare_weight)
         values = optimize_values(problem, cfg.value)
         for j, r in enumerate(chunk):
             memo[r] = values.select(j)
