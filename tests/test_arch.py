@@ -60,3 +60,12 @@ def test_layer_out_of_range():
     for bad in (-1, 4, 100):
         with pytest.raises(LayerError, match="0..3"):
             ad.check_layer(bad)
+
+
+def test_every_declared_architecture_is_in_the_tiny_grid_and_a_real_model_type():
+    from transformers import CONFIG_MAPPING
+
+    from tiny import ARCHS
+
+    assert sorted(ARCH_SPECS) == sorted(ARCHS)
+    assert all(mt in CONFIG_MAPPING for mt in ARCH_SPECS)

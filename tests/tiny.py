@@ -45,10 +45,16 @@ def _cfg(model_type: str, V: int):
         extra["head_dim"] = 8
     if model_type in ("gemma3_text",):
         extra["sliding_window"] = 16
+    if model_type == "granite":  # the head divides by it: a value other than 1 is what the test must see
+        extra["logits_scaling"] = 4.0
+    if model_type == "cohere":
+        extra["logit_scale"] = 0.5
     return AutoConfig.for_model(model_type, **extra)
 
 
-ARCHS = ["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text"]
+#: every architecture factedit declares (core/arch.py ARCH_SPECS); test_arch.py checks the two stay in step
+ARCHS = ["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "olmo",
+         "olmo2", "phi3", "granite", "smollm3", "cohere"]
 
 
 def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32):

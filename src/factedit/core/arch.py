@@ -11,7 +11,7 @@ an explicit :class:`ArchSpec` instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
@@ -39,6 +39,10 @@ class ArchSpec:
             (``None``: ``get_output_embeddings()``).
         fan_in_fan_out: True when W_out stores its weight as (in, out) (GPT-2 ``Conv1D``);
             False for ``nn.Linear`` (out, in).
+        logit_multiplier: name of a config attribute the head's logits are multiplied by (Cohere's
+            ``logit_scale``), or ``None``.
+        logit_divisor: name of a config attribute the head's logits are divided by (Granite's
+            ``logits_scaling``), or ``None``.
     """
 
     layers: str
@@ -50,6 +54,8 @@ class ArchSpec:
     embed: Optional[str] = None
     unembed: Optional[str] = None
     fan_in_fan_out: bool = False
+    logit_multiplier: Optional[str] = None
+    logit_divisor: Optional[str] = None
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -74,10 +80,12 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     **{
         mt: _LLAMA_LIKE
         for mt in (
-            "llama", "mistral", "mixtral_dense", "qwen2", "qwen3", "gemma", "gemma2",
-            "gemma3_text", "olmo", "olmo2", "phi3", "granite", "smollm3", "cohere",
+            "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3",
+            "smollm3",
         )
     },
+    "granite": replace(_LLAMA_LIKE, logit_divisor="logits_scaling"),
+    "cohere": replace(_LLAMA_LIKE, logit_multiplier="logit_scale"),
 }
 
 
@@ -135,6 +143,11 @@ class ModelAdapter:
         self.d_model, self.d_ff = int(w.shape[0]), int(w.shape[1])
         cfg = getattr(model, "config", None)
         self.logit_softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.logit_scale = 1.0
+        if self.spec.logit_multiplier:
+            self.logit_scale *= float(getattr(cfg, self.spec.logit_multiplier))
+        if self.spec.logit_divisor:
+            self.logit_scale /= float(getattr(cfg, self.spec.logit_divisor))
         self.model_type = getattr(cfg, "model_type", "custom")
 
     # ----------------------------------------------------------------- layers
@@ -194,8 +207,11 @@ class ModelAdapter:
 
     # ----------------------------------------------------------------- head
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from final-normed hidden states (applies Gemma-2 style soft-capping)."""
+        """Logits from final-normed hidden states, as the model's own head computes them (Cohere's
+        and Granite's logit scaling, Gemma-2 style soft-capping)."""
         out = self.unembed(hidden)
+        if self.logit_scale != 1.0:
+            out = out * self.logit_scale
         if self.logit_softcap:
             out = torch.tanh(out / self.logit_softcap) * self.logit_softcap
         return out
