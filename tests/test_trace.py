@@ -328,9 +328,9 @@ def test_cli_trace_dataset_writes_recommendation(tiny_dir, home, tmp_path, capsy
     rec = load_recommendation(ad)
     assert rec is not None and rec.layer == obj["recommended_layer"] and rec.n_facts == 2
 
-    from factedit.cli.trace import traced_layer
+    from factedit import Editor
 
-    assert traced_layer(ad, "r-rome") == rec.layer and traced_layer(ad, "memit") is None
+    assert Editor(model, tok, progress=False).make_config("r-rome", layer="traced").layer == rec.layer
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -361,7 +361,12 @@ def test_embedded_hidden_trace(embedded, home):
     assert float(subj) > p_corrupt + 0.5 * (p_clean - p_corrupt)  # early layers at the subject carry the fact
 
 
-def test_cli_edit_uses_cached_recommendation(tiny_dir, tiny_corpus, home, capsys):
+def test_default_layer_is_the_same_everywhere_and_traced_is_asked_for(tiny_dir, tiny_corpus, home, tmp_path,
+                                                                      capsys):
+    """The default layer is the depth rule in Python, `factedit edit` and `factedit eval` alike (a cached
+    causal-trace recommendation does not change it behind the user's back); `--layer traced` /
+    ``layer="traced"`` edits the recommended layer; the rule is printed and recorded."""
+    from factedit import Editor, Patch, Request
     from factedit.core.models import load_model
 
     edit = ["edit", "--model", str(tiny_dir), "--prompt", "{} is located in the city of", "--subject", "Eiffel Tower",
@@ -370,9 +375,24 @@ def test_cli_edit_uses_cached_recommendation(tiny_dir, tiny_corpus, home, capsys
     ad = ModelAdapter(*load_model(str(tiny_dir)))
     save_recommendation(ad, LayerRecommendation(2, (0.0, 0.1, 0.3, 0.2), 5, 3, 4, "facts.json"))
     assert main(edit) == 0
-    assert json.loads(capsys.readouterr().out)["layers"] == [2]
-    assert main(edit + ["--layer", "1"]) == 0  # an explicit layer wins
-    assert json.loads(capsys.readouterr().out)["layers"] == [1]
+    out = json.loads(capsys.readouterr().out)
+    assert out["layers"] == [1] and out["layer_rule"].startswith("depth rule")  # round(0.17 * 4) = 1
+    assert main(edit + ["--layer", "traced"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layers"] == [2] and out["layer_rule"] == "causal-trace recommendation (5 facts from facts.json)"
+    assert main(edit + ["--layer", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["layer_rule"] == "given"
+    model, tok = load_model(str(tiny_dir))
+    ed = Editor(model, tok, progress=False)
+    assert ed.make_config("r-rome").layer == 1 and ed.make_config("r-rome", layer="traced").layer == 2
+    r = ed.edit(Request("{} is in", "Paris", "Rome"), layer="traced", stats_corpus=str(tiny_corpus), stats_tokens=600,
+                steps=2)
+    assert Patch.from_result(r).meta["config"]["layer_rule"].startswith("causal-trace")
+    from factedit.cli.eval import eval_config
+    from factedit.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--dataset", "x.jsonl", "--out", str(tmp_path / "r"), "--layer", "traced"])
+    assert dict(eval_config(args).method_options)["layer"] == "traced"
     (trace_dir(ad) / "recommendation.json").write_text("{broken")
-    assert main(edit) == 0  # a damaged cache falls back to the depth rule: round(0.17 * 4) = 1
-    assert json.loads(capsys.readouterr().out)["layers"] == [1]
+    assert main(edit + ["--layer", "traced"]) == 2  # asked for, not there: a clear error
+    assert "no causal-trace recommendation" in capsys.readouterr().err

@@ -33,8 +33,12 @@ from .edit.methods.rome import prefetch_targets as prefetch_rome_targets
 from .edit.results import ChainedEdit, Computed, EditResult
 from .patch.stack import load_stack, save_stack
 from .stats.layer import LayerStats
+from .trace.cache import load_recommendation
 
-__all__ = ["Editor", "EditResult", "Computed"]
+__all__ = ["Editor", "EditResult", "Computed", "TRACED"]
+
+#: the layer name that stands for the cached causal-trace recommendation (``--layer traced``)
+TRACED = "traced"
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,19 @@ class Editor:
     # ------------------------------------------------------------------ editing
     def make_config(self, method: str = "r-rome", options=(), **overrides):
         """The method's config dataclass with model-derived defaults filled in
-        (:func:`~factedit.edit.methods.make_config`); bad methods, layers and options fail here."""
+        (:func:`~factedit.edit.methods.make_config`); bad methods, layers and options fail here.
+
+        The default layer is the depth rule, the same for every caller; ``layer="traced"`` edits the
+        layer that ``factedit trace --dataset`` recommended for this model (cached). How the layer was
+        chosen is recorded in the config's ``layer_rule`` (and so in results, patches and runs)."""
+        if overrides.get("layer") == TRACED:
+            rec = load_recommendation(self.adapter)
+            if rec is None:
+                raise MethodError("layer 'traced': no causal-trace recommendation is cached for this model; run "
+                                  "`factedit trace --dataset FILE` first, or give a layer number")
+            overrides["layer"] = rec.layer
+            overrides.setdefault("layer_rule", f"causal-trace recommendation ({rec.n_facts} facts from "
+                                               f"{rec.source or 'a data set'})")
         return make_config(self.adapter, method, options, **overrides)
 
     def _config(self, method: str, config, overrides):

@@ -8,7 +8,17 @@ import logging
 import os
 from typing import Optional, Tuple
 
-__all__ = ["layers_arg", "arch_spec", "add_model_options", "setup_logging", "load", "method_names"]
+__all__ = ["layers_arg", "layer_arg", "arch_spec", "add_model_options", "setup_logging", "load", "method_names"]
+
+
+def layer_arg(text: str):
+    """A layer number, or ``traced`` (the cached causal-trace recommendation; an argparse type)."""
+    if text.strip() == "traced":
+        return "traced"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layer takes a layer number or 'traced', got {text!r}") from None
 
 
 def layers_arg(text: str) -> Tuple[int, ...]:

@@ -7,7 +7,7 @@ import sys
 import time
 
 from ..edit.verify import VERIFY_MIN_P
-from .common import add_model_options, arch_spec, layers_arg, load, method_names
+from .common import add_model_options, arch_spec, layer_arg, layers_arg, load, method_names
 
 __all__ = ["add_parser", "cmd_edit", "efficacy"]
 
@@ -22,9 +22,9 @@ def add_parser(sub) -> None:
     e.add_argument("--target", default=None, help="the new object")
     e.add_argument("--true", default=None, dest="true", help="the current object (optional, for comparison)")
     e.add_argument("--method", default="r-rome", help=method_names())
-    e.add_argument("--layer", type=int, default=None,
-                   help="edited layer (default: the cached causal-trace recommendation for ROME variants, "
-                        "see `factedit trace --dataset`; otherwise from the model depth)")
+    e.add_argument("--layer", type=layer_arg, default=None,
+                   help="edited layer: a number, or 'traced' for the layer `factedit trace --dataset` recommended "
+                        "(default: from the model depth, round(0.17 x layers); the same in Python and eval)")
     e.add_argument("--layers", type=layers_arg, default=None,
                    help="edited layers of a multi-layer method, e.g. 3,4,5,6,7 (default: a span from the depth)")
     e.add_argument("--requests", default=None,
@@ -78,7 +78,6 @@ def efficacy(adapter, reqs):
 
 
 def cmd_edit_many(args) -> int:
-    from .trace import traced_layer
     from ..editor import Editor
     from ..edit.methods.options import parse_options
     from ..core.models import model_name
@@ -91,7 +90,7 @@ def cmd_edit_many(args) -> int:
     if args.layers is not None:
         overrides["layers"] = tuple(args.layers)
     else:
-        overrides["layer"] = args.layer if args.layer is not None else traced_layer(editor.adapter, args.method)
+        overrides["layer"] = args.layer
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     cfg = editor.make_config(args.method, steps=args.steps, options=parse_options(args.set or ()), **overrides)
@@ -103,7 +102,8 @@ def cmd_edit_many(args) -> int:
     saved = _save_outputs(args, editor, result) if result.verified or args.allow_unverified else {}
     outcomes = [{"prompt": r.text, "target_new": r.target_new, "target_true": r.target_true, **v}
                 for r, v in zip(result.requests, result.verification)]
-    out = {"method": args.method, "model": model_name(model), "layers": result.layers, "n_requests": len(reqs),
+    out = {"method": args.method, "model": model_name(model), "layers": result.layers,
+           "layer_rule": result.config.layer_rule, "n_requests": len(reqs),
            "seconds": round(seconds, 3), "efficacy": after, "efficacy_before": before,
            "verified": result.verified, "n_verified": sum(o["verified"] for o in outcomes), "requests": outcomes,
            "delta_norm": result.delta_norm, "timings": {k: round(v, 3) for k, v in result.timings.items()},
@@ -137,7 +137,6 @@ def _refuse_unverified(args, result) -> None:
 
 
 def cmd_edit(args) -> int:
-    from .trace import traced_layer
     from ..editor import Editor
     from ..core.errors import RequestError
     from ..edit.methods.options import parse_options
@@ -158,8 +157,7 @@ def cmd_edit(args) -> int:
     t0 = time.perf_counter()
     model, tok = load(args)
     editor = Editor(model, tok, arch=arch_spec(args.arch_spec), progress=not args.json and sys.stderr.isatty())
-    layer = args.layer if args.layer is not None or args.layers is not None else traced_layer(editor.adapter, args.method)
-    overrides = dict(layer=layer, seed=args.seed, stats_corpus=args.corpus, stats_tokens=args.stats_tokens)
+    overrides = dict(layer=args.layer, seed=args.seed, stats_corpus=args.corpus, stats_tokens=args.stats_tokens)
     if args.layers is not None:
         overrides["layers"] = tuple(args.layers)
         overrides.pop("layer")
@@ -177,6 +175,7 @@ def cmd_edit(args) -> int:
     out = {
         "method": args.method, "model": model_name(model), "layers": result.layers,
         "request": req.to_dict(), "before": before, "after": after,
+        "layer_rule": result.config.layer_rule,
         "verified": result.verified, "verification": result.verification[0], "retried": result.retried,
         "delta_norm": result.delta_norm, "seconds": round(result.seconds, 3), "guard": result.guard,
         "statistics": result.statistics,
@@ -188,7 +187,8 @@ def cmd_edit(args) -> int:
         _refuse_unverified(args, result)
         return 0
     w = max(len(target), len(true or "")) + 4
-    print(f"factedit {args.method} on {out['model']}, layer {', '.join(map(str, result.layers))}")
+    print(f"factedit {args.method} on {out['model']}, layer {', '.join(map(str, result.layers))} "
+          f"({result.config.layer_rule})")
     print(f"  {'':<{w}} {'before':>8} {'after':>8}")
     print(f"  {'P(' + target + ')':<{w}} {before['p_new']:>8.4f} {after['p_new']:>8.4f}")
     if true:

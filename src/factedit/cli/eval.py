@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import add_model_options, arch_spec, layers_arg, load, method_names
+from .common import add_model_options, arch_spec, layer_arg, layers_arg, load, method_names
 
 __all__ = ["add_parsers", "eval_config", "cmd_eval", "cmd_summarize"]
 
@@ -40,7 +40,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--verify", action="store_true",
                    help="retry edits that do not take on their own prompt (off: the raw method; each case records "
                    "whether its edit took either way)")
-    e.add_argument("--layer", type=int, default=None)
+    e.add_argument("--layer", type=layer_arg, default=None,
+                   help="a layer number or 'traced' (default: from the model depth, as `factedit edit`)")
     e.add_argument("--layers", type=layers_arg, default=None, help="span of a multi-layer method, e.g. 4,5,6,7,8")
     e.add_argument("--steps", type=int, default=None, help="max optimisation steps")
     e.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",

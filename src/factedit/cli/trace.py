@@ -4,25 +4,22 @@
     factedit trace --dataset known_1000.json --limit 100 --kind mlp --classes last_subject --out out/rec/
 
 The data-set form also caches the recommended edit layer of the model, which ``factedit edit``
-then uses for ROME variants when ``--layer`` is not given (:func:`traced_layer`).
+edits when given ``--layer traced`` (:meth:`factedit.Editor.make_config`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 from .common import add_model_options, arch_spec, load
 
-__all__ = ["add_parser", "cmd_trace", "traced_layer"]
+__all__ = ["add_parser", "cmd_trace"]
 
-log = logging.getLogger(__name__)
 
 
 def _kinds(text: str):
@@ -174,21 +171,6 @@ def _dataset(args, adapter, cfg, facts, out_dir: Path, name: str) -> int:
     print(f"  mean p_clean {avg.p_clean:.4f}, p_corrupt {avg.p_corrupt:.4f}")
     if obj.get("recommended_layer") is not None:
         print(f"  strongest average MLP effect at the last subject token: layer {obj['recommended_layer']} "
-              f"(cached for `factedit edit`: {obj['recommendation_cache']})")
+              f"(cached in {obj['recommendation_cache']}: `factedit edit --layer traced` edits it)")
     print("  wrote " + ", ".join(files))
     return 0
-
-
-def traced_layer(adapter, method: str) -> Optional[int]:
-    """The cached causal-trace layer for a single-layer ROME edit of this model, or ``None``."""
-    from ..edit.methods.rome import ROME_VARIANTS
-    from ..trace.cache import load_recommendation
-
-    if method not in ROME_VARIANTS:
-        return None
-    rec = load_recommendation(adapter)
-    if rec is None:
-        return None
-    log.info("editing layer %d: the causal-trace recommendation (%d facts from %s); --layer overrides",
-             rec.layer, rec.n_facts, rec.source or "a data set")
-    return rec.layer

@@ -73,6 +73,7 @@ class BatchConfig:
         stats_tokens: tokens for C; default from the width.
         seed: seed of the context templates.
         arch: explicit module layout for unknown architectures.
+        layer_rule: how the span was chosen (filled in: ``"given"`` or the depth rule).
     """
 
     method: str = "memit"
@@ -92,6 +93,7 @@ class BatchConfig:
     stats_tokens: Optional[int] = None
     seed: int = 0
     arch: Optional[ArchSpec] = None
+    layer_rule: str = ""
 
     def __post_init__(self):
         if self.method not in BATCH_METHODS:
@@ -113,7 +115,10 @@ class BatchConfig:
             adapter.check_layer(l)
         if list(layers) != sorted(set(layers)):
             raise MethodError(f"layers must be distinct and ascending, got {list(layers)}")
-        return replace(self, layers=layers, stats_tokens=self.stats_tokens or default_stats_tokens(adapter.d_ff))
+        rule = self.layer_rule or ("depth rule: 5 layers ending at round(0.27 × layers)" if self.layers is None
+                                   else "given")
+        return replace(self, layers=layers, stats_tokens=self.stats_tokens or default_stats_tokens(adapter.d_ff),
+                       layer_rule=rule)
 
 
 def check_batch(requests: Sequence) -> None:

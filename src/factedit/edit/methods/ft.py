@@ -19,7 +19,7 @@ from ..deltas import LayerDelta
 from ..results import Computed
 from ...core.errors import MethodError
 from ...core.tokens import encode_request
-from .rome import default_layer
+from .rome import DEPTH_RULE, default_layer
 
 __all__ = ["FTConfig", "compute_ft"]
 
@@ -34,6 +34,7 @@ class FTConfig:
         lr: learning rate.
         norm_constraint: L∞ bound on each weight's change.
         arch: explicit module layout for unknown architectures.
+        layer_rule: how the layers were chosen (filled in).
     """
 
     layers: Optional[Tuple[int, ...]] = None
@@ -41,6 +42,7 @@ class FTConfig:
     lr: float = 5e-4
     norm_constraint: float = 5e-4
     arch: Optional[ArchSpec] = None
+    layer_rule: str = ""
 
     variant = "ft"
 
@@ -50,7 +52,8 @@ class FTConfig:
             raise MethodError("layers must name at least one layer")
         for l in layers:
             adapter.check_layer(l)
-        return replace(self, layers=layers)
+        rule = self.layer_rule or (DEPTH_RULE if self.layers is None else "given")
+        return replace(self, layers=layers, layer_rule=rule)
 
 
 def compute_ft(adapter, caches, requests, cfg: FTConfig, state=None) -> Computed:

@@ -13,6 +13,9 @@ from ...core.errors import MethodError
 
 __all__ = ["parse_options", "with_options", "to_jsonable"]
 
+#: config fields that are not options: the module layout (--arch-spec) and what a config records
+NOT_OPTIONS = ("arch", "layer_rule")
+
 
 def parse_options(items: Sequence[str]) -> Tuple[Tuple[str, str], ...]:
     """``["a=1", "value.lr=0.1"]`` -> ``(("a", "1"), ("value.lr", "0.1"))``; a clear error otherwise."""
@@ -75,8 +78,8 @@ def with_options(cfg, options: Mapping[str, Any]):
 def _set(obj, path, value, key):
     names = {f.name for f in fields(obj)}
     head = path[0]
-    if head not in names or head == "arch":
-        choices = ", ".join(sorted(n for n in names if n != "arch"))
+    if head not in names or head in NOT_OPTIONS:
+        choices = ", ".join(sorted(n for n in names if n not in NOT_OPTIONS))
         raise MethodError(f"--set {key}: {type(obj).__name__} has no option {head!r}; options: {choices}")
     current = getattr(obj, head)
     if len(path) > 1:

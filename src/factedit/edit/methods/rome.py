@@ -27,6 +27,10 @@ __all__ = ["ROMEConfig", "ROME_VARIANTS", "compute_rome", "compute_rome_edit", "
 ROME_VARIANTS = ("r-rome", "rome", "p-rome")
 
 
+#: how the default edit layer is chosen, as recorded in configs (the same in Python, `edit` and `eval`)
+DEPTH_RULE = "depth rule: round(0.17 × layers)"
+
+
 def default_layer(n_layers: int) -> int:
     """Edit layer from depth: ~17% of the way up (GPT-J 28 → 5 as in ROME, SmolLM2 30 → 5)."""
     return max(0, min(n_layers - 1, round(0.17 * n_layers)))
@@ -52,6 +56,8 @@ class ROMEConfig:
         stats_tokens: tokens for C; default :func:`default_stats_tokens` of the width.
         seed: seed of the context templates.
         arch: explicit module layout for architectures factedit does not know.
+        layer_rule: how the layer was chosen (filled in: ``"given"``, the depth rule, or the causal-trace
+            recommendation when ``layer="traced"`` is passed to :meth:`Editor.make_config`).
     """
 
     variant: str = "r-rome"
@@ -64,6 +70,7 @@ class ROMEConfig:
     stats_tokens: Optional[int] = None
     seed: int = 0
     arch: Optional[ArchSpec] = None
+    layer_rule: str = ""
 
     def __post_init__(self):
         if self.variant not in ROME_VARIANTS:
@@ -75,8 +82,9 @@ class ROMEConfig:
     def resolved(self, adapter) -> "ROMEConfig":
         """A copy with every ``None`` default filled in from the model."""
         layer = default_layer(adapter.n_layers) if self.layer is None else adapter.check_layer(self.layer)
+        rule = self.layer_rule or (DEPTH_RULE if self.layer is None else "given")
         tokens = self.stats_tokens or default_stats_tokens(adapter.d_ff)
-        return replace(self, layer=layer, stats_tokens=tokens)
+        return replace(self, layer=layer, stats_tokens=tokens, layer_rule=rule)
 
     @property
     def layers(self) -> Tuple[int, ...]:
