@@ -20,14 +20,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ...core.arch import ArchSpec
 from ..deltas import LayerDelta, apply_deltas
 from ..results import Computed
 from ...core.errors import MethodError, RequestError
 from ..keys import template_keys
 from ..solver import equality, least_squares, null_space
 from ..values import ValueConfig, ValueProblem, optimize_values
-from .rome import default_stats_tokens
+from .rome import StatsFields, default_stats_tokens
 
 __all__ = ["BatchConfig", "BATCH_METHODS", "default_span", "check_batch", "compute_batch", "add_keys"]
 
@@ -44,8 +43,9 @@ def default_span(n_layers: int, width: int = 5) -> Tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class BatchConfig:
-    """Configuration of a MEMIT / EMMET / AlphaEdit edit. ``None`` fields come from the model.
+class BatchConfig(StatsFields):
+    """Configuration of a MEMIT / EMMET / AlphaEdit edit. ``None`` fields come from the model. Also has the
+    fields of :class:`~factedit.edit.methods.rome.StatsFields` (statistics, template seed, layout, layer rule).
 
     Attributes:
         method: ``"memit"``, ``"emmet"`` or ``"alphaedit"``.
@@ -69,11 +69,6 @@ class BatchConfig:
             from, as MEMIT's code) or ``"templates"`` (averaged over the context templates, as factedit
             before 2026-12-01: every update then also carried z0_bare − mean_j z_j).
         batch_size: requests per target-optimisation batch (memory is linear in it).
-        stats_corpus: corpus spec for C; ``None`` = auto.
-        stats_tokens: tokens for C; default from the width.
-        seed: seed of the context templates.
-        arch: explicit module layout for unknown architectures.
-        layer_rule: how the span was chosen (filled in: ``"given"`` or the depth rule).
     """
 
     method: str = "memit"
@@ -89,11 +84,6 @@ class BatchConfig:
     alpha_scale: float = 0.02
     current_residual: str = "bare"
     batch_size: int = 16
-    stats_corpus: Optional[str] = None
-    stats_tokens: Optional[int] = None
-    seed: int = 0
-    arch: Optional[ArchSpec] = None
-    layer_rule: str = ""
 
     def __post_init__(self):
         if self.method not in BATCH_METHODS:

@@ -21,7 +21,7 @@ from ..solver import equality
 from ..results import Computed
 from ..values import ValueConfig, ValueProblem, optimize_values
 
-__all__ = ["ROMEConfig", "ROME_VARIANTS", "compute_rome", "compute_rome_edit", "prefetch_targets", "default_layer",
+__all__ = ["StatsFields", "ROMEConfig", "ROME_VARIANTS", "compute_rome", "compute_rome_edit", "prefetch_targets", "default_layer",
            "default_stats_tokens", "rome_norm_ratio"]
 
 ROME_VARIANTS = ("r-rome", "rome", "p-rome")
@@ -42,8 +42,29 @@ def default_stats_tokens(d_ff: int) -> int:
 
 
 @dataclass(frozen=True)
-class ROMEConfig:
-    """Configuration of a ROME edit. ``None`` fields are derived from the model.
+class StatsFields:
+    """The fields every method with key statistics and context templates has (ROME and the batch family).
+
+    Attributes:
+        stats_corpus: corpus spec for C (see :mod:`factedit.stats.corpus`); ``None`` = ``"auto"``.
+        stats_tokens: tokens for C; default :func:`default_stats_tokens` of the width.
+        seed: seed of the context templates.
+        arch: explicit module layout for architectures factedit does not know.
+        layer_rule: how the layer(s) were chosen (filled in: ``"given"``, the depth rule, or the causal-trace
+            recommendation when ``layer="traced"`` is passed to :meth:`Editor.make_config`).
+    """
+
+    stats_corpus: Optional[str] = None
+    stats_tokens: Optional[int] = None
+    seed: int = 0
+    arch: Optional[ArchSpec] = None
+    layer_rule: str = ""
+
+
+@dataclass(frozen=True)
+class ROMEConfig(StatsFields):
+    """Configuration of a ROME edit. ``None`` fields are derived from the model. Also has the fields of
+    :class:`StatsFields` (statistics corpus and tokens, template seed, module layout, layer rule).
 
     Attributes:
         variant: ``"r-rome"`` (default), ``"rome"`` or ``"p-rome"``.
@@ -52,12 +73,6 @@ class ROMEConfig:
         context_lengths: ``(tokens, count)`` of model-generated context prefixes.
         essence_prompts: prompts for the essence-drift KL (``{}`` = subject).
         fact_token: ``"subject_last"`` (default), ``"subject_first"`` or ``"last"``.
-        stats_corpus: corpus spec for C (see :mod:`factedit.corpus`); ``None`` = ``"auto"``.
-        stats_tokens: tokens for C; default :func:`default_stats_tokens` of the width.
-        seed: seed of the context templates.
-        arch: explicit module layout for architectures factedit does not know.
-        layer_rule: how the layer was chosen (filled in: ``"given"``, the depth rule, or the causal-trace
-            recommendation when ``layer="traced"`` is passed to :meth:`Editor.make_config`).
     """
 
     variant: str = "r-rome"
@@ -66,11 +81,6 @@ class ROMEConfig:
     context_lengths: Tuple[Tuple[int, int], ...] = ((5, 10), (10, 10))
     essence_prompts: Tuple[str, ...] = ("{} is a",)
     fact_token: str = "subject_last"
-    stats_corpus: Optional[str] = None
-    stats_tokens: Optional[int] = None
-    seed: int = 0
-    arch: Optional[ArchSpec] = None
-    layer_rule: str = ""
 
     def __post_init__(self):
         if self.variant not in ROME_VARIANTS:
