@@ -47,7 +47,6 @@ def add_parser(sub) -> None:
     add_model_options(e)
 
 
-
 def _snapshot(adapter, req, prompts):
     from ..core.lm import greedy_continuation, target_probabilities
 
@@ -99,7 +98,7 @@ def cmd_edit_many(args) -> int:
     result = editor.edit(reqs, config=cfg, guard=_guard(args))
     seconds = time.perf_counter() - t
     after = efficacy(editor.adapter, reqs)
-    saved = _save_outputs(args, editor, result) if result.verified or args.allow_unverified else {}
+    saved = _save_outputs(args, editor, result)
     outcomes = [{"prompt": r.text, "target_new": r.target_new, "target_true": r.target_true, **v}
                 for r, v in zip(result.requests, result.verification)]
     out = {"method": args.method, "model": model_name(model), "layers": result.layers,
@@ -171,7 +170,7 @@ def cmd_edit(args) -> int:
     before = _snapshot(editor.adapter, req, prompts)
     result = editor.edit(req, config=cfg, guard=_guard(args))
     after = _snapshot(editor.adapter, req, prompts)
-    saved = _save_outputs(args, editor, result) if result.verified or args.allow_unverified else {}
+    saved = _save_outputs(args, editor, result)
     out = {
         "method": args.method, "model": model_name(model), "layers": result.layers,
         "request": req.to_dict(), "before": before, "after": after,
@@ -205,7 +204,10 @@ def cmd_edit(args) -> int:
 
 
 def _save_outputs(args, editor, result) -> dict:
+    """Write --save-patch / --save-model; nothing for an edit that did not take (unless --allow-unverified)."""
     out = {}
+    if result.verified is False and not args.allow_unverified:
+        return out
     if getattr(args, "save_patch", None):
         from ..patch.files import Patch
 

@@ -23,7 +23,7 @@ from typing import Dict, List, Sequence
 from ..core.lm import target_token_scores
 
 __all__ = ["VERIFY_MIN_P", "RETRY_STEPS_FACTOR", "RETRY_BARE_WEIGHT", "verify_request", "verify_requests",
-           "verified_by_scores", "retry_config"]
+           "verified_by_scores", "outcome", "retry_config"]
 
 #: P(target_new) at or above which a new target that is not the greedy continuation still counts
 VERIFY_MIN_P = 0.5
@@ -51,6 +51,12 @@ def verified_by_scores(lp_new: float, new_is_greedy: bool, lp_true=None) -> bool
     return bool(beats_true and (new_is_greedy or math.exp(lp_new) >= VERIFY_MIN_P))
 
 
+def outcome(lp_new: float, new_is_greedy: bool, lp_true=None) -> Dict:
+    """The recorded outcome of one request: ``verified``, ``p_new``, ``p_true`` (or None), ``new_is_greedy``."""
+    return {"verified": verified_by_scores(lp_new, new_is_greedy, lp_true), "p_new": math.exp(lp_new),
+            "p_true": None if lp_true is None else math.exp(lp_true), "new_is_greedy": bool(new_is_greedy)}
+
+
 def verify_requests(adapter, requests: Sequence) -> List[Dict]:
     """The outcome of each request on the model as it is now (one batched scoring pass)."""
     prompts, targets, where = [], [], []
@@ -65,8 +71,7 @@ def verify_requests(adapter, requests: Sequence) -> List[Dict]:
         lp, hits = got[(i, "new")]
         lp_new, greedy = float(lp.mean()), bool(hits[0])
         lp_true = float(got[(i, "true")][0].mean()) if r.target_true else None
-        out.append({"verified": verified_by_scores(lp_new, greedy, lp_true), "p_new": math.exp(lp_new),
-                    "p_true": None if lp_true is None else math.exp(lp_true), "new_is_greedy": greedy})
+        out.append(outcome(lp_new, greedy, lp_true))
     return out
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -25,7 +24,7 @@ from .datasets import Case, load_cases, resolve_dataset, sha256_of
 from .downstream import DownstreamConfig, evaluate_tasks, load_tasks
 from .score_model import GenerationConfig, generation_scores, score_cases
 from .scoring import normalized_delta_norm, summarize_records
-from ..edit.verify import verified_by_scores
+from ..edit.verify import outcome as verify_outcome
 from .store import RunError, RunStore
 
 __all__ = ["EvalConfig", "run_eval", "BASELINE"]
@@ -179,9 +178,7 @@ def _verification(scores: dict) -> Optional[dict]:
     if "rewrite_lp" not in scores or "rewrite_new_top1" not in scores:
         return None
     lp_new, lp_true = scores["rewrite_lp"][0]
-    top1 = scores["rewrite_new_top1"]
-    return {"verified": verified_by_scores(lp_new, top1, lp_true), "p_new": math.exp(lp_new),
-            "p_true": math.exp(lp_true), "new_is_greedy": top1}
+    return verify_outcome(lp_new, scores["rewrite_new_top1"], lp_true)
 
 
 def _chunks(todo: List[int], groups, size: int) -> List[List[int]]:
