@@ -71,3 +71,37 @@ def test_cli_demo_json(embedded, capsys):
     assert obj["after"]["p_new"] > obj["after"]["p_true"]
     assert obj["before"]["p_true"] > obj["before"]["p_new"]
     assert "Rome" in obj["after"]["generation"]
+
+
+def _cli_edit(capsys, *argv):
+    from factedit.cli import main
+
+    code = main(["edit", *argv, *STATS_ARGS, "--json"])
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out) if captured.out.strip() else None), captured.err
+
+
+def test_position_0_subject_takes_after_the_prompt_prefix(embedded, capsys):
+    """"{} was founded by" / Microsoft: the subject was read at position 0 (no BOS: the attention-sink
+    position) and the edit changed nothing (P 0.2050 -> 0.2050). Read after the prompt prefix it takes;
+    read at position 0 (``--prompt-prefix none``) it still does not, and the verification refuses it."""
+    request = ["--prompt", "{} was founded by", "--subject", "Microsoft", "--target", "Elon Musk"]
+    code, obj, err = _cli_edit(capsys, *request)
+    assert code == 0, err
+    assert obj["prompt_prefix"] == "\n" and obj["verified"] is True
+    assert obj["before"]["p_new"] < 0.3 and obj["after"]["p_new"] > 0.9 and "Elon Musk" in obj["after"]["generation"]
+    code, obj, err = _cli_edit(capsys, *request, "--prompt-prefix", "none")
+    assert code == 2 and obj["verified"] is False and "did not take" in err
+    assert "--prompt-prefix auto" in err  # says what to do about it
+
+
+def test_nigel_de_jong_takes_or_is_refused(embedded, capsys):
+    """The case the side-by-side run with EasyEdit found failing silently: with the default settings
+    it takes on its own prompt (P(new) > P(true)) or the CLI exits non-zero saying so."""
+    code, obj, err = _cli_edit(capsys, "--prompt", "{} plays in the position of", "--subject", "Nigel de Jong",
+                               "--target", "pitcher", "--true", "midfielder")
+    if code == 0:
+        assert obj["verified"] is True and obj["after"]["p_new"] > obj["after"]["p_true"]
+        assert obj["verification"]["p_new"] > obj["verification"]["p_true"]
+    else:
+        assert code == 2 and "did not take" in err

@@ -230,7 +230,7 @@ def test_average_by_class_closed_form():
 def test_prepare_prompt_and_bad_input(tiny_adapters):
     tok = tiny_adapters["llama"].tokenizer
     tp = prepare_prompt(tok, "{} is in the city of", SUBJECT, "Seattle")
-    assert tp.text == "Space Needle is in the city of" and tp.subject_range[0] == 0
+    assert tp.text == "Space Needle is in the city of" and tp.subject_range[0] == 1  # after the prompt prefix
     assert tp.answer_id == prepare_prompt(tok, tp.text, SUBJECT, " Seattle").answer_id
     with pytest.raises(RequestError, match="does not occur"):
         prepare_prompt(tok, "The Eiffel Tower is in", SUBJECT)
@@ -250,7 +250,7 @@ def test_prepare_prompt_and_bad_input(tiny_adapters):
 def test_noise_sigma_cache(tiny_adapters, home):
     ad = tiny_adapters["llama"]
     subjects = ["Space Needle", "Japan"]
-    ids = [i for s in subjects for i in ad.tokenizer(s)["input_ids"]]
+    ids = [i for s in subjects for i in ad.tokenizer(s, add_special_tokens=False)["input_ids"]]
     want = 3 * float(ad.embed(torch.tensor(ids)).double().std())
     assert noise_sigma(ad, subjects=subjects) == pytest.approx(want, rel=1e-12)
     files = list(trace_dir(ad).glob("noise-*.json"))
@@ -297,9 +297,12 @@ def test_cli_trace_dataset_writes_recommendation(tiny_dir, home, tmp_path, capsy
 
     model, tok = load_model(str(tiny_dir))
     ad = ModelAdapter(model, tok)
+    tok = ad.tokenizer  # prompts as the model reads them (the prompt prefix)
     facts = []
     for prompt, subject in [("Toko Yasuda is in", "Toko Yasuda"), ("The capital of Japan is", "Japan"),
-                            ("Seattle is in", "Seattle"), ("Eiffel Tower is located in", "Eiffel Tower")]:
+                            ("Seattle is in", "Seattle"), ("Eiffel Tower is located in", "Eiffel Tower"),
+                            *[(f"{s} {r}", s) for s in ("Rome", "France", "Tokyo", "Paris", "Italy", "Spain")
+                              for r in ("is in", "is located in the city of", "speaks")]]:  # a random model: try many
         tp = prepare_prompt(tok, prompt, subject)
         h = ad.body(input_ids=torch.tensor([list(tp.ids)])).last_hidden_state[:, -1]
         greedy = int(ad.logits(h).argmax())

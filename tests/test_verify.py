@@ -27,8 +27,10 @@ def test_outcome_matches_an_independent_greedy_and_probability(home):
     ed = Editor(model, tok, progress=False)
     req = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
     out = verify_request(ed.adapter, req)
-    ids = tok(req.text)["input_ids"]
-    new = tok(req.text + " Rome")["input_ids"][len(ids):]
+    assert ed.adapter.prompt_prefix == "\n"  # the tiny tokenizer adds no BOS: prompts start with a newline
+    start = tok("\n", add_special_tokens=False)["input_ids"]
+    ids = start + tok(req.text)["input_ids"]
+    new = tok(req.text + " Rome")["input_ids"][len(ids) - len(start):]
     logits = model(torch.tensor([ids + new])).logits[0].float()
     logp = torch.log_softmax(logits, -1)
     lp_new = float(sum(logp[len(ids) - 1 + i, t] for i, t in enumerate(new)) / len(new))

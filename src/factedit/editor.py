@@ -50,10 +50,13 @@ class Editor:
         model, tokenizer: a loaded causal LM (see :func:`factedit.load_model`).
         arch: explicit module layout for unknown architectures.
         progress: show progress bars (statistics, targets).
+        prompt_prefix: what every prompt starts with (``"auto"``, ``"none"`` or a text; see
+            :func:`~factedit.core.tokens.with_prompt_prefix`); :attr:`tokenizer` applies it.
     """
 
-    def __init__(self, model, tokenizer, arch: Optional[ArchSpec] = None, progress: bool = True):
-        self.adapter = ModelAdapter(model, tokenizer, arch)
+    def __init__(self, model, tokenizer, arch: Optional[ArchSpec] = None, progress: bool = True,
+                 prompt_prefix: str = "auto"):
+        self.adapter = ModelAdapter(model, tokenizer, arch, prompt_prefix)
         self.caches = EditCaches(self.adapter, progress)
         self._history = History()
         self.guard = Guard(self.adapter, self.caches)
@@ -193,6 +196,7 @@ class Editor:
         result.seconds = time.perf_counter() - t0
         result.fingerprints = fingerprints
         result.statistics = self.caches.sources(cfg)
+        result.prompt_prefix = self.adapter.prompt_prefix
         result.fingerprints_after = {self.adapter.w_out_name(l): matrix_fingerprint(self.adapter.w_out_parameter(l))
                                      for l in cfg.layers}
         self.history.append(result)

@@ -61,6 +61,9 @@ def add_model_options(p: argparse.ArgumentParser, corpus: bool = True) -> None:
         p.add_argument("--stats-tokens", type=int, default=None,
                        help="tokens for the statistics (default from the model width)")
     p.add_argument("--arch-spec", default=None, help="JSON file naming the modules of an unknown architecture")
+    p.add_argument("--prompt-prefix", default="auto", metavar="auto|none|TEXT",
+                   help="what every prompt starts with: auto (default: nothing if the tokenizer adds a BOS, "
+                        "else a newline, so that no subject sits at position 0), none, or a text")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="store_true")
 

@@ -84,7 +84,7 @@ def cmd_edit_many(args) -> int:
 
     reqs = load_requests(args.requests, limit=args.limit)
     model, tok = load(args)
-    editor = Editor(model, tok, arch=arch_spec(args.arch_spec), progress=not args.json and sys.stderr.isatty())
+    editor = Editor(model, tok, arch=arch_spec(args.arch_spec), prompt_prefix=args.prompt_prefix, progress=not args.json and sys.stderr.isatty())
     overrides = dict(stats_corpus=args.corpus, stats_tokens=args.stats_tokens, seed=args.seed)
     if args.layers is not None:
         overrides["layers"] = tuple(args.layers)
@@ -106,7 +106,7 @@ def cmd_edit_many(args) -> int:
            "seconds": round(seconds, 3), "efficacy": after, "efficacy_before": before,
            "verified": result.verified, "n_verified": sum(o["verified"] for o in outcomes), "requests": outcomes,
            "delta_norm": result.delta_norm, "timings": {k: round(v, 3) for k, v in result.timings.items()},
-           "statistics": result.statistics, **saved}
+           "statistics": result.statistics, "prompt_prefix": result.prompt_prefix, **saved}
     if args.json:
         print(json.dumps(out))
     else:
@@ -127,12 +127,16 @@ def _refuse_unverified(args, result) -> None:
     if result.verified is False and not args.allow_unverified:
         from ..core.errors import UnverifiedEditError
 
-        n = sum(not v["verified"] for v in result.verification)
+        failed = [r for r, v in zip(result.requests, result.verification) if not v["verified"]]
+        hint = ""
+        if not result.prompt_prefix and any(r.prompt.startswith("{}") for r in failed):
+            hint = (" A subject at the very start of a prompt read without a prompt prefix sits on the "
+                    "attention-sink position 0, where edits do not take: use --prompt-prefix auto.")
         raise UnverifiedEditError(
-            f"{n} of {len(result.verification)} edits did not take on their own prompt (the new target is neither "
-            f"the greedy continuation nor at P >= {VERIFY_MIN_P}, or the true target still wins"
+            f"{len(failed)} of {len(result.verification)} edits did not take on their own prompt (the new target is "
+            f"neither the greedy continuation nor at P >= {VERIFY_MIN_P}, or the true target still wins"
             + (", even after the retry" if result.retried else "") + "); nothing was saved. Try another layer "
-            "or more steps, or pass --allow-unverified to keep it")
+            "or more steps, or pass --allow-unverified to keep it." + hint)
 
 
 def cmd_edit(args) -> int:
@@ -155,7 +159,7 @@ def cmd_edit(args) -> int:
 
     t0 = time.perf_counter()
     model, tok = load(args)
-    editor = Editor(model, tok, arch=arch_spec(args.arch_spec), progress=not args.json and sys.stderr.isatty())
+    editor = Editor(model, tok, arch=arch_spec(args.arch_spec), prompt_prefix=args.prompt_prefix, progress=not args.json and sys.stderr.isatty())
     overrides = dict(layer=args.layer, seed=args.seed, stats_corpus=args.corpus, stats_tokens=args.stats_tokens)
     if args.layers is not None:
         overrides["layers"] = tuple(args.layers)
@@ -177,7 +181,7 @@ def cmd_edit(args) -> int:
         "layer_rule": result.config.layer_rule,
         "verified": result.verified, "verification": result.verification[0], "retried": result.retried,
         "delta_norm": result.delta_norm, "seconds": round(result.seconds, 3), "guard": result.guard,
-        "statistics": result.statistics,
+        "statistics": result.statistics, "prompt_prefix": result.prompt_prefix,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "total_seconds": round(time.perf_counter() - t0, 3), **saved,
     }

@@ -93,7 +93,7 @@ def cmd_eval(args) -> int:
     cfg = eval_config(args)
     cfg.check()  # before loading the model
     model, tok = load(args)
-    editor = Editor(model, tok, arch=arch_spec(args.arch_spec), progress=not args.json and sys.stderr.isatty())
+    editor = Editor(model, tok, arch=arch_spec(args.arch_spec), prompt_prefix=args.prompt_prefix, progress=not args.json and sys.stderr.isatty())
     show = args.verbose or sys.stderr.isatty()
 
     def progress(done: int, total: int) -> None:

@@ -36,7 +36,7 @@ def cmd_apply(args) -> int:
 
     patches = [Patch.load(p) for p in args.patches]  # all validated before the model is touched
     model, tok = load(args)
-    adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec))
+    adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec), args.prompt_prefix)
     apply_patches(adapter, patches, force=args.force)
     out = {"applied": args.patches, "forced": [p.meta.get("forced_mismatch", []) for p in patches]}
     if args.save_model:
@@ -56,7 +56,7 @@ def cmd_revert(args) -> int:
         raise ModelLoadError("revert needs --model DIR: the saved edited model to revert")
     patches = [Patch.load(p) for p in args.patches]
     model, tok = load(args)
-    adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec))
+    adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec), args.prompt_prefix)
     exact = revert_patches(adapter, patches, force=args.force)  # refused (nothing written) unless applied
     target = save_model(model, tok, args.save_model or args.model)
     out = {"reverted": args.patches, "saved_model": str(target), "bit_identical_to_base": exact}

@@ -25,7 +25,7 @@ def cmd_stats(args) -> int:
     from ..stats.layer import layer_stats
 
     model, tok = load(args)
-    adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec))
+    adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec), args.prompt_prefix)
     layers = args.layers or [default_layer(adapter.n_layers)]
     for l in layers:
         adapter.check_layer(l)

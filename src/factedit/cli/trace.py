@@ -95,7 +95,7 @@ def cmd_trace(args) -> int:
 
         facts = load_known_facts(args.dataset)  # validated before the model loads
     model, tok = load(args)
-    adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec))
+    adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec), args.prompt_prefix)
     cfg = TraceConfig(kinds=args.kind, samples=args.samples, window=args.window, noise_factor=args.noise_factor,
                       seed=args.seed, classes=args.classes).check(adapter.n_layers)
     out_dir = Path(args.out)

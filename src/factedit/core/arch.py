@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ArchitectureError, LayerError
+from .tokens import prompt_prefix_of, with_prompt_prefix
 
 __all__ = ["ArchSpec", "ARCH_SPECS", "ModelAdapter", "spec_for"]
 
@@ -123,11 +124,16 @@ class ModelAdapter:
         model: a Hugging Face causal LM (any device / dtype).
         tokenizer: its tokenizer (a fast tokenizer gives exact subject offsets).
         spec: explicit module layout; default from :data:`ARCH_SPECS`.
+        prompt_prefix: what every prompt starts with (:func:`~factedit.core.tokens.with_prompt_prefix`:
+            ``"auto"``, ``"none"`` or a text); :attr:`tokenizer` is the prefixed tokenizer and
+            :attr:`prompt_prefix` the text actually used ("" for none).
     """
 
-    def __init__(self, model: nn.Module, tokenizer=None, spec: Optional[ArchSpec] = None):
+    def __init__(self, model: nn.Module, tokenizer=None, spec: Optional[ArchSpec] = None,
+                 prompt_prefix: str = "auto"):
         self.model = model
-        self.tokenizer = tokenizer
+        self.tokenizer = with_prompt_prefix(tokenizer, prompt_prefix) if tokenizer is not None else None
+        self.prompt_prefix = prompt_prefix_of(self.tokenizer)
         self.spec = spec_for(model, spec)
         self.layers = _get(model, self.spec.layers)
         if not isinstance(self.layers, nn.ModuleList) or len(self.layers) == 0:

@@ -31,6 +31,11 @@ def rows_on(models, owners: Optional[Sequence[int]]):
 
 
 def _start_ids(tok) -> List[int]:
+    """What a text starts with: the tokenizer's own start (its BOS, or the prompt prefix), else
+    its BOS or EOS token."""
+    start = list(tok("")["input_ids"])
+    if start:
+        return start
     for t in (tok.bos_token_id, tok.eos_token_id):
         if t is not None:
             return [int(t)]

@@ -23,6 +23,7 @@ import torch
 
 from .errors import ModelLoadError
 from .paths import apply_umask, factedit_home
+from .tokens import source_tokenizer
 
 __all__ = ["DEFAULT_MODEL", "load_model", "save_model", "embedded_model_dir", "model_name"]
 
@@ -129,7 +130,7 @@ def save_model(model, tokenizer, directory) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        source_tokenizer(tokenizer).save_pretrained(tmp)  # never the prompt-prefixed copy
         apply_umask(tmp, directory=True)  # mkdtemp made it 0700; some writers create their files 0600
         for p in tmp.rglob("*"):
             apply_umask(p, directory=p.is_dir())

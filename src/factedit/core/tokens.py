@@ -2,15 +2,100 @@
 
 Positions are found from character offsets (fast tokenizers), so a subject that merges
 with its neighbours (``"Tower's"``) still maps to the right token.
+
+Every prompt the model reads starts with the *prompt prefix* (:func:`with_prompt_prefix`): nothing
+for a tokenizer that starts every text with its own BOS (Llama, Gemma, Mistral), a newline for one
+that adds nothing (GPT-2, SmolLM2), so that no subject sits at position 0, the attention-sink
+position whose hidden state carries no retrievable content (docs/ALGORITHMS.md §2.1).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import logging
 from typing import List, Tuple
 
 from .errors import RequestError
 
-__all__ = ["encode", "token_at_char", "fact_token_index", "encode_with_target", "encode_request"]
+__all__ = ["encode", "token_at_char", "fact_token_index", "encode_with_target", "encode_request",
+           "with_prompt_prefix", "prompt_prefix_of", "prefix_tag", "source_tokenizer", "AUTO_PREFIXES"]
+
+log = logging.getLogger(__name__)
+
+#: What ``prompt_prefix="auto"`` tries, in order, for a tokenizer that adds no start token itself:
+#: the first text that encodes to exactly one token.
+AUTO_PREFIXES = ("\n",)
+
+
+def _adds_start_token(tok) -> bool:
+    return list(tok("a")["input_ids"])[:1] != list(tok("a", add_special_tokens=False)["input_ids"])[:1]
+
+
+def source_tokenizer(tok):
+    """The tokenizer a prefixed copy was made from (``tok`` itself when it is not one): what to save."""
+    return getattr(tok, "factedit_source", tok)
+
+
+def prompt_prefix_of(tok) -> str:
+    """The prompt prefix ``tok`` puts before every text ("" when none)."""
+    return getattr(tok, "factedit_prompt_prefix", "")
+
+
+def prefix_tag(tok) -> str:
+    """A file-name tag for caches whose contents depend on the prompts as read ("" without a prefix)."""
+    prefix = prompt_prefix_of(tok)
+    return "" if not prefix else "-pfx" + hashlib.sha256(prefix.encode("utf-8")).hexdigest()[:8]
+
+
+def with_prompt_prefix(tok, prefix: str = "auto"):
+    """A copy of the fast tokenizer ``tok`` that puts ``prefix`` before every text it encodes with
+    special tokens (``add_special_tokens=False`` still gives the bare text), or ``tok`` itself.
+
+    ``prefix``: ``"auto"`` (nothing when ``tok`` already starts texts with a special token, else the
+    first of :data:`AUTO_PREFIXES` that is one token), ``"none"`` / ``""`` (no prefix), or any text
+    (``"<|endoftext|>"`` names a special token). The copy remembers its source
+    (:func:`source_tokenizer`), which is what :func:`~factedit.core.models.save_model` writes: the
+    prefix never reaches a saved tokenizer. The prefix tokens get the empty offset ``(0, 0)``.
+    """
+    base = source_tokenizer(tok)
+    if prefix == "auto" and base is not tok:
+        return tok  # already prefixed (by an earlier adapter of the same tokenizer)
+    if prefix in ("none", ""):
+        return base
+    if prefix == "auto":
+        if _adds_start_token(base):
+            return base
+        candidates = AUTO_PREFIXES
+    else:
+        candidates = (prefix,)
+    backend = getattr(base, "backend_tokenizer", None)
+    if backend is None or not getattr(base, "is_fast", False):
+        if prefix != "auto":
+            raise RequestError("a prompt prefix needs a fast tokenizer")
+        log.warning("slow tokenizer: prompts are read without a prefix (a subject at position 0 may not edit)")
+        return base
+    for text in candidates:
+        ids = list(base(text, add_special_tokens=False)["input_ids"])
+        if ids and (prefix != "auto" or len(ids) == 1):
+            break
+    else:
+        if prefix != "auto":
+            raise RequestError(f"the prompt prefix {prefix!r} encodes to no tokens")
+        return base
+    from tokenizers import processors
+
+    tokens = base.convert_ids_to_tokens(ids)
+    special = list(dict.fromkeys(zip(tokens, ids)))
+    template = processors.TemplateProcessing(single=[*tokens, "$A"], pair=[*tokens, "$A", "$B:1"],
+                                             special_tokens=special)
+    prefixed = copy.deepcopy(base)
+    backend = prefixed.backend_tokenizer
+    existing = backend.post_processor  # e.g. ByteLevel's offset trimming: kept, the prefix goes after it
+    backend.post_processor = template if existing is None else processors.Sequence([existing, template])
+    prefixed.factedit_source = base
+    prefixed.factedit_prompt_prefix = text
+    return prefixed
 
 
 def encode(tok, text: str) -> Tuple[List[int], List[Tuple[int, int]] | None]:

@@ -28,6 +28,7 @@ from ..core.fingerprints import model_fingerprint
 from ..core.metrics import generation_entropy
 from ..core.paths import atomic_write_text, factedit_home
 from ..core.requests import Request
+from ..core.tokens import prefix_tag
 from .keys import template_keys
 from .solver import equality
 
@@ -70,7 +71,7 @@ class GuardConfig:
 def norm_reference(adapter, caches, layer: int, corpus: Optional[str], n_tokens: int, clamp: float = 4.0) -> float:
     """The calibrated reference ‖Δ‖ of a normal edit at ``layer`` (cached per model and layer)."""
     fp = model_fingerprint(adapter.model, upto_layer=layer, spec=adapter.spec)
-    path = factedit_home() / "guard" / f"{fp}-layer{layer}-clamp{clamp}.json"
+    path = factedit_home() / "guard" / f"{fp}{prefix_tag(adapter.tokenizer)}-layer{layer}-clamp{clamp}.json"
     try:
         return float(json.loads(path.read_text())["reference"])
     except (OSError, ValueError, KeyError, TypeError):

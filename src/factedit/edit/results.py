@@ -47,6 +47,7 @@ class EditResult:
     statistics: Dict[str, dict] = field(default_factory=dict)  # per layer: corpus used (and why), tokens
     verification: List[dict] = field(default_factory=list)  # per request: verified, p_new, p_true, ...
     retried: bool = False  # an unverified edit was optimised again within the retry budget
+    prompt_prefix: str = ""  # what every prompt of the edit started with (core/tokens.py)
 
     @property
     def verified(self) -> Optional[bool]:

@@ -12,6 +12,7 @@ from typing import List, Sequence
 from ..core.fingerprints import model_fingerprint
 from ..core.lm import sample_continuations
 from ..core.paths import atomic_write_text, factedit_home
+from ..core.tokens import prefix_tag
 
 __all__ = ["context_templates", "cached_context_templates"]
 
@@ -34,7 +35,8 @@ def context_templates(adapter, seed: int = 0, lengths: Sequence[tuple] = ((5, 10
 def cached_context_templates(adapter, seed: int = 0, lengths: Sequence[tuple] = ((5, 10), (10, 10))) -> List[str]:
     """:func:`context_templates`, stored per (model, seed, lengths) under ``$FACTEDIT_HOME/templates``."""
     key = "-".join(f"{a}x{b}" for a, b in lengths)
-    path = factedit_home() / "templates" / f"{model_fingerprint(adapter.model)}-seed{seed}-{key}.json"
+    tag = prefix_tag(adapter.tokenizer)  # sampling starts from the prompt prefix
+    path = factedit_home() / "templates" / f"{model_fingerprint(adapter.model)}{tag}-seed{seed}-{key}.json"
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(cached, list) and cached and all(isinstance(t, str) and t.count("{}") == 1 for t in cached):

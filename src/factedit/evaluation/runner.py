@@ -129,6 +129,7 @@ def _config(editor, cfg: EvalConfig, dataset_path) -> Tuple[dict, dict, object]:
 
     method_cfg = None if cfg.method == BASELINE else editor.make_config(cfg.method, **dict(cfg.method_options))
     compare = {**cfg.to_dict(), "model_fingerprint": model_fingerprint(editor.model),
+               "prompt_prefix": editor.adapter.prompt_prefix,
                "dataset_sha256_actual": sha256_of(dataset_path),
                "method_config": to_jsonable(method_cfg) if method_cfg is not None else None}
     compare = json.loads(json.dumps(compare, default=str))  # as it reads back from config.json

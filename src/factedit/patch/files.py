@@ -115,6 +115,7 @@ class Patch:
             "guard": getattr(result, "guard", None), "statistics": dict(getattr(result, "statistics", None) or {}),
             "verified": getattr(result, "verified", None), "verification": list(getattr(result, "verification", None) or []),
             "retried": bool(getattr(result, "retried", False)),
+            "prompt_prefix": getattr(result, "prompt_prefix", ""),
         }
         return cls(list(result.deltas), meta)
 
@@ -200,7 +201,8 @@ class Patch:
                 "norms": m.get("norms"), "requests": m.get("requests"), "modules": m.get("modules"),
                 "fingerprints": m.get("fingerprints"), "fingerprints_after": m.get("fingerprints_after"),
                 "guard": m.get("guard"), "forced": m.get("forced", False), "format": m.get("format"),
-                "verified": m.get("verified"), "statistics": m.get("statistics")}
+                "verified": m.get("verified"), "statistics": m.get("statistics"),
+                "prompt_prefix": m.get("prompt_prefix")}
 
 
 def _check_shapes(adapter, patch: Patch) -> None:

@@ -159,8 +159,9 @@ def _model_corpus(adapter, n_tokens: int, seed: int = 0) -> Corpus:
     """Text sampled from the model itself (top-k 50), generated once and cached as a file."""
     from ..core.lm import sample_continuations
     from ..core.fingerprints import model_fingerprint
+    from ..core.tokens import prefix_tag
 
-    fp = model_fingerprint(adapter.model)
+    fp = model_fingerprint(adapter.model) + prefix_tag(adapter.tokenizer)  # samples start from the prefix
     path = factedit_home() / "corpora" / f"model-{fp}-seed{seed}-{n_tokens}.jsonl"
     if not path.is_file():
         log.info("sampling ~%d tokens of text from the model for statistics (once; cached at %s)", n_tokens, path)

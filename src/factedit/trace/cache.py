@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ..core.paths import atomic_write_text, factedit_home
-from ..core.tokens import encode
+from ..core.tokens import prefix_tag
 
 __all__ = ["DEFAULT_SUBJECTS", "trace_dir", "embedding_std", "noise_sigma", "LayerRecommendation",
            "save_recommendation", "load_recommendation"]
@@ -52,7 +52,9 @@ def trace_dir(adapter, home: Optional[Path] = None) -> Path:
     """``$FACTEDIT_HOME/trace/<fingerprint of the whole model>``."""
     from ..core.fingerprints import model_fingerprint
 
-    return (home or factedit_home()) / "trace" / model_fingerprint(adapter.model, spec=adapter.spec)
+    # the prompt prefix changes every traced prompt, so its results live apart
+    return (home or factedit_home()) / "trace" / (model_fingerprint(adapter.model, spec=adapter.spec)
+                                                   + prefix_tag(adapter.tokenizer))
 
 
 @torch.no_grad()
@@ -60,7 +62,7 @@ def embedding_std(adapter, subjects: Sequence[str] = DEFAULT_SUBJECTS) -> float:
     """Standard deviation of all entries of the subjects' token embeddings (float64)."""
     tok = adapter.tokenizer
     special = set(getattr(tok, "all_special_ids", []) or [])
-    ids = [i for s in subjects for i in encode(tok, s)[0] if i not in special]
+    ids = [i for s in subjects for i in tok(s, add_special_tokens=False)["input_ids"] if i not in special]
     if len(ids) < 2:
         raise ValueError("need at least two subject tokens to measure the embedding std")
     emb = adapter.embed(torch.tensor([ids], device=adapter.device))
