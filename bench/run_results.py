@@ -33,7 +33,10 @@ DOWNSTREAM = DATA / "downstream"
 #: run name -> (method, cases per edit, *--set options); the run's directory is its name
 SINGLE = {"none": ("none", 1), "rome": ("rome", 1), "r-rome": ("r-rome", 1), "p-rome": ("p-rome", 1),
           "memit": ("memit", 25), "emmet": ("emmet", 25), "alphaedit": ("alphaedit", 25), "ft": ("ft", 25),
-          "ft-b1": ("ft", 1), "ft-b1-unclamped": ("ft", 1, "norm_constraint=1")}
+          "ft-b1": ("ft", 1), "ft-b1-unclamped": ("ft", 1, "norm_constraint=1"),
+          # the template-averaged current residual (before issue 18's fix), kept as an option
+          "memit-zt": ("memit", 25, "current_residual=templates"), "emmet-zt": ("emmet", 25, "current_residual=templates"),
+          "alphaedit-zt": ("alphaedit", 25, "current_residual=templates")}
 #: sequential runs, in the order they are run (the cheaper batch methods first)
 SEQUENTIAL = {"emmet": ("emmet", 10), "alphaedit": ("alphaedit", 10), "rome": ("rome", 1), "r-rome": ("r-rome", 1)}
 
@@ -60,7 +63,7 @@ def command(name: str, part: str, limit: int, out: Path, downstream_n: int, ever
 
 
 #: runs whose targets are identical (the Editor's memo shares them): taken chunk by chunk in turn
-FAMILIES = (("r-rome", "rome", "p-rome"), ("memit", "emmet", "alphaedit"))
+FAMILIES = (("r-rome", "rome", "p-rome"), ("memit", "emmet", "alphaedit", "memit-zt", "emmet-zt", "alphaedit-zt"))
 
 
 class _Pause(Exception):
