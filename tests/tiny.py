@@ -57,10 +57,14 @@ ARCHS = ["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "qwen3", "mistral", "gemm
          "olmo2", "phi3", "granite", "smollm3", "cohere"]
 
 
-def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32):
+def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, **config):
+    """A tiny random model of ``model_type`` (``config`` overrides fields, e.g. ``intermediate_size=64``)."""
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_cfg(model_type, len(tok)), dtype=dtype)
+    cfg = _cfg(model_type, len(tok))
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     # random init is tiny; scale up so that activations and updates are not all near zero
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -1,4 +1,5 @@
-"""``factedit export | import``: patches to and from the formats serving stacks load (PEFT / vLLM LoRA)."""
+"""``factedit export | import``: patches to and from the formats serving stacks load (PEFT / vLLM LoRA
+adapters, GGUF files)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ __all__ = ["add_parsers", "cmd_export", "cmd_import"]
 
 
 def add_parsers(sub) -> None:
-    e = sub.add_parser("export", help="write patches (applied in order) as a PEFT LoRA adapter")
-    e.add_argument("patches", nargs="+", help="patch files, oldest first (several export as one adapter)")
-    e.add_argument("--peft", required=True, metavar="DIR", help="the adapter folder to write")
+    e = sub.add_parser("export", help="write patches (applied in order) as a PEFT LoRA adapter or a GGUF file")
+    e.add_argument("patches", nargs="+", help="patch files, oldest first (several export as one adapter / file)")
+    to = e.add_mutually_exclusive_group(required=True)
+    to.add_argument("--peft", metavar="DIR", help="the adapter folder to write")
+    to.add_argument("--gguf", metavar="FILE", help="the edited model as a GGUF file (from a GGUF base)")
+    e.add_argument("--quant", default=None, metavar="TYPE",
+                   help="GGUF type of the edited matrices: f16, q8_0, q4_1, ... (default: the base file's)")
+    e.add_argument("--base-gguf", default=None, metavar="FILE",
+                   help="the GGUF file of --model (default: the embedded model's, or --model itself if it is .gguf)")
     e.add_argument("--vllm", action="store_true",
                    help="the vLLM variant: one rank for all modules, padded to a rank vLLM serves")
     e.add_argument("--svd", type=int, default=None, metavar="RANK",
@@ -38,6 +45,8 @@ def cmd_export(args) -> int:
     patches = [Patch.load(p) for p in args.patches]  # all validated before the model is loaded
     model, tok = load(args)
     adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec), args.prompt_prefix)
+    if args.gguf:
+        return _export_gguf(args, adapter, patches)
     out = export_peft(adapter, patches, args.peft, svd_rank=args.svd, vllm=args.vllm, force=args.force,
                       base_model=args.base_model)
     if args.json:
@@ -52,6 +61,29 @@ def cmd_export(args) -> int:
     if args.vllm:
         print(f"  serve: vllm serve BASE --enable-lora --max-lora-rank {out['stored_rank']} "
               f"--lora-modules edit={out['directory']}")
+    return 0
+
+
+def _export_gguf(args, adapter, patches) -> int:
+    from ..core.errors import FactEditError
+    from ..core.models import DEFAULT_MODEL, embedded_gguf_path
+    from ..patch.gguf import export_gguf
+
+    base = args.base_gguf
+    if base is None and args.model and str(args.model).endswith(".gguf"):
+        base = args.model
+    if base is None and args.model in (None, DEFAULT_MODEL):
+        base = embedded_gguf_path()
+    if base is None:
+        raise FactEditError("--gguf needs the GGUF file of the base model (--base-gguf FILE); for a Hugging Face "
+                            "folder, save the edited model (factedit apply --save-model DIR) and convert it with "
+                            "llama.cpp's convert_hf_to_gguf.py")
+    out = export_gguf(adapter, patches, base, args.gguf, quant=args.quant, force=args.force)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"wrote {out['file']} ({out['bytes']:,} bytes) from {out['base']}; replaced "
+              + ", ".join(f"{n} ({t})" for n, t in out["replaced"].items()))
     return 0
 
 

@@ -25,7 +25,7 @@ from .errors import ModelLoadError
 from .paths import apply_umask, factedit_home
 from .tokens import source_tokenizer
 
-__all__ = ["DEFAULT_MODEL", "load_model", "save_model", "embedded_model_dir", "model_name"]
+__all__ = ["DEFAULT_MODEL", "load_model", "save_model", "embedded_model_dir", "embedded_gguf_path", "model_name"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,11 @@ def _gguf_path() -> Path:
     return path
 
 
+def embedded_gguf_path() -> Path:
+    """The GGUF file the embedded default is loaded from (the base of a GGUF export)."""
+    return _gguf_path()
+
+
 def embedded_model_dir() -> Path:
     """Cached safetensors folder of the embedded default, converting the GGUF on first use."""
     gguf = _gguf_path()
@@ -57,19 +62,25 @@ def embedded_model_dir() -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     log.info("converting %s to safetensors under %s (once)", gguf.name, target)
+    model, tok = _load_gguf(gguf, torch.float32)
+    return save_model(model, tok, target)
+
+
+def _load_gguf(path: Path, dtype):
+    """A GGUF file dequantized into a transformers model (and its tokenizer)."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     except ImportError as e:
         raise ModelLoadError(f"loading GGUF needs the packages gguf and accelerate: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load GGUF file {path}: {e}") from None
     model.hf_quantizer = None  # the dequantized model still carries the GGUF quantizer
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    return save_model(model, tok, target)
+    return model, tok
 
 
 def _resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
@@ -91,8 +102,8 @@ def load_model(
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` in eval mode.
 
     Args:
-        name: hub id or local directory; ``None`` or ``"smollm2-135m-instruct"`` gives the
-            embedded default.
+        name: hub id, local directory or ``.gguf`` file (dequantized, e.g. a llama.cpp / Ollama
+            model); ``None`` or ``"smollm2-135m-instruct"`` gives the embedded default.
         dtype: ``float32`` (default), ``float16`` or ``bfloat16``.
         device: e.g. ``"cpu"``, ``"cuda:0"``; default CPU (or ``device_map``'s placement).
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard with accelerate).
@@ -104,8 +115,11 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if path.endswith(".gguf") and Path(path).is_file():
+            model, tok = _load_gguf(Path(path), kwargs["dtype"])
+        else:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load model {path!r}: {e}") from None
     if device is not None and device_map is None:
