@@ -98,3 +98,24 @@ def test_start_at_layer_skips_earlier_layers():
         handle.remove()
     assert torch.equal(started, full)
     assert "forward" not in layers[0].__dict__ and "forward" not in layers[1].__dict__
+
+
+def test_kv_cache_argument_follows_the_transformers_version():
+    """transformers renamed past_key_values to cache (the old name warns): hand the cache under the name
+    the forward accepts, read it from either output field."""
+    from factedit.core.kv import cache_of, past
+
+    class New:
+        def forward(self, input_ids=None, cache=None, use_cache=None):
+            pass
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            pass
+
+    c = object()
+    assert past(New(), c) == {"cache": c, "use_cache": True}
+    assert past(Old(), c) == {"past_key_values": c, "use_cache": True}
+    assert past(New(), None) == {"use_cache": False}
+    assert cache_of({"cache": c, "logits": 1}) is c and cache_of({"past_key_values": c}) is c
+    assert cache_of({"logits": 1}) is None

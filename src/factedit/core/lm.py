@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import contextlib
 
 from .batching import pad_id, pad_rows
+from .kv import cache_of, past
 from .tokens import encode_with_target
 
 __all__ = ["sample_continuations", "greedy_continuation", "target_probabilities", "target_logprobs",
@@ -61,7 +62,7 @@ def sample_continuations(
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     ids = torch.tensor([start] * n, device=device)
     out = model(input_ids=ids, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    cache, logits = cache_of(out), out.logits[:, -1, :]
     new = []
     for _ in range(length):
         logits = logits.float().cpu()
@@ -72,8 +73,8 @@ def sample_continuations(
         else:
             nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)
         new.append(nxt)
-        out = model(input_ids=nxt.to(device), past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        out = model(input_ids=nxt.to(device), **past(model, cache))
+        cache, logits = cache_of(out), out.logits[:, -1, :]
     return torch.cat(new, dim=1).tolist()
 
 

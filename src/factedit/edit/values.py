@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..core.batching import pad_id, pad_rows
 from ..core.hooks import Hook, RawOutput, start_at_layer
+from ..core.kv import cache_of, past
 from ..core.tokens import encode_request
 
 __all__ = ["ValueConfig", "ValueProblem", "ValueResult", "optimize_values"]
@@ -175,14 +176,14 @@ class ValueProblem:
         ad, l = self.adapter, self.layer
         self.cache = None
         if self.P:
-            self.cache = ad.body(**self.pre, use_cache=True).past_key_values
+            self.cache = cache_of(ad.body(**self.pre, use_cache=True))
         stack = contextlib.ExitStack()
         with stack:
             t_in = stack.enter_context(Hook(ad.layers[l - 1], retain_output=True)) if l else None
             t_raw = stack.enter_context(RawOutput(ad.layers[max(l - 1, 0)]))
             t_w = stack.enter_context(Hook(ad.w_out(l), retain_input=True))
             t_site = stack.enter_context(Hook(self.site, retain_output=True))
-            h = ad.body(**self.suf, past_key_values=copy.deepcopy(self.cache), use_cache=self.cache is not None).last_hidden_state
+            h = ad.body(**self.suf, **past(ad.body, copy.deepcopy(self.cache))).last_hidden_state
         self.h_in = t_in.output if t_in else None
         self.layer_out_template = t_raw.output
         self.keys = t_w.input[:, 0, :].float()  # (B, d_ff)
@@ -227,7 +228,7 @@ class ValueProblem:
             if l:  # layers below l: their output at the fact token onwards is recorded
                 stack.enter_context(start_at_layer(ad.layers, l - 1, h_in, self.layer_out_template))
             stack.enter_context(Hook(self.site, edit_output=self._inject(delta, row_req)))
-            h = ad.body(**suf, past_key_values=cache, use_cache=cache is not None).last_hidden_state
+            h = ad.body(**suf, **past(ad.body, cache)).last_hidden_state
         return self.adapter.logits(h[sel_rows, sel_cols]).float()
 
     def _logits_full(self, delta):

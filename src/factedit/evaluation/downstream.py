@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..core.batching import pad_id, pad_rows
 from ..core.errors import RequestError
+from ..core.kv import cache_of, past as past_kv
 from ..core.lm import target_token_scores
 from ..core.request_files import read_records
 from ..core.tokens import encode_with_target
@@ -184,7 +185,7 @@ def _last_logprobs(adapter, rows: Sequence[List[int]], prefix_ids: List[int], ba
     pad = pad_id(adapter.tokenizer)
     cache = None
     if prefix_ids:
-        cache = adapter.body(input_ids=torch.tensor([prefix_ids], device=dev), use_cache=True).past_key_values
+        cache = cache_of(adapter.body(input_ids=torch.tensor([prefix_ids], device=dev), use_cache=True))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: List[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
     for b in range(0, len(order), batch_size):
@@ -194,7 +195,7 @@ def _last_logprobs(adapter, rows: Sequence[List[int]], prefix_ids: List[int], ba
         if cache is not None:
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(len(chunk))
-            kw = dict(past_key_values=past, use_cache=True)
+            kw = past_kv(adapter.body, past)
             mask = torch.cat([torch.ones(len(chunk), len(prefix_ids), dtype=torch.long, device=dev), mask], dim=1)
         hidden = adapter.body(input_ids=batch.input_ids, attention_mask=mask, **kw).last_hidden_state
         h = hidden[torch.arange(len(chunk), device=dev), batch.last_index]

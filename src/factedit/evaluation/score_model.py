@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.batching import pad_id, pad_rows
+from ..core.kv import cache_of, past
 from ..core.lm import position_scores, rows_on
 from ..core.tokens import encode_with_target
 from .datasets import Case, ZsRECase
@@ -86,8 +87,7 @@ def sample_text_groups(adapter, groups: Sequence[Tuple[Sequence[str], int]], len
             new.append(nxt)
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
             pos = pos[:, -1:] + 1
-            out = body(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
-                       use_cache=True)
+            out = body(input_ids=nxt, attention_mask=mask, position_ids=pos, **past(body, cache_of(out)))
     cont = torch.cat(new, dim=1).tolist() if new else [[] for _ in enc]
     texts = [tok.decode(e + c[: max(0, length - len(e))], skip_special_tokens=True) for e, c in zip(enc, cont)]
     return [texts[a:b] for a, b in spans]

@@ -21,6 +21,7 @@ import torch
 
 from ..core.errors import TraceError
 from ..core.hooks import Hook, RawOutput, start_at_layer
+from ..core.kv import cache_of, past
 
 __all__ = ["KINDS", "Site", "gaussian_noise", "CausalTracer"]
 
@@ -97,7 +98,7 @@ class CausalTracer:
             sample = torch.arange(self.S, device=self.adapter.device)
             with Hook(self.adapter.embed, edit_output=self._add_noise(sample, 0)):
                 out = self.adapter.body(input_ids=self.ids[:, :p0].expand(self.S, p0), use_cache=True)
-            self._prefix[p0] = out.past_key_values
+            self._prefix[p0] = cache_of(out)
         return self._prefix.get(p0)
 
     def _probs(self, h_last: torch.Tensor) -> torch.Tensor:
@@ -185,8 +186,8 @@ class CausalTracer:
                 fn = _restore(torch.cat(rows).to(dev), torch.cat(toks).to(dev), self.clean[kind][layer], p0)
                 stack.enter_context(Hook(ad.component(kind, layer), edit_output=fn))
             pos = torch.arange(p0, T, device=dev)[None].expand(B, -1)
-            h = ad.body(input_ids=self.ids[:, p0:].expand(B, -1), position_ids=pos, past_key_values=cache,
-                        use_cache=cache is not None).last_hidden_state[:, -1]
+            h = ad.body(input_ids=self.ids[:, p0:].expand(B, -1), position_ids=pos,
+                        **past(ad.body, cache)).last_hidden_state[:, -1]
         return h.view(S, n, -1).transpose(0, 1)
 
 
