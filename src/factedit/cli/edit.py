@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     e.add_argument("--paraphrase", action="append", default=None,
                    help="an extra prompt to show before/after (repeatable; default: two rephrasings)")
     e.add_argument("--max-new-tokens", type=int, default=12)
+    e.add_argument("--chat", action="store_true",
+                   help="edit the fact as the chat model sees it: the prompt as the user's turn, the assistant's "
+                        "answer beginning with it (the tokenizer's chat template; read without a prompt prefix)")
     e.add_argument("--allow-unverified", action="store_true",
                    help="keep (and save) an edit that did not take on its own prompt (default: exit 2, nothing saved)")
     e.add_argument("--no-guard", action="store_true",
@@ -159,7 +162,13 @@ def cmd_edit(args) -> int:
 
     t0 = time.perf_counter()
     model, tok = load(args)
-    editor = Editor(model, tok, arch=arch_spec(args.arch_spec), prompt_prefix=args.prompt_prefix, progress=not args.json and sys.stderr.isatty())
+    prefix = "none" if args.chat and args.prompt_prefix == "auto" else args.prompt_prefix  # chat markup starts it
+    editor = Editor(model, tok, arch=arch_spec(args.arch_spec), prompt_prefix=prefix, progress=not args.json and sys.stderr.isatty())
+    shown = req
+    if args.chat:
+        from ..core.chat import chat_request
+
+        req = chat_request(editor.tokenizer, shown)
     overrides = dict(layer=args.layer, seed=args.seed, stats_corpus=args.corpus, stats_tokens=args.stats_tokens)
     if args.layers is not None:
         overrides["layers"] = tuple(args.layers)
@@ -168,8 +177,13 @@ def cmd_edit(args) -> int:
         overrides["batch_size"] = args.batch_size
     # validates method, layer and options before any work
     cfg = editor.make_config(args.method, steps=args.steps, options=parse_options(args.set or ()), **overrides)
-    paraphrases = args.paraphrase or [p.format(prompt=req.text, subject=req.subject) for p in DEFAULT_PARAPHRASES]
-    prompts = [req.text] + paraphrases
+    paraphrases = args.paraphrase or [p.format(prompt=shown.text, subject=shown.subject) for p in DEFAULT_PARAPHRASES]
+    names = [shown.text] + paraphrases
+    prompts = list(names)
+    if args.chat:  # the chat model's answers to the prompt and the paraphrases
+        from ..core.chat import chat_prompt
+
+        prompts = [chat_prompt(editor.tokenizer, p) for p in names]
     _snapshot.max_new_tokens = args.max_new_tokens
     before = _snapshot(editor.adapter, req, prompts)
     result = editor.edit(req, config=cfg, guard=_guard(args))
@@ -177,7 +191,8 @@ def cmd_edit(args) -> int:
     saved = _save_outputs(args, editor, result)
     out = {
         "method": args.method, "model": model_name(model), "layers": result.layers,
-        "request": req.to_dict(), "before": before, "after": after,
+        "request": shown.to_dict(), "before": before, "after": after, "chat": bool(args.chat),
+        **({"chat_request": req.to_dict()} if args.chat else {}),
         "layer_rule": result.config.layer_rule,
         "verified": result.verified, "verification": result.verification[0], "retried": result.retried,
         "delta_norm": result.delta_norm, "seconds": round(result.seconds, 3), "guard": result.guard,
@@ -191,12 +206,12 @@ def cmd_edit(args) -> int:
         return 0
     w = max(len(target), len(true or "")) + 4
     print(f"factedit {args.method} on {out['model']}, layer {', '.join(map(str, result.layers))} "
-          f"({result.config.layer_rule})")
+          f"({result.config.layer_rule})" + (", as a chat turn" if args.chat else ""))
     print(f"  {'':<{w}} {'before':>8} {'after':>8}")
     print(f"  {'P(' + target + ')':<{w}} {before['p_new']:>8.4f} {after['p_new']:>8.4f}")
     if true:
         print(f"  {'P(' + true + ')':<{w}} {before['p_true']:>8.4f} {after['p_true']:>8.4f}")
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(names):
         b = before["generation"] if i == 0 else before["paraphrase_generations"][i - 1]
         a = after["generation"] if i == 0 else after["paraphrase_generations"][i - 1]
         print(f"\n  {p!r}\n    before: {b.strip()!r}\n    after:  {a.strip()!r}")
