@@ -15,6 +15,14 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
+def write_rows(path, rows) -> None:
+    """Per-record rows of a benchmark as JSON lines (``path`` None: nothing)."""
+    import json
+
+    if path:
+        Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
 def write_section(path, heading: str, text: str, head: str = HEAD) -> None:
     """Replace (or append) the section starting with ``heading`` in the markdown file ``path``."""
     out = Path(path)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, publish  # noqa: E402
+from _report import cpu_name, publish, write_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CF = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_knowedit.jsonl"
@@ -83,8 +83,7 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     seconds = time.perf_counter() - t0
-    if args.rows:
-        Path(args.rows).write_text("".join(json.dumps(x) + "\n" for x in rows), encoding="utf-8")
+    write_rows(args.rows, rows)
     took = [x for x in rows if x["fp32"] > 0]
     lines = [
         "## GGUF: do edits survive quantization?", "",

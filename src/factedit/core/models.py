@@ -13,16 +13,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from .errors import ModelLoadError
-from .paths import apply_umask, factedit_home
+from .paths import atomic_dir, factedit_home
 from .tokens import source_tokenizer
 
 __all__ = ["DEFAULT_MODEL", "load_model", "save_model", "embedded_model_dir", "embedded_gguf_path", "model_name"]
@@ -140,22 +137,7 @@ def save_model(model, tokenizer, directory) -> Path:
     """Write a normal Hugging Face folder (safetensors + tokenizer) atomically: the folder
     appears complete or not at all. Loads in plain ``transformers``."""
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         source_tokenizer(tokenizer).save_pretrained(tmp)  # never the prompt-prefixed copy
-        apply_umask(tmp, directory=True)  # mkdtemp made it 0700; some writers create their files 0600
-        for p in tmp.rglob("*"):
-            apply_umask(p, directory=p.is_dir())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["factedit_home", "atomic_path", "atomic_write_text", "apply_umask"]
+__all__ = ["factedit_home", "atomic_path", "atomic_dir", "atomic_write_text", "apply_umask"]
 
 
 def factedit_home() -> Path:
@@ -38,6 +39,33 @@ def atomic_path(target: os.PathLike | str, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: os.PathLike | str) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it replaces ``target`` (a folder) whole.
+
+    Readers see the old folder or the new one, never a half-written one; on failure ``target`` is
+    untouched. What was written gets the modes the user's umask gives (mkdtemp makes a 0700 folder,
+    some writers 0600 files)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        apply_umask(tmp, directory=True)
+        for p in tmp.rglob("*"):
+            apply_umask(p, directory=p.is_dir())
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..core.paths import apply_umask
+from ..core.paths import atomic_dir
 from ..edit.deltas import LayerDelta
 from .files import FORMAT, Patch, PatchError, apply_patches, layer_norms, tensor_sha256
 
@@ -116,23 +113,9 @@ def _check_target(directory: Path, force: bool) -> None:
 
 def _write_dir(directory: Path, files: Dict[str, bytes]) -> None:
     """Write ``files`` into ``directory`` atomically: it appears complete or not at all."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-            apply_umask(tmp / name)
-        apply_umask(tmp, directory=True)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_base(adapter, patches: Sequence[Patch]) -> None:
