@@ -12,6 +12,8 @@ from .core.errors import FactEditError
 from .core.lm import greedy_continuation, target_probabilities
 from .edit.guard import CollapseError, GuardConfig
 from .patch.files import Patch, PatchError, apply_patch, apply_patches, revert_patch
+from .patch.gguf import export_gguf
+from .patch.peft import export_peft, import_peft
 from .edit.methods import METHODS, BatchConfig, FTConfig, ROMEConfig
 from .core.models import DEFAULT_MODEL, load_model, save_model
 from .core.requests import Request
@@ -24,6 +26,6 @@ __all__ = [
     "ArchSpec", "ModelAdapter", "AppliedEdit", "LayerDelta", "apply_deltas", "EditResult", "Editor",
     "FactEditError", "greedy_continuation", "target_probabilities", "METHODS", "ROMEConfig", "BatchConfig",
     "FTConfig", "CollapseError", "GuardConfig", "Patch", "PatchError", "apply_patch", "apply_patches",
-    "revert_patch", "DEFAULT_MODEL", "load_model", "save_model", "Request", "LayerStats", "SecondMoment", "layer_stats", "ValueConfig",
+    "revert_patch", "export_peft", "import_peft", "export_gguf", "DEFAULT_MODEL", "load_model", "save_model", "Request", "LayerStats", "SecondMoment", "layer_stats", "ValueConfig",
     "__version__",
 ]
