@@ -81,6 +81,18 @@ def embedded():
     return Editor(model, tok, progress=False)
 
 
+@pytest.fixture(scope="session")
+def embedded_bare(embedded):
+    """An Editor over the same embedded model that reads prompts without the prompt prefix (as factedit did
+    before 2026-12-01): the disabling `rome` edits of records 6276, 1357 and 583 were found and documented
+    that way. All three prompts open with the subject ("Chrispa, who holds a citizenship from"); read after
+    the prefix, record 6276's `rome` update is no longer an outlier."""
+    from factedit import Editor
+    from factedit.core.tokens import source_tokenizer
+
+    return Editor(embedded.model, source_tokenizer(embedded.tokenizer), progress=False, prompt_prefix="none")
+
+
 def poison_stats_file(path, value=float("nan"), index=(0, 0)):
     """Write a non-finite entry into a statistics cache file, keeping its metadata."""
     from safetensors import safe_open

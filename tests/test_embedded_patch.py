@@ -60,19 +60,24 @@ def test_patch_size_grows_linearly_with_requests(embedded, tmp_path):
     assert 2 * (576 + 1536) * 4 <= per_request <= 2 * (576 + 1536) * 4 + 2000
 
 
-def test_guard_catches_a_real_rome_disabling_edit(embedded):
-    """CounterFact record 6276 is a disabling edit of the original code's `rome` on this model
-    (update ~500× r-ROME's, neighbour flipped, gibberish: docs/EVALUATION.md). The guard rolls it
-    back with an explanation and leaves the weights bit-identical; r-ROME on the same request passes."""
+def test_guard_catches_a_real_rome_disabling_edit(embedded_bare):
+    """CounterFact record 6276 is a disabling edit of the original code's `rome` on this model read
+    without the prompt prefix (update ~500× r-ROME's, neighbour flipped, gibberish: docs/EVALUATION.md).
+    The guard rolls it back with an explanation and leaves the weights bit-identical; r-ROME on the same
+    request passes."""
     from conftest import COUNTERFACT
     from factedit.evaluation import load_cases
     from factedit.edit.guard import CollapseError
 
-    ed = embedded
+    ed = embedded_bare
     req = next(c for c in load_cases(COUNTERFACT, limit=2500, offset=4250) if c.case_id == 6276).request
     before = {k: v.clone() for k, v in ed.model.state_dict().items()}
-    with pytest.raises(CollapseError, match="disabling edit"):
-        ed.edit(req, method="rome", **DEFAULT_STATS)
+    try:
+        with pytest.raises(CollapseError, match="disabling edit"):
+            ed.edit(req, method="rome", **DEFAULT_STATS)
+    finally:
+        while ed.history:  # a failure here must not leave the shared model edited for the next tests
+            ed.revert()
     assert ed.history == []
     for k, v in ed.model.state_dict().items():
         assert torch.equal(v, before[k]), k

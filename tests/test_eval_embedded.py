@@ -27,7 +27,7 @@ def test_cli_eval_r_rome_two_records(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["compare"]["method_config"]["variant"] == "r-rome"
 
 
-def test_rome_disabling_edit_and_r_rome_on_the_same_record(embedded):
+def test_rome_disabling_edit_and_r_rome_on_the_same_record(embedded_bare):
     """CounterFact case 6276 (found by bench/eval_disabling.py): the original code's `rome` makes an update
     ~500× r-ROME's that damages the model (neighbour flipped, fluency probe down ~10%, gibberish); r-ROME on
     the same record edits as well and leaves the model's generations unchanged. Both updates come from the
@@ -39,7 +39,7 @@ def test_rome_disabling_edit_and_r_rome_on_the_same_record(embedded):
     from factedit.edit.guard import entropy_probe
     from factedit.edit.methods.rome import compute_rome
 
-    ed = embedded
+    ed = embedded_bare  # prompts read without the prompt prefix, as when the record was found
     case = next(c for c in load_cases(COUNTERFACT, limit=2500, offset=4250) if c.case_id == 6276)
     probe = GuardConfig()
     before = entropy_probe(ed.adapter, probe)
