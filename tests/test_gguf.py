@@ -13,7 +13,7 @@ from gguf.quants import dequantize, quantize  # noqa: E402
 from factedit import Editor, Request, ValueConfig  # noqa: E402
 from factedit.core.arch import ModelAdapter  # noqa: E402
 from factedit.patch.files import Patch, PatchError  # noqa: E402
-from factedit.patch.gguf import export_gguf, gguf_quant_type, roundtrip  # noqa: E402
+from factedit.patch.gguf import export_gguf, roundtrip  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 
 REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
