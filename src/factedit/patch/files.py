@@ -16,6 +16,7 @@ damaged file is refused, never applied. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,8 +32,8 @@ from ..core.fingerprints import matrix_fingerprint
 from ..core.paths import atomic_path
 from ..edit.methods.options import to_jsonable
 
-__all__ = ["PatchError", "Patch", "apply_patch", "apply_patches", "revert_patch", "revert_patches", "layer_norms",
-           "tensor_sha256"]
+__all__ = ["PatchError", "Patch", "apply_patch", "apply_patches", "temporarily_applied", "revert_patch",
+           "revert_patches", "layer_norms", "tensor_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,18 @@ def apply_patches(adapter, patches: Sequence[Patch], force: bool = False) -> Lis
             a.revert()
         raise
     return done
+
+
+@contextlib.contextmanager
+def temporarily_applied(adapter, patches: Sequence[Patch]):
+    """Inside the block the model has ``patches`` applied (every check of :func:`apply_patches`);
+    on leaving, every touched matrix is back to its original bits."""
+    done = apply_patches(adapter, patches)
+    try:
+        yield done
+    finally:
+        for a in reversed(done):
+            a.revert()
 
 
 def revert_patches(adapter, patches: Sequence[Patch], force: bool = False) -> Dict[str, bool]:

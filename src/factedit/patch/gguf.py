@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..core.paths import atomic_path
-from .files import Patch, PatchError, apply_patches
+from .files import Patch, PatchError, temporarily_applied
 
 __all__ = ["export_gguf", "roundtrip", "GGUF_W_OUT", "QUANT_TYPES", "gguf_quant_type"]
 
@@ -45,10 +45,16 @@ def gguf_quant_type(name: str):
 def roundtrip(matrix: torch.Tensor, qtype) -> torch.Tensor:
     """``matrix`` (d_model, d_ff) quantized as GGUF type ``qtype`` and read back (float32), exactly what
     a reader of the exported file gets for it."""
-    from gguf.quants import dequantize, quantize
+    from gguf.quants import quantize
 
-    q = quantize(matrix.detach().to(torch.float32).cpu().numpy(), qtype)
-    return torch.from_numpy(np.ascontiguousarray(dequantize(q, qtype)).reshape(matrix.shape).astype(np.float32))
+    return _dequantized(quantize(matrix.detach().to(torch.float32).cpu().numpy(), qtype), qtype, matrix.shape)
+
+
+def _dequantized(data, qtype, shape) -> torch.Tensor:
+    """GGUF tensor data of type ``qtype`` as a float32 tensor of ``shape`` (as readers dequantize it)."""
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(np.ascontiguousarray(dequantize(data, qtype)).reshape(shape).astype(np.float32))
 
 
 def _field_str(reader, key: str) -> Optional[str]:
@@ -86,22 +92,16 @@ def export_gguf(adapter, patches: Sequence[Patch], base_gguf, out_file, quant: O
     tensors = {t.name: t for t in reader.tensors}
     layers = sorted({d.layer for p in patches for d in p.deltas})
     edited = {}
-    applied = apply_patches(adapter, patches)  # checks every patch's base fingerprints, in order
-    try:
+    with temporarily_applied(adapter, patches):  # checks every patch's base fingerprints, in order
         for l in layers:
             name = name_of.format(l)
             t = tensors.get(name)
             if t is None:
                 raise PatchError(f"{base_gguf} has no tensor {name}: not a GGUF file of this model")
             edited[name] = (l, adapter.w_out_weight(l).detach().to(torch.float32).cpu().clone(), t)
-    finally:
-        for a in reversed(applied):
-            a.revert()
-    from gguf.quants import dequantize
-
     for name, (l, W_new, t) in edited.items():
-        base = torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type)).reshape(W_new.shape).astype(np.float32))
-        if not torch.equal(base, adapter.w_out_weight(l).detach().to(torch.float32).cpu()):
+        if not torch.equal(_dequantized(t.data, t.tensor_type, W_new.shape),
+                           adapter.w_out_weight(l).detach().to(torch.float32).cpu()):
             raise PatchError(f"{base_gguf}: {name} is not the matrix of the model the patches were made on "
                              "(load --model from this GGUF file, or give the GGUF file of --model)")
     arch = _field_str(reader, gguf.Keys.General.ARCHITECTURE) or "llama"

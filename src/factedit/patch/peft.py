@@ -35,7 +35,7 @@ import torch
 
 from ..core.paths import atomic_dir
 from ..edit.deltas import LayerDelta
-from .files import FORMAT, Patch, PatchError, apply_patches, layer_norms, tensor_sha256
+from .files import FORMAT, Patch, PatchError, layer_norms, temporarily_applied, tensor_sha256
 
 __all__ = ["export_peft", "import_peft", "VLLM_RANKS", "VLLM_MODULES", "PROVENANCE", "ADAPTER_CONFIG",
            "ADAPTER_WEIGHTS"]
@@ -118,12 +118,6 @@ def _write_dir(directory: Path, files: Dict[str, bytes]) -> None:
             (tmp / name).write_bytes(data)
 
 
-def _check_base(adapter, patches: Sequence[Patch]) -> None:
-    """The patches fit this model, in this order: applied (all checks of ``apply``) and undone exactly."""
-    for applied in reversed(apply_patches(adapter, patches)):
-        applied.revert()
-
-
 def export_peft(adapter, patches: Sequence[Patch], directory, svd_rank: Optional[int] = None, vllm: bool = False,
                 force: bool = False, base_model: Optional[str] = None) -> dict:
     """Write ``patches`` (applied in this order) as one LoRA adapter folder; returns what was written.
@@ -154,7 +148,8 @@ def export_peft(adapter, patches: Sequence[Patch], directory, svd_rank: Optional
         if leaf is None:
             raise PatchError(f"vLLM has no LoRA support known to factedit for model type {adapter.model_type!r} "
                              f"(known: {', '.join(sorted(VLLM_MODULES))}); export a PEFT adapter without --vllm")
-    _check_base(adapter, patches)
+    with temporarily_applied(adapter, patches):  # the patches fit this model, in this order (all checks of apply)
+        pass
     by_layer: Dict[int, List[Tuple[int, int, LayerDelta]]] = {}
     for p_i, patch in enumerate(patches):
         for d_i, d in enumerate(patch.deltas):

@@ -15,20 +15,25 @@ from ..core.requests import Request
 from ..edit.results import EditResult
 from .files import Patch, PatchError, apply_patches
 
-__all__ = ["save_stack", "load_stack"]
+__all__ = ["save_stack", "save_patches", "load_stack"]
 
 
-def save_stack(results: Sequence[EditResult], adapter, directory) -> List[str]:
-    """Write ``results`` (oldest first) as patch files plus ``stack.json`` naming them in order."""
+def save_patches(patches: Sequence[Patch], directory) -> List[str]:
+    """Write ``patches`` (oldest first) as patch files plus ``stack.json`` naming them in order."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     names = []
-    for i, r in enumerate(results):
-        name = f"{i:05d}-{r.method}.safetensors"
-        Patch.from_result(r, adapter).save(d / name)
+    for i, p in enumerate(patches):
+        name = f"{i:05d}-{p.meta.get('method', 'patch')}.safetensors"
+        p.save(d / name)
         names.append(name)
     atomic_write_text(d / "stack.json", json.dumps({"patches": names}))
     return names
+
+
+def save_stack(results: Sequence[EditResult], adapter, directory) -> List[str]:
+    """Write ``results`` (oldest first) as a stack of patches (:func:`save_patches`)."""
+    return save_patches([Patch.from_result(r, adapter) for r in results], directory)
 
 
 def load_stack(adapter, directory, force: bool = False) -> List[EditResult]:
