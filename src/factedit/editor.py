@@ -31,7 +31,7 @@ from .edit.methods import make_config, spec_of_config
 from .edit.methods.rome import ROMEConfig
 from .edit.methods.rome import prefetch_targets as prefetch_rome_targets
 from .edit.results import ChainedEdit, Computed, EditResult
-from .patch.stack import load_stack, save_stack
+from .patch.stack import apply_as_results, load_stack, save_stack
 from .stats.layer import LayerStats
 from .trace.cache import load_recommendation
 
@@ -242,6 +242,14 @@ class Editor:
         """Apply a stack written by :meth:`save_history` (all or nothing) and add it to the history,
         so that :meth:`revert` can undo it edit by edit. Returns the number of edits applied."""
         results = load_stack(self.adapter, directory, force=force)
+        self.history.extend(results)
+        self.guard.forget()
+        return len(results)
+
+    def apply_patches(self, patches, force: bool = False) -> int:
+        """Apply :class:`~factedit.patch.files.Patch` objects in order (base fingerprints checked; all or
+        nothing) and add them to the history, so that :meth:`revert` undoes them. Returns how many."""
+        results = apply_as_results(self.adapter, list(patches), force=force)
         self.history.extend(results)
         self.guard.forget()
         return len(results)

@@ -1,4 +1,4 @@
-"""Command line: ``factedit edit | stats | apply | revert | inspect | export | import | trace | eval | summarize``
+"""Command line: ``factedit edit | stats | apply | revert | inspect | export | import | trace | eval | summarize | ui``
 (also ``python -m factedit``). One module per command group; :mod:`.common` holds what they share.
 
 Errors that are the user's to fix print one message on stderr and exit with status 2;
@@ -11,14 +11,14 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import edit, eval as eval_cmd, export, patch, stats, trace
+from . import edit, eval as eval_cmd, export, patch, stats, trace, ui
 from .common import setup_logging
 
 __all__ = ["main", "build_parser"]
 
 COMMANDS = {"edit": edit.cmd_edit, "stats": stats.cmd_stats, "apply": patch.cmd_apply, "revert": patch.cmd_revert,
             "inspect": patch.cmd_inspect, "export": export.cmd_export, "import": export.cmd_import, "trace": trace.cmd_trace, "eval": eval_cmd.cmd_eval,
-            "summarize": eval_cmd.cmd_summarize}
+            "summarize": eval_cmd.cmd_summarize, "ui": ui.cmd_ui}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_parser(sub)
     trace.add_parser(sub)
     eval_cmd.add_parsers(sub)
+    ui.add_parser(sub)
     return ap
 
 

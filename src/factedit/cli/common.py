@@ -50,7 +50,7 @@ def method_names(baseline: Optional[str] = None) -> str:
     return ", ".join(names + ([baseline] if baseline else []))
 
 
-def add_model_options(p: argparse.ArgumentParser, corpus: bool = True) -> None:
+def add_model_options(p: argparse.ArgumentParser, corpus: bool = True, json_option: bool = True) -> None:
     """The options of every command that loads a model."""
     p.add_argument("--model", default=None, help="hub id or local directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
@@ -64,7 +64,8 @@ def add_model_options(p: argparse.ArgumentParser, corpus: bool = True) -> None:
     p.add_argument("--prompt-prefix", default="auto", metavar="auto|none|TEXT",
                    help="what every prompt starts with: auto (default: nothing if the tokenizer adds a BOS, "
                         "else a newline, so that no subject sits at position 0), none, or a text")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    if json_option:
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="store_true")
 
 

@@ -9,10 +9,9 @@ import time
 from ..edit.verify import VERIFY_MIN_P
 from .common import add_model_options, arch_spec, layer_arg, layers_arg, load, method_names
 
-__all__ = ["add_parser", "cmd_edit", "efficacy"]
+__all__ = ["add_parser", "cmd_edit"]
 
 DEMO = dict(prompt="{} is located in the city of", subject="Eiffel Tower", target="Rome", true="Paris")
-DEFAULT_PARAPHRASES = ("Fact: {prompt}", "Q: Where is {subject}? A: {prompt}")
 
 
 def add_parser(sub) -> None:
@@ -50,40 +49,17 @@ def add_parser(sub) -> None:
     add_model_options(e)
 
 
-def _snapshot(adapter, req, prompts):
-    from ..core.lm import greedy_continuation, target_probabilities
-
-    snap = {"p_new": target_probabilities(adapter, [req.text], [req.target_new])[0]}
-    if req.target_true:
-        snap["p_true"] = target_probabilities(adapter, [req.text], [req.target_true])[0]
-    gens = [greedy_continuation(adapter, p, _snapshot.max_new_tokens) for p in prompts]
-    snap["generation"] = gens[0]
-    snap["paraphrase_generations"] = gens[1:]
-    return snap
-
-
 def _guard(args):
     from ..edit.guard import GuardConfig
 
     return GuardConfig(enabled=not args.no_guard)
 
 
-def efficacy(adapter, reqs):
-    from ..core.lm import target_logprobs
-
-    known = [r for r in reqs if r.target_true]
-    if not known:
-        return None
-    new = target_logprobs(adapter, [r.text for r in known], [r.target_new for r in known])
-    true = target_logprobs(adapter, [r.text for r in known], [r.target_true for r in known])
-    return sum(a > b for a, b in zip(new, true)) / len(known)
-
-
 def cmd_edit_many(args) -> int:
     from ..editor import Editor
     from ..edit.methods.options import parse_options
-    from ..core.models import model_name
     from ..core.request_files import load_requests
+    from ..report import batch_report
 
     reqs = load_requests(args.requests, limit=args.limit)
     model, tok = load(args)
@@ -96,20 +72,9 @@ def cmd_edit_many(args) -> int:
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     cfg = editor.make_config(args.method, steps=args.steps, options=parse_options(args.set or ()), **overrides)
-    before = efficacy(editor.adapter, reqs)
-    t = time.perf_counter()
-    result = editor.edit(reqs, config=cfg, guard=_guard(args))
-    seconds = time.perf_counter() - t
-    after = efficacy(editor.adapter, reqs)
-    saved = _save_outputs(args, editor, result)
-    outcomes = [{"prompt": r.text, "target_new": r.target_new, "target_true": r.target_true, **v}
-                for r, v in zip(result.requests, result.verification)]
-    out = {"method": args.method, "model": model_name(model), "layers": result.layers,
-           "layer_rule": result.config.layer_rule, "n_requests": len(reqs),
-           "seconds": round(seconds, 3), "efficacy": after, "efficacy_before": before,
-           "verified": result.verified, "n_verified": sum(o["verified"] for o in outcomes), "requests": outcomes,
-           "delta_norm": result.delta_norm, "timings": {k: round(v, 3) for k, v in result.timings.items()},
-           "statistics": result.statistics, "prompt_prefix": result.prompt_prefix, **saved}
+    result, out = batch_report(editor, reqs, cfg, guard=_guard(args))
+    out = {**out, "method": args.method, **_save_outputs(args, editor, result)}
+    outcomes, before, after, seconds = out["requests"], out["efficacy_before"], out["efficacy"], out["seconds"]
     if args.json:
         print(json.dumps(out))
     else:
@@ -146,8 +111,8 @@ def cmd_edit(args) -> int:
     from ..editor import Editor
     from ..core.errors import RequestError
     from ..edit.methods.options import parse_options
-    from ..core.models import model_name
     from ..core.requests import Request
+    from ..report import edit_prompts, edit_report
 
     if args.requests:
         return cmd_edit_many(args)
@@ -165,10 +130,6 @@ def cmd_edit(args) -> int:
     prefix = "none" if args.chat and args.prompt_prefix == "auto" else args.prompt_prefix  # chat markup starts it
     editor = Editor(model, tok, arch=arch_spec(args.arch_spec), prompt_prefix=prefix, progress=not args.json and sys.stderr.isatty())
     shown = req
-    if args.chat:
-        from ..core.chat import chat_request
-
-        req = chat_request(editor.tokenizer, shown)
     overrides = dict(layer=args.layer, seed=args.seed, stats_corpus=args.corpus, stats_tokens=args.stats_tokens)
     if args.layers is not None:
         overrides["layers"] = tuple(args.layers)
@@ -177,29 +138,12 @@ def cmd_edit(args) -> int:
         overrides["batch_size"] = args.batch_size
     # validates method, layer and options before any work
     cfg = editor.make_config(args.method, steps=args.steps, options=parse_options(args.set or ()), **overrides)
-    paraphrases = args.paraphrase or [p.format(prompt=shown.text, subject=shown.subject) for p in DEFAULT_PARAPHRASES]
-    names = [shown.text] + paraphrases
-    prompts = list(names)
-    if args.chat:  # the chat model's answers to the prompt and the paraphrases
-        from ..core.chat import chat_prompt
-
-        prompts = [chat_prompt(editor.tokenizer, p) for p in names]
-    _snapshot.max_new_tokens = args.max_new_tokens
-    before = _snapshot(editor.adapter, req, prompts)
-    result = editor.edit(req, config=cfg, guard=_guard(args))
-    after = _snapshot(editor.adapter, req, prompts)
-    saved = _save_outputs(args, editor, result)
-    out = {
-        "method": args.method, "model": model_name(model), "layers": result.layers,
-        "request": shown.to_dict(), "before": before, "after": after, "chat": bool(args.chat),
-        **({"chat_request": req.to_dict()} if args.chat else {}),
-        "layer_rule": result.config.layer_rule,
-        "verified": result.verified, "verification": result.verification[0], "retried": result.retried,
-        "delta_norm": result.delta_norm, "seconds": round(result.seconds, 3), "guard": result.guard,
-        "statistics": result.statistics, "prompt_prefix": result.prompt_prefix,
-        "timings": {k: round(v, 3) for k, v in result.timings.items()},
-        "total_seconds": round(time.perf_counter() - t0, 3), **saved,
-    }
+    req, names, prompts = edit_prompts(editor, shown, chat=args.chat, paraphrases=args.paraphrase)
+    result, out = edit_report(editor, req, cfg, shown=shown, prompts=prompts, chat=args.chat, guard=_guard(args),
+                              max_new_tokens=args.max_new_tokens)
+    before, after = out["before"], out["after"]
+    out = {**out, "method": args.method, "total_seconds": round(time.perf_counter() - t0, 3),
+           **_save_outputs(args, editor, result)}
     if args.json:
         print(json.dumps(out))
         _refuse_unverified(args, result)
@@ -215,6 +159,9 @@ def cmd_edit(args) -> int:
         b = before["generation"] if i == 0 else before["paraphrase_generations"][i - 1]
         a = after["generation"] if i == 0 else after["paraphrase_generations"][i - 1]
         print(f"\n  {p!r}\n    before: {b.strip()!r}\n    after:  {a.strip()!r}")
+    if "chat_answer" in after:
+        print(f"\n  as a chat turn (the prompt as the user's message)\n    before: {before['chat_answer'].strip()!r}"
+              f"\n    after:  {after['chat_answer'].strip()!r}")
     print(f"\n  ||Δ|| = {result.delta_norm:.3f}   edit {result.seconds:.1f} s "
           f"(values {result.timings.get('values', 0):.1f} s, statistics {result.timings.get('stats', 0):.1f} s)")
     print("  the edit took: " + ("yes" if result.verified else "NO") + (" (after a retry)" if result.retried else ""))

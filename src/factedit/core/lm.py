@@ -79,9 +79,10 @@ def sample_continuations(
 
 
 @torch.no_grad()
-def greedy_continuation(adapter, prompt: str, max_new_tokens: int = 12) -> str:
-    """Greedy continuation of ``prompt`` (the generated text only)."""
-    tok, model = adapter.tokenizer, adapter.model
+def greedy_continuation(adapter, prompt: str, max_new_tokens: int = 12, tokenizer=None) -> str:
+    """Greedy continuation of ``prompt`` (the generated text only), tokenized by ``tokenizer`` (default
+    the adapter's, which puts the prompt prefix first)."""
+    tok, model = tokenizer or adapter.tokenizer, adapter.model
     enc = tok(prompt, return_tensors="pt").to(adapter.device)
     out = model.generate(
         **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,

@@ -118,8 +118,25 @@ def _write_dir(directory: Path, files: Dict[str, bytes]) -> None:
             (tmp / name).write_bytes(data)
 
 
+def _check_holds(adapter, patches: Sequence[Patch]) -> None:
+    """The model's edited matrices are what the patches, applied in order, left."""
+    from ..core.fingerprints import matrix_fingerprint
+
+    last: Dict[str, Optional[str]] = {}
+    for p in patches:
+        for d in p.deltas:
+            if not 0 <= d.layer < adapter.n_layers:
+                raise PatchError(f"patch edits layer {d.layer} but the model has {adapter.n_layers} layers")
+            name = adapter.w_out_name(d.layer)
+            last[name] = (p.meta.get("fingerprints_after") or {}).get(name)
+    for name, want in last.items():
+        layer = next(d.layer for p in patches for d in p.deltas if adapter.w_out_name(d.layer) == name)
+        if want is None or matrix_fingerprint(adapter.w_out_parameter(layer)) != want:
+            raise PatchError(f"the model does not hold these patches: {name} is not what they left")
+
+
 def export_peft(adapter, patches: Sequence[Patch], directory, svd_rank: Optional[int] = None, vllm: bool = False,
-                force: bool = False, base_model: Optional[str] = None) -> dict:
+                force: bool = False, base_model: Optional[str] = None, applied: bool = False) -> dict:
     """Write ``patches`` (applied in this order) as one LoRA adapter folder; returns what was written.
 
     Args:
@@ -130,6 +147,8 @@ def export_peft(adapter, patches: Sequence[Patch], directory, svd_rank: Optional
             truncated SVD; the relative error is recorded.
         vllm: the vLLM variant (see the module docstring).
         base_model: ``base_model_name_or_path`` (default: where the base model was loaded from).
+        applied: the model holds the patches already (an editor's own history): its matrices are checked
+            against the fingerprints the last patch of each left instead of the base fingerprints.
     """
     from safetensors.torch import save
 
@@ -148,8 +167,11 @@ def export_peft(adapter, patches: Sequence[Patch], directory, svd_rank: Optional
         if leaf is None:
             raise PatchError(f"vLLM has no LoRA support known to factedit for model type {adapter.model_type!r} "
                              f"(known: {', '.join(sorted(VLLM_MODULES))}); export a PEFT adapter without --vllm")
-    with temporarily_applied(adapter, patches):  # the patches fit this model, in this order (all checks of apply)
-        pass
+    if applied:
+        _check_holds(adapter, patches)
+    else:
+        with temporarily_applied(adapter, patches):  # the patches fit this model, in this order (all checks of apply)
+            pass
     by_layer: Dict[int, List[Tuple[int, int, LayerDelta]]] = {}
     for p_i, patch in enumerate(patches):
         for d_i, d in enumerate(patch.deltas):

@@ -15,7 +15,7 @@ from ..core.requests import Request
 from ..edit.results import EditResult
 from .files import Patch, PatchError, apply_patches
 
-__all__ = ["save_stack", "save_patches", "load_stack"]
+__all__ = ["save_stack", "save_patches", "load_stack", "apply_as_results"]
 
 
 def save_patches(patches: Sequence[Patch], directory) -> List[str]:
@@ -46,10 +46,18 @@ def load_stack(adapter, directory, force: bool = False) -> List[EditResult]:
             raise ValueError(names)
     except (OSError, ValueError, KeyError, TypeError):
         raise PatchError(f"{d}: not a factedit history (stack.json missing or malformed)") from None
-    patches = [Patch.load(d / n) for n in names]
+    return apply_as_results(adapter, [Patch.load(d / n) for n in names], force)
+
+
+def apply_as_results(adapter, patches: Sequence[Patch], force: bool = False) -> List[EditResult]:
+    """Apply ``patches`` in order (all or nothing, :func:`~factedit.patch.files.apply_patches`) and return
+    one revertible :class:`EditResult` per patch, as an editor's history holds them."""
     applied = apply_patches(adapter, patches, force=force)
     return [EditResult(p.meta.get("method", "patch"), list(p.meta.get("layers", [])),
                        [Request(**r) for r in p.meta.get("requests", [])], p.deltas, a, p.meta.get("config"),
                        guard=p.meta.get("guard"), fingerprints=dict(p.meta["fingerprints"]),
-                       fingerprints_after=dict(p.meta.get("fingerprints_after") or {}))
+                       fingerprints_after=dict(p.meta.get("fingerprints_after") or {}),
+                       statistics=dict(p.meta.get("statistics") or {}),
+                       verification=list(p.meta.get("verification") or []), retried=bool(p.meta.get("retried")),
+                       prompt_prefix=p.meta.get("prompt_prefix") or "")
             for p, a in zip(patches, applied)]

@@ -13,7 +13,7 @@ This module holds the settings, prompt preparation, token classes and the full t
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -198,13 +198,15 @@ class TraceResult:
 
 
 def trace_prompt(adapter, prompt: str, subject: str, answer: Optional[str] = None,
-                 config: Optional[TraceConfig] = None, sigma: Optional[float] = None) -> TraceResult:
+                 config: Optional[TraceConfig] = None, sigma: Optional[float] = None,
+                 on_progress: Optional[Callable[[int, int], None]] = None) -> TraceResult:
     """Trace every (token, layer) of ``prompt`` for the kinds in ``config``.
 
     Without ``answer`` the model's own greedy next token is traced. ``sigma`` defaults to
     ``config.noise_factor`` × the cached embedding std of the model. Positions before the
     subject are not run: noise cannot reach them, so restoring them gives P_corrupt exactly.
     With ``config.classes`` only those token classes are traced (other cells NaN).
+    ``on_progress(done, total)`` reports the restored cells traced so far.
     """
     cfg = (config or TraceConfig()).check(adapter.n_layers)
     tp = prepare_prompt(adapter.tokenizer, prompt, subject, answer, adapter.max_positions)
@@ -223,7 +225,7 @@ def trace_prompt(adapter, prompt: str, subject: str, answer: Optional[str] = Non
         positions = sorted({t for c in cfg.classes for t in classes[c]})
     cells = [(k, t, l) for k in cfg.kinds for t in positions for l in range(L)]
     values = tracer.restored([restore_set(k, t, l, cfg.window, L) for k, t, l in cells], answer_id,
-                             cfg.batch_tokens)
+                             cfg.batch_tokens, on_progress)
     scores = {k: torch.full((T, L), p_corrupt if cfg.classes is None else float("nan"), dtype=torch.float64)
               for k in cfg.kinds}
     for (k, t, l), v in zip(cells, values.tolist()):

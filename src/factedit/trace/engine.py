@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import defaultdict
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -132,8 +132,10 @@ class CausalTracer:
         return float(self.corrupt_probs[answer_id])
 
     @torch.no_grad()
-    def restored(self, sets: Sequence[Sequence[Site]], answer_id: int, batch_tokens: int = 16384) -> torch.Tensor:
+    def restored(self, sets: Sequence[Sequence[Site]], answer_id: int, batch_tokens: int = 16384,
+                 on_progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
         """Mean P(answer) over the noise samples for each restore set: (len(sets),) float64.
+        ``on_progress(done, total)`` is called after each batch of forwards (sets run so far).
 
         Sets are grouped by their first restored position p0 (positions before it come from a
         cached corrupted prefix), then by their first restored layer (earlier layers are skipped);
@@ -150,10 +152,14 @@ class CausalTracer:
             inject = min((layer if kind == "hidden" else layer - 1 for kind, layer, _ in sites), default=L - 1)
             groups[min((token for _, _, token in sites), default=self.T - 1)][inject].append(i)
         finals = torch.empty(len(sets), self.S, self.width, device=self.adapter.device, dtype=self.dtype)
+        done = 0
         for p0, by_layer in sorted(groups.items()):
             per_set = self.S * (self.T - p0)  # rows × positions of one set
             for start, idx in _chunks(by_layer, per_set, L, max(per_set, batch_tokens)):
                 finals[idx] = self._run(p0, start, [sets[j] for j in idx])
+                done += len(idx)
+                if on_progress is not None:
+                    on_progress(done, len(sets))
         probs = torch.cat([self._probs(f.reshape(-1, self.width))[:, answer_id].double().cpu()
                            for f in finals.split(max(1, 4096 // self.S))])
         return probs.view(len(sets), self.S).mean(1)

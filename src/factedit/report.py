@@ -1,0 +1,132 @@
+"""What an edit shows its user: the model before and after, as ``factedit edit`` prints it and
+``factedit ui`` displays it (one implementation for both).
+
+    req, shown, prompts = edit_prompts(editor, Request(...), chat=False)
+    result, report = edit_report(editor, req, cfg, shown=shown, prompts=prompts)
+    report["before"]["p_new"], report["after"]["generation"], report["verified"], report["delta_norm"]
+
+    result, report = batch_report(editor, requests, cfg)   # per-request P(new)/P(true) before -> after
+
+A single edit's report holds P(new) and P(true) on the request's prompt, the greedy continuations of
+the prompt and its paraphrases, and, for a model with a chat template edited on the raw prompt, the
+chat model's answer to the prompt as a user message (read without the prompt prefix, as a served chat
+model sees it).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+from .core.chat import chat_prompt, chat_request, has_chat_template
+from .core.lm import greedy_continuation, target_logprobs, target_probabilities
+from .core.models import model_name
+from .core.requests import Request
+
+__all__ = ["DEFAULT_PARAPHRASES", "CHAT_ANSWER_TOKENS", "edit_prompts", "snapshot", "edit_report", "batch_report",
+           "efficacy"]
+
+#: rephrasings shown before/after when the user gives none
+DEFAULT_PARAPHRASES = ("Fact: {prompt}", "Q: Where is {subject}? A: {prompt}")
+#: new tokens of the chat answer shown beside a raw-prompt edit
+CHAT_ANSWER_TOKENS = 24
+
+
+def edit_prompts(editor, request: Request, chat: bool = False, paraphrases: Optional[Sequence[str]] = None
+                 ) -> Tuple[Request, List[str], List[str]]:
+    """``(edited request, names, prompts)``: the request as edited (rendered as a chat turn with
+    ``chat``), the prompt and paraphrases as the user wrote them, and the texts generated from (the
+    chat renderings of those with ``chat``). Paraphrases default to :data:`DEFAULT_PARAPHRASES`."""
+    paraphrases = list(paraphrases) if paraphrases else [
+        p.format(prompt=request.text, subject=request.subject) for p in DEFAULT_PARAPHRASES]
+    names = [request.text] + paraphrases
+    if not chat:
+        return request, names, list(names)
+    return chat_request(editor.tokenizer, request), names, [chat_prompt(editor.tokenizer, p) for p in names]
+
+
+def _chat_answer(adapter, text: str, max_new_tokens: int) -> str:
+    """The chat model's answer to ``text`` as a user message, rendered and read without any prompt prefix."""
+    from .core.tokens import source_tokenizer
+
+    tok = source_tokenizer(adapter.tokenizer)
+    return greedy_continuation(adapter, chat_prompt(tok, text), max_new_tokens, tokenizer=tok)
+
+
+def snapshot(adapter, req: Request, prompts: Sequence[str], max_new_tokens: int = 12,
+             chat_answer_of: Optional[str] = None) -> dict:
+    """P(new) (and P(true)) on ``req`` and the greedy continuations of ``prompts`` (the first is the
+    request's own); with ``chat_answer_of``, also the chat model's answer to that text."""
+    snap = {"p_new": target_probabilities(adapter, [req.text], [req.target_new])[0]}
+    if req.target_true:
+        snap["p_true"] = target_probabilities(adapter, [req.text], [req.target_true])[0]
+    gens = [greedy_continuation(adapter, p, max_new_tokens) for p in prompts]
+    snap["generation"] = gens[0]
+    snap["paraphrase_generations"] = gens[1:]
+    if chat_answer_of is not None:
+        snap["chat_answer"] = _chat_answer(adapter, chat_answer_of, CHAT_ANSWER_TOKENS)
+    return snap
+
+
+def edit_report(editor, req: Request, config, *, shown: Optional[Request] = None, prompts: Sequence[str] = (),
+                chat: bool = False, guard=None, max_new_tokens: int = 12) -> tuple:
+    """Edit ``req`` with ``config`` and return ``(result, report)``: the model before and after plus what
+    the edit did (layers, verification, guard, ‖Δ‖, seconds). ``shown`` is the request as the user wrote
+    it (``req`` may be its chat rendering); ``prompts`` the texts whose continuations are shown (the
+    first is ``req``'s own). The edit stays applied (and in ``editor.history``) whether or not it took."""
+    shown = shown or req
+    prompts = list(prompts) or [req.text]
+    chat_of = shown.text if not chat and has_chat_template(editor.tokenizer) else None
+    before = snapshot(editor.adapter, req, prompts, max_new_tokens, chat_of)
+    result = editor.edit(req, config=config, guard=guard)
+    after = snapshot(editor.adapter, req, prompts, max_new_tokens, chat_of)
+    report = {
+        "method": result.method, "model": model_name(editor.model), "layers": result.layers,
+        "request": shown.to_dict(), "before": before, "after": after, "chat": bool(chat),
+        **({"chat_request": req.to_dict()} if chat else {}),
+        "layer_rule": result.config.layer_rule,
+        "verified": result.verified, "verification": result.verification[0], "retried": result.retried,
+        "delta_norm": result.delta_norm, "seconds": round(result.seconds, 3), "guard": result.guard,
+        "statistics": result.statistics, "prompt_prefix": result.prompt_prefix,
+        "timings": {k: round(v, 3) for k, v in result.timings.items()},
+    }
+    return result, report
+
+
+def _probabilities(adapter, reqs: Sequence[Request]) -> List[dict]:
+    new = target_probabilities(adapter, [r.text for r in reqs], [r.target_new for r in reqs])
+    known = [i for i, r in enumerate(reqs) if r.target_true]
+    true = target_probabilities(adapter, [reqs[i].text for i in known], [reqs[i].target_true for i in known]) \
+        if known else []
+    out = [{"p_new": p, "p_true": None} for p in new]
+    for i, p in zip(known, true):
+        out[i]["p_true"] = p
+    return out
+
+
+def efficacy(adapter, reqs: Sequence[Request]) -> Optional[float]:
+    """The share of the requests with a true target whose P(new) > P(true) (``None`` if none has one)."""
+    known = [r for r in reqs if r.target_true]
+    if not known:
+        return None
+    new = target_logprobs(adapter, [r.text for r in known], [r.target_new for r in known])
+    true = target_logprobs(adapter, [r.text for r in known], [r.target_true for r in known])
+    return sum(a > b for a, b in zip(new, true)) / len(known)
+
+
+def batch_report(editor, reqs: Sequence[Request], config, guard=None) -> tuple:
+    """Edit ``reqs`` as one call of ``config``'s method and return ``(result, report)``: efficacy before
+    and after, and per request P(new)/P(true) before and after with its verification."""
+    reqs = list(reqs)
+    eff_before, p_before = efficacy(editor.adapter, reqs), _probabilities(editor.adapter, reqs)
+    result = editor.edit(reqs, config=config, guard=guard)
+    eff_after = efficacy(editor.adapter, reqs)
+    outcomes = [{"prompt": r.text, "target_new": r.target_new, "target_true": r.target_true,
+                 "p_new_before": b["p_new"], "p_true_before": b["p_true"], **v}
+                for r, b, v in zip(result.requests, p_before, result.verification)]
+    report = {"method": result.method, "model": model_name(editor.model), "layers": result.layers,
+              "layer_rule": result.config.layer_rule, "n_requests": len(reqs),
+              "seconds": round(result.seconds, 3), "efficacy": eff_after, "efficacy_before": eff_before,
+              "verified": result.verified, "n_verified": sum(o["verified"] for o in outcomes), "requests": outcomes,
+              "delta_norm": result.delta_norm, "timings": {k: round(v, 3) for k, v in result.timings.items()},
+              "statistics": result.statistics, "prompt_prefix": result.prompt_prefix}
+    return result, report
