@@ -212,3 +212,21 @@ def test_cli_export_and_import(home, tiny_corpus, tiny_dir, tmp_path, capsys):
     assert torch.equal(back.deltas[0].left, patch.deltas[0].left) and back.meta["requests"] == patch.meta["requests"]
     assert main(["import", "--peft", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_export_from_an_editor_that_holds_its_edits(home, tiny_corpus, tmp_path):
+    """`applied=True` (the web page's download): the model holds the stack; checked against what the patches left."""
+    ed, first = _edit("llama", tiny_corpus)
+    res = ed.edit(REQS[1], layer=1, **_opts(tiny_corpus))
+    second = Patch.from_result(res)
+    export_peft(ed.adapter, [first, second], tmp_path / "held", applied=True)
+    ad = _base("llama")
+    export_peft(ad, [first, second], tmp_path / "base")  # the same adapter from the base model
+    for name in (ADAPTER_WEIGHTS,):
+        assert (tmp_path / "held" / name).read_bytes() == (tmp_path / "base" / name).read_bytes()
+    with pytest.raises(PatchError, match="does not hold"):
+        export_peft(ad, [first, second], tmp_path / "no", applied=True)  # the base does not hold them
+    ed.revert()
+    with pytest.raises(PatchError, match="does not hold"):
+        export_peft(ed.adapter, [first, second], tmp_path / "no", applied=True)  # only the first is applied
+    assert not (tmp_path / "no").exists()

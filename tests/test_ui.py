@@ -105,14 +105,19 @@ def do_edit(page, **form) -> dict:
 
 
 def history_text(page) -> str:
+    """The stack as the page shows it, freshly rendered (opening the tab re-reads the session)."""
+    tab(page, "locate")
+    old = seq(page, "history")
     tab(page, "history")
+    page.wait_for_function("(old) => { const e = document.querySelector('#history .fe-out'); "
+                           "return e && e.dataset.seq !== old; }", arg=old)
     return page.inner_text("#history")
 
 
 def revert_all(page) -> None:
-    rows = page.locator("#history-table tbody tr").count() if "history-table" in page.content() else 0
+    history_text(page)
+    rows = page.locator("#history-table tbody tr").count()
     if rows:
-        tab(page, "history")
         fill(page, "revert-n", str(rows))
         click_and_wait(page, "revert-button", "history-status")
     assert "No edits applied" in history_text(page)
@@ -252,3 +257,34 @@ def test_embedded_model_edit_in_the_browser(tmp_path):
         assert got["p_new_after"] > got["p_true_after"] and got["p_new_after"] > got["p_new_before"]
         assert "The edit took" in got["decision"] and "Rome" in got["after"]
         assert "as a chat turn" in got["text"]  # SmolLM2-Instruct has a chat template: its answer is shown
+
+
+def read_edit(page) -> dict:
+    num = lambda i: float(page.inner_text(f"#{i}"))  # noqa: E731
+    return {"before": num("p-new-before"), "after": num("p-new-after")}
+
+
+def test_two_tabs_editing_at_once_are_serialised(page, tiny_ui):
+    revert_all(page)
+    other = page.context.new_page()
+    try:
+        other.set_default_timeout(TIMEOUT)
+        other.goto(tiny_ui)
+        other.wait_for_selector("#trace-button")
+        for p in (page, other):
+            edit_form(p)
+        olds = [seq(p, "edit-result") for p in (page, other)]
+        page.click("#edit-button")
+        other.click("#edit-button")
+        for p, old in zip((page, other), olds):
+            p.wait_for_function("(old) => { const e = document.querySelector('#edit-result .fe-out'); "
+                                "return e && e.dataset.seq !== old && document.querySelector('#p-new-after'); }",
+                                arg=old)
+        a, b = read_edit(page), read_edit(other)
+        # one edit ran on the weights the other left (never on a half-applied edit)
+        assert a["before"] == b["after"] or b["before"] == a["after"], (a, b)
+        assert a["before"] != b["before"]
+        assert history_text(page).count("Eiffel Tower is located in the city of -> Rome") == 2
+    finally:
+        other.close()
+        revert_all(page)

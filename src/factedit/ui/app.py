@@ -243,7 +243,7 @@ def build_app(session: Session):
                 b_out = gr.HTML(elem_id="batch-result")
 
             # ---------------------------------------------------------- History
-            with gr.Tab("Edits in this session", id="history"):
+            with gr.Tab("Edits in this session", id="history") as h_tab:
                 h_table = gr.HTML(render_history([]), elem_id="history")
                 h_status = gr.HTML(elem_id="history-status")
                 with gr.Row():
@@ -378,6 +378,7 @@ def build_app(session: Session):
 
         v_go.click(do_eval, [v_path, v_file, v_n, v_method, v_layer, v_ge], v_out)
         app.load(history_html, None, h_table)
+        h_tab.select(history_html, None, h_table)  # edits made in other browser tabs show up
     return app
 
 

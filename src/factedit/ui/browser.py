@@ -84,7 +84,7 @@ def chromium_page(executable: Optional[str] = None, width: int = 1400, height: i
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=exe, headless=True, args=list(CHROMIUM_ARGS))
         try:
-            page = browser.new_page(viewport={"width": width, "height": height})
-            yield page
+            context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+            yield context.new_page()
         finally:
             browser.close()
