@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..core.batching import pad_id, pad_rows
 from ..core.hooks import Hook, RawOutput, start_at_layer
 from ..core.kv import cache_of, past
+from ..core.progress import report
 from ..core.tokens import encode_request
 
 __all__ = ["ValueConfig", "ValueProblem", "ValueResult", "optimize_values"]
@@ -288,6 +289,7 @@ def optimize_values(problem: ValueProblem, cfg: ValueConfig, fast: bool = True) 
     steps_each = torch.zeros(n, dtype=torch.long, device=dev)
     with torch.enable_grad():
         for it in range(cfg.steps):
+            report("value optimisation (step, at most)", it, cfg.steps)
             act = active.clone()
             nll, kl = p.losses(p.logits(delta, fast=fast, active=act), active=act)
             wd = cfg.weight_decay * delta.norm(dim=-1) / v0_sq

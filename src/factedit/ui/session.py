@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from ..core.errors import FactEditError, RequestError
+from ..core.progress import reporting
 from ..core.requests import Request
 
 __all__ = ["Session", "METHOD_CHOICES", "Progress", "result_message"]
@@ -140,8 +141,9 @@ class Session:
             editor = self._chat_editor() if chat else self.editor
             req, names, prompts = edit_prompts(editor, shown, chat=chat, paraphrases=paraphrases)
             progress(None, "optimising the new value and applying the edit")
-            result, report = edit_report(editor, req, cfg, shown=shown, prompts=prompts, chat=chat,
-                                         guard=GuardConfig(enabled=guard), max_new_tokens=max_new_tokens)
+            with reporting(_steps(progress)):
+                result, report = edit_report(editor, req, cfg, shown=shown, prompts=prompts, chat=chat,
+                                             guard=GuardConfig(enabled=guard), max_new_tokens=max_new_tokens)
             if chat:  # the chat editor shares the model; its history is the session's
                 self.editor.history.append(editor.history.pop())
             report["prompts"] = names
@@ -174,7 +176,8 @@ class Session:
         cfg = self.config(method, layer)
         with self.exclusive(progress):
             progress(None, f"editing {len(reqs)} requests")
-            _, report = batch_report(self.editor, reqs, cfg, guard=GuardConfig(enabled=guard))
+            with reporting(_steps(progress)):
+                _, report = batch_report(self.editor, reqs, cfg, guard=GuardConfig(enabled=guard))
         return report
 
     # ------------------------------------------------------------------ the stack of edits
@@ -294,6 +297,11 @@ class Session:
 
             summary = run_eval(self.editor, cfg, out, on_group=group_done)
         return {"summary": summary, "run": str(out)}
+
+
+def _steps(progress: Progress):
+    """A :func:`~factedit.core.progress.reporting` listener that moves the page's progress bar."""
+    return lambda stage, done, total: progress(done / max(1, total), f"{stage}: {done} of {total}")
 
 
 def _text(value, name: str) -> str:
