@@ -105,7 +105,9 @@ def render_edit(report: dict) -> str:
         ["collapse guard", _e(guard)],
         ["‖Δ‖", ('class="num" id="delta-norm"', f"{report['delta_norm']:.4f}")],
         ["seconds", ('class="num" id="edit-seconds"', f"{report['seconds']:.1f}")],
-    ], "edit-facts")
+    ] + ([["of which key statistics (computed once, then cached)",
+           ('class="num"', f"{report['timings']['stats']:.1f}")]]
+         if report.get("timings", {}).get("stats", 0) >= 0.5 else []), "edit-facts")
     kept = "fe-ok" if report["kept"] and report["verified"] else "fe-bad"
     return _out(f'<p class="{kept}" id="edit-decision">{_e(result_message(report))}</p>' + probs + cont + facts)
 
@@ -189,7 +191,7 @@ def build_app(session: Session):
                 t_go = gr.Button("Trace", variant="primary", elem_id="trace-button")
                 t_status = gr.HTML(elem_id="trace-status")
                 with gr.Row():
-                    t_imgs = [gr.Image(label=f"{k} (restored)", type="filepath", elem_id=f"trace-{k}")
+                    t_imgs = [gr.Image(label=f"{k} (restored)", show_label=False, type="filepath", elem_id=f"trace-{k}")
                               for k in ("hidden", "mlp", "attn")]
 
                 def do_trace(prompt, subject, answer, samples, progress=gr.Progress(track_tqdm=True)):
