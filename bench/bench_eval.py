@@ -44,6 +44,7 @@ def main():
     from factedit import ModelAdapter, load_model
     from factedit.edit.deltas import LayerDelta
     from factedit.evaluation import GenerationConfig, load_cases, score_cases
+    from factedit.evaluation.score_model import unedited_answers
     from factedit.edit.row_deltas import RowDeltas
 
     model, tok = load_model(device=args.device)
@@ -65,8 +66,19 @@ def main():
     chunk = cases[: args.ge_chunk]
     with RowDeltas(ad, models[: len(chunk)]) as rd:
         t_ge_chunk = timed(lambda: score_cases(ad, chunk, ge, models=rd, owners=list(range(len(chunk)))))
+    # generation-based scores (greedy answers of <= 50 tokens to the first sentence) on a chunk, each case
+    # on its own edited model, against the same chunk's teacher-forced scoring alone
+    unedited = unedited_answers(ad, chunk)
+    with RowDeltas(ad, models[: len(chunk)]) as rd:
+        own = list(range(len(chunk)))
+        t_tf_chunk = timed(lambda: score_cases(ad, chunk, models=rd, owners=own))
+        t_gen_chunk = timed(lambda: score_cases(ad, chunk, models=rd, owners=own, unedited=unedited))
+    t_gen_each = timed(lambda: [score_cases(ad, [c], unedited=unedited) for c in cases[: args.ge_cases]])
+    t_tf_each = timed(lambda: [score_cases(ad, [c]) for c in cases[: args.ge_cases]])
     res = {"per_case_calls": args.n / t_each, "one_call": args.n / t_all, "row_models": args.n / t_rows,
-           "with_ge": args.ge_cases / t_ge, "with_ge_chunk": len(chunk) / t_ge_chunk}
+           "with_ge": args.ge_cases / t_ge, "with_ge_chunk": len(chunk) / t_ge_chunk,
+           "gen_chunk_ratio": t_gen_chunk / t_tf_chunk, "gen_each_ratio": t_gen_each / t_tf_each,
+           "gen_chunk": t_gen_chunk / len(chunk), "tf_chunk": t_tf_chunk / len(chunk)}
     print(res)
     publish([
         "## Evaluation throughput", "",
@@ -84,7 +96,14 @@ def main():
         f"| full case (ES/PS/NS + GE, {args.ge_length}-token samples), one case at a time | {res['with_ge']:.3f} | "
         f"{1 / res['with_ge']:.2f} |",
         f"| full case, {len(chunk)} cases together, each on its own edited model (single-edit runs) | "
-        f"{res['with_ge_chunk']:.3f} | {1 / res['with_ge_chunk']:.2f} |", "",
+        f"{res['with_ge_chunk']:.3f} | {1 / res['with_ge_chunk']:.2f} |",
+        f"| ES/PS/NS, {len(chunk)} cases together, each on its own edited model | {1 / res['tf_chunk']:.2f} | "
+        f"{res['tf_chunk']:.3f} |",
+        f"| ES/PS/NS + generation-based scores (greedy to the first sentence, <= 50 tokens), the same chunk | "
+        f"{1 / res['gen_chunk']:.2f} | {res['gen_chunk']:.3f} |", "",
+        f"Generation-based scores multiply the scoring time of a case in a chunk of {len(chunk)} by "
+        f"{res['gen_chunk_ratio']:.2f} (target: at most 2), and of a case scored alone (sequential runs) by "
+        f"{res['gen_each_ratio']:.2f}.", "",
     ], args.out, "## Evaluation throughput")
 
 

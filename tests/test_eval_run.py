@@ -183,7 +183,7 @@ def test_inconsistent_settings_are_refused():
     for kw, msg in ((dict(method="r-rome", batch_size=2), "one case at a time"),
                     (dict(method="none", sequential=True), "needs an editing method"),
                     (dict(downstream_every=5), "needs --sequential"),
-                    (dict(sequential=True, downstream_every=5), "needs --downstream DIR"),
+                    (dict(sequential=True, downstream_every=5), "needs something to measure: --downstream DIR"),
                     (dict(method="nope"), "unknown method"),
                     (dict(chunk=0), "--chunk and --prefetch-batch must be >= 1"),
                     (dict(prefetch_batch=0), "--chunk and --prefetch-batch must be >= 1")):
@@ -244,11 +244,15 @@ def test_summarize_table_and_plots(home, tiny_corpus, tmp_path, capsys):
     assert lines[0].startswith("| run | method | mode | n | ES | PS | NS | S |")
     assert lines[2].startswith("| base | none | single | 2 |") and lines[3].startswith("| seq | r-rome | sequential | 3 |")
     seq_head = next(i for i, l in enumerate(lines) if l.startswith("| run | method | edits | ES after edit"))
+    head = [c.strip(" |") for c in lines[seq_head].split(" | ")]
     row = lines[seq_head + 2].split(" | ")
+    cell = dict(zip(head, (c.strip(" |") for c in row)))
     assert lines[seq_head + 3].startswith("plot: ")  # only the sequential run has a row
     down = [json.loads(l) for l in (tmp_path / "seq" / "downstream.jsonl").read_text().splitlines()]
     assert row[0] == "| seq" and row[2] == "3" and row[4] == f"{down[-1]['retention']['ES']:.1f}"
-    assert row[-2] == f"{100 * down[0]['tasks']['mean']:.1f}" and row[-1] == f"{100 * down[-1]['tasks']['mean']:.1f} |"
+    assert cell["downstream mean at 0"] == f"{100 * down[0]['tasks']['mean']:.1f}"
+    assert cell["downstream mean at end"] == f"{100 * down[-1]['tasks']['mean']:.1f}"
+    assert cell["gen-ES at end"] == f"{down[-1]['retention']['gen_ES']:.1f}"  # generation-based retention
     assert row[7] == "–"  # GE not sampled (length 0)
     for name in ("sequential_scores.png", "sequential_downstream.png", "sequential_delta_norm.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

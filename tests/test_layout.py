@@ -9,7 +9,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "factedit"
 
 #: the data flow, bottom to top; packages of one rank do not import each other
-RANKS = {"core": 0, "stats": 1, "edit": 2, "patch": 3, "trace": 3, "editor": 4, "report": 4, "evaluation": 5,
+RANKS = {"core": 0, "stats": 1, "edit": 2, "patch": 3, "trace": 3, "editor": 4, "side_effects": 4, "report": 5,
+         "evaluation": 5,
          "ui": 6, "cli": 7, "__main__": 8}
 
 

@@ -243,12 +243,13 @@ def test_locate_batch_download_upload_and_evaluate(page, tiny_env):
 
 
 @pytest.mark.slow
-def test_embedded_model_edit_in_the_browser(tmp_path):
+def test_embedded_model_edit_in_the_browser(page, tmp_path):
     if not CORPUS.is_file():
         pytest.skip("shared data not found")
     with open(tmp_path / "server.log", "w") as log, \
             running_ui([*STATS_ARGS, "--workdir", str(tmp_path / "work")], env={"FACTEDIT_HOME": str(TEST_HOME)},
-                       log=log) as url, chromium_page() as p:
+                       log=log) as url:
+        p = page.context.browser.new_page()  # the module's browser (one Playwright per process)
         p.set_default_timeout(TIMEOUT)
         p.goto(url)
         p.wait_for_selector("#trace-button")
@@ -257,6 +258,8 @@ def test_embedded_model_edit_in_the_browser(tmp_path):
         assert got["p_new_after"] > got["p_true_after"] and got["p_new_after"] > got["p_new_before"]
         assert "The edit took" in got["decision"] and "Rome" in got["after"]
         assert "as a chat turn" in got["text"]  # SmolLM2-Instruct has a chat template: its answer is shown
+        assert "Side effects" in got["text"] and p.locator("#side-effects tbody tr").count() > 0
+        p.close()
 
 
 def read_edit(page) -> dict:

@@ -68,17 +68,32 @@ def snapshot(adapter, req: Request, prompts: Sequence[str], max_new_tokens: int 
 
 
 def edit_report(editor, req: Request, config, *, shown: Optional[Request] = None, prompts: Sequence[str] = (),
-                chat: bool = False, guard=None, max_new_tokens: int = 12) -> tuple:
+                chat: bool = False, guard=None, max_new_tokens: int = 12, side_effects: bool = True,
+                bank=None) -> tuple:
     """Edit ``req`` with ``config`` and return ``(result, report)``: the model before and after plus what
-    the edit did (layers, verification, guard, ‖Δ‖, seconds). ``shown`` is the request as the user wrote
-    it (``req`` may be its chat rendering); ``prompts`` the texts whose continuations are shown (the
-    first is ``req``'s own). The edit stays applied (and in ``editor.history``) whether or not it took."""
+    the edit did (layers, verification, guard, ‖Δ‖, seconds) and, with ``side_effects``, its blast radius
+    (:mod:`factedit.side_effects`: probes of the same relation with other subjects of ``bank`` and of the
+    same subject with other relations, answered before and after; also kept on ``result.side_effects``
+    and so in its patch). ``shown`` is the request as the user wrote it (``req`` may be its chat
+    rendering); ``prompts`` the texts whose continuations are shown (the first is ``req``'s own). The edit
+    stays applied (and in ``editor.history``) whether or not it took."""
+    from .side_effects import answers, compare, load_bank, probe_prompts
+
     shown = shown or req
     prompts = list(prompts) or [req.text]
     chat_of = shown.text if not chat and has_chat_template(editor.tokenizer) else None
     before = snapshot(editor.adapter, req, prompts, max_new_tokens, chat_of)
+    probes, probe_before = [], []
+    if side_effects:
+        bank = bank or load_bank()
+        probes = probe_prompts(editor.adapter, shown, config.resolved(editor.adapter).layers[0], bank)
+        render = (lambda p: chat_prompt(editor.tokenizer, p)) if chat else None
+        probe_before = answers(editor.adapter, probes, render=render)
     result = editor.edit(req, config=config, guard=guard)
     after = snapshot(editor.adapter, req, prompts, max_new_tokens, chat_of)
+    if side_effects:
+        result.side_effects = compare(probes, probe_before, answers(editor.adapter, probes, render=render),
+                                         shown, bank.source)
     report = {
         "method": result.method, "model": model_name(editor.model), "layers": result.layers,
         "request": shown.to_dict(), "before": before, "after": after, "chat": bool(chat),
@@ -88,6 +103,7 @@ def edit_report(editor, req: Request, config, *, shown: Optional[Request] = None
         "delta_norm": result.delta_norm, "seconds": round(result.seconds, 3), "guard": result.guard,
         "statistics": result.statistics, "prompt_prefix": result.prompt_prefix,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
+        **({"side_effects": result.side_effects} if side_effects else {}),
     }
     return result, report
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -42,6 +43,12 @@ def add_parser(sub) -> None:
                         "answer beginning with it (the tokenizer's chat template; read without a prompt prefix)")
     e.add_argument("--allow-unverified", action="store_true",
                    help="keep (and save) an edit that did not take on its own prompt (default: exit 2, nothing saved)")
+    e.add_argument("--no-side-effects", action="store_true",
+                   help="skip the blast-radius report (probes of the same relation with other subjects and of the "
+                        "subject with other relations, answered before and after)")
+    e.add_argument("--side-effects-bank", default=None, metavar="KNOWNS",
+                   help="known facts (known_1000.json or JSONL) whose subjects and templates the probes use "
+                        "(default: $FACTEDIT_KNOWNS, else a built-in list)")
     e.add_argument("--no-guard", action="store_true",
                    help="skip the collapse guard (apply even an edit that looks like it would break the model)")
     e.add_argument("--save-patch", default=None, help="write the edit as a patch file (safetensors)")
@@ -113,6 +120,7 @@ def cmd_edit(args) -> int:
     from ..edit.methods.options import parse_options
     from ..core.requests import Request
     from ..report import edit_prompts, edit_report
+    from ..side_effects import load_bank
 
     if args.requests:
         return cmd_edit_many(args)
@@ -139,8 +147,9 @@ def cmd_edit(args) -> int:
     # validates method, layer and options before any work
     cfg = editor.make_config(args.method, steps=args.steps, options=parse_options(args.set or ()), **overrides)
     req, names, prompts = edit_prompts(editor, shown, chat=args.chat, paraphrases=args.paraphrase)
+    bank = None if args.no_side_effects else load_bank(args.side_effects_bank or os.environ.get("FACTEDIT_KNOWNS"))
     result, out = edit_report(editor, req, cfg, shown=shown, prompts=prompts, chat=args.chat, guard=_guard(args),
-                              max_new_tokens=args.max_new_tokens)
+                              max_new_tokens=args.max_new_tokens, side_effects=not args.no_side_effects, bank=bank)
     before, after = out["before"], out["after"]
     out = {**out, "method": args.method, "total_seconds": round(time.perf_counter() - t0, 3),
            **_save_outputs(args, editor, result)}
@@ -162,6 +171,14 @@ def cmd_edit(args) -> int:
     if "chat_answer" in after:
         print(f"\n  as a chat turn (the prompt as the user's message)\n    before: {before['chat_answer'].strip()!r}"
               f"\n    after:  {after['chat_answer'].strip()!r}")
+    fx = out.get("side_effects")
+    if fx:
+        print(f"\n  side effects ({fx['source']} probes): {fx['changed']} of {fx['probed']} answers changed, "
+              f"{fx['leaked_target']} now name {target!r}")
+        for r in fx["probes"]:
+            if r["changed"]:
+                print(f"    {'LEAK  ' if r['leaked'] else 'changed'} {r['prompt']!r}: {r['before'].strip()!r} -> "
+                      f"{r['after'].strip()!r}")
     print(f"\n  ||Δ|| = {result.delta_norm:.3f}   edit {result.seconds:.1f} s "
           f"(values {result.timings.get('values', 0):.1f} s, statistics {result.timings.get('stats', 0):.1f} s)")
     print("  the edit took: " + ("yes" if result.verified else "NO") + (" (after a retry)" if result.retried else ""))

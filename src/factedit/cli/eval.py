@@ -9,7 +9,8 @@ from .common import add_model_options, arch_spec, layer_arg, layers_arg, load, m
 
 __all__ = ["add_parsers", "eval_config", "cmd_eval", "cmd_summarize"]
 
-SUMMARY_KEYS = ("n", "ES", "PS", "NS", "S", "EM", "PM", "NM", "GE", "seconds_per_edit")
+SUMMARY_KEYS = ("n", "ES", "PS", "NS", "S", "EM", "PM", "NM", "GE", "gen_ES", "gen_PS", "gen_NS", "gen_leak",
+                "seconds_per_edit")
 
 
 def add_parsers(sub) -> None:
@@ -25,11 +26,21 @@ def add_parsers(sub) -> None:
     e.add_argument("--downstream-every", type=int, default=None,
                    help="with --sequential: downstream tasks and all earlier edits re-scored every K edits")
     e.add_argument("--downstream", default=None, help="directory of the downstream task files (sst2.jsonl, ...)")
+    e.add_argument("--ppl-corpus", default=None,
+                   help="with --downstream-every: track the perplexity on this held-out text file (e.g. WikiText-2 "
+                        "test when the statistics read its validation split)")
+    e.add_argument("--ppl-tokens", type=int, default=20_000, help="tokens of --ppl-corpus scored (default 20,000)")
+    e.add_argument("--knowns", default=None,
+                   help="with --downstream-every: track the share of these known facts (known_1000.json) that the "
+                        "unedited model answers (first token) and the edited one still does")
     e.add_argument("--downstream-n", type=int, default=100, help="examples per downstream task (default 100)")
     e.add_argument("--downstream-shots", type=int, default=3, help="few-shot demonstrations (default 3)")
     e.add_argument("--ge-length", type=int, default=100,
                    help="tokens per generation for GE, prompt included (ROME: 100); 0 skips GE")
     e.add_argument("--ge-prompts", type=int, default=10, help="generation prompts per case (default all, ≤ 10)")
+    e.add_argument("--gen-tokens", type=int, default=50,
+                   help="generation-based scores (gen_ES/gen_PS/gen_NS/gen_leak): greedy answers of at most this "
+                        "many tokens, cut at the first sentence (default 50); 0 skips them")
     e.add_argument("--score-batch", type=int, default=64, help="rows per forward pass when scoring")
     e.add_argument("--chunk", type=int, default=25,
                    help="single-edit runs: cases edited (each from the original weights) and scored together (default 25)")
@@ -74,6 +85,7 @@ def _method_options(args) -> tuple:
 def eval_config(args):
     """The :class:`~factedit.evaluation.EvalConfig` of parsed ``factedit eval`` arguments."""
     from ..evaluation import DownstreamConfig, EvalConfig, GenerationConfig
+    from ..evaluation.ability import AbilityConfig
 
     return EvalConfig(
         method=args.method, dataset=args.dataset, dataset_sha256=args.dataset_sha256, limit=args.limit,
@@ -81,7 +93,8 @@ def eval_config(args):
         downstream_dir=args.downstream, downstream_every=args.downstream_every,
         downstream=DownstreamConfig(n=args.downstream_n, shots=args.downstream_shots),
         generation=GenerationConfig(length=args.ge_length, max_prompts=args.ge_prompts, seed=args.seed),
-        score_batch=args.score_batch, chunk=args.chunk, prefetch_batch=args.prefetch_batch, guard=args.guard,
+        ability=AbilityConfig(ppl_corpus=args.ppl_corpus, ppl_tokens=args.ppl_tokens, knowns=args.knowns),
+        score_batch=args.score_batch, gen_tokens=args.gen_tokens, chunk=args.chunk, prefetch_batch=args.prefetch_batch, guard=args.guard,
         verify=args.verify,
         method_options=_method_options(args))
 

@@ -48,6 +48,7 @@ class EditResult:
     verification: List[dict] = field(default_factory=list)  # per request: verified, p_new, p_true, ...
     retried: bool = False  # an unverified edit was optimised again within the retry budget
     prompt_prefix: str = ""  # what every prompt of the edit started with (core/tokens.py)
+    side_effects: Optional[dict] = None  # the blast radius report (factedit.side_effects), when measured
 
     @property
     def verified(self) -> Optional[bool]:

@@ -5,6 +5,7 @@ summaries (``factedit eval`` / ``factedit summarize``). See ``docs/EVALUATION.md
     summary = run_eval(editor, EvalConfig(method="r-rome", dataset="counterfact_knowedit.jsonl", limit=200), "runs/r")
 """
 
+from .ability import AbilityConfig, fact_recall, perplexity
 from .datasets import CounterFactCase, DatasetError, ZsRECase, load_cases, resolve_dataset
 from .downstream import DownstreamConfig, evaluate_tasks, load_tasks
 from .runner import BASELINE, EvalConfig, run_eval
@@ -13,4 +14,4 @@ from .store import RunError
 
 __all__ = ["CounterFactCase", "ZsRECase", "DatasetError", "load_cases", "resolve_dataset",
            "DownstreamConfig", "evaluate_tasks", "load_tasks", "EvalConfig", "run_eval", "BASELINE",
-           "GenerationConfig", "score_cases", "RunError"]
+           "GenerationConfig", "score_cases", "RunError", "AbilityConfig", "perplexity", "fact_recall"]

@@ -21,8 +21,9 @@ from ..core.errors import FactEditError, RequestError
 from ..edit.guard import CollapseError, GuardConfig
 from ..edit.methods import METHODS, method_spec
 from .datasets import Case, load_cases, resolve_dataset, sha256_of
+from .ability import Ability, AbilityConfig
 from .downstream import DownstreamConfig, evaluate_tasks, load_tasks
-from .score_model import GenerationConfig, generation_scores, score_cases
+from .score_model import GEN_TOKENS, GenerationConfig, generation_scores, score_cases, unedited_answers
 from .scoring import normalized_delta_norm, summarize_records
 from ..edit.verify import outcome as verify_outcome
 from .store import RunError, RunStore
@@ -84,7 +85,9 @@ class EvalConfig:
     downstream_every: Optional[int] = None
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    ability: AbilityConfig = field(default_factory=AbilityConfig)
     score_batch: int = 64
+    gen_tokens: int = GEN_TOKENS
     chunk: int = 25
     prefetch_batch: int = 1
     guard: bool = False
@@ -97,6 +100,8 @@ class EvalConfig:
             raise RunError(f"unknown method {self.method!r}; available: {BASELINE}, {', '.join(METHODS)}")
         if self.batch_size < 1:
             raise RunError("--batch-size must be >= 1")
+        if not isinstance(self.gen_tokens, int) or self.gen_tokens < 0:
+            raise RunError(f"--gen-tokens must be a whole number >= 0, got {self.gen_tokens!r}")
         if self.chunk < 1 or self.prefetch_batch < 1:
             raise RunError("--chunk and --prefetch-batch must be >= 1")
         if self.batch_size > 1 and (self.method == BASELINE or method_spec(self.method).single_request):
@@ -108,8 +113,10 @@ class EvalConfig:
                 raise RunError("--downstream-every needs --sequential")
             if self.downstream_every < 1:
                 raise RunError("--downstream-every must be >= 1")
-            if not self.downstream_dir:
-                raise RunError("--downstream-every needs --downstream DIR (the task files)")
+            if not self.downstream_dir and not self.ability.enabled:
+                raise RunError("--downstream-every needs something to measure: --downstream DIR (the task files), "
+                               "--ppl-corpus FILE or --knowns FILE")
+        self.ability.check()
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -155,10 +162,12 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
     if method_cfg is not None:  # the statistics actually used (corpus, how it was chosen, tokens)
         config["statistics"] = editor.caches.sources(method_cfg)
     store.check_or_write_config(config, compare)
+    unedited = _unedited(editor, store, cases, cfg) if cfg.gen_tokens else None  # before any edit
+    ability = Ability(editor.adapter, cfg.ability) if cfg.downstream_every and cfg.ability.enabled else None
     groups = _groups(cases, cfg.batch_size)
     state = _resume(editor, store, cfg, groups)
-    tasks = load_tasks(cfg.downstream_dir, cfg.downstream) if cfg.downstream_every else []
-    run = _Run(editor, cfg, store, method_cfg, groups, tasks, *state)
+    tasks = load_tasks(cfg.downstream_dir, cfg.downstream) if cfg.downstream_every and cfg.downstream_dir else []
+    run = _Run(editor, cfg, store, method_cfg, groups, tasks, *state, unedited=unedited, ability=ability)
     run.checkpoint()
     todo = [g for g in range(len(groups)) if g not in run.done]
     applied = cfg.sequential or cfg.guard or cfg.verify  # each edit applied for real, one after another
@@ -171,6 +180,18 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
         if on_group is not None:  # groups edited so far (a sequential run commits them a chunk at a time)
             on_group(len(run.done) + len(run.pending), len(groups))
     return run.summary()
+
+
+def _unedited(editor, store: RunStore, cases, cfg: EvalConfig) -> Dict[int, List[str]]:
+    """Each case's neighbourhood answers on the unedited weights (the reference of gen_NS and gen_leak):
+    read from the run directory when an earlier call wrote them (a resumed run may hold edits by now),
+    else generated now and written there."""
+    got = store.load_unedited()
+    missing = [c for c in cases if c.case_id not in got]
+    if missing:  # run_eval starts from the original weights (a resumed run re-applies its edits after this)
+        got.update(unedited_answers(editor.adapter, missing, cfg.gen_tokens, cfg.generation.batch_rows))
+        store.save_unedited(got)
+    return got
 
 
 def _verification(scores: dict) -> Optional[dict]:
@@ -238,8 +259,10 @@ class _Run:
     """The state of a run in progress (one instance per :func:`run_eval` call)."""
 
     def __init__(self, editor, cfg: EvalConfig, store: RunStore, method_cfg, groups, tasks, done, records, stack,
-                 downstream):
+                 downstream, unedited=None, ability=None):
         self.editor, self.cfg, self.store, self.method_cfg = editor, cfg, store, method_cfg
+        self.unedited = unedited  # case id -> the unedited model's neighbourhood answers (generation scores)
+        self.ability = ability  # perplexity / known-fact recall, references taken on the unedited weights
         self.groups, self.tasks = groups, tasks
         self.done, self.records, self.stack, self.downstream = set(done), list(records), stack, list(downstream)
         # sequential runs: edits applied and scored (ES/PS/NS) whose GE and commit wait for the next flush
@@ -285,7 +308,8 @@ class _Run:
         t0 = time.perf_counter()
         gen = self.cfg.generation if ge else replace(self.cfg.generation, length=0)
         scores = [{} for _ in group] if error and "error" in error else score_cases(
-            self.editor.adapter, group, gen, self.cfg.score_batch)
+            self.editor.adapter, group, gen, self.cfg.score_batch, unedited=self.unedited,
+            gen_tokens=self.cfg.gen_tokens)
         t_score = (time.perf_counter() - t0) / len(group)
         return self._rows(group, scores, error, base, result.deltas if result is not None else None, t_edit,
                           t_score, result.guard if result is not None else None,
@@ -348,7 +372,7 @@ class _Run:
         models = RowDeltas(ed.adapter, [edits[g][0].deltas if edits[g][0] is not None else [] for g in gs])
         with models:
             scores = score_cases(ed.adapter, [c for _, c in scored], cfg.generation, cfg.score_batch, models,
-                                 [owner[g] for g, _ in scored])
+                                 [owner[g] for g, _ in scored], self.unedited, cfg.gen_tokens)
         t_score = (time.perf_counter() - t0) / max(1, len(scored))
         by_case = {(g, c.case_id): s for (g, c), s in zip(scored, scores)}
         for g in gs:
@@ -429,14 +453,24 @@ class _Run:
         if k and (self._checkpoint_due(n) or (finished and n != last)):
             t0 = time.perf_counter()
             # the same weights give the same accuracy: runs in one process share it (all runs at 0 edits)
-            memo = self.editor.weights_memo("downstream", self.cfg.downstream_dir, self.cfg.downstream)
-            if "acc" not in memo:
-                memo["acc"] = evaluate_tasks(self.editor.adapter, self.tasks, self.cfg.downstream.batch_size)
-            acc = dict(memo["acc"])
+            acc = None
+            if self.tasks:
+                memo = self.editor.weights_memo("downstream", self.cfg.downstream_dir, self.cfg.downstream)
+                if "acc" not in memo:
+                    memo["acc"] = evaluate_tasks(self.editor.adapter, self.tasks, self.cfg.downstream.batch_size)
+                acc = dict(memo["acc"])
+            ability = None
+            if self.ability is not None:
+                memo = self.editor.weights_memo("ability", json.dumps(asdict(self.cfg.ability)))
+                if "got" not in memo:
+                    memo["got"] = self.ability.measure()
+                ability = dict(memo["got"])
             earlier = [c for g in sorted(self.done) for c in self.groups[g]]
-            retention = (summarize_records(score_cases(self.editor.adapter, earlier, batch_size=self.cfg.score_batch))
+            retention = (summarize_records(score_cases(self.editor.adapter, earlier, batch_size=self.cfg.score_batch,
+                                                       unedited=self.unedited, gen_tokens=self.cfg.gen_tokens))
                          if earlier else None)
-            rec = {"n_edits": n, "tasks": acc, "retention": retention, "seconds": time.perf_counter() - t0}
+            rec = {"n_edits": n, "tasks": acc, "retention": retention, "ability": ability,
+                   "seconds": time.perf_counter() - t0}
             self.store.append(self.store.downstream_path, [rec])
             self.downstream.append(rec)
             self.summary()

@@ -18,9 +18,12 @@ from ..core.kv import cache_of, past
 from ..core.lm import position_scores, rows_on
 from ..core.tokens import encode_with_target
 from .datasets import Case, ZsRECase
-from .scoring import counterfact_case, text_entropy, token_accuracy
+from ..core.answers import GEN_TOKENS, greedy_answers
+from .scoring import counterfact_case, generation_case, text_entropy, token_accuracy
 
-__all__ = ["GenerationConfig", "score_cases", "generation_scores", "sample_texts", "sample_text_groups"]
+__all__ = ["GenerationConfig", "score_cases", "generation_scores", "sample_texts", "sample_text_groups",
+           "greedy_answers", "answer_prompts", "answer_scores", "unedited_answers", "GEN_TOKENS"]
+
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,59 @@ def sample_text_groups(adapter, groups: Sequence[Tuple[Sequence[str], int]], len
     return [texts[a:b] for a, b in spans]
 
 
+def answer_prompts(case: Case) -> Dict[str, List[str]]:
+    """The prompts a case's generation-based scores answer: rewrite, paraphrase, neighbourhood."""
+    if isinstance(case, ZsRECase):
+        return {"rewrite": [case.request.text], "paraphrase": [case.rephrase], "neighborhood": [case.loc + "?"]}
+    return {"rewrite": [case.request.text], "paraphrase": list(case.paraphrase_prompts),
+            "neighborhood": list(case.neighborhood_prompts)}
+
+
+def _targets(case: Case) -> Tuple[List[str], List[str]]:
+    """(new target and aliases, true target and aliases) of a case."""
+    r = case.request
+    true = [r.target_true] if r.target_true else []
+    return [r.target_new], true
+
+
+def answer_scores(adapter, cases: Sequence[Case], unedited: Dict[int, List[str]], max_new_tokens: int = GEN_TOKENS,
+                  batch_rows: int = 64, models=None, owners: Optional[Sequence[int]] = None) -> List[Dict]:
+    """Generation-based scores of each case (:func:`~factedit.evaluation.scoring.generation_case`) from
+    greedy answers on the current (or, with ``models``, case ``i``'s edited) weights; ``unedited`` maps a
+    case id to the unedited model's neighbourhood answers (:func:`greedy_answers` before any edit)."""
+    prompts, row_owner, spans = [], [], []
+    for i, c in enumerate(cases):
+        ps = answer_prompts(c)
+        span = {}
+        for name in ("rewrite", "paraphrase", "neighborhood"):
+            span[name] = (len(prompts), len(prompts) + len(ps[name]))
+            prompts += ps[name]
+            row_owner += [owners[i] if models is not None else -1] * len(ps[name])
+        spans.append(span)
+    texts = greedy_answers(adapter, prompts, max_new_tokens, batch_rows, models,
+                           row_owner if models is not None else None)
+    out = []
+    for c, span in zip(cases, spans):
+        got = {name: texts[a:b] for name, (a, b) in span.items()}
+        new, true = _targets(c)
+        rec = generation_case(got["rewrite"], got["paraphrase"], got["neighborhood"], unedited[c.case_id], new, true)
+        rec["gen_texts"] = got
+        out.append(rec)
+    return out
+
+
+def unedited_answers(adapter, cases: Sequence[Case], max_new_tokens: int = GEN_TOKENS, batch_rows: int = 64
+                     ) -> Dict[int, List[str]]:
+    """Each case's neighbourhood answers on the current weights (call it before editing)."""
+    prompts, spans = [], []
+    for c in cases:
+        ps = answer_prompts(c)["neighborhood"]
+        spans.append((c.case_id, len(prompts), len(prompts) + len(ps)))
+        prompts += ps
+    texts = greedy_answers(adapter, prompts, max_new_tokens, batch_rows)
+    return {cid: texts[a:b] for cid, a, b in spans}
+
+
 class _Rows:
     """Token sequences and the (position, token) queries on them, for one :func:`position_scores` call.
 
@@ -148,7 +204,8 @@ def _generation_prompts(case: Case, cfg: GenerationConfig) -> List[str]:
 
 
 def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = GenerationConfig(length=0),
-                batch_size: int = 64, models=None, owners: Optional[Sequence[int]] = None) -> List[Dict]:
+                batch_size: int = 64, models=None, owners: Optional[Sequence[int]] = None,
+                unedited: Optional[Dict[int, List[str]]] = None, gen_tokens: int = GEN_TOKENS) -> List[Dict]:
     """Metrics of each case on the current weights.
 
     CounterFact: ES/PS/NS, EM/PM/NM per case and the raw ``(log P(o*), log P(o_c))`` pairs per prompt
@@ -157,6 +214,8 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
     All prompts of all cases go through one batched :func:`position_scores` call; GE (if on) samples
     the generation prompts of several cases per batch (``ge.batch_rows``). With ``models`` (a
     :class:`~factedit.row_deltas.RowDeltas`), case ``i`` is scored on edited model ``owners[i]``.
+    With ``unedited`` (case id -> the unedited model's neighbourhood answers) and ``gen_tokens`` > 0,
+    the generation-based scores too (:func:`answer_scores`).
     """
     rows = _Rows(adapter.tokenizer)
     plans, row_owner = [], []
@@ -188,6 +247,9 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
         out.append(rec)
     if ge.length > 0:
         for rec, g in zip(out, generation_scores(adapter, cases, ge, models, owners)):
+            rec.update(g)
+    if unedited is not None and gen_tokens > 0:
+        for rec, g in zip(out, answer_scores(adapter, cases, unedited, gen_tokens, ge.batch_rows, models, owners)):
             rec.update(g)
     return out
 

@@ -16,12 +16,13 @@ import re
 import statistics
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..core.answers import first_sentence, mentions, normalize_answer
 from ..core.metrics import generation_entropy
 
 __all__ = ["Pair", "success_rate", "magnitude", "counterfact_case", "harmonic_mean", "token_accuracy",
            "word_tokens", "text_entropy", "normalized_delta_norm", "outliers", "mean_or_none", "summarize_records",
-           "SUCCESS_KEYS",
-           "COUNTERFACT_KEYS", "ZSRE_KEYS"]
+           "SUCCESS_KEYS", "COUNTERFACT_KEYS", "ZSRE_KEYS", "GEN_KEYS", "normalize_answer", "first_sentence",
+           "mentions", "generation_case"]
 
 #: (log P(o*), log P(o_c)) of one prompt: mean per-token log-likelihoods
 Pair = Tuple[float, float]
@@ -108,6 +109,37 @@ def outliers(values: Sequence[float], factor: float = 10.0) -> List[int]:
     return [i for i, v in enumerate(values) if v is not None and (not math.isfinite(v) or v > factor * med)]
 
 
+# ---------------------------------------------------------------------- generation-based scores
+#: per-case generation-based scores (fractions; × 100 in summaries)
+GEN_KEYS = ("gen_ES", "gen_PS", "gen_NS", "gen_leak")
+
+def generation_case(rewrite: Sequence[str], paraphrase: Sequence[str], neighborhood: Sequence[str],
+                    neighborhood_unedited: Sequence[str], new: Sequence[str], true: Sequence[str] = ()
+                    ) -> Dict[str, Optional[float]]:
+    """Generation-based scores of one case from greedy texts (each already cut by :func:`first_sentence`):
+
+    * ``gen_ES`` / ``gen_PS``: the fraction of rewrite / paraphrase generations that mention the new
+      target (or one of its aliases, ``new``) and not the true one (``true``; none for zsRE);
+    * ``gen_NS``: the fraction of neighbourhood generations equal, after :func:`normalize_answer`, to
+      the unedited model's generation of the same prompt;
+    * ``gen_leak``: the fraction of neighbourhood generations that mention the new target where the
+      unedited model's did not.
+    """
+    def hit(t: str) -> bool:
+        return mentions(t, new) and not (true and mentions(t, true))
+
+    def rate(flags) -> Optional[float]:
+        flags = list(flags)
+        return sum(flags) / len(flags) if flags else None
+
+    if len(neighborhood) != len(neighborhood_unedited):
+        raise ValueError("neighbourhood generations and their unedited counterparts differ in number")
+    pairs = list(zip(neighborhood, neighborhood_unedited))
+    return {"gen_ES": rate(hit(t) for t in rewrite), "gen_PS": rate(hit(t) for t in paraphrase),
+            "gen_NS": rate(normalize_answer(a) == normalize_answer(b) for a, b in pairs),
+            "gen_leak": rate(mentions(a, new) and not mentions(b, new) for a, b in pairs)}
+
+
 def _kind_has(records: Sequence[dict], key: str) -> bool:
     """Whether the records' dataset kind scores ``key`` (used when no case was scored at all)."""
     kinds = {r.get("kind", "counterfact") for r in records}
@@ -120,7 +152,7 @@ def mean_or_none(values: Iterable[Optional[float]]) -> Optional[float]:
 
 
 #: scores that are rates of success: a case whose edit failed with an error counts 0 in each
-SUCCESS_KEYS = ("ES", "PS", "NS", "efficacy", "paraphrase", "specificity")
+SUCCESS_KEYS = ("ES", "PS", "NS", "efficacy", "paraphrase", "specificity", "gen_ES", "gen_PS", "gen_NS")
 
 
 def summarize_records(records: Sequence[dict]) -> Dict[str, Optional[float]]:
@@ -134,13 +166,17 @@ def summarize_records(records: Sequence[dict]) -> Dict[str, Optional[float]]:
     ok = [r for r in records if "error" not in r]
     errors = len(records) - len(ok)
     out: Dict[str, Optional[float]] = {"n": len(records), "errors": errors}
-    for k in COUNTERFACT_KEYS + ZSRE_KEYS:
+    for k in COUNTERFACT_KEYS + ZSRE_KEYS + GEN_KEYS:
         vals = [r.get(k) for r in ok]
-        if k in SUCCESS_KEYS and errors and (any(v is not None for v in vals) or _kind_has(records, k)):
+        has = any(v is not None for v in vals) or (k not in GEN_KEYS and _kind_has(records, k))
+        if k in SUCCESS_KEYS and errors and has:
             vals += [0.0] * errors
         m = mean_or_none(vals)
         out[k] = None if m is None else 100 * m
     out["S"] = harmonic_mean([out["ES"], out["PS"], out["NS"]])
+    out["gen_S"] = harmonic_mean([out["gen_ES"], out["gen_PS"], out["gen_NS"]])
+    for k in ("ES", "PS", "NS"):  # how much the teacher-forced score flatters the generated one (points)
+        out[f"gap_{k}"] = None if out[k] is None or out[f"gen_{k}"] is None else out[k] - out[f"gen_{k}"]
     checked = [r["verified"] for r in ok if r.get("verified") is not None]
     # edits that took on their own prompt (docs/ALGORITHMS.md §12), percent of all cases (errors fail)
     out["verified"] = 100 * sum(checked) / (len(checked) + errors) if checked else None

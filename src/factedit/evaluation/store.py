@@ -5,6 +5,7 @@
     DIR/downstream.jsonl  sequential runs: downstream accuracy and retention every K edits
     DIR/patches/          sequential runs: one patch per edit + stack.json (the commit point)
     DIR/summary.json      run-level scores (atomic)
+    DIR/unedited.json     the unedited model's neighbourhood answers (generation-based scores; atomic)
 
 A torn last line (the process died mid-write) is dropped on resume, and so are the records of a
 group that is not complete (or, in a sequential run, not committed to ``stack.json``).
@@ -108,6 +109,17 @@ class RunStore:
 
     def _rewrite(self, path: Path, records: List[dict]) -> None:
         atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+
+    def load_unedited(self) -> Dict[int, List[str]]:
+        """case id -> the unedited model's neighbourhood answers ({} when none were written)."""
+        try:
+            raw = json.loads((self.dir / "unedited.json").read_text(encoding="utf-8"))
+            return {int(k): [str(t) for t in v] for k, v in raw.items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+
+    def save_unedited(self, answers: Dict[int, List[str]]) -> None:
+        atomic_write_text(self.dir / "unedited.json", json.dumps({str(k): v for k, v in answers.items()}))
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2, default=_json_default))

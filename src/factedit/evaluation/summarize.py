@@ -19,7 +19,9 @@ __all__ = ["Run", "load_run", "table", "sequential_table", "plot_runs", "default
 
 COLUMNS = (("n", "n", "{:.0f}"), ("ES", "ES", "{:.1f}"), ("PS", "PS", "{:.1f}"), ("NS", "NS", "{:.1f}"),
            ("S", "S", "{:.1f}"), ("EM", "EM", "{:.1f}"), ("PM", "PM", "{:.1f}"), ("NM", "NM", "{:.1f}"),
-           ("GE", "GE", "{:.1f}"), ("efficacy", "zsRE eff.", "{:.1f}"), ("paraphrase", "zsRE para.", "{:.1f}"),
+           ("GE", "GE", "{:.1f}"), ("gen_ES", "gen-ES", "{:.1f}"), ("gen_PS", "gen-PS", "{:.1f}"),
+           ("gen_NS", "gen-NS", "{:.1f}"), ("gen_S", "gen-S", "{:.1f}"), ("gen_leak", "gen leak", "{:.1f}"),
+           ("gap_ES", "ES − gen-ES", "{:.1f}"), ("gap_PS", "PS − gen-PS", "{:.1f}"), ("efficacy", "zsRE eff.", "{:.1f}"), ("paraphrase", "zsRE para.", "{:.1f}"),
            ("specificity", "zsRE spec.", "{:.1f}"), ("delta_norm_median", "‖Δ‖/numel med.", "{:.3g}"),
            ("delta_norm_max", "‖Δ‖/numel max", "{:.3g}"), ("disabling", "‖Δ‖ outliers", "{:.0f}"),
            ("seconds_per_edit", "s/edit", "{:.2f}"))
@@ -124,15 +126,25 @@ def sequential_table(runs: Sequence[Run], window: int = 40) -> str:
     ge = "ΔGE vs unedited" if base else "GE"
     head = ["run", "method", "edits", "ES after edit", "ES at end", "PS at end", "NS at end",
             f"{ge}, first {window}", f"{ge}, last {window}", "downstream mean at 0", "downstream mean at end"]
+    # the generation-based retention and the ability measures, when any run tracked them
+    extra = [(name, fn) for name, fn in (
+        ("gen-ES at end", lambda f, l: _cell((l.get("retention") or {}).get("gen_ES"), "{:.1f}")),
+        ("perplexity at 0", lambda f, l: _cell((f.get("ability") or {}).get("perplexity"), "{:.2f}")),
+        ("perplexity at end", lambda f, l: _cell((l.get("ability") or {}).get("perplexity"), "{:.2f}")),
+        ("known recall at end", lambda f, l: _cell(None if (l.get("ability") or {}).get("known_recall") is None
+                                                   else 100 * l["ability"]["known_recall"], "{:.1f}")))
+        if any(fn(r.downstream[0], r.downstream[-1]) != "–" for r in seq)]
+    head += [name for name, _ in extra]
     rows = []
     for r in seq:
         first, last = r.downstream[0], r.downstream[-1]
         ret = last.get("retention") or {}
-        mean = [d.get("tasks", {}).get("mean") for d in (first, last)]
+        mean = [(d.get("tasks") or {}).get("mean") for d in (first, last)]
         rows.append([r.name, str(r.summary.get("method")), str(last["n_edits"]), _cell(r.summary.get("ES"), "{:.1f}"),
                      *(_cell(ret.get(k), "{:.1f}") for k in ("ES", "PS", "NS")),
                      *(_cell(_ge_window(r.records, f, window, base), "{:.1f}") for f in (True, False)),
-                     *(_cell(None if m is None else 100 * m, "{:.1f}") for m in mean)])
+                     *(_cell(None if m is None else 100 * m, "{:.1f}") for m in mean),
+                     *(fn(first, last) for _, fn in extra)])
     return _markdown(head, rows)
 
 
@@ -165,27 +177,45 @@ def plot_runs(runs: Sequence[Run], out_dir) -> List[Path]:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
     for ax, key in zip(axes, ("ES", "PS", "NS")):
-        for r in seq:
-            pts = [(d["n_edits"], d["retention"][key]) for d in r.downstream if d.get("retention")]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=r.name)
-        ax.set(title=f"{key} of all earlier edits", xlabel="edits", ylim=(0, 100))
+        for i, r in enumerate(seq):
+            color = f"C{i}"
+            for k, style, label in ((key, "-", r.name), (f"gen_{key}", "--", f"{r.name} (generated)")):
+                pts = [(d["n_edits"], d["retention"][k]) for d in r.downstream
+                       if (d.get("retention") or {}).get(k) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), style, color=color, marker="o", ms=3, label=label)
+        ax.set(title=f"{key} of all earlier edits (dashed: gen-{key})", xlabel="edits", ylim=(0, 100))
     axes[0].set_ylabel("%")
     axes[0].legend(fontsize=8)
     save(fig, "sequential_scores.png")
 
-    tasks = sorted({t for r in seq for d in r.downstream for t in d.get("tasks", {}) if t != "mean"})
+    tasks = sorted({t for r in seq for d in r.downstream for t in (d.get("tasks") or {}) if t != "mean"})
     if tasks:
         fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(3.2 * (len(tasks) + 1), 3.4), sharey=True)
         for ax, t in zip(axes, tasks + ["mean"]):
             for r in seq:
-                pts = [(d["n_edits"], 100 * d["tasks"][t]) for d in r.downstream if t in d.get("tasks", {})]
+                pts = [(d["n_edits"], 100 * d["tasks"][t]) for d in r.downstream if t in (d.get("tasks") or {})]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", ms=3, label=r.name)
             ax.set(title=t, xlabel="edits", ylim=(0, 100))
         axes[0].set_ylabel("accuracy %")
         axes[0].legend(fontsize=8)
         save(fig, "sequential_downstream.png")
+
+    if any((d.get("ability") or {}).get(k) is not None for r in seq for d in r.downstream
+           for k in ("perplexity", "known_recall")):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for ax, key, title, scale in ((axes[0], "perplexity", "perplexity (held-out text)", 1),
+                                      (axes[1], "known_recall", "known facts still answered (%)", 100)):
+            for r in seq:
+                pts = [(d["n_edits"], scale * d["ability"][key]) for d in r.downstream
+                       if (d.get("ability") or {}).get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ms=3, label=r.name)
+            ax.set(title=title, xlabel="edits")
+        axes[1].set_ylim(0, 100)
+        axes[0].legend(fontsize=8)
+        save(fig, "sequential_ability.png")
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for r in seq:

@@ -117,6 +117,7 @@ class Patch:
             "verified": getattr(result, "verified", None), "verification": list(getattr(result, "verification", None) or []),
             "retried": bool(getattr(result, "retried", False)),
             "prompt_prefix": getattr(result, "prompt_prefix", ""),
+            "side_effects": getattr(result, "side_effects", None),
         }
         return cls(list(result.deltas), meta)
 

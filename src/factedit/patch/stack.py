@@ -59,5 +59,5 @@ def apply_as_results(adapter, patches: Sequence[Patch], force: bool = False) -> 
                        fingerprints_after=dict(p.meta.get("fingerprints_after") or {}),
                        statistics=dict(p.meta.get("statistics") or {}),
                        verification=list(p.meta.get("verification") or []), retried=bool(p.meta.get("retried")),
-                       prompt_prefix=p.meta.get("prompt_prefix") or "")
+                       prompt_prefix=p.meta.get("prompt_prefix") or "", side_effects=p.meta.get("side_effects"))
             for p, a in zip(patches, applied)]

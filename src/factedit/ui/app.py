@@ -109,7 +109,20 @@ def render_edit(report: dict) -> str:
            ('class="num"', f"{report['timings']['stats']:.1f}")]]
          if report.get("timings", {}).get("stats", 0) >= 0.5 else []), "edit-facts")
     kept = "fe-ok" if report["kept"] and report["verified"] else "fe-bad"
-    return _out(f'<p class="{kept}" id="edit-decision">{_e(result_message(report))}</p>' + probs + cont + facts)
+    return _out(f'<p class="{kept}" id="edit-decision">{_e(result_message(report))}</p>' + probs + cont + facts
+                + render_side_effects(report.get("side_effects"), r["target_new"]))
+
+
+def render_side_effects(fx: Optional[dict], target: str) -> str:
+    """The blast radius: each probe's answer before and after, the changed ones flagged."""
+    if not fx:
+        return ""
+    head = (f'<p id="side-effects-summary">Side effects ({_e(fx["source"])} probes): <b>{fx["changed"]}</b> of '
+            f'{fx["probed"]} answers changed, <b>{fx["leaked_target"]}</b> now name {_e(repr(target))}.</p>')
+    rows = [[_e(p["kind"]), _e(p["prompt"]), _e(p["before"]), _e(p["after"]),
+             '<span class="fe-bad">leaked the target</span>' if p["leaked"] else
+             ('<span class="fe-bad">changed</span>' if p["changed"] else "same")] for p in fx["probes"]]
+    return head + _table(["probe", "prompt", "before", "after", ""], rows, "side-effects")
 
 
 def render_batch(report: dict) -> str:
@@ -144,20 +157,23 @@ def render_trace(obj: dict) -> str:
             f'<b id="trace-layer">{_e(rec)}</b></p>')
 
 
-EVAL_KEYS = ("n", "ES", "PS", "NS", "S", "GE")
+EVAL_KEYS = ("n", "ES", "PS", "NS", "S", "gen_ES", "gen_PS", "gen_NS", "gen_leak", "GE")
 
 
 def render_eval(summary: dict, records: List[dict], done: bool) -> str:
     def f(v):
         return "–" if v is None else (f"{v:.1f}" if isinstance(v, float) else _e(v))
 
-    top = _table(list(EVAL_KEYS), [[('class="num"', f(summary.get(k))) for k in EVAL_KEYS]], "eval-summary")
+    top = _table([k.replace("_", "-") for k in EVAL_KEYS], [[('class="num"', f(summary.get(k))) for k in EVAL_KEYS]],
+                 "eval-summary")
+    per_case = ("ES", "PS", "NS", "gen_ES", "gen_PS", "gen_NS")
     rows = [[str(r.get("case_id")), _e(r["request"]["prompt"].replace("{}", r["request"]["subject"])),
-             _e(r["request"]["target_new"]), *(('class="num"', f(r.get(k))) for k in ("ES", "PS", "NS")),
-             _e(r.get("error", ""))] for r in records]
+             _e(r["request"]["target_new"]), *(('class="num"', f(r.get(k))) for k in per_case),
+             _e(((r.get("gen_texts") or {}).get("rewrite") or [""])[0]), _e(r.get("error", ""))] for r in records]
     state = "complete" if done else "running"
     return _out(f'<p id="eval-state">{len(records)} cases scored ({state}).</p>' + top
-                + _table(["case", "prompt", "new target", "ES", "PS", "NS", "error"], rows, "eval-cases"))
+                + _table(["case", "prompt", "new target", *(k.replace("_", "-") for k in per_case), "greedy answer",
+                      "error"], rows, "eval-cases"))
 
 
 # ---------------------------------------------------------------------- the page
@@ -223,6 +239,8 @@ def build_app(session: Session):
                                          visible=chat, elem_id="edit-chat")
                     e_keep = gr.Checkbox(label="keep an edit that did not take", value=False, elem_id="edit-keep")
                     e_guard = gr.Checkbox(label="collapse guard", value=True, elem_id="edit-guard")
+                    e_fx = gr.Checkbox(label="side effects (probe other subjects and relations)", value=True,
+                                       elem_id="edit-side-effects")
                 e_go = gr.Button("Edit", variant="primary", elem_id="edit-button")
                 e_out = gr.HTML(elem_id="edit-result")
                 with gr.Accordion("Report (what `factedit edit --json` prints)", open=False):
@@ -285,18 +303,18 @@ def build_app(session: Session):
         def history_html():
             return render_history(session.history())
 
-        def do_edit(prompt, subject, target, true, method, layer, para, as_chat, keep, guard,
+        def do_edit(prompt, subject, target, true, method, layer, para, as_chat, keep, guard, fx,
                     progress=gr.Progress(track_tqdm=True)):
             try:
                 report = session.edit(prompt, subject, target, true, method, layer, (para or "").splitlines(),
                                       chat=bool(as_chat), keep_unverified=bool(keep), guard=bool(guard),
-                                      progress=_progress(progress))
+                                      side_effects=bool(fx), progress=_progress(progress))
             except Exception as e:
                 return _error(e), gr.update(), history_html()
             return render_edit(report), report, history_html()
 
         e_go.click(do_edit, [e_prompt, e_subject, e_target, e_true, e_method, e_layer, e_para, e_chat, e_keep,
-                             e_guard], [e_out, e_json, h_table])
+                             e_guard, e_fx], [e_out, e_json, h_table])
 
         def do_batch(path, method, layer, limit, guard, progress=gr.Progress(track_tqdm=True)):
             try:

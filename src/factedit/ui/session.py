@@ -42,12 +42,16 @@ class Session:
     Args:
         editor: an :class:`~factedit.Editor` over the loaded model.
         stats_corpus, stats_tokens: the statistics every edit uses (as ``--corpus`` / ``--stats-tokens``).
+        bank: the side-effect probes' :class:`~factedit.side_effects.Bank` (default: the built-in one).
         workdir: where heatmaps, downloads and evaluation runs are written (default: a temporary folder).
     """
 
     def __init__(self, editor, stats_corpus: Optional[str] = None, stats_tokens: Optional[int] = None,
-                 workdir=None):
+                 workdir=None, bank=None):
+        from ..side_effects import load_bank
+
         self.editor = editor
+        self.bank = bank or load_bank()  # subjects and templates of the side-effect probes
         self.stats = {"stats_corpus": stats_corpus, "stats_tokens": stats_tokens}
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="factedit-ui-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +128,8 @@ class Session:
     # ------------------------------------------------------------------ edit
     def edit(self, prompt: str, subject: str, target: str, true: Optional[str] = None, method: str = "r-rome",
              layer=None, paraphrases: Sequence[str] = (), chat: bool = False, keep_unverified: bool = False,
-             guard: bool = True, max_new_tokens: int = 12, progress: Progress = _quiet) -> dict:
+             guard: bool = True, max_new_tokens: int = 12, side_effects: bool = True,
+             progress: Progress = _quiet) -> dict:
         """One edit with its before/after report (:func:`factedit.report.edit_report`, what
         ``factedit edit --json`` prints). An edit that did not take is reverted unless
         ``keep_unverified`` (the command line refuses it the same way); ``report["kept"]`` says which."""
@@ -143,7 +148,8 @@ class Session:
             progress(None, "optimising the new value and applying the edit")
             with reporting(_steps(progress)):
                 result, report = edit_report(editor, req, cfg, shown=shown, prompts=prompts, chat=chat,
-                                             guard=GuardConfig(enabled=guard), max_new_tokens=max_new_tokens)
+                                             guard=GuardConfig(enabled=guard), max_new_tokens=max_new_tokens,
+                                             side_effects=side_effects, bank=self.bank)
             if chat:  # the chat editor shares the model; its history is the session's
                 self.editor.history.append(editor.history.pop())
             report["prompts"] = names

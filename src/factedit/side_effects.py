@@ -1,0 +1,155 @@
+"""The blast radius of one edit: what else the edited model now says differently.
+
+An edit of Brazil's language to French can change Portugal's language too, and a Microsoft →
+"Elon Musk" founder edit can make "The company Google was founded by" say "Elon Musk"; the collapse
+guard passes both (the model is fluent), so nothing else tells the user. Before the edit,
+:func:`probe_prompts` builds probes for the request:
+
+* **same relation, other subjects**: the request's own template filled with subjects the model knows
+  (a bank: known facts, else :data:`BUILTIN_SUBJECTS`), the ones nearest the edited subject in key
+  space first (cosine of their keys at the edited layer, read as the edit reads them);
+* **same subject, other relations**: the edited subject in other relation templates (from the bank,
+  else :data:`BUILTIN_TEMPLATES`).
+
+:func:`answers` gives the greedy answers (first sentence) before and after; :func:`compare` flags
+the probes whose answer changed and those that now name the new target.
+
+    probes = probe_prompts(editor.adapter, request, layer, bank)
+    before = answers(editor.adapter, probes)
+    editor.edit(request)
+    report = compare(probes, before, answers(editor.adapter, probes), request)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from .core.errors import DataError, FactEditError
+from .core.requests import Request
+
+__all__ = ["BUILTIN_SUBJECTS", "BUILTIN_TEMPLATES", "Bank", "Probe", "load_bank", "probe_prompts", "answers",
+           "compare", "SIDE_EFFECT_TOKENS"]
+
+#: new tokens of a probe's greedy answer (cut at its first sentence)
+SIDE_EFFECT_TOKENS = 12
+
+#: subjects a small model tends to know, used when no bank of known facts is given
+BUILTIN_SUBJECTS = (
+    "France", "Germany", "Japan", "Brazil", "Portugal", "Italy", "Spain", "Canada", "India", "China", "Egypt",
+    "Mexico", "Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Moscow", "Cairo", "the Eiffel Tower",
+    "the Colosseum", "Big Ben", "Mount Everest", "the Amazon River", "Google", "Microsoft", "Apple", "Toyota",
+    "Nokia", "Samsung", "IBM", "Albert Einstein", "Barack Obama", "William Shakespeare", "Pablo Picasso",
+    "Lionel Messi", "Elvis Presley", "Marie Curie", "Isaac Newton")
+
+#: relation templates used when no bank is given (a subject, then the answer)
+BUILTIN_TEMPLATES = (
+    "{} is located in", "The capital of {} is", "The official language of {} is", "{} was founded by",
+    "{} was born in", "{} is a citizen of", "{} works in the field of", "The headquarters of {} are in",
+    "{} is part of the continent of", "The currency of {} is")
+
+
+@dataclass(frozen=True)
+class Bank:
+    """Subjects the model knows and relation templates (``{}`` for the subject)."""
+
+    subjects: tuple
+    templates: tuple
+    source: str = "built-in"
+
+
+@dataclass(frozen=True)
+class Probe:
+    prompt: str  # the filled prompt
+    kind: str  # "same relation" (another subject) or "same subject" (another relation)
+    subject: str
+    template: str
+
+
+def load_bank(path=None) -> Bank:
+    """A bank from a known-facts file (ROME's known_1000.json or JSONL, see
+    :func:`~factedit.core.known_facts.load_known_facts`): its subjects and its prompts' templates,
+    most frequent first; without ``path``, the built-in lists."""
+    if path is None:
+        return Bank(BUILTIN_SUBJECTS, BUILTIN_TEMPLATES)
+    from .core.known_facts import load_known_facts
+
+    facts = load_known_facts(path)
+    templates = Counter()
+    subjects = []
+    for f in facts:
+        if f.subject and f.subject in f.prompt:
+            i = f.prompt.rfind(f.subject)
+            templates[f.prompt[:i] + "{}" + f.prompt[i + len(f.subject):]] += 1
+            if f.subject not in subjects:
+                subjects.append(f.subject)
+    if not subjects:
+        raise DataError(f"{path}: no usable known facts for side-effect probes")
+    return Bank(tuple(subjects), tuple(t for t, _ in templates.most_common()), str(Path(path)))
+
+
+def _nearest(adapter, request: Request, layer: int, subjects: Sequence[str], n: int) -> List[str]:
+    """The ``n`` subjects whose keys at ``layer`` (in the request's own prompt, bare) are nearest the edited
+    subject's (cosine)."""
+    from .edit.keys import template_keys
+
+    reqs = [Request(request.prompt, s, request.target_new) for s in subjects]
+    K, _ = template_keys(adapter, [Request(request.prompt, request.subject, request.target_new)] + reqs, ["{}"],
+                         layer)
+    K = K.double()
+    sims = torch.nn.functional.cosine_similarity(K[1:], K[:1], dim=-1)
+    order = sims.argsort(descending=True).tolist()
+    return [subjects[i] for i in order[:n]]
+
+
+def probe_prompts(adapter, request: Request, layer: int, bank: Optional[Bank] = None, n_subjects: int = 6,
+                  n_templates: int = 6, candidates: int = 400) -> List[Probe]:
+    """Probes for ``request``: its template with the ``n_subjects`` bank subjects nearest in key space at
+    ``layer`` (among the first ``candidates`` of the bank), and its subject in ``n_templates`` other templates."""
+    bank = bank or load_bank()
+    subject = request.subject.strip()
+    others = [s for s in bank.subjects[:candidates] if s.strip().lower() != subject.lower()
+              and s.lower() not in request.text.lower()]
+    probes = []
+    if others and n_subjects > 0:
+        for s in _nearest(adapter, request, layer, others, n_subjects):
+            probes.append(Probe(request.prompt.replace("{}", s), "same relation", s, request.prompt))
+    own = request.prompt.strip().lower()
+    for t in bank.templates:
+        if len([p for p in probes if p.kind == "same subject"]) >= n_templates:
+            break
+        if t.strip().lower() != own and t.count("{}") == 1:
+            probes.append(Probe(t.replace("{}", subject), "same subject", subject, t))
+    return probes
+
+
+def answers(adapter, probes: Sequence[Probe], max_new_tokens: int = SIDE_EFFECT_TOKENS, render=None) -> List[str]:
+    """The greedy answer (first sentence) to every probe on the current weights, batched; ``render``
+    turns a probe's prompt into the text asked (e.g. a chat turn)."""
+    from .core.answers import greedy_answers
+
+    texts = [render(p.prompt) if render else p.prompt for p in probes]
+    return greedy_answers(adapter, texts, max_new_tokens) if probes else []
+
+
+def compare(probes: Sequence[Probe], before: Sequence[str], after: Sequence[str], request: Request,
+            source: str = "built-in") -> dict:
+    """``{probed, changed, leaked_target, source, probes: [...]}``: a probe *changed* when its normalised
+    answer differs; it *leaked* the target when the answer now names ``request.target_new`` and did not
+    before."""
+    from .core.answers import mentions, normalize_answer
+
+    if not (len(probes) == len(before) == len(after)):
+        raise FactEditError("side effects: probes and answers differ in number")
+    rows = []
+    for p, b, a in zip(probes, before, after):
+        changed = normalize_answer(a) != normalize_answer(b)
+        leaked = mentions(a, [request.target_new]) and not mentions(b, [request.target_new])
+        rows.append({"prompt": p.prompt, "kind": p.kind, "before": b, "after": a, "changed": changed,
+                     "leaked": leaked})
+    return {"probed": len(rows), "changed": sum(r["changed"] for r in rows),
+            "leaked_target": sum(r["leaked"] for r in rows), "source": source, "probes": rows}

@@ -1,0 +1,99 @@
+"""The blast radius of an edit (factedit.side_effects): probe construction checked against keys read by
+a plain PyTorch hook, the flags on hand-written answers, and the report of a real edit on a tiny model."""
+
+import json
+
+import torch
+
+from factedit import Editor, Patch, Request
+from factedit.cli import main
+from factedit.core.answers import greedy_answers
+from factedit.report import edit_report
+from factedit.side_effects import BUILTIN_TEMPLATES, Bank, Probe, compare, load_bank, probe_prompts
+from tiny import tiny_model
+
+REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
+SUBJECTS = ("Space Needle", "Japan", "France", "Toko Yasuda", "Danielle Darrieux", "Madrid", "Seattle", "Tokyo")
+
+
+def test_bank_from_known_facts(tmp_path):
+    path = tmp_path / "knowns.jsonl"
+    rows = [("Paris is the capital of", "Paris", "France"), ("Rome is the capital of", "Rome", "Italy"),
+            ("Tokyo is in", "Tokyo", "Japan"), ("Paris is the capital of", "Paris", "France")]
+    path.write_text("\n".join(json.dumps({"prompt": p, "subject": s, "attribute": a}) for p, s, a in rows) + "\n")
+    bank = load_bank(path)
+    assert bank.subjects == ("Paris", "Rome", "Tokyo")
+    assert bank.templates == ("{} is the capital of", "{} is in")  # most frequent first
+    assert load_bank().templates == BUILTIN_TEMPLATES and load_bank().source == "built-in"
+
+
+def _keys_by_hook(model, tok, layer, texts):
+    """The input of layer ``layer``'s down_proj at each text's last token (a plain forward hook)."""
+    got = []
+    h = model.model.layers[layer].mlp.down_proj.register_forward_hook(lambda m, i, o: got.append(i[0][0, -1]))
+    try:
+        for t in texts:
+            model(input_ids=torch.tensor([tok(t)["input_ids"]]))
+    finally:
+        h.remove()
+    return torch.stack(got).double()
+
+
+def test_same_relation_probes_are_the_nearest_subjects_in_key_space():
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    bank = Bank(SUBJECTS, ("{} is in", "The capital of {} is", REQ.prompt))
+    probes = probe_prompts(ed.adapter, REQ, 1, bank, n_subjects=3, n_templates=5)
+    same_rel = [p for p in probes if p.kind == "same relation"]
+    # independently: keys at the subject's last token of the prompt (prefix included), cosine, top 3
+    prefix_texts = [ed.tokenizer.factedit_prompt_prefix + s for s in ("Eiffel Tower",) + SUBJECTS]
+    K = _keys_by_hook(model, ed.tokenizer.factedit_source, 1, prefix_texts)
+    sims = torch.nn.functional.cosine_similarity(K[1:], K[:1], dim=-1)
+    want = [SUBJECTS[i] for i in sims.argsort(descending=True)[:3].tolist()]
+    assert [p.subject for p in same_rel] == want
+    assert all(p.prompt == REQ.prompt.replace("{}", p.subject) for p in same_rel)
+    same_subj = [p for p in probes if p.kind == "same subject"]
+    assert [p.template for p in same_subj] == ["{} is in", "The capital of {} is"]  # the request's own is left out
+    assert all(p.subject == "Eiffel Tower" for p in same_subj)
+
+
+def test_flags_on_hand_written_answers():
+    probes = [Probe("A is in", "same subject", "A", "{} is in"), Probe("B is in", "same relation", "B", "{} is in"),
+              Probe("C is in", "same relation", "C", "{} is in")]
+    fx = compare(probes, ["Paris.", "the city of Rome.", "Berlin."], ["paris", "Rome, Italy.", "Rome."], REQ)
+    assert [(r["changed"], r["leaked"]) for r in fx["probes"]] == [(False, False), (True, False), (True, True)]
+    assert (fx["probed"], fx["changed"], fx["leaked_target"]) == (3, 2, 1)
+
+
+def test_edit_report_measures_the_blast_radius_before_and_after(home, tiny_corpus):
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    bank = Bank(SUBJECTS, ("{} is in", "The capital of {} is"))
+    cfg = ed.make_config("r-rome", layer=1, steps=3, stats_corpus=str(tiny_corpus), stats_tokens=600)
+    before = greedy_answers(ed.adapter, [REQ.prompt.replace("{}", s) for s in SUBJECTS], 12)
+    result, report = edit_report(ed, REQ, cfg, bank=bank)
+    fx = report["side_effects"]
+    assert fx["probed"] == 6 + 2 and fx["source"] == "built-in" and result.side_effects is fx
+    after_now = greedy_answers(ed.adapter, [p["prompt"] for p in fx["probes"]], 12)
+    assert [p["after"] for p in fx["probes"]] == after_now
+    by_prompt = dict(zip([REQ.prompt.replace("{}", s) for s in SUBJECTS], before))
+    for p in fx["probes"]:
+        if p["kind"] == "same relation":
+            assert p["before"] == by_prompt[p["prompt"]]
+    assert fx["changed"] == sum(p["changed"] for p in fx["probes"])
+    assert Patch.from_result(result).meta["side_effects"] == fx  # kept with the patch
+    ed.revert()
+    assert greedy_answers(ed.adapter, [p["prompt"] for p in fx["probes"]], 12) == [p["before"] for p in fx["probes"]]
+
+
+def test_cli_reports_side_effects_and_skips_them_on_request(tiny_dir, tiny_corpus, home, capsys):
+    base = ["edit", "--model", str(tiny_dir), "--prompt", REQ.prompt, "--subject", "Eiffel Tower", "--target", "Rome",
+            "--layer", "1", "--corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2", "--json",
+            "--allow-unverified"]
+    assert main(base) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["side_effects"]["probed"] > 0 and {"changed", "leaked_target"} <= set(out["side_effects"])
+    assert main(base + ["--no-side-effects"]) == 0
+    assert "side_effects" not in json.loads(capsys.readouterr().out)
+    assert main(base + ["--side-effects-bank", "/nonexistent/knowns.json"]) == 2
+    assert "knowns.json" in capsys.readouterr().err
