@@ -7,6 +7,7 @@ normalisation that compares them with a target (generation-based scores, side-ef
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import List, Optional, Sequence
 
@@ -52,12 +53,15 @@ def mentions(text: str, answers: Sequence[str]) -> bool:
 
 
 @torch.no_grad()
-def greedy_answers(adapter, prompts: Sequence[str], max_new_tokens: int = GEN_TOKENS, batch_rows: int = 64,
+def greedy_answers(adapter, prompts: Sequence[str], max_new_tokens: int = GEN_TOKENS, batch_rows: int = 128,
                    models=None, owners: Optional[Sequence[int]] = None) -> List[str]:
     """The greedy answer to each prompt: up to ``max_new_tokens`` new tokens, stopped at EOS and cut at
-    the first newline or sentence end (:func:`first_sentence`), never at
-    the target's length. ``batch_rows`` prompts run together (left-padded, KV cache; a batch stops as
-    soon as every row has stopped); with ``models``, prompt ``i`` runs on edited model ``owners[i]``."""
+    the first newline or sentence end (:func:`first_sentence`), never at the target's length.
+
+    ``batch_rows`` prompts run together (left-padded, KV cache); a row that has stopped leaves the batch
+    (its cache rows are dropped), so the cost follows the answers' lengths, not the longest one's. With
+    ``models`` (a :class:`~factedit.edit.row_deltas.RowDeltas`), prompt ``i`` runs on edited model
+    ``owners[i]``."""
     tok, body, dev = adapter.tokenizer, adapter.body, adapter.device
     eos = {t for t in (tok.eos_token_id, getattr(adapter.model.generation_config, "eos_token_id", None))
            if isinstance(t, int)}
@@ -65,29 +69,36 @@ def greedy_answers(adapter, prompts: Sequence[str], max_new_tokens: int = GEN_TO
     for a in range(0, len(prompts), max(1, batch_rows)):
         part = list(prompts[a: a + batch_rows])
         own = list(owners[a: a + batch_rows]) if models is not None else None
-        enc = [list(tok(p)["input_ids"]) for p in part]
-        batch = pad_rows(enc, pad_id(tok), side="left", device=dev)
-        ids, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
+        batch = pad_rows([list(tok(p)["input_ids"]) for p in part], pad_id(tok), side="left", device=dev)
+        mask, pos = batch.attention_mask, batch.position_ids
         new: List[List[int]] = [[] for _ in part]
-        done = [False] * len(part)
-        with rows_on(models, own):
-            out_ = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-            for _ in range(max_new_tokens):
-                nxt = adapter.logits(out_.last_hidden_state[:, -1, :]).argmax(-1)
-                for i, t in enumerate(nxt.tolist()):
-                    if done[i]:
-                        continue
+        live = list(range(len(part)))  # rows still answering, in batch order
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(rows_on(models, own))
+            res = body(input_ids=batch.input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            for step in range(max_new_tokens):
+                nxt = adapter.logits(res.last_hidden_state[:, -1, :]).argmax(-1).tolist()
+                keep = []
+                for j, (i, t) in enumerate(zip(live, nxt)):
                     if t in eos:
-                        done[i] = True
                         continue
                     new[i].append(t)
                     text = tok.decode(new[i], skip_special_tokens=True)
-                    done[i] = first_sentence(text) != text.lstrip()  # a stop was reached
-                if all(done):
+                    if first_sentence(text) == text.lstrip():  # no stop reached yet
+                        keep.append(j)
+                if not keep or step == max_new_tokens - 1:
                     break
-                step = nxt.view(-1, 1).to(dev)
-                mask = torch.cat([mask, torch.ones_like(step)], dim=1)
+                cache = cache_of(res)
+                if len(keep) < len(live):  # drop the rows that stopped
+                    idx = torch.tensor(keep, device=dev)
+                    cache.batch_select_indices(idx)
+                    mask, pos = mask[idx], pos[idx]
+                    live = [live[j] for j in keep]
+                    if models is not None:
+                        stack.enter_context(rows_on(models, [own[i] for i in live]))
+                ids = torch.tensor([[new[i][-1]] for i in live], device=dev)
+                mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
                 pos = pos[:, -1:] + 1
-                out_ = body(input_ids=step, attention_mask=mask, position_ids=pos, **past(body, cache_of(out_)))
+                res = body(input_ids=ids, attention_mask=mask, position_ids=pos, **past(body, cache))
         out += [first_sentence(tok.decode(n, skip_special_tokens=True)) for n in new]
     return out
