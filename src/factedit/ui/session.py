@@ -222,12 +222,7 @@ class Session:
         """Undo the last ``n`` edits (bit-exact); returns how many remain."""
         from ..core.errors import MethodError
 
-        try:
-            n = int(n)
-        except (TypeError, ValueError):
-            raise MethodError(f"revert takes a number of edits, got {n!r}") from None
-        if n < 1:
-            raise MethodError("revert at least one edit")
+        n = _whole(n, "the number of edits to revert", MethodError, minimum=1)
         with self.exclusive(progress):
             self.editor.revert(n)
         return len(self.editor.history)
@@ -276,12 +271,7 @@ class Session:
 
         if not dataset:
             raise RequestError("choose a CounterFact or zsRE file first")
-        try:
-            n = int(n)
-        except (TypeError, ValueError):
-            raise RequestError(f"the number of records must be a whole number, got {n!r}") from None
-        if n < 1:
-            raise RequestError("evaluate at least one record")
+        n = _whole(n, "the number of records", RequestError, minimum=1)
         options = {k: v for k, v in self.stats.items() if v is not None}
         if layer not in (None, ""):
             options["layer"] = _layer(layer)
@@ -316,13 +306,21 @@ def _text(value, name: str) -> str:
     return value
 
 
+def _whole(value, name: str, error, minimum: Optional[int] = None) -> int:
+    """``value`` (a form field) as an int, or ``error`` naming ``name``."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise error(f"{name} must be a whole number, got {value!r}") from None
+    if minimum is not None and n < minimum:
+        raise error(f"{name} must be at least {minimum}, got {n}")
+    return n
+
+
 def _layer(value) -> int:
     from ..core.errors import LayerError
 
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise LayerError(f"the layer must be a whole number, got {value!r}") from None
+    return _whole(value, "the layer", LayerError)
 
 
 def result_message(report: dict) -> str:
