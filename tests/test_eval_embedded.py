@@ -19,7 +19,10 @@ def test_cli_eval_r_rome_two_records(tmp_path, capsys):
                  *STATS_ARGS, "--ge-length", "30", "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    assert list(summary)[:10] == ["n", "ES", "PS", "NS", "S", "EM", "PM", "NM", "GE", "seconds_per_edit"]
+    assert list(summary)[:14] == ["n", "ES", "PS", "NS", "S", "EM", "PM", "NM", "GE", "gen_ES", "gen_PS", "gen_NS",
+                                  "gen_leak", "seconds_per_edit"]
+    for k in ("gen_ES", "gen_PS", "gen_NS", "gen_leak"):  # the generation-based scores, in percent
+        assert 0 <= summary[k] <= 100
     assert summary["n"] == 2 and summary["ES"] == 100 and summary["EM"] > 50
     assert 0 < summary["delta_norm_max"] < 1e-3 and summary["GE"] > 300
     recs = [json.loads(l) for l in (out / "cases.jsonl").read_text().splitlines()]
