@@ -110,19 +110,23 @@ def probe_prompts(adapter, request: Request, layer: int, bank: Optional[Bank] = 
                   n_templates: int = 6, candidates: int = 400) -> List[Probe]:
     """Probes for ``request``: its template with the ``n_subjects`` bank subjects nearest in key space at
     ``layer`` (among the first ``candidates`` of the bank), and its subject in ``n_templates`` other templates."""
+    from .core.answers import normalize_answer
+
     bank = bank or load_bank()
     subject = request.subject.strip()
-    others = [s for s in bank.subjects[:candidates] if s.strip().lower() != subject.lower()
-              and s.lower() not in request.text.lower()]
+    own, text = normalize_answer(subject), f" {normalize_answer(request.text)} "
+    # not the edited subject under another spelling ("the Eiffel Tower"), nor one the prompt names
+    others = [s for s in bank.subjects[:candidates] if normalize_answer(s) and f" {normalize_answer(s)} " not in text
+              and own not in normalize_answer(s)]
     probes = []
     if others and n_subjects > 0:
         for s in _nearest(adapter, request, layer, others, n_subjects):
             probes.append(Probe(request.prompt.replace("{}", s), "same relation", s, request.prompt))
-    own = request.prompt.strip().lower()
+    template = request.prompt.strip().lower()
     for t in bank.templates:
         if len([p for p in probes if p.kind == "same subject"]) >= n_templates:
             break
-        if t.strip().lower() != own and t.count("{}") == 1:
+        if t.strip().lower() != template and t.count("{}") == 1:
             probes.append(Probe(t.replace("{}", subject), "same subject", subject, t))
     return probes
 
