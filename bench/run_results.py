@@ -10,6 +10,7 @@ sequential run at 0 edits).
 
     python bench/run_results.py single --limit 200                 # runs/single/<method>
     python bench/run_results.py sequential --limit 200             # runs/seq/<method>
+    python bench/run_results.py long --limit 1000 --every 100      # runs/long/<method> (issue 16)
     python bench/run_results.py table                              # print both tables (markdown)
 
 Run it alone on the machine: the table reports seconds per edit.
@@ -39,6 +40,12 @@ SINGLE = {"none": ("none", 1), "rome": ("rome", 1), "r-rome": ("r-rome", 1), "p-
           "alphaedit-zt": ("alphaedit", 25, "current_residual=templates")}
 #: sequential runs, in the order they are run (the cheaper batch methods first)
 SEQUENTIAL = {"emmet": ("emmet", 10), "alphaedit": ("alphaedit", 10), "rome": ("rome", 1), "r-rome": ("r-rome", 1)}
+#: the 1,000-edit sequential runs of issue 16: batches of 100 for the batch methods (targets shared),
+#: single edits for the ROME variants; perplexity on held-out text and known-fact recall every --every edits
+LONG = {"emmet": ("emmet", 100), "alphaedit": ("alphaedit", 100), "r-rome": ("r-rome", 1), "rome": ("rome", 1)}
+PPL_CORPUS = DATA / "corpus" / "wikitext2_test.txt"
+KNOWNS = DATA / "knowns" / "known_1000.json"
+PARTS = {"single": SINGLE, "sequential": SEQUENTIAL, "long": LONG}
 
 
 def _rel(p: Path) -> str:
@@ -48,13 +55,15 @@ def _rel(p: Path) -> str:
 
 def command(name: str, part: str, limit: int, out: Path, downstream_n: int, every: int) -> list:
     """The ``factedit eval`` argument list of run ``name`` (what the table prints)."""
-    method, batch, *options = (SINGLE if part == "single" else SEQUENTIAL)[name]
+    method, batch, *options = PARTS[part][name]
     args = ["factedit", "eval", "--method", method, "--dataset", _rel(CF), "--limit", str(limit)]
     if batch > 1:
         args += ["--batch-size", str(batch)]
-    if part == "sequential":
+    if part in ("sequential", "long"):
         args += ["--sequential", "--downstream-every", str(every), "--downstream", _rel(DOWNSTREAM),
                  "--downstream-n", str(downstream_n)]
+    if part == "long":
+        args += ["--ppl-corpus", _rel(PPL_CORPUS), "--knowns", _rel(KNOWNS)]
     if method != "none":
         args += ["--corpus", _rel(CORPUS)]
     for opt in options:
@@ -119,7 +128,7 @@ def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: i
 
     runs = [load_run(out / m) for m in methods if (out / m / "summary.json").is_file()]
     lines = [summary_table(runs), ""]
-    if part == "sequential":
+    if part in ("sequential", "long"):
         base = out.parent / "single" / "none"  # the unedited run of the same records: per-record GE baseline
         seq = sequential_table(([load_run(base)] if (base / "summary.json").is_file() else []) + runs)
         if seq:
@@ -132,7 +141,7 @@ def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: i
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", choices=["single", "sequential", "table"])
+    ap.add_argument("part", choices=["single", "sequential", "long", "table"])
     ap.add_argument("--methods", default=None, help="comma-separated subset of the runs, e.g. ft-b1 (default: all of the part)")
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--out", default=None, help="runs directory (default runs/single or runs/seq)")
@@ -142,8 +151,8 @@ def main():
     os.chdir(ROOT)  # the commands are relative to the repository root
     parts = ["single", "sequential"] if a.part == "table" else [a.part]
     for part in parts:
-        methods = a.methods.split(",") if a.methods else list(SINGLE if part == "single" else SEQUENTIAL)
-        out = Path(a.out) if a.out else ROOT / "runs" / ("single" if part == "single" else "seq")
+        methods = a.methods.split(",") if a.methods else list(PARTS[part])
+        out = Path(a.out) if a.out else ROOT / "runs" / {"single": "single", "sequential": "seq", "long": "long"}[part]
         if a.part == "table":
             print(f"### {part}\n\n{table(out, part, methods, a.limit, a.downstream_n, a.every)}\n")
         else:
