@@ -170,7 +170,7 @@ class Editor:
         t0 = time.perf_counter()
         cfg = self._config(method, config, overrides)
         spec = spec_of_config(cfg)
-        fingerprints = {self.adapter.w_out_name(l): matrix_fingerprint(self.adapter.w_out_parameter(l))
+        fingerprints = {self.adapter.w_out_name(l): matrix_fingerprint(self.adapter.w_out_stored(l))
                         for l in cfg.layers}
         done: List[EditResult] = []
         try:
@@ -197,7 +197,7 @@ class Editor:
         result.fingerprints = fingerprints
         result.statistics = self.caches.sources(cfg)
         result.prompt_prefix = self.adapter.prompt_prefix
-        result.fingerprints_after = {self.adapter.w_out_name(l): matrix_fingerprint(self.adapter.w_out_parameter(l))
+        result.fingerprints_after = {self.adapter.w_out_name(l): matrix_fingerprint(self.adapter.w_out_stored(l))
                                      for l in cfg.layers}
         self.history.append(result)
         failed = [r for r, v in zip(result.requests, result.verification) if not v["verified"]]

@@ -55,6 +55,13 @@ def add_model_options(p: argparse.ArgumentParser, corpus: bool = True, json_opti
     p.add_argument("--model", default=None, help="hub id or local directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cpu)")
+    p.add_argument("--device-map", default=None, metavar="auto|balanced|sequential|FILE.json",
+                   help="place the model with accelerate: a strategy, or a JSON file of module name -> device "
+                        "(0, cuda:1, cpu, disk)")
+    p.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE[,...]",
+                   help="what each device may hold with --device-map, e.g. 0=20GiB,cpu=64GiB")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="where weights offloaded to disk are kept (edited ones are written there)")
     if corpus:
         p.add_argument("--corpus", default=None,
                        help="text for the key statistics: .txt/.jsonl path, wikitext-103, wikipedia, model, auto (default)")
@@ -71,9 +78,20 @@ def add_model_options(p: argparse.ArgumentParser, corpus: bool = True, json_opti
 
 def load(args):
     """``(model, tokenizer)`` of the parsed model options."""
-    from ..core.models import load_model
+    from ..core.models import load_model, parse_device_map, parse_max_memory
 
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    device_map = parse_device_map(getattr(args, "device_map", None))
+    max_memory = parse_max_memory(getattr(args, "max_memory", None))
+    if max_memory and device_map is None:
+        from ..core.errors import ModelLoadError
+
+        raise ModelLoadError("--max-memory needs --device-map (e.g. --device-map auto)")
+    if device_map is not None and args.device is not None:
+        from ..core.errors import ModelLoadError
+
+        raise ModelLoadError("give --device or --device-map, not both")
+    return load_model(args.model, dtype=args.dtype, device=args.device, device_map=device_map,
+                      max_memory=max_memory, offload_folder=getattr(args, "offload_folder", None))
 
 
 def setup_logging(verbose: bool) -> None:

@@ -62,7 +62,7 @@ def greedy_answers(adapter, prompts: Sequence[str], max_new_tokens: int = GEN_TO
     (its cache rows are dropped), so the cost follows the answers' lengths, not the longest one's. With
     ``models`` (a :class:`~factedit.edit.row_deltas.RowDeltas`), prompt ``i`` runs on edited model
     ``owners[i]``."""
-    tok, body, dev = adapter.tokenizer, adapter.body, adapter.device
+    tok, body, dev = adapter.tokenizer, adapter.body, adapter.input_device
     eos = {t for t in (tok.eos_token_id, getattr(adapter.model.generation_config, "eos_token_id", None))
            if isinstance(t, int)}
     out: List[str] = []
@@ -90,9 +90,9 @@ def greedy_answers(adapter, prompts: Sequence[str], max_new_tokens: int = GEN_TO
                     break
                 cache = cache_of(res)
                 if len(keep) < len(live):  # drop the rows that stopped
-                    idx = torch.tensor(keep, device=dev)
+                    idx = torch.tensor(keep)  # CPU indices select rows on any device (cache layers may differ)
                     cache.batch_select_indices(idx)
-                    mask, pos = mask[idx], pos[idx]
+                    mask, pos = mask[idx.to(dev)], pos[idx.to(dev)]
                     live = [live[j] for j in keep]
                     if models is not None:
                         stack.enter_context(rows_on(models, [own[i] for i in live]))

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import ArchitectureError, LayerError
+from . import offload
+from .errors import ArchitectureError, FactEditError, LayerError
 from .tokens import prompt_prefix_of, with_prompt_prefix
 
 __all__ = ["ArchSpec", "ARCH_SPECS", "ModelAdapter", "spec_for"]
@@ -145,8 +146,8 @@ class ModelAdapter:
         if self.embed is None or self.unembed is None:
             raise ArchitectureError("could not find the token embedding / LM head; set ArchSpec.embed/unembed")
         self._w_out_modules = [_get(layer, self.spec.w_out) for layer in self.layers]
-        w = self.w_out_weight(0)
-        self.d_model, self.d_ff = int(w.shape[0]), int(w.shape[1])
+        shape = tuple(self.w_out_parameter(0).shape)  # the shape only: meta when offloaded
+        self.d_model, self.d_ff = (shape[1], shape[0]) if self.spec.fan_in_fan_out else shape
         cfg = getattr(model, "config", None)
         self.logit_softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = 1.0
@@ -196,20 +197,39 @@ class ModelAdapter:
         return f"{self.spec.layers}.{self.check_layer(i)}.{self.spec.w_out}"
 
     def w_out_parameter(self, i: int) -> nn.Parameter:
+        """The parameter object (``meta`` when accelerate offloads it: read values with :meth:`w_out_stored`)."""
         return self.w_out(i).weight
 
+    def w_out_offloaded(self, i: int) -> bool:
+        """True when accelerate keeps W_out of layer ``i`` off its module (CPU state dict or disk)."""
+        return offload.is_offloaded(self.w_out(i))
+
+    def w_out_stored(self, i: int) -> torch.Tensor:
+        """W_out of layer ``i`` as stored (the parameter's layout and dtype), wherever it is kept: the
+        parameter itself when resident (a view), accelerate's stored copy when offloaded."""
+        return offload.read(self.w_out(i))
+
     def w_out_weight(self, i: int) -> torch.Tensor:
-        """W_out of layer ``i`` as a (d_model, d_ff) view of the stored parameter."""
-        w = self.w_out(i).weight
+        """W_out of layer ``i`` as a (d_model, d_ff) view of the stored values."""
+        w = self.w_out_stored(i)
         return w.t() if self.spec.fan_in_fan_out else w
 
+    def set_w_out(self, i: int, stored: torch.Tensor) -> None:
+        """Store ``stored`` (the parameter's layout and dtype) as W_out of layer ``i``, where the model
+        reads it from (in place, or accelerate's offload map / folder)."""
+        offload.write(self.w_out(i), "weight", stored)
+
     def add_to_w_out(self, i: int, delta: torch.Tensor) -> None:
-        """W_out[i] += delta, with ``delta`` (d_model, d_ff); sum in float32, stored in place."""
-        p = self.w_out_parameter(i)
+        """W_out[i] += delta, with ``delta`` (d_model, d_ff); summed in float32 on the weight's device,
+        stored in the weight's dtype where the model reads it."""
+        w = self.w_out_stored(i)
         d = delta.t() if self.spec.fan_in_fan_out else delta
         with torch.no_grad():
-            new = p.detach().to(torch.float32) + d.to(device=p.device, dtype=torch.float32)
-            p.copy_(new.to(p.dtype))
+            new = (w.to(torch.float32) + d.to(device=w.device, dtype=torch.float32)).to(w.dtype)
+        if not torch.isfinite(new).all():
+            raise FactEditError(f"the edited weights of layer {i} overflow the model's dtype ({w.dtype}); "
+                                "nothing was changed")
+        self.set_w_out(i, new)
 
     # ----------------------------------------------------------------- head
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -233,12 +253,32 @@ class ModelAdapter:
                 return v
         return 1 << 20
 
+    def module_device(self, module: nn.Module) -> torch.device:
+        """Where ``module`` computes (accelerate's execution device for dispatched or offloaded ones)."""
+        return offload.execution_device(module)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where token ids and position tensors go: the embedding's device."""
+        return self.module_device(self.embed)
+
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """The input device (:attr:`input_device`); tensors consumed elsewhere go to their module's device."""
+        return self.input_device
+
+    @property
+    def head_device(self) -> torch.device:
+        """Where the logits are computed (the LM head's device)."""
+        return self.module_device(self.unembed)
 
     def layer_device(self, i: int) -> torch.device:
-        return self.w_out_parameter(i).device
+        """Where layer ``i`` computes (its residual stream lives there)."""
+        return self.module_device(self.layer(i))
+
+    def w_out_device(self, i: int) -> torch.device:
+        """Where W_out of layer ``i`` computes: keys, statistics and solves of that layer live there."""
+        return self.module_device(self.w_out(i))
 
     def describe(self) -> dict:
         return {

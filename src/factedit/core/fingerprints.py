@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .arch import spec_for
+from .offload import named_weights, read
 
 __all__ = ["model_fingerprint", "matrix_fingerprint"]
 
@@ -34,14 +35,14 @@ def model_fingerprint(model, upto_layer: Optional[int] = None, spec=None) -> str
     arch = spec_for(model, spec)
     layers_prefix = arch.layers + "."
     own_w_out = f"{layers_prefix}{upto_layer}.{arch.w_out}."
-    for name, p in model.named_parameters():
+    for name, module, local, p in named_weights(model):  # offloaded weights are read where accelerate keeps them
         if upto_layer is not None and name.startswith(own_w_out):
             continue  # W_out of the layer itself does not change its keys
         if upto_layer is not None and name.startswith(layers_prefix):
             idx = int(name[len(layers_prefix):].split(".", 1)[0])
             if idx > upto_layer:
                 continue
-        flat = p.detach().reshape(-1)
+        flat = read(module, local).reshape(-1)
         step = max(1, flat.numel() // 65536)
         sample = flat[::step].to(device="cpu", dtype=torch.float32)
         h.update(name.encode())

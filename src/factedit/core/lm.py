@@ -57,7 +57,7 @@ def sample_continuations(
     Reproducible for a given seed, model and device: the generator is private, global RNG
     state is not touched.
     """
-    model, device = adapter.model, adapter.device
+    model, device = adapter.model, adapter.input_device
     start = prompt_ids if prompt_ids is not None else _start_ids(adapter.tokenizer)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     ids = torch.tensor([start] * n, device=device)
@@ -83,7 +83,7 @@ def greedy_continuation(adapter, prompt: str, max_new_tokens: int = 12, tokenize
     """Greedy continuation of ``prompt`` (the generated text only), tokenized by ``tokenizer`` (default
     the adapter's, which puts the prompt prefix first)."""
     tok, model = tokenizer or adapter.tokenizer, adapter.model
-    enc = tok(prompt, return_tensors="pt").to(adapter.device)
+    enc = tok(prompt, return_tensors="pt").to(adapter.input_device)
     out = model.generate(
         **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
         top_p=None, top_k=None, temperature=None,
@@ -105,7 +105,7 @@ def position_scores(adapter, seqs: Sequence[Sequence[int]], queries: Sequence[Se
     pad = pad_id(adapter.tokenizer)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     result: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(seqs)
-    dev = adapter.device
+    dev = adapter.input_device
     for b in range(0, len(order), batch_size):
         chunk = order[b: b + batch_size]
         batch = pad_rows([seqs[i] for i in chunk], pad, device=dev)
@@ -115,10 +115,10 @@ def position_scores(adapter, seqs: Sequence[Sequence[int]], queries: Sequence[Se
                 rows.append(r), cols.append(j - 1), tgt.append(t)
         with rows_on(models, [owners[i] for i in chunk] if models is not None else None):
             hidden = adapter.body(**batch.inputs()).last_hidden_state
-        sel = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
-        logp = F.log_softmax(adapter.logits(sel).float(), dim=-1)
-        tgt_t = torch.tensor(tgt, device=dev)
-        tok_lp = logp[torch.arange(len(tgt), device=dev), tgt_t].cpu()
+        sel = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
+        logp = F.log_softmax(adapter.logits(sel).float(), dim=-1)  # on the head's device
+        tgt_t = torch.tensor(tgt, device=logp.device)
+        tok_lp = logp[torch.arange(len(tgt), device=logp.device), tgt_t].cpu()
         hits = (logp.argmax(dim=-1) == tgt_t).cpu()
         rows_t = torch.tensor(rows)
         for r, i in enumerate(chunk):

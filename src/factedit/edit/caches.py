@@ -40,6 +40,7 @@ class EditCaches:
         self.progress = progress
         self._templates: Dict[tuple, List[str]] = {}
         self._stats: Dict[tuple, LayerStats] = {}
+        self._on_device: Dict[tuple, object] = {}
         self._projectors: Dict[tuple, object] = {}
         self._memo: Dict[str, Dict[tuple, dict]] = {}  # kind -> (fingerprint, *key) -> memo
         self._announced: set = set()  # corpora chosen by "auto" that were reported
@@ -63,6 +64,14 @@ class EditCaches:
                 log.warning("key statistics from %s (%s)", name, reason)
         return self._stats[key]
 
+    def mom2(self, layer: int, corpus: Optional[str], n_tokens: int):
+        """C of ``layer`` on the device where its W_out computes (moved there once, then kept)."""
+        dev = self.adapter.w_out_device(layer)
+        key = (layer, corpus, n_tokens, str(dev))
+        if key not in self._on_device:
+            self._on_device[key] = self.stats(layer, corpus, n_tokens).mom2.to(dev)
+        return self._on_device[key]
+
     def sources(self, cfg) -> Dict[str, dict]:
         """Per edited layer of ``cfg``, where its statistics came from: corpus, how it was chosen, tokens
         (``{}`` for methods without statistics)."""
@@ -78,6 +87,7 @@ class EditCaches:
     def clear_stats(self) -> None:
         """Forget the in-memory statistics (the next use reads the disk cache again)."""
         self._stats.clear()
+        self._on_device.clear()
 
     def projector(self, layer: int, C, threshold: float):
         """AlphaEdit's null-space projector of layer ``layer`` for statistics ``C`` (per threshold)."""

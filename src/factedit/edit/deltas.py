@@ -85,8 +85,7 @@ class AppliedEdit:
         if self.reverted:
             return
         for layer, orig in self.originals.items():
-            with torch.no_grad():
-                self.adapter.w_out_parameter(layer).copy_(orig)
+            self.adapter.set_w_out(layer, orig)
         self.reverted = True
 
 
@@ -98,13 +97,11 @@ def apply_deltas(adapter, deltas: Sequence[LayerDelta]) -> AppliedEdit:
         for d in deltas:
             adapter.check_layer(d.layer)
             if d.layer not in originals:
-                originals[d.layer] = adapter.w_out_parameter(d.layer).detach().clone()
+                originals[d.layer] = adapter.w_out_stored(d.layer).clone()
             dense = d.dense()
             if not torch.isfinite(dense).all():
                 raise FactEditError(f"the update for layer {d.layer} contains NaN/Inf; nothing was changed")
-            adapter.add_to_w_out(d.layer, dense)
-            if not torch.isfinite(adapter.w_out_parameter(d.layer)).all():
-                raise FactEditError(f"the edited weights of layer {d.layer} overflow the model's dtype; nothing was changed")
+            adapter.add_to_w_out(d.layer, dense)  # refuses a result that overflows the dtype
     except BaseException:
         AppliedEdit(adapter, list(deltas), originals).revert()
         raise

@@ -76,10 +76,11 @@ def norm_reference(adapter, caches, layer: int, corpus: Optional[str], n_tokens:
         return float(json.loads(path.read_text())["reference"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    C = caches.stats(layer, corpus, n_tokens).mom2
+    C = caches.mom2(layer, corpus, n_tokens)
     reqs = [Request("{} is", s, "x") for s in CALIBRATION_SUBJECTS]
     K, _ = template_keys(adapter, reqs, caches.templates(0), layer, None)
-    W = adapter.w_out_weight(layer).detach().float()
+    K = K.to(C.device)
+    W = adapter.w_out_weight(layer).to(device=C.device, dtype=torch.float32)
     norms = []
     for k in K:
         v0 = W @ k
@@ -94,7 +95,7 @@ def norm_reference(adapter, caches, layer: int, corpus: Optional[str], n_tokens:
 def entropy_probe(adapter, cfg: GuardConfig) -> float:
     """Mean generation entropy of greedy continuations of the generic prompts (one batch)."""
     tok = adapter.tokenizer
-    batch = pad_rows([tok(p)["input_ids"] for p in cfg.prompts], pad_id(tok), side="left", device=adapter.device)
+    batch = pad_rows([tok(p)["input_ids"] for p in cfg.prompts], pad_id(tok), side="left", device=adapter.input_device)
     out = adapter.model.generate(**batch.inputs(), max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
     gen = out[:, batch.width:].tolist()

@@ -50,7 +50,10 @@ class RowDeltas(contextlib.AbstractContextManager):
     def __enter__(self) -> "RowDeltas":
         for layer in sorted(self._by_layer):
             module = self.adapter.w_out(layer)
-            self._handles.append(module.register_forward_hook(self._hook(self._by_layer[layer])))
+            dev = self.adapter.w_out_device(layer)  # the factors go there once, not on every forward
+            per_model = {m: [(d.left.to(dev), None if d.right is None else d.right.to(dev)) for d in ds]
+                         for m, ds in self._by_layer[layer].items()}
+            self._handles.append(module.register_forward_hook(self._hook(per_model)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -59,7 +62,7 @@ class RowDeltas(contextlib.AbstractContextManager):
         self._handles.clear()
         self.owners = None
 
-    def _hook(self, per_model: Dict[int, List[LayerDelta]]):
+    def _hook(self, per_model: Dict[int, List[tuple]]):
         def hook(module, inputs, output):
             owners = self.owners
             if owners is None:
@@ -67,21 +70,23 @@ class RowDeltas(contextlib.AbstractContextManager):
             x = inputs[0]
             if owners.shape[0] != x.shape[0]:
                 raise RuntimeError(f"RowDeltas: {owners.shape[0]} owners for a batch of {x.shape[0]} rows")
-            add = torch.zeros_like(output)
+            add = None
             for m in owners.unique().tolist():
                 if m not in per_model:
                     continue
                 rows = (owners == m).nonzero()[:, 0].to(x.device)
                 xm = x[rows].to(torch.float32)
                 dm = 0
-                for d in per_model[m]:
-                    left = d.left.to(device=x.device)
-                    if d.right is None:  # dense Δ (d_model, d_ff)
+                for left, right in per_model[m]:
+                    left = left.to(x.device)  # a no-op unless the input arrives elsewhere
+                    if right is None:  # dense Δ (d_model, d_ff)
                         dm = dm + xm @ left.T
                     else:
-                        dm = dm + (xm @ d.right.to(device=x.device)) @ left.T
-                add[rows] = dm.to(output.dtype)
-            return output + add
+                        dm = dm + (xm @ right.to(x.device)) @ left.T
+                if add is None:
+                    add = torch.zeros_like(output)
+                add[rows.to(add.device)] = dm.to(device=add.device, dtype=output.dtype)
+            return output if add is None else output + add
         return hook
 
     @contextlib.contextmanager

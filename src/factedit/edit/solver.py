@@ -22,14 +22,14 @@ from typing import Optional
 import torch
 
 from ..core.errors import StatsError
+from ..core.offload import precise_dtype
 
 __all__ = ["solve_spd", "Solution", "least_squares", "equality", "null_space", "null_space_projector"]
 
 
 def solve_spd(C: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``C⁻¹ b`` for symmetric positive-definite ``C`` via Cholesky (float64)."""
-    C64 = C.to(torch.float64)
-    b64 = b.to(device=C.device, dtype=torch.float64)
+    """``C⁻¹ b`` for symmetric positive-definite ``C`` via Cholesky (float64; on C's device)."""
+    C64, b64 = _f64(C, b)
     vec = b64.ndim == 1
     if vec:
         b64 = b64[:, None]
@@ -57,12 +57,15 @@ class Solution:
 
 
 def _f64(*xs):
-    return [x.to(torch.float64) for x in xs]
+    """The operands in float64 (float32 where the device has none) on the first one's device."""
+    dev = xs[0].device
+    dt = precise_dtype(dev)
+    return [x.to(device=dev, dtype=dt) for x in xs]
 
 
 def least_squares(R: torch.Tensor, K: torch.Tensor, C: torch.Tensor, lam: float) -> Solution:
     """MEMIT: minimise ``λ‖ΔK0‖² + ‖(W+Δ)K - V‖²`` → ``Δ = R Kᵀ (λC + K Kᵀ)⁻¹``."""
-    R, K, C = _f64(R, K, C)
+    C, R, K = _f64(C, R, K)  # on the statistics' device
     A = lam * C + K @ K.T
     right = solve_spd(A, K)  # (d_ff, n) = A⁻¹ K  (A symmetric, so Δ = R (A⁻¹K)ᵀ)
     return Solution(R, right)
@@ -76,8 +79,8 @@ def equality(R: torch.Tensor, K_dir: torch.Tensor, C: torch.Tensor, K_res: Optio
     condition number above ``max_condition`` (near-duplicate keys, e.g. one subject in several
     requests) a ridge ``ε·tr(M)/n`` is added and reported in :attr:`Solution.ridge`.
     """
-    R, K_dir, C = _f64(R, K_dir, C)
-    K_res = K_dir if K_res is None else K_res.to(torch.float64)
+    C, R, K_dir = _f64(C, R, K_dir)
+    K_res = K_dir if K_res is None else _f64(C, K_res)[1]
     U = solve_spd(C, K_dir)  # (d_ff, n) C⁻¹ K_dir
     M = K_res.T @ U  # (n, n)
     n = M.shape[0]
@@ -99,7 +102,7 @@ def equality(R: torch.Tensor, K_dir: torch.Tensor, C: torch.Tensor, K_res: Optio
 
 def null_space_projector(C: torch.Tensor, threshold: float = 1e-2) -> torch.Tensor:
     """AlphaEdit's projector ``P = U Uᵀ`` onto the eigenvectors of C with eigenvalue < threshold."""
-    evals, evecs = torch.linalg.eigh(C.to(torch.float64))
+    evals, evecs = torch.linalg.eigh(_f64(C)[0])
     U = evecs[:, evals < threshold]
     return U @ U.T
 
@@ -112,10 +115,10 @@ def null_space(R: torch.Tensor, K: torch.Tensor, P: torch.Tensor, G_prev: Option
     sum so memory does not grow with the number of edits). Returns the factors of the
     *applied* update ``ΔP = R · (P A⁻ᵀ P K)ᵀ`` with ``A = G_prev P + K Kᵀ P + αI``.
     """
-    R, K, P = _f64(R, K, P)
+    P, R, K = _f64(P, R, K)
     G = K @ K.T
     if G_prev is not None:
-        G = G + G_prev.to(torch.float64)
+        G = G + G_prev.to(device=G.device, dtype=G.dtype)
     A = G @ P + alpha * torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
     X = torch.linalg.solve(A.T, P @ K)  # (d_ff, n) = A⁻ᵀ P K
     return Solution(R, P @ X)

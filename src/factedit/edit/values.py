@@ -132,7 +132,7 @@ class ValueProblem:
 
     # ------------------------------------------------------------------ layout
     def _layout(self):
-        rows, dev = self.rows, self.adapter.device
+        rows, dev = self.rows, self.adapter.input_device  # index tensors follow their consumer (.to at use)
         pad = pad_id(self.adapter.tokenizer)
         # the part before the fact token is left-padded (one KV-cache prefix whose last position is
         # the same for every row); the fact token onwards is right-padded after it
@@ -189,12 +189,12 @@ class ValueProblem:
         self.layer_out_template = t_raw.output
         self.keys = t_w.input[:, 0, :].float()  # (B, d_ff)
         self.values = t_site.output[:, 0, :].float()  # (B, d_model) at the injection site
-        logits = self.adapter.logits(h[self.sel_rows, self.sel_cols]).float()
+        logits = self.adapter.logits(h[self.sel_rows.to(h.device), self.sel_cols.to(h.device)]).float()
         self.kl_base = F.log_softmax(logits[self.n_nll:], dim=-1)
         return self
 
     def _inject(self, delta, row_req):
-        rows_delta = delta[row_req]  # (B, d_model)
+        rows_delta = delta[row_req.to(delta.device)]  # (B, d_model)
 
         def edit(out):
             first = out[:, :1, :] + rows_delta[:, None, :].to(out.dtype)
@@ -214,13 +214,13 @@ class ValueProblem:
         cache = copy.deepcopy(self.cache)
         sel_rows, sel_cols = self.sel_rows, self.sel_cols
         if active is not None and not bool(active.all()):
-            keep = active[self.row_req]
+            keep = active.to(self.row_req.device)[self.row_req]
             idx = keep.nonzero()[:, 0]
             suf = {k: v[idx] for k, v in suf.items()}
-            h_in = h_in[idx] if h_in is not None else None
+            h_in = h_in[idx.to(h_in.device)] if h_in is not None else None
             row_req = row_req[idx]
             if cache is not None:
-                cache.batch_select_indices(idx)
+                cache.batch_select_indices(idx.cpu())  # CPU indices select on every layer's device
             remap = torch.full_like(keep, -1, dtype=torch.long)
             remap[idx] = torch.arange(len(idx), device=idx.device)
             entries = keep[sel_rows]
@@ -230,30 +230,33 @@ class ValueProblem:
                 stack.enter_context(start_at_layer(ad.layers, l - 1, h_in, self.layer_out_template))
             stack.enter_context(Hook(self.site, edit_output=self._inject(delta, row_req)))
             h = ad.body(**suf, **past(ad.body, cache)).last_hidden_state
-        return self.adapter.logits(h[sel_rows, sel_cols]).float()
+        return self.adapter.logits(h[sel_rows.to(h.device), sel_cols.to(h.device)]).float()
 
     def _logits_full(self, delta):
         """Reference: the whole padded sequences through the whole model, δ added by a hook."""
         ad = self.adapter
-        rows_delta = delta[self.row_req]
+        rows_delta = delta[self.row_req.to(delta.device)]
         facts = self.facts
 
         def edit(out):
             add = torch.zeros_like(out)
-            add[torch.arange(out.shape[0], device=out.device), facts] = rows_delta.to(out.dtype)
+            add[torch.arange(out.shape[0], device=out.device), facts.to(out.device)] = rows_delta.to(out.device, out.dtype)
             return out + add
 
         with Hook(self.site, edit_output=edit):
             h = ad.body(**self.full).last_hidden_state
-        sel = h[self.sel_rows, self.sel_cols + self.facts[self.sel_rows]]
+        at = (self.sel_rows, self.sel_cols + self.facts[self.sel_rows])
+        sel = h[at[0].to(h.device), at[1].to(h.device)]
         return ad.logits(sel).float()
 
     def losses(self, logits: torch.Tensor, active: Optional[torch.Tensor] = None):
         """Per-request rewrite NLL and essence KL(P_δ ‖ P_orig) from :meth:`logits`
         (zero for requests outside ``active``)."""
-        sel_tgt, sel_w, sel_req = self.sel_tgt, self.sel_w, self.sel_req
-        kl_base, kl_w, kl_req = self.kl_base, self.kl_w, self.kl_req
+        dev = logits.device  # the head's: the losses are computed there
+        sel_tgt, sel_w, sel_req = self.sel_tgt.to(dev), self.sel_w.to(dev), self.sel_req.to(dev)
+        kl_base, kl_w, kl_req = self.kl_base, self.kl_w.to(dev), self.kl_req.to(dev)
         if active is not None and not bool(active.all()):
+            active = active.to(dev)
             e, k = active[sel_req], active[kl_req]
             sel_tgt, sel_w, sel_req = sel_tgt[e], sel_w[e], sel_req[e]
             kl_base, kl_w, kl_req = kl_base[k], kl_w[k], kl_req[k]
@@ -271,11 +274,13 @@ class ValueProblem:
 def optimize_values(problem: ValueProblem, cfg: ValueConfig, fast: bool = True) -> ValueResult:
     """Adam on δ (one row per request) with ROME's loss, norm clamp and early stop."""
     p = problem.prepare()
-    dev = p.keys.device
+    dev = p.values.device  # the injection site's: δ lives where it is added
     n = p.n_req
-    v0 = p.values[p.bare_rows]  # (n, d_model)
-    k_o = p.keys[p.bare_rows]
-    k_star = torch.stack([p.keys[(p.row_req == q) & p.rewrite_mask].mean(0) for q in range(n)])
+    v0 = p.values[p.bare_rows.to(dev)]  # (n, d_model)
+    keys = p.keys  # on W_out's device
+    row_req, rewrite = p.row_req.to(keys.device), p.rewrite_mask.to(keys.device)
+    k_o = keys[p.bare_rows.to(keys.device)]
+    k_star = torch.stack([keys[(row_req == q) & rewrite].mean(0) for q in range(n)])
     delta = torch.zeros_like(v0, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     max_norm = cfg.clamp_norm_factor * v0.norm(dim=-1)  # (n,)
@@ -291,7 +296,7 @@ def optimize_values(problem: ValueProblem, cfg: ValueConfig, fast: bool = True) 
         for it in range(cfg.steps):
             report("value optimisation (step, at most)", it, cfg.steps)
             act = active.clone()
-            nll, kl = p.losses(p.logits(delta, fast=fast, active=act), active=act)
+            nll, kl = (x.to(dev) for x in p.losses(p.logits(delta, fast=fast, active=act), active=act))
             wd = cfg.weight_decay * delta.norm(dim=-1) / v0_sq
             loss = nll + cfg.kl_factor * kl + wd
             with torch.no_grad():

@@ -77,11 +77,11 @@ def perplexity(adapter, path, n_tokens: int = 20_000, window: int = 256, batch_s
     total, count = 0.0, 0
     for b in range(0, len(wins), batch_size):
         part = wins[b: b + batch_size]
-        batch = pad_rows(part, pad_id(adapter.tokenizer), device=adapter.device)
+        batch = pad_rows(part, pad_id(adapter.tokenizer), device=adapter.input_device)
         h = adapter.body(**batch.inputs()).last_hidden_state
-        logits = adapter.logits(h[:, :-1]).float()
-        target = batch.input_ids[:, 1:]
-        keep = batch.attention_mask[:, 1:].bool()
+        logits = adapter.logits(h[:, :-1]).float()  # on the head's device
+        target = batch.input_ids[:, 1:].to(logits.device)
+        keep = batch.attention_mask[:, 1:].bool().to(logits.device)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
         total += float(nll[keep.reshape(-1)].double().sum())
         count += int(keep.sum())

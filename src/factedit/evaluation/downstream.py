@@ -181,7 +181,7 @@ def _last_logprobs(adapter, rows: Sequence[List[int]], prefix_ids: List[int], ba
     KV cache is shared by every batch."""
     import copy
 
-    dev = adapter.device
+    dev = adapter.input_device
     pad = pad_id(adapter.tokenizer)
     cache = None
     if prefix_ids:
@@ -198,7 +198,7 @@ def _last_logprobs(adapter, rows: Sequence[List[int]], prefix_ids: List[int], ba
             kw = past_kv(adapter.body, past)
             mask = torch.cat([torch.ones(len(chunk), len(prefix_ids), dtype=torch.long, device=dev), mask], dim=1)
         hidden = adapter.body(input_ids=batch.input_ids, attention_mask=mask, **kw).last_hidden_state
-        h = hidden[torch.arange(len(chunk), device=dev), batch.last_index]
+        h = hidden[torch.arange(len(chunk), device=hidden.device), batch.last_index.to(hidden.device)]
         logp = F.log_softmax(adapter.logits(h).float(), dim=-1).cpu()
         for r, i in enumerate(chunk):
             out[i] = logp[r]

@@ -347,7 +347,7 @@ class _Run:
                 log.info("prefetch of targets skipped: %s", e)
         fingerprints = None
         if self.method_cfg is not None:
-            fingerprints = {ed.adapter.w_out_name(l): matrix_fingerprint(ed.adapter.w_out_parameter(l))
+            fingerprints = {ed.adapter.w_out_name(l): matrix_fingerprint(ed.adapter.w_out_stored(l))
                             for l in self.method_cfg.layers}
         edits: Dict[int, tuple] = {}
         for g in gs:

@@ -59,7 +59,7 @@ def sample_text_groups(adapter, groups: Sequence[Tuple[Sequence[str], int]], len
     cache. Each group draws from its own generator exactly as it would alone (so batching does not
     change which token is drawn, up to the rounding of the batched forward); with ``models`` (a
     :class:`~factedit.row_deltas.RowDeltas`) group ``g`` runs on edited model ``owners[g]``."""
-    tok, body, dev = adapter.tokenizer, adapter.body, adapter.device
+    tok, body, dev = adapter.tokenizer, adapter.body, adapter.input_device
     enc, group_of = [], []
     for g, (prompts, _) in enumerate(groups):
         for p in prompts:

@@ -222,7 +222,7 @@ def _check_fingerprints(adapter, patch: Patch, force: bool) -> List[str]:
     for layer in sorted({d.layer for d in patch.deltas}):
         name = adapter.w_out_name(layer)
         want = patch.meta["fingerprints"].get(name)
-        have = matrix_fingerprint(adapter.w_out_parameter(layer))
+        have = matrix_fingerprint(adapter.w_out_stored(layer))
         if want != have:
             mismatched.append(name)
     if mismatched and not force:
@@ -295,7 +295,7 @@ def revert_patches(adapter, patches: Sequence[Patch], force: bool = False) -> Di
                     raise PatchError(f"this patch records no after-edit fingerprint of {name} (written by an older "
                                      "factedit), so it cannot be checked that it is applied; pass force=True / --force "
                                      "to subtract it anyway")
-                if matrix_fingerprint(adapter.w_out_parameter(layer)) != after[name]:
+                if matrix_fingerprint(adapter.w_out_stored(layer)) != after[name]:
                     raise PatchError(
                         f"the model does not have this patch applied: {name} is not what the patch left "
                         "(it was never applied, was already reverted, or other edits changed it since); nothing "
@@ -307,7 +307,7 @@ def revert_patches(adapter, patches: Sequence[Patch], force: bool = False) -> Di
         for name, fp in p.meta["fingerprints"].items():
             base.setdefault(name, fp)
     layers = sorted({d.layer for p in patches for d in p.deltas})
-    return {adapter.w_out_name(l): matrix_fingerprint(adapter.w_out_parameter(l)) == base.get(adapter.w_out_name(l))
+    return {adapter.w_out_name(l): matrix_fingerprint(adapter.w_out_stored(l)) == base.get(adapter.w_out_name(l))
             for l in layers}
 
 

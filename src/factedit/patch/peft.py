@@ -131,7 +131,7 @@ def _check_holds(adapter, patches: Sequence[Patch]) -> None:
             last[name] = (p.meta.get("fingerprints_after") or {}).get(name)
     for name, want in last.items():
         layer = next(d.layer for p in patches for d in p.deltas if adapter.w_out_name(d.layer) == name)
-        if want is None or matrix_fingerprint(adapter.w_out_parameter(layer)) != want:
+        if want is None or matrix_fingerprint(adapter.w_out_stored(layer)) != want:
             raise PatchError(f"the model does not hold these patches: {name} is not what they left")
 
 

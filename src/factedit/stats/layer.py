@@ -25,6 +25,7 @@ from .corpus import Corpus, resolve_corpus
 from ..core.errors import StatsError
 from ..core.batching import pad_id, pad_rows
 from ..core.hooks import Hook
+from ..core.offload import precise_dtype
 from ..core.paths import atomic_path, factedit_home
 
 __all__ = ["SecondMoment", "LayerStats", "layer_stats", "stats_cache_path", "token_chunks", "load_stats_file"]
@@ -38,8 +39,9 @@ class SecondMoment:
     """Streaming uncentered second moment of row vectors: ``sum x xᵀ`` and ``count``.
 
     ``update`` takes (n, d) batches (any dtype; the product is formed in float32 and summed
-    into a float64 buffer). ``merge`` adds another accumulator: the result equals one pass
-    over the union of the data.
+    into a float64 buffer on the batches' device: nothing of size d² crosses to the host while
+    accumulating). ``merge`` adds another accumulator: the result equals one pass over the union
+    of the data. :meth:`host` gives the sum on the CPU (for files and all-reduces).
     """
 
     dim: int
@@ -53,22 +55,28 @@ class SecondMoment:
     def update(self, x: torch.Tensor) -> "SecondMoment":
         x = x.reshape(-1, self.dim).to(torch.float32)
         if x.shape[0]:
-            self.sum += (x.T @ x).to(device="cpu", dtype=torch.float64)
+            if self.sum.device != x.device:  # first batch: the buffer moves to where the keys are (once)
+                self.sum = self.sum.to(device=x.device, dtype=precise_dtype(x.device))
+            self.sum += (x.T @ x).to(self.sum.dtype)
             self.count += int(x.shape[0])
         return self
 
     def merge(self, other: "SecondMoment") -> "SecondMoment":
         if other.dim != self.dim:
             raise StatsError(f"cannot merge statistics of dimension {other.dim} into {self.dim}")
-        self.sum += other.sum
+        self.sum += other.sum.to(device=self.sum.device, dtype=self.sum.dtype)
         self.count += other.count
         return self
 
+    def host(self) -> "SecondMoment":
+        """This accumulator with its sum on the CPU in float64."""
+        return SecondMoment(self.dim, self.sum.to(device="cpu", dtype=torch.float64), self.count)
+
     def mom2(self) -> torch.Tensor:
-        """E[x xᵀ] in float32."""
+        """E[x xᵀ] in float32, on the CPU (the editing methods move it to the layer's device once)."""
         if self.count == 0:
             raise StatsError("no tokens were accumulated")
-        return (self.sum / self.count).to(torch.float32)
+        return (self.sum / self.count).to(device="cpu", dtype=torch.float32)
 
 
 @dataclass
@@ -133,7 +141,7 @@ def _save(path: Path, acc: SecondMoment, meta: dict) -> None:
     # n_tokens: the tokens actually accumulated (a capped corpus gives fewer than requested)
     meta = {k: str(v) for k, v in {**meta, "format": _FORMAT, "count": acc.count, "n_tokens": acc.count}.items()}
     with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file({"mom2_sum": acc.sum.contiguous()}, str(tmp), metadata=meta)
+        save_file({"mom2_sum": acc.host().sum.contiguous()}, str(tmp), metadata=meta)
 
 
 def load_stats_file(path: Path) -> tuple[SecondMoment, dict]:
@@ -165,7 +173,7 @@ def _accumulate(adapter, layer: int, chunks: Iterator[List[int]], acc: SecondMom
                 batch_size: int, on_checkpoint, checkpoint_every: float, progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    dev = adapter.device
+    dev = adapter.input_device
     bar = tqdm(total=n_tokens, initial=acc.count, unit="tok", unit_scale=True, disable=not progress,
                desc=f"stats layer {layer}", dynamic_ncols=True)
     last_ckpt = time.monotonic()
@@ -175,7 +183,7 @@ def _accumulate(adapter, layer: int, chunks: Iterator[List[int]], acc: SecondMom
         b = pad_rows(batch, pad_id(adapter.tokenizer), device=dev)
         with Hook(adapter.w_out(layer), retain_input=True, stop=True) as t:
             adapter.body(**b.inputs(), use_cache=False)
-        keys = t.input[b.attention_mask.bool()]  # (real tokens, d_ff)
+        keys = t.input[b.attention_mask.bool().to(t.input.device)]  # (real tokens, d_ff), on W_out's device
         acc.update(keys)
         bar.update(int(keys.shape[0]))
 

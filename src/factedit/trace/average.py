@@ -122,9 +122,8 @@ def known_facts(adapter, facts: Sequence[KnownFact], limit: Optional[int] = None
 
 @torch.no_grad()
 def _greedy_matches(adapter, prompts) -> List[bool]:
-    dev = adapter.device
-    batch = pad_rows([tp.ids for tp in prompts], pad_id(adapter.tokenizer), device=dev)
+    batch = pad_rows([tp.ids for tp in prompts], pad_id(adapter.tokenizer), device=adapter.input_device)
     h = adapter.body(**batch.inputs()).last_hidden_state
-    last = h[torch.arange(len(prompts), device=dev), batch.last_index]
+    last = h[torch.arange(len(prompts), device=h.device), batch.last_index.to(h.device)]
     greedy = adapter.logits(last).argmax(-1).tolist()
     return [g == tp.answer_id for g, tp in zip(greedy, prompts)]

@@ -65,7 +65,7 @@ def embedding_std(adapter, subjects: Sequence[str] = DEFAULT_SUBJECTS) -> float:
     ids = [i for s in subjects for i in tok(s, add_special_tokens=False)["input_ids"] if i not in special]
     if len(ids) < 2:
         raise ValueError("need at least two subject tokens to measure the embedding std")
-    emb = adapter.embed(torch.tensor([ids], device=adapter.device))
+    emb = adapter.embed(torch.tensor([ids], device=adapter.input_device))
     return float(emb.double().std())
 
 

@@ -55,14 +55,14 @@ class CausalTracer:
                  samples: int = 10, seed: int = 0):
         self.adapter = adapter
         self.T = len(ids)
-        self.ids = torch.tensor([list(ids)], device=adapter.device)  # (1, T)
+        self.ids = torch.tensor([list(ids)], device=adapter.input_device)  # (1, T)
         self.subject_range = subject_range
         self.S = samples
         self._clean_run()
         s, e = subject_range
         if not 0 <= s < e <= self.T:
             raise TraceError(f"subject range {subject_range!r} is not inside the {self.T} prompt tokens")
-        self.noise = gaussian_noise(samples, e - s, self.width, sigma, seed).to(adapter.device, self.dtype)
+        self.noise = gaussian_noise(samples, e - s, self.width, sigma, seed).to(adapter.input_device, self.dtype)
         self._corrupt_run()
 
     @torch.no_grad()
@@ -75,6 +75,7 @@ class CausalTracer:
                       for k in KINDS for l in range(ad.n_layers)}
             h = ad.body(input_ids=self.ids).last_hidden_state
         self.width, self.dtype = emb.output.shape[-1], emb.output.dtype
+        self.out_device = h.device  # the final states' device (the last layer's, or the final norm's)
         self.layer_template = raw.output
         self.clean = {k: [traces[k, l].output[0] for l in range(ad.n_layers)] for k in KINDS}  # (T, d) each
         self.clean_probs = self._probs(h[:, -1])[0]  # (V,)
@@ -82,7 +83,7 @@ class CausalTracer:
     @torch.no_grad()
     def _corrupt_run(self) -> None:
         ad = self.adapter
-        sample = torch.arange(self.S, device=ad.device)
+        sample = torch.arange(self.S, device=ad.input_device)
         with contextlib.ExitStack() as stack:
             stack.enter_context(Hook(ad.embed, edit_output=self._add_noise(sample, 0)))
             traces = [stack.enter_context(Hook(ad.layers[l], retain_output=True)) for l in range(ad.n_layers)]
@@ -95,7 +96,7 @@ class CausalTracer:
     def _prefix_cache(self, p0: int):
         """KV cache of the corrupted run over positions ``[0, p0)`` (S rows; ``None`` for p0 = 0)."""
         if p0 and p0 not in self._prefix:
-            sample = torch.arange(self.S, device=self.adapter.device)
+            sample = torch.arange(self.S, device=self.adapter.input_device)
             with Hook(self.adapter.embed, edit_output=self._add_noise(sample, 0)):
                 out = self.adapter.body(input_ids=self.ids[:, :p0].expand(self.S, p0), use_cache=True)
             self._prefix[p0] = cache_of(out)
@@ -115,7 +116,7 @@ class CausalTracer:
             if lo >= hi:
                 return h
             out = h.clone()
-            out[:, lo - offset: hi - offset] += noise[:, lo - s: hi - s].to(h.dtype)
+            out[:, lo - offset: hi - offset] += noise[:, lo - s: hi - s].to(h.device, h.dtype)
             return out
 
         return edit
@@ -151,7 +152,7 @@ class CausalTracer:
                     raise TraceError(f"invalid restore site {(kind, layer, token)!r}")
             inject = min((layer if kind == "hidden" else layer - 1 for kind, layer, _ in sites), default=L - 1)
             groups[min((token for _, _, token in sites), default=self.T - 1)][inject].append(i)
-        finals = torch.empty(len(sets), self.S, self.width, device=self.adapter.device, dtype=self.dtype)
+        finals = torch.empty(len(sets), self.S, self.width, device=self.out_device, dtype=self.dtype)
         done = 0
         for p0, by_layer in sorted(groups.items()):
             per_set = self.S * (self.T - p0)  # rows × positions of one set
@@ -170,7 +171,7 @@ class CausalTracer:
         layers ≤ ``inject`` come from the corrupted run, positions < p0 from its KV cache.
         Returns the final states at the last position, (len(sets), S, d)."""
         ad, S, T, n = self.adapter, self.S, self.T, len(sets)
-        dev = ad.device
+        dev = ad.input_device
         B = n * S
         sample = torch.arange(B, device=dev) // n
         sites: Dict[Tuple[str, int], Tuple[list, list]] = defaultdict(lambda: ([], []))
@@ -184,12 +185,13 @@ class CausalTracer:
             cache.batch_repeat_interleave(n)  # row s·n + i holds sample s
         with contextlib.ExitStack() as stack:
             if inject >= 0:  # (B, T - p0, d) corrupted output of layer `inject`
-                start = self.corrupt_layers[inject][sample, p0:]
+                layer_out = self.corrupt_layers[inject]
+                start = layer_out[sample.to(layer_out.device), p0:]
                 stack.enter_context(start_at_layer(ad.layers, inject, start, self.layer_template))
             else:
                 stack.enter_context(Hook(ad.embed, edit_output=self._add_noise(sample, p0)))
             for (kind, layer), (rows, toks) in sites.items():
-                fn = _restore(torch.cat(rows).to(dev), torch.cat(toks).to(dev), self.clean[kind][layer], p0)
+                fn = _restore(torch.cat(rows), torch.cat(toks), self.clean[kind][layer], p0)
                 stack.enter_context(Hook(ad.component(kind, layer), edit_output=fn))
             pos = torch.arange(p0, T, device=dev)[None].expand(B, -1)
             h = ad.body(input_ids=self.ids[:, p0:].expand(B, -1), position_ids=pos,
@@ -228,11 +230,12 @@ def _chunks(by_layer: Dict[int, List[int]], per_set: int, n_layers: int, batch_t
 def _restore(rows: torch.Tensor, toks: torch.Tensor, clean: torch.Tensor, offset: int):
     """An output edit putting the clean states (T, d) back at (row, token) pairs of an input
     that starts at position ``offset``."""
+    rows, toks = rows.to(clean.device), toks.to(clean.device)  # the component's device: where it runs
     values = clean[toks]
 
     def edit(h: torch.Tensor) -> torch.Tensor:
         out = h.clone()
-        out[rows, toks - offset] = values.to(out.dtype)
+        out[rows.to(out.device), (toks - offset).to(out.device)] = values.to(out.device, out.dtype)
         return out
 
     return edit

@@ -182,7 +182,7 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
     check_batch(requests)
     timings: Dict[str, float] = {}
     t = time.perf_counter()
-    C = {l: caches.stats(l, cfg.stats_corpus, cfg.stats_tokens).mom2 for l in cfg.layers}
+    C = {l: caches.mom2(l, cfg.stats_corpus, cfg.stats_tokens) for l in cfg.layers}  # on each W_out's device
     timings["stats"] = time.perf_counter() - t
     t = time.perf_counter()
     templates = caches.templates(cfg.seed, cfg.context_lengths)
@@ -203,8 +203,8 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
             else:
                 K, _ = template_keys(ad, requests, templates, l, None, cfg.fact_token)
                 _, Z_cur = template_keys(ad, requests, ["{}"], l, L, cfg.fact_token)
-            dev = C[l].device
-            R = ((Z_target - Z_cur) / (len(cfg.layers) - i)).T.to(dev)  # (d_model, n)
+            dev = C[l].device  # the solve runs where the statistics and W_out are
+            R = ((Z_target.to(dev) - Z_cur.to(dev)) / (len(cfg.layers) - i)).T  # (d_model, n)
             Kt = K.T.to(dev)  # (d_ff, n)
             if cfg.method == "memit":
                 sol = least_squares(R, Kt, C[l], cfg.mom2_update_weight)

@@ -1,5 +1,6 @@
 """Plain fine-tuning of W_out (the FT-L baseline of the MEMIT paper): Adam on the rewrite NLL
 of the bare prompts, every weight kept within ``norm_constraint`` (L∞) of its original value.
+Adam runs on a float32 Δ beside the weights (never on half-precision weights themselves).
 
 The math, with the deviations from the papers: docs/ALGORITHMS.md §10.
 """
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from ...core.arch import ArchSpec
 from ...core.batching import pad_id, pad_rows
 from ..deltas import LayerDelta
+from ..row_deltas import RowDeltas
 from ..results import Computed
 from ...core.errors import MethodError
 from ...core.tokens import encode_request
@@ -57,10 +59,12 @@ class FTConfig:
 
 
 def compute_ft(adapter, caches, requests, cfg: FTConfig, state=None) -> Computed:
-    """Dense deltas of fine-tuning; the model is restored before returning."""
+    """Dense deltas of fine-tuning. The weights are never written: Adam trains a float32 Δ per layer
+    (the master weights of a half-precision model), added to W_out's output by a hook (``W k + Δ k``),
+    on the device where that W_out computes; the constraint ``|Δ| ≤ norm_constraint`` is the L∞ bound."""
     t0 = time.perf_counter()
     ad = adapter
-    tok, dev = ad.tokenizer, ad.device
+    tok, dev = ad.tokenizer, ad.input_device
     rows = []
     for req in requests:
         ids, _, tidx = encode_request(tok, req.prompt, req.subject, req.target_new)
@@ -70,20 +74,21 @@ def compute_ft(adapter, caches, requests, cfg: FTConfig, state=None) -> Computed
     for i, (_, pos, t) in enumerate(rows):
         for p, tt in zip(pos, t):
             sel_r.append(i), sel_c.append(p), tgt.append(tt), w.append(1.0 / (len(t) * len(rows)))
-    sel_r, sel_c = torch.tensor(sel_r, device=dev), torch.tensor(sel_c, device=dev)
-    tgt, w = torch.tensor(tgt, device=dev), torch.tensor(w, device=dev)
-    params = [ad.w_out_parameter(l) for l in cfg.layers]
-    originals = [p.detach().clone() for p in params]
+    head = ad.head_device
+    tgt, w = torch.tensor(tgt, device=head), torch.tensor(w, device=head)
+    deltas = [torch.zeros(ad.d_model, ad.d_ff, device=ad.w_out_device(l), dtype=torch.float32, requires_grad=True)
+              for l in cfg.layers]
     losses = []
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=cfg.lr)
-        def loss_now():
-            h = ad.body(**batch.inputs()).last_hidden_state
-            logp = F.log_softmax(ad.logits(h[sel_r, sel_c]).float(), dim=-1)
-            return -(logp[torch.arange(len(tgt), device=dev), tgt] * w).sum()
+    trained = RowDeltas(ad, [[LayerDelta(l, D, None) for l, D in zip(cfg.layers, deltas)]])
 
+    def loss_now():
+        h = ad.body(**batch.inputs()).last_hidden_state
+        at = torch.tensor(sel_r, device=h.device), torch.tensor(sel_c, device=h.device)
+        logp = F.log_softmax(ad.logits(h[at]).float(), dim=-1).to(head)
+        return -(logp[torch.arange(len(tgt), device=head), tgt] * w).sum()
+
+    opt = torch.optim.Adam(deltas, lr=cfg.lr)
+    with trained, trained.rows([0] * len(rows)):
         with torch.enable_grad():
             for _ in range(cfg.steps):
                 loss = loss_now()
@@ -92,18 +97,10 @@ def compute_ft(adapter, caches, requests, cfg: FTConfig, state=None) -> Computed
                 loss.backward()
                 opt.step()
                 with torch.no_grad():
-                    for p, o in zip(params, originals):
-                        p.copy_(torch.clamp(p, o - cfg.norm_constraint, o + cfg.norm_constraint))
-        with torch.no_grad():  # the loss of the weights the edit ends with (after the last step's clamp)
+                    for D in deltas:
+                        D.clamp_(-cfg.norm_constraint, cfg.norm_constraint)
+        with torch.no_grad():  # the loss of the Δ the edit ends with (after the last step's clamp)
             loss_after = float(loss_now())
-        deltas = []
-        for l, p, o in zip(cfg.layers, params, originals):
-            D = (p.detach().float() - o.float())
-            deltas.append(LayerDelta.from_dense(l, D.T if ad.spec.fan_in_fan_out else D))
-    finally:
-        with torch.no_grad():
-            for p, o in zip(params, originals):
-                p.requires_grad_(False)
-                p.copy_(o)
+    out = [LayerDelta.from_dense(l, D.detach().clone()) for l, D in zip(cfg.layers, deltas)]
     info = [{"loss_before": losses[0] if losses else loss_after, "loss_after": loss_after, "steps": cfg.steps}]
-    return Computed(deltas, None, info, {"values": time.perf_counter() - t0}, cfg)
+    return Computed(out, None, info, {"values": time.perf_counter() - t0}, cfg)

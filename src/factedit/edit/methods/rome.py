@@ -130,7 +130,7 @@ def compute_rome_edit(adapter, caches, requests: Sequence, cfg: ROMEConfig, stat
     req = requests[0]
     timings: Dict[str, float] = {}
     t = time.perf_counter()
-    stats = caches.stats(cfg.layer, cfg.stats_corpus, cfg.stats_tokens)
+    C = caches.mom2(cfg.layer, cfg.stats_corpus, cfg.stats_tokens)  # on W_out's device, like the keys
     timings["stats"] = time.perf_counter() - t
     t = time.perf_counter()
     templates, memo = _targets(adapter, caches, cfg)
@@ -143,7 +143,6 @@ def compute_rome_edit(adapter, caches, requests: Sequence, cfg: ROMEConfig, stat
         values = memo[req] = optimize_values(problem, cfg.value)
     timings["values"] = time.perf_counter() - t
     t = time.perf_counter()
-    C = stats.mom2.to(values.k_star.device)
     delta = compute_rome(C, values, 0, cfg.variant, cfg.layer)
     timings["solve"] = time.perf_counter() - t
     info = [{"nll_before": values.nll_before[0], "nll_after": values.nll_after[0], "steps": values.steps_each[0],
