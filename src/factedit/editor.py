@@ -22,7 +22,7 @@ from .core.errors import MethodError
 from .core.fingerprints import matrix_fingerprint
 from .core.requests import Request
 from .edit.caches import EditCaches
-from .edit.deltas import apply_deltas
+from .edit.deltas import ROUNDING_WARN, apply_deltas, rounding_error
 from .edit.guard import Guard, GuardConfig
 from .edit.guard import combine as combine_guard
 from .edit.history import History
@@ -192,7 +192,8 @@ class Editor:
             spec.name, sorted({l for r in done for l in r.layers}), reqs, [d for r in done for d in r.deltas],
             ChainedEdit(self.adapter, [r.applied for r in done]), cfg, 0.0, {}, [i for r in done for i in r.info],
             guard=combine_guard([r.guard for r in done]), verification=[v for r in done for v in r.verification],
-            retried=any(r.retried for r in done))
+            retried=any(r.retried for r in done),
+            rounding={l: max(r.rounding[l] for r in done if l in r.rounding) for l in {k for r in done for k in r.rounding}})
         result.seconds = time.perf_counter() - t0
         result.fingerprints = fingerprints
         result.statistics = self.caches.sources(cfg)
@@ -215,6 +216,13 @@ class Editor:
         res = EditResult(spec.name, list(cfg.layers), list(group), c.deltas, applied, cfg,
                          time.perf_counter() - t0, c.timings, c.info, state_keys=c.state_keys,
                          stateful=c.state_keys is not None)
+        if c.keys:
+            res.rounding = rounding_error(applied, c.keys)
+            worst = max(res.rounding.values(), default=0.0)
+            if worst > ROUNDING_WARN:
+                log.warning("writing the update in %s lost %.1f%% of its effect on its own keys (layer %s); edit a "
+                            "float32 copy of the model for exact updates", self.adapter.w_out_stored(cfg.layers[0]).dtype,
+                            100 * worst, max(res.rounding, key=res.rounding.get))
         self._history.add_state(res, done)
         done.append(res)
         if guard.enabled:

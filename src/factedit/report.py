@@ -101,7 +101,7 @@ def edit_report(editor, req: Request, config, *, shown: Optional[Request] = None
         "layer_rule": result.config.layer_rule,
         "verified": result.verified, "verification": result.verification[0], "retried": result.retried,
         "delta_norm": result.delta_norm, "seconds": round(result.seconds, 3), "guard": result.guard,
-        "statistics": result.statistics, "prompt_prefix": result.prompt_prefix,
+        "rounding": result.rounding, "statistics": result.statistics, "prompt_prefix": result.prompt_prefix,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         **({"side_effects": result.side_effects} if side_effects else {}),
     }
@@ -144,5 +144,5 @@ def batch_report(editor, reqs: Sequence[Request], config, guard=None) -> tuple:
               "seconds": round(result.seconds, 3), "efficacy": eff_after, "efficacy_before": eff_before,
               "verified": result.verified, "n_verified": sum(o["verified"] for o in outcomes), "requests": outcomes,
               "delta_norm": result.delta_norm, "timings": {k: round(v, 3) for k, v in result.timings.items()},
-              "statistics": result.statistics, "prompt_prefix": result.prompt_prefix}
+              "rounding": result.rounding, "statistics": result.statistics, "prompt_prefix": result.prompt_prefix}
     return result, report

@@ -15,7 +15,12 @@ import torch
 
 from ..core.errors import FactEditError
 
-__all__ = ["LayerDelta", "AppliedEdit", "apply_deltas"]
+__all__ = ["LayerDelta", "AppliedEdit", "apply_deltas", "rounding_error", "ROUNDING_WARN"]
+
+#: a written update that loses more than this fraction of its effect on its own keys to the weights' dtype
+#: is warned about (bf16 rounds each weight to 8 significant bits; an update much smaller than the weights
+#: it is added to then loses a visible part of itself)
+ROUNDING_WARN = 0.05
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +111,27 @@ def apply_deltas(adapter, deltas: Sequence[LayerDelta]) -> AppliedEdit:
         AppliedEdit(adapter, list(deltas), originals).revert()
         raise
     return AppliedEdit(adapter, list(deltas), originals)
+
+
+def rounding_error(applied: AppliedEdit, keys: Dict[int, torch.Tensor]) -> Dict[str, float]:
+    """Per layer, how much of the update was lost when it was written in the weights' dtype, measured on
+    the keys it was computed for: ``‖(Ŵ − W) K − Δ K‖ / ‖Δ K‖`` with ``Ŵ`` the stored edited matrix, ``W``
+    the one before and ``Δ`` the exact (float32 factors, float64 product) update. For ROME, ``K = k*`` and
+    this is ``‖Ŵ k* − v*‖ / ‖v* − W k*‖``. 0 in float32 up to float32 rounding; bf16 shows what it costs."""
+    ad = applied.adapter
+    by_layer: Dict[int, torch.Tensor] = {}
+    for d in applied.deltas:
+        by_layer[d.layer] = by_layer.get(d.layer, 0) + d.dense().double()
+    out = {}
+    for layer, K in keys.items():
+        if layer not in applied.originals or layer not in by_layer:
+            continue
+        before, after = applied.originals[layer], ad.w_out_stored(layer)
+        dev = after.device
+        diff = after.to(torch.float64) - before.to(device=dev, dtype=torch.float64)
+        if ad.spec.fan_in_fan_out:
+            diff = diff.T
+        K = K.to(device=dev, dtype=torch.float64)
+        intended = by_layer[layer].to(dev) @ K
+        out[str(layer)] = float((diff @ K - intended).norm() / intended.norm().clamp_min(1e-300))
+    return out

@@ -24,6 +24,7 @@ class Computed:
     config: object
     C: object = field(default=None, repr=False)
     state_keys: Optional[dict] = field(default=None, repr=False)  # AlphaEdit: this batch's keys per layer
+    keys: Optional[dict] = field(default=None, repr=False)  # per layer the keys (d_ff, n) the update is for
 
 
 @dataclass
@@ -49,6 +50,7 @@ class EditResult:
     retried: bool = False  # an unverified edit was optimised again within the retry budget
     prompt_prefix: str = ""  # what every prompt of the edit started with (core/tokens.py)
     side_effects: Optional[dict] = None  # the blast radius report (factedit.side_effects), when measured
+    rounding: Dict[str, float] = field(default_factory=dict)  # per layer: update lost to the weights' dtype
 
     @property
     def verified(self) -> Optional[bool]:

@@ -118,6 +118,7 @@ class Patch:
             "retried": bool(getattr(result, "retried", False)),
             "prompt_prefix": getattr(result, "prompt_prefix", ""),
             "side_effects": getattr(result, "side_effects", None),
+            "rounding": dict(getattr(result, "rounding", None) or {}),
         }
         return cls(list(result.deltas), meta)
 
@@ -128,10 +129,10 @@ class Patch:
         tensors = {}
         for i, d in enumerate(self.deltas):
             if d.right is None:
-                tensors[f"{i}.layer{d.layer}.dense"] = d.left.contiguous().float()
+                tensors[f"{i}.layer{d.layer}.dense"] = d.left.float().cpu().contiguous()
             else:
-                tensors[f"{i}.layer{d.layer}.left"] = d.left.contiguous().float()
-                tensors[f"{i}.layer{d.layer}.right"] = d.right.contiguous().float()
+                tensors[f"{i}.layer{d.layer}.left"] = d.left.float().cpu().contiguous()
+                tensors[f"{i}.layer{d.layer}.right"] = d.right.float().cpu().contiguous()
         meta = {**self.meta, "format": FORMAT, "checksums": {k: tensor_sha256(v) for k, v in tensors.items()}}
         raw = json.dumps(meta)
         path = Path(path)

@@ -193,6 +193,7 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
     t = time.perf_counter()
     state = dict(state or {})
     new_keys: Dict[int, torch.Tensor] = {}
+    keys_of: Dict[int, torch.Tensor] = {}  # per layer the keys K (d_ff, n) its update is for
     deltas: List[LayerDelta] = []
     applied = []
     L = cfg.layers[-1]
@@ -225,6 +226,7 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
                 sol = null_space(R, Kt, P, state.get(l), alpha)
                 new_keys[l] = Kt.double()
             d = LayerDelta(l, sol.left.float(), sol.right.float())
+            keys_of[l] = Kt
             applied.append(apply_deltas(ad, [d]))
             deltas.append(d)
             for x in info:
@@ -233,4 +235,5 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
         for a in reversed(applied):
             a.revert()
     timings["solve"] = time.perf_counter() - t
-    return Computed(deltas, None, info, timings, cfg, state_keys=new_keys if cfg.method == "alphaedit" else None)
+    return Computed(deltas, None, info, timings, cfg, state_keys=new_keys if cfg.method == "alphaedit" else None,
+                    keys=keys_of)

@@ -147,7 +147,7 @@ def compute_rome_edit(adapter, caches, requests: Sequence, cfg: ROMEConfig, stat
     timings["solve"] = time.perf_counter() - t
     info = [{"nll_before": values.nll_before[0], "nll_after": values.nll_after[0], "steps": values.steps_each[0],
              "delta_v_norm": float(values.delta[0].norm()), "v0_norm": float(values.v0[0].norm())}]
-    return Computed([delta], values, info, timings, cfg, C)
+    return Computed([delta], values, info, timings, cfg, C, keys={cfg.layer: values.k_star[0][:, None]})
 
 
 def prefetch_targets(adapter, caches, requests: Sequence, cfg: ROMEConfig, batch_size: int = 16) -> None:
