@@ -105,17 +105,23 @@ def cmd_eval(args) -> int:
 
     cfg = eval_config(args)
     cfg.check()  # before loading the model
+    from ..core.distributed import World
+
     model, tok = load(args)
     editor = Editor(model, tok, arch=arch_spec(args.arch_spec), prompt_prefix=args.prompt_prefix, progress=not args.json and sys.stderr.isatty())
-    show = args.verbose or sys.stderr.isatty()
+    world = World.from_env(editor.adapter.input_device)  # size 1 unless started by torchrun
+    show = (args.verbose or sys.stderr.isatty()) and world.main
 
     def progress(done: int, total: int) -> None:
         if show:
             print(f"\rfactedit eval {args.method}: {done}/{total} edits", end="", file=sys.stderr, flush=True)
 
-    summary = run_eval(editor, cfg, args.out, on_group=progress)
+    summary = run_eval(editor, cfg, args.out, on_group=progress, world=world)
+    world.close()
     if show:
         print(file=sys.stderr)
+    if not world.main:
+        return 0  # rank 0 reports the merged run
     if args.json:
         print(json.dumps({**{k: summary.get(k) for k in SUMMARY_KEYS}, **summary}))
         return 0

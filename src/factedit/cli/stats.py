@@ -24,8 +24,11 @@ def cmd_stats(args) -> int:
     from ..edit.methods.rome import default_layer, default_stats_tokens
     from ..stats.layer import layer_stats
 
+    from ..core.distributed import World
+
     model, tok = load(args)
     adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec), args.prompt_prefix)
+    world = World.from_env(adapter.input_device)  # size 1 unless started by torchrun
     layers = args.layers or [default_layer(adapter.n_layers)]
     for l in layers:
         adapter.check_layer(l)
@@ -34,13 +37,17 @@ def cmd_stats(args) -> int:
     for l in layers:
         t = time.perf_counter()
         st = layer_stats(adapter, l, corpus=args.corpus, n_tokens=n_tokens, force=args.force,
-                         progress=not args.json and sys.stderr.isatty())
+                         progress=not args.json and sys.stderr.isatty(), world=world)
         dt = time.perf_counter() - t
         report.append({"layer": l, "tokens": st.count, "corpus": st.meta.get("corpus"), "seconds": round(dt, 2),
                        "trace": float(st.mom2.trace())})
+    world.close()
+    if not world.main:
+        return 0  # rank 0 reports for the world
     if args.json:
-        print(json.dumps({"layers": report}))
+        print(json.dumps({"layers": report, "world_size": world.size}))
     else:
         for r in report:
-            print(f"layer {r['layer']}: {r['tokens']} tokens from {r['corpus']} ({r['seconds']} s)")
+            print(f"layer {r['layer']}: {r['tokens']} tokens from {r['corpus']} ({r['seconds']} s"
+                  + (f", {world.size} processes" if world.distributed else "") + ")")
     return 0

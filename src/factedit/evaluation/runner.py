@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core.errors import FactEditError, RequestError
@@ -145,31 +146,49 @@ def _config(editor, cfg: EvalConfig, dataset_path) -> Tuple[dict, dict, object]:
     return config, compare, method_cfg
 
 
-def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int, int], None]] = None) -> dict:
+def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int, int], None]] = None,
+             world=None) -> dict:
     """Run (or continue) an evaluation into ``out_dir``; returns the summary (also in ``summary.json``).
 
     Sequential runs leave their edits applied (``editor.history``); other runs leave the weights as
     they found them.
+
+    ``world`` (a :class:`~factedit.core.distributed.World` of torchrun processes): the groups are shared out
+    round-robin; rank ``r`` runs its own resumable run in ``out_dir/rank{r}`` and rank 0 then merges every
+    rank's per-case records into ``out_dir`` (``cases.jsonl``, ``unedited.json``, ``summary.json``), the
+    files one process writes. All ranks must agree on the configuration (checked before anything is
+    written). Sequential runs cannot be split.
     """
     cfg.check()
     if editor.history:
         raise RunError("the editor already holds edits; evaluate from the model's original weights")
+    split = world is not None and world.distributed
+    if split and cfg.sequential:
+        raise RunError("a sequential run applies its edits one after another to one model, so it cannot be shared "
+                       "between torchrun ranks; run it in one process")
     path = resolve_dataset(cfg.dataset, cfg.dataset_sha256)
     cases = load_cases(path, cfg.limit, cfg.offset)
-    store = RunStore(out_dir)
     config, compare, method_cfg = _config(editor, cfg, path)
+    if split:
+        world.agree("evaluation configuration (options, model fingerprint, dataset)", json.dumps(compare, sort_keys=True))
+        if world.main:  # the merged directory must not hold another run
+            RunStore(out_dir).check_or_write_config({**config, "world_size": world.size}, compare)
+        world.barrier()
+    store = RunStore(Path(out_dir) / f"rank{world.rank}" if split else out_dir)
     _warm_up(editor, method_cfg)
     if method_cfg is not None:  # the statistics actually used (corpus, how it was chosen, tokens)
         config["statistics"] = editor.caches.sources(method_cfg)
     store.check_or_write_config(config, compare)
-    unedited = _unedited(editor, store, cases, cfg) if cfg.gen_tokens else None  # before any edit
-    ability = Ability(editor.adapter, cfg.ability) if cfg.downstream_every and cfg.ability.enabled else None
     groups = _groups(cases, cfg.batch_size)
+    mine = [g for g in range(len(groups)) if not split or world.owns(g)]
+    mine_cases = [c for g in mine for c in groups[g]]
+    unedited = _unedited(editor, store, mine_cases, cfg) if cfg.gen_tokens else None  # before any edit
+    ability = Ability(editor.adapter, cfg.ability) if cfg.downstream_every and cfg.ability.enabled else None
     state = _resume(editor, store, cfg, groups)
     tasks = load_tasks(cfg.downstream_dir, cfg.downstream) if cfg.downstream_every and cfg.downstream_dir else []
     run = _Run(editor, cfg, store, method_cfg, groups, tasks, *state, unedited=unedited, ability=ability)
     run.checkpoint()
-    todo = [g for g in range(len(groups)) if g not in run.done]
+    todo = [g for g in mine if g not in run.done]
     applied = cfg.sequential or cfg.guard or cfg.verify  # each edit applied for real, one after another
     for part in ([[g] for g in todo] if applied else _chunks(todo, groups, cfg.chunk)):
         if applied:
@@ -178,8 +197,51 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
             run.one_chunk(part)
         run.checkpoint()
         if on_group is not None:  # groups edited so far (a sequential run commits them a chunk at a time)
-            on_group(len(run.done) + len(run.pending), len(groups))
-    return run.summary()
+            on_group(len(run.done) + len(run.pending), len(mine))
+    summary = run.summary()
+    if not split:
+        return summary
+    world.barrier()  # every rank's records are on disk
+    if world.main:
+        summary = _merge_ranks(RunStore(out_dir), world.size, groups, cfg)
+    world.barrier()
+    return summary
+
+
+def _merge_ranks(store: RunStore, size: int, groups, cfg: EvalConfig) -> dict:
+    """The run directory one process would have written, from the ranks' ``rank{r}`` runs: every group's
+    records exactly once, in group order."""
+    records, unedited = [], {}
+    for r in range(size):
+        part = RunStore(store.dir / f"rank{r}")
+        records += part.load_records(lambda recs: {x.get("group") for x in recs})
+        unedited.update(part.load_unedited())
+    by_group: Dict[int, List[dict]] = {}
+    for rec in records:
+        by_group.setdefault(rec["group"], []).append(rec)
+    missing = [g for g in range(len(groups)) if len(by_group.get(g, [])) != len(groups[g])]
+    if missing:
+        raise RunError(f"{store.dir}: the ranks' runs lack the records of {len(missing)} group(s) (first: {missing[0]}); "
+                       "run the same torchrun command again to finish them")
+    order = {c.case_id: i for i, c in enumerate(c for g in groups for c in g)}
+    merged = sorted(records, key=lambda rec: (rec["group"], order.get(rec.get("case_id"), 0)))
+    store._rewrite(store.cases_path, merged)
+    if unedited:
+        store.save_unedited(unedited)
+    s = {**_summary_of(merged, cfg, groups, complete=True), "world_size": size}
+    store.write_summary(s)
+    return s
+
+
+def _summary_of(records: List[dict], cfg: EvalConfig, groups, complete: bool) -> dict:
+    """Run-level scores of ``records`` (what ``summary.json`` holds)."""
+    s = summarize_records(records)
+    ok = [r for r in records if "error" not in r]
+    s["seconds_per_edit"] = sum(r["edit_seconds"] for r in ok) / len(ok) if ok else None
+    s["seconds_per_case"] = sum(r["edit_seconds"] + r["score_seconds"] for r in ok) / len(ok) if ok else None
+    s.update(method=cfg.method, dataset=cfg.dataset, sequential=cfg.sequential, complete=complete,
+             n_cases=sum(len(g) for g in groups))
+    return s
 
 
 def _unedited(editor, store: RunStore, cases, cfg: EvalConfig) -> Dict[int, List[str]]:
@@ -480,12 +542,7 @@ class _Run:
     def summary(self) -> dict:
         """Run-level scores so far, written to ``summary.json``."""
         self._summary_at = time.perf_counter()
-        s = summarize_records(self.records)
-        ok = [r for r in self.records if "error" not in r]
-        s["seconds_per_edit"] = sum(r["edit_seconds"] for r in ok) / len(ok) if ok else None
-        s["seconds_per_case"] = sum(r["edit_seconds"] + r["score_seconds"] for r in ok) / len(ok) if ok else None
-        s.update(method=self.cfg.method, dataset=self.cfg.dataset, sequential=self.cfg.sequential,
-                 complete=len(self.done) == len(self.groups), n_cases=sum(len(g) for g in self.groups))
+        s = _summary_of(self.records, self.cfg, self.groups, complete=len(self.done) == len(self.groups))
         if self.downstream:
             s["downstream"] = self.downstream[-1]
         self.store.write_summary(s)

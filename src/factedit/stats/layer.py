@@ -170,7 +170,9 @@ def load_stats_file(path: Path) -> tuple[SecondMoment, dict]:
 
 @torch.no_grad()
 def _accumulate(adapter, layer: int, chunks: Iterator[List[int]], acc: SecondMoment, n_tokens: int,
-                batch_size: int, on_checkpoint, checkpoint_every: float, progress: bool) -> None:
+                batch_size: int, on_checkpoint, checkpoint_every: float, progress: bool, world=None) -> None:
+    """Forward ``batch_size`` chunks at a time and add their keys to ``acc``. In a torchrun world, batch
+    ``b`` is rank ``b % size``'s: each batch's float32 product is the one a single process forms."""
     from tqdm.auto import tqdm
 
     dev = adapter.input_device
@@ -178,6 +180,7 @@ def _accumulate(adapter, layer: int, chunks: Iterator[List[int]], acc: SecondMom
                desc=f"stats layer {layer}", dynamic_ncols=True)
     last_ckpt = time.monotonic()
     batch: List[List[int]] = []
+    index = 0
 
     def run(batch):
         b = pad_rows(batch, pad_id(adapter.tokenizer), device=dev)
@@ -191,12 +194,13 @@ def _accumulate(adapter, layer: int, chunks: Iterator[List[int]], acc: SecondMom
         for chunk in chunks:
             batch.append(chunk)
             if len(batch) == batch_size:
-                run(batch)
-                batch = []
+                if world is None or world.owns(index):
+                    run(batch)
+                batch, index = [], index + 1
                 if on_checkpoint and time.monotonic() - last_ckpt > checkpoint_every:
                     on_checkpoint(acc)
                     last_ckpt = time.monotonic()
-        if batch:
+        if batch and (world is None or world.owns(index)):
             run(batch)
     finally:
         bar.close()
@@ -213,6 +217,7 @@ def layer_stats(
     cache: bool = True,
     progress: bool = True,
     checkpoint_every: float = 30.0,
+    world=None,
 ) -> LayerStats:
     """Statistics of layer ``layer``'s keys; from the cache when present, else computed.
 
@@ -223,6 +228,10 @@ def layer_stats(
         force: recompute even when a cache file exists (replaces it atomically).
         cache: read/write the cache at all.
         checkpoint_every: seconds between partial saves; an interrupted run resumes from them.
+        world: a :class:`~factedit.core.distributed.World` of several torchrun processes: the batches are
+            shared out between the ranks, their sums all-reduced (float64), rank 0 writes the one cache
+            file (the same file one process writes); every rank returns the same statistics. The ranks must
+            agree on the model, corpus, layer and token count. No partial checkpoints in a world.
     """
     from ..core.fingerprints import model_fingerprint
     from ..core.models import model_name
@@ -235,6 +244,13 @@ def layer_stats(
     meta = {"model": model_name(adapter.model), "model_fingerprint": fp, "layer": layer,
             "module": adapter.w_out_name(layer), "corpus": src.name, "requested_tokens": n_tokens, "seq_len": seq_len}
     source = {"corpus_spec": corpus or "auto", "corpus_reason": src.reason}
+    if world is not None and world.distributed:
+        world.agree("statistics inputs (model fingerprint, corpus, layer, tokens, sequence length)",
+                    [fp, src.name, layer, n_tokens, seq_len, adapter.d_ff, bool(force)])
+        cached = world.gather(bool(cache and path.is_file() and not force))[0]  # rank 0 decides for all
+        if not cached:
+            return _distributed_stats(adapter, layer, src, n_tokens, seq_len, batch_size, meta, source, path,
+                                      cache, progress, world)
     if cache and path.is_file() and not force:
         acc, file_meta = load_stats_file(path)
         log.info("statistics for layer %d from cache %s", layer, path)
@@ -275,4 +291,29 @@ def layer_stats(
         if partial.exists():
             partial.unlink()
     log.info("layer %d statistics: %d tokens in %.1fs", layer, acc.count, dt)
+    return result
+
+
+def _distributed_stats(adapter, layer, src, n_tokens, seq_len, batch_size, meta, source, path, cache, progress,
+                       world) -> LayerStats:
+    """:func:`layer_stats` across a torchrun world: each rank its batches, one all-reduce, rank 0 writes."""
+    acc = SecondMoment(adapter.d_ff)
+    t0 = time.monotonic()
+    chunks = token_chunks(adapter.tokenizer, src, seq_len, n_tokens)
+    _accumulate(adapter, layer, chunks, acc, n_tokens, batch_size, None, float("inf"), progress and world.main, world)
+    # gloo reduces CPU tensors; NCCL those on the rank's GPU (where the sum already is)
+    total = acc.sum if world.backend == "nccl" else acc.host().sum
+    world.all_reduce_sum(total)
+    count = torch.tensor([acc.count], dtype=torch.float64, device=total.device)
+    world.all_reduce_sum(count)
+    merged = SecondMoment(adapter.d_ff, total.to(device="cpu", dtype=torch.float64), int(count.item()))
+    if merged.count == 0:
+        raise StatsError(f"corpus {src.name} produced no tokens")
+    meta["seconds"] = round(time.monotonic() - t0, 2)
+    result = LayerStats(merged.mom2(), merged.count, {**meta, **source, "count": merged.count,
+                                                      "n_tokens": merged.count}).validate(adapter.d_ff, "computed statistics")
+    if cache and world.main:
+        _save(path, merged, meta)
+    world.barrier()  # the file exists for every rank once this returns
+    log.info("layer %d statistics: %d tokens over %d ranks in %.1fs", layer, merged.count, world.size, meta["seconds"])
     return result
