@@ -79,3 +79,31 @@ def test_alphaedit_update_preserves_protected_keys():
     Kp = P @ torch.randn(D_FF, 2, generator=g, dtype=torch.float64)
     D2 = null_space(R, K1, P, Kp @ Kp.T * 1e4, alpha=1.0).dense()
     assert (D2 @ Kp).norm() < (D @ Kp).norm()
+
+
+def test_projector_basis_cached_on_disk_per_statistics_and_threshold(home):
+    """AlphaEdit's eigendecomposition runs once per (C, threshold): a second process reads the basis and
+    forms the same projector bit for bit; another threshold or another C is computed anew."""
+    from factedit.edit.caches import EditCaches
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    X[:, :4] *= 1e-3  # four directions with small eigenvalues
+    C = (X.T @ X / 200).float()
+    P1 = EditCaches(None).projector(0, C, 1e-2)
+    files = sorted((home / "projectors").glob("*.safetensors"))
+    assert len(files) == 1
+    assert torch.equal(P1, null_space_projector(C, 1e-2))
+    assert float(P1.diagonal().sum()) == pytest.approx(4, abs=1e-9)
+    P2 = EditCaches(None).projector(0, C, 1e-2)  # a "new process": from the file
+    assert torch.equal(P1, P2)
+    EditCaches(None).projector(0, C, 1e-1)
+    EditCaches(None).projector(0, C * 2, 1e-2)
+    assert len(list((home / "projectors").glob("*.safetensors"))) == 3
+    # what a new process uses is the file's basis (a planted one shows through)
+    from safetensors.torch import save_file
+
+    planted = torch.zeros(12, 1, dtype=torch.float64)
+    planted[0, 0] = 1.0
+    save_file({"basis": planted}, str(files[0]))
+    assert torch.equal(EditCaches(None).projector(0, C, 1e-2), planted @ planted.T)

@@ -182,3 +182,43 @@ def test_auto_corpus_without_network_is_reported_and_recorded(home, tiny_dir, mo
                  "--layer", "2", "--stats-tokens", "800", "--steps", "2", "--no-guard", "--json", "--allow-unverified"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["statistics"]["2"]["reason"] == src["reason"]
+
+
+def test_sequence_length_and_accumulator_are_options_with_their_own_cache(home, tiny_corpus, tiny_dir, capsys):
+    """Chunks never exceed the given length whatever the context length; a float32 accumulator agrees with
+    float64 to float32 rounding; each choice has its own cache file; bad values are refused."""
+    import json
+
+    from factedit.cli import main
+
+    model, tok = tiny_model("llama")  # max_position_embeddings 128
+    ad = ModelAdapter(model, tok)
+    seen = []
+    real = ad.body.forward
+
+    def spy(*a, **kw):
+        seen.append(kw["input_ids"].shape[1])
+        return real(*a, **kw)
+
+    ad.body.forward = spy
+    a = layer_stats(ad, 2, corpus=str(tiny_corpus), n_tokens=900, seq_len=40, progress=False)
+    del ad.body.forward
+    assert max(seen) == 40
+    b = layer_stats(ad, 2, corpus=str(tiny_corpus), n_tokens=900, seq_len=40, dtype="float32", progress=False)
+    assert a.count == b.count
+    assert float((a.mom2 - b.mom2).norm() / a.mom2.norm()) < 1e-5
+    names = sorted(p.name for p in (home / "stats").rglob("*.safetensors"))
+    assert len(names) == 2 and any(n.endswith("-len40.safetensors") for n in names)
+    assert any(n.endswith("-len40-float32.safetensors") for n in names)
+    with pytest.raises(StatsError, match="stats_dtype"):
+        layer_stats(ad, 2, corpus=str(tiny_corpus), n_tokens=900, dtype="float16", progress=False)
+    with pytest.raises(StatsError, match="stats_seq_len"):
+        layer_stats(ad, 2, corpus=str(tiny_corpus), n_tokens=900, seq_len=1, progress=False)
+    code = main(["stats", "--model", str(tiny_dir), "--corpus", str(tiny_corpus), "--stats-tokens", "600",
+                 "--layers", "1", "--stats-seq-len", "1"])
+    assert code == 2 and "stats_seq_len" in capsys.readouterr().err
+    code = main(["stats", "--model", str(tiny_dir), "--corpus", str(tiny_corpus), "--stats-tokens", "600",
+                 "--layers", "1", "--stats-seq-len", "64", "--stats-dtype", "float32", "--json"])
+    rep = json.loads(capsys.readouterr().out)["layers"][0]
+    assert rep["seq_len"] == 64 and rep["accumulator"] == "float32"
+    assert rep["memory_bytes"]["sum"] == ad.d_ff ** 2 * 4 and rep["memory_bytes"]["keys"] == 8 * 64 * ad.d_ff * 4

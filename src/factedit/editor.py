@@ -87,8 +87,9 @@ class Editor:
     def templates(self, seed: int = 0, lengths=((5, 10), (10, 10))) -> List[str]:
         return self.caches.templates(seed, lengths)
 
-    def stats(self, layer: int, corpus: Optional[str] = None, n_tokens: int = 100_000) -> LayerStats:
-        return self.caches.stats(layer, corpus, n_tokens)
+    def stats(self, layer: int, corpus: Optional[str] = None, n_tokens: int = 100_000, seq_len: int = 256,
+              dtype: str = "float64") -> LayerStats:
+        return self.caches.stats(layer, corpus, n_tokens, seq_len, dtype)
 
     def weights_memo(self, kind: str, *key) -> dict:
         """See :meth:`EditCaches.weights_memo <factedit.edit.caches.EditCaches.weights_memo>`."""

@@ -8,7 +8,8 @@ import logging
 import os
 from typing import Optional, Tuple
 
-__all__ = ["layers_arg", "layer_arg", "arch_spec", "add_model_options", "setup_logging", "load", "method_names"]
+__all__ = ["layers_arg", "layer_arg", "arch_spec", "add_model_options", "setup_logging", "load", "method_names",
+           "stats_options"]
 
 
 def layer_arg(text: str):
@@ -67,6 +68,10 @@ def add_model_options(p: argparse.ArgumentParser, corpus: bool = True, json_opti
                        help="text for the key statistics: .txt/.jsonl path, wikitext-103, wikipedia, model, auto (default)")
         p.add_argument("--stats-tokens", type=int, default=None,
                        help="tokens for the statistics (default from the model width)")
+        p.add_argument("--stats-seq-len", type=int, default=None, metavar="N",
+                       help="tokens per sequence of the statistics' forwards (default 256, whatever the context length)")
+        p.add_argument("--stats-dtype", choices=("float64", "float32"), default=None,
+                       help="accumulator of the statistics (default float64; float32 halves its memory)")
     p.add_argument("--arch-spec", default=None, help="JSON file naming the modules of an unknown architecture")
     p.add_argument("--prompt-prefix", default="auto", metavar="auto|none|TEXT",
                    help="what every prompt starts with: auto (default: nothing if the tokenizer adds a BOS, "
@@ -74,6 +79,16 @@ def add_model_options(p: argparse.ArgumentParser, corpus: bool = True, json_opti
     if json_option:
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="store_true")
+
+
+def stats_options(args) -> dict:
+    """The statistics options of the parsed arguments, as config fields (only those given)."""
+    out = {"stats_corpus": args.corpus, "stats_tokens": args.stats_tokens}
+    if getattr(args, "stats_seq_len", None) is not None:
+        out["stats_seq_len"] = args.stats_seq_len
+    if getattr(args, "stats_dtype", None) is not None:
+        out["stats_dtype"] = args.stats_dtype
+    return out
 
 
 def load(args):

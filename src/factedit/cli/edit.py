@@ -8,7 +8,7 @@ import sys
 import time
 
 from ..edit.verify import VERIFY_MIN_P
-from .common import add_model_options, arch_spec, layer_arg, layers_arg, load, method_names
+from .common import add_model_options, arch_spec, layer_arg, layers_arg, load, method_names, stats_options
 
 __all__ = ["add_parser", "cmd_edit"]
 
@@ -71,7 +71,7 @@ def cmd_edit_many(args) -> int:
     reqs = load_requests(args.requests, limit=args.limit)
     model, tok = load(args)
     editor = Editor(model, tok, arch=arch_spec(args.arch_spec), prompt_prefix=args.prompt_prefix, progress=not args.json and sys.stderr.isatty())
-    overrides = dict(stats_corpus=args.corpus, stats_tokens=args.stats_tokens, seed=args.seed)
+    overrides = dict(stats_options(args), seed=args.seed)
     if args.layers is not None:
         overrides["layers"] = tuple(args.layers)
     else:
@@ -138,7 +138,7 @@ def cmd_edit(args) -> int:
     prefix = "none" if args.chat and args.prompt_prefix == "auto" else args.prompt_prefix  # chat markup starts it
     editor = Editor(model, tok, arch=arch_spec(args.arch_spec), prompt_prefix=prefix, progress=not args.json and sys.stderr.isatty())
     shown = req
-    overrides = dict(layer=args.layer, seed=args.seed, stats_corpus=args.corpus, stats_tokens=args.stats_tokens)
+    overrides = dict(layer=args.layer, seed=args.seed, **stats_options(args))
     if args.layers is not None:
         overrides["layers"] = tuple(args.layers)
         overrides.pop("layer")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import add_model_options, arch_spec, layer_arg, layers_arg, load, method_names
+from .common import add_model_options, arch_spec, layer_arg, layers_arg, load, method_names, stats_options
 
 __all__ = ["add_parsers", "eval_config", "cmd_eval", "cmd_summarize"]
 
@@ -70,7 +70,7 @@ def add_parsers(sub) -> None:
 def _method_options(args) -> tuple:
     from ..edit.methods.options import parse_options
 
-    opts = {"stats_corpus": args.corpus, "stats_tokens": args.stats_tokens, "seed": args.seed}
+    opts = {**stats_options(args), "seed": args.seed}
     if args.layers is not None:
         opts["layers"] = args.layers
     elif args.layer is not None:

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 def cmd_stats(args) -> int:
     from ..core.arch import ModelAdapter
     from ..edit.methods.rome import default_layer, default_stats_tokens
-    from ..stats.layer import layer_stats
+    from ..stats.layer import accumulator_bytes, check_stats_options, layer_stats
 
     from ..core.distributed import World
 
@@ -33,14 +33,18 @@ def cmd_stats(args) -> int:
     for l in layers:
         adapter.check_layer(l)
     n_tokens = args.stats_tokens or default_stats_tokens(adapter.d_ff)
+    seq_len, dtype = args.stats_seq_len or 256, args.stats_dtype or "float64"
+    check_stats_options(seq_len, dtype)
     report = []
     for l in layers:
         t = time.perf_counter()
         st = layer_stats(adapter, l, corpus=args.corpus, n_tokens=n_tokens, force=args.force,
-                         progress=not args.json and sys.stderr.isatty(), world=world)
+                         progress=not args.json and sys.stderr.isatty(), world=world, seq_len=seq_len, dtype=dtype)
         dt = time.perf_counter() - t
         report.append({"layer": l, "tokens": st.count, "corpus": st.meta.get("corpus"), "seconds": round(dt, 2),
-                       "trace": float(st.mom2.trace())})
+                       "trace": float(st.mom2.trace()), "seq_len": int(st.meta.get("seq_len", seq_len)),
+                       "accumulator": dtype, "memory_bytes": accumulator_bytes(adapter.d_ff, dtype, 8 * seq_len),
+                       "device": str(adapter.w_out_device(l))})
     world.close()
     if not world.main:
         return 0  # rank 0 reports for the world
@@ -48,6 +52,9 @@ def cmd_stats(args) -> int:
         print(json.dumps({"layers": report, "world_size": world.size}))
     else:
         for r in report:
+            mem = r["memory_bytes"]
             print(f"layer {r['layer']}: {r['tokens']} tokens from {r['corpus']} ({r['seconds']} s"
-                  + (f", {world.size} processes" if world.distributed else "") + ")")
+                  + (f", {world.size} processes" if world.distributed else "") + f"); on {r['device']}: "
+                  f"{r['accumulator']} sum {mem['sum'] / 2**30:.3g} GiB + C {mem['mom2'] / 2**30:.3g} GiB + keys of a "
+                  f"batch {mem['keys'] / 2**20:.3g} MiB")
     return 0

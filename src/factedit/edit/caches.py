@@ -16,7 +16,8 @@ from typing import Dict, List, Optional
 
 from ..core.fingerprints import model_fingerprint
 from ..stats.layer import LayerStats, layer_stats
-from .solver import null_space_projector
+from ..core.paths import atomic_path, factedit_home
+from .solver import null_space_basis
 from .templates import cached_context_templates
 
 __all__ = ["EditCaches"]
@@ -34,6 +35,8 @@ class EditCaches:
 
     #: memos kept per kind (the newest ones; see :meth:`weights_memo`)
     MEMOS_PER_KIND = 8
+    #: keep AlphaEdit's null-space bases on disk (off: recompute them in every process)
+    disk_projectors = True
 
     def __init__(self, adapter, progress: bool = True):
         self.adapter = adapter
@@ -52,24 +55,25 @@ class EditCaches:
             self._templates[key] = cached_context_templates(self.adapter, seed, key[1])
         return self._templates[key]
 
-    def stats(self, layer: int, corpus: Optional[str] = None, n_tokens: int = 100_000) -> LayerStats:
+    def stats(self, layer: int, corpus: Optional[str] = None, n_tokens: int = 100_000, seq_len: int = 256,
+              dtype: str = "float64") -> LayerStats:
         """Key statistics of ``layer`` (disk-cached; see :func:`~factedit.stats.layer.layer_stats`)."""
-        key = (layer, corpus, n_tokens)
+        key = (layer, corpus, n_tokens, seq_len, dtype)
         if key not in self._stats:
             st = self._stats[key] = layer_stats(self.adapter, layer, corpus=corpus, n_tokens=n_tokens,
-                                                progress=self.progress)
+                                                seq_len=seq_len, dtype=dtype, progress=self.progress)
             name, reason = st.meta.get("corpus"), st.meta.get("corpus_reason")
             if reason and (name, reason) not in self._announced:
                 self._announced.add((name, reason))
                 log.warning("key statistics from %s (%s)", name, reason)
         return self._stats[key]
 
-    def mom2(self, layer: int, corpus: Optional[str], n_tokens: int):
+    def mom2(self, layer: int, corpus: Optional[str], n_tokens: int, seq_len: int = 256, dtype: str = "float64"):
         """C of ``layer`` on the device where its W_out computes (moved there once, then kept)."""
         dev = self.adapter.w_out_device(layer)
-        key = (layer, corpus, n_tokens, str(dev))
+        key = (layer, corpus, n_tokens, seq_len, dtype, str(dev))
         if key not in self._on_device:
-            self._on_device[key] = self.stats(layer, corpus, n_tokens).mom2.to(dev)
+            self._on_device[key] = self.stats(layer, corpus, n_tokens, seq_len, dtype).mom2.to(dev)
         return self._on_device[key]
 
     def sources(self, cfg) -> Dict[str, dict]:
@@ -79,7 +83,7 @@ class EditCaches:
             return {}
         out = {}
         for l in cfg.layers:
-            m = self.stats(l, cfg.stats_corpus, cfg.stats_tokens).meta
+            m = self.stats(l, **cfg.stats_args).meta
             out[str(l)] = {"corpus": m.get("corpus"), "spec": m.get("corpus_spec"), "reason": m.get("corpus_reason", ""),
                            "tokens": int(m.get("count", 0))}
         return out
@@ -90,10 +94,13 @@ class EditCaches:
         self._on_device.clear()
 
     def projector(self, layer: int, C, threshold: float):
-        """AlphaEdit's null-space projector of layer ``layer`` for statistics ``C`` (per threshold)."""
+        """AlphaEdit's null-space projector ``P = U Uᵀ`` of layer ``layer`` for statistics ``C`` (per threshold),
+        on C's device. The eigendecomposition runs once per (statistics, threshold): its basis U is cached on
+        disk (``$FACTEDIT_HOME/projectors/``, keyed by the SHA-256 of C), so a new process only forms U Uᵀ."""
         key = (layer, threshold, id(C))
         if key not in self._projectors:
-            self._projectors[key] = null_space_projector(C, threshold)
+            U = _cached_basis(C, threshold).to(C.device) if self.disk_projectors else null_space_basis(C, threshold)
+            self._projectors[key] = U @ U.T
         return self._projectors[key]
 
     def weights_memo(self, kind: str, *key) -> dict:
@@ -114,3 +121,26 @@ class EditCaches:
         ``"residual"``: request -> (z*, info) of the batch methods; ``"w_out"``: request -> ROME's
         :class:`~factedit.edit.values.ValueResult`)."""
         return self.weights_memo("targets", layer, tuple(templates), value_cfg, tuple(essence), fact_token, site)
+
+
+def _cached_basis(C, threshold: float):
+    """:func:`~factedit.edit.solver.null_space_basis` of C, from ``$FACTEDIT_HOME/projectors/`` when an earlier
+    process computed it for the same C (by its SHA-256) and threshold; written there otherwise (atomic)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ..core.fingerprints import matrix_fingerprint
+
+    path = factedit_home() / "projectors" / f"{matrix_fingerprint(C)[:24]}-t{threshold:g}.safetensors"
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                U = f.get_tensor("basis")
+            if U.ndim == 2 and U.shape[0] == C.shape[0]:
+                return U
+        except Exception as e:  # a damaged file is recomputed and replaced
+            log.warning("ignoring damaged projector cache %s (%s)", path, e)
+    U = null_space_basis(C, threshold)
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file({"basis": U.contiguous()}, str(tmp), metadata={"threshold": repr(threshold), "dim": str(C.shape[0])})
+    return U

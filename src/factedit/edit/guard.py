@@ -68,7 +68,8 @@ class GuardConfig:
     max_new_tokens: int = 24
 
 
-def norm_reference(adapter, caches, layer: int, corpus: Optional[str], n_tokens: int, clamp: float = 4.0) -> float:
+def norm_reference(adapter, caches, layer: int, corpus: Optional[str], n_tokens: int, clamp: float = 4.0,
+                   seq_len: int = 256, dtype: str = "float64") -> float:
     """The calibrated reference ‖Δ‖ of a normal edit at ``layer`` (cached per model and layer)."""
     fp = model_fingerprint(adapter.model, upto_layer=layer, spec=adapter.spec)
     path = factedit_home() / "guard" / f"{fp}{prefix_tag(adapter.tokenizer)}-layer{layer}-clamp{clamp}.json"
@@ -76,7 +77,7 @@ def norm_reference(adapter, caches, layer: int, corpus: Optional[str], n_tokens:
         return float(json.loads(path.read_text())["reference"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    C = caches.mom2(layer, corpus, n_tokens)
+    C = caches.mom2(layer, corpus, n_tokens, seq_len=seq_len, dtype=dtype)
     reqs = [Request("{} is", s, "x") for s in CALIBRATION_SUBJECTS]
     K, _ = template_keys(adapter, reqs, caches.templates(0), layer, None)
     K = K.to(C.device)
@@ -160,7 +161,7 @@ class Guard:
         if layer is None or not hasattr(cfg, "value"):
             return {}
         return {layer: norm_reference(self.adapter, self.caches, layer, cfg.stats_corpus, cfg.stats_tokens,
-                                      cfg.value.clamp_norm_factor)}
+                                      cfg.value.clamp_norm_factor, cfg.stats_seq_len, cfg.stats_dtype)}
 
     def judge(self, result, references: dict, guard_cfg: GuardConfig, n_requests: int) -> dict:
         """The decision on an applied edit (stored in ``result.guard``); raises :class:`CollapseError`

@@ -24,7 +24,8 @@ import torch
 from ..core.errors import StatsError
 from ..core.offload import precise_dtype
 
-__all__ = ["solve_spd", "Solution", "least_squares", "equality", "null_space", "null_space_projector"]
+__all__ = ["solve_spd", "Solution", "least_squares", "equality", "null_space", "null_space_basis",
+           "null_space_projector"]
 
 
 def solve_spd(C: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -100,10 +101,15 @@ def equality(R: torch.Tensor, K_dir: torch.Tensor, C: torch.Tensor, K_res: Optio
     return Solution(left, U, eps, cond)
 
 
+def null_space_basis(C: torch.Tensor, threshold: float = 1e-2) -> torch.Tensor:
+    """The eigenvectors of C with eigenvalue < threshold, (d_ff, k) (float64 on C's device)."""
+    evals, evecs = torch.linalg.eigh(_f64(C)[0])
+    return evecs[:, evals < threshold]
+
+
 def null_space_projector(C: torch.Tensor, threshold: float = 1e-2) -> torch.Tensor:
     """AlphaEdit's projector ``P = U Uᵀ`` onto the eigenvectors of C with eigenvalue < threshold."""
-    evals, evecs = torch.linalg.eigh(_f64(C)[0])
-    U = evecs[:, evals < threshold]
+    U = null_space_basis(C, threshold)
     return U @ U.T
 
 

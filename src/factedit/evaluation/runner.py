@@ -285,7 +285,7 @@ def _warm_up(editor, method_cfg) -> None:
         return
     editor.templates(method_cfg.seed, method_cfg.context_lengths)
     for layer in method_cfg.layers:
-        editor.stats(layer, method_cfg.stats_corpus, method_cfg.stats_tokens)
+        editor.stats(layer, **method_cfg.stats_args)
 
 
 def _resume(editor, store: RunStore, cfg: EvalConfig, groups) -> tuple:

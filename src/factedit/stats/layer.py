@@ -28,10 +28,28 @@ from ..core.hooks import Hook
 from ..core.offload import precise_dtype
 from ..core.paths import atomic_path, factedit_home
 
-__all__ = ["SecondMoment", "LayerStats", "layer_stats", "stats_cache_path", "token_chunks", "load_stats_file"]
+__all__ = ["SecondMoment", "LayerStats", "layer_stats", "stats_cache_path", "token_chunks", "load_stats_file",
+           "check_stats_options", "STATS_DTYPES", "accumulator_bytes"]
 
 log = logging.getLogger(__name__)
 _FORMAT = "factedit.mom2.v1"
+#: the accumulators of ``sum k kᵀ`` (``--stats-dtype``)
+STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def check_stats_options(seq_len: int, dtype: str) -> None:
+    """A clear error for a statistics sequence length or accumulator dtype that cannot work."""
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
+        raise StatsError(f"stats_seq_len must be an integer of at least 2 tokens, got {seq_len!r}")
+    if dtype not in STATS_DTYPES:
+        raise StatsError(f"stats_dtype must be one of {', '.join(STATS_DTYPES)}, got {dtype!r}")
+
+
+def accumulator_bytes(d_ff: int, dtype: str = "float64", batch_tokens: int = 8 * 256) -> dict:
+    """What statistics of a layer of width ``d_ff`` hold on the layer's device: the ``d_ff²`` sum in ``dtype``,
+    the float32 ``C`` the edits use, and one batch's keys (float32)."""
+    size = STATS_DTYPES[dtype].itemsize
+    return {"sum": d_ff * d_ff * size, "mom2": d_ff * d_ff * 4, "keys": batch_tokens * d_ff * 4}
 
 
 @dataclass
@@ -47,16 +65,18 @@ class SecondMoment:
     dim: int
     sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
     count: int = 0
+    dtype: str = "float64"  # the accumulator's (float32: half the memory, ~1e-7 relative rounding per batch)
 
     def __post_init__(self):
         if self.sum is None:
-            self.sum = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+            self.sum = torch.zeros(self.dim, self.dim, dtype=STATS_DTYPES[self.dtype])
 
     def update(self, x: torch.Tensor) -> "SecondMoment":
         x = x.reshape(-1, self.dim).to(torch.float32)
         if x.shape[0]:
             if self.sum.device != x.device:  # first batch: the buffer moves to where the keys are (once)
-                self.sum = self.sum.to(device=x.device, dtype=precise_dtype(x.device))
+                want = STATS_DTYPES[self.dtype] if self.dtype == "float32" else precise_dtype(x.device)
+                self.sum = self.sum.to(device=x.device, dtype=want)
             self.sum += (x.T @ x).to(self.sum.dtype)
             self.count += int(x.shape[0])
         return self
@@ -70,7 +90,7 @@ class SecondMoment:
 
     def host(self) -> "SecondMoment":
         """This accumulator with its sum on the CPU in float64."""
-        return SecondMoment(self.dim, self.sum.to(device="cpu", dtype=torch.float64), self.count)
+        return SecondMoment(self.dim, self.sum.to(device="cpu", dtype=torch.float64), self.count, self.dtype)
 
     def mom2(self) -> torch.Tensor:
         """E[x xᵀ] in float32, on the CPU (the editing methods move it to the layer's device once)."""
@@ -128,11 +148,15 @@ def token_chunks(tok, corpus: Corpus, seq_len: int, n_tokens: int, skip_chunks: 
             yield bos + buf[: n_tokens - given]
 
 
-def stats_cache_path(model_fp: str, layer: int, corpus_name: str, n_tokens: int, home: Optional[Path] = None) -> Path:
+def stats_cache_path(model_fp: str, layer: int, corpus_name: str, n_tokens: int, home: Optional[Path] = None,
+                     seq_len: int = 256, dtype: str = "float64") -> Path:
+    """The cache file of these statistics (the default sequence length and accumulator add nothing to the name,
+    so files written before those were options keep serving)."""
     import hashlib
 
     key = hashlib.sha256(corpus_name.encode()).hexdigest()[:10]
-    return (home or factedit_home()) / "stats" / model_fp / f"layer{layer}-{key}-{n_tokens}.safetensors"
+    extra = (f"-len{seq_len}" if seq_len != 256 else "") + (f"-{dtype}" if dtype != "float64" else "")
+    return (home or factedit_home()) / "stats" / model_fp / f"layer{layer}-{key}-{n_tokens}{extra}.safetensors"
 
 
 def _save(path: Path, acc: SecondMoment, meta: dict) -> None:
@@ -218,16 +242,19 @@ def layer_stats(
     progress: bool = True,
     checkpoint_every: float = 30.0,
     world=None,
+    dtype: str = "float64",
 ) -> LayerStats:
     """Statistics of layer ``layer``'s keys; from the cache when present, else computed.
 
     Args:
         corpus: corpus spec (see :mod:`factedit.corpus`); ``None`` means ``"auto"``.
         n_tokens: tokens to accumulate.
-        seq_len: tokens per forward sequence.
+        seq_len: tokens per forward sequence, whatever the model's context length (memory per batch:
+            ``batch_size × seq_len × d_ff`` float32 keys besides the ``d_ff²`` accumulator).
         force: recompute even when a cache file exists (replaces it atomically).
         cache: read/write the cache at all.
         checkpoint_every: seconds between partial saves; an interrupted run resumes from them.
+        dtype: the accumulator, ``"float64"`` (default) or ``"float32"`` (:data:`STATS_DTYPES`).
         world: a :class:`~factedit.core.distributed.World` of several torchrun processes: the batches are
             shared out between the ranks, their sums all-reduced (float64), rank 0 writes the one cache
             file (the same file one process writes); every rank returns the same statistics. The ranks must
@@ -237,36 +264,39 @@ def layer_stats(
     from ..core.models import model_name
 
     adapter.check_layer(layer)
+    check_stats_options(seq_len, dtype)
     seq_len = min(seq_len, adapter.max_positions)
     src = resolve_corpus(corpus, adapter, n_tokens)
     fp = model_fingerprint(adapter.model, upto_layer=layer, spec=adapter.spec)
-    path = stats_cache_path(fp, layer, src.name, n_tokens)
+    path = stats_cache_path(fp, layer, src.name, n_tokens, seq_len=seq_len, dtype=dtype)
     meta = {"model": model_name(adapter.model), "model_fingerprint": fp, "layer": layer,
-            "module": adapter.w_out_name(layer), "corpus": src.name, "requested_tokens": n_tokens, "seq_len": seq_len}
+            "module": adapter.w_out_name(layer), "corpus": src.name, "requested_tokens": n_tokens, "seq_len": seq_len,
+            "accumulator": dtype}
     source = {"corpus_spec": corpus or "auto", "corpus_reason": src.reason}
     if world is not None and world.distributed:
         world.agree("statistics inputs (model fingerprint, corpus, layer, tokens, sequence length)",
-                    [fp, src.name, layer, n_tokens, seq_len, adapter.d_ff, bool(force)])
+                    [fp, src.name, layer, n_tokens, seq_len, dtype, adapter.d_ff, bool(force)])
         cached = world.gather(bool(cache and path.is_file() and not force))[0]  # rank 0 decides for all
         if not cached:
             return _distributed_stats(adapter, layer, src, n_tokens, seq_len, batch_size, meta, source, path,
-                                      cache, progress, world)
+                                      cache, progress, world, dtype)
     if cache and path.is_file() and not force:
         acc, file_meta = load_stats_file(path)
         log.info("statistics for layer %d from cache %s", layer, path)
         return LayerStats(acc.mom2(), acc.count, {**file_meta, **source}).validate(adapter.d_ff, str(path))
 
     partial = path.with_suffix(".partial.safetensors")
-    acc = SecondMoment(adapter.d_ff)
+    acc = SecondMoment(adapter.d_ff, dtype=dtype)
     done_chunks = 0
     if cache and partial.is_file() and not force:
         try:
             acc, pmeta = load_stats_file(partial)
+            acc = SecondMoment(acc.dim, acc.sum.to(STATS_DTYPES[dtype]), acc.count, dtype)
             done_chunks = int(pmeta.get("chunks", 0))
             log.info("resuming statistics from %s (%d tokens done)", partial, acc.count)
         except StatsError as e:
             log.warning("ignoring damaged partial statistics: %s", e)
-            acc, done_chunks = SecondMoment(adapter.d_ff), 0
+            acc, done_chunks = SecondMoment(adapter.d_ff, dtype=dtype), 0
     counter = {"chunks": done_chunks}
 
     def chunks():
@@ -295,9 +325,9 @@ def layer_stats(
 
 
 def _distributed_stats(adapter, layer, src, n_tokens, seq_len, batch_size, meta, source, path, cache, progress,
-                       world) -> LayerStats:
+                       world, dtype) -> LayerStats:
     """:func:`layer_stats` across a torchrun world: each rank its batches, one all-reduce, rank 0 writes."""
-    acc = SecondMoment(adapter.d_ff)
+    acc = SecondMoment(adapter.d_ff, dtype=dtype)
     t0 = time.monotonic()
     chunks = token_chunks(adapter.tokenizer, src, seq_len, n_tokens)
     _accumulate(adapter, layer, chunks, acc, n_tokens, batch_size, None, float("inf"), progress and world.main, world)
@@ -306,7 +336,7 @@ def _distributed_stats(adapter, layer, src, n_tokens, seq_len, batch_size, meta,
     world.all_reduce_sum(total)
     count = torch.tensor([acc.count], dtype=torch.float64, device=total.device)
     world.all_reduce_sum(count)
-    merged = SecondMoment(adapter.d_ff, total.to(device="cpu", dtype=torch.float64), int(count.item()))
+    merged = SecondMoment(adapter.d_ff, total.to(device="cpu", dtype=torch.float64), int(count.item()), dtype)
     if merged.count == 0:
         raise StatsError(f"corpus {src.name} produced no tokens")
     meta["seconds"] = round(time.monotonic() - t0, 2)

@@ -21,7 +21,7 @@ __all__ = ["MethodSpec", "REGISTRY", "METHODS", "register", "method_spec", "make
            "BatchConfig", "FTConfig", "ROME_VARIANTS", "BATCH_METHODS", "compute_rome", "compute_batch", "compute_ft"]
 
 #: options every command passes; a method whose config lacks one ignores it
-COMMON_OPTIONS = ("stats_corpus", "stats_tokens", "seed")
+COMMON_OPTIONS = ("stats_corpus", "stats_tokens", "stats_seq_len", "stats_dtype", "seed")
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ class BatchConfig(StatsFields):
     batch_size: int = 16
 
     def __post_init__(self):
+        super().__post_init__()
         if self.method not in BATCH_METHODS:
             raise MethodError(f"unknown batch method {self.method!r}; choose one of {', '.join(BATCH_METHODS)}")
         if self.batch_size < 1:
@@ -182,7 +183,7 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
     check_batch(requests)
     timings: Dict[str, float] = {}
     t = time.perf_counter()
-    C = {l: caches.mom2(l, cfg.stats_corpus, cfg.stats_tokens) for l in cfg.layers}  # on each W_out's device
+    C = {l: caches.mom2(l, **cfg.stats_args) for l in cfg.layers}  # on each W_out's device
     timings["stats"] = time.perf_counter() - t
     t = time.perf_counter()
     templates = caches.templates(cfg.seed, cfg.context_lengths)

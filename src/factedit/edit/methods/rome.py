@@ -20,6 +20,7 @@ from ...core.errors import MethodError
 from ..solver import equality
 from ..results import Computed
 from ..values import ValueConfig, ValueProblem, optimize_values
+from ...stats.layer import check_stats_options
 
 __all__ = ["StatsFields", "ROMEConfig", "ROME_VARIANTS", "compute_rome", "compute_rome_edit", "prefetch_targets", "default_layer",
            "default_stats_tokens", "rome_norm_ratio"]
@@ -48,6 +49,10 @@ class StatsFields:
     Attributes:
         stats_corpus: corpus spec for C (see :mod:`factedit.stats.corpus`); ``None`` = ``"auto"``.
         stats_tokens: tokens for C; default :func:`default_stats_tokens` of the width.
+        stats_seq_len: tokens per sequence of the statistics' forwards, whatever the model's context length
+            (memory per forward: batch × this × d_ff × 4 bytes of keys).
+        stats_dtype: the accumulator of ``sum k kᵀ``: ``"float64"`` (default) or ``"float32"`` (half the memory
+            of a d_ff² buffer on the layer's device; docs/BENCHMARKS.md measures what it changes in edits).
         seed: seed of the context templates.
         arch: explicit module layout for architectures factedit does not know.
         layer_rule: how the layer(s) were chosen (filled in: ``"given"``, the depth rule, or the causal-trace
@@ -56,9 +61,20 @@ class StatsFields:
 
     stats_corpus: Optional[str] = None
     stats_tokens: Optional[int] = None
+    stats_seq_len: int = 256
+    stats_dtype: str = "float64"
     seed: int = 0
     arch: Optional[ArchSpec] = None
     layer_rule: str = ""
+
+    def __post_init__(self):
+        check_stats_options(self.stats_seq_len, self.stats_dtype)
+
+    @property
+    def stats_args(self) -> dict:
+        """The statistics this config edits with, as :meth:`EditCaches.stats` takes them (after ``layer``)."""
+        return {"corpus": self.stats_corpus, "n_tokens": self.stats_tokens, "seq_len": self.stats_seq_len,
+                "dtype": self.stats_dtype}
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,7 @@ class ROMEConfig(StatsFields):
     fact_token: str = "subject_last"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.variant not in ROME_VARIANTS:
             raise MethodError(f"unknown ROME variant {self.variant!r}; choose one of {', '.join(ROME_VARIANTS)}")
         for p in self.essence_prompts:
@@ -130,7 +147,7 @@ def compute_rome_edit(adapter, caches, requests: Sequence, cfg: ROMEConfig, stat
     req = requests[0]
     timings: Dict[str, float] = {}
     t = time.perf_counter()
-    C = caches.mom2(cfg.layer, cfg.stats_corpus, cfg.stats_tokens)  # on W_out's device, like the keys
+    C = caches.mom2(cfg.layer, **cfg.stats_args)  # on W_out's device, like the keys
     timings["stats"] = time.perf_counter() - t
     t = time.perf_counter()
     templates, memo = _targets(adapter, caches, cfg)
