@@ -60,7 +60,7 @@ def test_entropy_collapse_is_rolled_back(home, tiny_corpus, monkeypatch):
     ed = Editor(model, tok, progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     values = iter([3.0, 0.5])  # before: fluent; after: repeating itself
-    monkeypatch.setattr(G, "entropy_probe", lambda adapter, cfg: next(values))
+    monkeypatch.setattr(G, "entropy_of", lambda tokens: next(values))
     with pytest.raises(CollapseError, match="entropy fell from 3.00 to 0.50"):
         ed.edit(REQ, **_opts(tiny_corpus))
     for k, v in model.state_dict().items():
@@ -91,3 +91,41 @@ def test_patch_norms_are_the_norm_of_the_summed_update(home, tiny_corpus):
     norm = Patch.from_result(r).meta["norms"]["2"]
     assert norm == pytest.approx(float(torch.linalg.matrix_norm(d1 + d2)), rel=1e-9)
     assert norm < float(torch.linalg.matrix_norm(d1) + torch.linalg.matrix_norm(d2)) * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_probe_tokens_are_generate_tokens_with_any_draft(arch):
+    """The guard's fluency probe gives model.generate's greedy tokens, whatever draft it verifies: the exact
+    one (one forward), a wrong one, a short one, one with an early EOS, none."""
+    from factedit.core.arch import ModelAdapter
+    from factedit.core.batching import pad_id, pad_rows
+    from factedit.edit.guard import probe_tokens
+
+    model, tok = tiny_model(arch)
+    ad = ModelAdapter(model, tok)
+    cfg = GuardConfig(max_new_tokens=10)
+    batch = pad_rows([ad.tokenizer(p)["input_ids"] for p in cfg.prompts], pad_id(tok), side="left")
+    out = model.generate(**batch.inputs(), max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
+    ref = out[:, batch.width:].tolist()
+    eos = tok.eos_token_id
+    drafts = [None, ref, [[5] * 10] * 3, [r[:3] for r in ref], [[eos]] * 3, [r[:4] + [7] + r[5:] for r in ref]]
+    for draft in drafts:
+        assert probe_tokens(ad, cfg, draft=draft) == ref, draft
+
+
+def test_probe_after_an_edit_costs_one_forward_when_the_continuations_hold(home, tiny_corpus):
+    from factedit.core.arch import ModelAdapter
+    from factedit.edit.guard import probe_tokens
+
+    model, tok = tiny_model("llama")
+    ad = ModelAdapter(model, tok)
+    cfg = GuardConfig(max_new_tokens=12)
+    ref = probe_tokens(ad, cfg)
+    calls = []
+    handle = ad.body.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        assert probe_tokens(ad, cfg, draft=ref) == ref
+    finally:
+        handle.remove()
+    assert len(calls) == 1

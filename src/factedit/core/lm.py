@@ -20,7 +20,7 @@ from .batching import pad_id, pad_rows
 from .kv import cache_of, past
 from .tokens import encode_with_target
 
-__all__ = ["sample_continuations", "greedy_continuation", "target_probabilities", "target_logprobs",
+__all__ = ["sample_continuations", "greedy_continuation", "greedy_tokens", "target_probabilities", "target_logprobs",
            "target_token_scores", "position_scores", "rows_on"]
 
 
@@ -89,6 +89,91 @@ def greedy_continuation(adapter, prompt: str, max_new_tokens: int = 12, tokenize
         top_p=None, top_k=None, temperature=None,
     )
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def greedy_tokens(adapter, prompts: Sequence[str], max_new_tokens: int,
+                  draft: Optional[Sequence[Sequence[int]]] = None) -> List[List[int]]:
+    """The greedy continuations of ``prompts`` as token ids: the tokens ``model.generate(do_sample=False,
+    pad_token_id=pad)`` gives (a row that emitted EOS is padded with the pad id after it; all stop when
+    every row has), in one left-padded batch with a KV cache.
+
+    ``draft``: a guess of the continuations (e.g. the same prompts' greedy tokens before an edit). One
+    teacher-forced forward over prompt + draft checks every drafted token at once; each row keeps its
+    longest agreeing prefix plus the model's own token where it first disagrees, and only rows that are not
+    finished then decode step by step. The result is the same tokens (greedy decoding verified, as in
+    speculative decoding), at the cost of one forward when the draft holds."""
+    tok = adapter.tokenizer
+    eos = {t for t in (tok.eos_token_id, getattr(adapter.model.generation_config, "eos_token_id", None))
+           if isinstance(t, int)}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else pad_id(tok)
+    starts = [list(tok(p)["input_ids"]) for p in prompts]
+    new: List[List[int]] = [[] for _ in prompts]
+    if draft is not None:
+        new = _verified_prefix(adapter, starts, [list(d) for d in draft], max_new_tokens, eos, pad)
+
+    def finished(row):
+        return len(row) >= max_new_tokens or any(t in eos for t in row)
+
+    todo = [i for i, row in enumerate(new) if not finished(row)]
+    if todo:
+        more = _decode(adapter, [starts[i] + new[i] for i in todo], [max_new_tokens - len(new[i]) for i in todo], eos)
+        for i, m in zip(todo, more):
+            new[i] = new[i] + m
+    # generate's batch semantics: after its EOS a row holds pads until the longest row stops
+    length = max((len(r) for r in new), default=0)
+    return [row + [pad] * (length - len(row)) for row in new]
+
+
+def _verified_prefix(adapter, starts, draft, max_new_tokens: int, eos: set, pad: int) -> List[List[int]]:
+    """Per row, the greedy tokens that one teacher-forced forward over ``start + draft`` confirms."""
+    drafts = []
+    for d in draft:
+        d = d[:max_new_tokens]
+        cut = next((j + 1 for j, t in enumerate(d) if t in eos), len(d))  # up to its EOS (pads after it)
+        drafts.append(d[:cut])
+    batch = pad_rows([s + d for s, d in zip(starts, drafts)], pad_id(adapter.tokenizer), device=adapter.input_device)
+    h = adapter.body(**batch.inputs()).last_hidden_state
+    rows, cols = [], []
+    for r, (s, d) in enumerate(zip(starts, drafts)):
+        for j in range(len(d) + 1):  # predictions of draft token j (and of the token after the draft)
+            if len(s) + j - 1 < len(s) + len(d) and j < max_new_tokens:
+                rows.append(r), cols.append(len(s) + j - 1)
+    pred = adapter.logits(h[torch.tensor(rows, device=h.device), torch.tensor(cols, device=h.device)]).argmax(-1).tolist()
+    out, k = [], 0
+    for s, d in zip(starts, drafts):
+        n = min(len(d) + 1, max_new_tokens)
+        mine, k = pred[k: k + n], k + n
+        keep = []
+        for j, t in enumerate(mine):
+            keep.append(t)
+            if t in eos or j >= len(d) or t != d[j]:
+                break
+        out.append(keep)
+    return out
+
+
+def _decode(adapter, rows: List[List[int]], steps: List[int], eos: set) -> List[List[int]]:
+    """Greedy decoding of each row for at most ``steps[i]`` tokens (stopping at EOS), batched with a KV cache."""
+    body = adapter.body
+    batch = pad_rows(rows, pad_id(adapter.tokenizer), side="left", device=adapter.input_device)
+    mask, pos = batch.attention_mask, batch.position_ids
+    res = body(input_ids=batch.input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    new: List[List[int]] = [[] for _ in rows]
+    live = [True] * len(rows)
+    for step in range(max(steps)):
+        nxt = adapter.logits(res.last_hidden_state[:, -1, :]).argmax(-1).tolist()
+        for i, t in enumerate(nxt):
+            if live[i]:
+                new[i].append(t)
+                live[i] = t not in eos and len(new[i]) < steps[i]
+        if not any(live):
+            break
+        ids = torch.tensor([[row[-1] if row else 0] for row in new], device=mask.device)
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        pos = pos[:, -1:] + 1
+        res = body(input_ids=ids, attention_mask=mask, position_ids=pos, **past(body, cache_of(res)))
+    return new
 
 
 @torch.no_grad()

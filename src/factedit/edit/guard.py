@@ -18,13 +18,13 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
-from ..core.batching import pad_id, pad_rows
 from ..core.errors import FactEditError
 from ..core.fingerprints import model_fingerprint
+from ..core.lm import greedy_tokens
 from ..core.metrics import generation_entropy
 from ..core.paths import atomic_write_text, factedit_home
 from ..core.requests import Request
@@ -32,7 +32,7 @@ from ..core.tokens import prefix_tag
 from .keys import template_keys
 from .solver import equality
 
-__all__ = ["GuardConfig", "CollapseError", "norm_reference", "entropy_probe", "check", "combine", "Guard"]
+__all__ = ["GuardConfig", "CollapseError", "norm_reference", "entropy_probe", "probe_tokens", "entropy_of", "check", "combine", "Guard"]
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +92,21 @@ def norm_reference(adapter, caches, layer: int, corpus: Optional[str], n_tokens:
     return ref
 
 
-@torch.no_grad()
+def probe_tokens(adapter, cfg: GuardConfig, draft=None) -> List[List[int]]:
+    """The greedy continuations of the generic prompts (``model.generate``'s tokens). ``draft``: those of the
+    weights before the edit, verified in one forward (:func:`~factedit.core.lm.greedy_tokens`): a normal edit
+    leaves them unchanged, so the probe after an edit costs one forward instead of ``max_new_tokens``."""
+    return greedy_tokens(adapter, cfg.prompts, cfg.max_new_tokens, draft=draft)
+
+
+def entropy_of(tokens) -> float:
+    """Mean generation entropy of the probe's continuations."""
+    return sum(generation_entropy(g) for g in tokens) / len(tokens)
+
+
 def entropy_probe(adapter, cfg: GuardConfig) -> float:
     """Mean generation entropy of greedy continuations of the generic prompts (one batch)."""
-    tok = adapter.tokenizer
-    batch = pad_rows([tok(p)["input_ids"] for p in cfg.prompts], pad_id(tok), side="left", device=adapter.input_device)
-    out = adapter.model.generate(**batch.inputs(), max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
-    gen = out[:, batch.width:].tolist()
-    return sum(generation_entropy(g) for g in gen) / len(gen)
+    return entropy_of(probe_tokens(adapter, cfg))
 
 
 def check(result, references: dict, entropy_before: float, entropy_after: float, cfg: GuardConfig,
@@ -148,15 +154,17 @@ class Guard:
 
     def __init__(self, adapter, caches):
         self.adapter, self.caches = adapter, caches
-        self._entropy: Optional[float] = None
+        self._probe: Optional[Tuple[float, list]] = None  # (entropy, tokens) of the current weights
+        self._before: dict = {}  # id(result) -> the probe before that edit (restored by an exact revert)
 
     def prepare(self, cfg, guard_cfg: GuardConfig) -> dict:
         """Before an edit is applied: the calibrated norm references (single-layer, single-request
         methods) and the fluency probe of the current weights. ``{}`` when the guard is off."""
         if not guard_cfg.enabled:
             return {}
-        if self._entropy is None:
-            self._entropy = entropy_probe(self.adapter, guard_cfg)
+        if self._probe is None:
+            tokens = probe_tokens(self.adapter, guard_cfg)
+            self._probe = (entropy_of(tokens), tokens)
         layer = getattr(cfg, "layer", None)
         if layer is None or not hasattr(cfg, "value"):
             return {}
@@ -166,8 +174,9 @@ class Guard:
     def judge(self, result, references: dict, guard_cfg: GuardConfig, n_requests: int) -> dict:
         """The decision on an applied edit (stored in ``result.guard``); raises :class:`CollapseError`
         when it fires (the caller rolls the edit back)."""
-        result.guard = check(result, references, self._entropy, entropy_probe(self.adapter, guard_cfg), guard_cfg,
-                             n_requests)
+        before = self._probe
+        tokens = probe_tokens(self.adapter, guard_cfg, draft=before[1])
+        result.guard = check(result, references, before[0], entropy_of(tokens), guard_cfg, n_requests)
         if not result.guard["passed"]:
             raise CollapseError(
                 "edit rolled back: it looks like a disabling edit that would break the model: "
@@ -175,13 +184,15 @@ class Guard:
                 + ". Try another layer or method (r-rome is the stable ROME), or force it with "
                 "guard=GuardConfig(enabled=False) (CLI: --no-guard)."
             )
-        self._entropy = result.guard["entropy_after"]
+        self._before[id(result)] = before
+        self._probe = (result.guard["entropy_after"], tokens)
         return result.guard
 
     def reverted(self, result) -> None:
         """``result`` was reverted bit-exactly: the weights' probe is the one before it."""
-        self._entropy = result.guard["entropy_before"] if result.guard else None
+        self._probe = self._before.pop(id(result), None) if result.guard else None
 
     def forget(self) -> None:
         """The weights changed without the guard (guard off, patches loaded): probe again next time."""
-        self._entropy = None
+        self._probe = None
+        self._before.clear()
