@@ -5,6 +5,12 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+#: the repository and the shared data beside it (read from there, never copied in)
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+CORPUS = DATA / "corpus" / "wikitext2_valid.txt"
+CF = DATA / "counterfact" / "counterfact_knowedit.jsonl"
+
 HEAD = "# Benchmarks\n\nEvery figure here comes from a script in `bench/`, with the command that produced it.\n\n"
 
 

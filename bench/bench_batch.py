@@ -27,11 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, publish  # noqa: E402
+from _report import CF, CORPUS, cpu_name, publish  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "wikitext2_valid.txt"
-CF = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_knowedit.jsonl"
 
 
 def one(methods: list, n: int) -> list:

@@ -28,12 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, publish  # noqa: E402
+from _report import CF, CORPUS, cpu_name, publish  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-CORPUS = SHARED / "corpus" / "wikitext2_valid.txt"
-CF = SHARED / "counterfact" / "counterfact_knowedit.jsonl"
 
 
 def matmul_gflops(n=2048, reps=10) -> float:

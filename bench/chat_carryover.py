@@ -24,10 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, publish, write_rows  # noqa: E402
+from _report import CF, cpu_name, publish, write_rows  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-CF = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_knowedit.jsonl"
 HEADING = "## Chat: does an edit carry over between the raw prompt and the chat turn?"
 
 

@@ -20,12 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import publish  # noqa: E402
+from _report import CF, CORPUS, publish  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-CORPUS = DATA / "corpus" / "wikitext2_valid.txt"
-CF = DATA / "counterfact" / "counterfact_knowedit.jsonl"
 GENERIC = ("The most important thing about history is", "My favorite food is", "The city was quiet when",
            "Once upon a time, there was", "Scientists have discovered that")
 

@@ -27,12 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, publish  # noqa: E402
+from _report import CF, CORPUS, cpu_name, publish  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-CORPUS = DATA / "corpus" / "wikitext2_valid.txt"
-CF = DATA / "counterfact" / "counterfact_knowedit.jsonl"
 HEADING = "## GPU check"
 
 

@@ -33,11 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import publish  # noqa: E402
+from _report import CF, CORPUS, publish  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "wikitext2_valid.txt"
-CF = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_knowedit.jsonl"
 HELD_OUT = ("Once upon a time, there was", "The weather today is", "Scientists have discovered that",
             "The best way to learn a language is", "Last summer we went to", "The company announced")
 PROBES = ("The capital of Japan is", "The Eiffel Tower is located in the city of", "The largest planet in the solar system is",

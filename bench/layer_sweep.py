@@ -25,12 +25,8 @@ from pathlib import Path
 from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import publish  # noqa: E402
+from _report import CF, CORPUS, publish  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-CORPUS = SHARED / "corpus" / "wikitext2_valid.txt"
-CF = SHARED / "counterfact" / "counterfact_knowedit.jsonl"
 HEAD = "# Locating facts: causal tracing\n\n"
 
 

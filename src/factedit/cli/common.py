@@ -55,7 +55,8 @@ def add_model_options(p: argparse.ArgumentParser, corpus: bool = True, json_opti
     """The options of every command that loads a model."""
     p.add_argument("--model", default=None, help="hub id or local directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cpu)")
+    p.add_argument("--device", default=None,
+                   help="e.g. cpu, cuda:0 (default: cpu); under torchrun, cuda means each rank's own GPU (LOCAL_RANK)")
     p.add_argument("--device-map", default=None, metavar="auto|balanced|sequential|FILE.json",
                    help="place the model with accelerate: a strategy, or a JSON file of module name -> device "
                         "(0, cuda:1, cpu, disk)")
@@ -105,7 +106,10 @@ def load(args):
         from ..core.errors import ModelLoadError
 
         raise ModelLoadError("give --device or --device-map, not both")
-    return load_model(args.model, dtype=args.dtype, device=args.device, device_map=device_map,
+    device = args.device
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: each rank its own GPU
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return load_model(args.model, dtype=args.dtype, device=device, device_map=device_map,
                       max_memory=max_memory, offload_folder=getattr(args, "offload_folder", None))
 
 
