@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import CF, CORPUS, cpu_name, publish  # noqa: E402
 
 
-
 def one(methods: list, n: int) -> list:
     """Run inside a fresh process: load, edit n requests with each method, measure."""
     from factedit import Editor, load_model

@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import CF, CORPUS, cpu_name, publish  # noqa: E402
 
 
-
 def matmul_gflops(n=2048, reps=10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):

@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import CF, cpu_name, publish  # noqa: E402
 
 
-
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()

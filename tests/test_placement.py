@@ -270,3 +270,15 @@ def test_cli_bad_placement_exits_2_and_writes_nothing(extra, match, tiny_dir, ti
     assert code == 2 and match in err and "factedit: error:" in err, err
     assert out == ""
     assert not (home / "stats").exists()  # nothing computed, nothing cached
+
+
+def test_saving_an_edited_offloaded_model_keeps_the_edit(pair, home, tiny_corpus, tmp_path):
+    from factedit.core.models import save_model
+
+    _, placed, _ = pair
+    placed.edit(REQ, "r-rome", guard=NO_GUARD, **_rome(tiny_corpus))
+    edited = placed.adapter.w_out_stored(2).clone()
+    save_model(placed.model, placed.tokenizer, tmp_path / "saved")
+    reloaded = ModelAdapter(*load_model(str(tmp_path / "saved")))
+    assert torch.equal(reloaded.w_out_stored(2), edited)
+    assert torch.equal(reloaded.w_out_stored(1), placed.adapter.w_out_stored(1))
