@@ -67,19 +67,31 @@ def delta_dependent_flops(adapter, problem) -> float:
 
 def bench_edits(editor, records, layer):
     from factedit import Request
+    from factedit.edit.guard import GuardConfig, probe_tokens
     from factedit.edit.values import ValueProblem
 
+    gcfg = GuardConfig()
+    unedited = probe_tokens(editor.adapter, gcfg)
     rows = []
     for rec in records:
         req = Request.from_filled(rec["prompt"], rec["subject"], rec["target_new"], rec["ground_truth"])
         t = time.perf_counter()
         res = editor.edit(req, stats_corpus=str(CORPUS))
         dt = time.perf_counter() - t
+        # the guard's fluency probe after the edit: as the guard runs it (the unedited tokens as a draft,
+        # verified in one forward) and as it ran before (24 decode steps); both must give the same tokens
+        t = time.perf_counter()
+        drafted = probe_tokens(editor.adapter, gcfg, draft=unedited)
+        probe_draft = time.perf_counter() - t
+        t = time.perf_counter()
+        plain = probe_tokens(editor.adapter, gcfg)
+        probe_plain = time.perf_counter() - t
         editor.revert()
         steps = res.info[0]["steps"]
         problem = ValueProblem(editor.adapter, layer, [req], editor.templates()).prepare()
         rows.append(dict(case=rec["case_id"], seconds=dt, values=res.timings["values"], steps=steps,
-                         flops_step=delta_dependent_flops(editor.adapter, problem)))
+                         flops_step=delta_dependent_flops(editor.adapter, problem), probe_draft=probe_draft,
+                         probe_plain=probe_plain, probe_same=drafted == plain, probe_held=plain == unedited))
     return rows
 
 
@@ -158,6 +170,12 @@ def main():
         f"| optimisation steps used (median, early stop) | {statistics.median(r['steps'] for r in rows):.0f} | — | ≤ 25 |",
         f"| statistics throughput, early stop after layer {layer} | {early:.0f} tok/s | — | ≥ 2220 tok/s (3 × 740) |",
         f"| statistics throughput, full forward (for comparison) | {full:.0f} tok/s | — | — |",
+        f"| guard fluency probe after an edit, as the guard runs it (median; the probe before the edit verified "
+        f"as a draft) | {statistics.median(r['probe_draft'] for r in rows):.3f} s | — | ≤ 0.3 s |",
+        f"| the same probe decoded step by step (median; the guard before 2026-12-02) | "
+        f"{statistics.median(r['probe_plain'] for r in rows):.3f} s | — | — |",
+        f"| ... the same tokens both ways / continuations unchanged by the edit | "
+        f"{sum(r['probe_same'] for r in rows)} / {sum(r['probe_held'] for r in rows)} of {len(rows)} | — | all / — |",
         f"| peak RSS of the demo command (`factedit edit --json`, fresh process) | {rss:.0f} MB | — | — |",
         f"| wall time of the demo command (load + 2 snapshots + edit) | {demo_wall:.1f} s | — | — |",
         "",
