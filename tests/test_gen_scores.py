@@ -185,3 +185,49 @@ def test_sequential_run_tracks_perplexity_recall_and_generation_retention(home, 
     assert "perplexity at end" in sequential_table([run])
     assert any(p.name == "sequential_ability.png" for p in plot_runs([run], tmp_path / "plots"))
     ed.revert(len(ed.history))
+
+
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.skipif(not COUNTERFACT.is_file(), reason="shared data not found")
+def test_chat_generation_scores_ask_through_the_template(home, tmp_path, tiny_corpus):
+    """`eval --chat`: each prompt is the user's message; the answer is the model's greedy reply (as an
+    independent generate() of the rendered conversation gives it), cut at the first sentence."""
+    from factedit.cli import main
+
+    import copy
+
+    model, tok = tiny_model("llama")
+    tok = copy.deepcopy(tok)  # the tiny tokenizer is shared between tests: give only this one a template
+    tok.chat_template = CHAT
+    ed = Editor(model, tok, progress=False)
+    cfg = EvalConfig(method="none", dataset=str(_cf(tmp_path, 2)), generation=GenerationConfig(length=0),
+                     gen_tokens=8, gen_chat=True)
+    run_eval(ed, cfg, tmp_path / "chat")
+    recs = [json.loads(l) for l in (tmp_path / "chat" / "cases.jsonl").read_text().splitlines()]
+    for r in recs:
+        prompt = r["request"]["prompt"].replace("{}", r["request"]["subject"])
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        enc = tok(text, return_tensors="pt")
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                             top_p=None, top_k=None, temperature=None)
+        want = first_sentence(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        assert r["gen_texts"]["rewrite"] == [want]
+    plain = run_eval(Editor(model, tok, progress=False), EvalConfig(method="none", dataset=str(_cf(tmp_path, 2)),
+                     generation=GenerationConfig(length=0), gen_tokens=8), tmp_path / "plain")
+    assert plain["n"] == 2
+    raw = [json.loads(l) for l in (tmp_path / "plain" / "cases.jsonl").read_text().splitlines()]
+    assert [r["gen_texts"] for r in raw] != [r["gen_texts"] for r in recs]  # another question, other answers
+    # a model without a chat template: a clear error, nothing written
+    model2, tok2 = tiny_model("llama")
+    code = main(["eval", "--model", str(_save(model2, tok2, tmp_path / "m")), "--method", "none", "--dataset",
+                 str(_cf(tmp_path, 2)), "--chat", "--out", str(tmp_path / "refused")])
+    assert code == 2 and not (tmp_path / "refused").exists()
+
+
+def _save(model, tok, d):
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -38,6 +38,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--ge-length", type=int, default=100,
                    help="tokens per generation for GE, prompt included (ROME: 100); 0 skips GE")
     e.add_argument("--ge-prompts", type=int, default=10, help="generation prompts per case (default all, ≤ 10)")
+    e.add_argument("--chat", action="store_true",
+                   help="generation-based scores ask every prompt as a user message through the model's chat template "
+                        "(edits and teacher-forced scores stay on the raw prompts)")
     e.add_argument("--gen-tokens", type=int, default=50,
                    help="generation-based scores (gen_ES/gen_PS/gen_NS/gen_leak): greedy answers of at most this "
                         "many tokens, cut at the first sentence (default 50); 0 skips them")
@@ -94,7 +97,7 @@ def eval_config(args):
         downstream=DownstreamConfig(n=args.downstream_n, shots=args.downstream_shots),
         generation=GenerationConfig(length=args.ge_length, max_prompts=args.ge_prompts, seed=args.seed),
         ability=AbilityConfig(ppl_corpus=args.ppl_corpus, ppl_tokens=args.ppl_tokens, knowns=args.knowns),
-        score_batch=args.score_batch, gen_tokens=args.gen_tokens, chunk=args.chunk, prefetch_batch=args.prefetch_batch, guard=args.guard,
+        score_batch=args.score_batch, gen_tokens=args.gen_tokens, gen_chat=args.chat, chunk=args.chunk, prefetch_batch=args.prefetch_batch, guard=args.guard,
         verify=args.verify,
         method_options=_method_options(args))
 

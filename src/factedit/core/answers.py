@@ -54,15 +54,16 @@ def mentions(text: str, answers: Sequence[str]) -> bool:
 
 @torch.no_grad()
 def greedy_answers(adapter, prompts: Sequence[str], max_new_tokens: int = GEN_TOKENS, batch_rows: int = 128,
-                   models=None, owners: Optional[Sequence[int]] = None) -> List[str]:
+                   models=None, owners: Optional[Sequence[int]] = None, tokenizer=None) -> List[str]:
     """The greedy answer to each prompt: up to ``max_new_tokens`` new tokens, stopped at EOS and cut at
     the first newline or sentence end (:func:`first_sentence`), never at the target's length.
 
     ``batch_rows`` prompts run together (left-padded, KV cache); a row that has stopped leaves the batch
     (its cache rows are dropped), so the cost follows the answers' lengths, not the longest one's. With
     ``models`` (a :class:`~factedit.edit.row_deltas.RowDeltas`), prompt ``i`` runs on edited model
-    ``owners[i]``."""
-    tok, body, dev = adapter.tokenizer, adapter.body, adapter.input_device
+    ``owners[i]``. ``tokenizer``: instead of the adapter's (e.g. one without the prompt prefix, for prompts
+    rendered through a chat template)."""
+    tok, body, dev = tokenizer or adapter.tokenizer, adapter.body, adapter.input_device
     eos = {t for t in (tok.eos_token_id, getattr(adapter.model.generation_config, "eos_token_id", None))
            if isinstance(t, int)}
     out: List[str] = []

@@ -89,6 +89,7 @@ class EvalConfig:
     ability: AbilityConfig = field(default_factory=AbilityConfig)
     score_batch: int = 64
     gen_tokens: int = GEN_TOKENS
+    gen_chat: bool = False
     chunk: int = 25
     prefetch_batch: int = 1
     guard: bool = False
@@ -123,6 +124,10 @@ class EvalConfig:
         d = asdict(self)
         d["method_options"] = {k: v for k, v in self.method_options}
         return d
+
+
+#: options added after runs were written, at the value those runs had (a resume then still matches)
+OPTION_DEFAULTS = {"gen_chat": False}
 
 
 def _groups(cases: Sequence[Case], size: int) -> List[List[Case]]:
@@ -162,6 +167,11 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
     cfg.check()
     if editor.history:
         raise RunError("the editor already holds edits; evaluate from the model's original weights")
+    if cfg.gen_chat and cfg.gen_tokens:
+        from ..core.chat import has_chat_template
+
+        if not has_chat_template(editor.tokenizer):
+            raise RunError("--chat: this model's tokenizer has no chat template; evaluate without --chat")
     split = world is not None and world.distributed
     if split and cfg.sequential:
         raise RunError("a sequential run applies its edits one after another to one model, so it cannot be shared "
@@ -172,13 +182,13 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
     if split:
         world.agree("evaluation configuration (options, model fingerprint, dataset)", json.dumps(compare, sort_keys=True))
         if world.main:  # the merged directory must not hold another run
-            RunStore(out_dir).check_or_write_config({**config, "world_size": world.size}, compare)
+            RunStore(out_dir).check_or_write_config({**config, "world_size": world.size}, compare, OPTION_DEFAULTS)
         world.barrier()
     store = RunStore(Path(out_dir) / f"rank{world.rank}" if split else out_dir)
     _warm_up(editor, method_cfg)
     if method_cfg is not None:  # the statistics actually used (corpus, how it was chosen, tokens)
         config["statistics"] = editor.caches.sources(method_cfg)
-    store.check_or_write_config(config, compare)
+    store.check_or_write_config(config, compare, OPTION_DEFAULTS)
     groups = _groups(cases, cfg.batch_size)
     mine = [g for g in range(len(groups)) if not split or world.owns(g)]
     mine_cases = [c for g in mine for c in groups[g]]
@@ -251,7 +261,8 @@ def _unedited(editor, store: RunStore, cases, cfg: EvalConfig) -> Dict[int, List
     got = store.load_unedited()
     missing = [c for c in cases if c.case_id not in got]
     if missing:  # run_eval starts from the original weights (a resumed run re-applies its edits after this)
-        got.update(unedited_answers(editor.adapter, missing, cfg.gen_tokens, cfg.generation.batch_rows))
+        got.update(unedited_answers(editor.adapter, missing, cfg.gen_tokens, cfg.generation.batch_rows,
+                                    chat=cfg.gen_chat))
         store.save_unedited(got)
     return got
 
@@ -371,7 +382,7 @@ class _Run:
         gen = self.cfg.generation if ge else replace(self.cfg.generation, length=0)
         scores = [{} for _ in group] if error and "error" in error else score_cases(
             self.editor.adapter, group, gen, self.cfg.score_batch, unedited=self.unedited,
-            gen_tokens=self.cfg.gen_tokens)
+            gen_tokens=self.cfg.gen_tokens, gen_chat=self.cfg.gen_chat)
         t_score = (time.perf_counter() - t0) / len(group)
         return self._rows(group, scores, error, base, result.deltas if result is not None else None, t_edit,
                           t_score, result.guard if result is not None else None,
@@ -434,7 +445,7 @@ class _Run:
         models = RowDeltas(ed.adapter, [edits[g][0].deltas if edits[g][0] is not None else [] for g in gs])
         with models:
             scores = score_cases(ed.adapter, [c for _, c in scored], cfg.generation, cfg.score_batch, models,
-                                 [owner[g] for g, _ in scored], self.unedited, cfg.gen_tokens)
+                                 [owner[g] for g, _ in scored], self.unedited, cfg.gen_tokens, gen_chat=cfg.gen_chat)
         t_score = (time.perf_counter() - t0) / max(1, len(scored))
         by_case = {(g, c.case_id): s for (g, c), s in zip(scored, scores)}
         for g in gs:
@@ -529,7 +540,8 @@ class _Run:
                 ability = dict(memo["got"])
             earlier = [c for g in sorted(self.done) for c in self.groups[g]]
             retention = (summarize_records(score_cases(self.editor.adapter, earlier, batch_size=self.cfg.score_batch,
-                                                       unedited=self.unedited, gen_tokens=self.cfg.gen_tokens))
+                                                       unedited=self.unedited, gen_tokens=self.cfg.gen_tokens,
+                                                       gen_chat=self.cfg.gen_chat))
                          if earlier else None)
             rec = {"n_edits": n, "tasks": acc, "retention": retention, "ability": ability,
                    "seconds": time.perf_counter() - t0}

@@ -111,11 +111,26 @@ def _targets(case: Case) -> Tuple[List[str], List[str]]:
     return [r.target_new], true
 
 
+def _asked(adapter, prompts: List[str], chat: bool):
+    """``(prompts, tokenizer)`` as the answers read them: as they are (the adapter's tokenizer, prompt prefix
+    first), or with ``chat`` each prompt sent as the user's message through the chat template (read without
+    the prefix: the template's markup starts the text)."""
+    if not chat:
+        return prompts, None
+    from ..core.chat import chat_prompt
+    from ..core.tokens import source_tokenizer
+
+    tok = source_tokenizer(adapter.tokenizer)
+    return [chat_prompt(tok, p) for p in prompts], tok
+
+
 def answer_scores(adapter, cases: Sequence[Case], unedited: Dict[int, List[str]], max_new_tokens: int = GEN_TOKENS,
-                  batch_rows: int = 64, models=None, owners: Optional[Sequence[int]] = None) -> List[Dict]:
+                  batch_rows: int = 64, models=None, owners: Optional[Sequence[int]] = None,
+                  chat: bool = False) -> List[Dict]:
     """Generation-based scores of each case (:func:`~factedit.evaluation.scoring.generation_case`) from
     greedy answers on the current (or, with ``models``, case ``i``'s edited) weights; ``unedited`` maps a
-    case id to the unedited model's neighbourhood answers (:func:`greedy_answers` before any edit)."""
+    case id to the unedited model's neighbourhood answers (:func:`greedy_answers` before any edit).
+    ``chat``: every prompt is asked as a user message through the tokenizer's chat template."""
     prompts, row_owner, spans = [], [], []
     for i, c in enumerate(cases):
         ps = answer_prompts(c)
@@ -125,8 +140,9 @@ def answer_scores(adapter, cases: Sequence[Case], unedited: Dict[int, List[str]]
             prompts += ps[name]
             row_owner += [owners[i] if models is not None else -1] * len(ps[name])
         spans.append(span)
-    texts = greedy_answers(adapter, prompts, max_new_tokens, batch_rows, models,
-                           row_owner if models is not None else None)
+    asked, tok = _asked(adapter, prompts, chat)
+    texts = greedy_answers(adapter, asked, max_new_tokens, batch_rows, models,
+                           row_owner if models is not None else None, tokenizer=tok)
     out = []
     for c, span in zip(cases, spans):
         got = {name: texts[a:b] for name, (a, b) in span.items()}
@@ -137,15 +153,17 @@ def answer_scores(adapter, cases: Sequence[Case], unedited: Dict[int, List[str]]
     return out
 
 
-def unedited_answers(adapter, cases: Sequence[Case], max_new_tokens: int = GEN_TOKENS, batch_rows: int = 64
-                     ) -> Dict[int, List[str]]:
-    """Each case's neighbourhood answers on the current weights (call it before editing)."""
+def unedited_answers(adapter, cases: Sequence[Case], max_new_tokens: int = GEN_TOKENS, batch_rows: int = 64,
+                     chat: bool = False) -> Dict[int, List[str]]:
+    """Each case's neighbourhood answers on the current weights (call it before editing; ``chat`` as in
+    :func:`answer_scores`)."""
     prompts, spans = [], []
     for c in cases:
         ps = answer_prompts(c)["neighborhood"]
         spans.append((c.case_id, len(prompts), len(prompts) + len(ps)))
         prompts += ps
-    texts = greedy_answers(adapter, prompts, max_new_tokens, batch_rows)
+    asked, tok = _asked(adapter, prompts, chat)
+    texts = greedy_answers(adapter, asked, max_new_tokens, batch_rows, tokenizer=tok)
     return {cid: texts[a:b] for cid, a, b in spans}
 
 
@@ -205,7 +223,8 @@ def _generation_prompts(case: Case, cfg: GenerationConfig) -> List[str]:
 
 def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = GenerationConfig(length=0),
                 batch_size: int = 64, models=None, owners: Optional[Sequence[int]] = None,
-                unedited: Optional[Dict[int, List[str]]] = None, gen_tokens: int = GEN_TOKENS) -> List[Dict]:
+                unedited: Optional[Dict[int, List[str]]] = None, gen_tokens: int = GEN_TOKENS,
+                gen_chat: bool = False) -> List[Dict]:
     """Metrics of each case on the current weights.
 
     CounterFact: ES/PS/NS, EM/PM/NM per case and the raw ``(log P(o*), log P(o_c))`` pairs per prompt
@@ -215,7 +234,7 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
     the generation prompts of several cases per batch (``ge.batch_rows``). With ``models`` (a
     :class:`~factedit.row_deltas.RowDeltas`), case ``i`` is scored on edited model ``owners[i]``.
     With ``unedited`` (case id -> the unedited model's neighbourhood answers) and ``gen_tokens`` > 0,
-    the generation-based scores too (:func:`answer_scores`).
+    the generation-based scores too (:func:`answer_scores`; ``gen_chat``: asked through the chat template).
     """
     rows = _Rows(adapter.tokenizer)
     plans, row_owner = [], []
@@ -249,7 +268,8 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
         for rec, g in zip(out, generation_scores(adapter, cases, ge, models, owners)):
             rec.update(g)
     if unedited is not None and gen_tokens > 0:
-        for rec, g in zip(out, answer_scores(adapter, cases, unedited, gen_tokens, ge.batch_rows, models, owners)):
+        for rec, g in zip(out, answer_scores(adapter, cases, unedited, gen_tokens, ge.batch_rows, models, owners,
+                                             chat=gen_chat)):
             rec.update(g)
     return out
 

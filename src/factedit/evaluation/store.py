@@ -60,9 +60,10 @@ class RunStore:
         self.patch_dir = self.dir / "patches"
 
     # ------------------------------------------------------------------ config
-    def check_or_write_config(self, config: dict, compare: dict) -> bool:
+    def check_or_write_config(self, config: dict, compare: dict, defaults: Optional[dict] = None) -> bool:
         """Write ``config.json`` for a new run; for an existing one, refuse unless the ``compare`` part
-        matches. Returns True when resuming."""
+        matches. ``defaults``: an option the saved run does not record (written before the option existed)
+        matches when it is at this default. Returns True when resuming."""
         path = self.dir / "config.json"
         if path.is_file():
             try:
@@ -70,7 +71,9 @@ class RunStore:
             except ValueError:
                 raise RunError(f"{path} is damaged; move the run directory away") from None
             old = saved.get("compare", {})
-            diff = sorted(k for k in set(old) | set(compare) if old.get(k) != compare.get(k))
+            defaults = defaults or {}
+            diff = sorted(k for k in set(old) | set(compare) if old.get(k) != compare.get(k)
+                          and not (k not in old and k in defaults and compare.get(k) == defaults[k]))
             if diff:
                 k = diff[0]
                 raise RunError(f"{self.dir} holds a run with a different configuration ({k}: saved "
