@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 from .core.chat import chat_prompt, chat_request, has_chat_template
-from .core.lm import greedy_continuation, target_logprobs, target_probabilities
+from .core.lm import greedy_continuation, target_probabilities
 from .core.models import model_name
 from .core.requests import Request
 
@@ -119,21 +119,22 @@ def _probabilities(adapter, reqs: Sequence[Request]) -> List[dict]:
     return out
 
 
-def efficacy(adapter, reqs: Sequence[Request]) -> Optional[float]:
-    """The share of the requests with a true target whose P(new) > P(true) (``None`` if none has one)."""
-    known = [r for r in reqs if r.target_true]
+def efficacy(adapter, reqs: Sequence[Request], probabilities: Optional[List[dict]] = None) -> Optional[float]:
+    """The share of the requests with a true target whose P(new) > P(true) (``None`` if none has one);
+    from :func:`_probabilities` of the same requests when given (exp is monotonic: the same comparison)."""
+    probs = probabilities if probabilities is not None else _probabilities(adapter, reqs)
+    known = [p for p in probs if p["p_true"] is not None]
     if not known:
         return None
-    new = target_logprobs(adapter, [r.text for r in known], [r.target_new for r in known])
-    true = target_logprobs(adapter, [r.text for r in known], [r.target_true for r in known])
-    return sum(a > b for a, b in zip(new, true)) / len(known)
+    return sum(p["p_new"] > p["p_true"] for p in known) / len(known)
 
 
 def batch_report(editor, reqs: Sequence[Request], config, guard=None) -> tuple:
     """Edit ``reqs`` as one call of ``config``'s method and return ``(result, report)``: efficacy before
     and after, and per request P(new)/P(true) before and after with its verification."""
     reqs = list(reqs)
-    eff_before, p_before = efficacy(editor.adapter, reqs), _probabilities(editor.adapter, reqs)
+    p_before = _probabilities(editor.adapter, reqs)  # one read of the targets serves both
+    eff_before = efficacy(editor.adapter, reqs, p_before)
     result = editor.edit(reqs, config=config, guard=guard)
     eff_after = efficacy(editor.adapter, reqs)
     outcomes = [{"prompt": r.text, "target_new": r.target_new, "target_true": r.target_true,
