@@ -18,7 +18,6 @@ from factedit.patch.files import Patch, apply_patch
 from factedit.trace.causal import TraceConfig, trace_prompt
 from tiny import tiny_model
 
-import accelerate  # noqa: F401  (a test dependency: device maps and offload are what is tested here)
 
 REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
 REQS = [REQ, Request("{} is in", "Space Needle", "Tokyo"), Request("The capital of {} is", "Japan", "Paris")]
