@@ -201,3 +201,33 @@ def test_ft_records_the_loss_of_the_weights_it_ends_with(home, tiny_corpus):
     assert r.info[0]["loss_after"] == pytest.approx(want, rel=1e-4)
     assert r.info[0]["loss_after"] < r.info[0]["loss_before"]
     ed.revert()
+
+
+def test_an_editor_adopts_another_editors_alphaedit_edit_with_its_state(home, tiny_corpus):
+    """An edit made through a second Editor over the same model (the web page's chat editor reads prompts
+    without the prefix) joins the first one's history with AlphaEdit's key memory; reverting it there
+    restores the weights bit for bit and both states."""
+    from factedit.core.tokens import source_tokenizer
+
+    model, tok = tiny_model("llama")
+    main_ed = Editor(model, tok, progress=False)
+    chat_ed = Editor(model, source_tokenizer(main_ed.tokenizer), progress=False, prompt_prefix="none")
+    kw = _opts(tiny_corpus, nullspace_threshold=1e9)
+    w0 = {l: main_ed.adapter.w_out_stored(l).clone() for l in SPAN}
+    main_ed.edit(REQS[:1], "alphaedit", guard=NO_GUARD, **kw)
+    before = {l: v.clone() for l, v in main_ed.state["alphaedit"].items()}
+    r = chat_ed.edit(REQS[1:2], "alphaedit", guard=NO_GUARD, **kw)
+    main_ed.adopt(chat_ed)
+    assert chat_ed.history == [] and "alphaedit" not in chat_ed.state
+    assert main_ed.history[-1] is r
+    for l in SPAN:  # the adopted batch's keys are in the main editor's memory now
+        assert torch.allclose(main_ed.state["alphaedit"][l], before[l] + r.state_keys[l] @ r.state_keys[l].T)
+    main_ed.revert()
+    for l in SPAN:
+        assert torch.equal(main_ed.state["alphaedit"][l], before[l])
+    main_ed.revert()
+    assert "alphaedit" not in main_ed.state
+    for l in SPAN:
+        assert torch.equal(main_ed.adapter.w_out_stored(l), w0[l])
+    with pytest.raises(MethodError, match="no edit to adopt"):
+        main_ed.adopt(chat_ed)

@@ -291,3 +291,29 @@ def test_two_tabs_editing_at_once_are_serialised(page, tiny_ui):
     finally:
         other.close()
         revert_all(page)
+
+
+def test_session_chat_edit_joins_the_history_and_reverts(home, tiny_corpus, tmp_path):
+    """A chat-turn edit goes through the session's second editor (no prompt prefix) and is adopted by the
+    session's history: listed, reverted bit for bit; the chat editor keeps nothing (no browser needed)."""
+    import copy
+
+    import torch
+
+    from factedit import Editor
+    from factedit.ui.session import Session
+    from tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    tok = copy.deepcopy(tok)  # the tiny tokenizer is shared between tests: only this one gets a template
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    ed = Editor(model, tok, progress=False)
+    s = Session(ed, stats_corpus=str(tiny_corpus), stats_tokens=600, workdir=tmp_path / "ui")
+    w0 = ed.adapter.w_out_stored(1).clone()
+    s.edit("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", layer="1", chat=True,
+           keep_unverified=True, guard=False, side_effects=False)
+    assert [h["edit"] for h in s.history()] == [1] and s._chat.history == []
+    assert not torch.equal(ed.adapter.w_out_stored(1), w0)
+    assert s.revert(1) == 0
+    assert torch.equal(ed.adapter.w_out_stored(1), w0)

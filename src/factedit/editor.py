@@ -242,6 +242,23 @@ class Editor:
         self._history.undo(result)
         self.guard.reverted(result)  # the weights are bit-identical to those before the edit
 
+    def adopt(self, other: "Editor") -> EditResult:
+        """Take over the newest edit of ``other``, an Editor over the same model (e.g. one that reads prompts
+        without the prompt prefix, for chat turns): it stays applied and joins this history with its method
+        state (AlphaEdit's keys), so :meth:`revert` undoes it here; ``other`` forgets it. Both guards probe
+        again next time (the weights changed behind each one's back)."""
+        if other.model is not self.model:
+            raise MethodError("adopt takes edits of an Editor over the same model object")
+        if not other.history:
+            raise MethodError("the other editor holds no edit to adopt")
+        result = other.history.pop()  # the list: the weights stay as they are
+        other._history.release(result)
+        self._history.add_state(result)
+        self.history.append(result)
+        self.guard.forget()
+        other.guard.forget()
+        return result
+
     # ------------------------------------------------------------------ history as patches
     def save_history(self, directory) -> List[str]:
         """Write the applied edits as a stack of patch files plus ``stack.json`` (their order)."""

@@ -44,6 +44,11 @@ class History:
         """Revert the weights of ``result`` (not in :attr:`results`, or about to leave it) and restore
         the method state as if it had never been applied."""
         result.revert()
+        self.release(result)
+
+    def release(self, result: EditResult) -> None:
+        """The method state as if ``result`` (not in :attr:`results`, or about to leave it) had never been
+        applied, its weights left as they are (another history takes it over)."""
         if not result.stateful:
             return
         state = self._base.get(result.method)

@@ -144,14 +144,16 @@ class Session:
             raise RequestError("this model's tokenizer has no chat template; edit without 'as a chat turn'")
         with self.exclusive(progress):
             editor = self._chat_editor() if chat else self.editor
+            if chat:  # the session's edits changed the weights behind the chat editor's guard
+                editor.guard.forget()
             req, names, prompts = edit_prompts(editor, shown, chat=chat, paraphrases=paraphrases)
             progress(None, "optimising the new value and applying the edit")
             with reporting(_steps(progress)):
                 result, report = edit_report(editor, req, cfg, shown=shown, prompts=prompts, chat=chat,
                                              guard=GuardConfig(enabled=guard), max_new_tokens=max_new_tokens,
                                              side_effects=side_effects, bank=self.bank)
-            if chat:  # the chat editor shares the model; its history is the session's
-                self.editor.history.append(editor.history.pop())
+            if chat:  # the chat editor shares the model; its edit (and method state) joins the session's history
+                self.editor.adopt(editor)
             report["prompts"] = names
             report["kept"] = bool(result.verified) or keep_unverified
             if not report["kept"]:
