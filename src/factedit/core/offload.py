@@ -109,11 +109,15 @@ def _write_dat(folder: Path, key: str, value: torch.Tensor) -> dict:
     v = value.detach().to("cpu").contiguous()
     raw = v.view(torch.int16) if v.dtype == torch.bfloat16 else v
     arr = raw.numpy()
-    with atomic_path(folder / f"{key}.dat") as tmp:
-        mm = np.memmap(tmp, dtype=arr.dtype, mode="w+", shape=arr.shape if arr.shape else (1,))
-        mm[...] = arr if arr.shape else arr.reshape(1)
-        mm.flush()
-        del mm
+    try:
+        with atomic_path(folder / f"{key}.dat") as tmp:
+            mm = np.memmap(tmp, dtype=arr.dtype, mode="w+", shape=arr.shape if arr.shape else (1,))
+            mm[...] = arr if arr.shape else arr.reshape(1)
+            mm.flush()
+            del mm
+    except OSError as e:
+        raise FactEditError(f"the offload folder {folder} is not writable ({e.strerror or e}); the edited weight "
+                            f"{key} cannot be stored there (nothing was changed)") from None
     return {"dtype": _store_dtype(value.dtype), "shape": list(value.shape)}
 
 

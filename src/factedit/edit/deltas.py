@@ -90,6 +90,8 @@ class AppliedEdit:
         if self.reverted:
             return
         for layer, orig in self.originals.items():
+            if torch.equal(self.adapter.w_out_stored(layer), orig):
+                continue  # never written (a write that failed), or already back: nothing to restore
             self.adapter.set_w_out(layer, orig)
         self.reverted = True
 
