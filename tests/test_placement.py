@@ -3,6 +3,7 @@ give the same edits, traces and patches as the model in memory, and the weights 
 change (on disk too) and are restored bit for bit."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -178,7 +179,7 @@ def test_unwritable_offload_folder_leaves_weights(tmp_path, home, tiny_corpus):
 
     folder.chmod(0o500)
     immutable = False
-    if offload.os.access(folder, offload.os.W_OK):  # root writes anywhere: make the folder immutable instead
+    if os.access(folder, os.W_OK):  # root writes anywhere: make the folder immutable instead
         if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode != 0:
             folder.chmod(0o700)
             pytest.skip("running as root on a file system without chattr +i")

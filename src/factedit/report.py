@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 from .core.chat import chat_prompt, chat_request, has_chat_template
-from .core.lm import greedy_continuation, target_probabilities
+from .core.lm import greedy_continuation, probability, target_logprobs, target_probabilities
 from .core.models import model_name
 from .core.requests import Request
 
@@ -109,24 +109,26 @@ def edit_report(editor, req: Request, config, *, shown: Optional[Request] = None
 
 
 def _probabilities(adapter, reqs: Sequence[Request]) -> List[dict]:
-    new = target_probabilities(adapter, [r.text for r in reqs], [r.target_new for r in reqs])
+    """Per request P(new) and P(true) (``target_probabilities``: exp of the mean per-token log-likelihood),
+    with the log-likelihoods themselves under ``lp_new`` / ``lp_true`` (what :func:`efficacy` compares)."""
+    new = target_logprobs(adapter, [r.text for r in reqs], [r.target_new for r in reqs])
     known = [i for i, r in enumerate(reqs) if r.target_true]
-    true = target_probabilities(adapter, [reqs[i].text for i in known], [reqs[i].target_true for i in known]) \
+    true = target_logprobs(adapter, [reqs[i].text for i in known], [reqs[i].target_true for i in known]) \
         if known else []
-    out = [{"p_new": p, "p_true": None} for p in new]
-    for i, p in zip(known, true):
-        out[i]["p_true"] = p
+    out = [{"p_new": probability(lp), "p_true": None, "lp_new": lp, "lp_true": None} for lp in new]
+    for i, lp in zip(known, true):
+        out[i].update(p_true=probability(lp), lp_true=lp)
     return out
 
 
 def efficacy(adapter, reqs: Sequence[Request], probabilities: Optional[List[dict]] = None) -> Optional[float]:
     """The share of the requests with a true target whose P(new) > P(true) (``None`` if none has one);
-    from :func:`_probabilities` of the same requests when given (exp is monotonic: the same comparison)."""
+    from :func:`_probabilities` of the same requests when given (their log-likelihoods are compared)."""
     probs = probabilities if probabilities is not None else _probabilities(adapter, reqs)
-    known = [p for p in probs if p["p_true"] is not None]
+    known = [p for p in probs if p["lp_true"] is not None]
     if not known:
         return None
-    return sum(p["p_new"] > p["p_true"] for p in known) / len(known)
+    return sum(p["lp_new"] > p["lp_true"] for p in known) / len(known)
 
 
 def batch_report(editor, reqs: Sequence[Request], config, guard=None) -> tuple:

@@ -94,17 +94,14 @@ def stats_options(args) -> dict:
 
 def load(args):
     """``(model, tokenizer)`` of the parsed model options."""
+    from ..core.errors import ModelLoadError
     from ..core.models import load_model, parse_device_map, parse_max_memory
 
     device_map = parse_device_map(getattr(args, "device_map", None))
     max_memory = parse_max_memory(getattr(args, "max_memory", None))
     if max_memory and device_map is None:
-        from ..core.errors import ModelLoadError
-
         raise ModelLoadError("--max-memory needs --device-map (e.g. --device-map auto)")
     if device_map is not None and args.device is not None:
-        from ..core.errors import ModelLoadError
-
         raise ModelLoadError("give --device or --device-map, not both")
     device = args.device
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: each rank its own GPU

@@ -183,7 +183,7 @@ def cmd_edit(args) -> int:
           f"(values {result.timings.get('values', 0):.1f} s, statistics {result.timings.get('stats', 0):.1f} s)")
     worst = max(result.rounding.values(), default=0.0)
     if worst > 1e-4:  # float32 weights round at ~1e-7; only half precision shows here
-        print(f"  written in {editor.adapter.w_out_stored(result.layers[0]).dtype}: {100 * worst:.2f}% of the update's "
+        print(f"  written in {editor.adapter.w_out_parameter(result.layers[0]).dtype}: {100 * worst:.2f}% of the update's "
               "effect on its key lost to rounding")
     print("  the edit took: " + ("yes" if result.verified else "NO") + (" (after a retry)" if result.retried else ""))
     _refuse_unverified(args, result)

@@ -22,9 +22,8 @@ def add_parser(sub) -> None:
 def cmd_stats(args) -> int:
     from ..core.arch import ModelAdapter
     from ..edit.methods.rome import default_layer, default_stats_tokens
-    from ..stats.layer import accumulator_bytes, check_stats_options, layer_stats
-
     from ..core.distributed import World
+    from ..stats.layer import accumulator_bytes, layer_stats
 
     model, tok = load(args)
     adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec), args.prompt_prefix)
@@ -33,8 +32,8 @@ def cmd_stats(args) -> int:
     for l in layers:
         adapter.check_layer(l)
     n_tokens = args.stats_tokens or default_stats_tokens(adapter.d_ff)
-    seq_len, dtype = args.stats_seq_len or 256, args.stats_dtype or "float64"
-    check_stats_options(seq_len, dtype)
+    seq_len = 256 if args.stats_seq_len is None else args.stats_seq_len  # layer_stats checks both
+    dtype = args.stats_dtype or "float64"
     report = []
     for l in layers:
         t = time.perf_counter()

@@ -15,7 +15,7 @@ import torch
 
 from .batching import pad_id, pad_rows
 from .kv import cache_of, past
-from .lm import rows_on
+from .lm import eos_ids, rows_on
 
 __all__ = ["GEN_TOKENS", "normalize_answer", "first_sentence", "mentions", "greedy_answers"]
 
@@ -64,8 +64,7 @@ def greedy_answers(adapter, prompts: Sequence[str], max_new_tokens: int = GEN_TO
     ``owners[i]``. ``tokenizer``: instead of the adapter's (e.g. one without the prompt prefix, for prompts
     rendered through a chat template)."""
     tok, body, dev = tokenizer or adapter.tokenizer, adapter.body, adapter.input_device
-    eos = {t for t in (tok.eos_token_id, getattr(adapter.model.generation_config, "eos_token_id", None))
-           if isinstance(t, int)}
+    eos = eos_ids(adapter, tok)
     out: List[str] = []
     for a in range(0, len(prompts), max(1, batch_rows)):
         part = list(prompts[a: a + batch_rows])

@@ -20,7 +20,8 @@ from .batching import pad_id, pad_rows
 from .kv import cache_of, past
 from .tokens import encode_with_target
 
-__all__ = ["sample_continuations", "greedy_continuation", "greedy_tokens", "target_probabilities", "target_logprobs",
+__all__ = ["sample_continuations", "greedy_continuation", "greedy_tokens", "eos_ids", "target_probabilities",
+           "probability", "target_logprobs",
            "target_token_scores", "position_scores", "rows_on"]
 
 
@@ -91,6 +92,12 @@ def greedy_continuation(adapter, prompt: str, max_new_tokens: int = 12, tokenize
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def eos_ids(adapter, tok) -> set:
+    """The token ids that end a generation: the tokenizer's EOS and the model's generation config's."""
+    return {t for t in (tok.eos_token_id, getattr(adapter.model.generation_config, "eos_token_id", None))
+            if isinstance(t, int)}
+
+
 @torch.no_grad()
 def greedy_tokens(adapter, prompts: Sequence[str], max_new_tokens: int,
                   draft: Optional[Sequence[Sequence[int]]] = None) -> List[List[int]]:
@@ -104,13 +111,12 @@ def greedy_tokens(adapter, prompts: Sequence[str], max_new_tokens: int,
     finished then decode step by step. The result is the same tokens (greedy decoding verified, as in
     speculative decoding), at the cost of one forward when the draft holds."""
     tok = adapter.tokenizer
-    eos = {t for t in (tok.eos_token_id, getattr(adapter.model.generation_config, "eos_token_id", None))
-           if isinstance(t, int)}
+    eos = eos_ids(adapter, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else pad_id(tok)
     starts = [list(tok(p)["input_ids"]) for p in prompts]
     new: List[List[int]] = [[] for _ in prompts]
     if draft is not None:
-        new = _verified_prefix(adapter, starts, [list(d) for d in draft], max_new_tokens, eos, pad)
+        new = _verified_prefix(adapter, starts, [list(d) for d in draft], max_new_tokens, eos)
 
     def finished(row):
         return len(row) >= max_new_tokens or any(t in eos for t in row)
@@ -125,7 +131,7 @@ def greedy_tokens(adapter, prompts: Sequence[str], max_new_tokens: int,
     return [row + [pad] * (length - len(row)) for row in new]
 
 
-def _verified_prefix(adapter, starts, draft, max_new_tokens: int, eos: set, pad: int) -> List[List[int]]:
+def _verified_prefix(adapter, starts, draft, max_new_tokens: int, eos: set) -> List[List[int]]:
     """Per row, the greedy tokens that one teacher-forced forward over ``start + draft`` confirms."""
     drafts = []
     for d in draft:
@@ -136,9 +142,8 @@ def _verified_prefix(adapter, starts, draft, max_new_tokens: int, eos: set, pad:
     h = adapter.body(**batch.inputs()).last_hidden_state
     rows, cols = [], []
     for r, (s, d) in enumerate(zip(starts, drafts)):
-        for j in range(len(d) + 1):  # predictions of draft token j (and of the token after the draft)
-            if len(s) + j - 1 < len(s) + len(d) and j < max_new_tokens:
-                rows.append(r), cols.append(len(s) + j - 1)
+        for j in range(min(len(d) + 1, max_new_tokens)):  # predictions of draft token j (and of the one after)
+            rows.append(r), cols.append(len(s) + j - 1)
     pred = adapter.logits(h[torch.tensor(rows, device=h.device), torch.tensor(cols, device=h.device)]).argmax(-1).tolist()
     out, k = [], 0
     for s, d in zip(starts, drafts):
@@ -231,4 +236,9 @@ def target_logprobs(adapter, prompts: Sequence[str], targets: Sequence[str], bat
 
 def target_probabilities(adapter, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> List[float]:
     """``exp`` of :func:`target_logprobs`: the per-token geometric-mean probability."""
-    return [float(torch.tensor(lp).exp()) for lp in target_logprobs(adapter, prompts, targets, batch_size)]
+    return [probability(lp) for lp in target_logprobs(adapter, prompts, targets, batch_size)]
+
+
+def probability(logprob: float) -> float:
+    """``exp`` of a mean log-likelihood, as :func:`target_probabilities` reports it."""
+    return float(torch.tensor(logprob).exp())

@@ -18,10 +18,9 @@ as ``<key>.dat`` in the offload folder, and the hook's index points there from t
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
 import torch
 from torch import nn
@@ -103,9 +102,6 @@ def _write_dat(folder: Path, key: str, value: torch.Tensor) -> dict:
     """``value`` as accelerate's ``<key>.dat`` memory-map file in ``folder`` (atomic); its index entry."""
     import numpy as np
 
-    if not os.access(folder, os.W_OK):
-        raise FactEditError(f"the offload folder {folder} is not writable; the edited weight {key} cannot be "
-                            "stored there (nothing was changed)")
     v = value.detach().to("cpu").contiguous()
     raw = v.view(torch.int16) if v.dtype == torch.bfloat16 else v
     arr = raw.numpy()
@@ -151,7 +147,7 @@ def write(module: nn.Module, name: str, value: torch.Tensor) -> None:
             on_disk[key] = index[key]
             atomic_write_text(index_file, json.dumps(on_disk, indent=2))
         return
-    if isinstance(store, MutableMapping) or isinstance(store, dict):
+    if isinstance(store, MutableMapping):
         held = store[key]
         with torch.no_grad():
             held.copy_(value.to(held.device))
@@ -170,13 +166,3 @@ def named_weights(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str, torch
             seen.add(id(p))
             yield (f"{prefix}.{name}" if prefix else name), module, name, p
 
-
-def offload_folder_of(model: nn.Module) -> Optional[Path]:
-    """The folder accelerate keeps ``model``'s disk-offloaded weights in (None if none)."""
-    for module in model.modules():
-        hook = align_hook(module)
-        ds = getattr(getattr(hook, "weights_map", None), "dataset", None) if hook is not None else None
-        folder = getattr(ds, "save_folder", None)
-        if folder is not None:
-            return Path(folder)
-    return None

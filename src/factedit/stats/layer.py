@@ -310,18 +310,22 @@ def layer_stats(
 
     t0 = time.monotonic()
     _accumulate(adapter, layer, chunks(), acc, n_tokens, batch_size, checkpoint, checkpoint_every, progress)
-    if acc.count == 0:
-        raise StatsError(f"corpus {src.name} produced no tokens")
-    dt = time.monotonic() - t0
-    meta["seconds"] = round(dt, 2)
-    result = LayerStats(acc.mom2(), acc.count, {**meta, **source, "count": acc.count, "n_tokens": acc.count}).validate(
-        adapter.d_ff, "computed statistics")
+    result = _finished(adapter, acc, src, meta, source, t0)
     if cache:
         _save(path, acc, meta)
         if partial.exists():
             partial.unlink()
-    log.info("layer %d statistics: %d tokens in %.1fs", layer, acc.count, dt)
+    log.info("layer %d statistics: %d tokens in %.1fs", layer, acc.count, meta["seconds"])
     return result
+
+
+def _finished(adapter, acc: SecondMoment, src, meta: dict, source: dict, t0: float) -> LayerStats:
+    """The statistics ``acc`` accumulated since ``t0`` (``meta`` gets the seconds); no tokens is an error."""
+    if acc.count == 0:
+        raise StatsError(f"corpus {src.name} produced no tokens")
+    meta["seconds"] = round(time.monotonic() - t0, 2)
+    return LayerStats(acc.mom2(), acc.count, {**meta, **source, "count": acc.count, "n_tokens": acc.count}).validate(
+        adapter.d_ff, "computed statistics")
 
 
 def _distributed_stats(adapter, layer, src, n_tokens, seq_len, batch_size, meta, source, path, cache, progress,
@@ -337,11 +341,7 @@ def _distributed_stats(adapter, layer, src, n_tokens, seq_len, batch_size, meta,
     count = torch.tensor([acc.count], dtype=torch.float64, device=total.device)
     world.all_reduce_sum(count)
     merged = SecondMoment(adapter.d_ff, total.to(device="cpu", dtype=torch.float64), int(count.item()), dtype)
-    if merged.count == 0:
-        raise StatsError(f"corpus {src.name} produced no tokens")
-    meta["seconds"] = round(time.monotonic() - t0, 2)
-    result = LayerStats(merged.mom2(), merged.count, {**meta, **source, "count": merged.count,
-                                                      "n_tokens": merged.count}).validate(adapter.d_ff, "computed statistics")
+    result = _finished(adapter, merged, src, meta, source, t0)
     if cache and world.main:
         _save(path, merged, meta)
     world.barrier()  # the file exists for every rank once this returns
