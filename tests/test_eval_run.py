@@ -132,6 +132,41 @@ def test_sequential_accumulates_and_resumes(home, tiny_corpus, tmp_path, monkeyp
         [{k: v for k, v in d.items() if k != "seconds"} for d in down]
 
 
+def test_retention_sample_is_evenly_spaced_with_both_ends():
+    from factedit.evaluation.runner import retention_cases
+
+    cases = list(range(1000))
+    got = retention_cases(cases, 50)
+    assert len(got) == 50 and got[0] == 0 and got[-1] == 999 and got == sorted(set(got))
+    gaps = {b - a for a, b in zip(got, got[1:])}
+    assert gaps <= {20, 21}  # 999 / 49 = 20.4: as even as whole positions allow
+    assert retention_cases(cases[:7], 3) == [0, 3, 6]
+    assert retention_cases(cases[:5], 0) == cases[:5] and retention_cases(cases[:5], 5) == cases[:5]
+    assert retention_cases(cases[:5], 9) == cases[:5]
+
+
+def test_sequential_checkpoint_re_scores_the_sample_on_the_weights_of_that_moment(home, tiny_corpus, tmp_path):
+    """With retention_sample 2 the checkpoint after 4 edits re-scores the first and the fourth edit,
+    on the final weights: the same scores as scoring those two cases directly then."""
+    from factedit.evaluation.datasets import load_cases
+    from factedit.evaluation.scoring import score_cases, summarize_records
+
+    cfg = _cfg(tiny_corpus, sequential=True, downstream_every=4, retention_sample=2,
+               downstream_dir=str(_downstream_dir(tmp_path)), downstream=DownstreamConfig(tasks=("sst2",), n=2, shots=1))
+    ed = _editor()
+    run_eval(ed, cfg, tmp_path / "run")
+    down = [json.loads(l) for l in (tmp_path / "run" / "downstream.jsonl").read_text().splitlines()]
+    assert [d["n_edits"] for d in down] == [0, 4]
+    cases = load_cases(str(COUNTERFACT), limit=4)
+    assert down[1]["retention_cases"] == [cases[0].case_id, cases[3].case_id]
+    unedited = {int(k): v for k, v in json.loads((tmp_path / "run" / "unedited.json").read_text()).items()}
+    direct = summarize_records(score_cases(ed.adapter, [cases[0], cases[3]], batch_size=cfg.score_batch,
+                                           unedited=unedited, gen_tokens=cfg.gen_tokens))
+    assert down[1]["retention"]["n"] == 2
+    for k in ("ES", "PS", "NS", "gen_ES", "gen_PS", "gen_NS", "gen_leak"):
+        assert down[1]["retention"][k] == direct[k], k
+
+
 def test_runs_in_one_process_share_downstream_accuracy_of_identical_weights(home, tiny_corpus, tmp_path,
                                                                            monkeypatch):
     """Two sequential runs on one Editor: the tasks at 0 edits (same weights) are evaluated once and
@@ -171,6 +206,29 @@ def test_alphaedit_sequential_resume_restores_key_memory(home, tiny_corpus, tmp_
         assert torch.equal(ed2.state["alphaedit"][l], ed.state["alphaedit"][l])
 
 
+def test_a_run_whose_patch_stack_was_lost_starts_again(home, tiny_corpus, tmp_path):
+    """Records and checkpoints kept without the patch stack (as the batch methods' long runs are kept in
+    the repository): the run cannot re-apply its edits, so it drops them and its checkpoints and starts
+    again, ending exactly as an uninterrupted run."""
+    import shutil
+
+    tasks = _downstream_dir(tmp_path)
+    cfg = _cfg(tiny_corpus, "memit", sequential=True, batch_size=2, downstream_dir=str(tasks), downstream_every=2,
+               downstream=DownstreamConfig(tasks=("sst2",), n=2, shots=1), generation=GenerationConfig(length=0))
+    ed = _editor()
+    run_eval(ed, cfg, tmp_path / "full")
+    shutil.copytree(tmp_path / "full", tmp_path / "lost")
+    shutil.rmtree(tmp_path / "lost" / "patches")
+    ed2 = _editor()
+    run_eval(ed2, cfg, tmp_path / "lost")
+    assert _records(tmp_path / "lost") == _records(tmp_path / "full")
+    strip = lambda d: [{k: v for k, v in json.loads(l).items() if k != "seconds"}
+                       for l in (d / "downstream.jsonl").read_text().splitlines()]
+    assert strip(tmp_path / "lost") == strip(tmp_path / "full")  # each checkpoint once, measured again
+    for l in (1, 2):
+        assert torch.equal(ed2.adapter.w_out_weight(l), ed.adapter.w_out_weight(l))
+
+
 def test_batch_method_edits_groups(home, tiny_corpus, tmp_path):
     run_eval(_editor(), _cfg(tiny_corpus, "memit", batch_size=3, generation=GenerationConfig(length=0)), tmp_path / "m")
     recs = _records(tmp_path / "m")
@@ -186,7 +244,10 @@ def test_inconsistent_settings_are_refused():
                     (dict(sequential=True, downstream_every=5), "needs something to measure: --downstream DIR"),
                     (dict(method="nope"), "unknown method"),
                     (dict(chunk=0), "--chunk and --prefetch-batch must be >= 1"),
-                    (dict(prefetch_batch=0), "--chunk and --prefetch-batch must be >= 1")):
+                    (dict(prefetch_batch=0), "--chunk and --prefetch-batch must be >= 1"),
+                    (dict(retention_sample=-1), "--retention-sample must be a whole number >= 0"),
+                    (dict(retention_sample=1), "cannot hold the first and the latest"),
+                    (dict(retention_sample=5), "--retention-sample needs --downstream-every")):
         with pytest.raises(RunError, match=msg):
             EvalConfig(dataset="x", **kw).check()
 
@@ -247,8 +308,18 @@ def test_summarize_table_and_plots(home, tiny_corpus, tmp_path, capsys):
     head = [c.strip(" |") for c in lines[seq_head].split(" | ")]
     row = lines[seq_head + 2].split(" | ")
     cell = dict(zip(head, (c.strip(" |") for c in row)))
-    assert lines[seq_head + 3].startswith("plot: ")  # only the sequential run has a row
+    assert lines[seq_head + 3] == "" and lines[seq_head + 4] == "Checkpoints of seq:"  # only the sequential run
     down = [json.loads(l) for l in (tmp_path / "seq" / "downstream.jsonl").read_text().splitlines()]
+    ck = lines[seq_head + 6: seq_head + 6 + 2 + len(down)]
+    ck_head = [c.strip(" |") for c in ck[0].split(" | ")]
+    assert ck_head[:8] == ["edits", "ES", "PS", "NS", "gen-ES", "gen-PS", "gen-NS", "gen leak"]
+    assert "perplexity" not in ck_head and "downstream mean" in ck_head  # nothing measured: no column
+    for d, line in zip(down, ck[2:]):  # one row per checkpoint, its retention re-scored on all earlier edits
+        c = dict(zip(ck_head, (x.strip(" |") for x in line.split(" | "))))
+        assert c["edits"] == str(d["n_edits"]) and c["downstream mean"] == f"{100 * d['tasks']['mean']:.1f}"
+        assert c["ES"] == ("–" if d["retention"] is None else f"{d['retention']['ES']:.1f}")
+        assert c["re-scored"] == ("–" if d["retention"] is None else "all")
+    assert lines[seq_head + 6 + 2 + len(down)] == "" or lines[seq_head + 6 + 2 + len(down)].startswith("plot: ")
     assert row[0] == "| seq" and row[2] == "3" and row[4] == f"{down[-1]['retention']['ES']:.1f}"
     assert cell["downstream mean at 0"] == f"{100 * down[0]['tasks']['mean']:.1f}"
     assert cell["downstream mean at end"] == f"{100 * down[-1]['tasks']['mean']:.1f}"
@@ -308,7 +379,7 @@ def test_a_case_whose_edit_raised_is_a_failure_in_every_score(home, tiny_corpus,
 
     ed = _editor()
     cfg = _cfg(tiny_corpus, sequential=sequential, generation=GenerationConfig(length=0))
-    ok = run_eval(ed, cfg, tmp_path / "ok")
+    run_eval(ed, cfg, tmp_path / "ok")
     if sequential:
         ed.revert(len(ed.history))
     real_compute, real_edit = ed.compute, ed.edit

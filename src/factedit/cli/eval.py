@@ -25,6 +25,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--sequential", action="store_true", help="keep every edit: the model accumulates them")
     e.add_argument("--downstream-every", type=int, default=None,
                    help="with --sequential: downstream tasks and all earlier edits re-scored every K edits")
+    e.add_argument("--retention-sample", type=int, default=0,
+                   help="with --downstream-every: re-score at most N of the earlier edits at each checkpoint, evenly "
+                        "spaced in edit order, first and latest included (default 0: all; a long run needs a sample)")
     e.add_argument("--downstream", default=None, help="directory of the downstream task files (sst2.jsonl, ...)")
     e.add_argument("--ppl-corpus", default=None,
                    help="with --downstream-every: track the perplexity on this held-out text file (e.g. WikiText-2 "
@@ -95,6 +98,7 @@ def eval_config(args):
         offset=args.offset, batch_size=args.batch_size, sequential=args.sequential,
         downstream_dir=args.downstream, downstream_every=args.downstream_every,
         downstream=DownstreamConfig(n=args.downstream_n, shots=args.downstream_shots),
+        retention_sample=args.retention_sample,
         generation=GenerationConfig(length=args.ge_length, max_prompts=args.ge_prompts, seed=args.seed),
         ability=AbilityConfig(ppl_corpus=args.ppl_corpus, ppl_tokens=args.ppl_tokens, knowns=args.knowns),
         score_batch=args.score_batch, gen_tokens=args.gen_tokens, gen_chat=args.chat, chunk=args.chunk, prefetch_batch=args.prefetch_batch, guard=args.guard,
@@ -136,7 +140,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_summarize(args) -> int:
-    from ..evaluation.summarize import default_plot_dir, load_run, plot_runs, sequential_table, table
+    from ..evaluation.summarize import checkpoint_table, default_plot_dir, load_run, plot_runs, sequential_table, table
 
     runs = [load_run(d) for d in args.runs]
     plot_dir = args.plots or default_plot_dir(runs)
@@ -148,8 +152,13 @@ def cmd_summarize(args) -> int:
     print(table(runs))
     seq = sequential_table(runs)
     if seq:
-        print("\nSequential runs (ES/PS/NS at end: all earlier edits re-scored on the final weights):\n")
+        print("\nSequential runs (ES/PS/NS at end: the earlier edits re-scored on the final weights, all of them "
+              "unless the run sampled them):\n")
         print(seq)
+        for r in runs:
+            if r.sequential and len(r.downstream) > 1:
+                print(f"\nCheckpoints of {r.name}:\n")
+                print(checkpoint_table(r))
     for p in plots:
         print(f"plot: {p}")
     return 0

@@ -52,6 +52,10 @@ class EvalConfig:
         sequential: keep every edit (no revert): the model accumulates them.
         downstream_dir: directory of the downstream task files (sequential runs).
         downstream_every: measure downstream tasks and earlier edits every this many edits.
+        retention_sample: at those checkpoints re-score at most this many of the earlier edits, evenly
+            spaced in edit order (the first and the latest included; :func:`retention_cases`); 0 (default):
+            all of them. Re-scoring every earlier edit with generation-based scores costs O(n²) over a
+            run (about 3 s per case on a 2-core CPU), which a 1,000-edit run cannot afford.
         downstream: settings of the downstream tasks (examples per task, shots).
         generation: GE settings (``length`` 0 disables GE).
         score_batch: rows per forward pass when scoring.
@@ -85,6 +89,7 @@ class EvalConfig:
     downstream_dir: Optional[str] = None
     downstream_every: Optional[int] = None
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    retention_sample: int = 0
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ability: AbilityConfig = field(default_factory=AbilityConfig)
     score_batch: int = 64
@@ -115,6 +120,12 @@ class EvalConfig:
                 raise RunError("--downstream-every needs --sequential")
             if self.downstream_every < 1:
                 raise RunError("--downstream-every must be >= 1")
+        if not isinstance(self.retention_sample, int) or self.retention_sample < 0:
+            raise RunError(f"--retention-sample must be a whole number >= 0, got {self.retention_sample!r}")
+        if self.retention_sample == 1:
+            raise RunError("--retention-sample 1 cannot hold the first and the latest edit; use 0 (all) or >= 2")
+        if self.retention_sample and not self.downstream_every:
+            raise RunError("--retention-sample needs --downstream-every (it samples the checkpoints' re-scoring)")
             if not self.downstream_dir and not self.ability.enabled:
                 raise RunError("--downstream-every needs something to measure: --downstream DIR (the task files), "
                                "--ppl-corpus FILE or --knowns FILE")
@@ -127,7 +138,16 @@ class EvalConfig:
 
 
 #: options added after runs were written, at the value those runs had (a resume then still matches)
-OPTION_DEFAULTS = {"gen_chat": False}
+OPTION_DEFAULTS = {"gen_chat": False, "retention_sample": 0}
+
+
+def retention_cases(earlier: List[Case], n: int) -> List[Case]:
+    """``n`` of ``earlier`` (cases in edit order) evenly spaced, the first and the last included; all
+    of them when ``n`` is 0 or not smaller. Deterministic: the same edits give the same sample."""
+    if not n or len(earlier) <= n:
+        return list(earlier)
+    step = (len(earlier) - 1) / (n - 1)
+    return [earlier[round(i * step)] for i in range(n)]
 
 
 def _groups(cases: Sequence[Case], size: int) -> List[List[Case]]:
@@ -325,6 +345,13 @@ def _resume(editor, store: RunStore, cfg: EvalConfig, groups) -> tuple:
             editor.state[cfg.method] = saved
         log.info("resumed a sequential run: %d edits re-applied", len(stack["patches"]))
     downstream = store.load_downstream() if cfg.sequential else []
+    committed = sum(len(groups[g]) for g in done)
+    if any(d.get("n_edits", 0) > committed for d in downstream):
+        # checkpoints of edits that are no longer committed (their stack was lost, e.g. not kept with the
+        # records): the run continues from the committed edits, so those checkpoints are measured again
+        downstream = [d for d in downstream if d.get("n_edits", 0) <= committed]
+        store.rewrite_downstream(downstream)
+        log.info("dropped the checkpoints after the %d committed edits", committed)
     return done, records, stack, downstream
 
 
@@ -538,12 +565,14 @@ class _Run:
                 if "got" not in memo:
                     memo["got"] = self.ability.measure()
                 ability = dict(memo["got"])
-            earlier = [c for g in sorted(self.done) for c in self.groups[g]]
+            edited = [c for g in sorted(self.done) for c in self.groups[g]]
+            earlier = retention_cases(edited, self.cfg.retention_sample)
             retention = (summarize_records(score_cases(self.editor.adapter, earlier, batch_size=self.cfg.score_batch,
                                                        unedited=self.unedited, gen_tokens=self.cfg.gen_tokens,
                                                        gen_chat=self.cfg.gen_chat))
                          if earlier else None)
             rec = {"n_edits": n, "tasks": acc, "retention": retention, "ability": ability,
+                   "retention_cases": [c.case_id for c in earlier] if len(earlier) < len(edited) else None,
                    "seconds": time.perf_counter() - t0}
             self.store.append(self.store.downstream_path, [rec])
             self.downstream.append(rec)

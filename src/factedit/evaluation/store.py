@@ -110,6 +110,9 @@ class RunStore:
             self._rewrite(self.downstream_path, records)
         return records
 
+    def rewrite_downstream(self, records: List[dict]) -> None:
+        self._rewrite(self.downstream_path, records)
+
     def _rewrite(self, path: Path, records: List[dict]) -> None:
         atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
 

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 from .scoring import summarize_records
 from .store import RunError, read_jsonl
 
-__all__ = ["Run", "load_run", "table", "sequential_table", "plot_runs", "default_plot_dir"]
+__all__ = ["Run", "load_run", "table", "sequential_table", "checkpoint_table", "plot_runs", "default_plot_dir"]
 
 COLUMNS = (("n", "n", "{:.0f}"), ("ES", "ES", "{:.1f}"), ("PS", "PS", "{:.1f}"), ("NS", "NS", "{:.1f}"),
            ("S", "S", "{:.1f}"), ("EM", "EM", "{:.1f}"), ("PM", "PM", "{:.1f}"), ("NM", "NM", "{:.1f}"),
@@ -132,7 +132,8 @@ def sequential_table(runs: Sequence[Run], window: int = 40) -> str:
         ("perplexity at 0", lambda f, l: _cell((f.get("ability") or {}).get("perplexity"), "{:.2f}")),
         ("perplexity at end", lambda f, l: _cell((l.get("ability") or {}).get("perplexity"), "{:.2f}")),
         ("known recall at end", lambda f, l: _cell(None if (l.get("ability") or {}).get("known_recall") is None
-                                                   else 100 * l["ability"]["known_recall"], "{:.1f}")))
+                                                   else 100 * l["ability"]["known_recall"], "{:.1f}")),
+        ("re-scored at end", lambda f, l: _rescored(l) if l.get("retention_cases") else "–"))
         if any(fn(r.downstream[0], r.downstream[-1]) != "–" for r in seq)]
     head += [name for name, _ in extra]
     rows = []
@@ -146,6 +147,41 @@ def sequential_table(runs: Sequence[Run], window: int = 40) -> str:
                      *(_cell(None if m is None else 100 * m, "{:.1f}") for m in mean),
                      *(fn(first, last) for _, fn in extra)])
     return _markdown(head, rows)
+
+
+def _rescored(checkpoint: dict) -> str:
+    """How many earlier edits a checkpoint re-scored: "50 of 1000" for a sample, else "all"."""
+    ret = checkpoint.get("retention") or {}
+    if not ret:
+        return "–"
+    return f"{ret.get('n')} of {checkpoint['n_edits']}" if checkpoint.get("retention_cases") else "all"
+
+
+#: the columns of :func:`checkpoint_table`: header -> value of one checkpoint record
+_CHECKPOINT_COLUMNS = (
+    *((k.replace("_", "-"), lambda d, k=k: _cell((d.get("retention") or {}).get(k), "{:.1f}"))
+      for k in ("ES", "PS", "NS", "gen_ES", "gen_PS", "gen_NS")),
+    ("gen leak", lambda d: _cell((d.get("retention") or {}).get("gen_leak"), "{:.1f}")),
+    ("re-scored", _rescored),
+    ("perplexity", lambda d: _cell((d.get("ability") or {}).get("perplexity"), "{:.2f}")),
+    ("known recall", lambda d: _cell(None if (d.get("ability") or {}).get("known_recall") is None
+                                     else 100 * d["ability"]["known_recall"], "{:.1f}")),
+    ("downstream mean", lambda d: _cell(None if (d.get("tasks") or {}).get("mean") is None
+                                        else 100 * d["tasks"]["mean"], "{:.1f}")),
+    ("s", lambda d: _cell(d.get("seconds"), "{:.0f}")),
+)
+
+
+def checkpoint_table(run: Run) -> str:
+    """A markdown table of one sequential run's checkpoints, one row per checkpoint: the earlier edits
+    re-scored on the weights of that moment (both score families, how many were re-scored), the
+    ability measures and downstream accuracy tracked, and the checkpoint's own cost; "" without
+    checkpoints. Columns nothing was measured for are left out."""
+    if not run.downstream:
+        return ""
+    cols = [(h, fn) for h, fn in _CHECKPOINT_COLUMNS if any(fn(d) != "–" for d in run.downstream)]
+    rows = [[str(d["n_edits"]), *(fn(d) for _, fn in cols)] for d in run.downstream]
+    return _markdown(["edits", *(h for h, _ in cols)], rows)
 
 
 def _plt():
@@ -184,7 +220,7 @@ def plot_runs(runs: Sequence[Run], out_dir) -> List[Path]:
                        if (d.get("retention") or {}).get(k) is not None]
                 if pts:
                     ax.plot(*zip(*pts), style, color=color, marker="o", ms=3, label=label)
-        ax.set(title=f"{key} of all earlier edits (dashed: gen-{key})", xlabel="edits", ylim=(0, 100))
+        ax.set(title=f"{key} of earlier edits re-scored (dashed: gen-{key})", xlabel="edits", ylim=(0, 100))
     axes[0].set_ylabel("%")
     axes[0].legend(fontsize=8)
     save(fig, "sequential_scores.png")
