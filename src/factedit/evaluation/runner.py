@@ -120,15 +120,15 @@ class EvalConfig:
                 raise RunError("--downstream-every needs --sequential")
             if self.downstream_every < 1:
                 raise RunError("--downstream-every must be >= 1")
+            if not self.downstream_dir and not self.ability.enabled:
+                raise RunError("--downstream-every needs something to measure: --downstream DIR (the task files), "
+                               "--ppl-corpus FILE or --knowns FILE")
         if not isinstance(self.retention_sample, int) or self.retention_sample < 0:
             raise RunError(f"--retention-sample must be a whole number >= 0, got {self.retention_sample!r}")
         if self.retention_sample == 1:
             raise RunError("--retention-sample 1 cannot hold the first and the latest edit; use 0 (all) or >= 2")
         if self.retention_sample and not self.downstream_every:
             raise RunError("--retention-sample needs --downstream-every (it samples the checkpoints' re-scoring)")
-            if not self.downstream_dir and not self.ability.enabled:
-                raise RunError("--downstream-every needs something to measure: --downstream DIR (the task files), "
-                               "--ppl-corpus FILE or --knowns FILE")
         self.ability.check()
 
     def to_dict(self) -> dict:

@@ -249,6 +249,7 @@ def plot_runs(runs: Sequence[Run], out_dir) -> List[Path]:
                 if pts:
                     ax.plot(*zip(*pts), marker="o", ms=3, label=r.name)
             ax.set(title=title, xlabel="edits")
+        axes[0].set_yscale("log")  # a collapse multiplies it by orders of magnitude
         axes[1].set_ylim(0, 100)
         axes[0].legend(fontsize=8)
         save(fig, "sequential_ability.png")
