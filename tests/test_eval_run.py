@@ -149,7 +149,8 @@ def test_sequential_checkpoint_re_scores_the_sample_on_the_weights_of_that_momen
     """With retention_sample 2 the checkpoint after 4 edits re-scores the first and the fourth edit,
     on the final weights: the same scores as scoring those two cases directly then."""
     from factedit.evaluation.datasets import load_cases
-    from factedit.evaluation.scoring import score_cases, summarize_records
+    from factedit.evaluation.score_model import score_cases
+    from factedit.evaluation.scoring import summarize_records
 
     cfg = _cfg(tiny_corpus, sequential=True, downstream_every=4, retention_sample=2,
                downstream_dir=str(_downstream_dir(tmp_path)), downstream=DownstreamConfig(tasks=("sst2",), n=2, shots=1))
