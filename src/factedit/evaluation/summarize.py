@@ -129,10 +129,9 @@ def sequential_table(runs: Sequence[Run], window: int = 40) -> str:
     # the generation-based retention and the ability measures, when any run tracked them
     extra = [(name, fn) for name, fn in (
         ("gen-ES at end", lambda f, l: _cell((l.get("retention") or {}).get("gen_ES"), "{:.1f}")),
-        ("perplexity at 0", lambda f, l: _cell((f.get("ability") or {}).get("perplexity"), "{:.2f}")),
-        ("perplexity at end", lambda f, l: _cell((l.get("ability") or {}).get("perplexity"), "{:.2f}")),
-        ("known recall at end", lambda f, l: _cell(None if (l.get("ability") or {}).get("known_recall") is None
-                                                   else 100 * l["ability"]["known_recall"], "{:.1f}")),
+        ("perplexity at 0", lambda f, l: _perplexity(f)),
+        ("perplexity at end", lambda f, l: _perplexity(l)),
+        ("known recall at end", lambda f, l: _known_recall(l)),
         ("re-scored at end", lambda f, l: _rescored(l) if l.get("retention_cases") else "–"))
         if any(fn(r.downstream[0], r.downstream[-1]) != "–" for r in seq)]
     head += [name for name, _ in extra]
@@ -149,6 +148,16 @@ def sequential_table(runs: Sequence[Run], window: int = 40) -> str:
     return _markdown(head, rows)
 
 
+def _perplexity(checkpoint: dict) -> str:
+    return _cell((checkpoint.get("ability") or {}).get("perplexity"), "{:.2f}")
+
+
+def _known_recall(checkpoint: dict) -> str:
+    """The share of known facts still answered, in percent."""
+    got = (checkpoint.get("ability") or {}).get("known_recall")
+    return _cell(None if got is None else 100 * got, "{:.1f}")
+
+
 def _rescored(checkpoint: dict) -> str:
     """How many earlier edits a checkpoint re-scored: "50 of 1000" for a sample, else "all"."""
     ret = checkpoint.get("retention") or {}
@@ -163,9 +172,8 @@ _CHECKPOINT_COLUMNS = (
       for k in ("ES", "PS", "NS", "gen_ES", "gen_PS", "gen_NS")),
     ("gen leak", lambda d: _cell((d.get("retention") or {}).get("gen_leak"), "{:.1f}")),
     ("re-scored", _rescored),
-    ("perplexity", lambda d: _cell((d.get("ability") or {}).get("perplexity"), "{:.2f}")),
-    ("known recall", lambda d: _cell(None if (d.get("ability") or {}).get("known_recall") is None
-                                     else 100 * d["ability"]["known_recall"], "{:.1f}")),
+    ("perplexity", _perplexity),
+    ("known recall", _known_recall),
     ("downstream mean", lambda d: _cell(None if (d.get("tasks") or {}).get("mean") is None
                                         else 100 * d["tasks"]["mean"], "{:.1f}")),
     ("s", lambda d: _cell(d.get("seconds"), "{:.0f}")),
