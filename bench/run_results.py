@@ -10,8 +10,15 @@ sequential run at 0 edits).
 
     python bench/run_results.py single --limit 200                 # runs/single/<method>
     python bench/run_results.py sequential --limit 200             # runs/seq/<method>
-    python bench/run_results.py long --limit 1000 --every 100      # results/long/<method> (issue 16)
+    python bench/run_results.py long --limit 1000 --every 100      # runs/long/<method> (issue 16)
     python bench/run_results.py table                              # print the tables of every part (markdown)
+
+A long run's directory, with the patch stack a resume re-applies (``patches/``), lives in
+``runs/long/<method>``, outside git; after the run, and whenever it stops (interrupted, failed), its
+records that the docs cite (config.json, cases.jsonl, downstream.jsonl, summary.json, unedited.json) are
+copied into ``results/long/<method>`` (kept in git; ``table`` reads them there). Records there are never
+replaced by a run holding fewer edits (e.g. one started again from edit 0): remove them to allow it.
+A run given ``--out`` elsewhere copies its records only where ``--records`` says.
 
 Run it alone on the machine: the table reports seconds per edit.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,9 +62,13 @@ RETENTION = 50
 PPL_CORPUS = DATA / "corpus" / "wikitext2_test.txt"
 KNOWNS = DATA / "knowns" / "known_1000.json"
 PARTS = {"single": SINGLE, "sequential": SEQUENTIAL, "long": LONG}
-#: where each part's runs go; the long runs span sessions, so their directories (records, checkpoints and
-#: the committed patches a resume re-applies) are kept in the repository
-DEFAULT_OUT = {"single": ROOT / "runs" / "single", "sequential": ROOT / "runs" / "seq", "long": ROOT / "results" / "long"}
+#: where each part's run directories go (outside git: /runs/ is ignored); a long run spans sessions, and its
+#: directory keeps the patch stack a resume re-applies
+DEFAULT_OUT = {"single": ROOT / "runs" / "single", "sequential": ROOT / "runs" / "seq", "long": ROOT / "runs" / "long"}
+#: where a part's records are copied after each run (kept in git, cited by docs/RESULTS.md; read by `table`)
+RECORDS = {"long": ROOT / "results" / "long"}
+#: the files of a run directory that are copied there: its records, not its patch stack
+RECORD_FILES = ("config.json", "cases.jsonl", "downstream.jsonl", "summary.json", "unedited.json")
 
 
 def _rel(p: Path) -> str:
@@ -83,6 +95,41 @@ def command(name: str, part: str, limit: int, out: Path, downstream_n: int, ever
     return args + ["--out", _rel(out / name)]
 
 
+def _count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def copy_records(run_dir: Path, dest: Path) -> list:
+    """Copy the records of ``run_dir`` (:data:`RECORD_FILES` that exist, not ``patches/``) into ``dest``,
+    each atomically (a temporary file beside it, then ``os.replace``). Nothing is copied when ``dest``
+    already holds more case records than ``run_dir`` (a run started again must not replace the records
+    of a longer one; remove ``dest`` to allow it). Returns the paths written."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    if _count_lines(dest / "cases.jsonl") > _count_lines(run_dir / "cases.jsonl"):
+        print(f"  {dest} holds more case records than {run_dir}: not replaced (remove it to allow it)",
+              file=sys.stderr, flush=True)
+        return []
+    written = []
+    for name in RECORD_FILES:
+        src = run_dir / name
+        if not src.is_file():
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = dest / f".{name}.tmp-{os.getpid()}"
+        try:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, dest / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+        written.append(dest / name)
+    return written
+
+
 #: runs whose targets are identical (the Editor's memo shares them): taken chunk by chunk in turn
 FAMILIES = (("r-rome", "rome", "p-rome"), ("memit", "emmet", "alphaedit", "memit-zt", "emmet-zt", "alphaedit-zt"))
 
@@ -91,7 +138,9 @@ class _Pause(Exception):
     """Raised after one chunk of a run, to give the next run of its family a turn."""
 
 
-def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int) -> None:
+def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int, records: Path = None) -> None:
+    """Run (or continue) ``methods`` of ``part`` in ``out/<method>``; with ``records``, copy each run's
+    records into ``records/<method>`` after it and whenever it stops (:func:`copy_records`)."""
     from factedit import Editor, load_model
     from factedit.cli import build_parser
     from factedit.cli.eval import eval_config
@@ -127,6 +176,9 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
                     s = run_eval(editor, eval_config(args), args.out, on_group=progress)
                 except _Pause:
                     continue
+                finally:  # after the run, and when it stops (interrupted, failed): its records to `records`
+                    if records is not None and (out / m).is_dir():
+                        copy_records(out / m, records / m)
                 todo.remove(m)
                 print(f"  {m}: ES {s.get('ES')} PS {s.get('PS')} NS {s.get('NS')} GE {s.get('GE')}", file=sys.stderr,
                       flush=True)
@@ -135,7 +187,9 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
                     editor.state.clear()
 
 
-def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: int) -> str:
+def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: int, run_out: Path = None) -> str:
+    """The tables of the runs in ``out`` (a part's records); the commands they print write to ``run_out``
+    (the run directories; default ``out``)."""
     from factedit.evaluation.summarize import checkpoint_table, load_run, sequential_table, table as summary_table
 
     runs = [load_run(out / m) for m in methods if (out / m / "summary.json").is_file()]
@@ -151,7 +205,7 @@ def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: i
             lines += [f"Checkpoints of `{r.name}` ({done} of {limit} edits committed"
                       f"{'' if r.summary.get('complete') else ', in progress'}):", "", checkpoint_table(r), ""]
     lines += ["Commands (from the repository root):", "", "```bash"]
-    lines += [shlex.join(command(Path(r.path).name, part, limit, out, downstream_n, every)) for r in runs]
+    lines += [shlex.join(command(Path(r.path).name, part, limit, run_out or out, downstream_n, every)) for r in runs]
     lines += ["```"]
     return "\n".join(lines)
 
@@ -161,7 +215,10 @@ def main():
     ap.add_argument("part", choices=["single", "sequential", "long", "table"])
     ap.add_argument("--methods", default=None, help="comma-separated subset of the runs, e.g. ft-b1 (default: all of the part)")
     ap.add_argument("--limit", type=int, default=None, help="records (default 200; long: 1000)")
-    ap.add_argument("--out", default=None, help="runs directory (default runs/single, runs/seq, results/long)")
+    ap.add_argument("--out", default=None, help="runs directory (default runs/single, runs/seq, runs/long)")
+    ap.add_argument("--records", default=None,
+                    help="where each run's records are copied, and what `table` reads (default for long: results/long, "
+                         "unless --out is given; other parts: not copied, `table` reads --out)")
     ap.add_argument("--downstream-n", type=int, default=32)
     ap.add_argument("--every", type=int, default=None, help="checkpoint every K edits (default 40; long: 100)")
     a = ap.parse_args()
@@ -170,12 +227,14 @@ def main():
     for part in parts:
         methods = a.methods.split(",") if a.methods else list(PARTS[part])
         out = Path(a.out) if a.out else DEFAULT_OUT[part]
+        # a run elsewhere (--out) does not replace the records the docs cite unless --records says so
+        records = Path(a.records) if a.records else (None if a.out else RECORDS.get(part))
         limit = a.limit or (1000 if part == "long" else 200)
         every = a.every or (100 if part == "long" else 40)
         if a.part == "table":
-            print(f"### {part}\n\n{table(out, part, methods, limit, a.downstream_n, every)}\n")
+            print(f"### {part}\n\n{table(records or out, part, methods, limit, a.downstream_n, every, out)}\n")
         else:
-            run(part, methods, limit, out, a.downstream_n, every)
+            run(part, methods, limit, out, a.downstream_n, every, records)
 
 if __name__ == "__main__":
     main()
