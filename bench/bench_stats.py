@@ -60,7 +60,7 @@ def float32_effect(tokens: int, layer: int, records: int) -> dict:
     from factedit.core.lm import target_probabilities
     from factedit.edit.deltas import apply_deltas
     from factedit.core.request_files import load_requests
-    from factedit.edit.methods.rome import compute_rome
+    from factedit.edit.methods.rome import rome_delta
 
     ed = Editor(*load_model(), progress=False)
     reqs = load_requests(CF, limit=records)
@@ -70,7 +70,7 @@ def float32_effect(tokens: int, layer: int, records: int) -> dict:
     for req in reqs:
         cfg = ed.make_config("r-rome", layer=layer, stats_corpus=str(CORPUS), stats_tokens=tokens)
         values = ed.compute(req, config=cfg).values
-        deltas = {dt: compute_rome(C[dt].float(), values, 0, "r-rome", layer) for dt in C}
+        deltas = {dt: rome_delta(C[dt].float(), values, 0, "r-rome", layer) for dt in C}
         a, b = deltas["float64"].dense().double(), deltas["float32"].dense().double()
         rel.append(float((b - a).norm() / a.norm()))
         p = {}

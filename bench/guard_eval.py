@@ -74,7 +74,7 @@ def main():
     from factedit import Editor, GuardConfig, load_model
     from factedit.edit.deltas import apply_deltas
     from factedit.edit.guard import check, entropy_probe, norm_reference
-    from factedit.edit.methods.rome import compute_rome, default_layer, rome_norm_ratio
+    from factedit.edit.methods.rome import rome_delta, default_layer, rome_norm_ratio
     from factedit.evaluation import load_cases
 
     model, tok = load_model()
@@ -119,7 +119,7 @@ def main():
         c = ed.compute(req, "r-rome", stats_corpus=str(CORPUS))
         layer = c.config.layer
         ref = norm_reference(ed.adapter, ed.caches, layer, c.config.stats_corpus, c.config.stats_tokens, c.config.value.clamp_norm_factor)
-        variants = {"r-rome": c.deltas, "rome": [compute_rome(c.C, c.values, 0, "rome", layer)]}
+        variants = {"r-rome": c.deltas, "rome": [rome_delta(c.C, c.values, 0, "rome", layer)]}
         for name, deltas in variants.items():
             applied = apply_deltas(ed.adapter, deltas)
             try:

@@ -2,7 +2,7 @@
 
 import torch
 
-from factedit.edit.solver import equality
+from factedit.edit.solver import equality_constrained
 
 
 def rome_update(W: torch.Tensor, C: torch.Tensor, v_star: torch.Tensor, k_dir: torch.Tensor,
@@ -14,4 +14,4 @@ def rome_update(W: torch.Tensor, C: torch.Tensor, v_star: torch.Tensor, k_dir: t
     ``k_dir = k_res = k_o`` p-ROME.
     """
     resid = v_star.to(torch.float64) - W.to(torch.float64) @ k_res.to(torch.float64)
-    return equality(resid[:, None], k_dir[:, None], C, k_res[:, None]).dense()
+    return equality_constrained(resid[:, None], k_dir[:, None], C, k_res[:, None]).dense()

@@ -112,7 +112,7 @@ def test_editor_leaves_model_untouched_on_errors(home, tiny_corpus, tmp_path):
     assert path.read_bytes() == poisoned  # cache untouched
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert ed.history == []
+    assert ed.history == ()
 
 
 def test_failure_during_apply_restores(home, tiny_corpus, monkeypatch):

@@ -78,7 +78,7 @@ def test_guard_catches_a_real_rome_disabling_edit(embedded_bare):
     finally:
         while ed.history:  # a failure here must not leave the shared model edited for the next tests
             ed.revert()
-    assert ed.history == []
+    assert ed.history == ()
     for k, v in ed.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     result = ed.edit(req, method="r-rome", **DEFAULT_STATS)

@@ -40,7 +40,7 @@ def test_rome_disabling_edit_and_r_rome_on_the_same_record(embedded_bare):
     from factedit.evaluation import load_cases, score_cases
     from factedit.evaluation.scoring import normalized_delta_norm
     from factedit.edit.guard import entropy_probe
-    from factedit.edit.methods.rome import compute_rome
+    from factedit.edit.methods.rome import rome_delta
 
     ed = embedded_bare  # prompts read without the prompt prefix, as when the record was found
     case = next(c for c in load_cases(COUNTERFACT, limit=2500, offset=4250) if c.case_id == 6276)
@@ -49,7 +49,7 @@ def test_rome_disabling_edit_and_r_rome_on_the_same_record(embedded_bare):
     c = ed.compute(case.request, "r-rome", **DEFAULT_STATS)
     out = {}
     for variant in ("rome", "r-rome"):
-        deltas = [compute_rome(c.C, c.values, 0, variant, c.config.layer)]
+        deltas = [rome_delta(c.C, c.values, 0, variant, c.config.layer)]
         applied = apply_deltas(ed.adapter, deltas)
         try:
             out[variant] = (normalized_delta_norm(deltas)[0], entropy_probe(ed.adapter, probe),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from factedit.core.errors import StatsError
-from factedit.edit.solver import equality, solve_spd
+from factedit.edit.solver import equality_constrained, solve_spd
 from reference import rome_update
 
 
@@ -41,7 +41,7 @@ def test_rome_closed_form_properties():
     assert abs(float(z @ u)) < 1e-10
     assert torch.allclose(D @ z, torch.zeros(d_model, dtype=torch.float64), atol=1e-10)
     # rank one, factors reproduce the dense matrix
-    sol = equality((v - W @ k)[:, None], k[:, None], C)
+    sol = equality_constrained((v - W @ k)[:, None], k[:, None], C)
     assert torch.allclose(sol.left @ sol.right.T, D)
     assert torch.linalg.matrix_rank(D) == 1
 

@@ -116,12 +116,12 @@ def test_unknown_method():
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_norm_ratio_from_keys_equals_rome_over_r_rome(arch, home, tiny_corpus):
     """rome_norm_ratio (keys only, no optimisation) is ‖Δ_rome‖ / ‖Δ_r-rome‖ for the same δ."""
-    from factedit.edit.methods.rome import compute_rome, rome_norm_ratio
+    from factedit.edit.methods.rome import rome_delta, rome_norm_ratio
 
     model, tok = tiny_model(arch)
     ed = Editor(model, tok, progress=False)
     c = ed.compute(REQ, "r-rome", **_opts(tiny_corpus))
-    norms = {v: float(compute_rome(c.C, c.values, 0, v, 2).dense().double().norm()) for v in ("rome", "r-rome")}
+    norms = {v: float(rome_delta(c.C, c.values, 0, v, 2).dense().double().norm()) for v in ("rome", "r-rome")}
     ratio = rome_norm_ratio(ed.adapter, c.C, [REQ], ed.templates(0, c.config.context_lengths), 2)
     assert ratio.shape == (1,)
     assert abs(float(ratio[0]) - norms["rome"] / norms["r-rome"]) < 1e-4 * norms["rome"] / norms["r-rome"]

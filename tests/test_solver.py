@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from factedit.edit.solver import equality, least_squares, null_space, null_space_projector
+from factedit.edit.solver import equality_constrained, least_squares, null_space, null_space_projector
 
 D_MODEL, D_FF, N0 = 6, 12, 200
 
@@ -33,7 +33,7 @@ def test_memit_equals_stacked_least_squares(n, lam):
 @pytest.mark.parametrize("n", [1, 3, 8])
 def test_emmet_satisfies_every_constraint(n):
     K0, C, K1, R = _setup(n, 1)
-    sol = equality(R, K1, C)
+    sol = equality_constrained(R, K1, C)
     D = sol.dense()
     rel = (D @ K1 - R).norm() / R.norm()
     assert rel < 1e-4 and sol.ridge == 0.0
@@ -46,7 +46,7 @@ def test_emmet_satisfies_every_constraint(n):
 def test_emmet_reports_ridge_for_duplicate_keys():
     K0, C, K1, R = _setup(3, 2)
     K = torch.cat([K1[:, :1], K1[:, :1] * (1 + 1e-9), K1[:, 2:]], dim=1)  # two near-identical keys
-    sol = equality(R, K, C, max_condition=1e8)
+    sol = equality_constrained(R, K, C, max_condition=1e8)
     assert sol.ridge > 0 and sol.condition > 1e8
     assert torch.isfinite(sol.dense()).all()
 
@@ -56,10 +56,10 @@ def test_rome_through_batched_solver_equals_single_edit_rome():
     k, r = K1[:, 0], R[:, 0]
     Cik = torch.linalg.solve(C, k)
     rome = torch.outer(r, Cik) / (k @ Cik)  # the rank-one ROME update
-    assert torch.allclose(equality(R, K1, C).dense(), rome, rtol=1e-9)
+    assert torch.allclose(equality_constrained(R, K1, C).dense(), rome, rtol=1e-9)
     ko = torch.randn(D_FF, dtype=torch.float64)
     orig = torch.outer(r, Cik) / (ko @ Cik)  # the original code's asymmetric denominator
-    assert torch.allclose(equality(R, K1, C, ko[:, None]).dense(), orig, rtol=1e-9)
+    assert torch.allclose(equality_constrained(R, K1, C, ko[:, None]).dense(), orig, rtol=1e-9)
 
 
 def test_alphaedit_update_preserves_protected_keys():

@@ -313,7 +313,7 @@ def test_session_chat_edit_joins_the_history_and_reverts(home, tiny_corpus, tmp_
     w0 = ed.adapter.w_out_stored(1).clone()
     s.edit("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", layer="1", chat=True,
            keep_unverified=True, guard=False, side_effects=False)
-    assert [h["edit"] for h in s.history()] == [1] and s._chat.history == []
+    assert [h["edit"] for h in s.history()] == [1] and s._chat.history == ()
     assert not torch.equal(ed.adapter.w_out_stored(1), w0)
     assert s.revert(1) == 0
     assert torch.equal(ed.adapter.w_out_stored(1), w0)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, List, Optional, Sequence, Union
+from dataclasses import replace
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .core.arch import ArchSpec, ModelAdapter
 from .core.errors import MethodError
@@ -26,11 +27,10 @@ from .edit.deltas import ROUNDING_WARN, apply_deltas, rounding_error
 from .edit.guard import Guard, GuardConfig
 from .edit.guard import combine as combine_guard
 from .edit.history import History
-from .edit.verify import retry_config, verify_requests
-from .edit.methods import make_config, spec_of_config
-from .edit.methods.rome import ROMEConfig
-from .edit.methods.rome import prefetch_targets as prefetch_rome_targets
+from .edit.methods.options import MethodOptions
+from .edit.methods.registry import make_config, spec_of_config
 from .edit.results import ChainedEdit, Computed, EditResult
+from .edit.verify import verify_requests
 from .patch.stack import apply_as_results, load_stack, save_stack
 from .stats.layer import LayerStats
 from .trace.cache import load_recommendation
@@ -75,8 +75,9 @@ class Editor:
         return self.caches.progress
 
     @property
-    def history(self) -> List[EditResult]:
-        """The applied edits, oldest first."""
+    def history(self) -> Tuple[EditResult, ...]:
+        """The applied edits, oldest first (read-only: :meth:`edit`, :meth:`revert`, :meth:`load_history` and
+        :meth:`apply_patches` change it)."""
         return self._history.results
 
     @property
@@ -95,31 +96,26 @@ class Editor:
         """See :meth:`EditCaches.weights_memo <factedit.edit.caches.EditCaches.weights_memo>`."""
         return self.caches.weights_memo(kind, *key)
 
-    def target_memo(self, layer: int, templates, value_cfg, essence, fact_token, site: str = "residual") -> dict:
-        """See :meth:`EditCaches.target_memo <factedit.edit.caches.EditCaches.target_memo>`."""
-        return self.caches.target_memo(layer, templates, value_cfg, essence, fact_token, site)
-
-    def projector(self, layer: int, C, threshold: float):
-        """AlphaEdit's null-space projector (:meth:`EditCaches.projector <factedit.edit.caches.EditCaches.projector>`)."""
-        return self.caches.projector(layer, C, threshold)
-
     # ------------------------------------------------------------------ editing
-    def make_config(self, method: str = "r-rome", options=(), **overrides):
-        """The method's config dataclass with model-derived defaults filled in
-        (:func:`~factedit.edit.methods.make_config`); bad methods, layers and options fail here.
+    def make_config(self, method: Union[str, MethodOptions] = "r-rome", options=(), **overrides):
+        """The method's config dataclass with model-derived defaults filled in; bad methods, layers and
+        options fail here. ``method`` is a method name (``options``: ``--set`` pairs or a mapping; keywords:
+        the fields of :class:`~factedit.edit.methods.options.MethodOptions` — layer, layers, steps,
+        target_batch, seed, the statistics — or any field of the method's config) or a whole
+        :class:`~factedit.edit.methods.options.MethodOptions`, the form every front end hands over.
 
         The default layer is the depth rule, the same for every caller; ``layer="traced"`` edits the
         layer that ``factedit trace --dataset`` recommended for this model (cached). How the layer was
         chosen is recorded in the config's ``layer_rule`` (and so in results, patches and runs)."""
-        if overrides.get("layer") == TRACED:
+        opts = method if isinstance(method, MethodOptions) else MethodOptions.of(method, options, **overrides)
+        if opts.layer == TRACED:
             rec = load_recommendation(self.adapter)
             if rec is None:
                 raise MethodError("layer 'traced': no causal-trace recommendation is cached for this model; run "
                                   "`factedit trace --dataset FILE` first, or give a layer number")
-            overrides["layer"] = rec.layer
-            overrides.setdefault("layer_rule", f"causal-trace recommendation ({rec.n_facts} facts from "
-                                               f"{rec.source or 'a data set'})")
-        return make_config(self.adapter, method, options, **overrides)
+            opts = replace(opts, layer=rec.layer, layer_rule=opts.layer_rule or (
+                f"causal-trace recommendation ({rec.n_facts} facts from {rec.source or 'a data set'})"))
+        return make_config(self.adapter, opts)
 
     def _config(self, method: str, config, overrides):
         return config.resolved(self.adapter) if config is not None else self.make_config(method, **overrides)
@@ -138,14 +134,15 @@ class Editor:
         return spec.compute(self.adapter, self.caches, reqs, cfg, self.state.get(spec.name))
 
     def prefetch_targets(self, requests: Sequence[Request], config, batch_size: int = 16) -> float:
-        """Optimise the targets of single ROME edits of ``requests`` on the current weights, ``batch_size``
-        at a time, for later :meth:`compute` calls on the same weights
-        (:func:`~factedit.edit.methods.rome.prefetch_targets`). A no-op for the other methods, which
-        batch their targets themselves. Returns the seconds spent."""
+        """Optimise the targets of single edits of ``requests`` on the current weights, ``batch_size``
+        at a time, for later :meth:`compute` calls on the same weights (the registration's ``prefetch``,
+        e.g. :func:`~factedit.edit.methods.rome.prefetch_targets`). A no-op for methods without one (the
+        batch methods optimise their targets together themselves). Returns the seconds spent."""
         t = time.perf_counter()
         cfg = config.resolved(self.adapter)
-        if isinstance(cfg, ROMEConfig):
-            prefetch_rome_targets(self.adapter, self.caches, requests, cfg, batch_size)
+        spec = spec_of_config(cfg)
+        if spec.prefetch is not None:
+            spec.prefetch(self.adapter, self.caches, requests, cfg, batch_size)
         return time.perf_counter() - t
 
     def edit(self, requests: Union[Request, Sequence[Request]], method: str = "r-rome",
@@ -173,35 +170,32 @@ class Editor:
         spec = spec_of_config(cfg)
         fingerprints = {self.adapter.w_out_name(l): matrix_fingerprint(self.adapter.w_out_stored(l))
                         for l in cfg.layers}
-        done: List[EditResult] = []
+        n0 = len(self._history)
+        retry = spec.retry(cfg) if verify and spec.single_request and spec.retry is not None else None
         try:
             for group in ([[r] for r in reqs] if spec.single_request else [reqs]):
-                res = self._apply(group, cfg, spec, guard, done, t0)
-                retry = retry_config(cfg) if verify and spec.single_request else None
+                res = self._apply(group, cfg, spec, guard)
                 if not res.verified and retry is not None:
-                    self._undo(done.pop())
-                    res = self._apply(group, retry, spec, guard, done, t0)
+                    self._undo()
+                    res = self._apply(group, retry, spec, guard)
                     res.retried = True
         except BaseException:
-            for r in reversed(done):
-                self._undo(r)
+            while len(self._history) > n0:
+                self._undo()
             raise
         finally:
             if not guard.enabled:
                 self.guard.forget()
-        result = done[0] if len(done) == 1 else EditResult(
-            spec.name, sorted({l for r in done for l in r.layers}), reqs, [d for r in done for d in r.deltas],
-            ChainedEdit(self.adapter, [r.applied for r in done]), cfg, 0.0, {}, [i for r in done for i in r.info],
-            guard=combine_guard([r.guard for r in done]), verification=[v for r in done for v in r.verification],
-            retried=any(r.retried for r in done),
-            rounding={l: max(r.rounding[l] for r in done if l in r.rounding) for l in {k for r in done for k in r.rounding}})
+        done = self._history.results[n0:]
+        result = done[0] if len(done) == 1 else _chained(self.adapter, spec.name, reqs, cfg, done)
         result.seconds = time.perf_counter() - t0
         result.fingerprints = fingerprints
         result.statistics = self.caches.sources(cfg)
         result.prompt_prefix = self.adapter.prompt_prefix
         result.fingerprints_after = {self.adapter.w_out_name(l): matrix_fingerprint(self.adapter.w_out_stored(l))
                                      for l in cfg.layers}
-        self.history.append(result)
+        if len(done) > 1:
+            self._history.merge_last(len(done), result)
         failed = [r for r, v in zip(result.requests, result.verification) if not v["verified"]]
         if failed:
             log.warning("%d of %d edits did not take on their own prompt (%s%s)", len(failed), len(reqs),
@@ -209,14 +203,16 @@ class Editor:
                         ", ..." if len(failed) > 3 else "")
         return result
 
-    def _apply(self, group, cfg, spec, guard: GuardConfig, done: List[EditResult], t0: float) -> EditResult:
-        """Compute, apply, judge (guard) and verify one group; appended to ``done``."""
+    def _apply(self, group, cfg, spec, guard: GuardConfig) -> EditResult:
+        """Compute, apply, judge (guard) and verify one group; it joins the history as it is applied (an
+        error or a collapse after that is undone by the caller)."""
+        t0 = time.perf_counter()
         c = self.compute(group, config=cfg)
         refs = self.guard.prepare(cfg, guard)
         applied = apply_deltas(self.adapter, c.deltas)
         res = EditResult(spec.name, list(cfg.layers), list(group), c.deltas, applied, cfg,
-                         time.perf_counter() - t0, c.timings, c.info, state_keys=c.state_keys,
-                         stateful=c.state_keys is not None)
+                         time.perf_counter() - t0, c.timings, c.info,
+                         state_updates=[] if c.state_update is None else [c.state_update])
         if c.keys:
             res.rounding = rounding_error(applied, c.keys)
             worst = max(res.rounding.values(), default=0.0)
@@ -224,8 +220,7 @@ class Editor:
                 log.warning("writing the update in %s lost %.1f%% of its effect on its own keys (layer %s); edit a "
                             "float32 copy of the model for exact updates", self.adapter.w_out_parameter(cfg.layers[0]).dtype,
                             100 * worst, max(res.rounding, key=res.rounding.get))
-        self._history.add_state(res, done)
-        done.append(res)
+        self._history.push(res)
         if guard.enabled:
             self.guard.judge(res, refs, guard, len(group))
         res.verification = verify_requests(self.adapter, group)
@@ -233,13 +228,13 @@ class Editor:
 
     def revert(self, n: int = 1) -> None:
         """Undo the last ``n`` edits, newest first."""
-        if n > len(self.history):
-            raise MethodError(f"cannot revert {n} edits: only {len(self.history)} applied")
+        if n > len(self._history):
+            raise MethodError(f"cannot revert {n} edits: only {len(self._history)} applied")
         for _ in range(n):
-            self._undo(self.history.pop())
+            self._undo()
 
-    def _undo(self, result: EditResult) -> None:
-        self._history.undo(result)
+    def _undo(self) -> None:
+        result = self._history.pop()
         self.guard.reverted(result)  # the weights are bit-identical to those before the edit
 
     def adopt(self, other: "Editor") -> EditResult:
@@ -251,10 +246,8 @@ class Editor:
             raise MethodError("adopt takes edits of an Editor over the same model object")
         if not other.history:
             raise MethodError("the other editor holds no edit to adopt")
-        result = other.history.pop()  # the list: the weights stay as they are
-        other._history.release(result)
-        self._history.add_state(result)
-        self.history.append(result)
+        result = other._history.take()  # the weights stay as they are
+        self._history.push(result)
         self.guard.forget()
         other.guard.forget()
         return result
@@ -267,15 +260,27 @@ class Editor:
     def load_history(self, directory, force: bool = False) -> int:
         """Apply a stack written by :meth:`save_history` (all or nothing) and add it to the history,
         so that :meth:`revert` can undo it edit by edit. Returns the number of edits applied."""
-        results = load_stack(self.adapter, directory, force=force)
-        self.history.extend(results)
-        self.guard.forget()
-        return len(results)
+        return self._join(load_stack(self.adapter, directory, force=force))
 
     def apply_patches(self, patches, force: bool = False) -> int:
         """Apply :class:`~factedit.patch.files.Patch` objects in order (base fingerprints checked; all or
         nothing) and add them to the history, so that :meth:`revert` undoes them. Returns how many."""
-        results = apply_as_results(self.adapter, list(patches), force=force)
-        self.history.extend(results)
+        return self._join(apply_as_results(self.adapter, list(patches), force=force))
+
+    def _join(self, results: Sequence[EditResult]) -> int:
+        """Applied results (patches) join the history, their method state folded in."""
+        for r in results:
+            self._history.push(r)
         self.guard.forget()
         return len(results)
+
+
+def _chained(adapter, method: str, requests, cfg, done: Sequence[EditResult]) -> EditResult:
+    """One result for edits of one call made one after another (a ROME edit of several requests)."""
+    layers = {k for r in done for k in r.rounding}
+    return EditResult(
+        method, sorted({l for r in done for l in r.layers}), list(requests), [d for r in done for d in r.deltas],
+        ChainedEdit(adapter, [r.applied for r in done]), cfg, 0.0, {}, [i for r in done for i in r.info],
+        state_updates=[u for r in done for u in r.state_updates], guard=combine_guard([r.guard for r in done]),
+        verification=[v for r in done for v in r.verification], retried=any(r.retried for r in done),
+        rounding={k: max(r.rounding[k] for r in done if k in r.rounding) for k in layers})

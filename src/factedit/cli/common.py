@@ -45,7 +45,7 @@ def arch_spec(path: Optional[str]):
 
 def method_names(baseline: Optional[str] = None) -> str:
     """The registered editing methods for a help text, the default first."""
-    from ..edit.methods import METHODS
+    from ..edit.methods.registry import METHODS
 
     names = [f"{m} (default)" if i == 0 else m for i, m in enumerate(METHODS)]
     return ", ".join(names + ([baseline] if baseline else []))

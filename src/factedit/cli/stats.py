@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 def cmd_stats(args) -> int:
     from ..core.arch import ModelAdapter
-    from ..edit.methods.rome import default_layer, default_stats_tokens
+    from ..edit.methods.base import default_layer, default_stats_tokens
     from ..core.distributed import World
     from ..stats.layer import accumulator_bytes, layer_stats
 

@@ -103,7 +103,7 @@ def spec_for(model: nn.Module, override: Optional[ArchSpec] = None) -> ArchSpec:
         f"factedit does not know the module layout of model_type={model_type!r} "
         f"({type(model).__name__}). Known: {', '.join(sorted(ARCH_SPECS))}. "
         "Name the modules explicitly with an ArchSpec, e.g. "
-        f"ROMEConfig(arch=ArchSpec({example})) in Python, or "
+        f"Editor(model, tokenizer, arch=ArchSpec({example})) in Python, or "
         "--arch-spec FILE.json (the same fields as JSON) on the command line."
     )
 

@@ -30,7 +30,7 @@ from ..core.paths import atomic_write_text, factedit_home
 from ..core.requests import Request
 from ..core.tokens import prefix_tag
 from .keys import template_keys
-from .solver import equality
+from .solver import equality_constrained
 
 __all__ = ["GuardConfig", "CollapseError", "norm_reference", "entropy_probe", "probe_tokens", "entropy_of", "check", "combine", "Guard"]
 
@@ -85,7 +85,7 @@ def norm_reference(adapter, caches, layer: int, corpus: Optional[str], n_tokens:
     norms = []
     for k in K:
         v0 = W @ k
-        sol = equality((clamp * v0)[:, None], k[:, None], C)
+        sol = equality_constrained((clamp * v0)[:, None], k[:, None], C)
         norms.append(float(sol.left.norm() * sol.right.norm()))
     ref = max(norms)
     atomic_write_text(path, json.dumps({"reference": ref, "norms": norms, "layer": layer}))

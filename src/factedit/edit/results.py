@@ -23,25 +23,27 @@ class Computed:
     timings: Dict[str, float]
     config: object
     C: object = field(default=None, repr=False)
-    state_keys: Optional[dict] = field(default=None, repr=False)  # AlphaEdit: this batch's keys per layer
+    # what this edit adds to its method's state (AlphaEdit: this batch's keys per layer); None: stateless
+    state_update: Optional[dict] = field(default=None, repr=False)
     keys: Optional[dict] = field(default=None, repr=False)  # per layer the keys (d_ff, n) the update is for
 
 
 @dataclass
 class EditResult:
-    """What one call of :meth:`Editor.edit` did."""
+    """What one call of :meth:`Editor.edit` did (or one patch applied). Every field but ``applied`` travels
+    with the edit's patch file and comes back when it is loaded (:mod:`factedit.patch.files`)."""
 
     method: str
     layers: List[int]
     requests: List[Request]
     deltas: List[LayerDelta]
-    applied: AppliedEdit = field(repr=False)
-    config: object = field(repr=False)
+    applied: AppliedEdit = field(repr=False, compare=False)
+    config: object = field(repr=False)  # the method's config (its JSON form if the method is not registered)
     seconds: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)
-    info: List[dict] = field(default_factory=list)
-    state_keys: Optional[dict] = field(default=None, repr=False)  # keys added to the method state
-    stateful: bool = False  # the method carries state across edits (AlphaEdit)
+    info: List[dict] = field(default_factory=list)  # per request: what the method reports (losses, steps, ...)
+    # what the edit folded into its method's state, one update per computation, in order (AlphaEdit: its keys)
+    state_updates: List[dict] = field(default_factory=list, repr=False)
     fingerprints: Dict[str, str] = field(default_factory=dict, repr=False)  # edited matrices before the edit
     fingerprints_after: Dict[str, str] = field(default_factory=dict, repr=False)  # ... and right after it
     guard: Optional[dict] = None  # the collapse guard's decision (None: guard off)
@@ -49,8 +51,13 @@ class EditResult:
     verification: List[dict] = field(default_factory=list)  # per request: verified, p_new, p_true, ...
     retried: bool = False  # an unverified edit was optimised again within the retry budget
     prompt_prefix: str = ""  # what every prompt of the edit started with (core/tokens.py)
-    side_effects: Optional[dict] = None  # the blast radius report (factedit.side_effects), when measured
+    side_effects: Optional[dict] = None  # the blast radius report (factedit.app.side_effects), when measured
     rounding: Dict[str, float] = field(default_factory=dict)  # per layer: update lost to the weights' dtype
+
+    @property
+    def stateful(self) -> bool:
+        """The edit changed its method's state (which a revert restores)."""
+        return bool(self.state_updates)
 
     @property
     def verified(self) -> Optional[bool]:

@@ -6,7 +6,7 @@ C (d_ff, d_ff) key second moment; P (d_ff, d_ff) projector. Solves in float64, n
 inverses.
 
 * :func:`least_squares` (MEMIT): ``Δ = R Kᵀ (λC + K Kᵀ)⁻¹``.
-* :func:`equality` (EMMET; ROME is n = 1): ``Δ = R (K_resᵀ C⁻¹ K_dir)⁻¹ (C⁻¹ K_dir)ᵀ``, so
+* :func:`equality_constrained` (EMMET; ROME is n = 1): ``Δ = R (K_resᵀ C⁻¹ K_dir)⁻¹ (C⁻¹ K_dir)ᵀ``, so
   ``(W + Δ) K_res = W K_res + R`` exactly; a ridge is added when the n × n system is
   ill-conditioned and reported.
 * :func:`null_space` (AlphaEdit): ``Δ = R K1ᵀ P (K_p K_pᵀ P + K1 K1ᵀ P + αI)⁻¹``, applied as ΔP.
@@ -24,7 +24,7 @@ import torch
 from ..core.errors import StatsError
 from ..core.offload import precise_dtype
 
-__all__ = ["solve_spd", "Solution", "least_squares", "equality", "null_space", "null_space_basis",
+__all__ = ["solve_spd", "Solution", "least_squares", "equality_constrained", "null_space", "null_space_basis",
            "null_space_projector"]
 
 
@@ -72,7 +72,7 @@ def least_squares(R: torch.Tensor, K: torch.Tensor, C: torch.Tensor, lam: float)
     return Solution(R, right)
 
 
-def equality(R: torch.Tensor, K_dir: torch.Tensor, C: torch.Tensor, K_res: Optional[torch.Tensor] = None,
+def equality_constrained(R: torch.Tensor, K_dir: torch.Tensor, C: torch.Tensor, K_res: Optional[torch.Tensor] = None,
              max_condition: float = 1e10, ridge: Optional[float] = None) -> Solution:
     """EMMET / ROME: ``W_hat K_res = W K_res + R`` exactly, least change in the C⁻¹ metric.
 

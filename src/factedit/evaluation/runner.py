@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core.errors import FactEditError, RequestError
 from ..edit.guard import CollapseError, GuardConfig
-from ..edit.methods import METHODS, method_spec
+from ..edit.methods.registry import METHODS, method_spec
 from .datasets import Case, load_cases, resolve_dataset, sha256_of
 from .ability import Ability, AbilityConfig
 from .downstream import DownstreamConfig, evaluate_tasks, load_tasks

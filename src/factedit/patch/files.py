@@ -6,12 +6,17 @@
     applied.revert()
 
 A patch file is ``safetensors``: per edited layer the factors ``layer{l}.left`` (d_model, r) and
-``layer{l}.right`` (d_ff, r) (or ``layer{l}.dense`` for full-rank fine-tuning), plus JSON
-metadata: format, factedit version, method and its full configuration, the requests, per-layer
-norms of the summed update, the SHA-256 of every edited matrix *before* and *after* the edit, and
-the SHA-256 of every tensor; the metadata's own SHA-256 is stored beside it. :meth:`Patch.load`
-verifies all of them (and the norms against the factors) before anything can be applied, so a
-damaged file is refused, never applied. Nothing is ever unpickled.
+``layer{l}.right`` (d_ff, r) (or ``layer{l}.dense`` for full-rank fine-tuning), the updates the edit
+made to its method's state (``state.{i}.{key}``: AlphaEdit's keys), plus JSON metadata: format,
+factedit version, method and its full configuration, the requests, per-layer norms of the summed
+update, the SHA-256 of every edited matrix *before* and *after* the edit, everything else the edit's
+:class:`~factedit.edit.results.EditResult` records, and the SHA-256 of every tensor; the metadata's
+own SHA-256 is stored beside it. :meth:`Patch.load` verifies all of them (and the norms against the
+factors) before anything can be applied, so a damaged file is refused, never applied. Nothing is
+ever unpickled.
+
+:meth:`Patch.from_result` and :meth:`Patch.to_result` are the one conversion between an edit and its
+file: a result saved and loaded again has every field it had (its ``applied`` is the new application).
 """
 
 from __future__ import annotations
@@ -26,21 +31,28 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..edit.deltas import AppliedEdit, LayerDelta, apply_deltas
 from ..core.errors import FactEditError
 from ..core.fingerprints import matrix_fingerprint
 from ..core.paths import atomic_path
+from ..core.requests import Request
+from ..edit.deltas import AppliedEdit, LayerDelta, apply_deltas
 from ..edit.methods.options import to_jsonable
+from ..edit.methods.registry import config_from_dict
+from ..edit.results import EditResult
 
 __all__ = ["PatchError", "Patch", "apply_patch", "apply_patches", "temporarily_applied", "revert_patch",
            "revert_patches", "layer_norms", "tensor_sha256"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "factedit.patch.v2"
+FORMAT = "factedit.patch.v3"
+#: the second format: no state updates, no timings / per-request info / rounding (still read)
+FORMAT_V2 = "factedit.patch.v2"
 #: the first format: no checksums and no after-edit fingerprints (still read; such a patch cannot be
 #: reverted without ``force``)
 FORMAT_V1 = "factedit.patch.v1"
+#: the formats whose metadata and tensors carry checksums
+CHECKSUMMED = (FORMAT, FORMAT_V2)
 #: relative tolerance of the recorded per-layer norms against the factors
 NORM_RTOL = 1e-4
 
@@ -89,38 +101,55 @@ def _verify_norms(path, meta: dict, deltas) -> None:
 
 @dataclass
 class Patch:
-    """Low-rank deltas plus provenance. ``meta['fingerprints']`` maps module name -> SHA-256."""
+    """Low-rank deltas plus provenance. ``meta['fingerprints']`` maps module name -> SHA-256;
+    ``state_updates`` what the edit folded into its method's state (one ``{key: tensor}`` per computation)."""
 
     deltas: List[LayerDelta]
     meta: dict = field(default_factory=dict)
+    state_updates: List[Dict[object, torch.Tensor]] = field(default_factory=list)
 
-    # ------------------------------------------------------------------ building
+    # ------------------------------------------------------------------ an edit <-> its patch
     @classmethod
-    def from_result(cls, result, adapter=None) -> "Patch":
-        """The patch of an :class:`~factedit.editor.EditResult` (fingerprints recorded at edit time)."""
-        from ..core.version import __version__
+    def from_result(cls, result: EditResult, adapter=None) -> "Patch":
+        """The patch of an applied :class:`~factedit.edit.results.EditResult` (fingerprints recorded at edit
+        time): every field of the result but its application."""
         from ..core.models import model_name
+        from ..core.version import __version__
 
         if adapter is None:
             adapter = getattr(result.applied, "adapter", None)
-        fps = getattr(result, "fingerprints", None) or {}
-        if not fps:
+        if not result.fingerprints:
             raise PatchError("this edit carries no base fingerprints; it was not made by Editor.edit")
         meta = {
             "format": FORMAT, "factedit_version": __version__, "method": result.method,
             "config": to_jsonable(result.config), "requests": [r.to_dict() for r in result.requests],
             "layers": sorted({d.layer for d in result.deltas}), "norms": layer_norms(result.deltas),
-            "fingerprints": fps, "fingerprints_after": dict(getattr(result, "fingerprints_after", None) or {}),
+            "fingerprints": dict(result.fingerprints), "fingerprints_after": dict(result.fingerprints_after),
             "model": model_name(adapter.model) if adapter is not None else None,
             "modules": {str(d.layer): adapter.w_out_name(d.layer) for d in result.deltas} if adapter else {},
-            "guard": getattr(result, "guard", None), "statistics": dict(getattr(result, "statistics", None) or {}),
-            "verified": getattr(result, "verified", None), "verification": list(getattr(result, "verification", None) or []),
-            "retried": bool(getattr(result, "retried", False)),
-            "prompt_prefix": getattr(result, "prompt_prefix", ""),
-            "side_effects": getattr(result, "side_effects", None),
-            "rounding": dict(getattr(result, "rounding", None) or {}),
+            "guard": result.guard, "statistics": to_jsonable(result.statistics), "verified": result.verified,
+            "verification": to_jsonable(result.verification), "retried": result.retried,
+            "prompt_prefix": result.prompt_prefix, "side_effects": result.side_effects,
+            "rounding": dict(result.rounding), "seconds": result.seconds, "timings": dict(result.timings),
+            "info": to_jsonable(result.info),
+            "state_updates": [list(u) for u in result.state_updates],
         }
-        return cls(list(result.deltas), meta)
+        return cls(list(result.deltas), meta, [dict(u) for u in result.state_updates])
+
+    def to_result(self, applied: AppliedEdit) -> EditResult:
+        """The :class:`~factedit.edit.results.EditResult` this patch was made from, applied as ``applied``
+        (its config rebuilt when the method is registered here; older formats lack some fields)."""
+        m = self.meta
+        method = m.get("method", "patch")
+        return EditResult(
+            method, list(m.get("layers", [])), [Request(**r) for r in m.get("requests", [])], self.deltas, applied,
+            config_from_dict(method, m.get("config")), seconds=float(m.get("seconds", 0.0)),
+            timings=dict(m.get("timings") or {}), info=list(m.get("info") or []),
+            state_updates=[dict(u) for u in self.state_updates], fingerprints=dict(m["fingerprints"]),
+            fingerprints_after=dict(m.get("fingerprints_after") or {}), guard=m.get("guard"),
+            statistics=dict(m.get("statistics") or {}), verification=list(m.get("verification") or []),
+            retried=bool(m.get("retried")), prompt_prefix=m.get("prompt_prefix") or "",
+            side_effects=m.get("side_effects"), rounding=dict(m.get("rounding") or {}))
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> Path:
@@ -133,7 +162,11 @@ class Patch:
             else:
                 tensors[f"{i}.layer{d.layer}.left"] = d.left.float().cpu().contiguous()
                 tensors[f"{i}.layer{d.layer}.right"] = d.right.float().cpu().contiguous()
-        meta = {**self.meta, "format": FORMAT, "checksums": {k: tensor_sha256(v) for k, v in tensors.items()}}
+        for i, update in enumerate(self.state_updates):
+            for key, t in update.items():
+                tensors[f"state.{i}.{key}"] = t.detach().cpu().contiguous()  # in its own dtype: replayed bit for bit
+        meta = {**self.meta, "format": FORMAT, "state_updates": [list(u) for u in self.state_updates],
+                "checksums": {k: tensor_sha256(v) for k, v in tensors.items()}}
         raw = json.dumps(meta)
         path = Path(path)
         with atomic_path(path, suffix=".safetensors") as tmp:
@@ -159,15 +192,16 @@ class Patch:
             meta = json.loads(raw) if raw else None
         except (TypeError, ValueError):
             meta = None
-        if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, FORMAT_V1):
+        if not isinstance(meta, dict) or meta.get("format") not in (*CHECKSUMMED, FORMAT_V1):
             raise PatchError(f"{path}: missing or unknown factedit patch metadata (damaged, or not a patch)")
         if not isinstance(meta.get("fingerprints"), dict):
             raise PatchError(f"{path}: patch metadata lacks base fingerprints")
-        if meta["format"] == FORMAT:
+        if meta["format"] in CHECKSUMMED:
             _verify_checksums(path, raw, raw_sha, meta, tensors)
         else:
             log.warning("%s: a %s patch, written before patches carried checksums: its data cannot be verified",
                         path, FORMAT_V1)
+        state_updates = _state_updates(path, meta, tensors)
         groups: Dict[int, dict] = {}
         for name, t in tensors.items():
             parts = name.split(".")
@@ -192,9 +226,9 @@ class Patch:
                 raise PatchError(f"{path}: delta #{i} has missing or mismatched factors")
         if not deltas or sorted({d.layer for d in deltas}) != sorted(meta.get("layers", [])):
             raise PatchError(f"{path}: the tensors do not match the layers named in the metadata")
-        if meta["format"] == FORMAT:
+        if meta["format"] in CHECKSUMMED:
             _verify_norms(path, meta, deltas)
-        return cls(deltas, meta)
+        return cls(deltas, meta, state_updates)
 
     def describe(self) -> dict:
         """What the patch changes, for ``factedit inspect``."""
@@ -206,6 +240,22 @@ class Patch:
                 "guard": m.get("guard"), "forced": m.get("forced", False), "format": m.get("format"),
                 "verified": m.get("verified"), "statistics": m.get("statistics"),
                 "prompt_prefix": m.get("prompt_prefix")}
+
+
+def _state_updates(path, meta: dict, tensors: dict) -> List[dict]:
+    """The ``state.{i}.{key}`` tensors (taken out of ``tensors``) as the updates ``meta["state_updates"]`` lists."""
+    listed = meta.get("state_updates") or []
+    names = {k for k in tensors if k.startswith("state.")}
+    if not isinstance(listed, list) or not all(isinstance(u, list) for u in listed):
+        raise PatchError(f"{path}: malformed state updates in the metadata; nothing was applied")
+    want = {f"state.{i}.{key}" for i, u in enumerate(listed) for key in u}
+    if names != want:
+        raise PatchError(f"{path}: the state tensors in the file are not the ones the metadata lists; nothing was "
+                         "applied")
+    out = [{key: tensors.pop(f"state.{i}.{key}") for key in u} for i, u in enumerate(listed)]
+    if any(not torch.isfinite(t).all() for u in out for t in u.values()):
+        raise PatchError(f"{path}: a state tensor contains NaN/Inf")
+    return out
 
 
 def _check_shapes(adapter, patch: Patch) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import List, Sequence
 
 from ..core.paths import atomic_write_text
-from ..core.requests import Request
 from ..edit.results import EditResult
 from .files import Patch, PatchError, apply_patches
 
@@ -53,11 +52,4 @@ def apply_as_results(adapter, patches: Sequence[Patch], force: bool = False) -> 
     """Apply ``patches`` in order (all or nothing, :func:`~factedit.patch.files.apply_patches`) and return
     one revertible :class:`EditResult` per patch, as an editor's history holds them."""
     applied = apply_patches(adapter, patches, force=force)
-    return [EditResult(p.meta.get("method", "patch"), list(p.meta.get("layers", [])),
-                       [Request(**r) for r in p.meta.get("requests", [])], p.deltas, a, p.meta.get("config"),
-                       guard=p.meta.get("guard"), fingerprints=dict(p.meta["fingerprints"]),
-                       fingerprints_after=dict(p.meta.get("fingerprints_after") or {}),
-                       statistics=dict(p.meta.get("statistics") or {}),
-                       verification=list(p.meta.get("verification") or []), retried=bool(p.meta.get("retried")),
-                       prompt_prefix=p.meta.get("prompt_prefix") or "", side_effects=p.meta.get("side_effects"))
-            for p, a in zip(patches, applied)]
+    return [p.to_result(a) for p, a in zip(patches, applied)]

@@ -1,6 +1,7 @@
 """MEMIT, EMMET and AlphaEdit: many requests, several layers, one solver (docs/ALGORITHMS.md §4–6).
 
-The three differ only in the solve of each layer (:mod:`factedit.solver`); the pipeline is shared:
+The three differ only in the solve of each layer (:data:`SOLVES`, over :mod:`factedit.edit.solver`); the
+pipeline is shared, and a new member of the family is one more entry there and one registration:
 
 1. target residuals z* = z₀ + δ at the last layer L of the span (δ optimised in batches; z₀ is the
    bare prompt's residual);
@@ -16,40 +17,77 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..deltas import LayerDelta, apply_deltas
-from ..results import Computed
 from ...core.errors import MethodError, RequestError
+from ..deltas import LayerDelta, apply_deltas
 from ..keys import template_keys
-from ..solver import equality, least_squares, null_space
+from ..results import Computed
+from ..solver import Solution, equality_constrained, least_squares, null_space
 from ..values import ValueConfig, ValueProblem, optimize_values
-from .rome import StatsFields, default_stats_tokens
+from .base import GIVEN, SPAN_RULE, StatsFields, check_layers, default_span, default_stats_tokens
+from .registry import MethodSpec, register
 
-__all__ = ["BatchConfig", "BATCH_METHODS", "default_span", "check_batch", "compute_batch", "add_keys"]
+__all__ = ["BatchConfig", "BATCH_METHODS", "SOLVES", "LayerSolve", "check_batch", "compute_batch", "add_keys"]
 
 log = logging.getLogger(__name__)
 
-BATCH_METHODS = ("memit", "emmet", "alphaedit")
+
+@dataclass(frozen=True)
+class LayerSolve:
+    """The per-layer solve of one member of the family.
+
+    Attributes:
+        solve: ``(R (d_model, n), K (d_ff, n), C, layer, cfg, caches, memory) -> Solution``; ``memory`` is the
+            method's state at ``layer`` (``None`` for stateless methods or before the first edit).
+        keeps_keys: the method's state is a key memory: the keys of each batch are returned as its
+            ``state_update`` and folded in with :func:`add_keys`.
+    """
+
+    solve: Callable[..., Solution]
+    keeps_keys: bool = False
 
 
-def default_span(n_layers: int, width: int = 5) -> Tuple[int, ...]:
-    """``width`` consecutive layers ending ~27% up the stack (GPT-J 28 → 4..8, MEMIT used 3..8;
-    SmolLM2 30 → 4..8; GPT-2 XL 48 → 9..13)."""
-    last = max(0, min(n_layers - 1, round(0.27 * n_layers)))
-    return tuple(range(max(0, last - width + 1), last + 1))
+def _memit(R, K, C, layer, cfg, caches, memory) -> Solution:
+    return least_squares(R, K, C, cfg.mom2_update_weight)
+
+
+def _emmet(R, K, C, layer, cfg, caches, memory) -> Solution:
+    sol = equality_constrained(R, K, C, max_condition=cfg.max_condition)
+    if sol.ridge:
+        log.warning("EMMET layer %d: key system ill-conditioned (cond %.2e); ridge %.3g added",
+                    layer, sol.condition, sol.ridge)
+    return sol
+
+
+def _alphaedit(R, K, C, layer, cfg, caches, memory) -> Solution:
+    P = caches.projector(layer, C, cfg.nullspace_threshold)
+    if float(P.diagonal().sum()) < 0.5:
+        raise MethodError(f"AlphaEdit: no eigenvalue of the key statistics at layer {layer} is below "
+                          f"nullspace_threshold={cfg.nullspace_threshold:g}, so every update would change "
+                          "preserved keys; raise the threshold or use memit/emmet")
+    alpha = cfg.alpha
+    if alpha is None:
+        alpha = cfg.alpha_scale * float((P * C.to(P.dtype)).sum())  # tr(P C), P and C symmetric
+    return null_space(R, K, P, memory, alpha)
+
+
+#: method name -> its per-layer solve (the registered names of the family, in this order)
+SOLVES: Dict[str, LayerSolve] = {"memit": LayerSolve(_memit), "emmet": LayerSolve(_emmet),
+                                 "alphaedit": LayerSolve(_alphaedit, keeps_keys=True)}
+BATCH_METHODS = tuple(SOLVES)
 
 
 @dataclass(frozen=True)
 class BatchConfig(StatsFields):
     """Configuration of a MEMIT / EMMET / AlphaEdit edit. ``None`` fields come from the model. Also has the
-    fields of :class:`~factedit.edit.methods.rome.StatsFields` (statistics, template seed, layout, layer rule).
+    fields of :class:`~factedit.edit.methods.base.StatsFields` (statistics, template seed, layer rule).
 
     Attributes:
         method: ``"memit"``, ``"emmet"`` or ``"alphaedit"``.
-        layers: the span of edited layers (ascending); default :func:`default_span`.
+        layers: the span of edited layers (ascending); default :func:`~factedit.edit.methods.base.default_span`.
         value: target optimisation knobs (MEMIT's clamp, 0.75 of ‖z₀‖; Adam lr 1.0 where MEMIT's code uses 0.5:
             on a batch of 100 CounterFact requests the same ES/PS (100/93) with 11.4 instead of 16.7 steps per
             target on average, docs/ALGORITHMS.md §4).
@@ -89,27 +127,16 @@ class BatchConfig(StatsFields):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.method not in BATCH_METHODS:
-            raise MethodError(f"unknown batch method {self.method!r}; choose one of {', '.join(BATCH_METHODS)}")
+        if self.method not in SOLVES:
+            raise MethodError(f"unknown batch method {self.method!r}; choose one of {', '.join(SOLVES)}")
         if self.batch_size < 1:
             raise MethodError("batch_size must be at least 1")
         if self.current_residual not in ("bare", "templates"):
             raise MethodError(f"current_residual must be 'bare' or 'templates', got {self.current_residual!r}")
 
-    @property
-    def variant(self) -> str:
-        return self.method
-
     def resolved(self, adapter) -> "BatchConfig":
-        layers = default_span(adapter.n_layers) if self.layers is None else tuple(self.layers)
-        if not layers:
-            raise MethodError("layers must name at least one layer")
-        for l in layers:
-            adapter.check_layer(l)
-        if list(layers) != sorted(set(layers)):
-            raise MethodError(f"layers must be distinct and ascending, got {list(layers)}")
-        rule = self.layer_rule or ("depth rule: 5 layers ending at round(0.27 × layers)" if self.layers is None
-                                   else "given")
+        layers = default_span(adapter.n_layers) if self.layers is None else check_layers(adapter, self.layers)
+        rule = self.layer_rule or (SPAN_RULE if self.layers is None else GIVEN)
         return replace(self, layers=layers, stats_tokens=self.stats_tokens or default_stats_tokens(adapter.d_ff),
                        layer_rule=rule)
 
@@ -177,12 +204,13 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
     """Deltas of a batch edit over the span. The model is updated layer by layer while
     computing (later keys depend on earlier layers) and restored before returning.
 
-    ``state`` holds AlphaEdit's key memory ``{layer: K_p K_pᵀ}`` and is not modified; the result's
-    ``state_keys`` (AlphaEdit only, else ``None``) are this batch's keys ``{layer: K (d_ff, n) float64}``,
-    committed by the caller with :func:`add_keys`.
+    ``state`` holds the method's state (AlphaEdit's key memory ``{layer: K_p K_pᵀ}``) and is not modified;
+    for a method that keeps keys (:attr:`LayerSolve.keeps_keys`) the result's ``state_update`` is this
+    batch's keys ``{layer: K (d_ff, n) float64}``, folded in by the caller (the registration's ``fold_state``).
     """
     ad = adapter
     check_batch(requests)
+    solver = SOLVES[cfg.method]
     timings: Dict[str, float] = {}
     t = time.perf_counter()
     C = {l: caches.mom2(l, **cfg.stats_args) for l in cfg.layers}  # on each W_out's device
@@ -210,33 +238,22 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
             dev = C[l].device  # the solve runs where the statistics and W_out are
             R = ((Z_target.to(dev) - Z_cur.to(dev)) / (len(cfg.layers) - i)).T  # (d_model, n)
             Kt = K.T.to(dev)  # (d_ff, n)
-            if cfg.method == "memit":
-                sol = least_squares(R, Kt, C[l], cfg.mom2_update_weight)
-            elif cfg.method == "emmet":
-                sol = equality(R, Kt, C[l], max_condition=cfg.max_condition)
-                if sol.ridge:
-                    log.warning("EMMET layer %d: key system ill-conditioned (cond %.2e); ridge %.3g added",
-                                l, sol.condition, sol.ridge)
-            else:
-                P = caches.projector(l, C[l], cfg.nullspace_threshold)
-                if float(P.diagonal().sum()) < 0.5:
-                    raise MethodError(f"AlphaEdit: no eigenvalue of the key statistics at layer {l} is below "
-                                      f"nullspace_threshold={cfg.nullspace_threshold:g}, so every update would change "
-                                      "preserved keys; raise the threshold or use memit/emmet")
-                alpha = cfg.alpha
-                if alpha is None:
-                    alpha = cfg.alpha_scale * float((P * C[l].to(P.dtype)).sum())  # tr(P C), P and C symmetric
-                sol = null_space(R, Kt, P, state.get(l), alpha)
+            sol = solver.solve(R, Kt, C[l], l, cfg, caches, state.get(l))
+            if solver.keeps_keys:
                 new_keys[l] = Kt.double()
             d = LayerDelta(l, sol.left.float(), sol.right.float())
             keys_of[l] = Kt
             applied.append(apply_deltas(ad, [d]))
             deltas.append(d)
             for x in info:
-                x.setdefault("ridge", {})[l] = sol.ridge
+                x.setdefault("ridge", {})[str(l)] = sol.ridge
     finally:
         for a in reversed(applied):
             a.revert()
     timings["solve"] = time.perf_counter() - t
-    return Computed(deltas, None, info, timings, cfg, state_keys=new_keys if cfg.method == "alphaedit" else None,
+    return Computed(deltas, None, info, timings, cfg, state_update=new_keys if solver.keeps_keys else None,
                     keys=keys_of)
+
+
+for _name, _solve in SOLVES.items():
+    register(MethodSpec(_name, BatchConfig, compute_batch, fold_state=add_keys if _solve.keeps_keys else None))

@@ -14,14 +14,13 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ...core.arch import ArchSpec
 from ...core.batching import pad_id, pad_rows
-from ..deltas import LayerDelta
-from ..row_deltas import RowDeltas
-from ..results import Computed
-from ...core.errors import MethodError
 from ...core.tokens import encode_request
-from .rome import DEPTH_RULE, default_layer
+from ..deltas import LayerDelta
+from ..results import Computed
+from ..row_deltas import RowDeltas
+from .base import DEPTH_RULE, GIVEN, check_layers, default_layer
+from .registry import MethodSpec, register
 
 __all__ = ["FTConfig", "compute_ft"]
 
@@ -31,30 +30,24 @@ class FTConfig:
     """Fine-tuning baseline.
 
     Attributes:
-        layers: layers whose W_out is trained; default the ROME default layer.
+        method: ``"ft"``.
+        layers: layers whose W_out is trained (ascending); default the ROME default layer.
         steps: Adam steps.
         lr: learning rate.
         norm_constraint: L∞ bound on each weight's change.
-        arch: explicit module layout for unknown architectures.
         layer_rule: how the layers were chosen (filled in).
     """
 
+    method: str = "ft"
     layers: Optional[Tuple[int, ...]] = None
     steps: int = 25
     lr: float = 5e-4
     norm_constraint: float = 5e-4
-    arch: Optional[ArchSpec] = None
     layer_rule: str = ""
 
-    variant = "ft"
-
     def resolved(self, adapter) -> "FTConfig":
-        layers = (default_layer(adapter.n_layers),) if self.layers is None else tuple(self.layers)
-        if not layers:
-            raise MethodError("layers must name at least one layer")
-        for l in layers:
-            adapter.check_layer(l)
-        rule = self.layer_rule or (DEPTH_RULE if self.layers is None else "given")
+        layers = (default_layer(adapter.n_layers),) if self.layers is None else check_layers(adapter, self.layers)
+        rule = self.layer_rule or (DEPTH_RULE if self.layers is None else GIVEN)
         return replace(self, layers=layers, layer_rule=rule)
 
 
@@ -104,3 +97,6 @@ def compute_ft(adapter, caches, requests, cfg: FTConfig, state=None) -> Computed
     out = [LayerDelta.from_dense(l, D.detach().clone()) for l, D in zip(cfg.layers, deltas)]
     info = [{"loss_before": losses[0] if losses else loss_after, "loss_after": loss_after, "steps": cfg.steps}]
     return Computed(out, None, info, {"values": time.perf_counter() - t0}, cfg)
+
+
+register(MethodSpec("ft", FTConfig, compute_ft))

@@ -1,11 +1,12 @@
-"""ROME in three variants (docs/ALGORITHMS.md §2–3).
+"""ROME in three variants (docs/ALGORITHMS.md §2–3), each a registered method.
 
 * ``r-rome`` (default): the paper's equation, k* in direction and residual.
 * ``rome``: the original research code, ``Δ = (v* − W k_o)(C⁻¹k*)ᵀ / (k_oᵀ C⁻¹ k*)``.
 * ``p-rome``: k_o everywhere (no prefix averaging of the key).
 
 With ``v* = W k_res + δ`` (δ from the value optimisation) all three are the rank-one
-``Δ = δ (C⁻¹k_dir)ᵀ / (k_resᵀ C⁻¹ k_dir)``.
+``Δ = δ (C⁻¹k_dir)ᵀ / (k_resᵀ C⁻¹ k_dir)`` (:func:`rome_delta`); :func:`compute_rome` is the pipeline
+(statistics, templates, δ, then the closed form).
 """
 
 from __future__ import annotations
@@ -14,84 +15,35 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Sequence, Tuple
 
-from ...core.arch import ArchSpec
-from ..deltas import LayerDelta
 from ...core.errors import MethodError
-from ..solver import equality
+from ..deltas import LayerDelta
 from ..results import Computed
+from ..solver import equality_constrained
 from ..values import ValueConfig, ValueProblem, optimize_values
-from ...stats.layer import check_stats_options
+from ..verify import retry_config
+from .base import DEPTH_RULE, GIVEN, StatsFields, default_layer, default_stats_tokens
+from .registry import MethodSpec, register
 
-__all__ = ["StatsFields", "ROMEConfig", "ROME_VARIANTS", "compute_rome", "compute_rome_edit", "prefetch_targets", "default_layer",
-           "default_stats_tokens", "rome_norm_ratio"]
+__all__ = ["ROMEConfig", "ROME_VARIANTS", "rome_delta", "compute_rome", "prefetch_targets", "rome_norm_ratio"]
 
 ROME_VARIANTS = ("r-rome", "rome", "p-rome")
-
-
-#: how the default edit layer is chosen, as recorded in configs (the same in Python, `edit` and `eval`)
-DEPTH_RULE = "depth rule: round(0.17 × layers)"
-
-
-def default_layer(n_layers: int) -> int:
-    """Edit layer from depth: ~17% of the way up (GPT-J 28 → 5 as in ROME, SmolLM2 30 → 5)."""
-    return max(0, min(n_layers - 1, round(0.17 * n_layers)))
-
-
-def default_stats_tokens(d_ff: int) -> int:
-    """Tokens for C from width: at least 100k and 64 per key dimension (C must be well conditioned)."""
-    return max(100_000, 64 * d_ff)
-
-
-@dataclass(frozen=True)
-class StatsFields:
-    """The fields every method with key statistics and context templates has (ROME and the batch family).
-
-    Attributes:
-        stats_corpus: corpus spec for C (see :mod:`factedit.stats.corpus`); ``None`` = ``"auto"``.
-        stats_tokens: tokens for C; default :func:`default_stats_tokens` of the width.
-        stats_seq_len: tokens per sequence of the statistics' forwards, whatever the model's context length
-            (memory per forward: batch × this × d_ff × 4 bytes of keys).
-        stats_dtype: the accumulator of ``sum k kᵀ``: ``"float64"`` (default) or ``"float32"`` (half the memory
-            of a d_ff² buffer on the layer's device; docs/BENCHMARKS.md measures what it changes in edits).
-        seed: seed of the context templates.
-        arch: explicit module layout for architectures factedit does not know.
-        layer_rule: how the layer(s) were chosen (filled in: ``"given"``, the depth rule, or the causal-trace
-            recommendation when ``layer="traced"`` is passed to :meth:`Editor.make_config`).
-    """
-
-    stats_corpus: Optional[str] = None
-    stats_tokens: Optional[int] = None
-    stats_seq_len: int = 256
-    stats_dtype: str = "float64"
-    seed: int = 0
-    arch: Optional[ArchSpec] = None
-    layer_rule: str = ""
-
-    def __post_init__(self):
-        check_stats_options(self.stats_seq_len, self.stats_dtype)
-
-    @property
-    def stats_args(self) -> dict:
-        """The statistics this config edits with, as :meth:`EditCaches.stats` takes them (after ``layer``)."""
-        return {"corpus": self.stats_corpus, "n_tokens": self.stats_tokens, "seq_len": self.stats_seq_len,
-                "dtype": self.stats_dtype}
 
 
 @dataclass(frozen=True)
 class ROMEConfig(StatsFields):
     """Configuration of a ROME edit. ``None`` fields are derived from the model. Also has the fields of
-    :class:`StatsFields` (statistics corpus and tokens, template seed, module layout, layer rule).
+    :class:`~factedit.edit.methods.base.StatsFields` (statistics corpus and tokens, template seed, layer rule).
 
     Attributes:
-        variant: ``"r-rome"`` (default), ``"rome"`` or ``"p-rome"``.
-        layer: edited layer; default :func:`default_layer` of the depth.
+        method: ``"r-rome"`` (default), ``"rome"`` or ``"p-rome"``.
+        layer: edited layer; default :func:`~factedit.edit.methods.base.default_layer` of the depth.
         value: the value-optimisation knobs (steps, lr, KL weight, clamp, ...).
         context_lengths: ``(tokens, count)`` of model-generated context prefixes.
         essence_prompts: prompts for the essence-drift KL (``{}`` = subject).
         fact_token: ``"subject_last"`` (default), ``"subject_first"`` or ``"last"``.
     """
 
-    variant: str = "r-rome"
+    method: str = "r-rome"
     layer: Optional[int] = None
     value: ValueConfig = field(default_factory=ValueConfig)
     context_lengths: Tuple[Tuple[int, int], ...] = ((5, 10), (10, 10))
@@ -100,8 +52,8 @@ class ROMEConfig(StatsFields):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.variant not in ROME_VARIANTS:
-            raise MethodError(f"unknown ROME variant {self.variant!r}; choose one of {', '.join(ROME_VARIANTS)}")
+        if self.method not in ROME_VARIANTS:
+            raise MethodError(f"unknown ROME variant {self.method!r}; choose one of {', '.join(ROME_VARIANTS)}")
         for p in self.essence_prompts:
             if p.count("{}") != 1:
                 raise MethodError(f"essence prompt must contain one '{{}}': {p!r}")
@@ -109,7 +61,7 @@ class ROMEConfig(StatsFields):
     def resolved(self, adapter) -> "ROMEConfig":
         """A copy with every ``None`` default filled in from the model."""
         layer = default_layer(adapter.n_layers) if self.layer is None else adapter.check_layer(self.layer)
-        rule = self.layer_rule or (DEPTH_RULE if self.layer is None else "given")
+        rule = self.layer_rule or (DEPTH_RULE if self.layer is None else GIVEN)
         tokens = self.stats_tokens or default_stats_tokens(adapter.d_ff)
         return replace(self, layer=layer, stats_tokens=tokens, layer_rule=rule)
 
@@ -118,8 +70,9 @@ class ROMEConfig(StatsFields):
         return (self.layer,) if self.layer is not None else ()
 
 
-def compute_rome(C, values, index: int, variant: str, layer: int) -> LayerDelta:
-    """The rank-one delta of request ``index`` of a :class:`~factedit.values.ValueResult`."""
+def rome_delta(C, values, index: int, variant: str, layer: int) -> LayerDelta:
+    """The closed form: the rank-one delta of request ``index`` of a :class:`~factedit.edit.values.ValueResult`
+    for ROME variant ``variant``."""
     k_star, k_o, delta = values.k_star[index], values.k_o[index], values.delta[index]
     if variant == "r-rome":
         k_dir, k_res = k_star, k_star
@@ -129,19 +82,17 @@ def compute_rome(C, values, index: int, variant: str, layer: int) -> LayerDelta:
         k_dir, k_res = k_o, k_o
     else:
         raise MethodError(f"unknown ROME variant {variant!r}")
-    sol = equality(delta[:, None], k_dir[:, None], C, k_res[:, None])  # ROME = the n = 1 equality case
+    sol = equality_constrained(delta[:, None], k_dir[:, None], C, k_res[:, None])  # ROME = the n = 1 case
     return LayerDelta(layer, sol.left.float(), sol.right.float())
-
-
 def _targets(adapter, caches, cfg: ROMEConfig) -> tuple:
     templates = caches.templates(cfg.seed, cfg.context_lengths)
     memo = caches.target_memo(cfg.layer, templates, cfg.value, cfg.essence_prompts, cfg.fact_token, site="w_out")
     return templates, memo
 
 
-def compute_rome_edit(adapter, caches, requests: Sequence, cfg: ROMEConfig, state=None) -> Computed:
+def compute_rome(adapter, caches, requests: Sequence, cfg: ROMEConfig, state=None) -> Computed:
     """A ROME edit of one request: statistics, templates, the target δ (memoised per weights, or
-    prefetched by :func:`prefetch_targets`), then the closed form of ``cfg.variant``."""
+    prefetched by :func:`prefetch_targets`), then the closed form of ``cfg.method`` (:func:`rome_delta`)."""
     if len(requests) != 1:
         raise MethodError("ROME edits one request at a time; pass one Request (or use Editor.edit)")
     req = requests[0]
@@ -160,7 +111,7 @@ def compute_rome_edit(adapter, caches, requests: Sequence, cfg: ROMEConfig, stat
         values = memo[req] = optimize_values(problem, cfg.value)
     timings["values"] = time.perf_counter() - t
     t = time.perf_counter()
-    delta = compute_rome(C, values, 0, cfg.variant, cfg.layer)
+    delta = rome_delta(C, values, 0, cfg.method, cfg.layer)
     timings["solve"] = time.perf_counter() - t
     info = [{"nll_before": values.nll_before[0], "nll_after": values.nll_after[0], "steps": values.steps_each[0],
              "delta_v_norm": float(values.delta[0].norm()), "v0_norm": float(values.v0[0].norm())}]
@@ -169,7 +120,7 @@ def compute_rome_edit(adapter, caches, requests: Sequence, cfg: ROMEConfig, stat
 
 def prefetch_targets(adapter, caches, requests: Sequence, cfg: ROMEConfig, batch_size: int = 16) -> None:
     """Optimise the targets (δ) of single ROME edits of ``requests`` on the current weights,
-    ``batch_size`` requests per optimisation, into the target memo that :func:`compute_rome_edit`
+    ``batch_size`` requests per optimisation, into the target memo that :func:`compute_rome`
     reads (any edit in between changes the weights' fingerprint and leaves them unused). The
     optimisations of a batch are independent (own δ, own loss, own early stop), so this only amortises
     the per-forward cost; the δ equal single-request ones up to float rounding."""
@@ -195,3 +146,8 @@ def rome_norm_ratio(adapter, C, requests, templates, layer: int):
     k_o, _ = template_keys(adapter, requests, ["{}"], layer)
     U = solve_spd(C, k_star.T.double())  # (d_ff, n) C⁻¹ k*
     return ((k_star.double().T * U).sum(0) / (k_o.double().T * U).sum(0)).abs()
+
+
+for _name in ROME_VARIANTS:
+    register(MethodSpec(_name, ROMEConfig, compute_rome, single_request=True, retry=retry_config,
+                        prefetch=prefetch_targets), default=_name == "r-rome")
