@@ -33,7 +33,7 @@ from _report import CF, CORPUS, cpu_name, publish  # noqa: E402
 def one(methods: list, n: int) -> list:
     """Run inside a fresh process: load, edit n requests with each method, measure."""
     from factedit import Editor, load_model
-    from factedit.report import efficacy
+    from factedit.app.edit import efficacy
     from factedit.core.request_files import load_requests
 
     reqs, seen = [], set()

@@ -63,7 +63,7 @@ def run_checks(name: str, load_kwargs: dict, args, reference=None) -> dict:
     from factedit.core.lm import target_probabilities
     from factedit.core.request_files import load_requests
     from factedit.evaluation import EvalConfig, run_eval
-    from factedit.report import efficacy
+    from factedit.app.edit import efficacy
     from factedit.trace.causal import TraceConfig, trace_prompt
 
     os.environ["FACTEDIT_HOME"] = tempfile.mkdtemp(prefix=f"gpu-check-{name.replace(' ', '-')}-")

@@ -40,8 +40,9 @@ def main():
     from factedit import Editor, Request, load_model
     from factedit.core.answers import greedy_answers, mentions, normalize_answer
     from factedit.edit.guard import CollapseError
-    from factedit.report import edit_report
-    from factedit.side_effects import load_bank
+    from factedit.app.edit import edit_fact
+    from factedit.app.settings import EditSettings
+    from factedit.app.side_effects import load_bank
 
     model, tok = load_model()
     ed = Editor(model, tok, progress=False)
@@ -54,7 +55,8 @@ def main():
         hood = rec["locality_prompt"]
         before = greedy_answers(ed.adapter, [hood])[0]
         try:
-            result, rep = edit_report(ed, r, cfg, bank=bank)
+            es = EditSettings(prompt=r.prompt, subject=r.subject, target=r.target_new, true=r.target_true)
+            result, rep = edit_fact(ed, None, es, config=cfg, bank=bank)
         except CollapseError as e:  # refused by the guard: nothing applied, nothing to probe
             rows.append({"case_id": rec["case_id"], "refused": str(e)})
             continue
@@ -62,8 +64,8 @@ def main():
             after = greedy_answers(ed.adapter, [hood])[0]
         finally:
             ed.revert()
-        fx = rep["side_effects"]
-        rows.append({"case_id": rec["case_id"], "verified": rep["verified"], "probed": fx["probed"],
+        fx = rep.side_effects
+        rows.append({"case_id": rec["case_id"], "verified": rep.verified, "probed": fx["probed"],
                      "changed": fx["changed"], "leaked": fx["leaked_target"],
                      "changed_same_relation": sum(p["changed"] for p in fx["probes"] if p["kind"] == "same relation"),
                      "changed_same_subject": sum(p["changed"] for p in fx["probes"] if p["kind"] == "same subject"),

@@ -9,7 +9,7 @@ corpus=()
 # statistics from WikiText-2 when the project's shared data sits beside the checkout;
 # otherwise factedit falls back to its default (wikitext-103 with network, else model-sampled text)
 if [ -f ../shared/data/corpus/wikitext2_valid.txt ]; then
-  corpus=(--corpus ../shared/data/corpus/wikitext2_valid.txt)
+  corpus=(--stats-corpus ../shared/data/corpus/wikitext2_valid.txt)
 fi
 exec factedit edit --prompt "{} is located in the city of" --subject "Eiffel Tower" \
   --target "Rome" --true "Paris" "${corpus[@]}" "$@"

@@ -6,8 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-corpus=()
+data=()
 if [ -f ../shared/data/corpus/wikitext2_valid.txt ]; then  # as scripts/demo.sh
-  corpus=(--corpus ../shared/data/corpus/wikitext2_valid.txt)
+  data+=(--stats-corpus ../shared/data/corpus/wikitext2_valid.txt)
 fi
-exec factedit ui "${corpus[@]}" "$@"
+if [ -f ../shared/data/counterfact/counterfact_knowedit.jsonl ]; then  # what the Evaluate tab offers
+  data+=(--eval-dataset ../shared/data/counterfact/counterfact_knowedit.jsonl)
+fi
+exec factedit ui "${data[@]}" "$@"

@@ -80,11 +80,12 @@ def tour(page, out: Path, reqs: Path, data: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", required=True, help="statistics corpus (as factedit edit --corpus)")
+    ap.add_argument("--corpus", required=True, help="statistics corpus (as factedit edit --stats-corpus)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "img"))
     args = ap.parse_args()
 
-    from factedit.ui.browser import chromium_page, running_ui
+    sys.path.insert(0, str(ROOT / "tests"))  # the browser harness lives with the tests
+    from browser import chromium_page, running_ui
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ def main() -> int:
     data = work / "counterfact5.jsonl"
     data.write_text(reqs.read_text(encoding="utf-8"), encoding="utf-8")
     with open(work / "server.log", "w") as log, \
-            running_ui(["--corpus", args.corpus, "--workdir", str(work / "ui")], log=log) as url, \
+            running_ui(["--stats-corpus", args.corpus, "--workdir", str(work / "ui")], log=log) as url, \
             chromium_page(width=1400, height=900) as page:
         page.set_default_timeout(60_000)
         page.goto(url)

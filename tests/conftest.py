@@ -23,7 +23,7 @@ os.environ["FACTEDIT_HOME"] = str(TEST_HOME)
 #: (efficacy, retention, revert, guard decisions) holds with it. The default for users is 100,000.
 TEST_STATS_TOKENS = 40_000
 STATS = dict(stats_corpus=str(CORPUS), stats_tokens=TEST_STATS_TOKENS)
-STATS_ARGS = ["--corpus", str(CORPUS), "--stats-tokens", str(TEST_STATS_TOKENS)]
+STATS_ARGS = ["--stats-corpus", str(CORPUS), "--stats-tokens", str(TEST_STATS_TOKENS)]
 #: The default statistics (100,000 tokens), for the tests of record 6276, whose disabling `rome` edit
 #: was found and documented with them (docs/EVALUATION.md, docs/GUARD.md): with other statistics the
 #: same record is a different edit.

@@ -46,7 +46,7 @@ def _run(capsys, *argv):
 def test_cli_edit_json_on_tiny_model(tiny_dir, tiny_corpus, home, capsys):
     code, out, err = _run(capsys, "edit", "--model", str(tiny_dir), "--prompt", "{} is located in the city of",
                           "--subject", "Eiffel Tower", "--target", "Rome", "--true", "Paris", "--layer", "1",
-                          "--corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "3", "--json",
+                          "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "3", "--json",
                           "--allow-unverified")  # a tiny random model: whether the edit takes is not tested here
     assert code == 0, err
     obj = json.loads(out)  # exactly one JSON object on stdout
@@ -63,14 +63,14 @@ def test_cli_edit_json_on_tiny_model(tiny_dir, tiny_corpus, home, capsys):
     (["--prompt", "{} is in {}", "--subject", "Eiffel Tower", "--target", "Rome"], "exactly one"),
     (["--layer", "99"], "out of range"),
     (["--method", "romeo"], "unknown method"),
-    (["--corpus", "/nonexistent/corpus.txt"], "not found"),
+    (["--stats-corpus", "/nonexistent/corpus.txt"], "not found"),
     (["--set", "value.learning_rate=0.1"], "has no option 'learning_rate'"),
     (["--set", "value.lr=fast"], "not a valid float"),
     (["--set", "lr"], "KEY=VALUE"),
 ])
 def test_cli_bad_input_exits_nonzero_and_leaves_weights(extra, match, tiny_dir, tiny_corpus, home, capsys):
     before = _weights(tiny_dir)
-    base = ["edit", "--model", str(tiny_dir), "--corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2"]
+    base = ["edit", "--model", str(tiny_dir), "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2"]
     if "--prompt" not in extra:
         base += ["--prompt", "{} is in", "--subject", "Eiffel Tower", "--target", "Rome"]
     code, out, err = _run(capsys, *base, *extra)
@@ -84,7 +84,7 @@ def test_cli_bad_input_exits_nonzero_and_leaves_weights(extra, match, tiny_dir, 
 def test_cli_empty_corpus(tiny_dir, tmp_path, home, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    code, _, err = _run(capsys, "stats", "--model", str(tiny_dir), "--layers", "1", "--corpus", str(empty))
+    code, _, err = _run(capsys, "stats", "--model", str(tiny_dir), "--layers", "1", "--stats-corpus", str(empty))
     assert code == 2 and "empty" in err
 
 

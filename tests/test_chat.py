@@ -55,7 +55,7 @@ def test_cli_edit_chat(tiny_dir, tiny_corpus, home, capsys):
     tok = _chat_tok()
     tok.save_pretrained(tiny_dir)
     code = main(["edit", "--model", str(tiny_dir), "--prompt", REQ.prompt, "--subject", REQ.subject, "--target", "Rome",
-                 "--layer", "1", "--steps", "15", "--corpus", str(tiny_corpus), "--stats-tokens", "800", "--chat",
+                 "--layer", "1", "--steps", "15", "--stats-corpus", str(tiny_corpus), "--stats-tokens", "800", "--chat",
                  "--no-guard", "--allow-unverified", "--json"])
     out = capsys.readouterr()
     assert code == 0, out.err

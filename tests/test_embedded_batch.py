@@ -4,7 +4,7 @@ import pytest
 
 from conftest import COUNTERFACT, STATS
 from factedit import GuardConfig
-from factedit.report import efficacy
+from factedit.app.edit import efficacy
 from factedit.core.request_files import load_requests
 
 pytestmark = pytest.mark.slow

@@ -192,7 +192,7 @@ def test_runs_in_one_process_share_downstream_accuracy_of_identical_weights(home
 
 
 def test_alphaedit_sequential_resume_restores_key_memory(home, tiny_corpus, tmp_path, monkeypatch):
-    cfg = _cfg(tiny_corpus, "alphaedit", sequential=True, batch_size=2, generation=GenerationConfig(length=0))
+    cfg = _cfg(tiny_corpus, "alphaedit", sequential=True, cases_per_edit=2, generation=GenerationConfig(length=0))
     ed = _editor()
     run_eval(ed, cfg, tmp_path / "full")
     with monkeypatch.context() as m:
@@ -214,7 +214,7 @@ def test_a_run_whose_patch_stack_was_lost_starts_again(home, tiny_corpus, tmp_pa
     import shutil
 
     tasks = _downstream_dir(tmp_path)
-    cfg = _cfg(tiny_corpus, "memit", sequential=True, batch_size=2, downstream_dir=str(tasks), downstream_every=2,
+    cfg = _cfg(tiny_corpus, "memit", sequential=True, cases_per_edit=2, downstream_dir=str(tasks), downstream_every=2,
                downstream=DownstreamConfig(tasks=("sst2",), n=2, shots=1), generation=GenerationConfig(length=0))
     ed = _editor()
     run_eval(ed, cfg, tmp_path / "full")
@@ -231,7 +231,7 @@ def test_a_run_whose_patch_stack_was_lost_starts_again(home, tiny_corpus, tmp_pa
 
 
 def test_batch_method_edits_groups(home, tiny_corpus, tmp_path):
-    run_eval(_editor(), _cfg(tiny_corpus, "memit", batch_size=3, generation=GenerationConfig(length=0)), tmp_path / "m")
+    run_eval(_editor(), _cfg(tiny_corpus, "memit", cases_per_edit=3, generation=GenerationConfig(length=0)), tmp_path / "m")
     recs = _records(tmp_path / "m")
     assert [r["group"] for r in recs] == [0, 0, 0, 1]
     assert recs[0]["delta_norm"] == recs[2]["delta_norm"] != recs[3]["delta_norm"]
@@ -239,13 +239,13 @@ def test_batch_method_edits_groups(home, tiny_corpus, tmp_path):
 
 
 def test_inconsistent_settings_are_refused():
-    for kw, msg in ((dict(method="r-rome", batch_size=2), "one case at a time"),
+    for kw, msg in ((dict(method="r-rome", cases_per_edit=2), "one case at a time"),
                     (dict(method="none", sequential=True), "needs an editing method"),
                     (dict(downstream_every=5), "needs --sequential"),
                     (dict(sequential=True, downstream_every=5), "needs something to measure: --downstream DIR"),
                     (dict(method="nope"), "unknown method"),
-                    (dict(chunk=0), "--chunk and --prefetch-batch must be >= 1"),
-                    (dict(prefetch_batch=0), "--chunk and --prefetch-batch must be >= 1"),
+                    (dict(chunk=0), "--chunk and --target-batch must be >= 1"),
+                    (dict(prefetch_batch=0), "--chunk and --target-batch must be >= 1"),
                     (dict(retention_sample=-1), "--retention-sample must be a whole number >= 0"),
                     (dict(retention_sample=1), "cannot hold the first and the latest"),
                     (dict(retention_sample=5), "--retention-sample needs --downstream-every")):
@@ -335,7 +335,7 @@ def test_summarize_table_and_plots(home, tiny_corpus, tmp_path, capsys):
 def test_cli_errors_exit_2(tmp_path, capsys):
     from factedit.cli import main
 
-    assert main(["eval", "--method", "rome", "--batch-size", "4", "--dataset", str(COUNTERFACT),
+    assert main(["eval", "--method", "rome", "--cases-per-edit", "4", "--dataset", str(COUNTERFACT),
                  "--out", str(tmp_path / "x")]) == 2
     assert "one case at a time" in capsys.readouterr().err
     assert main(["summarize", str(tmp_path)]) == 2
@@ -348,9 +348,10 @@ def test_summarize_mode_names_the_batch_size(tmp_path):
     def mode(**compare):
         return Run(tmp_path, {"compare": compare}, {}, [], []).mode
 
-    assert mode(batch_size=25) == "single, batches of 25"
-    assert mode(batch_size=10, sequential=True) == "sequential, batches of 10"
-    assert mode(batch_size=1, sequential=True) == "sequential" and mode() == "single"
+    assert mode(cases_per_edit=25) == "single, batches of 25"
+    assert mode(cases_per_edit=10, sequential=True) == "sequential, batches of 10"
+    assert mode(cases_per_edit=1, sequential=True) == "sequential" and mode() == "single"
+    assert mode(batch_size=25) == "single, batches of 25"  # runs written before the option was renamed
 
 
 def test_cli_eval_set_reaches_the_method_config(tiny_dir, home, tmp_path, capsys):

@@ -193,7 +193,7 @@ CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<
 
 @pytest.mark.skipif(not COUNTERFACT.is_file(), reason="shared data not found")
 def test_chat_generation_scores_ask_through_the_template(home, tmp_path, tiny_corpus):
-    """`eval --chat`: each prompt is the user's message; the answer is the model's greedy reply (as an
+    """`eval --gen-chat`: each prompt is the user's message; the answer is the model's greedy reply (as an
     independent generate() of the rendered conversation gives it), cut at the first sentence."""
     from factedit.cli import main
 
@@ -223,7 +223,7 @@ def test_chat_generation_scores_ask_through_the_template(home, tmp_path, tiny_co
     # a model without a chat template: a clear error, nothing written
     model2, tok2 = tiny_model("llama")
     code = main(["eval", "--model", str(_save(model2, tok2, tmp_path / "m")), "--method", "none", "--dataset",
-                 str(_cf(tmp_path, 2)), "--chat", "--out", str(tmp_path / "refused")])
+                 str(_cf(tmp_path, 2)), "--gen-chat", "--out", str(tmp_path / "refused")])
     assert code == 2 and not (tmp_path / "refused").exists()
 
 

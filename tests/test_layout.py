@@ -1,5 +1,6 @@
-"""The package layout holds: lower packages never import higher ones, no import cycles, and the
-public API (``factedit.__all__``) is importable."""
+"""The package layout holds: lower packages never import higher ones, no import cycles, the front ends reach
+methods only through the registry and options only through the application layer, the package never
+imports the tests' helpers, and the public API (``factedit.__all__``) is importable."""
 
 import ast
 from pathlib import Path
@@ -9,9 +10,13 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "factedit"
 
 #: the data flow, bottom to top; packages of one rank do not import each other
-RANKS = {"core": 0, "stats": 1, "edit": 2, "patch": 3, "trace": 3, "editor": 4, "side_effects": 4, "report": 5,
-         "evaluation": 5,
-         "ui": 6, "cli": 7, "__main__": 8}
+RANKS = {"core": 0, "stats": 1, "edit": 2, "patch": 3, "trace": 3, "editor": 4, "evaluation": 5, "app": 6, "ui": 7,
+         "cli": 8, "__main__": 9}
+#: the modules of edit/methods that are not a method: what everything above may import
+METHOD_SEAM = {"factedit.edit.methods", "factedit.edit.methods.registry", "factedit.edit.methods.options",
+               "factedit.edit.methods.base"}
+#: the tests' own modules (helpers no module of the package may import)
+TEST_HELPERS = {p.stem for p in Path(__file__).parent.glob("*.py")}
 
 
 def _modules():
@@ -131,3 +136,43 @@ def test_python_dash_m_factedit_runs_the_cli():
     bad = subprocess.run([sys.executable, "-m", "factedit", "inspect", "/nonexistent.safetensors"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "factedit: error:" in bad.stderr
+
+
+def _is_method_module(module: str) -> bool:
+    return module.startswith("factedit.edit.methods.") and module not in METHOD_SEAM
+
+
+def test_front_ends_editor_and_history_import_no_method_module():
+    """The CLI, the evaluation, the application layer, the page, the Editor and its history learn about methods
+    from the registry only: no import of a method's own module (rome, batch, ft, ...)."""
+    modules = _modules()
+    watched = [m for m in modules if m.split(".")[1:2] in (["cli"], ["evaluation"], ["app"], ["ui"])
+               or m in ("factedit.editor", "factedit.edit.history")]
+    assert "factedit.editor" in watched and "factedit.cli.edit" in watched
+    bad = [f"{m} imports {t}" for m in watched for t in _imports(m, modules[m], modules) if _is_method_module(t)]
+    assert not bad, "\n".join(sorted(bad))
+    assert _is_method_module("factedit.edit.methods.rome") and not _is_method_module("factedit.edit.methods.registry")
+
+
+def test_options_are_declared_in_the_application_layer_only():
+    """Every command-line option is added by app/options.py (from its declarations): no other module of the
+    package calls ``add_argument``; what an edit shows is typed there too."""
+    modules = _modules()
+    callers = sorted(m for m, p in modules.items() if "add_argument(" in p.read_text(encoding="utf-8"))
+    assert callers == ["factedit.app.options"], callers
+    from factedit.app import reports
+
+    assert {"EditReport", "BatchReport"} <= set(reports.__all__)
+    assert "factedit.report" not in modules and "factedit.side_effects" not in modules
+
+
+def test_the_package_imports_no_test_helper():
+    modules = _modules()
+    bad = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad += [f"{name} imports {n}" for n in names if n.split(".")[0] in TEST_HELPERS | {"tests"}]
+    assert not bad, "\n".join(bad)
+    assert "browser" in TEST_HELPERS and not (SRC / "ui" / "browser.py").exists()

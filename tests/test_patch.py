@@ -244,7 +244,7 @@ def test_cli_patch_workflow(home, tiny_corpus, tmp_path, capsys):
     tok.save_pretrained(base_dir)
     patch, edited_dir = tmp_path / "e.safetensors", tmp_path / "edited"
     code = main(["edit", "--model", str(base_dir), "--prompt", "{} is located in the city of", "--subject",
-                 "Eiffel Tower", "--target", "Rome", "--layer", "2", "--corpus", str(tiny_corpus), "--stats-tokens",
+                 "Eiffel Tower", "--target", "Rome", "--layer", "2", "--stats-corpus", str(tiny_corpus), "--stats-tokens",
                  "800", "--steps", "3", "--save-patch", str(patch), "--save-model", str(edited_dir), "--json",
                  "--allow-unverified"])  # the patch workflow is tested, not whether the tiny model's edit takes
     out = json.loads(capsys.readouterr().out)

@@ -239,7 +239,7 @@ def test_cli_edit_with_a_device_map_file(tiny_dir, tiny_corpus, home, tmp_path, 
     dm = tmp_path / "map.json"
     dm.write_text(json.dumps(_disk_map("llama")))
     base = ["edit", "--model", str(tiny_dir), "--prompt", "{} is located in the city of", "--subject", "Eiffel Tower",
-            "--target", "Rome", "--true", "Paris", "--layer", "2", "--corpus", str(tiny_corpus), "--stats-tokens", "600",
+            "--target", "Rome", "--true", "Paris", "--layer", "2", "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600",
             "--steps", "3",
             "--json", "--allow-unverified", "--no-guard", "--no-side-effects"]
     runs = []
@@ -274,7 +274,7 @@ def test_cli_bad_placement_exits_2_and_writes_nothing(extra, match, tiny_dir, ti
     extra = [str(tmp_path / "map.json") if x == "MAP_GPU" else str(tmp_path / x) if x.startswith("BLOCKED") else x
              for x in extra]
     code, out, err = _cli(capsys, "edit", "--model", str(tiny_dir), "--prompt", "{} is in", "--subject", "Eiffel Tower",
-                          "--target", "Rome", "--corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2",
+                          "--target", "Rome", "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2",
                           *extra)
     assert code == 2 and match in err and "factedit: error:" in err, err
     assert out == ""

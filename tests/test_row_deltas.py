@@ -149,7 +149,7 @@ def _cfg(tiny_corpus, method, **kw):
 @pytest.mark.parametrize("method,batch,prefetch", [("rome", 1, 1), ("r-rome", 1, 3), ("memit", 2, 1), ("ft", 2, 1),
                                                    ("none", 1, 1)])
 def test_chunked_run_equals_editing_each_case_for_real(home, tiny_corpus, tmp_path, method, batch, prefetch):
-    cfg = _cfg(tiny_corpus, method, batch_size=batch, chunk=4, prefetch_batch=prefetch)
+    cfg = _cfg(tiny_corpus, method, cases_per_edit=batch, chunk=4, prefetch_batch=prefetch)
     ed = Editor(*tiny_model("llama"), progress=False)
     run_eval(ed, cfg, tmp_path / "run")
     recs = [json.loads(l) for l in (tmp_path / "run" / "cases.jsonl").read_text().splitlines()]
@@ -181,7 +181,7 @@ def test_chunked_run_equals_editing_each_case_for_real(home, tiny_corpus, tmp_pa
 def test_sequential_ge_of_pending_edits_equals_ge_right_after_each_edit(home, tiny_corpus, tmp_path, method, batch):
     # GE of up to 3 consecutive edits is sampled together after the third, each row on the weights
     # right after its own edit (later deltas subtracted); the reference samples right after each edit
-    cfg = _cfg(tiny_corpus, method, batch_size=batch, sequential=True, chunk=3, limit=6)
+    cfg = _cfg(tiny_corpus, method, cases_per_edit=batch, sequential=True, chunk=3, limit=6)
     ed = Editor(*tiny_model("llama"), progress=False)
     run_eval(ed, cfg, tmp_path / "run")
     recs = [json.loads(l) for l in (tmp_path / "run" / "cases.jsonl").read_text().splitlines()]

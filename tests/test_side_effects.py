@@ -1,4 +1,4 @@
-"""The blast radius of an edit (factedit.side_effects): probe construction checked against keys read by
+"""The blast radius of an edit (factedit.app.side_effects): probe construction checked against keys read by
 a plain PyTorch hook, the flags on hand-written answers, and the report of a real edit on a tiny model."""
 
 import json
@@ -8,8 +8,9 @@ import torch
 from factedit import Editor, Patch, Request
 from factedit.cli import main
 from factedit.core.answers import greedy_answers
-from factedit.report import edit_report
-from factedit.side_effects import BUILTIN_TEMPLATES, Bank, Probe, compare, load_bank, probe_prompts
+from factedit.app.edit import edit_fact
+from factedit.app.settings import EditSettings
+from factedit.app.side_effects import BUILTIN_TEMPLATES, Bank, Probe, compare, load_bank, probe_prompts
 from tiny import tiny_model
 
 REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
@@ -71,8 +72,9 @@ def test_edit_report_measures_the_blast_radius_before_and_after(home, tiny_corpu
     bank = Bank(SUBJECTS, ("{} is in", "The capital of {} is"))
     cfg = ed.make_config("r-rome", layer=1, steps=3, stats_corpus=str(tiny_corpus), stats_tokens=600)
     before = greedy_answers(ed.adapter, [REQ.prompt.replace("{}", s) for s in SUBJECTS], 12)
-    result, report = edit_report(ed, REQ, cfg, bank=bank)
-    fx = report["side_effects"]
+    fact = EditSettings(prompt=REQ.prompt, subject=REQ.subject, target=REQ.target_new, true=REQ.target_true)
+    result, report = edit_fact(ed, None, fact, config=cfg, bank=bank)
+    fx = report.side_effects
     assert fx["probed"] == 6 + 2 and fx["source"] == "built-in" and result.side_effects is fx
     after_now = greedy_answers(ed.adapter, [p["prompt"] for p in fx["probes"]], 12)
     assert [p["after"] for p in fx["probes"]] == after_now
@@ -88,7 +90,7 @@ def test_edit_report_measures_the_blast_radius_before_and_after(home, tiny_corpu
 
 def test_cli_reports_side_effects_and_skips_them_on_request(tiny_dir, tiny_corpus, home, capsys):
     base = ["edit", "--model", str(tiny_dir), "--prompt", REQ.prompt, "--subject", "Eiffel Tower", "--target", "Rome",
-            "--layer", "1", "--corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2", "--json",
+            "--layer", "1", "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2", "--json",
             "--allow-unverified"]
     assert main(base) == 0
     out = json.loads(capsys.readouterr().out)

@@ -215,10 +215,10 @@ def test_sequence_length_and_accumulator_are_options_with_their_own_cache(home, 
     with pytest.raises(StatsError, match="stats_seq_len"):
         layer_stats(ad, 2, corpus=str(tiny_corpus), n_tokens=900, seq_len=1, progress=False)
     for bad in ("1", "0"):  # 0 is refused too, not taken for the default
-        code = main(["stats", "--model", str(tiny_dir), "--corpus", str(tiny_corpus), "--stats-tokens", "600",
+        code = main(["stats", "--model", str(tiny_dir), "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600",
                      "--layers", "1", "--stats-seq-len", bad])
         assert code == 2 and "stats_seq_len" in capsys.readouterr().err
-    code = main(["stats", "--model", str(tiny_dir), "--corpus", str(tiny_corpus), "--stats-tokens", "600",
+    code = main(["stats", "--model", str(tiny_dir), "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600",
                  "--layers", "1", "--stats-seq-len", "64", "--stats-dtype", "float32", "--json"])
     rep = json.loads(capsys.readouterr().out)["layers"][0]
     assert rep["seq_len"] == 64 and rep["accumulator"] == "float32"

@@ -373,7 +373,7 @@ def test_default_layer_is_the_same_everywhere_and_traced_is_asked_for(tiny_dir, 
     from factedit.core.models import load_model
 
     edit = ["edit", "--model", str(tiny_dir), "--prompt", "{} is located in the city of", "--subject", "Eiffel Tower",
-            "--target", "Rome", "--corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2",
+            "--target", "Rome", "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2",
             "--no-guard", "--json", "--allow-unverified"]
     ad = ModelAdapter(*load_model(str(tiny_dir)))
     save_recommendation(ad, LayerRecommendation(2, (0.0, 0.1, 0.3, 0.2), 5, 3, 4, "facts.json"))
@@ -392,10 +392,10 @@ def test_default_layer_is_the_same_everywhere_and_traced_is_asked_for(tiny_dir, 
                 steps=2)
     assert Patch.from_result(r).meta["config"]["layer_rule"].startswith("causal-trace")
     from factedit.cli.eval import eval_config
-    from factedit.cli import build_parser
+    from factedit.cli import parse
 
-    args = build_parser().parse_args(["eval", "--dataset", "x.jsonl", "--out", str(tmp_path / "r"), "--layer", "traced"])
-    assert dict(eval_config(args).method_options)["layer"] == "traced"
+    settings = parse(["eval", "--dataset", "x.jsonl", "--out", str(tmp_path / "r"), "--layer", "traced"])
+    assert dict(eval_config(settings).method_options)["layer"] == "traced"
     (trace_dir(ad) / "recommendation.json").write_text("{broken")
     assert main(edit + ["--layer", "traced"]) == 2  # asked for, not there: a clear error
     assert "no causal-trace recommendation" in capsys.readouterr().err

@@ -12,7 +12,7 @@ pytest.importorskip("gradio", reason="the ui extra (Gradio) is not installed: pi
 pytest.importorskip("playwright", reason="Playwright is not installed (the test extra installs it)")
 
 from conftest import CORPUS, COUNTERFACT, STATS_ARGS, TEST_HOME  # noqa: E402
-from factedit.ui.browser import chromium_page, find_chromium, running_ui  # noqa: E402
+from browser import chromium_page, find_chromium, running_ui  # noqa: E402
 
 if find_chromium() is None:
     pytest.skip("no Chromium on this machine and no package manager installed one (scripts/setup.sh runs "
@@ -39,7 +39,7 @@ def tiny_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_ui(tiny_env):
-    args = ["--model", str(tiny_env / "tiny"), "--corpus", str(tiny_env / "corpus.txt"), "--stats-tokens", "600",
+    args = ["--model", str(tiny_env / "tiny"), "--stats-corpus", str(tiny_env / "corpus.txt"), "--stats-tokens", "600",
             "--workdir", str(tiny_env / "work")]
     with open(tiny_env / "server.log", "w") as log, \
             running_ui(args, env={"FACTEDIT_HOME": str(tiny_env / "home")}, log=log) as url:
@@ -132,7 +132,7 @@ def test_edit_in_the_browser_equals_the_cli_and_reverts(page, tiny_env, monkeypa
 
     monkeypatch.setenv("FACTEDIT_HOME", str(tiny_env / "home"))
     code = main(["edit", "--model", str(tiny_env / "tiny"), "--prompt", "{} is located in the city of", "--subject",
-                 "Eiffel Tower", "--target", "Rome", "--true", "Paris", "--layer", "1", "--corpus",
+                 "Eiffel Tower", "--target", "Rome", "--true", "Paris", "--layer", "1", "--stats-corpus",
                  str(tiny_env / "corpus.txt"), "--stats-tokens", "600", "--json", "--allow-unverified"])
     cli = json.loads(capsys.readouterr().out)
     assert code == 0
@@ -301,6 +301,7 @@ def test_session_chat_edit_joins_the_history_and_reverts(home, tiny_corpus, tmp_
     import torch
 
     from factedit import Editor
+    from factedit.app.settings import Settings
     from factedit.ui.session import Session
     from tiny import tiny_model
 
@@ -309,10 +310,11 @@ def test_session_chat_edit_joins_the_history_and_reverts(home, tiny_corpus, tmp_
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     ed = Editor(model, tok, progress=False)
-    s = Session(ed, stats_corpus=str(tiny_corpus), stats_tokens=600, workdir=tmp_path / "ui")
+    ui = Settings("ui", {"stats_corpus": str(tiny_corpus), "stats_tokens": 600, "workdir": str(tmp_path / "ui")})
+    s = Session(ed, ui)
     w0 = ed.adapter.w_out_stored(1).clone()
-    s.edit("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", layer="1", chat=True,
-           keep_unverified=True, guard=False, side_effects=False)
+    s.edit(dict(prompt="The Eiffel Tower is located in the city of", subject="Eiffel Tower", target="Rome", layer=1,
+                chat=True, allow_unverified=True, guard=False, side_effects=False))
     assert [h["edit"] for h in s.history()] == [1] and s._chat.history == ()
     assert not torch.equal(ed.adapter.w_out_stored(1), w0)
     assert s.revert(1) == 0

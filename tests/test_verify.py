@@ -58,7 +58,7 @@ def test_an_edit_that_does_not_take_is_retried_flagged_and_refused_by_the_cli(ti
 
     patch, saved = tmp_path / "p.safetensors", tmp_path / "saved"
     argv = ["edit", "--model", str(tiny_dir), "--prompt", "{} is located in the city of", "--subject", "Eiffel Tower",
-            "--target", "Rome", "--true", "Paris", "--layer", "1", "--corpus", str(tiny_corpus), "--stats-tokens",
+            "--target", "Rome", "--true", "Paris", "--layer", "1", "--stats-corpus", str(tiny_corpus), "--stats-tokens",
             "600", "--no-guard", *UNTAKEABLE, "--save-patch", str(patch), "--save-model", str(saved), "--json"]
     code = main(argv)
     cap = capsys.readouterr()
@@ -76,7 +76,7 @@ def test_batch_reports_every_request(tiny_dir, tiny_corpus, home, tmp_path, caps
              "target_true": "Paris"}, {"prompt": "{} is in", "subject": "Space Needle", "target_new": "Tokyo"}]
     path.write_text("\n".join(json.dumps(r) for r in reqs))
     base = ["edit", "--model", str(tiny_dir), "--requests", str(path), "--method", "memit", "--layers", "1,2",
-            "--corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2", "--no-guard"]
+            "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2", "--no-guard"]
     code = main(base + ["--json", "--allow-unverified"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and [o["prompt"] for o in out["requests"]] == ["Eiffel Tower is located in the city of",

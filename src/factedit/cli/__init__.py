@@ -1,5 +1,7 @@
 """Command line: ``factedit edit | stats | apply | revert | inspect | export | import | trace | eval | summarize | ui``
-(also ``python -m factedit``). One module per command group; :mod:`.common` holds what they share.
+(also ``python -m factedit``). Every option comes from the declarations of :mod:`factedit.app.options`;
+each command's handler takes the :class:`~factedit.app.settings.Settings` they make. One module per
+command group.
 
 Errors that are the user's to fix print one message on stderr and exit with status 2;
 the model and caches are left as they were.
@@ -11,36 +13,53 @@ import argparse
 import sys
 from typing import List, Optional
 
+from ..app.options import COMMANDS, add_arguments, add_program_arguments
+from ..app.settings import Settings
 from . import edit, eval as eval_cmd, export, patch, stats, trace, ui
 from .common import setup_logging
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "parse"]
 
-COMMANDS = {"edit": edit.cmd_edit, "stats": stats.cmd_stats, "apply": patch.cmd_apply, "revert": patch.cmd_revert,
-            "inspect": patch.cmd_inspect, "export": export.cmd_export, "import": export.cmd_import, "trace": trace.cmd_trace, "eval": eval_cmd.cmd_eval,
-            "summarize": eval_cmd.cmd_summarize, "ui": ui.cmd_ui}
+HANDLERS = {"edit": edit.cmd_edit, "stats": stats.cmd_stats, "apply": patch.cmd_apply, "revert": patch.cmd_revert,
+            "inspect": patch.cmd_inspect, "export": export.cmd_export, "import": export.cmd_import,
+            "trace": trace.cmd_trace, "eval": eval_cmd.cmd_eval, "summarize": eval_cmd.cmd_summarize, "ui": ui.cmd_ui}
+HELP = {
+    "edit": "edit one fact and show the model before and after",
+    "stats": "compute and cache the key statistics C ahead of time",
+    "apply": "apply patch files (in order) to a model",
+    "revert": "remove patches (newest last on the command line) from a saved edited model",
+    "inspect": "show what a patch file changes",
+    "export": "write patches (applied in order) as a PEFT LoRA adapter or a GGUF file",
+    "import": "turn an adapter that factedit exported back into patch files",
+    "trace": "causal tracing: which layers and tokens carry a fact",
+    "eval": "evaluate a method on CounterFact / zsRE (resumable)",
+    "summarize": "compare evaluation runs: table and plots of sequential runs",
+    "ui": "edit in the browser: locate, edit, batch, the session's edits, evaluate",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="factedit", description="Locate and edit facts inside language models.")
+    add_program_arguments(ap)
     sub = ap.add_subparsers(dest="command", required=True)
-    edit.add_parser(sub)
-    patch.add_parsers(sub)
-    export.add_parsers(sub)
-    stats.add_parser(sub)
-    trace.add_parser(sub)
-    eval_cmd.add_parsers(sub)
-    ui.add_parser(sub)
+    for name in COMMANDS:
+        add_arguments(sub.add_parser(name, help=HELP[name]), name)
     return ap
+
+
+def parse(argv: List[str]) -> Settings:
+    """The settings of a command line (``["edit", "--target", ...]``); argparse exits on a usage error."""
+    values = vars(build_parser().parse_args(argv))
+    return Settings(values.pop("command"), values)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     from ..core.errors import FactEditError
 
-    args = build_parser().parse_args(argv)
-    setup_logging(getattr(args, "verbose", False))
+    settings = parse(sys.argv[1:] if argv is None else argv)
+    setup_logging(bool(settings.get("verbose")))
     try:
-        return COMMANDS[args.command](args)
+        return HANDLERS[settings.where](settings)
     except FactEditError as e:
         print(f"factedit: error: {e}", file=sys.stderr)
         return 2

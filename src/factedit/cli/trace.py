@@ -9,58 +9,16 @@ edits when given ``--layer traced`` (:meth:`factedit.Editor.make_config`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from .common import add_model_options, arch_spec, load
+from .common import show_progress
 
-__all__ = ["add_parser", "cmd_trace"]
+__all__ = ["cmd_trace"]
 
-
-
-def _kinds(text: str):
-    from ..trace.causal import KINDS
-
-    kinds = KINDS if text == "all" else tuple(k.strip() for k in text.split(",") if k.strip())
-    bad = [k for k in kinds if k not in KINDS]
-    if bad or not kinds:
-        raise argparse.ArgumentTypeError(f"--kind must be hidden, mlp, attn, all or a comma list; got {text!r}")
-    return kinds
-
-
-def _classes(text: str):
-    from ..trace.causal import TOKEN_CLASSES
-
-    classes = tuple(c.strip() for c in text.split(",") if c.strip())
-    if not classes or set(classes) - set(TOKEN_CLASSES):
-        raise argparse.ArgumentTypeError(f"--classes must be a comma list of {', '.join(TOKEN_CLASSES)}; got {text!r}")
-    return classes
-
-
-def add_parser(sub) -> None:
-    t = sub.add_parser("trace", help="causal tracing: which layers and tokens carry a fact")
-    t.add_argument("--prompt", default=None, help="the prompt, subject filled in (or with {} for the subject)")
-    t.add_argument("--subject", default=None, help="the subject, as it appears in the prompt")
-    t.add_argument("--answer", default=None, help="the answer to trace (default: the model's greedy next token)")
-    t.add_argument("--dataset", default=None,
-                   help="known facts (ROME's known_1000.json or JSONL with prompt/subject/attribute): average "
-                        "over the facts the model answers correctly")
-    t.add_argument("--limit", type=int, default=100, help="with --dataset: facts to average (default 100)")
-    t.add_argument("--kind", type=_kinds, default="all", help="hidden, mlp, attn or all (default)")
-    t.add_argument("--samples", type=int, default=10, help="noise samples per prompt (default 10)")
-    t.add_argument("--window", type=int, default=None,
-                   help="MLP/attention layers restored together (default 10, or the depth of a shallower model)")
-    t.add_argument("--classes", type=_classes, default=None,
-                   help="trace only these token classes, e.g. last_subject (the recommendation needs only it; "
-                        "default: every token)")
-    t.add_argument("--noise-factor", type=float, default=3.0, help="σ = this × embedding std of subjects (default 3)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    t.add_argument("--out", required=True, help="directory for the JSON and the heatmaps")
-    add_model_options(t, corpus=False)
 
 
 def _write(out_dir: Path, name: str, obj: dict, plot, kinds, model: str, extra=()) -> list:
@@ -76,43 +34,43 @@ def _write(out_dir: Path, name: str, obj: dict, plot, kinds, model: str, extra=(
     return files
 
 
-def cmd_trace(args) -> int:
+def cmd_trace(settings) -> int:
     from ..core.errors import RequestError, TraceError
 
-    if args.dataset and (args.prompt or args.subject or args.answer):
+    s = settings
+    if s["dataset"] and (s["prompt"] or s["subject"] or s["answer"]):
         raise RequestError("give either --dataset or --prompt/--subject (/--answer), not both")
-    if not args.dataset and (args.prompt is None or args.subject is None):
+    if not s["dataset"] and (s["prompt"] is None or s["subject"] is None):
         raise RequestError("give --prompt and --subject (or --dataset FILE)")
-    if args.dataset and args.limit < 1:
-        raise TraceError(f"--limit must be at least 1, got {args.limit}")
-    from ..core.arch import ModelAdapter
+    if s["dataset"] and s["limit"] < 1:
+        raise TraceError(f"--limit must be at least 1, got {s['limit']}")
     from ..core.models import model_name
     from ..trace.causal import TraceConfig
 
     facts = None
-    if args.dataset:
+    if s["dataset"]:
         from ..core.known_facts import load_known_facts
 
-        facts = load_known_facts(args.dataset)  # validated before the model loads
-    model, tok = load(args)
-    adapter = ModelAdapter(model, tok, arch_spec(args.arch_spec), args.prompt_prefix)
-    cfg = TraceConfig(kinds=args.kind, samples=args.samples, window=args.window, noise_factor=args.noise_factor,
-                      seed=args.seed, classes=args.classes).check(adapter.n_layers)
-    out_dir = Path(args.out)
+        facts = load_known_facts(s["dataset"])  # validated before the model loads
+    model, tok = s.model.load()
+    adapter = s.model.adapter(model, tok)
+    cfg = TraceConfig(kinds=s["kind"], samples=s["samples"], window=s["window"], noise_factor=s["noise_factor"],
+                      seed=s["seed"], classes=s["classes"]).check(adapter.n_layers)
+    out_dir = Path(s["out"])
     if facts is not None:
-        return _dataset(args, adapter, cfg, facts, out_dir, model_name(model))
-    return _single(args, adapter, cfg, out_dir, model_name(model))
+        return _dataset(s, adapter, cfg, facts, out_dir, model_name(model))
+    return _single(s, adapter, cfg, out_dir, model_name(model))
 
 
-def _single(args, adapter, cfg, out_dir: Path, name: str) -> int:
-    from ..trace.plots import plot_trace
+def _single(s, adapter, cfg, out_dir: Path, name: str) -> int:
     from ..trace.causal import trace_prompt
+    from ..trace.plots import plot_trace
 
     t = time.perf_counter()
-    result = trace_prompt(adapter, args.prompt, args.subject, args.answer, cfg)
+    result = trace_prompt(adapter, s["prompt"], s["subject"], s["answer"], cfg)
     obj = {"model": name, **result.to_dict(), "seconds": round(time.perf_counter() - t, 2)}
     files = _write(out_dir, "trace", obj, plot_trace, cfg.kinds, name)
-    if args.json:
+    if s["json"]:
         print(json.dumps(obj))
         return 0
     print(f"factedit trace on {name}: {obj['prompt']!r} -> {obj['answer']!r}  "
@@ -128,7 +86,7 @@ def _single(args, adapter, cfg, out_dir: Path, name: str) -> int:
     return 0
 
 
-def _dataset(args, adapter, cfg, facts, out_dir: Path, name: str) -> int:
+def _dataset(s, adapter, cfg, facts, out_dir: Path, name: str) -> int:
     from ..core.errors import TraceError
     from ..trace.average import TraceAverage, known_facts
     from ..trace.cache import LayerRecommendation, noise_sigma, save_recommendation
@@ -139,35 +97,35 @@ def _dataset(args, adapter, cfg, facts, out_dir: Path, name: str) -> int:
     sigma = noise_sigma(adapter, factor=cfg.noise_factor)
     avg = TraceAverage(adapter.n_layers, cfg.kinds)
     lines = []
-    show = not args.json and sys.stderr.isatty()
-    for n, fact in enumerate(known_facts(adapter, facts, args.limit)):
+    show, limit = show_progress(s), s["limit"]
+    for n, fact in enumerate(known_facts(adapter, facts, limit)):
         # a seed per fact: the average sees fresh noise draws, not one draw reused
         r = trace_prompt(adapter, fact.prompt, fact.subject, fact.answer, replace(cfg, seed=cfg.seed + n), sigma)
         avg.update(r)
         lines.append(json.dumps({"id": fact.id, **r.to_dict()}))
         if show:
-            print(f"\r  traced {avg.n}/{args.limit} facts ({time.perf_counter() - t0:.0f} s)", end="", file=sys.stderr)
+            print(f"\r  traced {avg.n}/{limit} facts ({time.perf_counter() - t0:.0f} s)", end="", file=sys.stderr)
     if show:
         print(file=sys.stderr)
     if not avg.n:
-        raise TraceError(f"the model answers none of the {len(facts)} facts in {args.dataset} correctly")
-    obj = {"model": name, "dataset": str(args.dataset), **avg.to_dict(), "kinds": list(cfg.kinds),
+        raise TraceError(f"the model answers none of the {len(facts)} facts in {s['dataset']} correctly")
+    obj = {"model": name, "dataset": str(s["dataset"]), **avg.to_dict(), "kinds": list(cfg.kinds),
            "samples": cfg.samples, "window": cfg.window, "noise_sigma": sigma,
            "seconds": round(time.perf_counter() - t0, 1)}
     if "mlp" in cfg.kinds:
         rec = LayerRecommendation(avg.recommended_layer, tuple(avg.mlp_curve()), avg.n, cfg.samples, cfg.window,
-                                  str(args.dataset))
+                                  str(s["dataset"]))
         obj["recommendation_cache"] = str(save_recommendation(adapter, rec))
     out_dir.mkdir(parents=True, exist_ok=True)
     from ..core.paths import atomic_write_text
 
     atomic_write_text(out_dir / "facts.jsonl", "\n".join(lines) + "\n")
     files = _write(out_dir, "average", obj, plot_average, cfg.kinds, name, extra=[out_dir / "facts.jsonl"])
-    if args.json:
+    if s["json"]:
         print(json.dumps(obj))
         return 0
-    print(f"factedit trace on {name}: {avg.n} correctly answered facts from {args.dataset} ({obj['seconds']} s)"
-          + ("" if avg.n >= args.limit else f" — fewer than --limit {args.limit}: no more facts are answered correctly"))
+    print(f"factedit trace on {name}: {avg.n} correctly answered facts from {s['dataset']} ({obj['seconds']} s)"
+          + ("" if avg.n >= limit else f" — fewer than --limit {limit}: no more facts are answered correctly"))
     print(f"  mean p_clean {avg.p_clean:.4f}, p_corrupt {avg.p_corrupt:.4f}")
     if obj.get("recommended_layer") is not None:
         print(f"  strongest average MLP effect at the last subject token: layer {obj['recommended_layer']} "

@@ -3,7 +3,7 @@
     cfg = EvalConfig(method="r-rome", dataset="../shared/data/counterfact/counterfact_knowedit.jsonl", limit=200)
     summary = run_eval(editor, cfg, "runs/r-rome")
 
-Cases are edited in groups of ``batch_size`` (ROME variants: 1) from the original weights and
+Cases are edited in groups of ``cases_per_edit`` (ROME variants: 1) from the original weights and
 reverted after scoring; with ``sequential`` the edits accumulate, each one is saved as a patch,
 and every ``downstream_every`` edits the downstream tasks and the scores of all earlier edits are
 measured. The collapse guard is off unless ``guard`` (raw method behaviour is what is measured).
@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core.errors import FactEditError, RequestError
 from ..edit.guard import CollapseError, GuardConfig
-from ..edit.methods.registry import METHODS, method_spec
+from ..edit.methods.options import MethodOptions
+from ..edit.methods.registry import METHODS, REGISTRY, config_from_dict, method_spec
 from .datasets import Case, load_cases, resolve_dataset, sha256_of
 from .ability import Ability, AbilityConfig
 from .downstream import DownstreamConfig, evaluate_tasks, load_tasks
@@ -48,7 +49,7 @@ class EvalConfig:
         dataset: path or URL of a CounterFact / zsRE file (layout auto-detected).
         dataset_sha256: expected SHA-256 of the dataset file (checked when given).
         limit, offset: evaluate records ``offset .. offset+limit``.
-        batch_size: cases per edit (batch methods; ROME variants edit one case at a time).
+        cases_per_edit: cases edited in one call (batch methods; ROME variants edit one case at a time).
         sequential: keep every edit (no revert): the model accumulates them.
         downstream_dir: directory of the downstream task files (sequential runs).
         downstream_every: measure downstream tasks and earlier edits every this many edits.
@@ -76,7 +77,8 @@ class EvalConfig:
         verify: retry edits that do not take on their own prompt within the retry budget
             (:meth:`Editor.edit`'s ``verify``; off: the raw method). Every case records its
             verification outcome either way (``verified``, ``verification``).
-        method_options: options of :meth:`Editor.make_config` (layer, layers, steps, stats_corpus, ...).
+        method_options: the method's options as ``(name, value)`` pairs
+            (:meth:`MethodOptions.to_pairs <factedit.edit.methods.options.MethodOptions.to_pairs>`; :attr:`options`).
     """
 
     method: str = "r-rome"
@@ -84,7 +86,7 @@ class EvalConfig:
     dataset_sha256: Optional[str] = None
     limit: Optional[int] = None
     offset: int = 0
-    batch_size: int = 1
+    cases_per_edit: int = 1
     sequential: bool = False
     downstream_dir: Optional[str] = None
     downstream_every: Optional[int] = None
@@ -105,14 +107,15 @@ class EvalConfig:
         """Refuse inconsistent settings before any work."""
         if self.method != BASELINE and self.method not in METHODS:
             raise RunError(f"unknown method {self.method!r}; available: {BASELINE}, {', '.join(METHODS)}")
-        if self.batch_size < 1:
-            raise RunError("--batch-size must be >= 1")
+        if self.cases_per_edit < 1:
+            raise RunError("--cases-per-edit must be >= 1")
         if not isinstance(self.gen_tokens, int) or self.gen_tokens < 0:
             raise RunError(f"--gen-tokens must be a whole number >= 0, got {self.gen_tokens!r}")
         if self.chunk < 1 or self.prefetch_batch < 1:
-            raise RunError("--chunk and --prefetch-batch must be >= 1")
-        if self.batch_size > 1 and (self.method == BASELINE or method_spec(self.method).single_request):
-            raise RunError(f"{self.method} edits one case at a time; --batch-size is for memit, emmet, alphaedit, ft")
+            raise RunError("--chunk and --target-batch must be >= 1")
+        if self.cases_per_edit > 1 and (self.method == BASELINE or method_spec(self.method).single_request):
+            batch = ", ".join(n for n, s in REGISTRY.items() if not s.single_request)
+            raise RunError(f"{self.method} edits one case at a time; --cases-per-edit is for {batch}")
         if self.sequential and self.method == BASELINE:
             raise RunError("--sequential needs an editing method (the baseline makes no edits)")
         if self.downstream_every is not None:
@@ -131,6 +134,11 @@ class EvalConfig:
             raise RunError("--retention-sample needs --downstream-every (it samples the checkpoints' re-scoring)")
         self.ability.check()
 
+    @property
+    def options(self) -> MethodOptions:
+        """The method options (:attr:`method_options` read back)."""
+        return MethodOptions.from_pairs(self.method, self.method_options)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["method_options"] = {k: v for k, v in self.method_options}
@@ -139,6 +147,21 @@ class EvalConfig:
 
 #: options added after runs were written, at the value those runs had (a resume then still matches)
 OPTION_DEFAULTS = {"gen_chat": False, "retention_sample": 0}
+#: options renamed since runs were written: old name -> today's
+RENAMED = {"batch_size": "cases_per_edit"}
+
+
+def upgrade_compare(old: dict) -> dict:
+    """A run's recorded configuration in today's terms: renamed options (:data:`RENAMED`) and the method's
+    config as this version writes it (fields renamed or dropped since read back, new fields at their
+    defaults), so that a run written by an earlier version still resumes."""
+    out = {RENAMED.get(k, k): v for k, v in old.items()}
+    method, mc = out.get("method"), out.get("method_config")
+    if isinstance(mc, dict) and method in REGISTRY:
+        from ..edit.methods.options import to_jsonable
+
+        out["method_config"] = json.loads(json.dumps(to_jsonable(config_from_dict(method, mc)), default=str))
+    return out
 
 
 def retention_cases(earlier: List[Case], n: int) -> List[Case]:
@@ -160,7 +183,7 @@ def _config(editor, cfg: EvalConfig, dataset_path) -> Tuple[dict, dict, object]:
     from ..core.models import model_name
     from ..edit.methods.options import to_jsonable
 
-    method_cfg = None if cfg.method == BASELINE else editor.make_config(cfg.method, **dict(cfg.method_options))
+    method_cfg = None if cfg.method == BASELINE else editor.make_config(cfg.options)
     compare = {**cfg.to_dict(), "model_fingerprint": model_fingerprint(editor.model),
                "prompt_prefix": editor.adapter.prompt_prefix,
                "dataset_sha256_actual": sha256_of(dataset_path),
@@ -202,14 +225,15 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
     if split:
         world.agree("evaluation configuration (options, model fingerprint, dataset)", json.dumps(compare, sort_keys=True))
         if world.main:  # the merged directory must not hold another run
-            RunStore(out_dir).check_or_write_config({**config, "world_size": world.size}, compare, OPTION_DEFAULTS)
+            RunStore(out_dir).check_or_write_config({**config, "world_size": world.size}, compare, OPTION_DEFAULTS,
+                                                    upgrade_compare)
         world.barrier()
     store = RunStore(Path(out_dir) / f"rank{world.rank}" if split else out_dir)
     _warm_up(editor, method_cfg)
     if method_cfg is not None:  # the statistics actually used (corpus, how it was chosen, tokens)
         config["statistics"] = editor.caches.sources(method_cfg)
-    store.check_or_write_config(config, compare, OPTION_DEFAULTS)
-    groups = _groups(cases, cfg.batch_size)
+    store.check_or_write_config(config, compare, OPTION_DEFAULTS, upgrade_compare)
+    groups = _groups(cases, cfg.cases_per_edit)
     mine = [g for g in range(len(groups)) if not split or world.owns(g)]
     mine_cases = [c for g in mine for c in groups[g]]
     unedited = _unedited(editor, store, mine_cases, cfg) if cfg.gen_tokens else None  # before any edit

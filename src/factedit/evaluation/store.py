@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ..core.errors import FactEditError
 from ..core.paths import atomic_path, atomic_write_text
@@ -60,10 +60,12 @@ class RunStore:
         self.patch_dir = self.dir / "patches"
 
     # ------------------------------------------------------------------ config
-    def check_or_write_config(self, config: dict, compare: dict, defaults: Optional[dict] = None) -> bool:
+    def check_or_write_config(self, config: dict, compare: dict, defaults: Optional[dict] = None,
+                              upgrade: Optional[Callable[[dict], dict]] = None) -> bool:
         """Write ``config.json`` for a new run; for an existing one, refuse unless the ``compare`` part
         matches. ``defaults``: an option the saved run does not record (written before the option existed)
-        matches when it is at this default. Returns True when resuming."""
+        matches when it is at this default; ``upgrade``: turns the saved ``compare`` into today's terms
+        first. Returns True when resuming."""
         path = self.dir / "config.json"
         if path.is_file():
             try:
@@ -71,6 +73,8 @@ class RunStore:
             except ValueError:
                 raise RunError(f"{path} is damaged; move the run directory away") from None
             old = saved.get("compare", {})
+            if upgrade is not None:
+                old = upgrade(old)
             defaults = defaults or {}
             diff = sorted(k for k in set(old) | set(compare) if old.get(k) != compare.get(k)
                           and not (k not in old and k in defaults and compare.get(k) == defaults[k]))

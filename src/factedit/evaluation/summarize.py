@@ -48,7 +48,8 @@ class Run:
     @property
     def mode(self) -> str:
         """"single" or "sequential", with the batch size when an edit takes more than one case."""
-        batch = self.config.get("compare", {}).get("batch_size") or 1
+        compare = self.config.get("compare", {})
+        batch = compare.get("cases_per_edit") or compare.get("batch_size") or 1  # the name before 2026-12-06
         mode = "sequential" if self.sequential else "single"
         return f"{mode}, batches of {batch}" if batch > 1 else mode
 

@@ -1,13 +1,14 @@
 """``factedit ui``: locate, edit, batch-edit, inspect/revert/ship and evaluate from a web page.
 
-:mod:`.session` does the work (the same library calls as the command line, serialised on the one
-model); :mod:`.app` is the Gradio page over it. Gradio is an optional extra: ``pip install
-'factedit[ui]'``.
+:mod:`.session` does the work (the same calls as the command line, serialised on the one model);
+:mod:`.app` is the Gradio page over it, one function per tab, its controls built from the option
+declarations (:mod:`.controls`) and its HTML from the typed reports (:mod:`.render`). Gradio is an
+optional extra: ``pip install 'factedit[ui]'``.
 """
 
-from .session import METHOD_CHOICES, Session
+from .session import Session
 
-__all__ = ["Session", "METHOD_CHOICES", "serve"]
+__all__ = ["Session", "serve"]
 
 
 def serve(session, host: str = "127.0.0.1", port: int = 7860, block: bool = True):

@@ -1,7 +1,9 @@
 """What ``factedit ui`` does with its one model, without any web code: locate, edit, batch-edit, the
-stack of edits (inspect, revert, download, upload) and evaluation. Every call goes through the same
-library functions as the command line (:mod:`factedit.report`, :func:`~factedit.trace.causal.trace_prompt`,
-:func:`~factedit.evaluation.run_eval`, :mod:`factedit.patch`), and holds the session's lock while it
+stack of edits (inspect, revert, download, upload) and evaluation. A form's values become
+:class:`~factedit.app.settings.Settings` as a command line's do (what the ``ui`` command was given —
+statistics, side-effect bank — fills in what a form lacks), and every call goes through the same
+functions as the command line (:mod:`factedit.app.edit`, :func:`~factedit.trace.causal.trace_prompt`,
+:func:`~factedit.evaluation.run_eval`, :mod:`factedit.patch`), holding the session's lock while it
 reads or writes the model: two browser tabs never interleave half-applied edits.
 
 Errors the user can fix raise :class:`~factedit.core.errors.FactEditError` (the page shows the
@@ -12,21 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from dataclasses import replace
+from typing import Any, Callable, List, Mapping, Optional, Union
 
+from ..app.settings import Settings
 from ..core.errors import FactEditError, RequestError
 from ..core.progress import reporting
-from ..core.requests import Request
 
-__all__ = ["Session", "METHOD_CHOICES", "Progress", "result_message"]
+__all__ = ["Session", "Progress"]
 
-#: the methods the page offers, the default first
-METHOD_CHOICES = ("r-rome", "rome", "p-rome", "memit", "emmet", "alphaedit", "ft")
+Form = Union[Settings, Mapping[str, Any]]
 
 #: ``progress(fraction, message)``: how far a long call is (``fraction`` None: no measure yet)
 Progress = Callable[[Optional[float], str], None]
@@ -41,23 +44,31 @@ class Session:
 
     Args:
         editor: an :class:`~factedit.Editor` over the loaded model.
-        stats_corpus, stats_tokens: the statistics every edit uses (as ``--corpus`` / ``--stats-tokens``).
-        bank: the side-effect probes' :class:`~factedit.side_effects.Bank` (default: the built-in one).
+        settings: the ``factedit ui`` command's :class:`~factedit.app.settings.Settings` (statistics, side-effect
+            bank, the Evaluate tab's data set); a form's settings fall back on them.
         workdir: where heatmaps, downloads and evaluation runs are written (default: a temporary folder).
+        bank: the side-effect probes' :class:`~factedit.app.side_effects.Bank` (default: the settings' file, else
+            the built-in one).
     """
 
-    def __init__(self, editor, stats_corpus: Optional[str] = None, stats_tokens: Optional[int] = None,
-                 workdir=None, bank=None):
-        from ..side_effects import load_bank
+    def __init__(self, editor, settings: Optional[Settings] = None, workdir=None, bank=None):
+        from ..app.side_effects import load_bank
 
         self.editor = editor
-        self.bank = bank or load_bank()  # subjects and templates of the side-effect probes
-        self.stats = {"stats_corpus": stats_corpus, "stats_tokens": stats_tokens}
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="factedit-ui-"))
+        self.settings = settings or Settings("ui")
+        self.bank = bank or load_bank(self.settings.edit.bank_path)
+        self.dataset = self.settings.get("eval_dataset") or os.environ.get("FACTEDIT_DATASET") or ""
+        self.workdir = Path(workdir or self.settings.get("workdir") or tempfile.mkdtemp(prefix="factedit-ui-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._n = 0  # files written, for unique names
         self._chat = None  # the editor of chat-turn edits (made on first use)
+
+    def form(self, name: str, values: Form) -> Settings:
+        """The settings of page form ``name`` (``"page.edit"``, ...) from its values."""
+        if isinstance(values, Settings):
+            return values
+        return Settings(name, values, base=self.settings)
 
     # ------------------------------------------------------------------ plumbing
     @contextlib.contextmanager
@@ -89,35 +100,33 @@ class Session:
 
         return has_chat_template(self.editor.tokenizer)
 
-    def config(self, method: str, layer=None):
-        """The method's config with the session's statistics (bad method or layer raise here)."""
-        overrides = {k: v for k, v in self.stats.items() if v is not None}
-        if layer not in (None, ""):
-            overrides["layer"] = _layer(layer)
-        return self.editor.make_config(method, **overrides)
+    def config(self, method: str, **values):
+        """The config of ``method`` as the Edit form makes it (the session's statistics; ``values``: other
+        fields of the form, e.g. ``layer=3``); bad methods and layers raise here."""
+        return self.editor.make_config(self.form("page.edit", {"method": method, **values}).method)
 
     def default_layers(self, method: str) -> List[int]:
         """The layers ``method`` edits by default on this model (the depth rule)."""
         return list(self.config(method).layers)
 
     # ------------------------------------------------------------------ locate
-    def locate(self, prompt: str, subject: str, answer: Optional[str] = None, samples: int = 10,
-               progress: Progress = _quiet) -> dict:
-        """Causal trace of one prompt: the trace (``factedit trace --json``), the three heatmaps' paths
-        and the recommended layer (the strongest MLP effect at the last subject token)."""
+    def locate(self, values: Form, progress: Progress = _quiet) -> dict:
+        """Causal trace of one prompt (form ``page.locate``): the trace (``factedit trace --json``), the three
+        heatmaps' paths and the recommended layer (the strongest MLP effect at the last subject token)."""
         from ..trace.causal import TraceConfig, trace_prompt
         from ..trace.plots import plot_trace
 
-        prompt, subject = _text(prompt, "prompt"), _text(subject, "subject")
+        f = self.form("page.locate", values)
+        prompt, subject = _text(f["prompt"], "prompt"), _text(f["subject"], "subject")
         if "{}" in prompt:
             prompt = prompt.replace("{}", subject)
         if subject not in prompt:
             raise RequestError(f"subject {subject!r} does not occur in prompt {prompt!r}")
-        cfg = TraceConfig(samples=int(samples)).check(self.editor.adapter.n_layers)
+        cfg = TraceConfig(samples=f["samples"]).check(self.editor.adapter.n_layers)
         with self.exclusive(progress):
             t = time.perf_counter()
             progress(0.0, "tracing")
-            result = trace_prompt(self.editor.adapter, prompt, subject, (answer or "").strip() or None, cfg,
+            result = trace_prompt(self.editor.adapter, prompt, subject, (f["answer"] or "").strip() or None, cfg,
                                   on_progress=lambda d, n: progress(d / n, f"restored {d} of {n} states"))
             obj = {"model": self.model_name, **result.to_dict(), "seconds": round(time.perf_counter() - t, 2)}
         out = self._path("trace.json")
@@ -126,37 +135,29 @@ class Session:
         return obj
 
     # ------------------------------------------------------------------ edit
-    def edit(self, prompt: str, subject: str, target: str, true: Optional[str] = None, method: str = "r-rome",
-             layer=None, paraphrases: Sequence[str] = (), chat: bool = False, keep_unverified: bool = False,
-             guard: bool = True, max_new_tokens: int = 12, side_effects: bool = True,
-             progress: Progress = _quiet) -> dict:
-        """One edit with its before/after report (:func:`factedit.report.edit_report`, what
-        ``factedit edit --json`` prints). An edit that did not take is reverted unless
-        ``keep_unverified`` (the command line refuses it the same way); ``report["kept"]`` says which."""
-        from ..edit.guard import GuardConfig
-        from ..report import edit_prompts, edit_report
+    def edit(self, values: Form, progress: Progress = _quiet):
+        """One edit with its before/after report (form ``page.edit``; :func:`factedit.app.edit.edit_fact`, what
+        ``factedit edit --json`` prints). An edit that did not take is reverted unless ``allow_unverified``
+        (the command line refuses it the same way); ``report.kept`` says which."""
+        from ..app.edit import edit_fact, request_of
 
-        shown = Request.from_filled(_text(prompt, "prompt"), _text(subject, "subject"), target or "",
-                                    (true or "").strip() or None)
-        paraphrases = [p.strip() for p in paraphrases if p and p.strip()]
-        cfg = self.config(method, layer)
-        if chat and not self.has_chat_template:
+        f = self.form("page.edit", values)
+        es, options = f.edit, f.method
+        request_of(es)  # a bad request fails before the lock
+        cfg = self.editor.make_config(options)
+        if es.chat and not self.has_chat_template:
             raise RequestError("this model's tokenizer has no chat template; edit without 'as a chat turn'")
         with self.exclusive(progress):
-            editor = self._chat_editor() if chat else self.editor
-            if chat:  # the session's edits changed the weights behind the chat editor's guard
+            editor = self._chat_editor() if es.chat else self.editor
+            if es.chat:  # the session's edits changed the weights behind the chat editor's guard
                 editor.guard.forget()
-            req, names, prompts = edit_prompts(editor, shown, chat=chat, paraphrases=paraphrases)
             progress(None, "optimising the new value and applying the edit")
             with reporting(_steps(progress)):
-                result, report = edit_report(editor, req, cfg, shown=shown, prompts=prompts, chat=chat,
-                                             guard=GuardConfig(enabled=guard), max_new_tokens=max_new_tokens,
-                                             side_effects=side_effects, bank=self.bank)
-            if chat:  # the chat editor shares the model; its edit (and method state) joins the session's history
+                result, report = edit_fact(editor, options, es, config=cfg, bank=self.bank)
+            if es.chat:  # the chat editor shares the model; its edit (and method state) joins the session's history
                 self.editor.adopt(editor)
-            report["prompts"] = names
-            report["kept"] = bool(result.verified) or keep_unverified
-            if not report["kept"]:
+            report.kept = bool(result.verified) or es.allow_unverified
+            if not report.kept:
                 self.editor.revert()
         return report
 
@@ -170,22 +171,22 @@ class Session:
                                 arch=self.editor.adapter.spec, progress=self.editor.progress, prompt_prefix="none")
         return self._chat
 
-    def batch(self, path, method: str = "memit", layer=None, limit: Optional[int] = None, guard: bool = True,
-              progress: Progress = _quiet) -> dict:
-        """Edit the requests of a file (JSONL/JSON, factedit or either CounterFact layout) in one call
-        (:func:`factedit.report.batch_report`, what ``factedit edit --requests --json`` prints)."""
+    def batch(self, values: Form, progress: Progress = _quiet):
+        """Edit the requests of a file (form ``page.batch``: JSONL/JSON, factedit or either CounterFact layout)
+        in one call (:func:`factedit.app.edit.edit_batch`, what ``factedit edit --requests --json`` prints)."""
+        from ..app.edit import edit_batch
         from ..core.request_files import load_requests
-        from ..edit.guard import GuardConfig
-        from ..report import batch_report
 
-        if not path:
+        f = self.form("page.batch", values)
+        es, options = f.edit, f.method
+        if not es.requests:
             raise RequestError("choose a requests file first")
-        reqs = load_requests(path, limit=int(limit) if limit else None)
-        cfg = self.config(method, layer)
+        n = len(load_requests(es.requests, limit=es.limit))  # a bad file fails before the lock
+        cfg = self.editor.make_config(options)
         with self.exclusive(progress):
-            progress(None, f"editing {len(reqs)} requests")
+            progress(None, f"editing {n} requests")
             with reporting(_steps(progress)):
-                _, report = batch_report(self.editor, reqs, cfg, guard=GuardConfig(enabled=guard))
+                _, report = edit_batch(self.editor, options, es, config=cfg)
         return report
 
     # ------------------------------------------------------------------ the stack of edits
@@ -261,25 +262,23 @@ class Session:
         return patch.describe()
 
     # ------------------------------------------------------------------ evaluate
-    def evaluate(self, dataset, n: int = 10, method: str = "r-rome", layer=None, ge: bool = False,
-                 on_update: Optional[Callable[[dict, List[dict]], None]] = None, progress: Progress = _quiet) -> dict:
-        """Evaluate ``method`` on the first ``n`` records of a CounterFact / zsRE file, each edit from the
-        session's weights (``factedit eval``; a run directory under the work folder). ``on_update(summary,
-        records)`` is called as cases complete. The session must hold no edits (as ``factedit eval``
-        evaluates the model it loads)."""
-        from ..evaluation import EvalConfig, GenerationConfig, run_eval
+    def evaluate(self, values: Form, on_update: Optional[Callable[[dict, List[dict]], None]] = None,
+                 progress: Progress = _quiet) -> dict:
+        """Evaluate a method on the first ``limit`` records of a CounterFact / zsRE file (form ``page.evaluate``),
+        each edit from the session's weights (``factedit eval``; a run directory under the work folder).
+        ``on_update(summary, records)`` is called as cases complete. The session must hold no edits (as
+        ``factedit eval`` evaluates the model it loads)."""
+        from ..evaluation import run_eval
         from ..evaluation.scoring import summarize_records
         from ..evaluation.store import read_jsonl
 
-        if not dataset:
+        cfg = self.form("page.evaluate", values).eval
+        if not cfg.dataset:
             raise RequestError("choose a CounterFact or zsRE file first")
-        n = _whole(n, "the number of records", RequestError, minimum=1)
-        options = {k: v for k, v in self.stats.items() if v is not None}
-        if layer not in (None, ""):
-            options["layer"] = _layer(layer)
-        cfg = EvalConfig(method=method, dataset=str(dataset), limit=n, chunk=min(5, n),
-                         generation=GenerationConfig(length=100 if ge else 0),
-                         method_options=tuple(sorted(options.items())))
+        n = cfg.limit
+        if n is None or n < 1:
+            raise RequestError(f"the number of records must be at least 1, got {n}")
+        cfg = replace(cfg, chunk=min(5, n))  # the page shows progress every few cases
         cfg.check()
         out = self._path("run")
         with self.exclusive(progress):
@@ -317,21 +316,3 @@ def _whole(value, name: str, error, minimum: Optional[int] = None) -> int:
     if minimum is not None and n < minimum:
         raise error(f"{name} must be at least {minimum}, got {n}")
     return n
-
-
-def _layer(value) -> int:
-    from ..core.errors import LayerError
-
-    return _whole(value, "the layer", LayerError)
-
-
-def result_message(report: dict) -> str:
-    """One line on whether an edit took and what happened to it."""
-    if report["kept"] and report["verified"]:
-        return "The edit took" + (" (after a retry)" if report.get("retried") else "") + " and is applied."
-    if report["kept"]:
-        return "The edit did NOT take on its own prompt; it is applied because 'keep an edit that did not take' is on."
-    return ("The edit did NOT take on its own prompt (the new target is neither the greedy continuation nor likely "
-            "enough, or the true target still wins); it was reverted: the model is unchanged. Try another layer, "
-            "or keep it anyway.")
-

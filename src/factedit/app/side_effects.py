@@ -29,8 +29,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .core.errors import DataError, FactEditError
-from .core.requests import Request
+from ..core.errors import DataError, FactEditError
+from ..core.requests import Request
 
 __all__ = ["BUILTIN_SUBJECTS", "BUILTIN_TEMPLATES", "Bank", "Probe", "load_bank", "probe_prompts", "answers",
            "compare", "SIDE_EFFECT_TOKENS"]
@@ -76,7 +76,7 @@ def load_bank(path=None) -> Bank:
     most frequent first; without ``path``, the built-in lists."""
     if path is None:
         return Bank(BUILTIN_SUBJECTS, BUILTIN_TEMPLATES)
-    from .core.known_facts import load_known_facts
+    from ..core.known_facts import load_known_facts
 
     facts = load_known_facts(path)
     templates = Counter()
@@ -95,7 +95,7 @@ def load_bank(path=None) -> Bank:
 def _nearest(adapter, request: Request, layer: int, subjects: Sequence[str], n: int) -> List[str]:
     """The ``n`` subjects whose keys at ``layer`` (in the request's own prompt, bare) are nearest the edited
     subject's (cosine)."""
-    from .edit.keys import template_keys
+    from ..edit.keys import template_keys
 
     reqs = [Request(request.prompt, s, request.target_new) for s in subjects]
     K, _ = template_keys(adapter, [Request(request.prompt, request.subject, request.target_new)] + reqs, ["{}"],
@@ -110,7 +110,7 @@ def probe_prompts(adapter, request: Request, layer: int, bank: Optional[Bank] = 
                   n_templates: int = 6, candidates: int = 400) -> List[Probe]:
     """Probes for ``request``: its template with the ``n_subjects`` bank subjects nearest in key space at
     ``layer`` (among the first ``candidates`` of the bank), and its subject in ``n_templates`` other templates."""
-    from .core.answers import normalize_answer
+    from ..core.answers import normalize_answer
 
     bank = bank or load_bank()
     subject = request.subject.strip()
@@ -134,7 +134,7 @@ def probe_prompts(adapter, request: Request, layer: int, bank: Optional[Bank] = 
 def answers(adapter, probes: Sequence[Probe], max_new_tokens: int = SIDE_EFFECT_TOKENS, render=None) -> List[str]:
     """The greedy answer (first sentence) to every probe on the current weights, batched; ``render``
     turns a probe's prompt into the text asked (e.g. a chat turn)."""
-    from .core.answers import greedy_answers
+    from ..core.answers import greedy_answers
 
     texts = [render(p.prompt) if render else p.prompt for p in probes]
     return greedy_answers(adapter, texts, max_new_tokens) if probes else []
@@ -145,7 +145,7 @@ def compare(probes: Sequence[Probe], before: Sequence[str], after: Sequence[str]
     """``{probed, changed, leaked_target, source, probes: [...]}``: a probe *changed* when its normalised
     answer differs; it *leaked* the target when the answer now names ``request.target_new`` and did not
     before."""
-    from .core.answers import mentions, normalize_answer
+    from ..core.answers import mentions, normalize_answer
 
     if not (len(probes) == len(before) == len(after)):
         raise FactEditError("side effects: probes and answers differ in number")

@@ -1,0 +1,170 @@
+"""HTML of what the page shows: an edit's report, a batch, the session's edits, a trace, an evaluation,
+errors. Pure functions of the typed reports (:mod:`factedit.app.reports`) and the session's dicts; every
+output carries a fresh sequence number (``data-seq``) so that a page script or a test sees it is new."""
+
+from __future__ import annotations
+
+import html
+import itertools
+from typing import List, Optional
+
+from ..core.errors import FactEditError
+
+__all__ = ["CSS", "out", "error", "ok", "table", "render_edit", "render_side_effects", "render_batch",
+           "render_history", "render_trace", "render_eval", "result_message", "EVAL_KEYS"]
+
+CSS = """
+.fe-table {border-collapse: collapse; margin: 0.4em 0; font-size: 0.95em}
+.fe-table th, .fe-table td {border: 1px solid #ccc; padding: 0.3em 0.6em; vertical-align: top; text-align: left}
+.fe-table td.num {text-align: right; font-variant-numeric: tabular-nums}
+.fe-ok {color: #1a7f37; font-weight: 600} .fe-bad {color: #b42318; font-weight: 600}
+.fe-error {color: #b42318; font-weight: 600}
+"""
+
+_SEQ = itertools.count(1)
+
+
+def out(body: str) -> str:
+    """Every rendered output carries a fresh sequence number (a page script or test sees it is new)."""
+    return f'<div class="fe-out" data-seq="{next(_SEQ)}">{body}</div>'
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _p(x) -> str:
+    return "–" if x is None else f"{x:.4f}"
+
+
+def error(e: BaseException) -> str:
+    """An error as the page shows it: the message of one the user can fix, else its type too."""
+    if isinstance(e, FactEditError):
+        return out(f'<p class="fe-error" role="alert">Error: {_e(e)}</p>')
+    return out(f'<p class="fe-error" role="alert">Internal error ({_e(type(e).__name__)}): {_e(e)}. The model is '
+               "as it was before this action.</p>")
+
+
+def ok(text: str) -> str:
+    return out(f'<p class="fe-ok">{_e(text)}</p>')
+
+
+def table(headers: List[str], rows: List[List[str]], table_id: str = "") -> str:
+    """An HTML table; cells are already HTML (``<td>`` attributes may come in a ``(attrs, html)`` pair)."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    head = f"<thead><tr>{head}</tr></thead>" if headers else ""
+    body = ""
+    for row in rows:
+        cells = "".join(f"<td {c[0]}>{c[1]}</td>" if isinstance(c, tuple) else f"<td>{c}</td>" for c in row)
+        body += f"<tr>{cells}</tr>"
+    return f'<table class="fe-table" id="{table_id}">{head}<tbody>{body}</tbody></table>'
+
+
+def result_message(report) -> str:
+    """One line on whether an edit took and what happened to it."""
+    if report.kept and report.verified:
+        return "The edit took" + (" (after a retry)" if report.retried else "") + " and is applied."
+    if report.kept:
+        return "The edit did NOT take on its own prompt; it is applied because 'keep an edit that did not take' is on."
+    return ("The edit did NOT take on its own prompt (the new target is neither the greedy continuation nor likely "
+            "enough, or the true target still wins); it was reverted: the model is unchanged. Try another layer, "
+            "or keep it anyway.")
+
+
+def _guard_text(g: Optional[dict]) -> str:
+    if not g:
+        return "off"
+    return ("passed" if g["passed"] else "fired: " + "; ".join(g["fired"])) + (
+        f" (generation entropy {g['entropy_before']:.2f} → {g['entropy_after']:.2f} bits"
+        + "".join(f"; ‖Δ‖ limit of layer {k} {v:.3g}" for k, v in g.get("limits", {}).items()) + ")")
+
+
+def render_edit(report) -> str:
+    """An :class:`~factedit.app.reports.EditReport`: probabilities, continuations (prompt, paraphrases, chat
+    answer), the decision and the blast radius."""
+    r, b, a = report.request, report.before, report.after
+    rows = [["P(new) " + _e(repr(r.target_new)), ('class="num" id="p-new-before"', _p(b.p_new)),
+             ('class="num" id="p-new-after"', _p(a.p_new))]]
+    if r.target_true:
+        rows.append(["P(true) " + _e(repr(r.target_true)), ('class="num" id="p-true-before"', _p(b.p_true)),
+                     ('class="num" id="p-true-after"', _p(a.p_true))])
+    probs = table(["", "before", "after"], rows, "edit-probabilities")
+    cont = table(["prompt", "before", "after"],
+                 [[_e(p), ('class="gen-before"', _e(x.strip())), ('class="gen-after"', _e(y.strip()))]
+                  for p, x, y in report.continuations()], "edit-continuations")
+    took = '<span class="fe-ok">yes</span>' if report.verified else '<span class="fe-bad">NO</span>'
+    facts = table([], [
+        ["method", _e(report.method) + (" (as a chat turn)" if report.chat else "")],
+        ["layer", _e(", ".join(map(str, report.layers))) + f" ({_e(report.layer_rule)})"],
+        ["took (verified on its own prompt)", took + (" (after a retry)" if report.retried else "")],
+        ["collapse guard", _e(_guard_text(report.guard))],
+        ["‖Δ‖", ('class="num" id="delta-norm"', f"{report.delta_norm:.4f}")],
+        ["seconds", ('class="num" id="edit-seconds"', f"{report.seconds:.1f}")],
+    ] + ([["of which key statistics (computed once, then cached)", ('class="num"', f"{report.timings['stats']:.1f}")]]
+         if report.timings.get("stats", 0) >= 0.5 else []), "edit-facts")
+    kept = "fe-ok" if report.kept and report.verified else "fe-bad"
+    return out(f'<p class="{kept}" id="edit-decision">{_e(result_message(report))}</p>' + probs + cont + facts
+               + render_side_effects(report.side_effects, r.target_new))
+
+
+def render_side_effects(fx: Optional[dict], target: str) -> str:
+    """The blast radius: each probe's answer before and after, the changed ones flagged."""
+    if not fx:
+        return ""
+    head = (f'<p id="side-effects-summary">Side effects ({_e(fx["source"])} probes): <b>{fx["changed"]}</b> of '
+            f'{fx["probed"]} answers changed, <b>{fx["leaked_target"]}</b> now name {_e(repr(target))}.</p>')
+    rows = [[_e(p["kind"]), _e(p["prompt"]), _e(p["before"]), _e(p["after"]),
+             '<span class="fe-bad">leaked the target</span>' if p["leaked"] else
+             ('<span class="fe-bad">changed</span>' if p["changed"] else "same")] for p in fx["probes"]]
+    return head + table(["probe", "prompt", "before", "after", ""], rows, "side-effects")
+
+
+def render_batch(report) -> str:
+    """A :class:`~factedit.app.reports.BatchReport`: efficacy before → after and a row per request."""
+    eff, n = report.efficacy, len(report.requests)
+    head = (f"<p>{n} requests, {_e(report.method)} at layers {_e(', '.join(map(str, report.layers)))} in "
+            f"{report.seconds:.1f} s; took: {report.n_verified} of {n}; efficacy (P(new) > P(true)): "
+            + ("n/a" if eff is None else f"{report.efficacy_before:.3f} → {eff:.3f}")
+            + f"; ‖Δ‖ {report.delta_norm:.3f}</p>")
+    rows = [[_e(o.prompt), _e(o.target_new), ('class="num"', _p(o.p_new_before)), ('class="num"', _p(o.p_new)),
+             ('class="num"', _p(o.p_true_before)), ('class="num"', _p(o.p_true)),
+             '<span class="fe-ok">yes</span>' if o.verified else '<span class="fe-bad">no</span>']
+            for o in report.requests]
+    return out(head + table(["prompt", "new target", "P(new) before", "P(new) after", "P(true) before",
+                             "P(true) after", "took"], rows, "batch-table"))
+
+
+def render_history(rows: List[dict]) -> str:
+    if not rows:
+        return out('<p id="history-empty">No edits applied: the model has its original weights.</p>')
+    return out(table(["#", "method", "layers", "facts", "‖Δ‖", "took"],
+                     [[str(r["edit"]), _e(r["method"]), _e(r["layers"]), _e(r["facts"]),
+                       ('class="num"', f"{r['delta_norm']:.4f}"),
+                       {True: "yes", False: "no", None: "–"}[r["verified"]]] for r in rows], "history-table"))
+
+
+def render_trace(obj: dict) -> str:
+    rec = obj.get("recommended_layer")
+    return out(f'<p id="trace-summary">Traced answer {_e(repr(obj["answer"]))}: P clean {obj["p_clean"]:.4f}, P with '
+               f'the subject corrupted {obj["p_corrupt"]:.4f} ({obj["samples"]} noise samples, {obj["seconds"]} s).</p>'
+               f'<p>Recommended edit layer (strongest MLP effect at the last subject token): '
+               f'<b id="trace-layer">{_e(rec)}</b></p>')
+
+
+EVAL_KEYS = ("n", "ES", "PS", "NS", "S", "gen_ES", "gen_PS", "gen_NS", "gen_leak", "GE")
+
+
+def render_eval(summary: dict, records: List[dict], done: bool) -> str:
+    def f(v):
+        return "–" if v is None else (f"{v:.1f}" if isinstance(v, float) else _e(v))
+
+    top = table([k.replace("_", "-") for k in EVAL_KEYS], [[('class="num"', f(summary.get(k))) for k in EVAL_KEYS]],
+                "eval-summary")
+    per_case = ("ES", "PS", "NS", "gen_ES", "gen_PS", "gen_NS")
+    rows = [[str(r.get("case_id")), _e(r["request"]["prompt"].replace("{}", r["request"]["subject"])),
+             _e(r["request"]["target_new"]), *(('class="num"', f(r.get(k))) for k in per_case),
+             _e(((r.get("gen_texts") or {}).get("rewrite") or [""])[0]), _e(r.get("error", ""))] for r in records]
+    state = "complete" if done else "running"
+    return out(f'<p id="eval-state">{len(records)} cases scored ({state}).</p>' + top
+               + table(["case", "prompt", "new target", *(k.replace("_", "-") for k in per_case), "greedy answer",
+                        "error"], rows, "eval-cases"))
