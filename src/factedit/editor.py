@@ -208,7 +208,7 @@ class Editor:
         error or a collapse after that is undone by the caller)."""
         t0 = time.perf_counter()
         c = self.compute(group, config=cfg)
-        refs = self.guard.prepare(cfg, guard)
+        refs = self.guard.prepare(cfg, guard, norm_limit=spec.norm_limit)
         applied = apply_deltas(self.adapter, c.deltas)
         res = EditResult(spec.name, list(cfg.layers), list(group), c.deltas, applied, cfg,
                          time.perf_counter() - t0, c.timings, c.info,

@@ -157,16 +157,17 @@ class Guard:
         self._probe: Optional[Tuple[float, list]] = None  # (entropy, tokens) of the current weights
         self._before: dict = {}  # id(result) -> the probe before that edit (restored by an exact revert)
 
-    def prepare(self, cfg, guard_cfg: GuardConfig) -> dict:
-        """Before an edit is applied: the calibrated norm references (single-layer, single-request
-        methods) and the fluency probe of the current weights. ``{}`` when the guard is off."""
+    def prepare(self, cfg, guard_cfg: GuardConfig, norm_limit: bool = True) -> dict:
+        """Before an edit is applied: the calibrated norm references (``norm_limit``: the method's updates are
+        ROME's rank-one form at one layer with key statistics and a value clamp, as its registration says) and
+        the fluency probe of the current weights. ``{}`` when the guard is off."""
         if not guard_cfg.enabled:
             return {}
         if self._probe is None:
             tokens = probe_tokens(self.adapter, guard_cfg)
             self._probe = (entropy_of(tokens), tokens)
         layer = getattr(cfg, "layer", None)
-        if layer is None or not hasattr(cfg, "value"):
+        if not norm_limit or layer is None:
             return {}
         return {layer: norm_reference(self.adapter, self.caches, layer, cfg.stats_corpus, cfg.stats_tokens,
                                       cfg.value.clamp_norm_factor, cfg.stats_seq_len, cfg.stats_dtype)}

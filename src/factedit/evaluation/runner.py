@@ -336,11 +336,13 @@ def _chunks(todo: List[int], groups, size: int) -> List[List[int]]:
 def _warm_up(editor, method_cfg) -> None:
     """Fill the editor's caches (context templates, statistics) from the original weights, as the first
     edit of an uninterrupted run does, so that a resumed sequential run edits exactly like it."""
-    if method_cfg is None or not hasattr(method_cfg, "context_lengths"):
+    if method_cfg is None:
         return
-    editor.templates(method_cfg.seed, method_cfg.context_lengths)
-    for layer in method_cfg.layers:
-        editor.stats(layer, **method_cfg.stats_args)
+    if hasattr(method_cfg, "context_lengths"):
+        editor.templates(getattr(method_cfg, "seed", 0), method_cfg.context_lengths)
+    if hasattr(method_cfg, "stats_args"):
+        for layer in method_cfg.layers:
+            editor.stats(layer, **method_cfg.stats_args)
 
 
 def _resume(editor, store: RunStore, cfg: EvalConfig, groups) -> tuple:

@@ -44,6 +44,9 @@ class MethodSpec:
             prompt gets (single-request methods; ``None``: no retry).
         prefetch: ``(adapter, caches, requests, config, batch_size) -> None``: optimise the targets of several
             single edits together ahead of their computations (single-request methods; ``None``: nothing to do).
+        norm_limit: the collapse guard's calibrated ‖Δ‖ limit applies: the updates are ROME's rank-one form at
+            one ``layer``, with key statistics (``stats_*`` fields) and a value clamp (``value``); otherwise the
+            guard judges by generation entropy alone.
     """
 
     name: str
@@ -53,6 +56,7 @@ class MethodSpec:
     fold_state: Optional[Callable] = None
     retry: Optional[Callable] = None
     prefetch: Optional[Callable] = None
+    norm_limit: bool = False
 
     @property
     def field_names(self) -> set:

@@ -150,4 +150,4 @@ def rome_norm_ratio(adapter, C, requests, templates, layer: int):
 
 for _name in ROME_VARIANTS:
     register(MethodSpec(_name, ROMEConfig, compute_rome, single_request=True, retry=retry_config,
-                        prefetch=prefetch_targets), default=_name == "r-rome")
+                        prefetch=prefetch_targets, norm_limit=True), default=_name == "r-rome")
