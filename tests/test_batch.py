@@ -5,7 +5,9 @@ import torch
 
 from factedit import Editor, GuardConfig, Request, ValueConfig
 from factedit.core.errors import MethodError, RequestError
-from factedit.edit.keys import template_keys
+from factedit.core.hooks import Hook
+from factedit.core.tokens import fact_token_index
+from reference import alphaedit_update, emmet_update, memit_update, null_space_projector, rel
 from tiny import tiny_model
 
 REQS = [Request("{} is located in the city of", "Eiffel Tower", "Rome"),
@@ -19,6 +21,20 @@ def _opts(tiny_corpus, **kw):
     base = dict(layers=SPAN, stats_corpus=str(tiny_corpus), stats_tokens=2000, value=ValueConfig(steps=6))
     base.update(kw)
     return base
+
+
+def _residuals(ed, requests, templates, layer):
+    """(n, d_model) float64: per request the mean over ``templates`` of the output of ``layer`` at the fact
+    token, one plain unpadded forward per prompt with a hook (not through factedit's key helpers, which the
+    methods use: this is what they are checked against)."""
+    Z = torch.zeros(len(requests), ed.adapter.d_model, dtype=torch.float64)
+    for i, r in enumerate(requests):
+        for ctx in templates:
+            ids, fact = fact_token_index(ed.tokenizer, ctx.replace("{}", r.prompt), r.subject)  # prefixed, as read
+            with Hook(ed.adapter.layers[layer], retain_output=True) as h:
+                ed.adapter.body(input_ids=torch.tensor([ids]))
+            Z[i] += h.output[0, fact].double() / len(templates)
+    return Z
 
 
 @pytest.mark.parametrize("current", ["bare", "templates"])
@@ -36,8 +52,7 @@ def test_memit_spreads_residual_over_span(home, tiny_corpus, monkeypatch, curren
 
     def spy(R, K, C, lam):
         # Z_cur at the last span layer on the model as it is right now (earlier layers applied)
-        _, Z_now = template_keys(ed.adapter, REQS, where, SPAN[0], SPAN[-1])
-        seen.append((R.clone(), Z_now))
+        seen.append((R.clone(), _residuals(ed, REQS, where, SPAN[-1])))
         return real(R, K, C, lam)
 
     monkeypatch.setattr(B, "least_squares", spy)
@@ -47,13 +62,14 @@ def test_memit_spreads_residual_over_span(home, tiny_corpus, monkeypatch, curren
     c = ed.compute(REQS, config=cfg)
     assert len(seen) == 3 and [d.layer for d in c.deltas] == list(SPAN)
     for i, (R, Z_now) in enumerate(seen):
-        expected = (Z_target - Z_now) / (len(SPAN) - i)
-        assert torch.allclose(R.T.float(), expected, atol=1e-4), i
+        expected = (Z_target.double() - Z_now) / (len(SPAN) - i)
+        assert torch.allclose(R.T.double(), expected, atol=1e-4), i
     # compute() left the model as it was; applying moves the residual towards the targets
-    _, Z0 = template_keys(ed.adapter, REQS, where, 1, 3)
+    Z0 = _residuals(ed, REQS, where, SPAN[-1])
     assert torch.allclose(Z0, seen[0][1], atol=1e-5)
+    Z_target = Z_target.double()
     ed.edit(REQS, config=cfg, guard=NO_GUARD)
-    _, Z1 = template_keys(ed.adapter, REQS, where, 1, 3)
+    Z1 = _residuals(ed, REQS, where, SPAN[-1])
     # measured where Z_cur is: on the bare prompts the template-averaged keys are not the keys the prompt
     # itself produces, so the bare residual moves a little less (0.62 of the way on this tiny model)
     assert (Z_target - Z1).norm() < {"bare": 0.7, "templates": 0.5}[current] * (Z_target - Z0).norm()
@@ -64,8 +80,6 @@ def test_first_span_layer_residual_is_delta_over_span(home, tiny_corpus, monkeyp
     z0 + δ, so the first span layer is asked for exactly δ / len(span). z0 comes from a plain forward
     of each bare prompt with a hook (not through the key helpers)."""
     import factedit.edit.methods.batch as B
-    from factedit.core.hooks import Hook
-    from factedit.core.tokens import fact_token_index
 
     model, tok = tiny_model("llama")
     ed = Editor(model, tok, progress=False)
@@ -84,22 +98,59 @@ def test_first_span_layer_residual_is_delta_over_span(home, tiny_corpus, monkeyp
         assert torch.allclose(seen[0][:, i].float(), delta / len(SPAN), atol=1e-5), i
 
 
-def test_emmet_last_layer_is_exact(home, tiny_corpus):
-    """With a one-layer span, EMMET's equality solve gives Δ K = Z* − Z_cur on the averaged keys."""
+def _one_layer(ed, cfg):
+    """A one-layer (3) batch edit's update (float64) and the inputs of its closed form: the residual
+    R = Z* − Z_cur (d_model, n), Z_cur measured on the bare prompts by :func:`_residuals`; the keys K
+    (d_ff, n) the update was computed for; the statistics C."""
     import factedit.edit.methods.batch as B
+
+    templates = ed.templates(0, ((10, 5),))
+    Z_target, _ = B.target_residuals(ed.adapter, ed.caches, REQS, cfg, templates)  # deterministic: same as inside compute
+    Z_cur = _residuals(ed, REQS, ["{}"], 3)
+    c = ed.compute(REQS, config=cfg)
+    assert [d.layer for d in c.deltas] == [3] and c.deltas[0].rank == len(REQS)
+    C = ed.caches.mom2(3, **c.config.stats_args)
+    return c.deltas[0].dense().double(), (Z_target.double() - Z_cur).T, c.keys[3].double(), C
+
+
+def test_emmet_last_layer_is_exact(home, tiny_corpus):
+    """With a one-layer span, EMMET's equality solve gives Δ K = Z* − Z_cur on the averaged keys, and Δ is
+    the closed form R (KᵀC⁻¹K)⁻¹ (C⁻¹K)ᵀ (explicit inverses, reference.py)."""
+    model, tok = tiny_model("gpt2")
+    ed = Editor(model, tok, progress=False)
+    D, R, K, C = _one_layer(ed, ed.make_config("emmet", **_opts(tiny_corpus, layers=(3,))))
+    assert rel(D @ K, R) < 1e-3
+    # float32 forwards (R) and float32 factors (Δ): measured ~1e-5
+    assert rel(D, emmet_update(R, K, C)) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_one_layer_update_is_the_closed_form(method, home, tiny_corpus):
+    """A one-layer MEMIT / AlphaEdit edit is its formula on the edit's keys, residuals and statistics, computed
+    with explicit inverses (reference.py): MEMIT R Kᵀ (λC + K Kᵀ)⁻¹; AlphaEdit ΔP with
+    Δ = R Kᵀ P (K Kᵀ P + αI)⁻¹, P from numpy.linalg.eigh of C and α = alpha_scale · tr(P C) (the default)."""
+    import numpy as np
 
     model, tok = tiny_model("gpt2")
     ed = Editor(model, tok, progress=False)
-    cfg = ed.make_config("emmet", **_opts(tiny_corpus, layers=(3,)))
-    templates = ed.templates(0, ((10, 5),))
-    Z_target, _ = B.target_residuals(ed.adapter, ed.caches, REQS, cfg, templates)  # deterministic: same as inside compute
-    K, _ = template_keys(ed.adapter, REQS, templates, 3, None)
-    _, Z_cur = template_keys(ed.adapter, REQS, ["{}"], 3, 3)  # the bare prompts' residual
-    c = ed.compute(REQS, config=cfg)
-    D = c.deltas[0].dense().double()
-    assert c.deltas[0].rank == len(REQS)
-    R = (Z_target - Z_cur).double().T
-    assert float((D @ K.double().T - R).norm() / R.norm()) < 1e-3
+    kw = _opts(tiny_corpus, layers=(3,))
+    if method == "alphaedit":
+        # a threshold in the widest (relative) gap of the middle of C's spectrum: P neither 0 nor I, and well
+        # defined (no eigenvalue near the threshold)
+        probe = ed.make_config("memit", **kw)
+        ev = np.linalg.eigvalsh(ed.caches.mom2(3, **probe.stats_args).double().numpy())
+        d = len(ev)
+        i = max(range(d // 4, 3 * d // 4), key=lambda j: ev[j] / ev[j - 1])
+        kw["nullspace_threshold"] = float(np.sqrt(ev[i - 1] * ev[i]))
+    cfg = ed.make_config(method, **kw)
+    D, R, K, C = _one_layer(ed, cfg)
+    if method == "memit":
+        ref = memit_update(R, K, C, cfg.mom2_update_weight)
+    else:
+        P = null_space_projector(C, cfg.nullspace_threshold)
+        assert 0 < round(float(P.trace())) < C.shape[0]
+        ref = alphaedit_update(R, K, P, None, cfg.alpha_scale * float((P * C.double()).sum()))
+    assert rel(D, ref) < 1e-4  # float32 forwards (R) and float32 factors (Δ): measured ~1e-5
 
 
 @pytest.mark.parametrize("method", ["memit", "emmet", "alphaedit", "ft"])

@@ -6,6 +6,7 @@ import torch
 from factedit import Editor, Request, ValueConfig
 from factedit.edit.deltas import apply_deltas
 from factedit.core.errors import MethodError
+from reference import rank_one_update, rome_update
 from tiny import ARCHS, tiny_model
 
 REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
@@ -21,14 +22,13 @@ def _rel(a, b):
 
 
 def _computed(arch, method, tiny_corpus):
-    """(W0, Computed, k*, k_o, δ, C⁻¹) of one edit at layer 2, in float64."""
+    """(W0, Computed, k*, k_o, δ) of one edit at layer 2, in float64 (the inputs of the reference formulas)."""
     model, tok = tiny_model(arch)
     ed = Editor(model, tok, progress=False)
     W0 = ed.adapter.w_out_weight(2).detach().clone().double()
     c = ed.compute(REQ, method, **_opts(tiny_corpus))
     v = c.values
-    Cinv = torch.linalg.inv(c.C.double())  # explicit inverse: only as the reference formula
-    return W0, c, v.k_star[0].double(), v.k_o[0].double(), v.delta[0].double(), Cinv
+    return W0, c, v.k_star[0].double(), v.k_o[0].double(), v.delta[0].double()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -41,6 +41,8 @@ def test_r_rome_exact_algebra(arch, home, tiny_corpus):
     v = c.values
     k_star, k_o, delta = v.k_star[0].double(), v.k_o[0].double(), v.delta[0].double()
     v_star = W0 @ k_star + delta
+    # the update is the paper's formula (v* − W k*)(C⁻¹k*)ᵀ / (k*ᵀC⁻¹k*), explicit inverse (reference.py)
+    assert _rel(c.deltas[0].dense().double(), rome_update(W0, c.C, v_star, k_star, k_star)) < 1e-4
     applied = apply_deltas(ed.adapter, c.deltas)
     W1 = ed.adapter.w_out_weight(2).detach().double()
     assert _rel(W1 @ k_star, v_star) < 1e-4
@@ -58,17 +60,17 @@ def test_r_rome_exact_algebra(arch, home, tiny_corpus):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
 def test_rome_reproduces_original_code_update(arch, home, tiny_corpus):
-    W0, c, k_star, k_o, delta, Cinv = _computed(arch, "rome", tiny_corpus)
+    W0, c, k_star, k_o, delta = _computed(arch, "rome", tiny_corpus)
     v_star = W0 @ k_o + delta  # the original code's target: bare-prompt value plus δ
-    ref = torch.outer(v_star - W0 @ k_o, Cinv @ k_star) / (k_o @ Cinv @ k_star)
+    ref = rome_update(W0, c.C, v_star, k_star, k_o)  # (v* − W k_o)(C⁻¹k*)ᵀ / (k_oᵀC⁻¹k*), explicit inverse
     assert _rel(c.deltas[0].dense().double(), ref) < 1e-4
     assert not torch.allclose(k_star, k_o)
 
 
 @pytest.mark.parametrize("arch", ["gptj", "qwen2"])
 def test_p_rome_uses_k_o_throughout(arch, home, tiny_corpus):
-    W0, c, k_star, k_o, delta, Cinv = _computed(arch, "p-rome", tiny_corpus)
-    ref = torch.outer(delta, Cinv @ k_o) / (k_o @ Cinv @ k_o)
+    W0, c, k_star, k_o, delta = _computed(arch, "p-rome", tiny_corpus)
+    ref = rome_update(W0, c.C, W0 @ k_o + delta, k_o, k_o)  # δ (C⁻¹k_o)ᵀ / (k_oᵀC⁻¹k_o), explicit inverse
     assert _rel(c.deltas[0].dense().double(), ref) < 1e-4
     assert _rel((W0 + ref) @ k_o, W0 @ k_o + delta) < 1e-6
 
@@ -115,13 +117,16 @@ def test_unknown_method():
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_norm_ratio_from_keys_equals_rome_over_r_rome(arch, home, tiny_corpus):
-    """rome_norm_ratio (keys only, no optimisation) is ‖Δ_rome‖ / ‖Δ_r-rome‖ for the same δ."""
-    from factedit.edit.methods.rome import rome_delta, rome_norm_ratio
+    """rome_norm_ratio (keys only, no optimisation) is ‖Δ_rome‖ / ‖Δ_r-rome‖ for the same δ, the two updates
+    computed by their formulas (explicit inverse, reference.py) from the edit's keys and δ."""
+    from factedit.edit.methods.rome import rome_norm_ratio
 
     model, tok = tiny_model(arch)
     ed = Editor(model, tok, progress=False)
     c = ed.compute(REQ, "r-rome", **_opts(tiny_corpus))
-    norms = {v: float(rome_delta(c.C, c.values, 0, v, 2).dense().double().norm()) for v in ("rome", "r-rome")}
+    k_star, k_o, delta = c.values.k_star[0], c.values.k_o[0], c.values.delta[0]
+    norms = {"rome": float(rank_one_update(c.C, delta, k_star, k_o).norm()),  # δ (C⁻¹k*)ᵀ / (k_oᵀC⁻¹k*)
+             "r-rome": float(rank_one_update(c.C, delta, k_star, k_star).norm())}  # δ (C⁻¹k*)ᵀ / (k*ᵀC⁻¹k*)
     ratio = rome_norm_ratio(ed.adapter, c.C, [REQ], ed.templates(0, c.config.context_lengths), 2)
     assert ratio.shape == (1,)
     assert abs(float(ratio[0]) - norms["rome"] / norms["r-rome"]) < 1e-4 * norms["rome"] / norms["r-rome"]

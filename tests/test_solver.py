@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from factedit.edit.solver import equality_constrained, least_squares, null_space, null_space_projector
+from reference import alphaedit_update, emmet_update, memit_update, null_space_projector as projector_ref, rank_one_update, rel
 
 D_MODEL, D_FF, N0 = 6, 12, 200
 
@@ -22,6 +23,8 @@ def _setup(n, seed=0):
 def test_memit_equals_stacked_least_squares(n, lam):
     K0, C, K1, R = _setup(n)
     sol = least_squares(R, K1, C, lam)
+    # the closed form Δ = R Kᵀ (λC + K Kᵀ)⁻¹ with an explicit inverse
+    assert rel(sol.dense(), memit_update(R, K1, C, lam)) < 1e-9
     # minimise λ‖Δ K0'‖² + ‖Δ K1 − R‖² with K0' K0'ᵀ = C, as one stacked least-squares problem
     A = np.concatenate([np.sqrt(lam) * (K0 / np.sqrt(N0)).numpy().T, K1.numpy().T])  # (N0 + n, d_ff)
     B = np.concatenate([np.zeros((N0, D_MODEL)), R.numpy().T])
@@ -35,12 +38,9 @@ def test_emmet_satisfies_every_constraint(n):
     K0, C, K1, R = _setup(n, 1)
     sol = equality_constrained(R, K1, C)
     D = sol.dense()
-    rel = (D @ K1 - R).norm() / R.norm()
-    assert rel < 1e-4 and sol.ridge == 0.0
+    assert rel(D @ K1, R) < 1e-4 and sol.ridge == 0.0
     # and it is the minimum-change solution in the C metric: closed form with explicit inverses
-    Ci = torch.linalg.inv(C)
-    ref = R @ torch.linalg.inv(K1.T @ Ci @ K1) @ K1.T @ Ci
-    assert torch.allclose(D, ref, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(D, emmet_update(R, K1, C), rtol=1e-6, atol=1e-9)
 
 
 def test_emmet_reports_ridge_for_duplicate_keys():
@@ -49,16 +49,18 @@ def test_emmet_reports_ridge_for_duplicate_keys():
     sol = equality_constrained(R, K, C, max_condition=1e8)
     assert sol.ridge > 0 and sol.condition > 1e8
     assert torch.isfinite(sol.dense()).all()
+    # the ridge reported is the one applied: Δ = R (KᵀC⁻¹K + εI)⁻¹ (C⁻¹K)ᵀ, explicit inverses. The ridged
+    # n × n system still has condition ~1e6 (ε = 1e-6 tr/n): 1e-8 rather than 1e-9 (measured 2e-10)
+    assert rel(sol.dense(), emmet_update(R, K, C, ridge=sol.ridge)) < 1e-8
 
 
 def test_rome_through_batched_solver_equals_single_edit_rome():
     K0, C, K1, R = _setup(1, 3)
     k, r = K1[:, 0], R[:, 0]
-    Cik = torch.linalg.solve(C, k)
-    rome = torch.outer(r, Cik) / (k @ Cik)  # the rank-one ROME update
+    rome = rank_one_update(C, r, k, k)  # the rank-one ROME update r (C⁻¹k)ᵀ / (kᵀC⁻¹k), explicit inverse
     assert torch.allclose(equality_constrained(R, K1, C).dense(), rome, rtol=1e-9)
-    ko = torch.randn(D_FF, dtype=torch.float64)
-    orig = torch.outer(r, Cik) / (ko @ Cik)  # the original code's asymmetric denominator
+    ko = torch.randn(D_FF, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    orig = rank_one_update(C, r, k, ko)  # the original code's asymmetric denominator kₒᵀC⁻¹k
     assert torch.allclose(equality_constrained(R, K1, C, ko[:, None]).dense(), orig, rtol=1e-9)
 
 
@@ -70,14 +72,20 @@ def test_alphaedit_update_preserves_protected_keys():
     K0 = Q[:, :8] @ torch.randn(8, 50, generator=g, dtype=torch.float64)  # keys in the preserved subspace
     P = null_space_projector(C, threshold=1e-2)
     assert torch.allclose(P @ P, P, atol=1e-10) and round(float(torch.trace(P))) == 4
+    assert torch.allclose(P, projector_ref(C, 1e-2), atol=1e-10)  # U Uᵀ from numpy.linalg.eigh
     K1 = torch.randn(D_FF, 3, generator=g, dtype=torch.float64)
     R = torch.randn(D_MODEL, 3, generator=g, dtype=torch.float64)
     D = null_space(R, K1, P, alpha=1.0).dense()
+    # the applied update is ΔP with Δ = R Kᵀ P (K Kᵀ P + αI)⁻¹ (explicit inverse)
+    assert rel(D, alphaedit_update(R, K1, P, None, alpha=1.0)) < 1e-9
     assert D.norm() > 0
     assert (D @ K0).norm() <= 1e-3 * D.norm() * K0.norm()
     # with earlier keys remembered, the update also leaves them (nearly) alone
     Kp = P @ torch.randn(D_FF, 2, generator=g, dtype=torch.float64)
     D2 = null_space(R, K1, P, Kp @ Kp.T * 1e4, alpha=1.0).dense()
+    # Δ = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + αI)⁻¹; K_p K_pᵀ ~ 1e4 makes the system condition ~1e4: 1e-10, not
+    # 1e-12 (measured 4e-13)
+    assert rel(D2, alphaedit_update(R, K1, P, Kp @ Kp.T * 1e4, alpha=1.0)) < 1e-10
     assert (D2 @ Kp).norm() < (D @ Kp).norm()
 
 
@@ -93,7 +101,8 @@ def test_projector_basis_cached_on_disk_per_statistics_and_threshold(home):
     P1 = EditCaches(None).projector(0, C, 1e-2)
     files = sorted((home / "projectors").glob("*.safetensors"))
     assert len(files) == 1
-    assert torch.equal(P1, null_space_projector(C, 1e-2))
+    assert torch.equal(P1, null_space_projector(C, 1e-2))  # the cache gives what the solver computes, bit for bit
+    assert torch.allclose(P1, projector_ref(C, 1e-2), atol=1e-9)  # and that is U Uᵀ from numpy.linalg.eigh
     assert float(P1.diagonal().sum()) == pytest.approx(4, abs=1e-9)
     P2 = EditCaches(None).projector(0, C, 1e-2)  # a "new process": from the file
     assert torch.equal(P1, P2)

@@ -6,6 +6,7 @@ from factedit.stats.corpus import resolve_corpus
 from factedit.core.errors import CorpusError, StatsError
 from factedit.core.hooks import Hook
 from factedit.stats.layer import SecondMoment, layer_stats, load_stats_file, stats_cache_path, token_chunks
+from reference import second_moment
 from tiny import tiny_model
 
 
@@ -15,7 +16,7 @@ def test_streaming_equals_whole_batch_float64():
     acc = SecondMoment(7)
     for chunk in X.split(97):
         acc.update(chunk)
-    ref = X.T @ X / X.shape[0]
+    ref = second_moment(X)  # Xᵀ X / N in NumPy float64
     assert acc.count == 1000
     assert torch.allclose(acc.sum / acc.count, ref, rtol=1e-6)
 
@@ -35,12 +36,15 @@ def test_merge_is_exact():
 
 
 def _keys_reference(ad, layer, chunks):
-    acc = SecondMoment(ad.d_ff)
+    """(N, C): the number of keys entering W_out at ``layer`` over ``chunks`` (one plain forward each) and their
+    second moment ``Xᵀ X / N`` by the formula (reference.py), not through the accumulator under test."""
+    keys = []
     for c in chunks:
         with Hook(ad.w_out(layer), retain_input=True) as t:
             ad.model(torch.tensor([c]))
-        acc.update(t.input[0])
-    return acc
+        keys.append(t.input[0])
+    X = torch.cat(keys)
+    return X.shape[0], second_moment(X)
 
 
 def test_layer_stats_match_direct_computation_and_cache(home, tiny_corpus):
@@ -48,9 +52,9 @@ def test_layer_stats_match_direct_computation_and_cache(home, tiny_corpus):
     ad = ModelAdapter(model, tok)
     st = layer_stats(ad, 2, corpus=str(tiny_corpus), n_tokens=600, seq_len=32, batch_size=3, progress=False)
     chunks = list(token_chunks(tok, resolve_corpus(str(tiny_corpus)), 32, 600))
-    ref = _keys_reference(ad, 2, chunks)
-    assert st.count == ref.count == sum(len(c) for c in chunks)
-    assert torch.allclose(st.mom2, ref.mom2(), rtol=1e-4, atol=1e-6)
+    n, ref = _keys_reference(ad, 2, chunks)
+    assert st.count == n == sum(len(c) for c in chunks)
+    assert torch.allclose(st.mom2.double(), ref, rtol=1e-4, atol=1e-6)
     files = list((home / "stats").rglob("*.safetensors"))
     assert len(files) == 1
     acc, meta = load_stats_file(files[0])
