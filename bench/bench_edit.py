@@ -116,7 +116,7 @@ def bench_stats(adapter, layer, n_tokens):
 
 
 def demo_rss():
-    cmd = [sys.executable, "-m", "factedit", "edit", "--corpus", str(CORPUS), "--json"]
+    cmd = [sys.executable, "-m", "factedit", "edit", "--stats-corpus", str(CORPUS), "--json"]
     t = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t

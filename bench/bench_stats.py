@@ -31,7 +31,7 @@ HEADING = "## Statistics: one process, torchrun, float32 accumulation"
 
 
 def _stats_run(home: Path, tokens: int, layer: int, world: int, dtype: str = "float64") -> dict:
-    args = ["stats", "--corpus", str(CORPUS), "--stats-tokens", str(tokens), "--layers", str(layer), "--json",
+    args = ["stats", "--stats-corpus", str(CORPUS), "--stats-tokens", str(tokens), "--layers", str(layer), "--json",
             "--stats-dtype", dtype]
     threads = "1" if world > 1 else "2"
     env = {**os.environ, "FACTEDIT_HOME": str(home), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,

@@ -81,7 +81,7 @@ def command(name: str, part: str, limit: int, out: Path, downstream_n: int, ever
     method, batch, *options = PARTS[part][name]
     args = ["factedit", "eval", "--method", method, "--dataset", _rel(CF), "--limit", str(limit)]
     if batch > 1:
-        args += ["--batch-size", str(batch)]
+        args += ["--cases-per-edit", str(batch)]
     if part in ("sequential", "long"):
         args += ["--sequential", "--downstream-every", str(every)]
     if part == "sequential":
@@ -89,7 +89,7 @@ def command(name: str, part: str, limit: int, out: Path, downstream_n: int, ever
     if part == "long":  # GLUE/MMLU sit at chance on the embedded model: perplexity and known facts instead
         args += ["--ppl-corpus", _rel(PPL_CORPUS), "--knowns", _rel(KNOWNS), "--retention-sample", str(RETENTION)]
     if method != "none":
-        args += ["--corpus", _rel(CORPUS)]
+        args += ["--stats-corpus", _rel(CORPUS)]
     for opt in options:
         args += ["--set", opt]
     return args + ["--out", _rel(out / name)]
@@ -142,13 +142,11 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
     """Run (or continue) ``methods`` of ``part`` in ``out/<method>``; with ``records``, copy each run's
     records into ``records/<method>`` after it and whenever it stops (:func:`copy_records`)."""
     from factedit import Editor, load_model
-    from factedit.cli import build_parser
-    from factedit.cli.eval import eval_config
+    from factedit.cli import parse
     from factedit.evaluation import run_eval
 
     model, tok = load_model()
     editor = Editor(model, tok, progress=False)
-    parser = build_parser()
     # single edits: the runs of a family advance one chunk at a time in turn, so that each chunk's
     # targets are optimised once for all of them, and an interruption loses at most one chunk of it
     groups = [[m] for m in methods]
@@ -161,7 +159,7 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
         while todo:
             for m in list(todo):
                 argv = command(m, part, limit, out, downstream_n, every)
-                args = parser.parse_args(argv[1:])
+                settings = parse(argv[1:])
                 if t0[m] is None:
                     t0[m] = time.perf_counter()
                     print(f"[{time.strftime('%H:%M:%S')}] {shlex.join(argv)}", file=sys.stderr, flush=True)
@@ -173,7 +171,7 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
                         raise _Pause()
 
                 try:
-                    s = run_eval(editor, eval_config(args), args.out, on_group=progress)
+                    s = run_eval(editor, settings.eval, settings["out"], on_group=progress)
                 except _Pause:
                     continue
                 finally:  # after the run, and when it stops (interrupted, failed): its records to `records`
@@ -184,7 +182,6 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
                       flush=True)
                 if editor.history:  # a sequential run leaves its edits applied: back to the original weights
                     editor.revert(len(editor.history))
-                    editor.state.clear()
 
 
 def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: int, run_out: Path = None) -> str:
