@@ -96,8 +96,8 @@ def bench_edits(editor, records, layer):
 
 
 def bench_stats(adapter, layer, n_tokens):
-    from factedit.stats.layer import layer_stats, token_chunks
     from factedit.stats.corpus import resolve_corpus
+    from factedit.stats.layer import layer_stats, token_chunks
 
     t = time.perf_counter()
     st = layer_stats(adapter, layer, corpus=str(CORPUS), n_tokens=n_tokens, cache=False, progress=False)

@@ -40,9 +40,9 @@ def main():
 
     from factedit import ModelAdapter, load_model
     from factedit.edit.deltas import LayerDelta
+    from factedit.edit.row_deltas import RowDeltas
     from factedit.evaluation import GenerationConfig, load_cases, score_cases
     from factedit.evaluation.score_model import unedited_answers
-    from factedit.edit.row_deltas import RowDeltas
 
     model, tok = load_model(device=args.device)
     ad = ModelAdapter(model, tok)

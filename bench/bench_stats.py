@@ -58,8 +58,8 @@ def _sum(home: Path):
 def float32_effect(tokens: int, layer: int, records: int) -> dict:
     from factedit import Editor, load_model
     from factedit.core.lm import target_probabilities
-    from factedit.edit.deltas import apply_deltas
     from factedit.core.request_files import load_requests
+    from factedit.edit.deltas import apply_deltas
     from factedit.edit.methods.rome import rome_delta
 
     ed = Editor(*load_model(), progress=False)

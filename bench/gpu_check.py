@@ -60,10 +60,10 @@ def run_checks(name: str, load_kwargs: dict, args, reference=None) -> dict:
     import torch
 
     from factedit import Editor, Request, load_model
+    from factedit.app.edit import efficacy
     from factedit.core.lm import target_probabilities
     from factedit.core.request_files import load_requests
     from factedit.evaluation import EvalConfig, run_eval
-    from factedit.app.edit import efficacy
     from factedit.trace.causal import TraceConfig, trace_prompt
 
     os.environ["FACTEDIT_HOME"] = tempfile.mkdtemp(prefix=f"gpu-check-{name.replace(' ', '-')}-")

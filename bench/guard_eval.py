@@ -74,7 +74,7 @@ def main():
     from factedit import Editor, GuardConfig, load_model
     from factedit.edit.deltas import apply_deltas
     from factedit.edit.guard import check, entropy_probe, norm_reference
-    from factedit.edit.methods.rome import rome_delta, default_layer, rome_norm_ratio
+    from factedit.edit.methods.rome import default_layer, rome_delta, rome_norm_ratio
     from factedit.evaluation import load_cases
 
     model, tok = load_model()

@@ -46,11 +46,11 @@ def main():
     args = ap.parse_args()
 
     from factedit import Editor, GuardConfig, Request, load_model
+    from factedit.cli import build_parser
+    from factedit.cli.eval import eval_config
     from factedit.core.arch import ModelAdapter
     from factedit.edit.verify import verify_request
     from factedit.evaluation import run_eval
-    from factedit.cli import build_parser
-    from factedit.cli.eval import eval_config
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

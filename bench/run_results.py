@@ -187,7 +187,8 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
 def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: int, run_out: Path = None) -> str:
     """The tables of the runs in ``out`` (a part's records); the commands they print write to ``run_out``
     (the run directories; default ``out``)."""
-    from factedit.evaluation.summarize import checkpoint_table, load_run, sequential_table, table as summary_table
+    from factedit.evaluation.summarize import checkpoint_table, load_run, sequential_table
+    from factedit.evaluation.summarize import table as summary_table
 
     runs = [load_run(out / m) for m in methods if (out / m / "summary.json").is_file()]
     lines = [summary_table(runs), ""]

@@ -38,11 +38,11 @@ def main():
     args = ap.parse_args()
 
     from factedit import Editor, Request, load_model
-    from factedit.core.answers import greedy_answers, mentions, normalize_answer
-    from factedit.edit.guard import CollapseError
     from factedit.app.edit import edit_fact
     from factedit.app.settings import EditSettings
     from factedit.app.side_effects import load_bank
+    from factedit.core.answers import greedy_answers, mentions, normalize_answer
+    from factedit.edit.guard import CollapseError
 
     model, tok = load_model()
     ed = Editor(model, tok, progress=False)

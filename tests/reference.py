@@ -14,7 +14,6 @@ Shapes: ``W`` (d_model, d_ff) the edited W_out; ``C`` (d_ff, d_ff) the keys' sec
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

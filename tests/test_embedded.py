@@ -3,9 +3,9 @@
 import json
 
 import pytest
+import torch
 
 from conftest import COUNTERFACT, STATS, STATS_ARGS
-import torch
 from factedit import GuardConfig, Request
 from factedit.core.lm import greedy_continuation, target_probabilities
 

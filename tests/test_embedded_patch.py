@@ -43,8 +43,8 @@ def test_round_trip_on_embedded_model(embedded, tmp_path):
 
 
 def test_patch_size_grows_linearly_with_requests(embedded, tmp_path):
-    from factedit.core.request_files import load_requests
     from conftest import COUNTERFACT
+    from factedit.core.request_files import load_requests
 
     ed = embedded
     sizes = {}
@@ -66,8 +66,8 @@ def test_guard_catches_a_real_rome_disabling_edit(embedded_bare):
     The guard rolls it back with an explanation and leaves the weights bit-identical; r-ROME on the same
     request passes."""
     from conftest import COUNTERFACT
-    from factedit.evaluation import load_cases
     from factedit.edit.guard import CollapseError
+    from factedit.evaluation import load_cases
 
     ed = embedded_bare
     req = next(c for c in load_cases(COUNTERFACT, limit=2500, offset=4250) if c.case_id == 6276).request
@@ -127,9 +127,9 @@ def test_gguf_export_of_an_embedded_edit(embedded, tmp_path):
     replaced; transformers loads the f16 file with P(new) within 1e-3 of the fp32 edit; the q4_1
     file holds exactly patch.gguf.roundtrip of the edited matrix (what bench/gguf_survival.py uses)."""
     import gguf
+    import numpy as np
     from gguf.quants import dequantize
     from transformers import AutoModelForCausalLM
-    import numpy as np
 
     from factedit.core.arch import ModelAdapter
     from factedit.core.models import embedded_gguf_path

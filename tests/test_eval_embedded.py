@@ -37,10 +37,10 @@ def test_rome_disabling_edit_and_r_rome_on_the_same_record(embedded_bare):
     same optimised δ (the variants differ only in the closed form), so δ is optimised once."""
     from factedit import GuardConfig
     from factedit.edit.deltas import apply_deltas
-    from factedit.evaluation import load_cases, score_cases
-    from factedit.evaluation.scoring import normalized_delta_norm
     from factedit.edit.guard import entropy_probe
     from factedit.edit.methods.rome import rome_delta
+    from factedit.evaluation import load_cases, score_cases
+    from factedit.evaluation.scoring import normalized_delta_norm
 
     ed = embedded_bare  # prompts read without the prompt prefix, as when the record was found
     case = next(c for c in load_cases(COUNTERFACT, limit=2500, offset=4250) if c.case_id == 6276)

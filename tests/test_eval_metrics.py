@@ -133,8 +133,8 @@ def test_batched_scores_match_plain_forward_in_order(tiny):
 def test_case_scores_share_rows_without_changing_results(tiny):
     """o* and o_c read from one sequence where possible: same numbers as scoring each pair alone."""
     from factedit import Request
-    from factedit.evaluation import CounterFactCase, score_cases
     from factedit.core.lm import target_token_scores
+    from factedit.evaluation import CounterFactCase, score_cases
 
     case = CounterFactCase(5, Request("The capital of {} is", "Japan", "Paris", "Tokyo and Rome"),
                            ("Japan's capital city is",), ("The Space Needle is in the city of", "Rome is in"))

@@ -8,9 +8,9 @@ import torch
 
 from conftest import COUNTERFACT
 from factedit import Editor
+from factedit.core.fingerprints import matrix_fingerprint
 from factedit.evaluation import DownstreamConfig, EvalConfig, GenerationConfig, RunError, run_eval
 from factedit.evaluation.downstream import label_logprobs
-from factedit.core.fingerprints import matrix_fingerprint
 from tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not COUNTERFACT.is_file(), reason="shared data not found")

@@ -2,11 +2,12 @@
 
 import json
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from factedit.core.errors import RequestError
-from factedit.core.requests import Request
 from factedit.core.request_files import request_from_record
+from factedit.core.requests import Request
 
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30) | st.sampled_from(
     ["{}", "{} is in", " ", "", "{}{}", "The {} of", "Paris"])

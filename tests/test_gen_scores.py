@@ -9,10 +9,9 @@ import torch
 
 from conftest import COUNTERFACT
 from factedit import Editor
-from factedit.evaluation import AbilityConfig, EvalConfig, GenerationConfig, fact_recall, perplexity, run_eval
-from factedit.evaluation.scoring import (first_sentence, generation_case, mentions, normalize_answer,
-                                         summarize_records)
 from factedit.core.answers import greedy_answers
+from factedit.evaluation import AbilityConfig, EvalConfig, GenerationConfig, fact_recall, perplexity, run_eval
+from factedit.evaluation.scoring import first_sentence, generation_case, mentions, normalize_answer, summarize_records
 from tiny import tiny_model
 
 
@@ -195,9 +194,9 @@ CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<
 def test_chat_generation_scores_ask_through_the_template(home, tmp_path, tiny_corpus):
     """`eval --gen-chat`: each prompt is the user's message; the answer is the model's greedy reply (as an
     independent generate() of the rendered conversation gives it), cut at the first sentence."""
-    from factedit.cli import main
-
     import copy
+
+    from factedit.cli import main
 
     model, tok = tiny_model("llama")
     tok = copy.deepcopy(tok)  # the tiny tokenizer is shared between tests: give only this one a template

@@ -6,8 +6,8 @@ import torch
 import factedit.edit.guard as G
 import factedit.edit.methods.rome as R
 from factedit import Editor, GuardConfig, Request, ValueConfig
-from factedit.edit.guard import CollapseError
 from factedit.core.metrics import generation_entropy, ngram_entropy
+from factedit.edit.guard import CollapseError
 from factedit.patch.files import Patch
 from tiny import tiny_model
 

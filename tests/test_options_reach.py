@@ -13,8 +13,8 @@ import pytest
 from factedit import Editor
 from factedit.app.options import COMMANDS, FORMS, OPTIONS, options_of
 from factedit.app.settings import Settings
-from factedit.edit.methods.options import to_jsonable
 from factedit.cli import parse
+from factedit.edit.methods.options import to_jsonable
 from tiny import tiny_model
 
 #: what a command needs besides the option under test (its required options and positionals)

@@ -4,13 +4,14 @@ import json
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from factedit import Editor, Request, ValueConfig
+from factedit.core.arch import ModelAdapter
+from factedit.core.fingerprints import matrix_fingerprint
 from factedit.core.lm import target_logprobs
 from factedit.patch.files import Patch, PatchError, apply_patch, apply_patches, revert_patch, revert_patches
-from factedit.core.fingerprints import matrix_fingerprint
-from factedit.core.arch import ModelAdapter
 from tiny import tiny_model
 
 REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")

@@ -7,9 +7,9 @@ import torch
 
 from factedit import Editor, Request, ValueConfig
 from factedit.cli import main
+from factedit.core.arch import ModelAdapter
 from factedit.patch.files import Patch, PatchError, apply_patches
 from factedit.patch.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROVENANCE, VLLM_RANKS, export_peft, import_peft
-from factedit.core.arch import ModelAdapter
 from tiny import tiny_model
 
 peft = pytest.importorskip("peft")

@@ -19,7 +19,6 @@ from factedit.patch.files import Patch, apply_patch
 from factedit.trace.causal import TraceConfig, trace_prompt
 from tiny import tiny_model
 
-
 REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
 REQS = [REQ, Request("{} is in", "Space Needle", "Tokyo"), Request("The capital of {} is", "Japan", "Paris")]
 NO_GUARD = GuardConfig(enabled=False)  # tiny random models are not fluent (the guard has its own tests)

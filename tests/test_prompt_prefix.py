@@ -6,17 +6,23 @@ from transformers import AutoTokenizer
 
 from factedit import Editor, Request, save_model
 from factedit.core.arch import ModelAdapter
-from factedit.core.tokens import (encode_request, fact_token_index, prefix_tag, prompt_prefix_of, source_tokenizer,
-                                  with_prompt_prefix)
+from factedit.core.tokens import (
+    encode_request,
+    fact_token_index,
+    prefix_tag,
+    prompt_prefix_of,
+    source_tokenizer,
+    with_prompt_prefix,
+)
 from factedit.edit.keys import template_keys
 from tiny import tiny_model, tiny_tokenizer
 
 
 def _bos_tokenizer():
     """A tokenizer that starts every text with its own BOS (as Llama's does)."""
-    from tokenizers import processors
-
     import copy
+
+    from tokenizers import processors
 
     tok = tiny_tokenizer()
     bos = tok.convert_tokens_to_ids("<|endoftext|>")

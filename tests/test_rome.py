@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from factedit import Editor, Request, ValueConfig
-from factedit.edit.deltas import apply_deltas
 from factedit.core.errors import MethodError
+from factedit.edit.deltas import apply_deltas
 from reference import rank_one_update, rome_update
 from tiny import ARCHS, tiny_model
 

@@ -8,13 +8,13 @@ import torch
 
 from conftest import COUNTERFACT
 from factedit import Editor, Request
+from factedit.core.lm import position_scores
 from factedit.edit.deltas import LayerDelta, apply_deltas
+from factedit.edit.guard import GuardConfig
+from factedit.edit.row_deltas import RowDeltas
 from factedit.evaluation import EvalConfig, GenerationConfig, load_cases, run_eval
 from factedit.evaluation.score_model import sample_text_groups, sample_texts, score_cases
 from factedit.evaluation.scoring import normalized_delta_norm
-from factedit.core.lm import position_scores
-from factedit.edit.guard import GuardConfig
-from factedit.edit.row_deltas import RowDeltas
 from tiny import tiny_model
 
 ARCHS = ["gpt2", "gptj", "gpt_neox", "llama", "gemma"]

@@ -6,11 +6,11 @@ import json
 import torch
 
 from factedit import Editor, Patch, Request
-from factedit.cli import main
-from factedit.core.answers import greedy_answers
 from factedit.app.edit import edit_fact
 from factedit.app.settings import EditSettings
 from factedit.app.side_effects import BUILTIN_TEMPLATES, Bank, Probe, compare, load_bank, probe_prompts
+from factedit.cli import main
+from factedit.core.answers import greedy_answers
 from tiny import tiny_model
 
 REQ = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")

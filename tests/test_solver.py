@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from factedit.edit.solver import equality_constrained, least_squares, null_space, null_space_projector
-from reference import alphaedit_update, emmet_update, memit_update, null_space_projector as projector_ref, rank_one_update, rel
+from reference import alphaedit_update, emmet_update, memit_update, rank_one_update, rel
+from reference import null_space_projector as projector_ref
 
 D_MODEL, D_FF, N0 = 6, 12, 200
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from factedit.core.arch import ModelAdapter
-from factedit.stats.corpus import resolve_corpus
 from factedit.core.errors import CorpusError, StatsError
 from factedit.core.hooks import Hook
+from factedit.stats.corpus import resolve_corpus
 from factedit.stats.layer import SecondMoment, layer_stats, load_stats_file, stats_cache_path, token_chunks
 from reference import second_moment
 from tiny import tiny_model

@@ -7,14 +7,22 @@ import json
 import pytest
 import torch
 
-from factedit.core.arch import ModelAdapter
 from factedit.cli import main
+from factedit.core.arch import ModelAdapter
 from factedit.core.errors import LayerError, RequestError, TraceError
 from factedit.core.hooks import Hook
 from factedit.core.known_facts import load_known_facts
 from factedit.trace.average import TOKEN_CLASSES, TraceAverage, token_classes
 from factedit.trace.cache import LayerRecommendation, load_recommendation, noise_sigma, save_recommendation, trace_dir
-from factedit.trace.causal import (CausalTracer, TraceConfig, gaussian_noise, prepare_prompt, restore_set, trace_prompt, window_layers)
+from factedit.trace.causal import (
+    CausalTracer,
+    TraceConfig,
+    gaussian_noise,
+    prepare_prompt,
+    restore_set,
+    trace_prompt,
+    window_layers,
+)
 from tiny import ARCHS, tiny_model
 
 PROMPT = "The capital of Japan is Tokyo. The Space Needle is in the city of"
@@ -391,8 +399,8 @@ def test_default_layer_is_the_same_everywhere_and_traced_is_asked_for(tiny_dir, 
     r = ed.edit(Request("{} is in", "Paris", "Rome"), layer="traced", stats_corpus=str(tiny_corpus), stats_tokens=600,
                 steps=2)
     assert Patch.from_result(r).meta["config"]["layer_rule"].startswith("causal-trace")
-    from factedit.cli.eval import eval_config
     from factedit.cli import parse
+    from factedit.cli.eval import eval_config
 
     settings = parse(["eval", "--dataset", "x.jsonl", "--out", str(tmp_path / "r"), "--layer", "traced"])
     assert dict(eval_config(settings).method_options)["layer"] == "traced"

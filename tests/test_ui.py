@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("gradio", reason="the ui extra (Gradio) is not installed: pip install 'factedit[ui]'")
 pytest.importorskip("playwright", reason="Playwright is not installed (the test extra installs it)")
 
-from conftest import CORPUS, COUNTERFACT, STATS_ARGS, TEST_HOME  # noqa: E402
 from browser import chromium_page, find_chromium, running_ui  # noqa: E402
+from conftest import CORPUS, COUNTERFACT, STATS_ARGS, TEST_HOME  # noqa: E402
 
 if find_chromium() is None:
     pytest.skip("no Chromium on this machine and no package manager installed one (scripts/setup.sh runs "

@@ -15,12 +15,11 @@ from .edit.deltas import AppliedEdit, LayerDelta, apply_deltas
 from .edit.guard import CollapseError, GuardConfig
 from .edit.methods import METHODS, BatchConfig, FTConfig, MethodOptions, MethodSpec, ROMEConfig, register
 from .edit.values import ValueConfig
-from .editor import EditResult, Editor
+from .editor import Editor, EditResult
 from .patch.files import Patch, PatchError, apply_patch, apply_patches, revert_patch
 from .patch.gguf import export_gguf
 from .patch.peft import export_peft, import_peft
 from .stats.layer import LayerStats, SecondMoment, layer_stats
-
 
 __all__ = [
     "ArchSpec", "ModelAdapter", "AppliedEdit", "LayerDelta", "apply_deltas", "EditResult", "Editor",

@@ -15,7 +15,8 @@ from typing import List, Optional
 
 from ..app.options import COMMANDS, add_arguments, add_program_arguments
 from ..app.settings import Settings
-from . import edit, eval as eval_cmd, export, patch, stats, trace, ui
+from . import edit, export, patch, stats, trace, ui
+from . import eval as eval_cmd
 from .common import setup_logging
 
 __all__ = ["main", "build_parser", "parse"]

@@ -90,8 +90,8 @@ def _dataset(s, adapter, cfg, facts, out_dir: Path, name: str) -> int:
     from ..core.errors import TraceError
     from ..trace.average import TraceAverage, known_facts
     from ..trace.cache import LayerRecommendation, noise_sigma, save_recommendation
-    from ..trace.plots import plot_average
     from ..trace.causal import trace_prompt
+    from ..trace.plots import plot_average
 
     t0 = time.perf_counter()
     sigma = noise_sigma(adapter, factor=cfg.noise_factor)

@@ -9,12 +9,11 @@ Scoring functions take an optional ``models`` object (an edit package's per-row 
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-
-import contextlib
 
 from .batching import pad_id, pad_rows
 from .kv import cache_of, past

@@ -15,8 +15,8 @@ import logging
 from typing import Dict, List, Optional
 
 from ..core.fingerprints import model_fingerprint
-from ..stats.layer import LayerStats, layer_stats
 from ..core.paths import atomic_path, factedit_home
+from ..stats.layer import LayerStats, layer_stats
 from .solver import null_space_basis
 from .templates import cached_context_templates
 

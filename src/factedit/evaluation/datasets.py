@@ -21,8 +21,8 @@ from typing import List, Optional, Tuple, Union
 
 from ..core.errors import RequestError
 from ..core.paths import atomic_path, factedit_home
-from ..core.requests import Request
 from ..core.request_files import read_records, request_from_record
+from ..core.requests import Request
 
 __all__ = ["DatasetError", "CounterFactCase", "ZsRECase", "Case", "detect_layout", "load_cases",
            "resolve_dataset", "sha256_of", "COUNTERFACT_URL"]

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from ..core.batching import pad_id, pad_rows
 from ..core.errors import RequestError
-from ..core.kv import cache_of, past as past_kv
+from ..core.kv import cache_of
+from ..core.kv import past as past_kv
 from ..core.lm import target_token_scores
 from ..core.request_files import read_records
 from ..core.tokens import encode_with_target

@@ -22,12 +22,12 @@ from ..core.errors import FactEditError, RequestError
 from ..edit.guard import CollapseError, GuardConfig
 from ..edit.methods.options import MethodOptions
 from ..edit.methods.registry import METHODS, REGISTRY, config_from_dict, method_spec
-from .datasets import Case, load_cases, resolve_dataset, sha256_of
+from ..edit.verify import outcome as verify_outcome
 from .ability import Ability, AbilityConfig
+from .datasets import Case, load_cases, resolve_dataset, sha256_of
 from .downstream import DownstreamConfig, evaluate_tasks, load_tasks
 from .score_model import GEN_TOKENS, GenerationConfig, generation_scores, score_cases, unedited_answers
 from .scoring import normalized_delta_norm, summarize_records
-from ..edit.verify import outcome as verify_outcome
 from .store import RunError, RunStore
 
 __all__ = ["EvalConfig", "run_eval", "BASELINE"]
@@ -178,9 +178,9 @@ def _groups(cases: Sequence[Case], size: int) -> List[List[Case]]:
 
 
 def _config(editor, cfg: EvalConfig, dataset_path) -> Tuple[dict, dict, object]:
-    from ..core.version import __version__
     from ..core.fingerprints import model_fingerprint
     from ..core.models import model_name
+    from ..core.version import __version__
     from ..edit.methods.options import to_jsonable
 
     method_cfg = None if cfg.method == BASELINE else editor.make_config(cfg.options)

@@ -13,12 +13,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..core.answers import GEN_TOKENS, greedy_answers
 from ..core.batching import pad_id, pad_rows
 from ..core.kv import cache_of, past
 from ..core.lm import position_scores, rows_on
 from ..core.tokens import encode_with_target
 from .datasets import Case, ZsRECase
-from ..core.answers import GEN_TOKENS, greedy_answers
 from .scoring import counterfact_case, generation_case, text_entropy, token_accuracy
 
 __all__ = ["GenerationConfig", "score_cases", "generation_scores", "sample_texts", "sample_text_groups",

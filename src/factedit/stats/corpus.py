@@ -146,8 +146,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
         return False
     try:
-        import datasets  # noqa: F401
         import socket
+
+        import datasets  # noqa: F401
 
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         return True
@@ -157,8 +158,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _model_corpus(adapter, n_tokens: int, seed: int = 0) -> Corpus:
     """Text sampled from the model itself (top-k 50), generated once and cached as a file."""
-    from ..core.lm import sample_continuations
     from ..core.fingerprints import model_fingerprint
+    from ..core.lm import sample_continuations
     from ..core.tokens import prefix_tag
 
     fp = model_fingerprint(adapter.model) + prefix_tag(adapter.tokenizer)  # samples start from the prefix

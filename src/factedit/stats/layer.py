@@ -21,12 +21,12 @@ from typing import Iterator, List, Optional
 
 import torch
 
-from .corpus import Corpus, resolve_corpus
-from ..core.errors import StatsError
 from ..core.batching import pad_id, pad_rows
+from ..core.errors import StatsError
 from ..core.hooks import Hook
 from ..core.offload import precise_dtype
 from ..core.paths import atomic_path, factedit_home
+from .corpus import Corpus, resolve_corpus
 
 __all__ = ["SecondMoment", "LayerStats", "layer_stats", "stats_cache_path", "token_chunks", "load_stats_file",
            "check_stats_options", "STATS_DTYPES", "accumulator_bytes"]

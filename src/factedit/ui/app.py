@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from ..core.errors import FactEditError
 from .controls import control, form_values
-from .render import (CSS, error, ok, out, render_batch, render_edit, render_eval, render_history, render_trace)
+from .render import CSS, error, ok, out, render_batch, render_edit, render_eval, render_history, render_trace
 from .session import Session
 
 __all__ = ["build_app", "serve"]

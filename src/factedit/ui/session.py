@@ -19,8 +19,8 @@ import shutil
 import tempfile
 import threading
 import time
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Union
 
 from ..app.settings import Settings

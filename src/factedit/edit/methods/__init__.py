@@ -17,11 +17,10 @@ from .base import StatsFields, default_layer, default_span, default_stats_tokens
 from .batch import BATCH_METHODS, BatchConfig
 from .ft import FTConfig
 from .options import COMMON_OPTIONS, MethodOptions, parse_options, with_options
-from .registry import (METHODS, REGISTRY, MethodSpec, default_method, make_config, method_names, method_spec, register,
-                       spec_of_config, unregister)
+from .registry import METHODS, REGISTRY, MethodSpec, make_config, method_names, method_spec, register
 from .rome import ROME_VARIANTS, ROMEConfig
 
-__all__ = ["MethodSpec", "MethodOptions", "REGISTRY", "METHODS", "COMMON_OPTIONS", "register", "unregister",
-           "method_spec", "spec_of_config", "default_method", "method_names", "make_config", "parse_options", "with_options", "StatsFields",
-           "default_layer", "default_span", "default_stats_tokens", "ROMEConfig", "BatchConfig", "FTConfig",
-           "ROME_VARIANTS", "BATCH_METHODS"]
+__all__ = ["MethodSpec", "MethodOptions", "REGISTRY", "METHODS", "COMMON_OPTIONS", "register", "method_spec",
+           "method_names", "make_config", "parse_options", "with_options", "StatsFields", "default_layer",
+           "default_span", "default_stats_tokens", "ROMEConfig", "BatchConfig", "FTConfig", "ROME_VARIANTS",
+           "BATCH_METHODS"]
