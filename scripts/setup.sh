@@ -18,7 +18,8 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
   { $SUDO apt-get install -y -q chromium || { $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium; }; } \
     >/dev/null 2>&1 || echo "setup: could not install chromium; the browser tests will be skipped" >&2
 fi
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import factedit, torch, gguf, matplotlib, gradio, playwright" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import factedit, torch, gguf, matplotlib, gradio, playwright" 2>/dev/null \
+    && command -v ruff >/dev/null; then
   exit 0
 fi
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
