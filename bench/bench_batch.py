@@ -77,7 +77,8 @@ def main():
                     help="median r-ROME edit time to compare with (from bench_edit.py)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--include", default=None,
-                    help="JSONL of rows of earlier runs (e.g. smaller sizes): added to the table; new rows are appended")
+                    help="JSONL of rows of earlier runs (e.g. smaller sizes): added to the table; "
+                         "new rows are appended")
     ap.add_argument("--one", nargs=2, metavar=("METHODS", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -102,7 +103,8 @@ def main():
              "Command: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`"
              + (f" (rows in {args.include} come from earlier runs of this script)" if args.include else "") + "  ",
              f"Date: {datetime.date.today()}; machine: {cpu}, {os.cpu_count()} cores. Each row is a fresh process; "
-             "statistics for the span (layers " + ", ".join(map(str, rows[0]['layers'])) + ", 100k WikiText-2 tokens each) "
+             "statistics for the span (layers " + ", ".join(map(str, rows[0]['layers']))
+             + ", 100k WikiText-2 tokens each) "
              "were cached beforehand and are not in the timings. Target optimisation (*) is shared: "
              "optimised once per process by the first method and reused by the next (identical inputs).", "",
              "| method | n | total s | s / edit | target optimisation s | keys + solves s | efficacy | peak RSS MB |",
@@ -110,8 +112,8 @@ def main():
     for r in rows:
         eff = "—" if r["efficacy"] is None else f"{r['efficacy']:.3f}"
         star = " *" if r["values_shared"] else ""
-        lines.append(f"| {r['method']} | {r['n']} | {r['seconds']:.1f} | {r['per_edit']:.2f} | {r['values']:.1f}{star} | "
-                     f"{r['rest']:.1f} | {eff} | {r['rss_mb']:.0f} |")
+        lines.append(f"| {r['method']} | {r['n']} | {r['seconds']:.1f} | {r['per_edit']:.2f} | "
+                     f"{r['values']:.1f}{star} | {r['rest']:.1f} | {eff} | {r['rss_mb']:.0f} |")
     if args.single_edit_seconds:
         lines += ["", f"Single r-ROME edit (median, bench_edit.py): {args.single_edit_seconds:.2f} s; target for a "
                   f"1000-edit batch: ≤ {args.single_edit_seconds / 3:.2f} s per edit."]

@@ -167,7 +167,8 @@ def main():
         f"{med_bound_edit:.2f} s | ≤ 8 s |",
         f"| seconds per optimisation step (median) | {statistics.median(per_step):.3f} s | "
         f"{statistics.median(bound_step):.3f} s | — |",
-        f"| optimisation steps used (median, early stop) | {statistics.median(r['steps'] for r in rows):.0f} | — | ≤ 25 |",
+        f"| optimisation steps used (median, early stop) | {statistics.median(r['steps'] for r in rows):.0f} | "
+        "— | ≤ 25 |",
         f"| statistics throughput, early stop after layer {layer} | {early:.0f} tok/s | — | ≥ 2220 tok/s (3 × 740) |",
         f"| statistics throughput, full forward (for comparison) | {full:.0f} tok/s | — | — |",
         f"| guard fluency probe after an edit, as the guard runs it (median; the probe before the edit verified "

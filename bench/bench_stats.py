@@ -103,7 +103,8 @@ def main() -> int:
              f"Embedded SmolLM2-135M, layer {args.layer}, {args.tokens:,} tokens of WikiText-2 validation "
              "(sequences of 256, 8 per batch), each run in a fresh FACTEDIT_HOME.", "",
              "| run | tokens | seconds (statistics) | tokens/s |", "|---|---|---|---|",
-             f"| 1 process × 2 threads | {one['tokens']:,} | {one['seconds']:.1f} | {one['tokens'] / one['seconds']:,.0f} |",
+             f"| 1 process × 2 threads | {one['tokens']:,} | {one['seconds']:.1f} | "
+             f"{one['tokens'] / one['seconds']:,.0f} |",
              f"| torchrun, 2 gloo processes × 1 thread | {two['tokens']:,} | {two['seconds']:.1f} | "
              f"{two['tokens'] / two['seconds']:,.0f} |", "",
              f"Merge: the torchrun file's float64 sum differs from the single process's by {rel:.1e} (relative "

@@ -112,8 +112,8 @@ def main():
     ]
     for r in rows:
         lines.append(f"| {r['case_id']} | {r['ratio']:.3g} | {r['method']} | {r['delta_norm']:.3g} | "
-                     f"{r['GE_case_before']:.0f} → {r['GE_case']:.0f} | {r['GE_generic']:.0f} | {r['greedy']:.0f} | {r['ES']:.0f} | "
-                     f"{r['PS']:.0f} | {r['NS']:.0f} |")
+                     f"{r['GE_case_before']:.0f} → {r['GE_case']:.0f} | {r['GE_generic']:.0f} | {r['greedy']:.0f} | "
+                     f"{r['ES']:.0f} | {r['PS']:.0f} | {r['NS']:.0f} |")
     publish(lines, args.out, "## Disabling edits", head="# Evaluation\n\n", trailing_newline=True)
 
 

@@ -159,7 +159,8 @@ def main() -> int:
         split = {"device_map": split_map(n_layers, str(dev), args.second)}
         rows.append(run_checks(f"split {dev} + {args.second}", split, args, ref))
     else:  # the same cut, the second half offloaded to disk by accelerate
-        split = {"device_map": split_map(n_layers, "cpu", "disk"), "offload_folder": tempfile.mkdtemp(prefix="offload-")}
+        split = {"device_map": split_map(n_layers, "cpu", "disk"),
+                 "offload_folder": tempfile.mkdtemp(prefix="offload-")}
         rows.append(run_checks("split cpu + disk offload", split, args, ref))
     total = time.perf_counter() - t0
     machine = (torch.cuda.get_device_name(dev) if gpu else cpu_name()) + f", torch {torch.__version__}"

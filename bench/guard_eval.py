@@ -37,8 +37,9 @@ from _report import CF, CORPUS, publish  # noqa: E402
 
 HELD_OUT = ("Once upon a time, there was", "The weather today is", "Scientists have discovered that",
             "The best way to learn a language is", "Last summer we went to", "The company announced")
-PROBES = ("The capital of Japan is", "The Eiffel Tower is located in the city of", "The largest planet in the solar system is",
-          "Water is made of hydrogen and", "The author of Romeo and Juliet is")
+PROBES = ("The capital of Japan is", "The Eiffel Tower is located in the city of",
+          "The largest planet in the solar system is", "Water is made of hydrogen and",
+          "The author of Romeo and Juliet is")
 
 
 @torch.no_grad()
@@ -53,7 +54,8 @@ def held_out_nll(adapter, text: str) -> float:
     """Mean next-token NLL (nats) of a held-out WikiText-2 passage (4 × 256 tokens)."""
     ids = adapter.tokenizer(text, return_tensors="pt")["input_ids"][:, : 4 * 256].reshape(4, 256).to(adapter.device)
     logits = adapter.model(input_ids=ids).logits.float()
-    return float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                   ids[:, 1:].reshape(-1)))
 
 
 def probe_answers(adapter):
@@ -118,7 +120,8 @@ def main():
     for i, req in enumerate(reqs):
         c = ed.compute(req, "r-rome", stats_corpus=str(CORPUS))
         layer = c.config.layer
-        ref = norm_reference(ed.adapter, ed.caches, layer, c.config.stats_corpus, c.config.stats_tokens, c.config.value.clamp_norm_factor)
+        ref = norm_reference(ed.adapter, ed.caches, layer, c.config.stats_corpus, c.config.stats_tokens,
+                             c.config.value.clamp_norm_factor)
         variants = {"r-rome": c.deltas, "rome": [rome_delta(c.C, c.values, 0, "rome", layer)]}
         for name, deltas in variants.items():
             applied = apply_deltas(ed.adapter, deltas)
@@ -131,7 +134,8 @@ def main():
             finally:
                 applied.revert()
             collapsed = h < 0.6 * base_h or changed >= 3 or nll > base_nll + 0.5
-            rows.append({"case": picked[i][0], "ratio": ratios[i], "variant": name, "norm": float(decision["norms"][str(layer)]),
+            rows.append({"case": picked[i][0], "ratio": ratios[i], "variant": name,
+                         "norm": float(decision["norms"][str(layer)]),
                          "limit": float(decision["limits"][str(layer)]), "guard_fired": not decision["passed"],
                          "reasons": decision["fired"], "held_out_entropy": h, "probes_changed": changed,
                          "held_out_nll": nll,
@@ -158,14 +162,15 @@ def main():
         f"{int((ratio > 10).sum())} records above 10. Evaluated in full: the {args.top} highest and "
         f"{args.random} random others" + (f", plus records {args.cases} (known disabling edits of `rome`, "
         "found by bench/eval_disabling.py; see docs/EVALUATION.md)" if args.cases else "") + ".", "",
-        f"Baseline: held-out generation entropy {base_h:.2f}, held-out WikiText-2 NLL {base_nll:.3f} nats/token. An edit "
-        "counts as *disabling* when, on inputs the guard never sees, that entropy falls below 60%, ≥ 3 of 5 unrelated "
-        "probe facts change, or the NLL rises by more than 0.5.", "",
+        f"Baseline: held-out generation entropy {base_h:.2f}, held-out WikiText-2 NLL {base_nll:.3f} nats/token. "
+        "An edit counts as *disabling* when, on inputs the guard never sees, that entropy falls below 60%, "
+        "≥ 3 of 5 unrelated probe facts change, or the NLL rises by more than 0.5.", "",
         "| | edits | disabling (independent label) | guard fired | median ‖Δ‖ | max ‖Δ‖ |",
         "|---|---|---|---|---|---|",
         f"| r-ROME | {len(rr)} | {sum(r['collapsed'] for r in rr)} | {sum(r['guard_fired'] for r in rr)} | "
         f"{norm_med:.3g} | {max(r['norm'] for r in rr):.3g} |",
-        f"| ROME (original code) | {len(ro)} | {sum(r['collapsed'] for r in ro)} | {sum(r['guard_fired'] for r in ro)} | "
+        f"| ROME (original code) | {len(ro)} | {sum(r['collapsed'] for r in ro)} | "
+        f"{sum(r['guard_fired'] for r in ro)} | "
         f"{statistics.median(r['norm'] for r in ro):.3g} | {max(r['norm'] for r in ro):.3g} |", "",
         f"* False-positive rate on normal r-ROME edits: {rate(normal, 'guard_fired'):.1%} "
         f"({sum(r['guard_fired'] for r in normal)} of {len(normal)}).",

@@ -211,7 +211,8 @@ def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: i
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("part", choices=["single", "sequential", "long", "table"])
-    ap.add_argument("--methods", default=None, help="comma-separated subset of the runs, e.g. ft-b1 (default: all of the part)")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated subset of the runs, e.g. ft-b1 (default: all of the part)")
     ap.add_argument("--limit", type=int, default=None, help="records (default 200; long: 1000)")
     ap.add_argument("--out", default=None, help="runs directory (default runs/single, runs/seq, runs/long)")
     ap.add_argument("--records", default=None,

@@ -95,7 +95,8 @@ def run_source(editor, source: str, records: list[dict], log) -> dict:
             "p_loc_after": after["p_loc"],
             "greedy_before": before["greedy"],
             "greedy_after": after["greedy"],
-            "greedy_same": first_token(editor.adapter, before["greedy"]) == first_token(editor.adapter, after["greedy"]),
+            "greedy_same": (first_token(editor.adapter, before["greedy"])
+                            == first_token(editor.adapter, after["greedy"])),
             "greedy3_same": before["greedy"] == after["greedy"],
             "delta_norm": res.delta_norm,
             "seconds": res.seconds,
@@ -142,7 +143,8 @@ def table(results: list[dict]) -> str:
         name = "model (sampled text)" if r["source"] == "model" else Path(r["source"]).name
         lines.append(
             f"| {name} | {r['stats_count']:,} | {r['es']:.2f} | {r['ps']:.2f} | {r['dp_loc']:.4f} | "
-            f"{r['greedy_same']:.2f} | {r['greedy3_same']:.2f} | {r['delta_norm']:.3f} | {r['seconds']:.1f} | {r['stats_seconds']:.1f} |"
+            f"{r['greedy_same']:.2f} | {r['greedy3_same']:.2f} | {r['delta_norm']:.3f} | {r['seconds']:.1f} | "
+            f"{r['stats_seconds']:.1f} |"
         )
     return "\n".join(lines)
 

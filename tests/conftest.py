@@ -74,7 +74,8 @@ def embedded():
     """The embedded SmolLM2 model and an Editor over it (loaded once per session; tests revert
     their edits)."""
     if not CORPUS.is_file():
-        pytest.skip(f"shared data not found at {SHARED} (the integration tests read ../shared/data beside the checkout)")
+        pytest.skip(f"shared data not found at {SHARED} "
+                    "(the integration tests read ../shared/data beside the checkout)")
     from factedit import Editor, load_model
 
     model, tok = load_model()

@@ -70,7 +70,8 @@ def test_cli_edit_json_on_tiny_model(tiny_dir, tiny_corpus, home, capsys):
 ])
 def test_cli_bad_input_exits_nonzero_and_leaves_weights(extra, match, tiny_dir, tiny_corpus, home, capsys):
     before = _weights(tiny_dir)
-    base = ["edit", "--model", str(tiny_dir), "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2"]
+    base = ["edit", "--model", str(tiny_dir), "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600",
+            "--steps", "2"]
     if "--prompt" not in extra:
         base += ["--prompt", "{} is in", "--subject", "Eiffel Tower", "--target", "Rome"]
     code, out, err = _run(capsys, *base, *extra)

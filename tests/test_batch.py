@@ -105,7 +105,8 @@ def _one_layer(ed, cfg):
     import factedit.edit.methods.batch as B
 
     templates = ed.templates(0, ((10, 5),))
-    Z_target, _ = B.target_residuals(ed.adapter, ed.caches, REQS, cfg, templates)  # deterministic: same as inside compute
+    # deterministic: same as inside compute
+    Z_target, _ = B.target_residuals(ed.adapter, ed.caches, REQS, cfg, templates)
     Z_cur = _residuals(ed, REQS, ["{}"], 3)
     c = ed.compute(REQS, config=cfg)
     assert [d.layer for d in c.deltas] == [3] and c.deltas[0].rank == len(REQS)
@@ -159,7 +160,8 @@ def test_methods_run_and_revert_on_architectures(method, arch, home, tiny_corpus
     model, tok = tiny_model(arch)
     ed = Editor(model, tok, progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    kw = {} if method == "ft" else _opts(tiny_corpus, nullspace_threshold=1e9) if method == "alphaedit" else _opts(tiny_corpus)
+    kw = ({} if method == "ft" else _opts(tiny_corpus, nullspace_threshold=1e9) if method == "alphaedit"
+          else _opts(tiny_corpus))
     if method == "ft":
         kw = dict(layers=(2,), steps=5, lr=1e-2, norm_constraint=1e-2)
     r = ed.edit(REQS, method=method, guard=NO_GUARD, **kw)
@@ -272,7 +274,8 @@ def test_an_editor_adopts_another_editors_alphaedit_edit_with_its_state(home, ti
     assert chat_ed.history == () and "alphaedit" not in chat_ed.state
     assert main_ed.history[-1] is r
     for l in SPAN:  # the adopted batch's keys are in the main editor's memory now
-        assert torch.allclose(main_ed.state["alphaedit"][l], before[l] + r.state_updates[0][l] @ r.state_updates[0][l].T)
+        assert torch.allclose(main_ed.state["alphaedit"][l],
+                              before[l] + r.state_updates[0][l] @ r.state_updates[0][l].T)
     main_ed.revert()
     for l in SPAN:
         assert torch.equal(main_ed.state["alphaedit"][l], before[l])

@@ -22,7 +22,8 @@ VOLATILE = ("edit_seconds", "score_seconds")
 def _env(home):
     # one thread per process: the single-process reference runs the same kernels as each rank
     return {**os.environ, "FACTEDIT_HOME": str(home), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src") + os.pathsep
+                          + os.environ.get("PYTHONPATH", "")}
 
 
 def _torchrun(args, home, target=("-m", "factedit"), **kw):
@@ -56,8 +57,8 @@ def _read_stats(path):
 
 
 def test_distributed_statistics_equal_single_process(tiny_dir, tiny_corpus, tmp_path):
-    args = ["stats", "--model", str(tiny_dir), "--stats-corpus", str(tiny_corpus), "--stats-tokens", "3000", "--layers", "1,2",
-            "--json"]
+    args = ["stats", "--model", str(tiny_dir), "--stats-corpus", str(tiny_corpus), "--stats-tokens", "3000",
+            "--layers", "1,2", "--json"]
     dist, one = _torchrun(args, tmp_path / "h2"), _single(args, tmp_path / "h1")
     assert dist.returncode == 0, dist.stderr[-3000:]
     assert one.returncode == 0, one.stderr[-3000:]
@@ -75,9 +76,9 @@ def test_distributed_statistics_equal_single_process(tiny_dir, tiny_corpus, tmp_
 
 
 def _eval_args(tiny_dir, tiny_corpus, out, steps=4, limit=8, chunk=25):
-    return ["eval", "--chunk", str(chunk), "--model", str(tiny_dir), "--method", "r-rome", "--dataset", str(COUNTERFACT), "--limit", str(limit),
-            "--stats-corpus", str(tiny_corpus), "--stats-tokens", "2000", "--set", "layer=1", "--set", f"value.steps={steps}",
-            "--out", str(out), "--json"]
+    return ["eval", "--chunk", str(chunk), "--model", str(tiny_dir), "--method", "r-rome",
+            "--dataset", str(COUNTERFACT), "--limit", str(limit), "--stats-corpus", str(tiny_corpus),
+            "--stats-tokens", "2000", "--set", "layer=1", "--set", f"value.steps={steps}", "--out", str(out), "--json"]
 
 
 def _records(run_dir):
@@ -188,7 +189,8 @@ def test_ranks_that_disagree_write_nothing(command, tiny_dir, tiny_corpus, tmp_p
         other = tmp_path / "other.txt"
         other.write_text(tiny_corpus.read_text().replace("Paris", "Lyon"))
         swap = (str(tiny_corpus), str(other))
-        args = ["stats", "--model", str(tiny_dir), "--stats-corpus", str(tiny_corpus), "--stats-tokens", "2000", "--layers", "1"]
+        args = ["stats", "--model", str(tiny_dir), "--stats-corpus", str(tiny_corpus), "--stats-tokens", "2000",
+                "--layers", "1"]
         what = "statistics inputs"
     else:  # rank 1 loads another model
         from tiny import tiny_model

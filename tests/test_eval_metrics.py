@@ -67,7 +67,8 @@ def test_outliers_and_summary():
     assert (s["ES"], s["PS"], s["NS"]) == pytest.approx((100 / 3, 100 / 3, 50))
     assert s["S"] == pytest.approx(3 / (3 / 100 + 3 / 100 + 1 / 50))
     assert s["delta_norm_median"] == 2.0 and s["EM"] is None
-    assert S.summarize_records([{"error": "x"}])["ES"] == 0 and S.summarize_records([{"error": "x"}])["efficacy"] is None
+    assert (S.summarize_records([{"error": "x"}])["ES"] == 0
+            and S.summarize_records([{"error": "x"}])["efficacy"] is None)
 
 
 def test_scores_use_mean_per_token_log_prob(monkeypatch):

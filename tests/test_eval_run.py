@@ -79,7 +79,8 @@ def test_resume_matches_uninterrupted_run(home, tiny_corpus, tmp_path, monkeypat
     resumed = run_eval(_editor(), cfg, tmp_path / "cut")
     assert _records(tmp_path / "cut") == _records(tmp_path / "full")
     assert [r["case_id"] for r in _records(tmp_path / "full")] == [0, 1, 2, 3]
-    assert {k: resumed[k] for k in ("n", "ES", "PS", "NS", "S", "GE")} == {k: full[k] for k in ("n", "ES", "PS", "NS", "S", "GE")}
+    assert ({k: resumed[k] for k in ("n", "ES", "PS", "NS", "S", "GE")}
+            == {k: full[k] for k in ("n", "ES", "PS", "NS", "S", "GE")})
     again = run_eval(_editor(), cfg, tmp_path / "cut")  # a finished run: nothing to do
     assert again["n"] == 4 and len(_records(tmp_path / "cut")) == 4
 
@@ -153,7 +154,8 @@ def test_sequential_checkpoint_re_scores_the_sample_on_the_weights_of_that_momen
     from factedit.evaluation.scoring import summarize_records
 
     cfg = _cfg(tiny_corpus, sequential=True, downstream_every=4, retention_sample=2,
-               downstream_dir=str(_downstream_dir(tmp_path)), downstream=DownstreamConfig(tasks=("sst2",), n=2, shots=1))
+               downstream_dir=str(_downstream_dir(tmp_path)),
+               downstream=DownstreamConfig(tasks=("sst2",), n=2, shots=1))
     ed = _editor()
     run_eval(ed, cfg, tmp_path / "run")
     down = [json.loads(l) for l in (tmp_path / "run" / "downstream.jsonl").read_text().splitlines()]
@@ -223,15 +225,19 @@ def test_a_run_whose_patch_stack_was_lost_starts_again(home, tiny_corpus, tmp_pa
     ed2 = _editor()
     run_eval(ed2, cfg, tmp_path / "lost")
     assert _records(tmp_path / "lost") == _records(tmp_path / "full")
-    strip = lambda d: [{k: v for k, v in json.loads(l).items() if k != "seconds"}
-                       for l in (d / "downstream.jsonl").read_text().splitlines()]
+
+    def strip(d):
+        return [{k: v for k, v in json.loads(l).items() if k != "seconds"}
+                for l in (d / "downstream.jsonl").read_text().splitlines()]
+
     assert strip(tmp_path / "lost") == strip(tmp_path / "full")  # each checkpoint once, measured again
     for l in (1, 2):
         assert torch.equal(ed2.adapter.w_out_weight(l), ed.adapter.w_out_weight(l))
 
 
 def test_batch_method_edits_groups(home, tiny_corpus, tmp_path):
-    run_eval(_editor(), _cfg(tiny_corpus, "memit", cases_per_edit=3, generation=GenerationConfig(length=0)), tmp_path / "m")
+    run_eval(_editor(), _cfg(tiny_corpus, "memit", cases_per_edit=3, generation=GenerationConfig(length=0)),
+             tmp_path / "m")
     recs = _records(tmp_path / "m")
     assert [r["group"] for r in recs] == [0, 0, 0, 1]
     assert recs[0]["delta_norm"] == recs[2]["delta_norm"] != recs[3]["delta_norm"]
@@ -262,7 +268,8 @@ def test_label_logprobs_match_hand_computation():
     tok = ed.tokenizer
     prompts = ["Review: good\nSentiment:", "The capital of Japan is Tokyo. Answer:"]
     demos = "Review: bad\nSentiment: Paris\n\n"  # a shared prefix: run once, reused through the KV cache
-    cases = [(labels, prefix) for labels in (("Paris", "city", "the"), ("xylophone", "quartz")) for prefix in ("", demos)]
+    cases = [(labels, prefix) for labels in (("Paris", "city", "the"), ("xylophone", "quartz"))
+             for prefix in ("", demos)]
     for labels, prefix in cases:
         full = [prefix + p for p in prompts]
         got = label_logprobs(ed.adapter, full, labels, batch_size=2)  # padded batches
@@ -304,7 +311,8 @@ def test_summarize_table_and_plots(home, tiny_corpus, tmp_path, capsys):
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith("| run | method | mode | n | ES | PS | NS | S |")
-    assert lines[2].startswith("| base | none | single | 2 |") and lines[3].startswith("| seq | r-rome | sequential | 3 |")
+    assert (lines[2].startswith("| base | none | single | 2 |")
+            and lines[3].startswith("| seq | r-rome | sequential | 3 |"))
     seq_head = next(i for i, l in enumerate(lines) if l.startswith("| run | method | edits | ES after edit"))
     head = [c.strip(" |") for c in lines[seq_head].split(" | ")]
     row = lines[seq_head + 2].split(" | ")

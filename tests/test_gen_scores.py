@@ -208,7 +208,8 @@ def test_chat_generation_scores_ask_through_the_template(home, tmp_path, tiny_co
     recs = [json.loads(l) for l in (tmp_path / "chat" / "cases.jsonl").read_text().splitlines()]
     for r in recs:
         prompt = r["request"]["prompt"].replace("{}", r["request"]["subject"])
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
         enc = tok(text, return_tensors="pt")
         out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
                              top_p=None, top_k=None, temperature=None)

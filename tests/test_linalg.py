@@ -56,7 +56,8 @@ def test_original_code_asymmetry():
     g = torch.Generator().manual_seed(3)
     W = torch.randn(d_model, d_ff, generator=g, dtype=torch.float64)
     C = spd(d_ff, 4)
-    k_star, k_o = torch.randn(d_ff, generator=g, dtype=torch.float64), torch.randn(d_ff, generator=g, dtype=torch.float64)
+    k_star, k_o = (torch.randn(d_ff, generator=g, dtype=torch.float64),
+                   torch.randn(d_ff, generator=g, dtype=torch.float64))
     v = torch.randn(d_model, generator=g, dtype=torch.float64)
     ref = rome_update(W, C, v, k_star, k_o)  # (v − W k_o)(C⁻¹k*)ᵀ / (k_oᵀC⁻¹k*), explicit inverse
     D = equality_constrained((v - W @ k_o)[:, None], k_star[:, None], C, k_o[:, None]).dense()

@@ -123,7 +123,8 @@ def _signed(path, tensors, meta):
 
     meta = dict(meta, checksums={k: tensor_sha256(v) for k, v in tensors.items()})
     raw = json.dumps(meta)
-    save_file(tensors, str(path), metadata={"factedit": raw, "factedit_sha256": hashlib.sha256(raw.encode()).hexdigest()})
+    save_file(tensors, str(path),
+              metadata={"factedit": raw, "factedit_sha256": hashlib.sha256(raw.encode()).hexdigest()})
     return path
 
 
@@ -245,8 +246,9 @@ def test_cli_patch_workflow(home, tiny_corpus, tmp_path, capsys):
     tok.save_pretrained(base_dir)
     patch, edited_dir = tmp_path / "e.safetensors", tmp_path / "edited"
     code = main(["edit", "--model", str(base_dir), "--prompt", "{} is located in the city of", "--subject",
-                 "Eiffel Tower", "--target", "Rome", "--layer", "2", "--stats-corpus", str(tiny_corpus), "--stats-tokens",
-                 "800", "--steps", "3", "--save-patch", str(patch), "--save-model", str(edited_dir), "--json",
+                 "Eiffel Tower", "--target", "Rome", "--layer", "2", "--stats-corpus", str(tiny_corpus),
+                 "--stats-tokens", "800", "--steps", "3", "--save-patch", str(patch), "--save-model", str(edited_dir),
+                 "--json",
                  "--allow-unverified"])  # the patch workflow is tested, not whether the tiny model's edit takes
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["patch"] == str(patch)

@@ -53,7 +53,8 @@ def pair(request, tmp_path):
     tok.save_pretrained(d)
     plain = Editor(*load_model(str(d)), progress=False)
     folder = tmp_path / "offload"
-    placed = Editor(*load_model(str(d), device_map=_disk_map(request.param), offload_folder=str(folder)), progress=False)
+    placed = Editor(*load_model(str(d), device_map=_disk_map(request.param), offload_folder=str(folder)),
+                    progress=False)
     assert placed.adapter.w_out_offloaded(2) and not placed.adapter.w_out_offloaded(3)
     return plain, placed, folder
 
@@ -78,7 +79,8 @@ def test_r_rome_edit_on_disk_offloaded_layer(pair, home, tiny_corpus):
     a = plain.edit(REQ, "r-rome", guard=NO_GUARD, **_rome(tiny_corpus))
     b = placed.edit(REQ, "r-rome", guard=NO_GUARD, **_rome(tiny_corpus))
     assert torch.allclose(b.deltas[0].dense(), a.deltas[0].dense(), rtol=1e-5, atol=1e-7)
-    pa, pb = target_probabilities(plain.adapter, PROMPTS, TARGETS), target_probabilities(placed.adapter, PROMPTS, TARGETS)
+    pa, pb = (target_probabilities(plain.adapter, PROMPTS, TARGETS),
+              target_probabilities(placed.adapter, PROMPTS, TARGETS))
     assert pb == pytest.approx(pa, abs=1e-5)
     # the edited weight is what the hook loads: a new .dat file in the offload folder, not the checkpoint
     on_disk = _offloaded_values(placed.adapter, 2)
@@ -106,7 +108,8 @@ def test_batch_edit_across_disk_and_memory_layers(pair, method, home, tiny_corpu
     for da, db in zip(a.deltas, b.deltas):
         assert da.layer == db.layer
         assert torch.allclose(db.dense(), da.dense(), rtol=1e-4, atol=1e-6)
-    pa, pb = target_probabilities(plain.adapter, PROMPTS, TARGETS), target_probabilities(placed.adapter, PROMPTS, TARGETS)
+    pa, pb = (target_probabilities(plain.adapter, PROMPTS, TARGETS),
+              target_probabilities(placed.adapter, PROMPTS, TARGETS))
     assert pb == pytest.approx(pa, abs=1e-5)
     for l in (1, 2):
         assert not torch.equal(_offloaded_values(placed.adapter, l), before[l])
@@ -238,8 +241,8 @@ def test_cli_edit_with_a_device_map_file(tiny_dir, tiny_corpus, home, tmp_path, 
     dm = tmp_path / "map.json"
     dm.write_text(json.dumps(_disk_map("llama")))
     base = ["edit", "--model", str(tiny_dir), "--prompt", "{} is located in the city of", "--subject", "Eiffel Tower",
-            "--target", "Rome", "--true", "Paris", "--layer", "2", "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600",
-            "--steps", "3",
+            "--target", "Rome", "--true", "Paris", "--layer", "2", "--stats-corpus", str(tiny_corpus),
+            "--stats-tokens", "600", "--steps", "3",
             "--json", "--allow-unverified", "--no-guard", "--no-side-effects"]
     runs = []
     for extra in ([], ["--device-map", str(dm), "--offload-folder", str(tmp_path / "off")]):
@@ -273,8 +276,8 @@ def test_cli_bad_placement_exits_2_and_writes_nothing(extra, match, tiny_dir, ti
     extra = [str(tmp_path / "map.json") if x == "MAP_GPU" else str(tmp_path / x) if x.startswith("BLOCKED") else x
              for x in extra]
     code, out, err = _cli(capsys, "edit", "--model", str(tiny_dir), "--prompt", "{} is in", "--subject", "Eiffel Tower",
-                          "--target", "Rome", "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2",
-                          *extra)
+                          "--target", "Rome", "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600",
+                          "--steps", "2", *extra)
     assert code == 2 and match in err and "factedit: error:" in err, err
     assert out == ""
     assert not (home / "stats").exists()  # nothing computed, nothing cached

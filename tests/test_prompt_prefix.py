@@ -41,7 +41,8 @@ def test_auto_prefix_is_a_newline_for_a_tokenizer_without_bos():
     text = "Space Needle is in the city of"
     enc = p(text, return_offsets_mapping=True)
     assert enc["input_ids"] == nl + tok(text)["input_ids"]
-    assert enc["offset_mapping"][0] == (0, 0) and enc["offset_mapping"][1:] == tok(text, return_offsets_mapping=True)["offset_mapping"]
+    assert (enc["offset_mapping"][0] == (0, 0)
+            and enc["offset_mapping"][1:] == tok(text, return_offsets_mapping=True)["offset_mapping"])
     assert p(text, add_special_tokens=False)["input_ids"] == tok(text)["input_ids"]  # bare text on request
     # the subject that began the prompt is now read at position 1, in keys, values and scoring alike
     n_subject = len(tok("Space Needle")["input_ids"])

@@ -39,7 +39,7 @@ def test_r_rome_exact_algebra(arch, home, tiny_corpus):
     param_before = ed.adapter.w_out_parameter(2).detach().clone()
     c = ed.compute(REQ, "r-rome", **_opts(tiny_corpus))
     v = c.values
-    k_star, k_o, delta = v.k_star[0].double(), v.k_o[0].double(), v.delta[0].double()
+    k_star, delta = v.k_star[0].double(), v.delta[0].double()
     v_star = W0 @ k_star + delta
     # the update is the paper's formula (v* − W k*)(C⁻¹k*)ᵀ / (k*ᵀC⁻¹k*), explicit inverse (reference.py)
     assert _rel(c.deltas[0].dense().double(), rome_update(W0, c.C, v_star, k_star, k_star)) < 1e-4

@@ -143,7 +143,8 @@ def test_jsonl_corpus_and_cache_path_keys(tmp_path):
     docs = list(resolve_corpus(str(p)).open())
     assert docs == ["hello world", "second doc", "third"]
     a = stats_cache_path("fp", 3, "corpusA", 100, tmp_path)
-    assert a != stats_cache_path("fp", 3, "corpusB", 100, tmp_path) != stats_cache_path("fp", 4, "corpusA", 100, tmp_path)
+    assert (a != stats_cache_path("fp", 3, "corpusB", 100, tmp_path)
+            != stats_cache_path("fp", 4, "corpusA", 100, tmp_path))
     assert a != stats_cache_path("fp", 3, "corpusA", 200, tmp_path)
 
 

@@ -23,9 +23,10 @@ from .stats.layer import LayerStats, SecondMoment, layer_stats
 
 __all__ = [
     "ArchSpec", "ModelAdapter", "AppliedEdit", "LayerDelta", "apply_deltas", "EditResult", "Editor",
-    "FactEditError", "greedy_continuation", "target_probabilities", "METHODS", "MethodOptions", "MethodSpec", "register",
-    "ROMEConfig", "BatchConfig",
+    "FactEditError", "greedy_continuation", "target_probabilities", "METHODS", "MethodOptions", "MethodSpec",
+    "register", "ROMEConfig", "BatchConfig",
     "FTConfig", "CollapseError", "GuardConfig", "Patch", "PatchError", "apply_patch", "apply_patches",
-    "revert_patch", "export_peft", "import_peft", "export_gguf", "DEFAULT_MODEL", "load_model", "save_model", "Request", "LayerStats", "SecondMoment", "layer_stats", "ValueConfig",
+    "revert_patch", "export_peft", "import_peft", "export_gguf", "DEFAULT_MODEL", "load_model", "save_model", "Request",
+    "LayerStats", "SecondMoment", "layer_stats", "ValueConfig",
     "__version__",
 ]

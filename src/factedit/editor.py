@@ -218,7 +218,8 @@ class Editor:
             worst = max(res.rounding.values(), default=0.0)
             if worst > ROUNDING_WARN:
                 log.warning("writing the update in %s lost %.1f%% of its effect on its own keys (layer %s); edit a "
-                            "float32 copy of the model for exact updates", self.adapter.w_out_parameter(cfg.layers[0]).dtype,
+                            "float32 copy of the model for exact updates",
+                            self.adapter.w_out_parameter(cfg.layers[0]).dtype,
                             100 * worst, max(res.rounding, key=res.rounding.get))
         self._history.push(res)
         if guard.enabled:

@@ -238,10 +238,12 @@ OPTIONS: Tuple[Option, ...] = (
     Option("prompt", ("--prompt",), {"": "template with {} for the subject (default: the Eiffel Tower demo)",
                                      "trace": "the prompt, subject filled in (or with {} for the subject)"},
            ("edit", "trace", "page.edit", "page.locate"),
-           defaults={"page.edit": "{} is located in the city of", "page.locate": "The Eiffel Tower is located in the city of"},
+           defaults={"page.edit": "{} is located in the city of",
+                     "page.locate": "The Eiffel Tower is located in the city of"},
            label="Prompt (template with {} for the subject, or filled in)", example="{} is in"),
     Option("subject", ("--subject",), "the subject, as it appears in the prompt",
-           ("edit", "trace", "page.edit", "page.locate"), defaults={"page.edit": "Eiffel Tower", "page.locate": "Eiffel Tower"},
+           ("edit", "trace", "page.edit", "page.locate"),
+           defaults={"page.edit": "Eiffel Tower", "page.locate": "Eiffel Tower"},
            label="Subject", example="Rome"),
     Option("target", ("--target",), "the new object", ("edit", "page.edit"), defaults={"page.edit": "Rome"},
            label="New target", example="Oslo"),
@@ -253,7 +255,8 @@ OPTIONS: Tuple[Option, ...] = (
            "--prompt/--subject/--target", ("edit", "page.batch"), label="Requests file", example="r.jsonl"),
     Option("limit", ("--limit",), {"": "with --requests: use only the first N", "eval": "evaluate N records",
                                    "trace": "with --dataset: facts to average (default 100)"},
-           ("edit", "eval", "trace", "page.batch", "page.evaluate"), type=int, defaults={"trace": 100, "page.evaluate": 10},
+           ("edit", "eval", "trace", "page.batch", "page.evaluate"), type=int,
+           defaults={"trace": 100, "page.evaluate": 10},
            label="Use the first N", example="7", blank=0),
     # ------------------------------------------------------------ the method
     Option("method", ("--method",), _method_help, ("edit", "eval", "page.edit", "page.batch", "page.evaluate"),
@@ -357,9 +360,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("gen_chat", ("--gen-chat",), "generation-based scores ask every prompt as a user message through the "
            "model's chat template (edits and teacher-forced scores stay on the raw prompts)", ("eval",), kind="flag",
            default=False, deprecated={"--chat": ("eval",)}, example=True),
-    Option("gen_tokens", ("--gen-tokens",), "generation-based scores (gen_ES/gen_PS/gen_NS/gen_leak): greedy answers of "
-           "at most this many tokens, cut at the first sentence (default 50); 0 skips them", ("eval",), type=int,
-           default=50, example="7"),
+    Option("gen_tokens", ("--gen-tokens",), "generation-based scores (gen_ES/gen_PS/gen_NS/gen_leak): "
+           "greedy answers of at most this many tokens, cut at the first sentence (default 50); 0 skips them",
+           ("eval",), type=int, default=50, example="7"),
     Option("score_batch", ("--score-batch",), "rows per forward pass when scoring", ("eval",), type=int, default=64,
            example="8"),
     Option("chunk", ("--chunk",), "single-edit runs: cases edited (each from the original weights) and scored "
@@ -398,7 +401,8 @@ OPTIONS: Tuple[Option, ...] = (
                                    "revert": "subtract even when the model's matrices are not what the patches left "
                                              "(not applied)",
                                    "stats": "recompute even if cached",
-                                   "export": "replace an existing adapter folder", "import": "replace an existing output"},
+                                   "export": "replace an existing adapter folder",
+                                   "import": "replace an existing output"},
            ("apply", "revert", "stats", "export", "import"),
            kind="flag", default=False, example=True),
     Option("peft", ("--peft",), {"export": "the PEFT LoRA adapter folder to write", "import": "the adapter folder"},

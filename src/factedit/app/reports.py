@@ -106,7 +106,8 @@ class EditReport:
 
     def continuations(self) -> List[tuple]:
         """``(prompt, before, after)`` of every continuation shown (the chat answer last, named as such)."""
-        rows = [(p, b, a) for p, b, a in zip(self.prompts, [self.before.generation, *self.before.paraphrase_generations],
+        rows = [(p, b, a) for p, b, a in zip(self.prompts,
+                                              [self.before.generation, *self.before.paraphrase_generations],
                                               [self.after.generation, *self.after.paraphrase_generations])]
         if self.after.chat_answer is not None:
             rows.append(("as a chat turn: " + self.prompts[0], self.before.chat_answer, self.after.chat_answer))
@@ -130,8 +131,8 @@ class EditReport:
                 lines.append(f"\n  {p!r}\n    before: {b.strip()!r}\n    after:  {a.strip()!r}")
         fx = self.side_effects
         if fx:
-            lines.append(f"\n  side effects ({fx['source']} probes): {fx['changed']} of {fx['probed']} answers changed, "
-                         f"{fx['leaked_target']} now name {target!r}")
+            lines.append(f"\n  side effects ({fx['source']} probes): {fx['changed']} of {fx['probed']} "
+                         f"answers changed, {fx['leaked_target']} now name {target!r}")
             lines += [f"    {'LEAK  ' if r['leaked'] else 'changed'} {r['prompt']!r}: {r['before'].strip()!r} -> "
                       f"{r['after'].strip()!r}" for r in fx["probes"] if r["changed"]]
         lines.append(f"\n  ||Δ|| = {self.delta_norm:.3f}   edit {self.seconds:.1f} s "
@@ -140,7 +141,8 @@ class EditReport:
         if worst > 1e-4:  # float32 weights round at ~1e-7; only half precision shows here
             lines.append(f"  written in {self.dtype}: {100 * worst:.2f}% of the update's effect on its key lost to "
                          "rounding")
-        lines.append("  the edit took: " + ("yes" if self.verified else "NO") + (" (after a retry)" if self.retried else ""))
+        lines.append("  the edit took: " + ("yes" if self.verified else "NO")
+                     + (" (after a retry)" if self.retried else ""))
         return "\n".join(lines)
 
 
@@ -211,10 +213,12 @@ class BatchReport:
         n = len(self.requests)
         eff = "n/a (no target_true)" if self.efficacy is None else f"{self.efficacy_before:.3f} -> {self.efficacy:.3f}"
         lines = [f"factedit {self.method} on {self.model}, layers {self.layers}: {n} requests in {self.seconds:.1f} s",
-                 f"  efficacy (P(new) > P(true)): {eff}", f"  took (verified on its own prompt): {self.n_verified} of {n}",
+                 f"  efficacy (P(new) > P(true)): {eff}",
+                 f"  took (verified on its own prompt): {self.n_verified} of {n}",
                  f"  ||Δ|| = {self.delta_norm:.3f}"]
         for o in self.requests:
             true = "" if o.p_true is None else f", P(true) {o.p_true:.4f}"
-            lines.append(f"  {'ok    ' if o.verified else 'FAILED'} {o.prompt!r} -> {o.target_new!r}: P(new) {o.p_new:.4f}"
+            lines.append(f"  {'ok    ' if o.verified else 'FAILED'} {o.prompt!r} -> {o.target_new!r}: "
+                         f"P(new) {o.p_new:.4f}"
                          + true)
         return "\n".join(lines)

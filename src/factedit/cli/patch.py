@@ -33,7 +33,8 @@ def cmd_revert(settings) -> int:
     names = settings["patches"]
     patches = [Patch.load(p) for p in names]
     model, tok = settings.model.load()
-    exact = revert_patches(settings.model.adapter(model, tok), patches, force=settings["force"])  # refused unless applied
+    exact = revert_patches(settings.model.adapter(model, tok), patches,
+                           force=settings["force"])  # refused unless applied
     target = save_model(model, tok, settings["save_model"] or settings.model.model)
     out = {"reverted": names, "saved_model": str(target), "bit_identical_to_base": exact}
     print(json.dumps(out) if settings["json"] else f"reverted {len(patches)} patch(es); saved to {target}")

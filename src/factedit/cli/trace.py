@@ -81,7 +81,8 @@ def _single(s, adapter, cfg, out_dir: Path, name: str) -> int:
         t_, l_ = divmod(int(m.argmax()), m.shape[1])
         print(f"  {k:<6} strongest at token {t_} {result.tokens[t_]!r}, layer {l_}: p = {float(m[t_, l_]):.4f}")
     if result.recommended_layer is not None:
-        print(f"  strongest MLP effect at the last subject token {result.tokens[e - 1]!r}: layer {result.recommended_layer}")
+        print(f"  strongest MLP effect at the last subject token {result.tokens[e - 1]!r}: "
+              f"layer {result.recommended_layer}")
     print("  wrote " + ", ".join(files))
     return 0
 

@@ -143,7 +143,8 @@ def _verified_prefix(adapter, starts, draft, max_new_tokens: int, eos: set) -> L
     for r, (s, d) in enumerate(zip(starts, drafts)):
         for j in range(min(len(d) + 1, max_new_tokens)):  # predictions of draft token j (and of the one after)
             rows.append(r), cols.append(len(s) + j - 1)
-    pred = adapter.logits(h[torch.tensor(rows, device=h.device), torch.tensor(cols, device=h.device)]).argmax(-1).tolist()
+    pred = adapter.logits(h[torch.tensor(rows, device=h.device),
+                            torch.tensor(cols, device=h.device)]).argmax(-1).tolist()
     out, k = [], 0
     for s, d in zip(starts, drafts):
         n = min(len(d) + 1, max_new_tokens)

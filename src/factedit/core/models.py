@@ -24,7 +24,8 @@ from .errors import ModelLoadError
 from .paths import atomic_dir, factedit_home
 from .tokens import source_tokenizer
 
-__all__ = ["DEFAULT_MODEL", "load_model", "check_device", "parse_device_map", "parse_max_memory", "save_model", "embedded_model_dir", "embedded_gguf_path", "model_name"]
+__all__ = ["DEFAULT_MODEL", "load_model", "check_device", "parse_device_map", "parse_max_memory", "save_model",
+           "embedded_model_dir", "embedded_gguf_path", "model_name"]
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,8 @@ def parse_max_memory(text: Optional[str]) -> Optional[dict]:
         dev, sep, size = part.partition("=")
         dev, size = dev.strip(), size.strip()
         if not sep or not dev or not size:
-            raise ModelLoadError(f"--max-memory takes DEVICE=SIZE[,DEVICE=SIZE...] (e.g. 0=20GiB,cpu=64GiB), got {part!r}")
+            raise ModelLoadError("--max-memory takes DEVICE=SIZE[,DEVICE=SIZE...] (e.g. 0=20GiB,cpu=64GiB), "
+                                 f"got {part!r}")
         try:
             from accelerate.utils import convert_file_size_to_int
 

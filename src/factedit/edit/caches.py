@@ -84,8 +84,8 @@ class EditCaches:
         out = {}
         for l in cfg.layers:
             m = self.stats(l, **cfg.stats_args).meta
-            out[str(l)] = {"corpus": m.get("corpus"), "spec": m.get("corpus_spec"), "reason": m.get("corpus_reason", ""),
-                           "tokens": int(m.get("count", 0))}
+            out[str(l)] = {"corpus": m.get("corpus"), "spec": m.get("corpus_spec"),
+                           "reason": m.get("corpus_reason", ""), "tokens": int(m.get("count", 0))}
         return out
 
     def clear_stats(self) -> None:

@@ -32,7 +32,8 @@ from ..core.tokens import prefix_tag
 from .keys import template_keys
 from .solver import equality_constrained
 
-__all__ = ["GuardConfig", "CollapseError", "norm_reference", "entropy_probe", "probe_tokens", "entropy_of", "check", "combine", "Guard"]
+__all__ = ["GuardConfig", "CollapseError", "norm_reference", "entropy_probe", "probe_tokens", "entropy_of", "check",
+           "combine", "Guard"]
 
 log = logging.getLogger(__name__)
 

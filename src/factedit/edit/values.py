@@ -240,7 +240,8 @@ class ValueProblem:
 
         def edit(out):
             add = torch.zeros_like(out)
-            add[torch.arange(out.shape[0], device=out.device), facts.to(out.device)] = rows_delta.to(out.device, out.dtype)
+            add[torch.arange(out.shape[0], device=out.device),
+                facts.to(out.device)] = rows_delta.to(out.device, out.dtype)
             return out + add
 
         with Hook(self.site, edit_output=edit):

@@ -66,7 +66,8 @@ def _mmlu_label(rec: dict, where: str) -> int:
 
 
 def _pair(question: str) -> Callable[[dict, str], str]:
-    return lambda r, w: f"Sentence 1: {_s(r, 'sentence1', w)}\nSentence 2: {_s(r, 'sentence2', w)}\nQuestion: {question}\nAnswer:"
+    return lambda r, w: (f"Sentence 1: {_s(r, 'sentence1', w)}\nSentence 2: {_s(r, 'sentence2', w)}\n"
+                         f"Question: {question}\nAnswer:")
 
 
 def _entail(r: dict, w: str) -> str:
@@ -89,7 +90,8 @@ class TaskSpec:
 
 
 TASKS: Dict[str, TaskSpec] = {t.name: t for t in (
-    TaskSpec("sst2", ("negative", "positive"), lambda r, w: f"Review: {_s(r, 'sentence', w)}\nSentiment:", _int_label(2)),
+    TaskSpec("sst2", ("negative", "positive"),
+             lambda r, w: f"Review: {_s(r, 'sentence', w)}\nSentiment:", _int_label(2)),
     TaskSpec("mrpc", ("No", "Yes"), _pair("Do both sentences mean the same thing?"), _int_label(2)),
     TaskSpec("cola", ("No", "Yes"),
              lambda r, w: f"Sentence: {_s(r, 'sentence', w)}\nQuestion: Is this sentence grammatical?\nAnswer:",

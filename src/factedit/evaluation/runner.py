@@ -223,7 +223,8 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
     cases = load_cases(path, cfg.limit, cfg.offset)
     config, compare, method_cfg = _config(editor, cfg, path)
     if split:
-        world.agree("evaluation configuration (options, model fingerprint, dataset)", json.dumps(compare, sort_keys=True))
+        world.agree("evaluation configuration (options, model fingerprint, dataset)",
+                    json.dumps(compare, sort_keys=True))
         if world.main:  # the merged directory must not hold another run
             RunStore(out_dir).check_or_write_config({**config, "world_size": world.size}, compare, OPTION_DEFAULTS,
                                                     upgrade_compare)
@@ -275,8 +276,8 @@ def _merge_ranks(store: RunStore, size: int, groups, cfg: EvalConfig) -> dict:
         by_group.setdefault(rec["group"], []).append(rec)
     missing = [g for g in range(len(groups)) if len(by_group.get(g, [])) != len(groups[g])]
     if missing:
-        raise RunError(f"{store.dir}: the ranks' runs lack the records of {len(missing)} group(s) (first: {missing[0]}); "
-                       "run the same torchrun command again to finish them")
+        raise RunError(f"{store.dir}: the ranks' runs lack the records of {len(missing)} group(s) "
+                       f"(first: {missing[0]}); run the same torchrun command again to finish them")
     order = {c.case_id: i for i, c in enumerate(c for g in groups for c in g)}
     merged = sorted(records, key=lambda rec: (rec["group"], order.get(rec.get("case_id"), 0)))
     store._rewrite(store.cases_path, merged)

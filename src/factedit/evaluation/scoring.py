@@ -47,7 +47,8 @@ def magnitude(pairs: Sequence[Pair], new_minus_true: bool = True) -> Optional[fl
     return sum(d if new_minus_true else -d for d in diffs) / len(diffs)
 
 
-def counterfact_case(rewrite: Sequence[Pair], paraphrase: Sequence[Pair], neighborhood: Sequence[Pair]) -> Dict[str, Optional[float]]:
+def counterfact_case(rewrite: Sequence[Pair], paraphrase: Sequence[Pair],
+                     neighborhood: Sequence[Pair]) -> Dict[str, Optional[float]]:
     """ES/PS/NS (fractions) and EM/PM/NM (probability differences) of one case."""
     return {"ES": success_rate(rewrite), "PS": success_rate(paraphrase), "NS": success_rate(neighborhood, False),
             "EM": magnitude(rewrite), "PM": magnitude(paraphrase), "NM": magnitude(neighborhood, False)}

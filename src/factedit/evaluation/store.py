@@ -46,7 +46,8 @@ def read_jsonl(path: Path) -> Tuple[List[dict], bool]:
             if n == len(body) and not last:
                 torn = True  # a complete-looking but broken last line
                 continue
-            raise RunError(f"{path}:{n}: damaged record in the middle of the file; move the run directory away") from None
+            raise RunError(f"{path}:{n}: damaged record in the middle of the file; "
+                           "move the run directory away") from None
     return out, torn
 
 

@@ -96,7 +96,8 @@ def _num(x: float) -> Optional[float]:
     return None if x != x else x  # NaN -> null in JSON
 
 
-def known_facts(adapter, facts: Sequence[KnownFact], limit: Optional[int] = None, batch_size: int = 32) -> Iterator[KnownFact]:
+def known_facts(adapter, facts: Sequence[KnownFact], limit: Optional[int] = None,
+                batch_size: int = 32) -> Iterator[KnownFact]:
     """The facts whose answer's first token is the model's greedy next token (at most ``limit``).
 
     Facts that cannot be traced (subject missing from the prompt, answer not a continuation)
@@ -107,7 +108,8 @@ def known_facts(adapter, facts: Sequence[KnownFact], limit: Optional[int] = None
         chunk = []
         for f in facts[b: b + batch_size]:
             try:
-                chunk.append((f, prepare_prompt(adapter.tokenizer, f.prompt, f.subject, f.answer, adapter.max_positions)))
+                chunk.append((f, prepare_prompt(adapter.tokenizer, f.prompt, f.subject, f.answer,
+                                                adapter.max_positions)))
             except FactEditError:
                 continue
         if not chunk:

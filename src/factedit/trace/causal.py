@@ -191,7 +191,8 @@ class TraceResult:
                "tokens": self.tokens, "subject_range": list(self.subject_range),
                "layers": list(range(self.n_layers)), "p_clean": self.p_clean, "p_corrupt": self.p_corrupt}
         for k in KINDS:
-            out[k] = [[None if x != x else x for x in row] for row in self.scores[k].tolist()] if k in self.scores else None
+            out[k] = ([[None if x != x else x for x in row] for row in self.scores[k].tolist()]
+                      if k in self.scores else None)
         out.update(recommended_layer=self.recommended_layer, samples=self.samples, window=self.window,
                    noise_sigma=self.noise_sigma)
         return out

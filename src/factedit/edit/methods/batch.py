@@ -151,7 +151,8 @@ def check_batch(requests: Sequence) -> None:
             kind = "duplicate" if requests[j].target_new == r.target_new else "contradictory"
             raise RequestError(
                 f"{kind} requests in one batch: #{j} and #{i} both edit {r.prompt.replace('{}', r.subject)!r} "
-                f"(targets {requests[j].target_new!r} and {r.target_new!r}); remove one or edit them in separate batches"
+                f"(targets {requests[j].target_new!r} and {r.target_new!r}); "
+                "remove one or edit them in separate batches"
             )
         seen[key] = i
 
