@@ -143,10 +143,14 @@ def _history_tab(gr, session: Session, history_table, history_html) -> None:
         force = gr.Checkbox(label="apply even if the base fingerprints differ", value=False)
         apply = gr.Button("Apply patch", elem_id="apply-patch-button")
 
-    inspect.click(_shown(lambda html: (html, None))(lambda k: ("", session.inspect(k))), number, [status, info])
-    patch.click(_shown(lambda html: (html, None))(
-        lambda k: (lambda p: (ok(f"edit {int(k)} written as {Path(p).name}"), p))(session.download_patch(k))),
-        number, [status, download])
+    @_shown(lambda html: (html, None))
+    def do_inspect(k):
+        return "", session.inspect(k)
+
+    @_shown(lambda html: (html, None))
+    def download_patch(k):
+        path = session.download_patch(k)
+        return ok(f"edit {int(k)} written as {Path(path).name}"), path
 
     @_shown(lambda html: (html, None))
     def download_peft(v, progress=gr.Progress()):
@@ -165,6 +169,8 @@ def _history_tab(gr, session: Session, history_table, history_html) -> None:
         return ok(f"applied a {got['method']} patch of layers {got['layers']}"
                   + (" (forced: base fingerprints differed)" if got.get("forced") else "")), history_html(), None
 
+    inspect.click(do_inspect, number, [status, info])
+    patch.click(download_patch, number, [status, download])
     peft.click(download_peft, vllm, [status, download])
     revert.click(do_revert, n, [status, history_table])
     apply.click(do_apply, [upload, force], [status, history_table, upload])
