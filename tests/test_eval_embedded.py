@@ -27,7 +27,7 @@ def test_cli_eval_r_rome_two_records(tmp_path, capsys):
     assert 0 < summary["delta_norm_max"] < 1e-3 and summary["GE"] > 300
     recs = [json.loads(l) for l in (out / "cases.jsonl").read_text().splitlines()]
     assert [r["case_id"] for r in recs] == [0, 1]
-    assert json.loads((out / "config.json").read_text())["compare"]["method_config"]["variant"] == "r-rome"
+    assert json.loads((out / "config.json").read_text())["compare"]["method_config"]["method"] == "r-rome"
 
 
 def test_rome_disabling_edit_and_r_rome_on_the_same_record(embedded_bare):
