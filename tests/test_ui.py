@@ -15,7 +15,7 @@ from browser import chromium_page, find_chromium, running_ui  # noqa: E402
 from conftest import CORPUS, COUNTERFACT, STATS_ARGS, TEST_HOME  # noqa: E402
 
 if find_chromium() is None:
-    pytest.skip("no Chromium on this machine and no package manager installed one (scripts/setup.sh runs "
+    pytest.skip("no Chromium on this machine and no package manager installed one (scripts/test.sh runs "
                 "apt-get install chromium)", allow_module_level=True)
 
 TIMEOUT = 180_000  # ms: an edit on a busy 2-core machine
