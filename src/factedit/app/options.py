@@ -26,7 +26,8 @@ __all__ = ["Option", "OPTIONS", "COMMANDS", "FORMS", "options_of", "option", "ad
            "layer_arg", "layers_arg", "method_choices"]
 
 #: the commands of the command line, in the order ``factedit --help`` lists them
-COMMANDS = ("edit", "stats", "apply", "revert", "inspect", "export", "import", "trace", "eval", "summarize", "ui")
+COMMANDS = ("edit", "stats", "apply", "revert", "inspect", "export", "import", "trace", "eval", "summarize", "ui",
+            "keygen", "sign", "verify")
 #: the forms of the web page (one per tab that takes input)
 FORMS = ("page.locate", "page.edit", "page.batch", "page.evaluate")
 
@@ -229,7 +230,7 @@ _BASE = {"flag": argparse._StoreTrueAction, "switch": argparse.BooleanOptionalAc
 
 
 # ---------------------------------------------------------------------- the options
-_MODEL = ("edit", "stats", "apply", "revert", "export", "trace", "eval", "ui")
+_MODEL = ("edit", "stats", "apply", "revert", "export", "trace", "eval", "ui", "inspect")
 _STATS = ("edit", "stats", "eval", "ui")
 _EDITS = ("edit", "eval")
 
@@ -397,7 +398,8 @@ OPTIONS: Tuple[Option, ...] = (
                            "export": "patch files, oldest first (several export as one adapter / file)"},
            ("apply", "revert", "export"), kind="positional", nargs="+", example=["p"]),
     Option("patch", (), "the patch file", ("inspect",), kind="positional", example="p"),
-    Option("force", ("--force",), {"apply": "apply even if the base fingerprints differ (recorded)",
+    Option("force", ("--force",), {"apply": "apply even if the base fingerprints differ (recorded) or the patch's "
+                                            "delta does not do what it claims",
                                    "revert": "subtract even when the model's matrices are not what the patches left "
                                              "(not applied)",
                                    "stats": "recompute even if cached",
@@ -417,8 +419,29 @@ OPTIONS: Tuple[Option, ...] = (
            ("export",), kind="flag", default=False, example=True),
     Option("svd", ("--svd",), "compress modules above RANK (and dense fine-tuning updates) by a truncated SVD",
            ("export",), type=int, metavar="RANK", example="2"),
-    Option("base_model", ("--base-model",), "base_model_name_or_path to record (default: where --model loads from)",
+    Option("base_model", ("--base-model",), "base_model_name_or_path to record (default: the base's hub id when "
+           "known, else the local path)",
            ("export",), example="org/model"),
+    # ------------------------------------------------------------ signatures (core/signing.py)
+    Option("key_path", (), "the private key file to write (PEM; the public key goes beside it as KEY.pub)",
+           ("keygen",), kind="positional", metavar="KEY", example="me.key"),
+    Option("target", (), {"sign": "the file or folder to sign (a patch, an adapter folder, a GGUF file, a saved model)",
+                          "verify": "the signed file or folder"}, ("sign", "verify"), kind="positional",
+           metavar="PATH", example="thing"),
+    Option("key", ("--key",), "the private key to sign with (PEM, EC; `factedit keygen` makes one)", ("sign",),
+           metavar="KEY", required=("sign",), example="me.key"),
+    Option("sign_key", ("--sign",), {"": "sign what this command writes with this private key (PEM, EC)",
+                                     "edit": "sign what --save-patch / --save-model write with this private key"},
+           ("edit", "apply", "export"), metavar="KEY", example="me.key"),
+    Option("trust", ("--trust",), "a trusted public key (repeatable; default: the files named in $FACTEDIT_TRUST, "
+           "separated by ':'): signatures are verified against them", ("apply", "import", "inspect", "verify", "ui"),
+           kind="append", metavar="PUBKEY", example="me.key.pub"),
+    Option("claims", ("--claims",), "replay the patch's declared requests on its base model (--model, else the "
+           "model the patch names) and say whether the delta does what the patch claims (default on)",
+           ("inspect",), kind="switch", default=True),
+    Option("require_signature", ("--require-signature",), "refuse a patch or adapter that is not signed by a "
+           "trusted key (an invalid signature is refused always)", ("apply", "import", "ui"), kind="flag",
+           default=False, example=True),
     # ------------------------------------------------------------ statistics, tracing, summaries
     Option("stats_layers", ("--layers",), "comma-separated layers (default: the default edit layer)", ("stats",),
            type=layers_arg, example="1,2"),
@@ -445,7 +468,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("eval_dataset", ("--eval-dataset",), "the CounterFact / zsRE file the Evaluate tab offers (default: "
            "$FACTEDIT_DATASET, else none)", ("ui",), metavar="FILE", example="cf.jsonl"),
     # ------------------------------------------------------------ output
-    Option("json", ("--json",), "print one JSON object on stdout", tuple(c for c in COMMANDS if c != "ui"),
+    Option("json", ("--json",), "print one JSON object on stdout", tuple(c for c in COMMANDS if c not in ("ui",
+                                                                                                         "keygen")),
            kind="flag", default=False, example=True),
     Option("verbose", ("-v", "--verbose"), "log what happens (INFO)", _MODEL, kind="flag", default=False,
            example=True),

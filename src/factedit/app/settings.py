@@ -92,7 +92,7 @@ class EditSettings:
         allow_unverified: keep (and save) an edit that did not take on its own prompt.
         side_effects: measure the blast radius; ``side_effects_bank``: its known-facts file.
         guard: run the collapse guard.
-        save_patch, save_model: where the edit is written.
+        save_patch, save_model: where the edit is written; ``sign_key``: a private key that signs what is written.
     """
 
     prompt: Optional[str] = None
@@ -110,6 +110,7 @@ class EditSettings:
     guard: bool = True
     save_patch: Optional[str] = None
     save_model: Optional[str] = None
+    sign_key: Optional[str] = None
 
     @property
     def bank_path(self) -> Optional[str]:

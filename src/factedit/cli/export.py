@@ -23,6 +23,7 @@ def cmd_export(settings) -> int:
         return _export_gguf(settings, adapter, patches)
     out = export_peft(adapter, patches, settings["peft"], svd_rank=settings["svd"], vllm=settings["vllm"],
                       force=settings["force"], base_model=settings["base_model"])
+    _sign(settings, out, out["directory"])
     if settings["json"]:
         print(json.dumps(out))
         return 0
@@ -32,6 +33,8 @@ def cmd_export(settings) -> int:
         svd = out["svd"].get(name)
         print(f"  {name}: rank {r}" + (f" (stored as {out['stored_rank']})" if out["stored_rank"] != r else "")
               + (f", SVD relative error {svd['relative_error']:.3g}" if svd else ""))
+    if "signature" in out:
+        print(f"  signed: {out['signature']}")
     if settings["vllm"]:
         print(f"  serve: vllm serve BASE --enable-lora --max-lora-rank {out['stored_rank']} "
               f"--lora-modules edit={out['directory']}")
@@ -53,6 +56,7 @@ def _export_gguf(settings, adapter, patches) -> int:
                             "folder, save the edited model (factedit apply --save-model DIR) and convert it with "
                             "llama.cpp's convert_hf_to_gguf.py")
     out = export_gguf(adapter, patches, base, settings["gguf"], quant=settings["quant"], force=settings["force"])
+    _sign(settings, out, out["file"])
     if settings["json"]:
         print(json.dumps(out))
     else:
@@ -61,11 +65,21 @@ def _export_gguf(settings, adapter, patches) -> int:
     return 0
 
 
+def _sign(settings, out: dict, path) -> None:
+    """``--sign KEY``: sign what the export wrote (its signature path under ``out["signature"]``)."""
+    if settings["sign_key"]:
+        from ..core.signing import sign
+
+        out["signature"] = str(sign(path, settings["sign_key"]))
+
+
 def cmd_import(settings) -> int:
     from ..core.errors import FactEditError
+    from ..core.signing import require, trust_anchors
     from ..patch.peft import import_peft
     from ..patch.stack import save_patches
 
+    status = require(settings["peft"], trust_anchors(settings["trust"] or ()), settings["require_signature"])
     patches = import_peft(settings["peft"])
     out = Path(settings["out"])
     if out.exists() and not settings["force"]:
@@ -75,7 +89,8 @@ def cmd_import(settings) -> int:
         written = [str(out)]
     else:
         written = [str(out / n) for n in save_patches(patches, out)]
-    info = {"patches": written, "approximate": any(p.meta.get("approximate") for p in patches)}
+    info = {"patches": written, "approximate": any(p.meta.get("approximate") for p in patches),
+            "signature": status.to_dict()}
     print(json.dumps(info) if settings["json"] else "\n".join(f"wrote {w}" for w in written)
           + ("\n  (approximate: SVD-compressed modules, cannot be reverted exactly)" if info["approximate"] else ""))
     return 0

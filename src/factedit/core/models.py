@@ -568,12 +568,15 @@ def model_name(model) -> str:
     return getattr(model, "factedit_name", None) or getattr(model.config, "_name_or_path", "") or type(model).__name__
 
 
-def save_model(model, tokenizer, directory) -> Path:
+def save_model(model, tokenizer, directory, also=None) -> Path:
     """Write a normal Hugging Face folder (safetensors + tokenizer) atomically: the folder
     appears complete or not at all. Loads in plain ``transformers``. The hidden temporary folders that
-    killed writes to the same folder left beside it are removed first (see :mod:`factedit.core.paths`)."""
+    killed writes to the same folder left beside it are removed first (see :mod:`factedit.core.paths`).
+    ``also(folder)``: writes more files into the folder before it appears (factedit's provenance records)."""
     target = Path(directory)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         source_tokenizer(tokenizer).save_pretrained(tmp)  # never the prompt-prefixed copy
+        if also is not None:
+            also(Path(tmp))
     return target

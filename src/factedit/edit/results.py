@@ -83,6 +83,15 @@ class ChainedEdit:
         self.adapter = adapter
         self.parts = parts
 
+    @property
+    def originals(self) -> dict:
+        """Per touched layer, the matrix before the first part touched it (what a full revert gives back)."""
+        out: dict = {}
+        for p in self.parts:
+            for layer, w in getattr(p, "originals", {}).items():
+                out.setdefault(layer, w)
+        return out
+
     def revert(self):
         for p in reversed(self.parts):
             p.revert()

@@ -41,7 +41,7 @@ from ..edit.methods.registry import config_from_dict
 from ..edit.results import EditResult
 
 __all__ = ["PatchError", "Patch", "apply_patch", "apply_patches", "temporarily_applied", "revert_patch",
-           "revert_patches", "layer_norms", "tensor_sha256"]
+           "revert_patches", "negated", "layer_norms", "tensor_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class Patch:
                 "fingerprints": m.get("fingerprints"), "fingerprints_after": m.get("fingerprints_after"),
                 "guard": m.get("guard"), "forced": m.get("forced", False), "format": m.get("format"),
                 "verified": m.get("verified"), "statistics": m.get("statistics"),
-                "prompt_prefix": m.get("prompt_prefix")}
+                "prompt_prefix": m.get("prompt_prefix"), "config": m.get("config")}
 
 
 def _state_updates(path, meta: dict, tensors: dict) -> List[dict]:
@@ -321,45 +321,68 @@ def temporarily_applied(adapter, patches: Sequence[Patch]):
             a.revert()
 
 
-def revert_patches(adapter, patches: Sequence[Patch], force: bool = False) -> Dict[str, bool]:
+def negated(patch: Patch) -> List[LayerDelta]:
+    """The deltas that take ``patch`` off again, in the order a revert subtracts them (newest first)."""
+    return [d.negated() for d in reversed(patch.deltas)]
+
+
+def revert_patches(adapter, patches: Sequence[Patch], force: bool = False, undo=()) -> Dict[str, bool]:
     """Subtract patches (oldest first, as they were applied; reverted newest first) from a model that
     has them applied, e.g. a saved edited model.
 
     Before anything changes, every edited matrix must be exactly what the newest patch touching it
     left (its recorded after-edit fingerprint): a patch that is not applied, or was already reverted,
-    or has other edits on top, is refused (``force`` subtracts anyway). Returns, per edited matrix,
-    whether the result is bit-identical to the recorded base (it usually is not: ``(W + Δ) − Δ``
-    rounds differently; in-session reverts through :class:`~factedit.edit.deltas.AppliedEdit` are exact).
+    or has other edits on top, is refused (``force`` subtracts anyway). ``undo``: the entries a saved
+    model keeps beside its weights (:class:`~factedit.patch.saved.UndoEntry`: after each patch is subtracted,
+    the entries the subtraction does not give back are put back), which make the result the base bit for
+    bit; without them ``(W + Δ) − Δ`` rounds differently in a few entries. Returns, per edited matrix,
+    whether the result is bit-identical to the recorded base (in-session reverts through
+    :class:`~factedit.edit.deltas.AppliedEdit` are always exact).
     """
     for p in patches:
         _check_shapes(adapter, p)
     if not force:
-        checked = set()
-        for p in reversed(patches):
-            after = p.meta.get("fingerprints_after") or {}
-            for layer in sorted({d.layer for d in p.deltas}):
-                name = adapter.w_out_name(layer)
-                if name in checked:
-                    continue  # an older patch under a newer one on the same matrix: checked via the newer
-                checked.add(name)
-                if name not in after:
-                    raise PatchError(f"this patch records no after-edit fingerprint of {name} (written by an older "
-                                     "factedit), so it cannot be checked that it is applied; pass force=True / --force "
-                                     "to subtract it anyway")
-                if matrix_fingerprint(adapter.w_out_stored(layer)) != after[name]:
-                    raise PatchError(
-                        f"the model does not have this patch applied: {name} is not what the patch left "
-                        "(it was never applied, was already reverted, or other edits changed it since); nothing "
-                        "was changed. Revert patches newest first, or pass force=True / --force to subtract anyway")
-    negated = [d.negated() for p in reversed(patches) for d in reversed(p.deltas)]
-    apply_deltas(adapter, negated)
-    base = {}
+        _check_reverts(adapter, patches)
+    by_after = {(u.module, u.fingerprint_after): u for u in undo}
+    for p in reversed(patches):
+        fixes = {}
+        for layer in sorted({d.layer for d in p.deltas}):
+            name = adapter.w_out_name(layer)
+            fixes[layer] = by_after.get((name, matrix_fingerprint(adapter.w_out_stored(layer))))
+        apply_deltas(adapter, negated(p))
+        for layer, u in fixes.items():
+            if u is not None:
+                w = adapter.w_out_stored(layer).clone()
+                w.reshape(-1)[u.index.to(w.device)] = u.values.to(device=w.device, dtype=w.dtype)
+                adapter.set_w_out(layer, w)
+    base: Dict[str, str] = {}
     for p in patches:  # the oldest patch's base of each matrix is the model before them all
         for name, fp in p.meta["fingerprints"].items():
             base.setdefault(name, fp)
     layers = sorted({d.layer for p in patches for d in p.deltas})
     return {adapter.w_out_name(l): matrix_fingerprint(adapter.w_out_stored(l)) == base.get(adapter.w_out_name(l))
             for l in layers}
+
+
+def _check_reverts(adapter, patches: Sequence[Patch]) -> None:
+    """Refuse (nothing changed) unless every edited matrix is what the newest patch touching it left."""
+    checked = set()
+    for p in reversed(patches):
+        after = p.meta.get("fingerprints_after") or {}
+        for layer in sorted({d.layer for d in p.deltas}):
+            name = adapter.w_out_name(layer)
+            if name in checked:
+                continue  # an older patch under a newer one on the same matrix: checked via the newer
+            checked.add(name)
+            if name not in after:
+                raise PatchError(f"this patch records no after-edit fingerprint of {name} (written by an older "
+                                 "factedit), so it cannot be checked that it is applied; pass force=True / --force "
+                                 "to subtract it anyway")
+            if matrix_fingerprint(adapter.w_out_stored(layer)) != after[name]:
+                raise PatchError(
+                    f"the model does not have this patch applied: {name} is not what the patch left "
+                    "(it was never applied, was already reverted, or other edits changed it since); nothing "
+                    "was changed. Revert patches newest first, or pass force=True / --force to subtract anyway")
 
 
 def revert_patch(adapter, patch: Patch, force: bool = False) -> Dict[str, bool]:

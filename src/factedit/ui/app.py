@@ -138,9 +138,11 @@ def _history_tab(gr, session: Session, history_table, history_html) -> None:
     download = gr.File(label="Download", interactive=False, elem_id="history-download")
     info = gr.JSON(label="Inspect", elem_id="history-inspect")
     with gr.Row():
-        upload = gr.File(label="Upload a patch to apply", file_types=[".safetensors"], type="filepath",
+        upload = gr.File(label="Upload a patch to apply (and its .sig file, when it is signed)",
+                         file_types=[".safetensors", ".sig"], file_count="multiple", type="filepath",
                          elem_id="upload-patch")
-        force = gr.Checkbox(label="apply even if the base fingerprints differ", value=False)
+        force = gr.Checkbox(label="apply anyway (base fingerprints differ, or the delta does not do what the patch "
+                                  "claims)", value=False)
         apply = gr.Button("Apply patch", elem_id="apply-patch-button")
 
     @_shown(lambda html: (html, None))
@@ -167,7 +169,10 @@ def _history_tab(gr, session: Session, history_table, history_html) -> None:
     def do_apply(path, forced, progress=gr.Progress()):  # the upload field is emptied either way
         got = session.upload_patch(path, bool(forced), progress=_progress(progress))
         return ok(f"applied a {got['method']} patch of layers {got['layers']}"
-                  + (" (forced: base fingerprints differed)" if got.get("forced") else "")), history_html(), None
+                  + (" (forced: base fingerprints differed)" if got.get("forced") else "")
+                  + f"; signature: {got['signature']['state']}; claims: "
+                  + ("hold" if got["claims"]["ok"] else "NOT checked" if not got["claims"]["checked"] else "FAIL")
+                  ), history_html(), None
 
     inspect.click(do_inspect, number, [status, info])
     patch.click(download_patch, number, [status, download])

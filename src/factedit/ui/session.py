@@ -249,17 +249,34 @@ class Session:
         archive = shutil.make_archive(str(folder.parent / "factedit-peft-adapter"), "zip", folder)
         return archive
 
-    def upload_patch(self, path, force: bool = False, progress: Progress = _quiet) -> dict:
-        """Apply a patch file on top of the session's edits (shapes and base fingerprints checked; refused
-        patches leave the model as it was); it joins the stack."""
-        from ..patch.files import Patch
+    def upload_patch(self, paths, force: bool = False, progress: Progress = _quiet) -> dict:
+        """Apply an uploaded patch file (``paths``: the patch, and its ``.sig`` when signed) on top of the
+        session's edits, as ``factedit apply`` does: its signature checked against the ``ui`` command's trusted
+        keys (refused when invalid, or when missing under ``--require-signature``), its claims replayed
+        (refused when its delta does not do what it says, unless ``force``), shapes and base fingerprints
+        checked; a refused patch leaves the model as it was. It joins the stack."""
+        from ..core.signing import require, signature_path, trust_anchors
+        from ..patch.claims import check_claims
+        from ..patch.files import Patch, PatchError
 
-        if not path:
-            raise FactEditError("choose a patch file first")
+        files = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else list(paths or []))]
+        patches = [f for f in files if f.suffix != ".sig"]
+        if len(patches) != 1:
+            raise FactEditError("choose one patch file (and its .sig file, when it is signed)")
+        path = patches[0]
+        for sig in (f for f in files if f.suffix == ".sig"):  # uploads land in separate folders: put it beside
+            if sig.resolve() != signature_path(path).resolve():
+                shutil.copyfile(sig, signature_path(path))
+        status = require(path, trust_anchors(self.settings.get("trust") or ()),
+                         bool(self.settings.get("require_signature")))
         patch = Patch.load(path)
         with self.exclusive(progress):
+            claims = check_claims(self.editor.adapter, patch)
+            if claims.checked and not claims.ok and not force:
+                raise PatchError(f"{path.name}: {claims.describe()}; nothing was applied (tick 'apply anyway' to "
+                                 "force it)")
             self.editor.apply_patches([patch], force=force)
-        return patch.describe()
+        return {**patch.describe(), "signature": status.to_dict(), "claims": claims.to_dict()}
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, values: Form, on_update: Optional[Callable[[dict, List[dict]], None]] = None,
