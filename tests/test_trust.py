@@ -184,3 +184,30 @@ def test_a_faked_description_of_a_real_edit_is_refused(embedded, tmp_path, capsy
     assert "claims FAIL" in text and "the delta gives" in text
     assert main(["apply", str(path), "--json"]) == 0  # the honest patch passes the same check
     assert json.loads(capsys.readouterr().out)["claims"][0]["ok"]
+
+
+@pytest.mark.slow
+def test_a_saved_embedded_model_reverts_bit_for_bit_and_takes_the_patch_again(embedded, tmp_path, capsys):
+    """apply -> save -> revert -> apply again on the embedded model (float32, 30 layers): the reverted weights
+    equal the base bitwise (they were 35,348 entries off before the undo records)."""
+    from safetensors import safe_open
+
+    from factedit import GuardConfig, Request
+    from factedit.core.models import embedded_model_dir
+
+    ed = embedded
+    result = ed.edit(Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris"),
+                     guard=GuardConfig(enabled=False), **STATS)
+    try:
+        path = Patch.from_result(result).save(tmp_path / "eiffel.safetensors")
+    finally:
+        ed.revert()
+    name = ed.adapter.w_out_name(result.layers[0]) + ".weight"
+    saved = tmp_path / "saved"
+    assert main(["apply", str(path), "--save-model", str(saved)]) == 0
+    assert main(["revert", str(path), "--model", str(saved), "--json"]) == 0
+    assert all(json.loads(capsys.readouterr().out.splitlines()[-1])["bit_identical_to_base"].values())
+    with safe_open(str(embedded_model_dir() / "model.safetensors"), "pt") as a, \
+            safe_open(str(saved / "model.safetensors"), "pt") as b:
+        assert torch.equal(a.get_tensor(name), b.get_tensor(name))
+    assert main(["apply", str(path), "--model", str(saved), "--json"]) == 0  # the same patch takes again
