@@ -12,7 +12,8 @@ fi
 . .venv/bin/activate
 stamp=.venv/.factedit-setup
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $TORCH_SPEC"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import factedit, torch, gguf, matplotlib, gradio, playwright, model_signing" 2>/dev/null \
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('factedit', 'torch', \
+'gguf', 'matplotlib', 'gradio', 'playwright', 'model_signing')))" 2>/dev/null \
     && command -v ruff >/dev/null; then
   exit 0
 fi
