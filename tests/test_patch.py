@@ -304,3 +304,30 @@ def test_history_saved_and_reloaded_as_patch_stack(home, tiny_corpus, tmp_path):
     (tmp_path / "hist" / "stack.json").write_text("{not json")
     with pytest.raises(PatchError, match="not a factedit history"):
         ed2.load_history(tmp_path / "hist")
+
+
+def test_revert_of_several_patches_is_all_or_nothing(edited, monkeypatch):
+    """A failure while the second of two patches is taken off leaves the model with both patches on, bit for bit."""
+    import factedit.patch.files as files
+
+    ed, res, path, _ = edited
+    ad = _fresh()
+    patch = Patch.load(path)
+    apply_patch(ad, patch)
+    second = Patch(patch.deltas, dict(patch.meta, fingerprints=dict(patch.meta["fingerprints_after"]),
+                                      fingerprints_after={}))
+    apply_patch(ad, second)
+    on = ad.w_out_stored(2).clone()
+    calls = []
+    real = files.apply_deltas
+
+    def failing(adapter, deltas):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real(adapter, deltas)
+
+    monkeypatch.setattr(files, "apply_deltas", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        files.revert_patches(ad, [patch, second], force=True)
+    assert len(calls) == 2 and torch.equal(ad.w_out_stored(2), on)

@@ -147,15 +147,15 @@ def efficacy(adapter, reqs: Sequence[Request], probs: Optional[List[dict]] = Non
     return sum(p["lp_new"] > p["lp_true"] for p in known) / len(known)
 
 
-def edit_batch(editor, options: MethodOptions, settings: EditSettings, config=None) -> tuple:
-    """Edit the requests of ``settings.requests`` (its first ``limit``) as one call of the method and return
-    ``(result, report)`` (:class:`~factedit.app.reports.BatchReport`): efficacy before and after, and per
-    request P(new)/P(true) before and after with its verification."""
+def edit_batch(editor, options: MethodOptions, settings: EditSettings, config=None, requests=None) -> tuple:
+    """Edit the requests of ``settings.requests`` (its first ``limit``; ``requests``: that file already read)
+    as one call of the method and return ``(result, report)`` (:class:`~factedit.app.reports.BatchReport`):
+    efficacy before and after, and per request P(new)/P(true) before and after with its verification."""
     from ..core.request_files import load_requests
 
-    if not settings.requests:
+    if requests is None and not settings.requests:
         raise RequestError("choose a requests file first (--requests FILE)")
-    reqs = load_requests(settings.requests, limit=settings.limit)
+    reqs = list(requests) if requests is not None else load_requests(settings.requests, limit=settings.limit)
     config = config or editor.make_config(options)
     p_before = probabilities(editor.adapter, reqs)  # one read of the targets serves both
     eff_before = efficacy(editor.adapter, reqs, p_before)

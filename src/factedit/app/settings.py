@@ -143,26 +143,30 @@ class Settings:
             return self.base.get(name, default)
         return default
 
+    def has(self, name: str) -> bool:
+        """The form (or its :attr:`base`) has option ``name``."""
+        return name in self.values or (self.base is not None and self.base.has(name))
+
     def __getitem__(self, name: str) -> Any:
-        if name not in self.values and (self.base is None or self.base.get(name, _MISSING) is _MISSING):
+        if not self.has(name):
             raise KeyError(f"{self.where} has no option {name!r}")
         return self.get(name)
 
-    def _pick(self, cls, names) -> dict:
-        """The options among ``names`` that have a value (the others keep ``cls``'s defaults)."""
+    def _pick(self, names) -> dict:
+        """The options among ``names`` that have a value (the others keep the typed object's defaults)."""
         return {n: self.get(n) for n in names if self.get(n) is not None}
 
     # ------------------------------------------------------------------ typed views
     @property
     def model(self) -> ModelOptions:
-        return ModelOptions(**self._pick(ModelOptions, ModelOptions.__dataclass_fields__))
+        return ModelOptions(**self._pick(ModelOptions.__dataclass_fields__))
 
     @property
     def method(self) -> MethodOptions:
         """The method options (what :meth:`Editor.make_config` takes). In ``eval``, ``--target-batch`` of a
         single-request method sets the run's prefetch instead (:attr:`prefetch_batch`)."""
-        own = self._pick(MethodOptions, ("layer", "layers", "steps", "seed", "stats_corpus", "stats_tokens",
-                                         "stats_seq_len", "stats_dtype"))
+        own = self._pick(("layer", "layers", "steps", "seed", "stats_corpus", "stats_tokens", "stats_seq_len",
+                          "stats_dtype"))
         method = self.get("method")
         batch = self.get("target_batch")
         if batch is not None and not (self.where == "eval" and self._single_request(method)):
@@ -187,7 +191,7 @@ class Settings:
 
     @property
     def edit(self) -> EditSettings:
-        values = self._pick(EditSettings, EditSettings.__dataclass_fields__)
+        values = self._pick(EditSettings.__dataclass_fields__)
         values["paraphrases"] = tuple(p for p in (self.get("paraphrases") or ()) if p and p.strip())
         return EditSettings(**values)
 
@@ -220,5 +224,3 @@ class Settings:
         spec = REGISTRY.get(method)
         return spec is not None and not spec.single_request and "batch_size" not in spec.field_names
 
-
-_MISSING = object()

@@ -35,11 +35,11 @@ def cmd_edit(settings) -> int:
 def _edit_many(settings, es, options) -> int:
     from ..core.request_files import load_requests
 
-    load_requests(es.requests, limit=es.limit)  # a bad file fails before the model loads
+    requests = load_requests(es.requests, limit=es.limit)  # a bad file fails before the model loads
     model, tok = settings.model.load()
     editor = settings.model.editor(model, tok, progress=show_progress(settings))
     cfg = editor.make_config(options)
-    result, report = edit_batch(editor, options, es, config=cfg)
+    result, report = edit_batch(editor, options, es, config=cfg, requests=requests)
     report.saved = save_outputs(editor, result, es)
     print(json.dumps(report.to_dict()) if settings["json"] else report.to_text())
     refuse_unverified(result, es)

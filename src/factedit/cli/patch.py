@@ -29,20 +29,16 @@ def cmd_apply(settings) -> int:
     record, entries = records_of(source)
     model, tok = settings.model.load()
     adapter = settings.model.adapter(model, tok)
-    claims, applied, undo = [], [], []
-    try:
-        for name, p in zip(names, patches):  # each checked on the model as the patches before it left it
-            report = check_claims(adapter, p)
-            claims.append(report)
-            if report.checked and not report.ok and not settings["force"]:
-                raise PatchError(f"{name}: {report.describe()}; nothing was applied (--force applies it anyway)")
-            done, more = apply_with_undo(adapter, [p], force=settings["force"])
-            applied += done
-            undo += more
-    except BaseException:
-        for a in reversed(applied):
-            a.revert()
-        raise
+    claims = []
+
+    def claims_hold(p) -> None:  # each patch checked on the model as the patches before it left it
+        report = check_claims(adapter, p)
+        claims.append(report)
+        if report.checked and not report.ok and not settings["force"]:
+            raise PatchError(f"{names[len(claims) - 1]}: {report.describe()}; nothing was applied (--force applies "
+                             "it anyway)")
+
+    _, undo = apply_with_undo(adapter, patches, force=settings["force"], before=claims_hold)
     out = {"applied": names, "forced": [p.meta.get("forced_mismatch", []) for p in patches],
            "signatures": [s.to_dict() for s in statuses], "claims": [c.to_dict() for c in claims]}
     if settings["save_model"]:

@@ -344,22 +344,29 @@ def revert_patches(adapter, patches: Sequence[Patch], force: bool = False, undo=
     if not force:
         _check_reverts(adapter, patches)
     by_after = {(u.module, u.fingerprint_after): u for u in undo}
-    for p in reversed(patches):
-        fixes = {}
-        for layer in sorted({d.layer for d in p.deltas}):
-            name = adapter.w_out_name(layer)
-            fixes[layer] = by_after.get((name, matrix_fingerprint(adapter.w_out_stored(layer))))
-        apply_deltas(adapter, negated(p))
-        for layer, u in fixes.items():
-            if u is not None:
-                w = adapter.w_out_stored(layer).clone()
-                w.reshape(-1)[u.index.to(w.device)] = u.values.to(device=w.device, dtype=w.dtype)
+    layers = sorted({d.layer for p in patches for d in p.deltas})
+    start = {layer: adapter.w_out_stored(layer).clone() for layer in layers}  # all or nothing
+    try:
+        for p in reversed(patches):
+            fixes = {}
+            for layer in sorted({d.layer for d in p.deltas}):
+                name = adapter.w_out_name(layer)
+                fixes[layer] = by_after.get((name, matrix_fingerprint(adapter.w_out_stored(layer))))
+            apply_deltas(adapter, negated(p))
+            for layer, u in fixes.items():
+                if u is not None:
+                    w = adapter.w_out_stored(layer).clone()
+                    w.reshape(-1)[u.index.to(w.device)] = u.values.to(device=w.device, dtype=w.dtype)
+                    adapter.set_w_out(layer, w)
+    except BaseException:
+        for layer, w in start.items():
+            if not torch.equal(adapter.w_out_stored(layer), w):
                 adapter.set_w_out(layer, w)
+        raise
     base: Dict[str, str] = {}
     for p in patches:  # the oldest patch's base of each matrix is the model before them all
         for name, fp in p.meta["fingerprints"].items():
             base.setdefault(name, fp)
-    layers = sorted({d.layer for p in patches for d in p.deltas})
     return {adapter.w_out_name(l): matrix_fingerprint(adapter.w_out_stored(l)) == base.get(adapter.w_out_name(l))
             for l in layers}
 

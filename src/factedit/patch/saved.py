@@ -70,12 +70,16 @@ def undo_of_applied(adapter, patch: Patch, applied) -> List[UndoEntry]:
     return out
 
 
-def apply_with_undo(adapter, patches: Sequence[Patch], force: bool = False) -> Tuple[list, List[UndoEntry]]:
+def apply_with_undo(adapter, patches: Sequence[Patch], force: bool = False, before=None
+                    ) -> Tuple[list, List[UndoEntry]]:
     """Apply ``patches`` in order (as :func:`~factedit.patch.files.apply_patches`: all or nothing) and return
-    ``(applied, undo entries)``."""
+    ``(applied, undo entries)``. ``before(patch)``, when given, runs on the model as the earlier patches left
+    it, before each patch is applied; what it raises undoes them all."""
     done, undo = [], []
     try:
         for p in patches:
+            if before is not None:
+                before(p)
             a = apply_patch(adapter, p, force)
             done.append(a)
             undo += undo_of_applied(adapter, p, a)

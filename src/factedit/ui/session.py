@@ -181,12 +181,12 @@ class Session:
         es, options = f.edit, f.method
         if not es.requests:
             raise RequestError("choose a requests file first")
-        n = len(load_requests(es.requests, limit=es.limit))  # a bad file fails before the lock
+        requests = load_requests(es.requests, limit=es.limit)  # a bad file fails before the lock
         cfg = self.editor.make_config(options)
         with self.exclusive(progress):
-            progress(None, f"editing {n} requests")
+            progress(None, f"editing {len(requests)} requests")
             with reporting(_steps(progress)):
-                _, report = edit_batch(self.editor, options, es, config=cfg)
+                _, report = edit_batch(self.editor, options, es, config=cfg, requests=requests)
         return report
 
     # ------------------------------------------------------------------ the stack of edits
