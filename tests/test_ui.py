@@ -60,7 +60,15 @@ def tab(page, name: str) -> None:
 
 
 def fill(page, elem_id: str, text: str) -> None:
-    page.locator(f"#{elem_id} textarea, #{elem_id} input").first.fill(text)
+    """Type ``text`` into a field; again if the page re-mounted the field meanwhile (a tab's first showing
+    can render its components after the click that showed it, dropping what was typed)."""
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    for _ in range(5):
+        box.fill(text)
+        page.wait_for_timeout(150)
+        if box.input_value() == text:
+            return
+    raise AssertionError(f"#{elem_id} did not keep {text!r}")
 
 
 def seq(page, result: str) -> str:

@@ -22,6 +22,7 @@ from .core.arch import ArchSpec, ModelAdapter
 from .core.errors import MethodError
 from .core.fingerprints import matrix_fingerprint
 from .core.requests import Request
+from .core.timing import phase, record
 from .edit.caches import EditCaches
 from .edit.deltas import ROUNDING_WARN, apply_deltas, rounding_error
 from .edit.guard import Guard, GuardConfig
@@ -207,8 +208,12 @@ class Editor:
         """Compute, apply, judge (guard) and verify one group; it joins the history as it is applied (an
         error or a collapse after that is undone by the caller)."""
         t0 = time.perf_counter()
-        c = self.compute(group, config=cfg)
-        refs = self.guard.prepare(cfg, guard, norm_limit=spec.norm_limit)
+        with phase("compute the update"):
+            c = self.compute(group, config=cfg)
+        for name, seconds in c.timings.items():
+            record(name, seconds, deeper=1)
+        with phase("guard: probe and references"):
+            refs = self.guard.prepare(cfg, guard, norm_limit=spec.norm_limit)
         applied = apply_deltas(self.adapter, c.deltas)
         res = EditResult(spec.name, list(cfg.layers), list(group), c.deltas, applied, cfg,
                          time.perf_counter() - t0, c.timings, c.info,
@@ -223,8 +228,10 @@ class Editor:
                             100 * worst, max(res.rounding, key=res.rounding.get))
         self._history.push(res)
         if guard.enabled:
-            self.guard.judge(res, refs, guard, len(group))
-        res.verification = verify_requests(self.adapter, group)
+            with phase("guard: judge"):
+                self.guard.judge(res, refs, guard, len(group))
+        with phase("verify"):
+            res.verification = verify_requests(self.adapter, group)
         return res
 
     def revert(self, n: int = 1) -> None:

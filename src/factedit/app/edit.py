@@ -18,16 +18,18 @@ from typing import List, Optional, Sequence, Tuple
 
 from ..core.chat import chat_prompt, chat_request, has_chat_template
 from ..core.errors import RequestError
-from ..core.lm import greedy_continuation, probability, target_logprobs, target_probabilities
+from ..core.lm import probability, target_logprobs
 from ..core.models import model_name
 from ..core.requests import Request
+from ..core.timing import phase
 from ..edit.guard import GuardConfig
 from ..edit.methods.options import MethodOptions
+from .reads import Asks, Reads, read
 from .reports import BatchReport, EditReport, RequestOutcome, Snapshot
 from .settings import EditSettings
 
-__all__ = ["DEMO", "DEFAULT_PARAPHRASES", "CHAT_ANSWER_TOKENS", "request_of", "edit_prompts", "snapshot",
-           "edit_fact", "edit_batch", "efficacy", "probabilities", "refuse_unverified", "save_outputs"]
+__all__ = ["DEMO", "DEFAULT_PARAPHRASES", "CHAT_ANSWER_TOKENS", "request_of", "edit_prompts", "report_asks",
+           "snapshot_of", "edit_fact", "edit_batch", "efficacy", "probabilities", "refuse_unverified", "save_outputs"]
 
 #: the demo edit (``factedit edit`` without a fact)
 DEMO = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
@@ -66,23 +68,34 @@ def edit_prompts(editor, request: Request, chat: bool = False, paraphrases: Opti
     return chat_request(editor.tokenizer, request), names, [chat_prompt(editor.tokenizer, p) for p in names]
 
 
-def _chat_answer(adapter, text: str, max_new_tokens: int) -> str:
-    """The chat model's answer to ``text`` as a user message, rendered and read without any prompt prefix."""
+def report_asks(editor, req: Request, prompts: Sequence[str], max_new_tokens: int, chat_of: Optional[str] = None,
+                probes=(), render=None, guard: Optional[GuardConfig] = None) -> Asks:
+    """What a single edit's report reads (:mod:`factedit.app.reads`): P(new) and P(true) on ``req``, the
+    greedy continuations of ``prompts`` (the first is the request's own), with ``chat_of`` the chat model's
+    answer to that text (rendered as a user turn, read without the prompt prefix), the answers to the
+    blast-radius ``probes`` (``render``: how a probe's prompt is asked), and with ``guard`` the collapse
+    guard's fluency probe when the editor's guard has none of the current weights yet."""
     from ..core.tokens import source_tokenizer
+    from .side_effects import SIDE_EFFECT_TOKENS
 
-    tok = source_tokenizer(adapter.tokenizer)
-    return greedy_continuation(adapter, chat_prompt(tok, text), max_new_tokens, tokenizer=tok)
+    asks = Asks(pairs=[(req.text, req.target_new)] + ([(req.text, req.target_true)] if req.target_true else []))
+    asks.continuations = [(f"prompt{i}", p, max_new_tokens, None) for i, p in enumerate(prompts)]
+    if chat_of is not None:
+        tok = source_tokenizer(editor.tokenizer)
+        asks.continuations.append(("chat", chat_prompt(tok, chat_of), CHAT_ANSWER_TOKENS, tok))
+    asks.answers = [(f"probe{i}", render(p.prompt) if render else p.prompt, SIDE_EFFECT_TOKENS)
+                    for i, p in enumerate(probes)]
+    wanted = editor.guard.wanted(guard) if guard is not None else None
+    if wanted is not None:
+        asks.tokens.append(("guard", *wanted))
+    return asks
 
 
-def snapshot(adapter, req: Request, prompts: Sequence[str], max_new_tokens: int = 12,
-             chat_answer_of: Optional[str] = None) -> Snapshot:
-    """P(new) (and P(true)) on ``req`` and the greedy continuations of ``prompts`` (the first is the
-    request's own); with ``chat_answer_of``, also the chat model's answer to that text."""
-    p_new = target_probabilities(adapter, [req.text], [req.target_new])[0]
-    p_true = target_probabilities(adapter, [req.text], [req.target_true])[0] if req.target_true else None
-    gens = [greedy_continuation(adapter, p, max_new_tokens) for p in prompts]
-    chat = _chat_answer(adapter, chat_answer_of, CHAT_ANSWER_TOKENS) if chat_answer_of is not None else None
-    return Snapshot(p_new, p_true, gens[0], gens[1:], chat)
+def snapshot_of(reads: Reads, n_prompts: int) -> Snapshot:
+    """The :class:`~factedit.app.reports.Snapshot` in a read of :func:`report_asks`."""
+    texts, probs = reads.texts, reads.probabilities
+    return Snapshot(probs[0], probs[1] if len(probs) > 1 else None, texts["prompt0"],
+                    [texts[f"prompt{i}"] for i in range(1, n_prompts)], texts.get("chat"))
 
 
 def edit_fact(editor, options: MethodOptions, settings: EditSettings, config=None, bank=None) -> tuple:
@@ -94,7 +107,7 @@ def edit_fact(editor, options: MethodOptions, settings: EditSettings, config=Non
     (``editor`` should read prompts without a prefix: the chat markup starts them). ``config``: the method's
     config when already made from ``options``. The edit stays applied (and in ``editor.history``) whether
     or not it took."""
-    from .side_effects import answers, compare, load_bank, probe_prompts
+    from .side_effects import compare, load_bank, probe_prompts
 
     shown = request_of(settings)
     config = config or editor.make_config(options)
@@ -103,18 +116,31 @@ def edit_fact(editor, options: MethodOptions, settings: EditSettings, config=Non
         raise RequestError("this model's tokenizer has no chat template; edit without 'as a chat turn' (--chat)")
     req, names, prompts = edit_prompts(editor, shown, chat=chat, paraphrases=settings.paraphrases)
     chat_of = shown.text if not chat and has_chat_template(editor.tokenizer) else None
-    before = snapshot(editor.adapter, req, prompts, settings.max_new_tokens, chat_of)
-    probes, probe_before, render = [], [], None
+    probes, render = [], None
     if settings.side_effects:
-        bank = bank or load_bank(settings.bank_path)
-        probes = probe_prompts(editor.adapter, shown, config.layers[0], bank)
+        with phase("blast radius: choose probes"):
+            bank = bank or load_bank(settings.bank_path)
+            probes = probe_prompts(editor.adapter, shown, config.layers[0], bank)
         render = (lambda p: chat_prompt(editor.tokenizer, p)) if chat else None
-        probe_before = answers(editor.adapter, probes, render=render)
-    result = editor.edit(req, config=config, guard=GuardConfig(enabled=settings.guard))
-    after = snapshot(editor.adapter, req, prompts, settings.max_new_tokens, chat_of)
+    guard = GuardConfig(enabled=settings.guard)
+    asks = report_asks(editor, req, prompts, settings.max_new_tokens, chat_of, probes, render,
+                       guard if guard.enabled else None)
+    with phase("read before (continuations, probes, guard probe)"):
+        before = read(editor.adapter, asks)  # one batch: the report's rows and the guard's probe
+    if "guard" in before.tokens:
+        editor.guard.seed(guard, before.tokens["guard"])
+    with phase("edit (Editor.edit)"):
+        result = editor.edit(req, config=config, guard=guard)
+    asks.tokens = []
+    seen = result.verification[0] if result.verification else None
+    with phase("read after (the before tokens as drafts)"):
+        after = read(editor.adapter, asks, drafts=before, probabilities=None if seen is None else
+                     [seen["p_new"]] + ([seen["p_true"]] if req.target_true else []))
     if settings.side_effects:
-        result.side_effects = compare(probes, probe_before, answers(editor.adapter, probes, render=render), shown,
-                                      bank.source)
+        n = len(probes)
+        result.side_effects = compare(probes, [before.texts[f"probe{i}"] for i in range(n)],
+                                      [after.texts[f"probe{i}"] for i in range(n)], shown, bank.source)
+    before, after = snapshot_of(before, len(prompts)), snapshot_of(after, len(prompts))
     report = EditReport(
         result.method, model_name(editor.model), list(result.layers), shown, before, after, bool(chat),
         req if chat else None, result.config.layer_rule, result.verified, result.verification[0], result.retried,

@@ -473,6 +473,8 @@ OPTIONS: Tuple[Option, ...] = (
            kind="flag", default=False, example=True),
     Option("verbose", ("-v", "--verbose"), "log what happens (INFO)", _MODEL, kind="flag", default=False,
            example=True),
+    Option("profile", ("--profile",), "print where the time went, phase by phase, on stderr (start-up, model load, "
+           "the report's reads, the edit's own phases)", ("edit",), kind="flag", default=False, example=True),
 )
 
 

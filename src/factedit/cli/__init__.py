@@ -11,6 +11,7 @@ the model and caches are left as they were.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import List, Optional
 
@@ -61,14 +62,23 @@ def parse(argv: List[str]) -> Settings:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from ..core.errors import FactEditError
+    from ..core.timing import phase, profiling, seconds_since_process_start
 
+    startup = seconds_since_process_start() if argv is None else None  # the interpreter and imports so far
     settings = parse(sys.argv[1:] if argv is None else argv)
-    setup_logging(bool(settings.get("verbose")))
-    try:
-        return HANDLERS[settings.where](settings)
-    except FactEditError as e:
-        print(f"factedit: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("factedit: interrupted; weights and caches are unchanged", file=sys.stderr)
-        return 130
+    with contextlib.ExitStack() as stack:
+        prof = stack.enter_context(profiling()) if settings.get("profile") else None
+        if prof is not None:
+            stack.callback(lambda: print("\n" + prof.table(), file=sys.stderr))
+            if startup is not None:
+                prof.add("start-up: interpreter, imports", startup)
+        with phase("logging set-up (imports transformers)"):
+            setup_logging(bool(settings.get("verbose")))
+        try:
+            return HANDLERS[settings.where](settings)
+        except FactEditError as e:
+            print(f"factedit: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("factedit: interrupted; weights and caches are unchanged", file=sys.stderr)
+            return 130

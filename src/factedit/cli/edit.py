@@ -6,6 +6,7 @@ import json
 import time
 
 from ..app.edit import edit_batch, edit_fact, refuse_unverified, save_outputs
+from ..core.timing import phase
 from .common import show_progress
 
 __all__ = ["cmd_edit"]
@@ -19,14 +20,17 @@ def cmd_edit(settings) -> int:
 
     request_of(es)  # a bad request fails before the model loads
     t0 = time.perf_counter()
-    model, tok = settings.model.load()
+    with phase("load the model"):
+        model, tok = settings.model.load()
     mo = settings.model
     prefix = "none" if es.chat and mo.prompt_prefix == "auto" else None  # chat markup starts the prompt
-    editor = mo.editor(model, tok, progress=show_progress(settings), prompt_prefix=prefix)
-    cfg = editor.make_config(options)  # method, layer and options are checked before any work
+    with phase("editor and config"):
+        editor = mo.editor(model, tok, progress=show_progress(settings), prompt_prefix=prefix)
+        cfg = editor.make_config(options)  # method, layer and options are checked before any work
     result, report = edit_fact(editor, options, es, config=cfg)
     report.total_seconds = time.perf_counter() - t0
-    report.saved = save_outputs(editor, result, es)
+    with phase("save outputs"):
+        report.saved = save_outputs(editor, result, es)
     print(json.dumps(report.to_dict()) if settings["json"] else report.to_text())
     refuse_unverified(result, es)
     return 0

@@ -10,7 +10,7 @@ Scoring functions take an optional ``models`` object (an edit package's per-row 
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,9 @@ from .batching import pad_id, pad_rows
 from .kv import cache_of, past
 from .tokens import encode_with_target
 
-__all__ = ["sample_continuations", "greedy_continuation", "greedy_tokens", "eos_ids", "target_probabilities",
-           "probability", "target_logprobs",
-           "target_token_scores", "position_scores", "rows_on"]
+__all__ = ["sample_continuations", "greedy_continuation", "greedy_rows", "greedy_tokens", "pad_finished", "eos_ids",
+           "target_probabilities", "probability", "target_logprobs", "target_token_scores", "position_scores",
+           "rows_on"]
 
 
 def rows_on(models, owners: Optional[Sequence[int]]):
@@ -97,57 +97,101 @@ def eos_ids(adapter, tok) -> set:
             if isinstance(t, int)}
 
 
+#: a row's own stopping rule: called with the row's new tokens after each one, True to stop there
+Stop = Callable[[List[int]], bool]
+
+
 @torch.no_grad()
+def greedy_rows(adapter, starts: Sequence[Sequence[int]], limits: Union[int, Sequence[int]],
+                stops: Optional[Sequence[Optional[Stop]]] = None, drafts: Optional[Sequence[Sequence[int]]] = None,
+                eos: Optional[set] = None, batch_rows: int = 128, models=None,
+                owners: Optional[Sequence[int]] = None) -> List[List[int]]:
+    """Greedy decoding of token rows, batched: per row the new tokens, at most ``limits[i]`` (an int: the same
+    for every row), ending at the first EOS (kept, as ``model.generate`` keeps it) or where the row's
+    ``stops[i]`` first says so. Rows of different prompts and lengths decode together (left-padded, one
+    KV cache); a row that has stopped leaves the batch, so the cost follows the rows' own lengths.
+
+    ``drafts``: a guess of each row's tokens (e.g. the greedy tokens of the weights before an edit). One
+    teacher-forced forward over prompt + draft checks every drafted token at once; a row keeps its longest
+    agreeing prefix plus the model's own token where it first disagrees, and only the rows not finished then
+    decode step by step. The tokens are the same (greedy decoding verified, as in speculative decoding), at
+    the cost of one forward where the draft holds. ``eos``: the ids that end a row (default
+    :func:`eos_ids`). With ``models`` (a :class:`~factedit.edit.row_deltas.RowDeltas`), row ``i`` runs on
+    edited model ``owners[i]``."""
+    n = len(starts)
+    limits = [int(limits)] * n if isinstance(limits, int) else [int(x) for x in limits]
+    stops = list(stops) if stops is not None else [None] * n
+    eos = eos_ids(adapter, adapter.tokenizer) if eos is None else set(eos)
+    if not (len(limits) == len(stops) == n) or (drafts is not None and len(drafts) != n) or (
+            models is not None and (owners is None or len(owners) != n)):
+        raise ValueError("greedy_rows: starts, limits, stops, drafts and owners must have one entry per row")
+
+    def end(i: int, row: List[int]) -> int:
+        """How many of ``row``'s tokens row ``i`` keeps (it may go on when that is all of them)."""
+        for j in range(len(row)):
+            if row[j] in eos or j + 1 >= limits[i] or (stops[i] is not None and stops[i](row[: j + 1])):
+                return j + 1
+        return len(row)
+
+    def finished(i: int, row: List[int]) -> bool:
+        return len(row) >= limits[i] or (bool(row) and (row[-1] in eos or (stops[i] is not None and stops[i](row))))
+
+    new: List[List[int]] = [[] for _ in range(n)]
+    if drafts is not None and n:
+        kept = _verified_prefix(adapter, starts, drafts, limits, eos, models, owners)
+        new = [row[: end(i, row)] for i, row in enumerate(kept)]
+    todo = [i for i in range(n) if limits[i] > 0 and not finished(i, new[i])]
+    for a in range(0, len(todo), max(1, batch_rows)):
+        part = todo[a: a + batch_rows]
+        part_stops = [None if stops[i] is None else (lambda more, i=i: stops[i](new[i] + more)) for i in part]
+        more = _decode(adapter, [list(starts[i]) + new[i] for i in part], [limits[i] - len(new[i]) for i in part],
+                       part_stops, eos, models, [owners[i] for i in part] if models is not None else None)
+        for i, m in zip(part, more):
+            new[i] = new[i] + m
+    return new
+
+
+def pad_finished(rows: Sequence[Sequence[int]], pad: int) -> List[List[int]]:
+    """Rows of new tokens as a batched ``model.generate`` returns them: a row that stopped early is padded
+    with ``pad`` until the longest row stops."""
+    length = max((len(r) for r in rows), default=0)
+    return [list(r) + [pad] * (length - len(r)) for r in rows]
+
+
 def greedy_tokens(adapter, prompts: Sequence[str], max_new_tokens: int,
                   draft: Optional[Sequence[Sequence[int]]] = None) -> List[List[int]]:
     """The greedy continuations of ``prompts`` as token ids: the tokens ``model.generate(do_sample=False,
     pad_token_id=pad)`` gives (a row that emitted EOS is padded with the pad id after it; all stop when
-    every row has), in one left-padded batch with a KV cache.
-
-    ``draft``: a guess of the continuations (e.g. the same prompts' greedy tokens before an edit). One
-    teacher-forced forward over prompt + draft checks every drafted token at once; each row keeps its
-    longest agreeing prefix plus the model's own token where it first disagrees, and only rows that are not
-    finished then decode step by step. The result is the same tokens (greedy decoding verified, as in
-    speculative decoding), at the cost of one forward when the draft holds."""
+    every row has), in one batch (:func:`greedy_rows`; ``draft``: a guess of the tokens, verified)."""
     tok = adapter.tokenizer
-    eos = eos_ids(adapter, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else pad_id(tok)
     starts = [list(tok(p)["input_ids"]) for p in prompts]
-    new: List[List[int]] = [[] for _ in prompts]
-    if draft is not None:
-        new = _verified_prefix(adapter, starts, [list(d) for d in draft], max_new_tokens, eos)
-
-    def finished(row):
-        return len(row) >= max_new_tokens or any(t in eos for t in row)
-
-    todo = [i for i, row in enumerate(new) if not finished(row)]
-    if todo:
-        more = _decode(adapter, [starts[i] + new[i] for i in todo], [max_new_tokens - len(new[i]) for i in todo], eos)
-        for i, m in zip(todo, more):
-            new[i] = new[i] + m
-    # generate's batch semantics: after its EOS a row holds pads until the longest row stops
-    length = max((len(r) for r in new), default=0)
-    return [row + [pad] * (length - len(row)) for row in new]
+    return pad_finished(greedy_rows(adapter, starts, max_new_tokens, drafts=draft), pad)  # pads follow EOS
 
 
-def _verified_prefix(adapter, starts, draft, max_new_tokens: int, eos: set) -> List[List[int]]:
-    """Per row, the greedy tokens that one teacher-forced forward over ``start + draft`` confirms."""
-    drafts = []
-    for d in draft:
-        d = d[:max_new_tokens]
-        cut = next((j + 1 for j, t in enumerate(d) if t in eos), len(d))  # up to its EOS (pads after it)
-        drafts.append(d[:cut])
-    batch = pad_rows([s + d for s, d in zip(starts, drafts)], pad_id(adapter.tokenizer), device=adapter.input_device)
-    h = adapter.body(**batch.inputs()).last_hidden_state
+def _verified_prefix(adapter, starts, drafts, limits, eos: set, models=None, owners=None) -> List[List[int]]:
+    """Per row, the greedy tokens that one teacher-forced forward over ``start + draft`` confirms: the
+    draft's agreeing prefix and the model's own token where it first disagrees (or after the draft)."""
+    cut_drafts = []
+    for d, limit in zip(drafts, limits):
+        d = list(d)[:limit]
+        cut = next((j + 1 for j, t in enumerate(d) if t in eos), len(d))  # up to its EOS
+        cut_drafts.append(d[:cut])
+    batch = pad_rows([list(s) + d for s, d in zip(starts, cut_drafts)], pad_id(adapter.tokenizer),
+                     device=adapter.input_device)
+    with rows_on(models, owners):
+        h = adapter.body(**batch.inputs()).last_hidden_state
     rows, cols = [], []
-    for r, (s, d) in enumerate(zip(starts, drafts)):
-        for j in range(min(len(d) + 1, max_new_tokens)):  # predictions of draft token j (and of the one after)
+    for r, (s, d, limit) in enumerate(zip(starts, cut_drafts, limits)):
+        for j in range(min(len(d) + 1, limit)):  # predictions of draft token j (and of the one after)
             rows.append(r), cols.append(len(s) + j - 1)
+    if not rows:
+        return [[] for _ in starts]
     pred = adapter.logits(h[torch.tensor(rows, device=h.device),
                             torch.tensor(cols, device=h.device)]).argmax(-1).tolist()
     out, k = [], 0
-    for s, d in zip(starts, drafts):
-        n = min(len(d) + 1, max_new_tokens)
+    for d, limit in zip(cut_drafts, limits):
+        n = min(len(d) + 1, limit)
         mine, k = pred[k: k + n], k + n
         keep = []
         for j, t in enumerate(mine):
@@ -158,26 +202,39 @@ def _verified_prefix(adapter, starts, draft, max_new_tokens: int, eos: set) -> L
     return out
 
 
-def _decode(adapter, rows: List[List[int]], steps: List[int], eos: set) -> List[List[int]]:
-    """Greedy decoding of each row for at most ``steps[i]`` tokens (stopping at EOS), batched with a KV cache."""
-    body = adapter.body
-    batch = pad_rows(rows, pad_id(adapter.tokenizer), side="left", device=adapter.input_device)
+def _decode(adapter, rows: List[List[int]], steps: List[int], stops: List[Optional[Stop]], eos: set,
+            models=None, owners=None) -> List[List[int]]:
+    """Greedy decoding of each row for at most ``steps[i]`` tokens (stopping at EOS or at its ``stops[i]``),
+    batched with a KV cache; a finished row leaves the batch (its cache rows are dropped)."""
+    body, dev = adapter.body, adapter.input_device
+    batch = pad_rows(rows, pad_id(adapter.tokenizer), side="left", device=dev)
     mask, pos = batch.attention_mask, batch.position_ids
-    res = body(input_ids=batch.input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
     new: List[List[int]] = [[] for _ in rows]
-    live = [True] * len(rows)
-    for step in range(max(steps)):
-        nxt = adapter.logits(res.last_hidden_state[:, -1, :]).argmax(-1).tolist()
-        for i, t in enumerate(nxt):
-            if live[i]:
+    live = list(range(len(rows)))  # rows still decoding, in batch order
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(rows_on(models, owners))
+        res = body(input_ids=batch.input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        while True:
+            nxt = adapter.logits(res.last_hidden_state[:, -1, :]).argmax(-1).tolist()
+            keep = []
+            for j, (i, t) in enumerate(zip(live, nxt)):
                 new[i].append(t)
-                live[i] = t not in eos and len(new[i]) < steps[i]
-        if not any(live):
-            break
-        ids = torch.tensor([[row[-1] if row else 0] for row in new], device=mask.device)
-        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-        pos = pos[:, -1:] + 1
-        res = body(input_ids=ids, attention_mask=mask, position_ids=pos, **past(body, cache_of(res)))
+                if not (t in eos or len(new[i]) >= steps[i] or (stops[i] is not None and stops[i](new[i]))):
+                    keep.append(j)
+            if not keep:
+                break
+            cache = cache_of(res)
+            if len(keep) < len(live):  # drop the rows that stopped
+                idx = torch.tensor(keep)  # CPU indices select rows on any device (cache layers may differ)
+                cache.batch_select_indices(idx)
+                mask, pos = mask[idx.to(dev)], pos[idx.to(dev)]
+                live = [live[j] for j in keep]
+                if models is not None:
+                    stack.enter_context(rows_on(models, [owners[i] for i in live]))
+            ids = torch.tensor([[new[i][-1]] for i in live], device=dev)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            pos = pos[:, -1:] + 1
+            res = body(input_ids=ids, attention_mask=mask, position_ids=pos, **past(body, cache))
     return new
 
 

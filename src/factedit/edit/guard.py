@@ -158,6 +158,20 @@ class Guard:
         self._probe: Optional[Tuple[float, list]] = None  # (entropy, tokens) of the current weights
         self._before: dict = {}  # id(result) -> the probe before that edit (restored by an exact revert)
 
+    def wanted(self, guard_cfg: GuardConfig) -> Optional[Tuple[Tuple[str, ...], int]]:
+        """``(prompts, max_new_tokens)`` of the fluency probe when the next edit will need one of the current
+        weights (the guard is on and has none), so that a caller reading the model anyway can read it in the
+        same batch and hand it over with :meth:`seed`; else None."""
+        return (tuple(guard_cfg.prompts), guard_cfg.max_new_tokens) if guard_cfg.enabled and self._probe is None \
+            else None
+
+    def seed(self, guard_cfg: GuardConfig, tokens: List[List[int]]) -> None:
+        """The fluency probe of the current weights, read by the caller (:meth:`wanted`): ``probe_tokens``'s
+        tokens for ``guard_cfg``."""
+        if len(tokens) != len(guard_cfg.prompts):
+            raise ValueError("guard probe: one row of tokens per prompt")
+        self._probe = (entropy_of(tokens), [list(t) for t in tokens])
+
     def prepare(self, cfg, guard_cfg: GuardConfig, norm_limit: bool = True) -> dict:
         """Before an edit is applied: the calibrated norm references (``norm_limit``: the method's updates are
         ROME's rank-one form at one layer with key statistics and a value clamp, as its registration says) and
