@@ -118,9 +118,9 @@ def test_a_registered_method_works_from_the_web_page(registered, home, tmp_path)
 
     if find_chromium() is None:
         pytest.skip("no Chromium on this machine")
+    from factedit.app.session import Session
     from factedit.app.settings import Settings
     from factedit.ui.app import serve
-    from factedit.ui.session import Session
 
     model, tok = tiny_model("llama")
     ed = Editor(model, tok, progress=False)

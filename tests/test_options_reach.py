@@ -118,6 +118,17 @@ def _ui_views(settings: Settings, editor, tmp_path) -> dict:
             "workdir": str(session.workdir), "dataset": session.dataset}
 
 
+def _shell_views(settings: Settings, editor) -> dict:
+    """``factedit shell``: the session the command makes (cli/shell.py) and what an ``edit`` line builds there."""
+    from factedit.cli.shell import make_shell
+
+    shell = make_shell(settings, editor.model, editor.tokenizer)
+    line = shell.line_settings([])
+    return {"settings": settings.values, "model": to_jsonable(settings.model), "bank": shell.session.bank.source,
+            "config": to_jsonable(shell.session.editor.make_config(line.method)), "edit": to_jsonable(line.edit),
+            "trust": shell.session.settings.get("trust"), "signature": shell.session.settings.get("require_signature")}
+
+
 CASES = [(c, o.name) for c in COMMANDS for o in options_of(c)]
 
 
@@ -134,6 +145,8 @@ def test_every_command_line_option_reaches_what_the_command_builds(command, name
     if command == "ui":
         monkeypatch.chdir(tmp_path)
         a, b = _ui_views(plain, editor, tmp_path), _ui_views(given, editor, tmp_path)
+    elif command == "shell":
+        a, b = _shell_views(plain, editor), _shell_views(given, editor)
     else:
         a, b = _views(plain, editor), _views(given, editor)
     changed = sorted(k for k in a if a[k] != b[k])
@@ -150,8 +163,8 @@ PAGE_EXAMPLES = {"layer": "3", "limit": 7, "samples": 3, "ge_length": 20, "parap
 
 @pytest.mark.parametrize("form,name", PAGE, ids=[f"{f}:{n}" for f, n in PAGE])
 def test_every_page_control_reaches_what_the_session_builds(form, name, editor, tmp_path):
+    from factedit.app.session import Session
     from factedit.ui.controls import form_values
-    from factedit.ui.session import Session
 
     session = Session(editor, Settings("ui", {"stats_seq_len": 128, "workdir": str(tmp_path / "w")}))
     o = next(x for x in options_of(form) if x.name == name)
@@ -168,7 +181,7 @@ def test_every_page_control_reaches_what_the_session_builds(form, name, editor, 
 
 def test_the_checks_catch_a_dropped_option(editor, tmp_path, monkeypatch):
     """A session that ignored the command's statistics options (as `factedit ui` did) fails the check above."""
-    from factedit.ui.session import Session
+    from factedit.app.session import Session
 
     monkeypatch.setattr(Session, "form", lambda self, name, values: Settings(name, values))  # base dropped
     plain, given = parse(["ui"]), parse(["ui", "--stats-seq-len", "128"])

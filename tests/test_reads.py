@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_model
 
 from factedit.app.reads import Asks, read
 from factedit.core.answers import first_sentence
 from factedit.core.arch import ModelAdapter
 from factedit.core.lm import target_probabilities
 from factedit.edit.guard import GuardConfig, probe_tokens
+from tiny import ARCHS, tiny_model
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "Rome is in", "a b c d e f g h i j k l m n o p q r s",
            "The capital of Japan is"]
@@ -101,3 +101,18 @@ def test_given_probabilities_are_used_and_nothing_is_decoded_for_an_empty_ask():
     finally:
         handle.remove()
     assert got.probabilities == [0.25] and got.texts == {} and got.tokens == {} and not calls
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rows_of_different_lengths_decode_as_one_at_a_time_on_every_architecture(arch):
+    """Right-padded rows whose padding and rejected drafts are masked out of the cache, on every supported
+    architecture: the tokens of model.generate for each prompt alone, with and without drafts."""
+    from factedit.core.lm import greedy_rows
+
+    model, tok = tiny_model(arch)
+    ad = ModelAdapter(model, tok)
+    starts = [list(ad.tokenizer(p)["input_ids"]) for p in PROMPTS + PROBES]
+    want = [_generate(model, ad.tokenizer, p, 9) for p in PROMPTS + PROBES]
+    assert greedy_rows(ad, starts, 9) == want
+    drafts = [w[:3] + [5] + w[4:] if i % 2 else w[:2] for i, w in enumerate(want)]
+    assert greedy_rows(ad, starts, 9, drafts=drafts) == want

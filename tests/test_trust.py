@@ -134,9 +134,9 @@ def test_edit_signs_what_it_writes_and_its_saved_model_reverts_exactly(tiny_dir,
 
 def test_the_page_checks_signatures_and_claims_on_upload(made, tmp_path):
     from factedit import Editor, load_model
+    from factedit.app.session import Session
     from factedit.app.settings import Settings
     from factedit.core.errors import FactEditError
-    from factedit.ui.session import Session
 
     model_dir, patch, private, public = made
     ed = Editor(*load_model(str(model_dir)), progress=False)

@@ -309,8 +309,8 @@ def test_session_chat_edit_joins_the_history_and_reverts(home, tiny_corpus, tmp_
     import torch
 
     from factedit import Editor
+    from factedit.app.session import Session
     from factedit.app.settings import Settings
-    from factedit.ui.session import Session
     from tiny import tiny_model
 
     model, tok = tiny_model("llama")

@@ -26,8 +26,8 @@ __all__ = ["Option", "OPTIONS", "COMMANDS", "FORMS", "options_of", "option", "ad
            "layer_arg", "layers_arg", "method_choices"]
 
 #: the commands of the command line, in the order ``factedit --help`` lists them
-COMMANDS = ("edit", "stats", "apply", "revert", "inspect", "export", "import", "trace", "eval", "summarize", "ui",
-            "keygen", "sign", "verify")
+COMMANDS = ("edit", "shell", "stats", "apply", "revert", "inspect", "export", "import", "trace", "eval", "summarize",
+            "ui", "keygen", "sign", "verify")
 #: the forms of the web page (one per tab that takes input)
 FORMS = ("page.locate", "page.edit", "page.batch", "page.evaluate")
 
@@ -230,8 +230,8 @@ _BASE = {"flag": argparse._StoreTrueAction, "switch": argparse.BooleanOptionalAc
 
 
 # ---------------------------------------------------------------------- the options
-_MODEL = ("edit", "stats", "apply", "revert", "export", "trace", "eval", "ui", "inspect")
-_STATS = ("edit", "stats", "eval", "ui")
+_MODEL = ("edit", "shell", "stats", "apply", "revert", "export", "trace", "eval", "ui", "inspect")
+_STATS = ("edit", "shell", "stats", "eval", "ui")
 _EDITS = ("edit", "eval")
 
 OPTIONS: Tuple[Option, ...] = (
@@ -307,8 +307,8 @@ OPTIONS: Tuple[Option, ...] = (
            ("edit", "page.edit"), kind="switch", default=True,
            label="side effects (probe other subjects and relations)"),
     Option("side_effects_bank", ("--side-effects-bank",), "known facts (known_1000.json or JSONL) whose subjects and "
-           "templates the side-effect probes use (default: $FACTEDIT_KNOWNS, else a built-in list)", ("edit", "ui"),
-           metavar="KNOWNS", example="knowns.json"),
+           "templates the side-effect probes use (default: $FACTEDIT_KNOWNS, else a built-in list)",
+           ("edit", "shell", "ui"), metavar="KNOWNS", example="knowns.json"),
     Option("guard", ("--guard",), "the collapse guard: roll back an edit that looks like it would break the model "
            "(default: on in edit and the page; off in eval, which measures the raw method)",
            ("edit", "eval", "page.edit", "page.batch"), kind="switch", default=True, defaults={"eval": False},
@@ -434,13 +434,14 @@ OPTIONS: Tuple[Option, ...] = (
                                      "edit": "sign what --save-patch / --save-model write with this private key"},
            ("edit", "apply", "export"), metavar="KEY", example="me.key"),
     Option("trust", ("--trust",), "a trusted public key (repeatable; default: the files named in $FACTEDIT_TRUST, "
-           "separated by ':'): signatures are verified against them", ("apply", "import", "inspect", "verify", "ui"),
+           "separated by ':'): signatures are verified against them", ("apply", "import", "inspect", "verify", "ui",
+                                                               "shell"),
            kind="append", metavar="PUBKEY", example="me.key.pub"),
     Option("claims", ("--claims",), "replay the patch's declared requests on its base model (--model, else the "
            "model the patch names) and say whether the delta does what the patch claims (default on)",
            ("inspect",), kind="switch", default=True),
     Option("require_signature", ("--require-signature",), "refuse a patch or adapter that is not signed by a "
-           "trusted key (an invalid signature is refused always)", ("apply", "import", "ui"), kind="flag",
+           "trusted key (an invalid signature is refused always)", ("apply", "import", "ui", "shell"), kind="flag",
            default=False, example=True),
     # ------------------------------------------------------------ statistics, tracing, summaries
     Option("stats_layers", ("--layers",), "comma-separated layers (default: the default edit layer)", ("stats",),
@@ -474,7 +475,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("verbose", ("-v", "--verbose"), "log what happens (INFO)", _MODEL, kind="flag", default=False,
            example=True),
     Option("profile", ("--profile",), "print where the time went, phase by phase, on stderr (start-up, model load, "
-           "the report's reads, the edit's own phases)", ("edit",), kind="flag", default=False, example=True),
+           "the report's reads, the edit's own phases; shell: after each command)", ("edit", "shell"), kind="flag",
+           default=False, example=True),
 )
 
 

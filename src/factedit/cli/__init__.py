@@ -1,5 +1,5 @@
-"""Command line: ``factedit edit | stats | apply | revert | inspect | export | import | trace | eval | summarize | ui |
-keygen | sign | verify``
+"""Command line: ``factedit edit | shell | stats | apply | revert | inspect | export | import | trace | eval |
+summarize | ui | keygen | sign | verify``
 (also ``python -m factedit``). Every option comes from the declarations of :mod:`factedit.app.options`;
 each command's handler takes the :class:`~factedit.app.settings.Settings` they make. One module per
 command group.
@@ -17,18 +17,20 @@ from typing import List, Optional
 
 from ..app.options import COMMANDS, add_arguments, add_program_arguments
 from ..app.settings import Settings
-from . import edit, export, patch, sign, stats, trace, ui
+from . import edit, export, patch, shell, sign, stats, trace, ui
 from . import eval as eval_cmd
 from .common import setup_logging
 
 __all__ = ["main", "build_parser", "parse"]
 
-HANDLERS = {"edit": edit.cmd_edit, "stats": stats.cmd_stats, "apply": patch.cmd_apply, "revert": patch.cmd_revert,
+HANDLERS = {"edit": edit.cmd_edit, "shell": shell.cmd_shell, "stats": stats.cmd_stats, "apply": patch.cmd_apply,
+            "revert": patch.cmd_revert,
             "inspect": patch.cmd_inspect, "export": export.cmd_export, "import": export.cmd_import,
             "trace": trace.cmd_trace, "eval": eval_cmd.cmd_eval, "summarize": eval_cmd.cmd_summarize, "ui": ui.cmd_ui,
             "keygen": sign.cmd_keygen, "sign": sign.cmd_sign, "verify": sign.cmd_verify}
 HELP = {
     "edit": "edit one fact and show the model before and after",
+    "shell": "load the model once, then edit, revert, inspect, apply and save line by line (interactive or a script)",
     "stats": "compute and cache the key statistics C ahead of time",
     "apply": "apply patch files (in order) to a model",
     "revert": "remove patches (newest last on the command line) from a saved edited model",

@@ -8,9 +8,9 @@ __all__ = ["cmd_ui", "make_session"]
 
 
 def make_session(settings, model, tokenizer):
-    """The page's :class:`~factedit.ui.session.Session` over a loaded model, with everything the command was
+    """The page's :class:`~factedit.app.session.Session` over a loaded model, with everything the command was
     given (statistics, side-effect bank, work folder, the Evaluate tab's data set)."""
-    from ..ui.session import Session
+    from ..app.session import Session
 
     return Session(settings.model.editor(model, tokenizer, progress=True), settings)
 

@@ -125,30 +125,38 @@ def greedy_rows(adapter, starts: Sequence[Sequence[int]], limits: Union[int, Seq
     if not (len(limits) == len(stops) == n) or (drafts is not None and len(drafts) != n) or (
             models is not None and (owners is None or len(owners) != n)):
         raise ValueError("greedy_rows: starts, limits, stops, drafts and owners must have one entry per row")
-
-    def end(i: int, row: List[int]) -> int:
-        """How many of ``row``'s tokens row ``i`` keeps (it may go on when that is all of them)."""
-        for j in range(len(row)):
-            if row[j] in eos or j + 1 >= limits[i] or (stops[i] is not None and stops[i](row[: j + 1])):
-                return j + 1
-        return len(row)
-
-    def finished(i: int, row: List[int]) -> bool:
-        return len(row) >= limits[i] or (bool(row) and (row[-1] in eos or (stops[i] is not None and stops[i](row))))
-
     new: List[List[int]] = [[] for _ in range(n)]
-    if drafts is not None and n:
-        kept = _verified_prefix(adapter, starts, drafts, limits, eos, models, owners)
-        new = [row[: end(i, row)] for i, row in enumerate(kept)]
-    todo = [i for i in range(n) if limits[i] > 0 and not finished(i, new[i])]
+    todo = [i for i in range(n) if limits[i] > 0]
+    window = _sliding_window(adapter.model)
     for a in range(0, len(todo), max(1, batch_rows)):
         part = todo[a: a + batch_rows]
-        part_stops = [None if stops[i] is None else (lambda more, i=i: stops[i](new[i] + more)) for i in part]
-        more = _decode(adapter, [list(starts[i]) + new[i] for i in part], [limits[i] - len(new[i]) for i in part],
-                       part_stops, eos, models, [owners[i] for i in part] if models is not None else None)
-        for i, m in zip(part, more):
-            new[i] = new[i] + m
+        st, lim, sp = [list(starts[i]) for i in part], [limits[i] for i in part], [stops[i] for i in part]
+        dr = [list(drafts[i]) if drafts is not None else [] for i in part]
+        own = [owners[i] for i in part] if models is not None else None
+        widest = max(len(s) + len(d) for s, d in zip(st, dr)) + max(lim)
+        if window is None or widest <= window:  # one pass: masked cache entries cannot shift a window
+            got, _ = _decode(adapter, st, dr, lim, sp, eos, models, own)
+        else:  # a sliding window counts cache entries: verify the drafts, then decode left-padded (no gaps)
+            got, going = _decode(adapter, st, dr, lim, sp, eos, models, own, first_only=True) if any(dr) \
+                else ([[] for _ in part], list(range(len(part))))
+            if going:
+                more, _ = _decode(adapter, [st[r] + got[r] for r in going], [[] for _ in going],
+                                  [lim[r] - len(got[r]) for r in going],
+                                  [None if sp[r] is None else (lambda m, r=r: sp[r](got[r] + m)) for r in going],
+                                  eos, models, [own[r] for r in going] if own is not None else None, side="left")
+                for r, m in zip(going, more):
+                    got[r] = got[r] + m
+        for i, row in zip(part, got):
+            new[i] = row
     return new
+
+
+def _sliding_window(model) -> Optional[int]:
+    """The model's attention window in cache entries, when it has one (Mistral, Gemma 2/3 ...)."""
+    cfg = model.config
+    w = getattr(cfg, "sliding_window", None)
+    return int(w) if isinstance(w, int) and w > 0 and getattr(cfg, "use_sliding_window", True) is not False \
+        else None
 
 
 def pad_finished(rows: Sequence[Sequence[int]], pad: int) -> List[List[int]]:
@@ -169,73 +177,84 @@ def greedy_tokens(adapter, prompts: Sequence[str], max_new_tokens: int,
     return pad_finished(greedy_rows(adapter, starts, max_new_tokens, drafts=draft), pad)  # pads follow EOS
 
 
-def _verified_prefix(adapter, starts, drafts, limits, eos: set, models=None, owners=None) -> List[List[int]]:
-    """Per row, the greedy tokens that one teacher-forced forward over ``start + draft`` confirms: the
-    draft's agreeing prefix and the model's own token where it first disagrees (or after the draft)."""
-    cut_drafts = []
-    for d, limit in zip(drafts, limits):
-        d = list(d)[:limit]
-        cut = next((j + 1 for j, t in enumerate(d) if t in eos), len(d))  # up to its EOS
-        cut_drafts.append(d[:cut])
-    batch = pad_rows([list(s) + d for s, d in zip(starts, cut_drafts)], pad_id(adapter.tokenizer),
-                     device=adapter.input_device)
-    with rows_on(models, owners):
-        h = adapter.body(**batch.inputs()).last_hidden_state
-    rows, cols = [], []
-    for r, (s, d, limit) in enumerate(zip(starts, cut_drafts, limits)):
-        for j in range(min(len(d) + 1, limit)):  # predictions of draft token j (and of the one after)
-            rows.append(r), cols.append(len(s) + j - 1)
-    if not rows:
-        return [[] for _ in starts]
-    pred = adapter.logits(h[torch.tensor(rows, device=h.device),
-                            torch.tensor(cols, device=h.device)]).argmax(-1).tolist()
-    out, k = [], 0
-    for d, limit in zip(cut_drafts, limits):
-        n = min(len(d) + 1, limit)
-        mine, k = pred[k: k + n], k + n
-        keep = []
-        for j, t in enumerate(mine):
-            keep.append(t)
-            if t in eos or j >= len(d) or t != d[j]:
-                break
-        out.append(keep)
-    return out
+def _decode(adapter, starts: List[List[int]], drafts: List[List[int]], limits: List[int],
+            stops: List[Optional[Stop]], eos: set, models=None, owners=None, side: str = "right",
+            first_only: bool = False) -> Tuple[List[List[int]], List[int]]:
+    """Greedy decoding of one batch of rows (see :func:`greedy_rows`); returns the rows' new tokens and
+    which rows are unfinished (none unless ``first_only``: stop after the first forward).
 
-
-def _decode(adapter, rows: List[List[int]], steps: List[int], stops: List[Optional[Stop]], eos: set,
-            models=None, owners=None) -> List[List[int]]:
-    """Greedy decoding of each row for at most ``steps[i]`` tokens (stopping at EOS or at its ``stops[i]``),
-    batched with a KV cache; a finished row leaves the batch (its cache rows are dropped)."""
+    One forward over each row's prompt and draft (padded on ``side``, keeping a KV cache) predicts the first
+    token and checks every drafted one; a row keeps its draft's agreeing prefix and the model's own token
+    where it first disagrees. Unfinished rows then decode step by step from that same cache: the cache
+    entries past a row's kept tokens (right padding, a rejected draft) are masked out and the row's positions
+    go on from its own length, so a padded row computes what the unpadded one does. A finished row leaves
+    the batch."""
     body, dev = adapter.body, adapter.input_device
-    batch = pad_rows(rows, pad_id(adapter.tokenizer), side="left", device=dev)
-    mask, pos = batch.attention_mask, batch.position_ids
-    new: List[List[int]] = [[] for _ in rows]
-    live = list(range(len(rows)))  # rows still decoding, in batch order
+    cut = []
+    for d, limit in zip(drafts, limits):
+        d = d[:limit]
+        cut.append(d[: next((j + 1 for j, t in enumerate(d) if t in eos), len(d))])  # up to its EOS
+    if side == "left" and any(cut):
+        raise ValueError("left-padded rows take no drafts")
+    batch = pad_rows([s + d for s, d in zip(starts, cut)], pad_id(adapter.tokenizer), side=side, device=dev)
+    shift = [batch.width - n if side == "left" else 0 for n in batch.lengths]
+    new: List[List[int]] = [[] for _ in starts]
+
+    def take(i: int, t: int) -> bool:
+        """Append token ``t`` to row ``i``; True while the row goes on."""
+        new[i].append(t)
+        return not (t in eos or len(new[i]) >= limits[i] or (stops[i] is not None and stops[i](new[i])))
+
     with contextlib.ExitStack() as stack:
         stack.enter_context(rows_on(models, owners))
-        res = body(input_ids=batch.input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        res = body(**batch.inputs(positions=True), use_cache=True)
+        h = res.last_hidden_state
+        rows, cols = [], []
+        for r, (s, d) in enumerate(zip(starts, cut)):
+            for j in range(min(len(d) + 1, limits[r])):  # the predictions of draft token j (and of the one after)
+                rows.append(r), cols.append(shift[r] + len(s) + j - 1)
+        pred = adapter.logits(h[torch.tensor(rows, device=h.device),
+                                torch.tensor(cols, device=h.device)]).argmax(-1).tolist()
+        live, k = [], 0
+        mask = batch.attention_mask.clone()
+        for r, (s, d) in enumerate(zip(starts, cut)):
+            mine, k = pred[k: k + min(len(d) + 1, limits[r])], k + min(len(d) + 1, limits[r])
+            going = True
+            for j, t in enumerate(mine):
+                going = take(r, t)
+                if not going or j >= len(d) or t != d[j]:
+                    break
+            if going:
+                live.append(r)
+                mask[r, shift[r] + len(s) + len(new[r]) - 1:] = 0  # past the kept tokens: padding, rejected draft
+        if not live or first_only:
+            return new, live
+        cache = cache_of(res)
+        idx = torch.tensor(live)  # CPU indices select rows on any device (cache layers may differ)
+        if len(live) < len(starts):
+            cache.batch_select_indices(idx)
+            if models is not None:
+                stack.enter_context(rows_on(models, [owners[i] for i in live]))
+        mask = mask[idx.to(mask.device)]
+        pos = torch.tensor([[len(starts[i]) + len(new[i]) - 1] for i in live], device=dev)
         while True:
+            ids = torch.tensor([[new[i][-1]] for i in live], device=dev)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            res = body(input_ids=ids, attention_mask=mask, position_ids=pos, **past(body, cache))
             nxt = adapter.logits(res.last_hidden_state[:, -1, :]).argmax(-1).tolist()
-            keep = []
-            for j, (i, t) in enumerate(zip(live, nxt)):
-                new[i].append(t)
-                if not (t in eos or len(new[i]) >= steps[i] or (stops[i] is not None and stops[i](new[i]))):
-                    keep.append(j)
+            keep = [j for j, (i, t) in enumerate(zip(live, nxt)) if take(i, t)]
             if not keep:
                 break
             cache = cache_of(res)
             if len(keep) < len(live):  # drop the rows that stopped
-                idx = torch.tensor(keep)  # CPU indices select rows on any device (cache layers may differ)
+                idx = torch.tensor(keep)
                 cache.batch_select_indices(idx)
                 mask, pos = mask[idx.to(dev)], pos[idx.to(dev)]
                 live = [live[j] for j in keep]
                 if models is not None:
                     stack.enter_context(rows_on(models, [owners[i] for i in live]))
-            ids = torch.tensor([[new[i][-1]] for i in live], device=dev)
-            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-            pos = pos[:, -1:] + 1
-            res = body(input_ids=ids, attention_mask=mask, position_ids=pos, **past(body, cache))
-    return new
+            pos = pos + 1
+    return new, []
 
 
 @torch.no_grad()

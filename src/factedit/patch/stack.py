@@ -14,7 +14,7 @@ from ..core.paths import atomic_write_text
 from ..edit.results import EditResult
 from .files import Patch, PatchError, apply_patches
 
-__all__ = ["save_stack", "save_patches", "load_stack", "apply_as_results"]
+__all__ = ["save_stack", "save_patches", "stack_files", "load_stack", "apply_as_results"]
 
 
 def save_patches(patches: Sequence[Patch], directory) -> List[str]:
@@ -35,9 +35,8 @@ def save_stack(results: Sequence[EditResult], adapter, directory) -> List[str]:
     return save_patches([Patch.from_result(r, adapter) for r in results], directory)
 
 
-def load_stack(adapter, directory, force: bool = False) -> List[EditResult]:
-    """Apply a stack written by :func:`save_stack` (all or nothing; each patch checked against the
-    model as left by the previous) and return one revertible :class:`EditResult` per patch."""
+def stack_files(directory) -> List[Path]:
+    """The patch files of a stack written by :func:`save_stack`, in order (``stack.json``)."""
     d = Path(directory)
     try:
         names = json.loads((d / "stack.json").read_text(encoding="utf-8"))["patches"]
@@ -45,7 +44,13 @@ def load_stack(adapter, directory, force: bool = False) -> List[EditResult]:
             raise ValueError(names)
     except (OSError, ValueError, KeyError, TypeError):
         raise PatchError(f"{d}: not a factedit history (stack.json missing or malformed)") from None
-    return apply_as_results(adapter, [Patch.load(d / n) for n in names], force)
+    return [d / n for n in names]
+
+
+def load_stack(adapter, directory, force: bool = False) -> List[EditResult]:
+    """Apply a stack written by :func:`save_stack` (all or nothing; each patch checked against the
+    model as left by the previous) and return one revertible :class:`EditResult` per patch."""
+    return apply_as_results(adapter, [Patch.load(f) for f in stack_files(directory)], force)
 
 
 def apply_as_results(adapter, patches: Sequence[Patch], force: bool = False) -> List[EditResult]:

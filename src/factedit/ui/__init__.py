@@ -1,12 +1,13 @@
 """``factedit ui``: locate, edit, batch-edit, inspect/revert/ship and evaluate from a web page.
 
-:mod:`.session` does the work (the same calls as the command line, serialised on the one model);
+:class:`~factedit.app.session.Session` does the work (the same calls as the command line and the shell,
+serialised on the one model);
 :mod:`.app` is the Gradio page over it, one function per tab, its controls built from the option
 declarations (:mod:`.controls`) and its HTML from the typed reports (:mod:`.render`). Gradio is an
 optional extra: ``pip install 'factedit[ui]'``.
 """
 
-from .session import Session
+from ..app.session import Session
 
 __all__ = ["Session", "serve"]
 

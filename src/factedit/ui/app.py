@@ -15,10 +15,10 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..app.session import Session
 from ..core.errors import FactEditError
 from .controls import control, form_values
 from .render import CSS, error, ok, out, render_batch, render_edit, render_eval, render_history, render_trace
-from .session import Session
 
 __all__ = ["build_app", "serve"]
 

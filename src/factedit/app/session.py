@@ -1,7 +1,7 @@
-"""What ``factedit ui`` does with its one model, without any web code: locate, edit, batch-edit, the
-stack of edits (inspect, revert, download, upload) and evaluation. A form's values become
-:class:`~factedit.app.settings.Settings` as a command line's do (what the ``ui`` command was given —
-statistics, side-effect bank — fills in what a form lacks), and every call goes through the same
+"""What ``factedit ui`` and ``factedit shell`` do with their one model, without any web or terminal code:
+locate, edit, batch-edit, the stack of edits (inspect, revert, download, upload) and evaluation. A form's
+values become :class:`~factedit.app.settings.Settings` as a command line's do (what the ``ui`` or ``shell``
+command was given — statistics, side-effect bank — fills in what a form lacks), and every call goes through the same
 functions as the command line (:mod:`factedit.app.edit`, :func:`~factedit.trace.causal.trace_prompt`,
 :func:`~factedit.evaluation.run_eval`, :mod:`factedit.patch`), holding the session's lock while it
 reads or writes the model: two browser tabs never interleave half-applied edits.
@@ -23,9 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Union
 
-from ..app.settings import Settings
 from ..core.errors import FactEditError, RequestError
 from ..core.progress import reporting
+from .settings import Settings
 
 __all__ = ["Session", "Progress"]
 
@@ -52,7 +52,7 @@ class Session:
     """
 
     def __init__(self, editor, settings: Optional[Settings] = None, workdir=None, bank=None):
-        from ..app.side_effects import load_bank
+        from .side_effects import load_bank
 
         self.editor = editor
         self.settings = settings or Settings("ui")
@@ -139,7 +139,7 @@ class Session:
         """One edit with its before/after report (form ``page.edit``; :func:`factedit.app.edit.edit_fact`, what
         ``factedit edit --json`` prints). An edit that did not take is reverted unless ``allow_unverified``
         (the command line refuses it the same way); ``report.kept`` says which."""
-        from ..app.edit import edit_fact, request_of
+        from .edit import edit_fact, request_of, save_outputs
 
         f = self.form("page.edit", values)
         es, options = f.edit, f.method
@@ -159,6 +159,8 @@ class Session:
             report.kept = bool(result.verified) or es.allow_unverified
             if not report.kept:
                 self.editor.revert()
+            elif es.save_patch or es.save_model:  # the shell's `edit --save-patch`
+                report.saved = save_outputs(self.editor, result, es)
         return report
 
     def _chat_editor(self):
@@ -174,8 +176,8 @@ class Session:
     def batch(self, values: Form, progress: Progress = _quiet):
         """Edit the requests of a file (form ``page.batch``: JSONL/JSON, factedit or either CounterFact layout)
         in one call (:func:`factedit.app.edit.edit_batch`, what ``factedit edit --requests --json`` prints)."""
-        from ..app.edit import edit_batch
         from ..core.request_files import load_requests
+        from .edit import edit_batch
 
         f = self.form("page.batch", values)
         es, options = f.edit, f.method
