@@ -129,3 +129,31 @@ def test_probe_after_an_edit_costs_one_forward_when_the_continuations_hold(home,
     finally:
         handle.remove()
     assert len(calls) == 1
+
+
+def test_the_probe_of_a_model_is_read_from_disk_by_a_later_editor(home):
+    """The first editor decodes the fluency probe of the base weights and keeps it under $FACTEDIT_HOME/guard;
+    a later one over the same weights reads it (no forward), the same tokens; a damaged file is decoded again."""
+    from factedit.edit.guard import _probe_path, cached_probe_tokens, probe_tokens
+
+    model, tok = tiny_model("llama")
+    cfg = GuardConfig(max_new_tokens=8)
+    first = Editor(model, tok, progress=False)
+    assert first.guard.wanted(cfg) == (cfg.prompts, 8) and cached_probe_tokens(first.adapter, cfg) is None
+    first.guard.prepare(first.make_config("ft", layer=1), cfg, norm_limit=False)
+    want = probe_tokens(first.adapter, cfg)
+    assert cached_probe_tokens(first.adapter, cfg) == want
+    later = Editor(model, tok, progress=False)
+    calls = []
+    handle = later.adapter.body.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        assert later.guard.wanted(cfg) is None  # nothing to read: the cache has it
+        later.guard.prepare(later.make_config("ft", layer=1), cfg, norm_limit=False)
+    finally:
+        handle.remove()
+    assert not calls and later.guard._probe[1] == want
+    _probe_path(later.adapter, cfg).write_text("{not json", encoding="utf-8")
+    again = Editor(model, tok, progress=False)
+    assert again.guard.wanted(cfg) == (cfg.prompts, 8)
+    again.guard.prepare(again.make_config("ft", layer=1), cfg, norm_limit=False)
+    assert again.guard._probe[1] == want and cached_probe_tokens(again.adapter, cfg) == want

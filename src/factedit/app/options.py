@@ -475,8 +475,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("verbose", ("-v", "--verbose"), "log what happens (INFO)", _MODEL, kind="flag", default=False,
            example=True),
     Option("profile", ("--profile",), "print where the time went, phase by phase, on stderr (start-up, model load, "
-           "the report's reads, the edit's own phases; shell: after each command)", ("edit", "shell"), kind="flag",
-           default=False, example=True),
+           "the report's reads, the edit's own phases; shell: after each command; with --json: one JSON line)",
+           ("edit", "shell"), kind="flag", default=False, example=True),
 )
 
 

@@ -108,7 +108,8 @@ class Shell:
         with contextlib.ExitStack() as stack:
             if self.settings.get("profile"):
                 prof = stack.enter_context(profiling())
-                stack.callback(lambda: print(prof.table(), file=self.err))
+                stack.callback(lambda: print(json.dumps({"profile": prof.to_dict()}) if self.settings.get("json")
+                                             else prof.table(), file=self.err))
             try:
                 command(args)
             except _Help:

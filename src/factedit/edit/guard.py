@@ -7,7 +7,9 @@ Two signals, checked after an edit is applied and before it is committed:
   subjects, the largest norm an r-ROME update can reach with the value clamp,
   ``clamp · ‖v₀‖ · ‖C⁻¹k*‖ / (k*ᵀC⁻¹k*)`` (cached under ``$FACTEDIT_HOME/guard``);
 * **generation entropy**: ROME's n-gram entropy of greedy continuations of generic prompts
-  falls sharply (the model starts repeating itself).
+  falls sharply (the model starts repeating itself). The probe of a set of weights is kept in memory
+  from one edit to the next and on disk by the weights' fingerprint, so every ``factedit edit`` of the
+  same base model reads its "before" probe instead of decoding it.
 
 If either fires the edit is rolled back and :class:`CollapseError` explains why.
 """
@@ -32,8 +34,8 @@ from ..core.tokens import prefix_tag
 from .keys import template_keys
 from .solver import equality_constrained
 
-__all__ = ["GuardConfig", "CollapseError", "norm_reference", "entropy_probe", "probe_tokens", "entropy_of", "check",
-           "combine", "Guard"]
+__all__ = ["GuardConfig", "CollapseError", "norm_reference", "entropy_probe", "probe_tokens", "cached_probe_tokens",
+           "store_probe_tokens", "entropy_of", "check", "combine", "Guard"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,34 @@ def probe_tokens(adapter, cfg: GuardConfig, draft=None) -> List[List[int]]:
     return greedy_tokens(adapter, cfg.prompts, cfg.max_new_tokens, draft=draft)
 
 
+def _probe_path(adapter, cfg: GuardConfig):
+    """Where the fluency probe of the current weights is cached: keyed by the whole model's fingerprint, the
+    prompt prefix, the prompts and the length (``$FACTEDIT_HOME/guard``)."""
+    import hashlib
+
+    fp = model_fingerprint(adapter.model, spec=adapter.spec)
+    what = hashlib.sha256(json.dumps([list(cfg.prompts), cfg.max_new_tokens]).encode()).hexdigest()[:12]
+    return factedit_home() / "guard" / f"{fp}{prefix_tag(adapter.tokenizer)}-probe-{what}.json"
+
+
+def cached_probe_tokens(adapter, cfg: GuardConfig) -> Optional[List[List[int]]]:
+    """The fluency probe of the current weights when an earlier process read it (None otherwise)."""
+    try:
+        tokens = json.loads(_probe_path(adapter, cfg).read_text(encoding="utf-8"))["tokens"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ok = isinstance(tokens, list) and len(tokens) == len(cfg.prompts) and all(
+        isinstance(row, list) and all(isinstance(t, int) for t in row) for row in tokens)
+    return tokens if ok else None
+
+
+def store_probe_tokens(adapter, cfg: GuardConfig, tokens) -> None:
+    """Keep the fluency probe of the current weights for later processes (an unedited base model is probed
+    again by every ``factedit edit``; written atomically)."""
+    atomic_write_text(_probe_path(adapter, cfg), json.dumps({"tokens": [list(map(int, r)) for r in tokens],
+                                                            "prompts": list(cfg.prompts)}))
+
+
 def entropy_of(tokens) -> float:
     """Mean generation entropy of the probe's continuations."""
     return sum(generation_entropy(g) for g in tokens) / len(tokens)
@@ -160,10 +190,11 @@ class Guard:
 
     def wanted(self, guard_cfg: GuardConfig) -> Optional[Tuple[Tuple[str, ...], int]]:
         """``(prompts, max_new_tokens)`` of the fluency probe when the next edit will need one of the current
-        weights (the guard is on and has none), so that a caller reading the model anyway can read it in the
-        same batch and hand it over with :meth:`seed`; else None."""
-        return (tuple(guard_cfg.prompts), guard_cfg.max_new_tokens) if guard_cfg.enabled and self._probe is None \
-            else None
+        weights (the guard is on and has none, nor a cached one of the base model), so that a caller reading
+        the model anyway can read it in the same batch and hand it over with :meth:`seed`; else None."""
+        if not guard_cfg.enabled or self._probe is not None or self._from_cache(guard_cfg):
+            return None
+        return tuple(guard_cfg.prompts), guard_cfg.max_new_tokens
 
     def seed(self, guard_cfg: GuardConfig, tokens: List[List[int]]) -> None:
         """The fluency probe of the current weights, read by the caller (:meth:`wanted`): ``probe_tokens``'s
@@ -171,6 +202,17 @@ class Guard:
         if len(tokens) != len(guard_cfg.prompts):
             raise ValueError("guard probe: one row of tokens per prompt")
         self._probe = (entropy_of(tokens), [list(t) for t in tokens])
+        self._keep(guard_cfg)
+
+    def _from_cache(self, guard_cfg: GuardConfig) -> bool:
+        """Take the probe of the current weights from the disk cache (by their fingerprint), if it is there."""
+        tokens = cached_probe_tokens(self.adapter, guard_cfg)
+        if tokens is not None:
+            self._probe = (entropy_of(tokens), tokens)
+        return tokens is not None
+
+    def _keep(self, guard_cfg: GuardConfig) -> None:
+        store_probe_tokens(self.adapter, guard_cfg, self._probe[1])
 
     def prepare(self, cfg, guard_cfg: GuardConfig, norm_limit: bool = True) -> dict:
         """Before an edit is applied: the calibrated norm references (``norm_limit``: the method's updates are
@@ -178,9 +220,10 @@ class Guard:
         the fluency probe of the current weights. ``{}`` when the guard is off."""
         if not guard_cfg.enabled:
             return {}
-        if self._probe is None:
+        if self._probe is None and not self._from_cache(guard_cfg):
             tokens = probe_tokens(self.adapter, guard_cfg)
             self._probe = (entropy_of(tokens), tokens)
+            self._keep(guard_cfg)
         layer = getattr(cfg, "layer", None)
         if not norm_limit or layer is None:
             return {}
