@@ -74,6 +74,8 @@ def test_reads_are_one_at_a_time_greedy_decoding_before_and_after_a_change(arch)
         w.add_(0.02 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1)))
     after = read(ad, asks, drafts=before)
     _check(ad, asks, after)
+    assert read(ad, asks, drafts=before.only("answers")).rows == after.rows  # the others decoded afresh
+    assert set(before.only("answers").rows) == {k for k in before.rows if k[0] == "a"}
     changed = [k for k in before.rows if before.rows[k] != after.rows[k]]
     assert changed and len(changed) < len(before.rows)  # both kinds of rows were exercised
 

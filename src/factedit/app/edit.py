@@ -133,8 +133,11 @@ def edit_fact(editor, options: MethodOptions, settings: EditSettings, config=Non
         result = editor.edit(req, config=config, guard=guard)
     asks.tokens = []
     seen = result.verification[0] if result.verification else None
-    with phase("read after (the before tokens as drafts)"):
-        after = read(editor.adapter, asks, drafts=before, probabilities=None if seen is None else
+    # the probes' answers mostly hold: their before tokens are drafts, verified in one forward; the edited
+    # fact's own continuations are meant to change, so drafting them would only widen that forward
+    drafts = before.only("answers")
+    with phase("read after (the probes' before answers as drafts)"):
+        after = read(editor.adapter, asks, drafts=drafts, probabilities=None if seen is None else
                      [seen["p_new"]] + ([seen["p_true"]] if req.target_true else []))
     if settings.side_effects:
         n = len(probes)

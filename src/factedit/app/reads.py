@@ -53,6 +53,15 @@ class Reads:
     tokens: Dict[str, List[List[int]]]
     rows: Dict[tuple, List[int]]
 
+    def only(self, *kinds: str) -> "Reads":
+        """These rows only (``"continuations"``, ``"answers"``, ``"tokens"``): drafts for a later read that should
+        verify those and decode the others afresh."""
+        tags = {_KINDS[k] for k in kinds}
+        return Reads(self.probabilities, self.texts, self.tokens, {k: v for k, v in self.rows.items() if k[0] in tags})
+
+
+_KINDS = {"continuations": "c", "answers": "a", "tokens": "t"}
+
 
 def read(adapter, asks: Asks, drafts: Optional[Reads] = None, probabilities: Optional[List[float]] = None) -> Reads:
     """Read ``asks`` on the current weights. ``drafts``: an earlier read of the same asks (its tokens are

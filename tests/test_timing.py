@@ -1,0 +1,44 @@
+"""--profile: named, nested phases recorded only while a profile is active, and the edit command's table."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from factedit.cli import main
+from factedit.core.timing import phase, profiling, record
+
+
+def test_phases_nest_and_cost_nothing_without_a_profile():
+    with phase("outside"):  # no profile: nothing recorded, nothing raised
+        record("ignored", 1.0)
+    with profiling() as prof:
+        with phase("outer"):
+            time.sleep(0.01)
+            with phase("inner"):
+                time.sleep(0.02)
+            record("measured elsewhere", 0.5)  # inside "outer": one level down
+        with phase("second"):
+            pass
+        record("after second, as its part", 0.25, deeper=1)
+    rows = prof.to_dict()
+    assert [(r["phase"], r["depth"]) for r in rows] == [("outer", 0), ("inner", 1), ("measured elsewhere", 1),
+                                                         ("second", 0), ("after second, as its part", 1)]
+    assert rows[0]["seconds"] >= rows[1]["seconds"] >= 0.02 and rows[2]["seconds"] == 0.5
+    table = prof.table()
+    assert "  inner" in table and table.splitlines()[-1].startswith("total")
+
+
+def test_edit_profile_names_the_phases_on_stderr(tiny_dir, tiny_corpus, home, capsys):
+    code = main(["edit", "--model", str(tiny_dir), "--prompt", "{} is located in the city of", "--subject",
+                 "Eiffel Tower", "--target", "Rome", "--layer", "1", "--stats-corpus", str(tiny_corpus),
+                 "--stats-tokens", "600", "--steps", "3", "--json", "--profile", "--allow-unverified"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    json.loads(out)  # stdout still holds exactly the report
+    profile = json.loads(next(line for line in err.splitlines() if line.startswith('{"profile"')))["profile"]
+    names = [r["phase"] for r in profile]
+    for want in ("load the model", "read before (continuations, probes, guard probe)", "edit (Editor.edit)",
+                 "compute the update", "values", "verify", "save outputs"):
+        assert want in names, (want, names)
+    assert all(r["seconds"] >= 0 for r in profile)
