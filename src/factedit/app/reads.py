@@ -8,8 +8,9 @@ fluency probe when the guard has none yet) decoded as rows of one greedy batch
 
 After an edit most continuations (probes of other subjects, the fluency probe) are unchanged, so the
 "after" read checks the "before" tokens in one teacher-forced forward and decodes only the rows that
-changed. The tokens are exactly greedy decoding's (``model.generate(do_sample=False)``, one prompt at a
-time; tests/test_reads.py).
+changed. The tokens are greedy decoding's (``model.generate(do_sample=False)``, one prompt at a time; a
+batch differs from it only by the rounding of batched matrix products, which tests/test_reads.py finds
+changing no token on every supported architecture, nor 200 CounterFact evaluations).
 """
 
 from __future__ import annotations

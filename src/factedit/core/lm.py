@@ -108,8 +108,11 @@ def greedy_rows(adapter, starts: Sequence[Sequence[int]], limits: Union[int, Seq
                 owners: Optional[Sequence[int]] = None) -> List[List[int]]:
     """Greedy decoding of token rows, batched: per row the new tokens, at most ``limits[i]`` (an int: the same
     for every row), ending at the first EOS (kept, as ``model.generate`` keeps it) or where the row's
-    ``stops[i]`` first says so. Rows of different prompts and lengths decode together (left-padded, one
-    KV cache); a row that has stopped leaves the batch, so the cost follows the rows' own lengths.
+    ``stops[i]`` first says so. Rows of different prompts and lengths decode together in one KV cache
+    (right-padded, each row's padding masked out of the cache and its positions its own: every row computes
+    what its prompt alone computes, up to the rounding of batched matrix products; a model whose sliding
+    window is shorter than the rows decodes them left-padded instead); a row that has stopped leaves the
+    batch, so the cost follows the rows' own lengths.
 
     ``drafts``: a guess of each row's tokens (e.g. the greedy tokens of the weights before an edit). One
     teacher-forced forward over prompt + draft checks every drafted token at once; a row keeps its longest
