@@ -95,3 +95,17 @@ def test_the_command_reads_a_script_on_stdin(tiny_dir, tiny_corpus, tmp_path):
     bad = subprocess.run(argv, input="edit --layer 99\nhistory\n", capture_output=True, text=True, env=env,
                          timeout=300)
     assert bad.returncode == 2 and "out of range" in bad.stderr and "no edits yet" in bad.stdout
+
+
+def test_a_requests_file_is_one_batch_edit_in_the_history(home, tiny_corpus, tmp_path):
+    reqs = tmp_path / "reqs.jsonl"
+    reqs.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "{} is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome"},
+        {"prompt": "The capital of {} is", "subject": "Japan", "target_new": "Seoul"}]) + "\n", encoding="utf-8")
+    sh, out, err = _shell(tiny_corpus)
+    base = _weights(sh)
+    assert sh.run([f"edit --requests {reqs} --method memit --layers 1,2 --steps 3 --allow-unverified",
+                   "history", "revert"]) == 0, err.getvalue()
+    text = out.getvalue()
+    assert "memit" in text and "1. memit layer(s) 1,2:" in text and "(2 requests)" not in text
+    assert all(torch.equal(base[k], v) for k, v in _weights(sh).items())
