@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_program_arguments(ap)
     sub = ap.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        add_arguments(sub.add_parser(name, help=HELP[name]), name)
+        extra = {"epilog": shell.SHELL_HELP, "formatter_class": argparse.RawDescriptionHelpFormatter} \
+            if name == "shell" else {}
+        add_arguments(sub.add_parser(name, help=HELP[name], description=HELP[name], **extra), name)
     return ap
 
 

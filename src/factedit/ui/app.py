@@ -1,5 +1,5 @@
 """The page of ``factedit ui``: one function per tab, Gradio components wired to a
-:class:`~factedit.ui.session.Session`.
+:class:`~factedit.app.session.Session`.
 
 Nothing here edits, traces or scores: every button collects its form's values (the controls are built from
 the option declarations, :mod:`.controls`), calls one session method (which calls the same functions as
