@@ -3,14 +3,15 @@ show (the prompt and its paraphrases, the chat answer, the blast-radius probes, 
 fluency probe when the guard has none yet) decoded as rows of one greedy batch
 (:func:`~factedit.core.lm.greedy_rows`), and the target probabilities in one scoring pass.
 
-    before = read(adapter, asks)                       # the weights before the edit
-    after = read(adapter, asks, drafts=before)         # after it: the before tokens as drafts, verified
+    before = read(adapter, asks)                                      # the weights before the edit
+    after = read(adapter, asks, drafts=before.only("answers"))        # after it: the probes' answers verified
 
-After an edit most continuations (probes of other subjects, the fluency probe) are unchanged, so the
-"after" read checks the "before" tokens in one teacher-forced forward and decodes only the rows that
-changed. The tokens are greedy decoding's (``model.generate(do_sample=False)``, one prompt at a time; a
-batch differs from it only by the rounding of batched matrix products, which tests/test_reads.py finds
-changing no token on every supported architecture, nor 200 CounterFact evaluations).
+After an edit most probes of other subjects answer as before, so the "after" read checks their "before"
+tokens in one teacher-forced forward and decodes only the rows that changed (and the edited fact's own
+continuations, which are meant to change). The tokens are greedy decoding's (``model.generate(do_sample=
+False)``, one prompt at a time; a batch differs from it only by the rounding of batched matrix products,
+which tests/test_reads.py finds changing no token on every supported architecture, nor 200 CounterFact
+evaluations).
 """
 
 from __future__ import annotations
@@ -84,9 +85,7 @@ def read(adapter, asks: Asks, drafts: Optional[Reads] = None, probabilities: Opt
     for name, prompts, limit in asks.tokens:
         for j, p in enumerate(prompts):
             add(("t", name, j), tok, p, limit)
-    old = [drafts.rows.get(k) for k in keys] if drafts is not None else None
-    if old is not None and any(d is None for d in old):
-        old = [d if d is not None else [] for d in old]
+    old = [drafts.rows.get(k, []) for k in keys] if drafts is not None else None  # a row without one: decoded
     rows = greedy_rows(adapter, starts, limits, stops, drafts=old, eos=eos) if keys else []
     by_key = dict(zip(keys, rows))
     texts = {}
@@ -95,8 +94,7 @@ def read(adapter, asks: Asks, drafts: Optional[Reads] = None, probabilities: Opt
             texts[name[0]] = dec.decode(row, skip_special_tokens=True)
         elif kind == "a":
             texts[name[0]] = answer_text(dec, row, eos)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else pad_id(tok)
-    tokens = {name: pad_finished([by_key[("t", name, j)] for j in range(len(prompts))], pad)
+    tokens = {name: pad_finished([by_key[("t", name, j)] for j in range(len(prompts))], pad_id(tok))
               for name, prompts, _ in asks.tokens}
     if probabilities is None:
         probabilities = [probability(lp) for lp in target_logprobs(adapter, [p for p, _ in asks.pairs],

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from typing import List, Optional
 
@@ -105,8 +104,8 @@ def _run(settings: Settings, startup: Optional[float] = None) -> int:
     with contextlib.ExitStack() as stack:
         prof = stack.enter_context(profiling()) if settings.get("profile") else None
         if prof is not None:
-            stack.callback(lambda: print(json.dumps({"profile": prof.to_dict()}) if settings.get("json") else
-                                         "\n" + prof.table(), file=sys.stderr))
+            stack.callback(lambda: print(("" if settings.get("json") else "\n") + prof.render(settings.get("json")),
+                                         file=sys.stderr))
             if startup is not None:
                 prof.add("start-up: interpreter, imports", startup)
         with phase("logging set-up (imports transformers)"):

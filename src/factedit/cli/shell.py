@@ -74,8 +74,9 @@ class Shell:
 
     def __init__(self, session, settings: Settings, out: TextIO = sys.stdout, err: TextIO = sys.stderr):
         self.session, self.settings, self.out, self.err = session, settings, out, err
-        self.fixed = {o.name for o in options_of("shell")} | {"save_model"}
-        self.parser = _edit_parser(self.fixed)
+        own = {o.name for o in options_of("shell")}
+        self.parser = _edit_parser(own | {"save_model"})
+        self.shared = own & {o.name for o in options_of("edit")}  # an edit line takes these from the shell
         self.failed = 0
         self.commands: Dict[str, Callable[[List[str]], None]] = {
             "edit": self.edit, "revert": self.revert, "history": self.history, "inspect": self.inspect,
@@ -108,8 +109,7 @@ class Shell:
         with contextlib.ExitStack() as stack:
             if self.settings.get("profile"):
                 prof = stack.enter_context(profiling())
-                stack.callback(lambda: print(json.dumps({"profile": prof.to_dict()}) if self.settings.get("json")
-                                             else prof.table(), file=self.err))
+                stack.callback(lambda: print(prof.render(self.settings.get("json")), file=self.err))
             try:
                 command(args)
             except _Help:
@@ -133,9 +133,7 @@ class Shell:
     def line_settings(self, args: List[str]) -> Settings:
         """The ``edit`` settings of an edit line: its options, the shell's statistics and bank for the rest."""
         values = vars(self.parser.parse_args(args))
-        shared = {o.name for o in options_of("edit")} & self.fixed - {"save_model"}
-        return Settings("edit", {**{n: self.settings.values[n] for n in shared if n in self.settings.values},
-                                 **values})
+        return Settings("edit", {**{n: self.settings.values[n] for n in self.shared}, **values})
 
     def edit(self, args: List[str]) -> None:
         settings = self.line_settings(args)

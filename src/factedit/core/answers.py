@@ -67,8 +67,9 @@ def greedy_answers(adapter, prompts: Sequence[str], max_new_tokens: int = GEN_TO
     """The greedy answer to each prompt: up to ``max_new_tokens`` new tokens, stopped at EOS and cut at
     the first newline or sentence end (:func:`first_sentence`), never at the target's length.
 
-    ``batch_rows`` prompts run together (:func:`~factedit.core.lm.greedy_rows`: left-padded, KV cache; a row
-    that has stopped leaves the batch, so the cost follows the answers' lengths, not the longest one's).
+    ``batch_rows`` prompts run together (:func:`~factedit.core.lm.greedy_rows`: one KV cache, each row's padding
+    masked out; a row that has stopped leaves the batch, so the cost follows the answers' lengths, not the
+    longest one's).
     With ``models`` (a :class:`~factedit.edit.row_deltas.RowDeltas`), prompt ``i`` runs on edited model
     ``owners[i]``. ``tokenizer``: instead of the adapter's (e.g. one without the prompt prefix, for prompts
     rendered through a chat template)."""

@@ -175,9 +175,8 @@ def greedy_tokens(adapter, prompts: Sequence[str], max_new_tokens: int,
     pad_token_id=pad)`` gives (a row that emitted EOS is padded with the pad id after it; all stop when
     every row has), in one batch (:func:`greedy_rows`; ``draft``: a guess of the tokens, verified)."""
     tok = adapter.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else pad_id(tok)
     starts = [list(tok(p)["input_ids"]) for p in prompts]
-    return pad_finished(greedy_rows(adapter, starts, max_new_tokens, drafts=draft), pad)  # pads follow EOS
+    return pad_finished(greedy_rows(adapter, starts, max_new_tokens, drafts=draft), pad_id(tok))  # pads follow EOS
 
 
 def _decode(adapter, starts: List[List[int]], drafts: List[List[int]], limits: List[int],
@@ -212,51 +211,43 @@ def _decode(adapter, starts: List[List[int]], drafts: List[List[int]], limits: L
         stack.enter_context(rows_on(models, owners))
         res = body(**batch.inputs(positions=True), use_cache=True)
         h = res.last_hidden_state
-        rows, cols = [], []
-        for r, (s, d) in enumerate(zip(starts, cut)):
-            for j in range(min(len(d) + 1, limits[r])):  # the predictions of draft token j (and of the one after)
-                rows.append(r), cols.append(shift[r] + len(s) + j - 1)
+        checked = [min(len(d) + 1, limit) for d, limit in zip(cut, limits)]  # draft tokens and the one after
+        rows = [r for r, n in enumerate(checked) for _ in range(n)]
+        cols = [shift[r] + len(s) + j - 1 for r, (s, n) in enumerate(zip(starts, checked)) for j in range(n)]
         pred = adapter.logits(h[torch.tensor(rows, device=h.device),
                                 torch.tensor(cols, device=h.device)]).argmax(-1).tolist()
-        live, k = [], 0
+        going, k = [], 0
         mask = batch.attention_mask.clone()
-        for r, (s, d) in enumerate(zip(starts, cut)):
-            mine, k = pred[k: k + min(len(d) + 1, limits[r])], k + min(len(d) + 1, limits[r])
-            going = True
+        for r, (s, d, n) in enumerate(zip(starts, cut, checked)):
+            mine, k = pred[k: k + n], k + n
+            on = True
             for j, t in enumerate(mine):
-                going = take(r, t)
-                if not going or j >= len(d) or t != d[j]:
+                on = take(r, t)
+                if not on or j >= len(d) or t != d[j]:
                     break
-            if going:
-                live.append(r)
+            if on:
+                going.append(r)
                 mask[r, shift[r] + len(s) + len(new[r]) - 1:] = 0  # past the kept tokens: padding, rejected draft
-        if not live or first_only:
-            return new, live
+        if not going or first_only:
+            return new, going
         cache = cache_of(res)
-        idx = torch.tensor(live)  # CPU indices select rows on any device (cache layers may differ)
-        if len(live) < len(starts):
-            cache.batch_select_indices(idx)
-            if models is not None:
-                stack.enter_context(rows_on(models, [owners[i] for i in live]))
-        mask = mask[idx.to(mask.device)]
-        pos = torch.tensor([[len(starts[i]) + len(new[i]) - 1] for i in live], device=dev)
-        while True:
+        live = list(range(len(starts)))  # the rows in the cache, in its batch order
+        pos = torch.tensor([[len(s) + len(row) - 1] for s, row in zip(starts, new)], device=dev)
+        while going:
+            if len(going) < len(live):  # drop the rows that stopped
+                kept = set(going)
+                idx = torch.tensor([j for j, r in enumerate(live) if r in kept])  # CPU indices: any cache device
+                cache.batch_select_indices(idx)
+                mask, pos = mask[idx.to(mask.device)], pos[idx.to(pos.device)]
+                live = going
+                if models is not None:
+                    stack.enter_context(rows_on(models, [owners[i] for i in live]))
             ids = torch.tensor([[new[i][-1]] for i in live], device=dev)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
             res = body(input_ids=ids, attention_mask=mask, position_ids=pos, **past(body, cache))
+            cache, pos = cache_of(res), pos + 1
             nxt = adapter.logits(res.last_hidden_state[:, -1, :]).argmax(-1).tolist()
-            keep = [j for j, (i, t) in enumerate(zip(live, nxt)) if take(i, t)]
-            if not keep:
-                break
-            cache = cache_of(res)
-            if len(keep) < len(live):  # drop the rows that stopped
-                idx = torch.tensor(keep)
-                cache.batch_select_indices(idx)
-                mask, pos = mask[idx.to(dev)], pos[idx.to(dev)]
-                live = [live[j] for j in keep]
-                if models is not None:
-                    stack.enter_context(rows_on(models, [owners[i] for i in live]))
-            pos = pos + 1
+            going = [i for i, t in zip(live, nxt) if take(i, t)]
     return new, []
 
 

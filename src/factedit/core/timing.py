@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import os
 import sys
 import time
@@ -43,11 +44,9 @@ def peak_rss_mb() -> Optional[float]:
 
 @dataclass
 class Profile:
-    """Phases in the order they began: ``[depth, name, seconds, peak RSS in MiB at its end]``; ``started``:
-    ``perf_counter`` at the start."""
+    """Phases in the order they began: ``[depth, name, seconds, peak RSS in MiB at its end]``."""
 
     rows: List[list] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
     depth: int = 0
 
     def add(self, name: str, seconds: float, depth: Optional[int] = None) -> None:
@@ -58,10 +57,14 @@ class Profile:
         return [{"phase": n, "depth": d, "seconds": round(s, 4), "peak_rss_mb": None if m is None else round(m)}
                 for d, n, s, m in self.rows]
 
-    def table(self, total: Optional[float] = None) -> str:
-        """The phases as an indented table; ``total``: the wall time they are a share of (default: the
-        top-level phases' sum)."""
-        total = sum(r[2] for r in self.rows if r[0] == 0) if total is None else total
+    def render(self, as_json: bool = False) -> str:
+        """What ``--profile`` prints: one JSON line ``{"profile": [...]}`` (``as_json``, beside ``--json``
+        output), else :meth:`table`."""
+        return json.dumps({"profile": self.to_dict()}) if as_json else self.table()
+
+    def table(self) -> str:
+        """The phases as an indented table, each with its share of the top-level phases' sum."""
+        total = sum(r[2] for r in self.rows if r[0] == 0)
         width = max([len("  " * r[0] + r[1]) for r in self.rows] + [5])
         lines = [f"{'phase':<{width}}  seconds   share  peak RSS"]
         for d, n, s, m in self.rows:
