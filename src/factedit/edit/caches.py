@@ -79,7 +79,7 @@ class EditCaches:
     def sources(self, cfg) -> Dict[str, dict]:
         """Per edited layer of ``cfg``, where its statistics came from: corpus, how it was chosen, tokens
         (``{}`` for methods without statistics)."""
-        if not hasattr(cfg, "stats_corpus"):
+        if not hasattr(cfg, "stats_args"):
             return {}
         out = {}
         for l in cfg.layers:
