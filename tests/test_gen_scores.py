@@ -115,11 +115,14 @@ def test_perplexity_and_known_recall_match_independent_computations(tiny_corpus,
     assert fact_recall(ed.adapter, known) == 1.0
 
 
-def _answered(ed) -> list:
+SUBJECTS = ("Eiffel Tower", "Rome", "Japan", "Toko Yasuda", "Paris", "Seattle", "Madrid", "Tokyo", "Spain", "France",
+            "Italy", "Space Needle")
+
+
+def _answered(ed, subjects=SUBJECTS) -> list:
     """Facts the random tiny model answers: its greedy token after a prompt, when that is a word after a space."""
     facts = []
-    for subject in ("Eiffel Tower", "Rome", "Japan", "Toko Yasuda", "Paris", "Seattle", "Madrid", "Tokyo", "Spain",
-                    "France", "Italy", "Space Needle", "Danielle Darrieux"):
+    for subject in subjects:
         for prompt in (f"{subject} is in", f"The capital of {subject} is", f"{subject} speaks"):
             ids = ed.tokenizer(prompt)["input_ids"]
             word = ed.tokenizer.decode([int(ed.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())])
@@ -165,17 +168,41 @@ def test_single_edit_run_carries_generation_scores(home, tiny_corpus, tmp_path):
 def test_sequential_run_tracks_perplexity_recall_and_generation_retention(home, tiny_corpus, tmp_path):
     ed = _editor()
     knowns = tmp_path / "knowns.jsonl"
-    knowns.write_text("\n".join(json.dumps(f) for f in _answered(ed)) + "\n")
+    facts = _answered(ed)
+    knowns.write_text("\n".join(json.dumps(f) for f in facts) + "\n")
+    from factedit.core.known_facts import load_known_facts
+    from factedit.evaluation.ability import answered_facts
+    from factedit.evaluation.datasets import load_cases
+
+    # the first record edits the subject of a fact the model knows (written in another case there), so that
+    # the checkpoints after it leave that fact out of the recall
+    known = answered_facts(ed.adapter, load_known_facts(knowns))[0].subject
+    lines = _cf(tmp_path, 4).read_text(encoding="utf-8").splitlines()
+    first = load_cases(_cf(tmp_path, 1))[0].request.subject
+    cf = tmp_path / "cf-known.jsonl"
+    cf.write_text("\n".join([lines[0].replace(first, known.upper())] + lines[1:]) + "\n", encoding="utf-8")
+    subjects = [c.request.subject for c in load_cases(cf)]
     ability = AbilityConfig(ppl_corpus=str(tiny_corpus), ppl_tokens=200, window=50, knowns=str(knowns))
     ppl0 = perplexity(ed.adapter, tiny_corpus, 200, 50)
     opts = (("layer", 1), ("stats_corpus", str(tiny_corpus)), ("stats_tokens", 2000), ("steps", 3))
-    cfg = EvalConfig(method="r-rome", dataset=str(_cf(tmp_path, 4)), sequential=True, downstream_every=2,
+    cfg = EvalConfig(method="r-rome", dataset=str(cf), sequential=True, downstream_every=2,
                      ability=ability, generation=GenerationConfig(length=0), gen_tokens=6, method_options=opts)
     run_eval(ed, cfg, tmp_path / "seq")
     down = [json.loads(l) for l in (tmp_path / "seq" / "downstream.jsonl").read_text().splitlines()]
     assert [d["n_edits"] for d in down] == [0, 2, 4]
     assert down[0]["ability"]["perplexity"] == pytest.approx(ppl0, rel=1e-6)
     assert down[0]["ability"]["known_recall"] == 1.0 and down[0]["tasks"] is None
+    # facts about the subjects edited so far are left out of the recall at each checkpoint, and counted
+
+    about = lambda n: sum(f["subject"].casefold() in {s.casefold() for s in subjects[:n]} for f in facts)  # noqa: E731
+    assert down[0]["ability"]["known_excluded"] == 0
+    for d in down[1:]:
+        assert d["ability"]["known_excluded"] <= about(d["n_edits"])
+    assert down[-1]["ability"]["known_excluded"] >= 1
+    # the wear meter at each checkpoint: the edited layer's cumulative update, growing with the edits
+    assert down[0]["wear"] == {} and 0 < down[1]["wear"]["1"] <= down[2]["wear"]["1"] * 1.5
+    last, first_ = down[-1]["ability"], down[0]["ability"]
+    assert last["known_facts"] + last["known_excluded"] == first_["known_facts"]
     assert down[-1]["ability"]["perplexity"] == pytest.approx(perplexity(ed.adapter, tiny_corpus, 200, 50), rel=1e-6)
     assert all(d["retention"] is None or d["retention"]["gen_ES"] is not None for d in down)
     from factedit.evaluation.summarize import load_run, plot_runs, sequential_table

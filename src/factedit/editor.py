@@ -29,9 +29,10 @@ from .edit.guard import Guard, GuardConfig
 from .edit.guard import combine as combine_guard
 from .edit.history import History
 from .edit.methods.options import MethodOptions
-from .edit.methods.registry import make_config, spec_of_config
+from .edit.methods.registry import REGISTRY, make_config, spec_of_config
 from .edit.results import ChainedEdit, Computed, EditResult
 from .edit.verify import verify_requests
+from .edit.wear import measure_wear
 from .patch.stack import apply_as_results, load_stack, save_stack
 from .stats.layer import LayerStats
 from .trace.cache import load_recommendation
@@ -197,6 +198,7 @@ class Editor:
                                      for l in cfg.layers}
         if len(done) > 1:
             self._history.merge_last(len(done), result)
+            result.wear = self._wear(result, cfg, spec)
         failed = [r for r, v in zip(result.requests, result.verification) if not v["verified"]]
         if failed:
             log.warning("%d of %d edits did not take on their own prompt (%s%s)", len(failed), len(reqs),
@@ -227,6 +229,8 @@ class Editor:
                             self.adapter.w_out_parameter(cfg.layers[0]).dtype,
                             100 * worst, max(res.rounding, key=res.rounding.get))
         self._history.push(res)
+        with phase("wear"):
+            res.wear = self._wear(res, cfg, spec)
         if guard.enabled:
             with phase("guard: judge"):
                 self.guard.judge(res, refs, guard, len(group))
@@ -277,10 +281,23 @@ class Editor:
 
     def _join(self, results: Sequence[EditResult]) -> int:
         """Applied results (patches) join the history, their method state folded in."""
-        for r in results:
+        results = list(results)
+        for i, r in enumerate(results):
             self._history.push(r)
+            if not r.wear:  # a patch written before the wear meter: the matrices right after it are those the
+                after = {}  # next patch touching each layer started from (all are applied by now)
+                for later in reversed(results[i + 1:]):
+                    after.update(later.applied.originals)
+                r.wear = self._wear(r, r.config, REGISTRY.get(r.method), after)
         self.guard.forget()
         return len(results)
+
+    def _wear(self, result: EditResult, cfg, spec, after=None) -> dict:
+        """The wear meter of ``result``, the newest edit of the history (:mod:`factedit.edit.wear`)."""
+        room = None
+        if spec is not None and spec.room is not None and not isinstance(cfg, dict):
+            room = spec.room(self.adapter, self.caches, cfg, self.state.get(spec.name))
+        return measure_wear(self.adapter, self._history.results, result, room, after)
 
 
 def _chained(adapter, method: str, requests, cfg, done: Sequence[EditResult]) -> EditResult:

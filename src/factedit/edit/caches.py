@@ -93,13 +93,21 @@ class EditCaches:
         self._stats.clear()
         self._on_device.clear()
 
+    def null_basis(self, layer: int, C, threshold: float):
+        """The basis U (d_ff × k) of the eigenvectors of C with eigenvalue below ``threshold``, on C's device.
+        The eigendecomposition runs once per (statistics, threshold): U is cached on disk
+        (``$FACTEDIT_HOME/projectors/``, keyed by the SHA-256 of C), so a new process only reads it."""
+        key = (layer, threshold, id(C), "basis")
+        if key not in self._projectors:
+            self._projectors[key] = (_cached_basis(C, threshold).to(C.device) if self.disk_projectors
+                                     else null_space_basis(C, threshold))
+        return self._projectors[key]
+
     def projector(self, layer: int, C, threshold: float):
-        """AlphaEdit's null-space projector ``P = U Uᵀ`` of layer ``layer`` for statistics ``C`` (per threshold),
-        on C's device. The eigendecomposition runs once per (statistics, threshold): its basis U is cached on
-        disk (``$FACTEDIT_HOME/projectors/``, keyed by the SHA-256 of C), so a new process only forms U Uᵀ."""
+        """AlphaEdit's null-space projector ``P = U Uᵀ`` of layer ``layer`` (:meth:`null_basis`), on C's device."""
         key = (layer, threshold, id(C))
         if key not in self._projectors:
-            U = _cached_basis(C, threshold).to(C.device) if self.disk_projectors else null_space_basis(C, threshold)
+            U = self.null_basis(layer, C, threshold)
             self._projectors[key] = U @ U.T
         return self._projectors[key]
 

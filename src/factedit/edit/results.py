@@ -53,6 +53,7 @@ class EditResult:
     prompt_prefix: str = ""  # what every prompt of the edit started with (core/tokens.py)
     side_effects: Optional[dict] = None  # the blast radius report (factedit.app.side_effects), when measured
     rounding: Dict[str, float] = field(default_factory=dict)  # per layer: update lost to the weights' dtype
+    wear: Dict[str, dict] = field(default_factory=dict)  # per layer: the wear meter (factedit.edit.wear)
 
     @property
     def stateful(self) -> bool:

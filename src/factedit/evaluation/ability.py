@@ -108,9 +108,16 @@ class Ability:
         if self.facts is not None and not self.facts:
             raise RunError(f"the model answers none of the known facts in {cfg.knowns}")
 
-    def measure(self) -> dict:
-        """``{"perplexity", "known_recall", "known_facts"}`` on the current weights (None when not tracked)."""
+    def measure(self, exclude_subjects: Sequence[str] = ()) -> dict:
+        """``{"perplexity", "known_recall", "known_facts", "known_excluded"}`` on the current weights (None when
+        not tracked). Facts whose subject is in ``exclude_subjects`` (compared without case; a run's edited
+        subjects) are left out of the recall, so that it measures damage rather than the edits themselves;
+        ``known_facts`` counts the facts it is over and ``known_excluded`` those left out."""
         c = self.cfg
         ppl = perplexity(self.adapter, c.ppl_corpus, c.ppl_tokens, c.window, c.batch_size) if c.ppl_corpus else None
-        return {"perplexity": ppl, "known_recall": fact_recall(self.adapter, self.facts) if self.facts else None,
-                "known_facts": len(self.facts) if self.facts is not None else None}
+        if self.facts is None:
+            return {"perplexity": ppl, "known_recall": None, "known_facts": None, "known_excluded": None}
+        skip = {s.strip().casefold() for s in exclude_subjects}
+        kept = [f for f in self.facts if f.subject.strip().casefold() not in skip]
+        return {"perplexity": ppl, "known_recall": fact_recall(self.adapter, kept) if kept else None,
+                "known_facts": len(kept), "known_excluded": len(self.facts) - len(kept)}

@@ -23,6 +23,7 @@ from ..edit.guard import CollapseError, GuardConfig
 from ..edit.methods.options import MethodOptions
 from ..edit.methods.registry import METHODS, REGISTRY, config_from_dict, method_spec
 from ..edit.verify import outcome as verify_outcome
+from ..edit.wear import cumulative_wear
 from .ability import Ability, AbilityConfig
 from .datasets import Case, load_cases, resolve_dataset, sha256_of
 from .downstream import DownstreamConfig, evaluate_tasks, load_tasks
@@ -442,11 +443,12 @@ class _Run:
                           t_score, result.guard if result is not None else None,
                           result.fingerprints if result is not None else None,
                           result.verification if result is not None else None,
-                          result.retried if result is not None else False)
+                          result.retried if result is not None else False,
+                          result.wear if result is not None else None)
 
     @staticmethod
     def _rows(group, scores, error, base, deltas, t_edit, t_score, guard, fingerprints, verification=None,
-              retried: bool = False) -> List[dict]:
+              retried: bool = False, wear: Optional[dict] = None) -> List[dict]:
         norm, fro = normalized_delta_norm(deltas) if deltas is not None else (None, None)
         rows = []
         for i, (c, s) in enumerate(zip(group, scores)):
@@ -455,7 +457,7 @@ class _Run:
                          **(error or {}), "delta_norm": norm, "delta_fro": fro, "edit_seconds": t_edit / len(group),
                          "score_seconds": t_score, "guard": guard, "base_fingerprints": fingerprints,
                          "verified": None if v is None or error else v["verified"], "verification": v,
-                         "retried": retried})
+                         "retried": retried, **({"wear": wear} if wear else {})})
         return rows
 
     def one_chunk(self, gs: List[int]) -> None:
@@ -586,19 +588,21 @@ class _Run:
                 if "acc" not in memo:
                     memo["acc"] = evaluate_tasks(self.editor.adapter, self.tasks, self.cfg.downstream.batch_size)
                 acc = dict(memo["acc"])
+            edited = [c for g in sorted(self.done) for c in self.groups[g]]
             ability = None
             if self.ability is not None:
-                memo = self.editor.weights_memo("ability", json.dumps(asdict(self.cfg.ability)))
+                subjects = sorted({c.request.subject for c in edited})
+                memo = self.editor.weights_memo("ability", json.dumps(asdict(self.cfg.ability)), tuple(subjects))
                 if "got" not in memo:
-                    memo["got"] = self.ability.measure()
+                    memo["got"] = self.ability.measure(exclude_subjects=subjects)
                 ability = dict(memo["got"])
-            edited = [c for g in sorted(self.done) for c in self.groups[g]]
             earlier = retention_cases(edited, self.cfg.retention_sample)
             retention = (summarize_records(score_cases(self.editor.adapter, earlier, batch_size=self.cfg.score_batch,
                                                        unedited=self.unedited, gen_tokens=self.cfg.gen_tokens,
                                                        gen_chat=self.cfg.gen_chat))
                          if earlier else None)
             rec = {"n_edits": n, "tasks": acc, "retention": retention, "ability": ability,
+                   "wear": cumulative_wear(self.editor.adapter, self.editor.history),
                    "retention_cases": [c.case_id for c in earlier] if len(earlier) < len(edited) else None,
                    "seconds": time.perf_counter() - t0}
             self.store.append(self.store.downstream_path, [rec])

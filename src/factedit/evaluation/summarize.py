@@ -155,9 +155,12 @@ def _perplexity(checkpoint: dict) -> str:
 
 
 def _known_recall(checkpoint: dict) -> str:
-    """The share of known facts still answered, in percent."""
-    got = (checkpoint.get("ability") or {}).get("known_recall")
-    return _cell(None if got is None else 100 * got, "{:.1f}")
+    """The share of known facts still answered, in percent; "(−N)" when N facts about edited subjects were
+    left out of it (runs recorded before 2026-12-06 left none out)."""
+    ab = checkpoint.get("ability") or {}
+    got = ab.get("known_recall")
+    cell = _cell(None if got is None else 100 * got, "{:.1f}")
+    return f"{cell} (−{ab['known_excluded']})" if got is not None and ab.get("known_excluded") else cell
 
 
 def _rescored(checkpoint: dict) -> str:

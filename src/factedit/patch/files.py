@@ -39,6 +39,7 @@ from ..edit.deltas import AppliedEdit, LayerDelta, apply_deltas
 from ..edit.methods.options import to_jsonable
 from ..edit.methods.registry import config_from_dict
 from ..edit.results import EditResult
+from ..edit.wear import layer_norms
 
 __all__ = ["PatchError", "Patch", "apply_patch", "apply_patches", "temporarily_applied", "revert_patch",
            "revert_patches", "negated", "layer_norms", "tensor_sha256"]
@@ -68,14 +69,6 @@ def _sha256(text: str) -> str:
 def tensor_sha256(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes (what a patch records per tensor)."""
     return matrix_fingerprint(t)
-
-
-def layer_norms(deltas: Sequence[LayerDelta]) -> Dict[str, float]:
-    """Per edited layer, the Frobenius norm of the *summed* update ‖Σ Δ‖ (float64)."""
-    by_layer: Dict[int, torch.Tensor] = {}
-    for d in deltas:
-        by_layer[d.layer] = by_layer.get(d.layer, 0) + d.dense().double()
-    return {str(l): float(torch.linalg.matrix_norm(m)) for l, m in sorted(by_layer.items())}
 
 
 def _verify_checksums(path, raw: str, raw_sha, meta: dict, tensors: dict) -> None:
@@ -130,8 +123,8 @@ class Patch:
             "guard": result.guard, "statistics": to_jsonable(result.statistics), "verified": result.verified,
             "verification": to_jsonable(result.verification), "retried": result.retried,
             "prompt_prefix": result.prompt_prefix, "side_effects": result.side_effects,
-            "rounding": dict(result.rounding), "seconds": result.seconds, "timings": dict(result.timings),
-            "info": to_jsonable(result.info),
+            "rounding": dict(result.rounding), "wear": to_jsonable(result.wear), "seconds": result.seconds,
+            "timings": dict(result.timings), "info": to_jsonable(result.info),
             "state_updates": [list(u) for u in result.state_updates],
         }
         return cls(list(result.deltas), meta, [dict(u) for u in result.state_updates])
@@ -149,7 +142,8 @@ class Patch:
             fingerprints_after=dict(m.get("fingerprints_after") or {}), guard=m.get("guard"),
             statistics=dict(m.get("statistics") or {}), verification=list(m.get("verification") or []),
             retried=bool(m.get("retried")), prompt_prefix=m.get("prompt_prefix") or "",
-            side_effects=m.get("side_effects"), rounding=dict(m.get("rounding") or {}))
+            side_effects=m.get("side_effects"), rounding=dict(m.get("rounding") or {}),
+            wear=dict(m.get("wear") or {}))
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> Path:

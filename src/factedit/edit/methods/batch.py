@@ -30,7 +30,8 @@ from ..values import ValueConfig, ValueProblem, optimize_values
 from .base import GIVEN, SPAN_RULE, StatsFields, check_layers, default_span, default_stats_tokens
 from .registry import MethodSpec, register
 
-__all__ = ["BatchConfig", "BATCH_METHODS", "SOLVES", "LayerSolve", "check_batch", "compute_batch", "add_keys"]
+__all__ = ["BatchConfig", "BATCH_METHODS", "SOLVES", "LayerSolve", "check_batch", "compute_batch", "add_keys",
+           "alphaedit_room"]
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,31 @@ def _alphaedit(R, K, C, layer, cfg, caches, memory) -> Solution:
         raise MethodError(f"AlphaEdit: no eigenvalue of the key statistics at layer {layer} is below "
                           f"nullspace_threshold={cfg.nullspace_threshold:g}, so every update would change "
                           "preserved keys; raise the threshold or use memit/emmet")
-    alpha = cfg.alpha
-    if alpha is None:
-        alpha = cfg.alpha_scale * float((P * C.to(P.dtype)).sum())  # tr(P C), P and C symmetric
-    return null_space(R, K, P, memory, alpha)
+    return null_space(R, K, P, memory, _alpha(cfg, P, C))
+
+
+def _alpha(cfg, P, C) -> float:
+    """AlphaEdit's α: the given one, else ``alpha_scale · tr(P C)``."""
+    if cfg.alpha is not None:
+        return cfg.alpha
+    return cfg.alpha_scale * float((P * C.to(P.dtype)).sum())  # tr(P C), P and C symmetric
+
+
+def alphaedit_room(adapter, caches, cfg, state) -> Dict[int, Tuple[int, int]]:
+    """Per layer, the null space's dimensions k and those the key memory leaves unused: k minus the number of
+    eigenvalues of Uᵀ G_p U (the memory seen inside the null space) above α, the ridge below which a direction
+    still constrains nothing."""
+    out = {}
+    for layer in cfg.layers:
+        C = caches.mom2(layer, **cfg.stats_args)
+        U = caches.null_basis(layer, C, cfg.nullspace_threshold)
+        G = (state or {}).get(layer)
+        used = 0
+        if G is not None:
+            Ud = U.to(torch.float64)
+            used = int((torch.linalg.eigvalsh(Ud.T @ G.to(Ud) @ Ud) > _alpha(cfg, Ud @ Ud.T, C)).sum())
+        out[layer] = (int(U.shape[1]), int(U.shape[1]) - used)
+    return out
 
 
 #: method name -> its per-layer solve (the registered names of the family, in this order)
@@ -257,4 +279,5 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
 
 
 for _name, _solve in SOLVES.items():
-    register(MethodSpec(_name, BatchConfig, compute_batch, fold_state=add_keys if _solve.keeps_keys else None))
+    register(MethodSpec(_name, BatchConfig, compute_batch, fold_state=add_keys if _solve.keeps_keys else None,
+                        room=alphaedit_room if _solve.keeps_keys else None))

@@ -47,6 +47,9 @@ class MethodSpec:
         norm_limit: the collapse guard's calibrated ‖Δ‖ limit applies: the updates are ROME's rank-one form at
             one ``layer``, with key statistics (``stats_*`` fields) and a value clamp (``value``); otherwise the
             guard judges by generation entropy alone.
+        room: ``(adapter, caches, config, state) -> {layer: (null_dims, unused)}``: for projection methods, the
+            dimensions of the preserved null space and those the method's state leaves unused (the wear
+            meter's room left; ``None``: not a projection method).
     """
 
     name: str
@@ -57,6 +60,7 @@ class MethodSpec:
     retry: Optional[Callable] = None
     prefetch: Optional[Callable] = None
     norm_limit: bool = False
+    room: Optional[Callable] = None
 
     @property
     def field_names(self) -> set:
