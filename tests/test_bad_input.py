@@ -55,6 +55,15 @@ def test_cli_edit_json_on_tiny_model(tiny_dir, tiny_corpus, home, capsys):
     for side in ("before", "after"):
         assert {"p_new", "p_true", "generation"} <= set(obj[side])
     assert obj["layers"] == [1] and obj["method"] == "r-rome"
+    # the wear meter of the one edited layer: the first edit of a fresh model, so the update so far is this one
+    w = obj["wear"]["1"]
+    assert w["edits"] == 1 and w["ratio"] is None and w["relative"] > 0 and w["edit_norm"] > 0
+    code, text, err = _run(capsys, "edit", "--model", str(tiny_dir), "--prompt", "{} is located in the city of",
+                           "--subject", "Eiffel Tower", "--target", "Rome", "--true", "Paris", "--layer", "1",
+                           "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "3",
+                           "--allow-unverified")
+    assert code == 0, err
+    assert "wear (update of the edited matrices" in text and "layer 1: " in text and "its first edit" in text
 
 
 @pytest.mark.parametrize("extra,match", [

@@ -216,6 +216,7 @@ def test_locate_batch_download_upload_and_evaluate(page, tiny_env):
     text = click_and_wait(page, "batch-button", "batch-result")
     assert "Error" not in text, text
     assert page.locator("#batch-table tbody tr").count() == 3 and "3 requests, memit" in text
+    assert "Wear of the edited matrices" in text and page.locator("#wear tbody tr").count() >= 1  # per layer
     # the stack: download the edit as a patch and all as a PEFT adapter, revert, upload the patch back
     assert "memit" in history_text(page)
     click_and_wait(page, "download-patch-button", "history-status")

@@ -149,7 +149,7 @@ def edit_fact(editor, options: MethodOptions, settings: EditSettings, config=Non
         req if chat else None, result.config.layer_rule, result.verified, result.verification[0], result.retried,
         result.delta_norm, result.seconds, result.guard, result.rounding, result.statistics, result.prompt_prefix,
         dict(result.timings), result.side_effects, settings.side_effects, names,
-        str(editor.adapter.w_out_parameter(result.layers[0]).dtype))
+        str(editor.adapter.w_out_parameter(result.layers[0]).dtype), wear=dict(result.wear))
     return result, report
 
 
@@ -194,7 +194,8 @@ def edit_batch(editor, options: MethodOptions, settings: EditSettings, config=No
                 for r, b, v in zip(result.requests, p_before, result.verification)]
     report = BatchReport(result.method, model_name(editor.model), list(result.layers), result.config.layer_rule,
                          result.seconds, eff_after, eff_before, result.verified, outcomes, result.delta_norm,
-                         dict(result.timings), result.rounding, result.statistics, result.prompt_prefix)
+                         dict(result.timings), result.rounding, result.statistics, result.prompt_prefix,
+                         wear=dict(result.wear))
     return result, report
 
 

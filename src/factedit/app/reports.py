@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 from ..core.requests import Request
 
-__all__ = ["Snapshot", "EditReport", "BatchReport", "RequestOutcome"]
+__all__ = ["Snapshot", "EditReport", "BatchReport", "RequestOutcome", "wear_line", "wear_lines"]
 
 
 @dataclass
@@ -83,6 +83,7 @@ class EditReport:
     total_seconds: Optional[float] = None
     saved: Dict[str, str] = field(default_factory=dict)
     kept: Optional[bool] = None
+    wear: Dict[str, dict] = field(default_factory=dict)  # per layer: the wear meter (factedit.edit.wear)
 
     def to_dict(self) -> dict:
         """The JSON object of ``factedit edit --json``."""
@@ -94,7 +95,7 @@ class EditReport:
         out.update(layer_rule=self.layer_rule, verified=self.verified, verification=self.verification,
                    retried=self.retried, delta_norm=self.delta_norm, seconds=round(self.seconds, 3), guard=self.guard,
                    rounding=self.rounding, statistics=self.statistics, prompt_prefix=self.prompt_prefix,
-                   timings={k: round(v, 3) for k, v in self.timings.items()})
+                   timings={k: round(v, 3) for k, v in self.timings.items()}, wear=self.wear)
         if self.measured_side_effects:
             out["side_effects"] = self.side_effects
         if self.total_seconds is not None:
@@ -137,6 +138,7 @@ class EditReport:
                       f"{r['after'].strip()!r}" for r in fx["probes"] if r["changed"]]
         lines.append(f"\n  ||Δ|| = {self.delta_norm:.3f}   edit {self.seconds:.1f} s "
                      f"(values {self.timings.get('values', 0):.1f} s, statistics {self.timings.get('stats', 0):.1f} s)")
+        lines += wear_lines(self.wear)
         worst = max(self.rounding.values(), default=0.0)
         if worst > 1e-4:  # float32 weights round at ~1e-7; only half precision shows here
             lines.append(f"  written in {self.dtype}: {100 * worst:.2f}% of the update's effect on its key lost to "
@@ -194,6 +196,7 @@ class BatchReport:
     statistics: Dict[str, dict]
     prompt_prefix: str
     saved: Dict[str, str] = field(default_factory=dict)
+    wear: Dict[str, dict] = field(default_factory=dict)  # per layer: the wear meter (factedit.edit.wear)
 
     @property
     def n_verified(self) -> int:
@@ -206,7 +209,7 @@ class BatchReport:
                 "efficacy_before": self.efficacy_before, "verified": self.verified, "n_verified": self.n_verified,
                 "requests": [o.to_dict() for o in self.requests], "delta_norm": self.delta_norm,
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}, "rounding": self.rounding,
-                "statistics": self.statistics, "prompt_prefix": self.prompt_prefix, **self.saved}
+                "statistics": self.statistics, "prompt_prefix": self.prompt_prefix, "wear": self.wear, **self.saved}
 
     def to_text(self) -> str:
         """What ``factedit edit --requests FILE`` prints."""
@@ -215,10 +218,32 @@ class BatchReport:
         lines = [f"factedit {self.method} on {self.model}, layers {self.layers}: {n} requests in {self.seconds:.1f} s",
                  f"  efficacy (P(new) > P(true)): {eff}",
                  f"  took (verified on its own prompt): {self.n_verified} of {n}",
-                 f"  ||Δ|| = {self.delta_norm:.3f}"]
+                 f"  ||Δ|| = {self.delta_norm:.3f}", *wear_lines(self.wear)]
         for o in self.requests:
             true = "" if o.p_true is None else f", P(true) {o.p_true:.4f}"
             lines.append(f"  {'ok    ' if o.verified else 'FAILED'} {o.prompt!r} -> {o.target_new!r}: "
                          f"P(new) {o.p_new:.4f}"
                          + true)
         return "\n".join(lines)
+
+
+def wear_line(layer: str, w: dict) -> str:
+    """One layer's wear in words: the update so far against the matrix, this edit against the earlier ones,
+    and the null space left (projection methods)."""
+    text = f"layer {layer}: {100 * w['relative']:.2f}% of ‖W‖ moved so far; "
+    if w.get("ratio") is None:
+        text += "its first edit in this history"
+    else:
+        text += f"this edit {w['ratio']:.2f}× the median of the {w['edits'] - 1} before it"
+    if w.get("room") is not None:
+        text += f"; null space left {w['room']} of {w['null_dims']} dimensions"
+    return text
+
+
+def wear_lines(wear: Dict[str, dict]) -> List[str]:
+    """The wear meter as report lines (none when not measured)."""
+    if not wear:
+        return []
+    return ["  wear (update of the edited matrices since the history began):"] + [
+        f"    {wear_line(layer, w)}" for layer, w in sorted(wear.items(), key=lambda kv: int(kv[0]))]
+
