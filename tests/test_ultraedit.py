@@ -159,3 +159,42 @@ def test_bad_options_and_a_foreign_state_are_refused(home):
     with pytest.raises(MethodError, match="another model"):
         compute_ultraedit(ad, EditCaches(ad, progress=False), REQS[:1], cfg, state=foreign)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_damaged_or_missing_method_state_is_refused_and_changes_nothing(home, tiny_corpus, tiny_dir, tmp_path,
+                                                                          capsys):
+    """A stack whose running statistics were altered, or a later turn applied without the first (whose state
+    holds the prior): refused with a clear error, exit 2, the model and its files untouched."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from factedit import load_model
+    from factedit.cli import main
+    from factedit.patch.files import Patch, PatchError
+    from factedit.patch.stack import stack_files
+
+    model, tok = load_model(str(tiny_dir))
+    ed = Editor(model, tok, progress=False)
+    kw = dict(method="ultraedit", layers=(1, 2), stats_corpus=str(tiny_corpus), stats_tokens=300, stats_seq_len=64,
+              guard=OFF, verify=False)
+    ed.edit(REQS[:1], **kw)
+    ed.edit(REQS[1:2], **kw)
+    ed.save_history(tmp_path / "stack")
+    first, second = stack_files(tmp_path / "stack")
+    with safe_open(str(first), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["state.0.mean"] = tensors["state.0.mean"] + 1.0  # the running mean altered
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(damaged), metadata=meta)
+    fresh = Editor(*load_model(str(tiny_dir)), progress=False)
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    with pytest.raises(PatchError, match="damaged"):
+        fresh.apply_patches([Patch.load(damaged)])
+    assert "ultraedit" not in fresh.state
+    assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())
+    capsys.readouterr()
+    assert main(["apply", str(damaged), "--model", str(tiny_dir), "--save-model", str(tmp_path / "out")]) == 2
+    assert "damaged" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    # the second turn alone: its base is the model after the first, so it does not apply to the unedited one
+    assert main(["apply", str(second), "--model", str(tiny_dir), "--save-model", str(tmp_path / "out")]) == 2
+    assert "base" in capsys.readouterr().err.lower() and not (tmp_path / "out").exists()

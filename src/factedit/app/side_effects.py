@@ -30,6 +30,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..core.errors import DataError, FactEditError
+from ..core.known_facts import BUILTIN_SUBJECTS, BUILTIN_TEMPLATES
 from ..core.requests import Request
 
 __all__ = ["BUILTIN_SUBJECTS", "BUILTIN_TEMPLATES", "Bank", "Probe", "load_bank", "probe_prompts", "answers",
@@ -37,21 +38,6 @@ __all__ = ["BUILTIN_SUBJECTS", "BUILTIN_TEMPLATES", "Bank", "Probe", "load_bank"
 
 #: new tokens of a probe's greedy answer (cut at its first sentence)
 SIDE_EFFECT_TOKENS = 12
-
-#: subjects a small model tends to know, used when no bank of known facts is given
-BUILTIN_SUBJECTS = (
-    "France", "Germany", "Japan", "Brazil", "Portugal", "Italy", "Spain", "Canada", "India", "China", "Egypt",
-    "Mexico", "Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Moscow", "Cairo", "the Eiffel Tower",
-    "the Colosseum", "Big Ben", "Mount Everest", "the Amazon River", "Google", "Microsoft", "Apple", "Toyota",
-    "Nokia", "Samsung", "IBM", "Albert Einstein", "Barack Obama", "William Shakespeare", "Pablo Picasso",
-    "Lionel Messi", "Elvis Presley", "Marie Curie", "Isaac Newton")
-
-#: relation templates used when no bank is given (a subject, then the answer)
-BUILTIN_TEMPLATES = (
-    "{} is located in", "The capital of {} is", "The official language of {} is", "{} was founded by",
-    "{} was born in", "{} is a citizen of", "{} works in the field of", "The headquarters of {} are in",
-    "{} is part of the continent of", "The currency of {} is")
-
 
 @dataclass(frozen=True)
 class Bank:

@@ -16,7 +16,7 @@ from ..core.batching import pad_id, pad_rows
 from ..core.hooks import Hook
 from ..core.tokens import encode_request
 
-__all__ = ["template_keys"]
+__all__ = ["template_keys", "w_out_outputs"]
 
 
 def _at(x: torch.Tensor, positions) -> torch.Tensor:
@@ -69,3 +69,23 @@ def template_keys(adapter, requests: Sequence, templates: Sequence[str], key_lay
     if Z is not None:
         Z /= counts[:, None].to(z_dev)
     return K.float(), (Z.float() if Z is not None else None)
+
+
+@torch.no_grad()
+def w_out_outputs(adapter, requests: Sequence, layer: int, fact_token: str = "subject_last",
+                  batch_rows: int = 128) -> torch.Tensor:
+    """Per request, the output of W_out at ``layer`` (the MLP's contribution to the residual, NAS's v₀) at the
+    fact token of the bare prompt, (n, d_model) float64 on that layer's device."""
+    tok, dev = adapter.tokenizer, adapter.input_device
+    rows = []
+    for req in requests:
+        ids, fact, _ = encode_request(tok, req.prompt, req.subject, None, fact_token)
+        rows.append((ids[: fact + 1], fact))
+    out = []
+    for b in range(0, len(rows), batch_rows):
+        chunk = rows[b: b + batch_rows]
+        batch = pad_rows([ids for ids, _ in chunk], pad_id(tok), device=dev)
+        with Hook(adapter.w_out(layer), retain_output=True, stop=True) as h:
+            adapter.body(**batch.inputs(), use_cache=False)
+        out.append(_at(h.output, [f for _, f in chunk]).double())
+    return torch.cat(out).to(adapter.w_out_device(layer))

@@ -22,8 +22,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ...core.errors import MethodError, RequestError
+from ..anchor import ANCHOR_KEY, anchor_norm, anchored_targets
 from ..deltas import LayerDelta, apply_deltas
-from ..keys import template_keys
+from ..keys import template_keys, w_out_outputs
 from ..results import Computed
 from ..solver import Solution, equality_constrained, least_squares, null_space
 from ..values import ValueConfig, ValueProblem, optimize_values
@@ -131,6 +132,11 @@ class BatchConfig(StatsFields):
             from, as MEMIT's code) or ``"templates"`` (averaged over the context templates, as factedit
             before 2026-12-01: every update then also carried z0_bare − mean_j z_j).
         batch_size: requests per target-optimisation batch (memory is linear in it).
+        norm_anchor: NAS norm anchoring (:mod:`factedit.edit.anchor`): each target's MLP output rescaled to the
+            original model's typical norm, targets above ``norm_anchor_skip`` times it dropped.
+        norm_anchor_samples: calibration requests of the anchor (the reference: 1,000 CounterFact rewrites).
+        norm_anchor_skip: a target whose ‖v*‖ exceeds this many times the anchor is not written (the reference: 2).
+        norm_anchor_quantile: the calibration norms above this quantile are left out of the anchor (0.95).
     """
 
     method: str = "memit"
@@ -146,6 +152,10 @@ class BatchConfig(StatsFields):
     alpha_scale: float = 0.02
     current_residual: str = "bare"
     batch_size: int = 16
+    norm_anchor: bool = False
+    norm_anchor_samples: int = 100
+    norm_anchor_skip: float = 2.0
+    norm_anchor_quantile: float = 0.95
 
     def __post_init__(self):
         super().__post_init__()
@@ -155,6 +165,9 @@ class BatchConfig(StatsFields):
             raise MethodError("batch_size must be at least 1")
         if self.current_residual not in ("bare", "templates"):
             raise MethodError(f"current_residual must be 'bare' or 'templates', got {self.current_residual!r}")
+        if self.norm_anchor_samples < 10 or not self.norm_anchor_skip > 1 or not 0 < self.norm_anchor_quantile <= 1:
+            raise MethodError("norm anchoring needs norm_anchor_samples ≥ 10, norm_anchor_skip > 1 and "
+                              "0 < norm_anchor_quantile ≤ 1")
 
     def resolved(self, adapter) -> "BatchConfig":
         layers = default_span(adapter.n_layers) if self.layers is None else check_layers(adapter, self.layers)
@@ -214,12 +227,16 @@ def target_residuals(adapter, caches, requests, cfg: BatchConfig, templates):
 
 
 def add_keys(state: Optional[dict], keys: Dict[int, torch.Tensor]) -> dict:
-    """AlphaEdit's key memory after a batch: ``{layer: K_p K_pᵀ + K Kᵀ}`` (a new dict; ``state``
-    is not modified). Replaying the same ``keys`` in the same order reproduces it bit for bit,
-    which is how the Editor reverts it without keeping every earlier (d_ff × d_ff) matrix."""
+    """The batch methods' state after a batch (a new dict; ``state`` is not modified): AlphaEdit's key memory
+    ``{layer: K_p K_pᵀ + K Kᵀ}``, and the norm anchor (:data:`~factedit.edit.anchor.ANCHOR_KEY`) kept from the
+    first anchored batch on. Replaying the same updates in the same order reproduces it bit for bit, which is
+    how the Editor reverts it without keeping every earlier (d_ff × d_ff) matrix."""
     state = dict(state or {})
     for l, K in keys.items():
-        state[l] = (state[l] if l in state else 0) + K @ K.T
+        if l == ANCHOR_KEY:
+            state.setdefault(ANCHOR_KEY, K)
+        else:
+            state[l] = (state[l] if l in state else 0) + K @ K.T
     return state
 
 
@@ -244,9 +261,13 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
     t = time.perf_counter()
     Z_target, info = target_residuals(ad, caches, list(requests), cfg, templates)
     timings["values"] = time.perf_counter() - t
-    t = time.perf_counter()
     state = dict(state or {})
-    new_keys: Dict[int, torch.Tensor] = {}
+    new_keys: Dict[object, torch.Tensor] = {}
+    if cfg.norm_anchor:
+        t = time.perf_counter()
+        Z_target, new_keys = _anchor(ad, caches, list(requests), cfg, templates, state, Z_target, info)
+        timings["anchor"] = time.perf_counter() - t
+    t = time.perf_counter()
     keys_of: Dict[int, torch.Tensor] = {}  # per layer the keys K (d_ff, n) its update is for
     deltas: List[LayerDelta] = []
     applied = []
@@ -274,10 +295,34 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
         for a in reversed(applied):
             a.revert()
     timings["solve"] = time.perf_counter() - t
-    return Computed(deltas, None, info, timings, cfg, state_update=new_keys if solver.keeps_keys else None,
-                    keys=keys_of)
+    return Computed(deltas, None, info, timings, cfg, state_update=new_keys or None, keys=keys_of)
+
+
+def _anchor(adapter, caches, requests, cfg: BatchConfig, templates, state, Z_target, info):
+    """NAS on the batch's targets (:func:`~factedit.edit.anchor.anchored_targets`); the anchor from the state, or
+    calibrated on the current weights (then returned as the batch's state update, to be kept from now on)."""
+    update: Dict[object, torch.Tensor] = {}
+    if ANCHOR_KEY in state:
+        m = float(state[ANCHOR_KEY][0])
+    else:
+        memo = caches.weights_memo("norm anchor", cfg.layers[-1], tuple(templates), cfg.value, cfg.norm_anchor_samples,
+                                   cfg.norm_anchor_quantile, cfg.seed, cfg.fact_token)
+        if "m" not in memo:
+            memo["m"], _ = anchor_norm(adapter, caches, cfg, templates, target_residuals)
+        m = memo["m"]
+        update[ANCHOR_KEY] = torch.tensor([m], dtype=torch.float64)
+    L = cfg.layers[-1]
+    _, z0 = template_keys(adapter, requests, ["{}"], L, L, cfg.fact_token)
+    v0 = w_out_outputs(adapter, requests, L, cfg.fact_token)
+    Z, skipped, norms = anchored_targets(Z_target, z0, v0, m, cfg.norm_anchor_skip)
+    for x, s, n in zip(info, skipped.tolist(), norms.tolist()):
+        x["anchor"] = {"v_norm": n, "anchor": m, "skipped": bool(s)}
+    if bool(skipped.any()):
+        log.warning("norm anchoring: %d of %d targets above %g × the anchor norm %.3g were not written",
+                    int(skipped.sum()), len(requests), cfg.norm_anchor_skip, m)
+    return Z.to(Z_target.dtype), update
 
 
 for _name, _solve in SOLVES.items():
-    register(MethodSpec(_name, BatchConfig, compute_batch, fold_state=add_keys if _solve.keeps_keys else None,
+    register(MethodSpec(_name, BatchConfig, compute_batch, fold_state=add_keys,
                         room=alphaedit_room if _solve.keeps_keys else None))
