@@ -209,7 +209,8 @@ def test_sequential_run_tracks_perplexity_recall_and_generation_retention(home, 
 
     run = load_run(tmp_path / "seq")
     assert "perplexity at end" in sequential_table([run])
-    assert any(p.name == "sequential_ability.png" for p in plot_runs([run], tmp_path / "plots"))
+    plots = {p.name for p in plot_runs([run], tmp_path / "plots")}
+    assert {"sequential_ability.png", "sequential_wear.png"} <= plots
     ed.revert(len(ed.history))
 
 

@@ -179,6 +179,7 @@ _CHECKPOINT_COLUMNS = (
     ("re-scored", _rescored),
     ("perplexity", _perplexity),
     ("known recall", _known_recall),
+    ("wear (max layer)", lambda d: _cell(100 * max(d["wear"].values()) if d.get("wear") else None, "{:.1f}%")),
     ("downstream mean", lambda d: _cell(None if (d.get("tasks") or {}).get("mean") is None
                                         else 100 * d["tasks"]["mean"], "{:.1f}")),
     ("s", lambda d: _cell(d.get("seconds"), "{:.0f}")),
@@ -266,6 +267,16 @@ def plot_runs(runs: Sequence[Run], out_dir) -> List[Path]:
         axes[1].set_ylim(0, 100)
         axes[0].legend(fontsize=8)
         save(fig, "sequential_ability.png")
+
+    if any(d.get("wear") for r in seq for d in r.downstream):
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        for r in seq:
+            pts = [(d["n_edits"], 100 * max(d["wear"].values())) for d in r.downstream if d.get("wear")]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=r.name)
+        ax.set(xlabel="edits", ylabel="% of ‖W‖", title="wear: largest ‖W − W⁰‖ / ‖W⁰‖ of the edited layers")
+        ax.legend(fontsize=8)
+        save(fig, "sequential_wear.png")
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for r in seq:
