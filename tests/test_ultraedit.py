@@ -111,6 +111,15 @@ def test_the_first_turn_brings_the_prior_and_later_turns_do_not(home, tiny_corpu
     assert n1 > rows(REQS[0]) + 2 * 200  # the prior's next-token rows (≥ 200 tokens at 2 layers) and the turn's
     assert float(second.state_updates[0]["count"]) == rows(REQS[1])
     assert float(ed.state["ultraedit"]["count"]) == n1 + rows(REQS[1])
+    # the prior is cached on disk by the weights: a new editor of the same model reads it (bit for bit), and
+    # a damaged cache file is computed again
+    cached = list((home / "ultraedit").glob("prior-*.safetensors"))
+    assert len(cached) == 1
+    again = Editor(*tiny_model("llama"), progress=False).edit(REQS[:1], **kw)
+    assert all(torch.equal(again.state_updates[0][k], first.state_updates[0][k]) for k in ("count", "mean", "m2"))
+    cached[0].write_bytes(b"not a safetensors file")
+    again = Editor(*tiny_model("llama"), progress=False).edit(REQS[:1], **kw)
+    assert all(torch.equal(again.state_updates[0][k], first.state_updates[0][k]) for k in ("count", "mean", "m2"))
 
 
 def _same(a: dict, b: dict) -> bool:

@@ -19,6 +19,8 @@ GPT-J, Mistral and Phi-4; Llama/Qwen configs edit gate/up projections, which fac
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -208,15 +210,41 @@ def _request_features(adapter, requests, cfg: UltraEditConfig):
 
 def prior_moments(adapter, cfg: UltraEditConfig) -> Optional[dict]:
     """The normaliser's prior: moments of next-token features of ``cfg.stats_tokens`` tokens of the statistics
-    corpus at every edited layer (pooled, as the reference pools all modules of one shape); ``None`` for 0."""
+    corpus at every edited layer (pooled, as the reference pools all modules of one shape); ``None`` for 0.
+    Cached on disk by the weights' fingerprint, corpus and settings (``$FACTEDIT_HOME/ultraedit/``), so every
+    ``factedit edit`` of the same model reads it instead of running the corpus again."""
+    from safetensors.torch import load_file, save_file
+
+    from ...core.fingerprints import model_fingerprint
+    from ...core.paths import atomic_path, factedit_home
+    from ...core.tokens import prefix_tag
     from ...stats.corpus import resolve_corpus
-    from ...stats.layer import token_chunks
 
     if cfg.stats_tokens == 0:
         return None
-    tok = adapter.tokenizer
     seq_len = min(cfg.stats_seq_len, adapter.max_positions)
     src = resolve_corpus(cfg.stats_corpus, adapter, cfg.stats_tokens)
+    key = json.dumps([model_fingerprint(adapter.model) + prefix_tag(adapter.tokenizer), src.name, cfg.stats_tokens,
+                      seq_len, list(cfg.layers)])
+    path = factedit_home() / "ultraedit" / f"prior-{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    if path.is_file():
+        try:
+            got = load_file(str(path))
+            if set(got) == {"count", "mean", "m2"} and all(torch.isfinite(v).all() for v in got.values()):
+                return got
+        except Exception:  # a damaged cache file is computed again
+            pass
+    moments = _prior(adapter, cfg, src, seq_len)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, ".safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp))
+    return moments
+
+
+def _prior(adapter, cfg: UltraEditConfig, src, seq_len: int) -> dict:
+    from ...stats.layer import token_chunks
+
+    tok = adapter.tokenizer
     chunks = [c for c in token_chunks(tok, src, seq_len, cfg.stats_tokens) if len(c) > 1]
     if not chunks:
         raise MethodError(f"ultraedit: the statistics corpus {src.name} gave no text for the normaliser's prior")
