@@ -56,10 +56,11 @@ SEQUENTIAL = {"emmet": ("emmet", 10, LR05), "alphaedit": ("alphaedit", 10, LR05)
 #: the 1,000-edit sequential runs of issue 16: batches of 100 for the batch methods (targets shared),
 #: single edits for the ROME variants; perplexity on held-out text and known-fact recall every --every edits
 LONG = {"emmet": ("emmet", 100), "alphaedit": ("alphaedit", 100), "r-rome": ("r-rome", 1), "rome": ("rome", 1),
-        # issue 32: the lifelong method, in turns of 100 as the reference edits; AlphaEdit with the paper's α
-        "ultraedit": ("ultraedit", 100), "alphaedit-a10": ("alphaedit", 100, "alpha=10"),
-        "emmet-nas": ("emmet", 100, "norm_anchor=true"), "alphaedit-a10-nas": ("alphaedit", 100, "alpha=10",
-                                                                                "norm_anchor=true")}
+        # issue 32: the lifelong method, in turns of 100 as the reference edits; AlphaEdit with the paper's α;
+        # the fourth approach (recursive least squares); norm anchoring on EMMET and AlphaEdit (α = 10)
+        "ultraedit": ("ultraedit", 100), "alphaedit-a10": ("alphaedit", 100, "alpha=10"), "rls": ("rls", 100),
+        "emmet-nas": ("emmet", 100, "norm_anchor=true"),
+        "alphaedit-a10-nas": ("alphaedit", 100, "alpha=10", "norm_anchor=true")}
 #: earlier edits re-scored at each checkpoint of a long run (evenly spaced, first and latest included):
 #: all of them would cost O(n²), 5,500 case scorings per run at 0.3–0.8 s each on 2 cores (50 took 16–41 s)
 RETENTION = 50

@@ -25,7 +25,7 @@ from ..core.errors import StatsError
 from ..core.offload import precise_dtype
 
 __all__ = ["solve_spd", "Solution", "least_squares", "equality_constrained", "null_space", "null_space_basis",
-           "null_space_projector"]
+           "null_space_projector", "recursive_least_squares"]
 
 
 def solve_spd(C: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -48,13 +48,14 @@ def solve_spd(C: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class Solution:
     """``Δ = left @ rightᵀ`` plus what the solve had to do to get there."""
 
-    left: torch.Tensor  # (d_model, n) float64
-    right: torch.Tensor  # (d_ff, n) float64
+    left: torch.Tensor  # (d_model, n) float64; the whole (d_model, d_ff) Δ when ``right`` is None
+    right: Optional[torch.Tensor]  # (d_ff, n) float64
     ridge: float = 0.0
     condition: float = float("nan")
+    memory: Optional[dict] = None  # what the solve adds to the method's per-layer state (rls: its K and U)
 
     def dense(self) -> torch.Tensor:
-        return self.left @ self.right.T
+        return self.left if self.right is None else self.left @ self.right.T
 
 
 def _f64(*xs):
@@ -128,3 +129,26 @@ def null_space(R: torch.Tensor, K: torch.Tensor, P: torch.Tensor, G_prev: Option
     A = G @ P + alpha * torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
     X = torch.linalg.solve(A.T, P @ K)  # (d_ff, n) = A⁻ᵀ P K
     return Solution(R, P @ X)
+
+
+def recursive_least_squares(R: torch.Tensor, K: torch.Tensor, C: torch.Tensor, lam: float,
+                            memory: Optional[dict] = None) -> Solution:
+    """Refit every edit so far against the weights before the first: with the memory ``A = Σ K_i K_iᵀ``,
+    ``B = Σ U_i K_iᵀ`` of the earlier edits (``U_i`` the change each asked of its keys' outputs, measured from
+    those weights), ``D_prev = B (λC + A)⁻¹`` is the cumulative update so far and this edit asks
+    ``U = D_prev K + R`` (its keys' outputs as they are now, plus R). Then ``A' = A + K Kᵀ``, ``B' = B + U Kᵀ``,
+    ``D = B' (λC + A')⁻¹`` minimises ``λ‖D K0‖² + Σ_i ‖D K_i − U_i‖²`` over all edits, and the applied update
+    is ``D − D_prev`` (dense). The first edit is MEMIT's :func:`least_squares` exactly. ``Solution.memory`` is
+    ``{"K", "U"}``, what :func:`~factedit.edit.methods.batch.add_keys` folds into the state."""
+    C, R, K = _f64(C, R, K)
+    A = K @ K.T
+    if memory is not None:
+        A_prev, B_prev = (memory[k].to(device=C.device, dtype=C.dtype) for k in ("A", "B"))
+        D_prev = solve_spd(lam * C + A_prev, B_prev.T).T
+        U = D_prev @ K + R
+        A, B = A_prev + A, B_prev + U @ K.T
+        D = solve_spd(lam * C + A, B.T).T - D_prev
+    else:
+        U = R
+        D = solve_spd(lam * C + A, (U @ K.T).T).T
+    return Solution(D, None, memory={"K": K, "U": U})

@@ -1,4 +1,4 @@
-"""MEMIT, EMMET and AlphaEdit: many requests, several layers, one solver (docs/ALGORITHMS.md §4–6).
+"""MEMIT, EMMET, AlphaEdit and RLS: many requests, several layers, one solver (docs/ALGORITHMS.md §4–6, §14).
 
 The three differ only in the solve of each layer (:data:`SOLVES`, over :mod:`factedit.edit.solver`); the
 pipeline is shared, and a new member of the family is one more entry there and one registration:
@@ -26,7 +26,7 @@ from ..anchor import ANCHOR_KEY, anchor_norm, anchored_targets
 from ..deltas import LayerDelta, apply_deltas
 from ..keys import template_keys, w_out_outputs
 from ..results import Computed
-from ..solver import Solution, equality_constrained, least_squares, null_space
+from ..solver import Solution, equality_constrained, least_squares, null_space, recursive_least_squares
 from ..values import ValueConfig, ValueProblem, optimize_values
 from .base import GIVEN, SPAN_RULE, StatsFields, check_layers, default_span, default_stats_tokens
 from .registry import MethodSpec, register
@@ -97,9 +97,13 @@ def alphaedit_room(adapter, caches, cfg, state) -> Dict[int, Tuple[int, int]]:
     return out
 
 
+def _rls(R, K, C, layer, cfg, caches, memory) -> Solution:
+    return recursive_least_squares(R, K, C, cfg.mom2_update_weight, memory)
+
+
 #: method name -> its per-layer solve (the registered names of the family, in this order)
 SOLVES: Dict[str, LayerSolve] = {"memit": LayerSolve(_memit), "emmet": LayerSolve(_emmet),
-                                 "alphaedit": LayerSolve(_alphaedit, keeps_keys=True)}
+                                 "alphaedit": LayerSolve(_alphaedit, keeps_keys=True), "rls": LayerSolve(_rls)}
 BATCH_METHODS = tuple(SOLVES)
 
 
@@ -109,7 +113,7 @@ class BatchConfig(StatsFields):
     fields of :class:`~factedit.edit.methods.base.StatsFields` (statistics, template seed, layer rule).
 
     Attributes:
-        method: ``"memit"``, ``"emmet"`` or ``"alphaedit"``.
+        method: ``"memit"``, ``"emmet"``, ``"alphaedit"`` or ``"rls"``.
         layers: the span of edited layers (ascending); default :func:`~factedit.edit.methods.base.default_span`.
         value: target optimisation knobs (MEMIT's clamp, 0.75 of ‖z₀‖; Adam lr 1.0 where MEMIT's code uses 0.5:
             on a batch of 100 CounterFact requests the same ES/PS (100/93) with 11.4 instead of 16.7 steps per
@@ -228,14 +232,20 @@ def target_residuals(adapter, caches, requests, cfg: BatchConfig, templates):
 
 def add_keys(state: Optional[dict], keys: Dict[int, torch.Tensor]) -> dict:
     """The batch methods' state after a batch (a new dict; ``state`` is not modified): AlphaEdit's key memory
-    ``{layer: K_p K_pᵀ + K Kᵀ}``, and the norm anchor (:data:`~factedit.edit.anchor.ANCHOR_KEY`) kept from the
+    ``{layer: K_p K_pᵀ + K Kᵀ}``, RLS's ``{layer: {"A": Σ K Kᵀ, "B": Σ U Kᵀ}}`` (from its ``"K:l"``/``"U:l"``
+    updates), and the norm anchor (:data:`~factedit.edit.anchor.ANCHOR_KEY`) kept from the
     first anchored batch on. Replaying the same updates in the same order reproduces it bit for bit, which is
     how the Editor reverts it without keeping every earlier (d_ff × d_ff) matrix."""
     state = dict(state or {})
     for l, K in keys.items():
         if l == ANCHOR_KEY:
             state.setdefault(ANCHOR_KEY, K)
-        else:
+        elif isinstance(l, str) and l.startswith("K:"):  # rls: A = Σ K Kᵀ, B = Σ U Kᵀ (the solve's expressions)
+            layer, U = int(l[2:]), keys["U:" + l[2:]]
+            old = state.get(layer)
+            state[layer] = ({"A": K @ K.T, "B": U @ K.T} if old is None else
+                            {"A": old["A"] + K @ K.T, "B": old["B"] + U @ K.T})
+        elif isinstance(l, int):
             state[l] = (state[l] if l in state else 0) + K @ K.T
     return state
 
@@ -285,7 +295,9 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
             sol = solver.solve(R, Kt, C[l], l, cfg, caches, state.get(l))
             if solver.keeps_keys:
                 new_keys[l] = Kt.double()
-            d = LayerDelta(l, sol.left.float(), sol.right.float())
+            elif sol.memory is not None:  # rls: "K:l" and "U:l" (flat, as patches store state updates)
+                new_keys.update({f"{k}:{l}": v for k, v in sol.memory.items()})
+            d = LayerDelta(l, sol.left.float(), None if sol.right is None else sol.right.float())
             keys_of[l] = Kt
             applied.append(apply_deltas(ad, [d]))
             deltas.append(d)
