@@ -88,20 +88,21 @@ def test_ultraedit_50_sequential_edits_revert_bit_exactly_and_reload_as_a_stack(
     assert all(torch.equal(before[k], v) for k, v in ed.model.state_dict().items())
 
 
-def test_rls_sequential_batches_refit_and_keep_the_earlier_ones(embedded):
-    """RLS (issue 32): three sequential batches of 8 CounterFact records. Each batch refits every edit so far
-    against the original weights, so the first batch still holds after the two later ones; reverting all
-    restores the original weights bit for bit and clears the memory."""
+def test_rls_a_second_batch_refits_and_keeps_the_first(embedded):
+    """RLS (issue 32): two sequential batches of 6 CounterFact records. The second batch refits every edit so
+    far against the original weights, so the first batch still holds after it; reverting both restores the
+    original weights bit for bit and clears the memory. (Two batches are enough for the property: the second
+    refit must keep the first batch's asks; more batches cost a target optimisation each.)"""
     import torch
 
     ed = embedded
-    reqs = load_requests(COUNTERFACT, limit=24, offset=200)
+    reqs = load_requests(COUNTERFACT, limit=12, offset=200)
     before = {k: v.clone() for k, v in ed.model.state_dict().items()}
     try:
-        for i in range(0, 24, 8):
-            ed.edit(reqs[i:i + 8], method="rls", guard=OFF, **STATS)
+        for i in range(0, 12, 6):
+            ed.edit(reqs[i:i + 6], method="rls", guard=OFF, **STATS)
         assert efficacy(ed.adapter, reqs) >= 0.8
-        assert efficacy(ed.adapter, reqs[:8]) >= 0.8  # the first batch, after two more
+        assert efficacy(ed.adapter, reqs[:6]) >= 0.8  # the first batch, after the second
     finally:
         ed.revert(len(ed.history))
     assert "rls" not in ed.state
