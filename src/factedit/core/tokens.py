@@ -18,7 +18,7 @@ from typing import List, Tuple
 
 from .errors import RequestError
 
-__all__ = ["encode", "token_at_char", "fact_token_index", "encode_with_target", "encode_request",
+__all__ = ["encode", "token_at_char", "fact_token_index", "encode_with_target", "encode_request", "target_rows",
            "with_prompt_prefix", "prompt_prefix_of", "prefix_tag", "source_tokenizer", "AUTO_PREFIXES"]
 
 log = logging.getLogger(__name__)
@@ -193,3 +193,14 @@ def encode_request(tok, template: str, subject: str, target: str | None, strateg
     if fact >= tidx[0]:
         raise RequestError(f"the subject {subject!r} must come before the target in {template!r}")
     return ids, fact, tidx
+
+
+def target_rows(tok, requests) -> list:
+    """Per request, what teacher forcing its new target reads: ``(ids, positions, targets)`` with ``ids`` the
+    prompt and target up to the target's last token (excluded), ``positions`` the indices whose next-token
+    prediction is a target token, ``targets`` those tokens."""
+    rows = []
+    for req in requests:
+        ids, _, tidx = encode_request(tok, req.prompt, req.subject, req.target_new)
+        rows.append((ids[: tidx[-1]], [i - 1 for i in tidx], [ids[i] for i in tidx]))
+    return rows

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.batching import pad_id, pad_rows
-from ...core.tokens import encode_request
+from ...core.tokens import target_rows
 from ..deltas import LayerDelta
 from ..results import Computed
 from ..row_deltas import RowDeltas
@@ -58,10 +58,7 @@ def compute_ft(adapter, caches, requests, cfg: FTConfig, state=None) -> Computed
     t0 = time.perf_counter()
     ad = adapter
     tok, dev = ad.tokenizer, ad.input_device
-    rows = []
-    for req in requests:
-        ids, _, tidx = encode_request(tok, req.prompt, req.subject, req.target_new)
-        rows.append((ids[: tidx[-1]], [i - 1 for i in tidx], [ids[i] for i in tidx]))
+    rows = target_rows(tok, requests)
     batch = pad_rows([seq for seq, _, _ in rows], pad_id(tok), device=dev)
     sel_r, sel_c, tgt, w = [], [], [], []
     for i, (_, pos, t) in enumerate(rows):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from ...core.batching import pad_id, pad_rows
 from ...core.errors import MethodError
 from ...core.hooks import Hook
-from ...core.tokens import encode_request
+from ...core.tokens import target_rows
 from ..deltas import LayerDelta
 from ..results import Computed
 from .base import GIVEN, check_layers
@@ -145,7 +146,7 @@ def _features(adapter, layers: Sequence[int], batch, positions, targets):
     """Keys and output gradients at ``positions`` (rows, cols) of every layer in one forward and backward
     of the summed cross-entropy of ``targets`` there. Returns ``({layer: (K, G)}, per-position NLL)``."""
     ad = adapter
-    hooks, probes = [], {}
+    probes = {}
 
     def probe(layer):
         def add(h):
@@ -154,16 +155,12 @@ def _features(adapter, layers: Sequence[int], batch, positions, targets):
             return h + z
         return add
 
-    for layer in layers:
-        hooks.append(Hook(ad.w_out(layer), retain_input=True, edit_output=probe(layer)))
+    hooks = [Hook(ad.w_out(layer), retain_input=True, edit_output=probe(layer)) for layer in layers]
     with torch.enable_grad():
-        for h in hooks:
-            h.__enter__()
-        try:
-            hidden = ad.body(**batch.inputs()).last_hidden_state
-        finally:
+        with ExitStack() as stack:
             for h in hooks:
-                h.__exit__(None, None, None)
+                stack.enter_context(h)
+            hidden = ad.body(**batch.inputs()).last_hidden_state
         rows, cols = positions
         at = rows.to(hidden.device), cols.to(hidden.device)
         logp = F.log_softmax(ad.logits(hidden[at]).float(), dim=-1)
@@ -178,18 +175,15 @@ def _features(adapter, layers: Sequence[int], batch, positions, targets):
     return out, nll.detach()
 
 
-def _request_rows(tok, requests):
-    rows = []
-    for req in requests:
-        ids, _, tidx = encode_request(tok, req.prompt, req.subject, req.target_new)
-        rows.append((ids[: tidx[-1]], [i - 1 for i in tidx], [ids[i] for i in tidx]))
-    return rows
+def _pooled(moments: Optional[dict], K: torch.Tensor, G: torch.Tensor) -> dict:
+    """``moments`` with the rows of one layer's features ``[K, G]`` merged in (on the CPU, where the state is)."""
+    return merge_moments(moments, {k: v.cpu() for k, v in moments_of(torch.cat([K, G], 1)).items()})
 
 
-def _request_features(adapter, requests, cfg: UltraEditConfig):
-    """Per layer the turn's keys and gradients (one row per answer token), and each request's mean NLL."""
+def _request_features(adapter, rows, cfg: UltraEditConfig):
+    """Per layer the turn's keys and gradients (one row per answer token) of the requests' ``rows``
+    (:func:`~factedit.core.tokens.target_rows`), and each request's mean NLL."""
     tok, dev = adapter.tokenizer, adapter.input_device
-    rows = _request_rows(tok, requests)
     feats: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {layer: [] for layer in cfg.layers}
     nll_of: List[float] = []
     for start in range(0, len(rows), cfg.batch_size):
@@ -257,8 +251,7 @@ def _prior(adapter, cfg: UltraEditConfig, src, seq_len: int) -> dict:
         t = [x for c in part for x in c[1:]]
         got, _ = _features(adapter, cfg.layers, batch, (torch.tensor(r), torch.tensor(p)), torch.tensor(t))
         for layer in cfg.layers:
-            K, G = got[layer]
-            moments = merge_moments(moments, {k: v.cpu() for k, v in moments_of(torch.cat([K, G], 1)).items()})
+            moments = _pooled(moments, *got[layer])
     return moments
 
 
@@ -275,10 +268,10 @@ def compute_ultraedit(adapter, caches, requests, cfg: UltraEditConfig, state: Op
     update = prior_moments(adapter, cfg) if state is None else None
     timings["prior"] = time.perf_counter() - t
     t = time.perf_counter()
-    feats, nll = _request_features(adapter, requests, cfg)
+    rows = target_rows(adapter.tokenizer, requests)
+    feats, nll = _request_features(adapter, rows, cfg)
     for layer in cfg.layers:  # the reference updates the normaliser with every module's features first
-        K, G = feats[layer]
-        update = merge_moments(update, {k: v.cpu() for k, v in moments_of(torch.cat([K, G], 1)).items()})
+        update = _pooled(update, *feats[layer])
     moments = merge_moments(state, update)
     timings["values"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -289,7 +282,7 @@ def compute_ultraedit(adapter, caches, requests, cfg: UltraEditConfig, state: Op
         left, right = ultra_update(K, G, m, cfg.lr, cfg.ridge)
         deltas.append(LayerDelta(layer, left.float(), right.float()))
     timings["solve"] = time.perf_counter() - t
-    info = [{"nll_before": x, "tokens": len(r[1])} for x, r in zip(nll, _request_rows(adapter.tokenizer, requests))]
+    info = [{"nll_before": x, "tokens": len(pos)} for x, (_, pos, _) in zip(nll, rows)]
     keys = {layer: feats[layer][0].T.float() for layer in cfg.layers}
     return Computed(deltas, None, info, timings, cfg, state_update=update, keys=keys)
 
