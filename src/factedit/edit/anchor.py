@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from ..core.answers import greedy_answers
+from ..core.errors import MethodError
 from ..core.known_facts import BUILTIN_SUBJECTS, BUILTIN_TEMPLATES
 from ..core.requests import Request
 from .keys import template_keys, w_out_outputs
 
-__all__ = ["calibration_requests", "trimmed_mean", "anchored_targets", "anchor_norm", "ANCHOR_KEY"]
+__all__ = ["calibration_requests", "trimmed_mean", "bare_outputs", "anchored_targets", "anchor_norm", "ANCHOR_KEY"]
 
 #: the key of the anchor norm in the batch methods' state (next to AlphaEdit's per-layer key memory)
 ANCHOR_KEY = "anchor"
@@ -43,6 +44,14 @@ def trimmed_mean(values: Sequence[float], upper_quantile: float = 0.95) -> float
         raise ValueError("norm anchoring needs finite target norms")
     drop = int(np.floor((1.0 - upper_quantile) * arr.size))
     return float(arr[: arr.size - drop].mean()) if drop > 0 else float(arr.mean())
+
+
+def bare_outputs(adapter, requests, layer: int, fact_token: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """z₀ and v₀ of each request at ``layer``: the bare prompt's residual after the layer and W_out's output
+    there, at the fact token (float64, on W_out's device)."""
+    _, z0 = template_keys(adapter, requests, ["{}"], layer, layer, fact_token)
+    v0 = w_out_outputs(adapter, requests, layer, fact_token)
+    return z0.double().to(v0.device), v0
 
 
 def anchored_targets(z_star: torch.Tensor, z0: torch.Tensor, v0: torch.Tensor, m: float, skip: float = 2.0
@@ -83,16 +92,12 @@ def anchor_norm(adapter, caches, cfg, templates, target_residuals) -> Tuple[floa
     """The anchor m at the last span layer on the current weights: the trimmed mean of ‖v*‖ over
     ``cfg.norm_anchor_samples`` calibration requests optimised as the edits are (``target_residuals``, the
     batch pipeline's), and the norms it came from."""
-    L = cfg.layers[-1]
     reqs = calibration_requests(adapter, cfg.norm_anchor_samples, cfg.seed)
     if len(reqs) < 10:
-        from ..core.errors import MethodError
-
         raise MethodError(f"norm anchoring: the model answered too few built-in prompts to calibrate on "
                           f"({len(reqs)} requests); set norm_anchor=false")
     z_star, _ = target_residuals(adapter, caches, reqs, cfg, templates)
-    _, z0 = template_keys(adapter, reqs, ["{}"], L, L, cfg.fact_token)
-    v0 = w_out_outputs(adapter, reqs, L, cfg.fact_token)
-    v = v0 + (z_star.double().to(v0.device) - z0.double().to(v0.device))
+    z0, v0 = bare_outputs(adapter, reqs, cfg.layers[-1], cfg.fact_token)
+    v = v0 + (z_star.double().to(v0.device) - z0)
     norms = [float(x) for x in v.norm(dim=1)]
     return trimmed_mean(norms, cfg.norm_anchor_quantile), norms

@@ -45,6 +45,13 @@ def _first_original(results: Sequence, layer: int) -> Optional[torch.Tensor]:
     return None
 
 
+def _relative(now: torch.Tensor, w0: torch.Tensor) -> float:
+    """‖now − W⁰‖ / ‖W⁰‖ in float64 (NaN for an all-zero W⁰)."""
+    now, w0 = now.double(), w0.to(device=now.device, dtype=torch.float64)
+    base = float(w0.norm())
+    return float((now - w0).norm()) / base if base else float("nan")
+
+
 def measure_wear(adapter, results: Sequence, result, room: Optional[Dict[int, tuple]] = None,
                  after: Optional[Dict[int, torch.Tensor]] = None) -> Dict[str, dict]:
     """The wear of ``result``'s layers once it is applied; ``results`` is the history up to ``result`` (each
@@ -57,12 +64,10 @@ def measure_wear(adapter, results: Sequence, result, room: Optional[Dict[int, tu
     for key, norm in norms.items():
         layer = int(key)
         w0 = _first_original(results, layer)
-        now = (after[layer] if after and layer in after else adapter.w_out_stored(layer)).double()
-        w0 = now if w0 is None else w0.to(device=now.device, dtype=torch.float64)
-        base = float(w0.norm())
+        now = after[layer] if after and layer in after else adapter.w_out_stored(layer)
         past = [float(r.wear[key]["edit_norm"]) for r in earlier if r.wear and key in r.wear]
         median = statistics.median(past) if past else None
-        entry = {"relative": float((now - w0).norm()) / base if base else float("nan"),
+        entry = {"relative": _relative(now, now if w0 is None else w0),
                  "edit_norm": norm, "median_norm": median, "ratio": norm / median if median else None,
                  "edits": len(past) + 1, "null_dims": None, "room": None}
         if room and layer in room:
@@ -77,7 +82,5 @@ def cumulative_wear(adapter, results: Sequence) -> Dict[str, float]:
     layers = sorted({layer for r in results for layer in (r.applied.originals if r.applied is not None else {})})
     out = {}
     for layer in layers:
-        w0 = _first_original(results, layer).double()
-        now = adapter.w_out_stored(layer).to(device=w0.device, dtype=torch.float64)
-        out[str(layer)] = float((now - w0).norm()) / float(w0.norm())
+        out[str(layer)] = _relative(adapter.w_out_stored(layer), _first_original(results, layer))
     return out

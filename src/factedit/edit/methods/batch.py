@@ -22,9 +22,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ...core.errors import MethodError, RequestError
-from ..anchor import ANCHOR_KEY, anchor_norm, anchored_targets
+from ..anchor import ANCHOR_KEY, anchor_norm, anchored_targets, bare_outputs
 from ..deltas import LayerDelta, apply_deltas
-from ..keys import template_keys, w_out_outputs
+from ..keys import template_keys
 from ..results import Computed
 from ..solver import Solution, equality_constrained, least_squares, null_space, recursive_least_squares
 from ..values import ValueConfig, ValueProblem, optimize_values
@@ -90,9 +90,10 @@ def alphaedit_room(adapter, caches, cfg, state) -> Dict[int, Tuple[int, int]]:
         U = caches.null_basis(layer, C, cfg.nullspace_threshold)
         G = (state or {}).get(layer)
         used = 0
-        if G is not None:
+        if G is not None:  # α from the projector the solve used (cached), not a new U Uᵀ
+            alpha = _alpha(cfg, caches.projector(layer, C, cfg.nullspace_threshold), C)
             Ud = U.to(torch.float64)
-            used = int((torch.linalg.eigvalsh(Ud.T @ G.to(Ud) @ Ud) > _alpha(cfg, Ud @ Ud.T, C)).sum())
+            used = int((torch.linalg.eigvalsh(Ud.T @ G.to(Ud) @ Ud) > alpha).sum())
         out[layer] = (int(U.shape[1]), int(U.shape[1]) - used)
     return out
 
@@ -323,9 +324,7 @@ def _anchor(adapter, caches, requests, cfg: BatchConfig, templates, state, Z_tar
             memo["m"], _ = anchor_norm(adapter, caches, cfg, templates, target_residuals)
         m = memo["m"]
         update[ANCHOR_KEY] = torch.tensor([m], dtype=torch.float64)
-    L = cfg.layers[-1]
-    _, z0 = template_keys(adapter, requests, ["{}"], L, L, cfg.fact_token)
-    v0 = w_out_outputs(adapter, requests, L, cfg.fact_token)
+    z0, v0 = bare_outputs(adapter, requests, cfg.layers[-1], cfg.fact_token)
     Z, skipped, norms = anchored_targets(Z_target, z0, v0, m, cfg.norm_anchor_skip)
     for x, s, n in zip(info, skipped.tolist(), norms.tolist()):
         x["anchor"] = {"v_norm": n, "anchor": m, "skipped": bool(s)}
