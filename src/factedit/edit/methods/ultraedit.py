@@ -10,7 +10,7 @@ then, per layer, with x̂ = (x − μ) / (σ + ε) split into k̂, ĝ:
     ΔWᵀ = (KᵀK + I)⁻¹ Kᵀ V                    (K, V: the turn's raw keys and v, one row per token)
 
 stored as the factors ``left = Vᵀ``, ``right = Kᵀ(KKᵀ + I)⁻¹`` (push-through: an n × n solve). Deviations from
-the reference, each for a reason given in docs/ALGORITHMS.md §12: the statistics start from a prior of
+the reference, each for a reason given in docs/ALGORITHMS.md §13: the statistics start from a prior of
 next-token features of the statistics corpus (the reference starts at zero and edits 100 facts a turn; one
 edit alone would standardise to zero); each token's own loss (not the tuple's mean); the batch's variance
 merged exactly (Chan), so one-token turns are defined; W_out of a late span (the reference's layout for
@@ -62,7 +62,7 @@ class UltraEditConfig:
         method: ``"ultraedit"``.
         layers: the edited span (ascending); default :func:`default_ultra_span`.
         lr: the step size of ``v = −lr ‖k̂‖² ĝ`` (the reference uses 1e-6 on 7–8B models in half precision;
-            measured for SmolLM2 in docs/ALGORITHMS.md §12).
+            measured for SmolLM2 in docs/ALGORITHMS.md §13).
         ridge: the identity's weight in ``(KᵀK + ridge·I)`` (the reference: 1).
         stats_corpus: the corpus of the normaliser's prior (``None``: ``"auto"``, as the key statistics).
         stats_tokens: tokens of that prior (0: none, the reference's zero start).
