@@ -149,7 +149,8 @@ def edit_fact(editor, options: MethodOptions, settings: EditSettings, config=Non
         req if chat else None, result.config.layer_rule, result.verified, result.verification[0], result.retried,
         result.delta_norm, result.seconds, result.guard, result.rounding, result.statistics, result.prompt_prefix,
         dict(result.timings), result.side_effects, settings.side_effects, names,
-        str(editor.adapter.w_out_parameter(result.layers[0]).dtype), wear=dict(result.wear))
+        str(editor.adapter.w_out_parameter(result.layers[0]).dtype), wear=dict(result.wear),
+        warnings=guard_warnings(result))
     return result, report
 
 
@@ -195,8 +196,13 @@ def edit_batch(editor, options: MethodOptions, settings: EditSettings, config=No
     report = BatchReport(result.method, model_name(editor.model), list(result.layers), result.config.layer_rule,
                          result.seconds, eff_after, eff_before, result.verified, outcomes, result.delta_norm,
                          dict(result.timings), result.rounding, result.statistics, result.prompt_prefix,
-                         wear=dict(result.wear))
+                         wear=dict(result.wear), warnings=guard_warnings(result))
     return result, report
+
+
+def guard_warnings(result) -> List[str]:
+    """The collapse guard's wear warnings on ``result`` (none when the guard was off)."""
+    return list((result.guard or {}).get("warnings", []))
 
 
 def refuse_unverified(result, settings: EditSettings) -> None:

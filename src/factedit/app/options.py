@@ -460,6 +460,9 @@ OPTIONS: Tuple[Option, ...] = (
            example=["run"]),
     Option("plots", ("--plots",), "where to write PNG plots (default: beside the runs)", ("summarize",),
            example="plots"),
+    Option("wear_limits", ("--wear-limits",), "calibrate the collapse guard's wear warnings from these sequential "
+           "runs and write the limits to FILE ($FACTEDIT_HOME/wear_limits.json is used instead of the shipped ones)",
+           ("summarize",), metavar="FILE", example="limits.json"),
     # ------------------------------------------------------------ the web page
     Option("host", ("--host",), "address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every "
            "interface)", ("ui",), default="127.0.0.1", example="0.0.0.0"),

@@ -10,7 +10,7 @@ prints; the web page renders the same objects as HTML (:mod:`factedit.ui.render`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from ..core.requests import Request
 
@@ -84,6 +84,7 @@ class EditReport:
     saved: Dict[str, str] = field(default_factory=dict)
     kept: Optional[bool] = None
     wear: Dict[str, dict] = field(default_factory=dict)  # per layer: the wear meter (factedit.edit.wear)
+    warnings: List[str] = field(default_factory=list)  # the collapse guard's wear warnings (the edit was kept)
 
     def to_dict(self) -> dict:
         """The JSON object of ``factedit edit --json``."""
@@ -95,7 +96,8 @@ class EditReport:
         out.update(layer_rule=self.layer_rule, verified=self.verified, verification=self.verification,
                    retried=self.retried, delta_norm=self.delta_norm, seconds=round(self.seconds, 3), guard=self.guard,
                    rounding=self.rounding, statistics=self.statistics, prompt_prefix=self.prompt_prefix,
-                   timings={k: round(v, 3) for k, v in self.timings.items()}, wear=self.wear)
+                   timings={k: round(v, 3) for k, v in self.timings.items()}, wear=self.wear,
+                   warnings=list(self.warnings))
         if self.measured_side_effects:
             out["side_effects"] = self.side_effects
         if self.total_seconds is not None:
@@ -138,7 +140,7 @@ class EditReport:
                       f"{r['after'].strip()!r}" for r in fx["probes"] if r["changed"]]
         lines.append(f"\n  ||Δ|| = {self.delta_norm:.3f}   edit {self.seconds:.1f} s "
                      f"(values {self.timings.get('values', 0):.1f} s, statistics {self.timings.get('stats', 0):.1f} s)")
-        lines += wear_lines(self.wear)
+        lines += wear_lines(self.wear, self.warnings)
         worst = max(self.rounding.values(), default=0.0)
         if worst > 1e-4:  # float32 weights round at ~1e-7; only half precision shows here
             lines.append(f"  written in {self.dtype}: {100 * worst:.2f}% of the update's effect on its key lost to "
@@ -197,6 +199,7 @@ class BatchReport:
     prompt_prefix: str
     saved: Dict[str, str] = field(default_factory=dict)
     wear: Dict[str, dict] = field(default_factory=dict)  # per layer: the wear meter (factedit.edit.wear)
+    warnings: List[str] = field(default_factory=list)  # the collapse guard's wear warnings (the edit was kept)
 
     @property
     def n_verified(self) -> int:
@@ -209,7 +212,8 @@ class BatchReport:
                 "efficacy_before": self.efficacy_before, "verified": self.verified, "n_verified": self.n_verified,
                 "requests": [o.to_dict() for o in self.requests], "delta_norm": self.delta_norm,
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}, "rounding": self.rounding,
-                "statistics": self.statistics, "prompt_prefix": self.prompt_prefix, "wear": self.wear, **self.saved}
+                "statistics": self.statistics, "prompt_prefix": self.prompt_prefix, "wear": self.wear,
+                "warnings": list(self.warnings), **self.saved}
 
     def to_text(self) -> str:
         """What ``factedit edit --requests FILE`` prints."""
@@ -218,7 +222,7 @@ class BatchReport:
         lines = [f"factedit {self.method} on {self.model}, layers {self.layers}: {n} requests in {self.seconds:.1f} s",
                  f"  efficacy (P(new) > P(true)): {eff}",
                  f"  took (verified on its own prompt): {self.n_verified} of {n}",
-                 f"  ||Δ|| = {self.delta_norm:.3f}", *wear_lines(self.wear)]
+                 f"  ||Δ|| = {self.delta_norm:.3f}", *wear_lines(self.wear, self.warnings)]
         for o in self.requests:
             true = "" if o.p_true is None else f", P(true) {o.p_true:.4f}"
             lines.append(f"  {'ok    ' if o.verified else 'FAILED'} {o.prompt!r} -> {o.target_new!r}: "
@@ -240,10 +244,11 @@ def wear_line(layer: str, w: dict) -> str:
     return text
 
 
-def wear_lines(wear: Dict[str, dict]) -> List[str]:
-    """The wear meter as report lines (none when not measured)."""
+def wear_lines(wear: Dict[str, dict], warnings: Sequence[str] = ()) -> List[str]:
+    """The wear meter as report lines (none when not measured), then the guard's wear warnings."""
     if not wear:
         return []
     return ["  wear (update of the edited matrices since the history began):"] + [
-        f"    {wear_line(layer, w)}" for layer, w in sorted(wear.items(), key=lambda kv: int(kv[0]))]
+        f"    {wear_line(layer, w)}" for layer, w in sorted(wear.items(), key=lambda kv: int(kv[0]))] + [
+        f"  WARNING {text}" for text in warnings]
 

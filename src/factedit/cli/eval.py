@@ -54,6 +54,8 @@ def cmd_summarize(settings) -> int:
     from ..evaluation.summarize import checkpoint_table, default_plot_dir, load_run, plot_runs, sequential_table, table
 
     runs = [load_run(d) for d in settings["runs"]]
+    if settings["wear_limits"]:
+        return _wear_limits(settings)
     plot_dir = settings["plots"] or default_plot_dir(runs)
     plots = plot_runs(runs, plot_dir) if plot_dir else []
     if settings["json"]:
@@ -72,4 +74,24 @@ def cmd_summarize(settings) -> int:
                 print(checkpoint_table(r))
     for p in plots:
         print(f"plot: {p}")
+    return 0
+
+
+def _wear_limits(settings) -> int:
+    """``factedit summarize RUNS --wear-limits FILE``: calibrate the guard's wear warnings from the runs."""
+    from ..core.errors import FactEditError
+    from ..core.paths import atomic_write_text
+    from ..evaluation.wear_limits import calibrate, limits_table
+
+    cal = calibrate(settings["runs"])
+    if not cal["limits"]:
+        raise FactEditError("no run to calibrate from: the wear warnings need sequential runs with checkpoints "
+                            "(--downstream-every with --knowns / --ppl-corpus) that degraded and recorded the wear "
+                            "meter; nothing was written")
+    atomic_write_text(settings["wear_limits"], json.dumps(cal, indent=1) + "\n")
+    if settings["json"]:
+        print(json.dumps(cal))
+    else:
+        print(limits_table(cal))
+        print(f"\nwear limits written to {settings['wear_limits']}")
     return 0

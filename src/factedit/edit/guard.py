@@ -12,6 +12,9 @@ Two signals, checked after an edit is applied and before it is committed:
   same base model reads its "before" probe instead of decoding it.
 
 If either fires the edit is rolled back and :class:`CollapseError` explains why.
+
+It also *warns* (the edit is kept) when the wear meter passes the limits calibrated from our long runs
+(:func:`~factedit.edit.wear.wear_warnings`): ``decision["warnings"]``, logged and shown with the edit.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ..core.requests import Request
 from ..core.tokens import prefix_tag
 from .keys import template_keys
 from .solver import equality_constrained
+from .wear import wear_warnings
 
 __all__ = ["GuardConfig", "CollapseError", "norm_reference", "entropy_probe", "probe_tokens", "cached_probe_tokens",
            "store_probe_tokens", "entropy_of", "check", "combine", "Guard"]
@@ -160,7 +164,7 @@ def check(result, references: dict, entropy_before: float, entropy_after: float,
                      f"(more than {cfg.entropy_drop:.0%}): the model is repeating itself")
     return {"norms": {str(k): v for k, v in norms.items()}, "limits": {str(k): v for k, v in limits.items()},
             "entropy_before": entropy_before, "entropy_after": entropy_after, "fired": fired,
-            "passed": not fired}
+            "passed": not fired, "warnings": []}
 
 
 def combine(decisions) -> Optional[dict]:
@@ -170,6 +174,7 @@ def combine(decisions) -> Optional[dict]:
     if not decisions:
         return None
     return {"passed": all(d["passed"] for d in decisions), "fired": [f for d in decisions for f in d["fired"]],
+            "warnings": [w for d in decisions for w in d.get("warnings", [])],
             "entropy_before": decisions[0]["entropy_before"], "entropy_after": decisions[-1]["entropy_after"],
             "edits": list(decisions)}
 
@@ -243,6 +248,9 @@ class Guard:
                 + ". Try another layer or method (r-rome is the stable ROME), or force it with "
                 "guard=GuardConfig(enabled=False) (CLI: --no-guard)."
             )
+        result.guard["warnings"] = wear_warnings(result.wear, result.method, result.config)
+        for text in result.guard["warnings"]:
+            log.warning("%s", text)
         self._before[id(result)] = before
         self._probe = (result.guard["entropy_after"], tokens)
         return result.guard

@@ -13,16 +13,29 @@ Per edited layer ``l`` (all figures float64, Frobenius norms):
   the layer (``None`` for the first); ``ratio``: their quotient; ``edits``: edits at the layer, this one included;
 * ``null_dims`` / ``room`` (methods whose registration has a ``room`` rule, AlphaEdit): the dimensions of the
   preserved null space and those of it the key memory does not yet fill.
+
+:func:`wear_warnings` compares a meter with the limits calibrated from our 1,000-edit runs
+(``wear_limits.json``, written by ``bench/calibrate_wear.py``; docs/RESULTS.md "Wear limits"): the collapse
+guard warns, before an edit is committed, when the edited layers have moved past the wear at which a run of
+the same method and settings was last healthy, or when this edit is as far above the earlier ones as the edits
+that led a run into collapse, and names the option that would help.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import statistics
-from typing import Dict, Optional, Sequence
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["layer_norms", "measure_wear", "cumulative_wear", "WEAR_KEYS"]
+__all__ = ["layer_norms", "measure_wear", "cumulative_wear", "WEAR_KEYS", "LIMITS_FILE", "wear_limits",
+           "limit_for", "wear_warnings"]
+
+#: the limits calibrated from the long runs (``bench/calibrate_wear.py`` writes it)
+LIMITS_FILE = Path(__file__).with_name("wear_limits.json")
 
 #: the figures of one layer's wear, in the order they are shown
 WEAR_KEYS = ("relative", "edit_norm", "median_norm", "ratio", "edits", "null_dims", "room")
@@ -83,4 +96,88 @@ def cumulative_wear(adapter, results: Sequence) -> Dict[str, float]:
     out = {}
     for layer in layers:
         out[str(layer)] = _relative(adapter.w_out_stored(layer), _first_original(results, layer))
+    return out
+
+
+def wear_limits(path=None) -> dict:
+    """The calibrated limits (``{"criterion": ..., "limits": [entry, ...]}``): ``path``, else
+    ``$FACTEDIT_HOME/wear_limits.json`` when a user calibrated their own (``factedit summarize RUNS
+    --wear-limits``), else the ones shipped with the package (our runs on SmolLM2-135M). ``{"limits": []}`` when
+    the file is unreadable (no warnings then, never an error: the meter is advice)."""
+    from ..core.paths import factedit_home
+
+    if path is None:
+        own = factedit_home() / "wear_limits.json"
+        path = own if own.exists() else LIMITS_FILE
+    try:
+        stamp = Path(path).stat().st_mtime_ns
+    except OSError:
+        return {"limits": []}
+    return _read_limits(str(path), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_limits(path: str, stamp: int) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"limits": []}
+    return data if isinstance(data, dict) and isinstance(data.get("limits"), list) else {"limits": []}
+
+
+def _setting(cfg, key: str):
+    value = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+    return value
+
+
+def limit_for(method: str, cfg, limits: Optional[dict] = None) -> Optional[dict]:
+    """The calibrated entry of ``method`` whose recorded settings (``entry["settings"]``, e.g. ``{"alpha": 10}``)
+    all equal ``cfg``'s; the one with the most settings when several match; None when no run calibrated it."""
+    entries = (limits if limits is not None else wear_limits())["limits"]
+    best = None
+    for e in entries:
+        if e.get("method") != method:
+            continue
+        settings = e.get("settings") or {}
+        if all(_same(_setting(cfg, k), v) for k, v in settings.items()):
+            if best is None or len(settings) > len(best.get("settings") or {}):
+                best = e
+    return best
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(b)))
+    return a == b
+
+
+def _run_name(entry: dict) -> str:
+    return f"{entry['run']} run" + (f" on {entry['model']}" if entry.get("model") else "")
+
+
+def wear_warnings(wear: Dict[str, dict], method: str, cfg, limits: Optional[dict] = None) -> List[str]:
+    """What the collapse guard warns about an applied edit's meter ``wear`` (``[]``: nothing): per the entry of
+    :func:`limit_for`, the largest ``relative`` against its ``relative`` limit, the largest ``ratio`` against its
+    ``ratio`` limit; each warning names the run it was calibrated on and the entry's ``help``."""
+    entry = limit_for(method, cfg, limits)
+    if entry is None or not wear:
+        return []
+    out = []
+    help_text = entry.get("help") or ""
+    rel_limit, ratio_limit = entry.get("relative"), entry.get("ratio")
+    if rel_limit is not None:
+        layer, w = max(wear.items(), key=lambda kv: kv[1]["relative"])
+        if w["relative"] > rel_limit:
+            out.append(f"wear: layer {layer} has moved {100 * w['relative']:.1f}% of ‖W‖ since the history began; "
+                       f"our {_run_name(entry)} was last healthy at {100 * rel_limit:.1f}% "
+                       f"({entry['healthy_edits']} edits) and at {entry['onset']} edits had {entry['degraded']}"
+                       + (f". {help_text}" if help_text else ""))
+    if ratio_limit is not None:
+        ratios = [(k, w["ratio"]) for k, w in wear.items() if w.get("ratio") is not None]
+        if ratios:
+            layer, r = max(ratios, key=lambda kv: kv[1])
+            if r >= ratio_limit:
+                out.append(f"wear: this edit's update of layer {layer} is {r:.2f}× the median of the earlier ones; "
+                           f"in our {_run_name(entry)} edits {ratio_limit:.2f}× the median and more led into "
+                           f"collapse ({entry['collapse']})" + (f". {help_text}" if help_text else ""))
     return out

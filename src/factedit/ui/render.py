@@ -104,14 +104,15 @@ def render_edit(report) -> str:
          if report.timings.get("stats", 0) >= 0.5 else []), "edit-facts")
     kept = "fe-ok" if report.kept and report.verified else "fe-bad"
     return out(f'<p class="{kept}" id="edit-decision">{_e(result_message(report))}</p>' + probs + cont + facts
-               + render_wear(report.wear) + render_side_effects(report.side_effects, r.target_new))
+               + render_wear(report.wear, report.warnings) + render_side_effects(report.side_effects, r.target_new))
 
 
-def render_wear(wear: dict) -> str:
+def render_wear(wear: dict, warnings=()) -> str:
     """The wear meter: per edited layer the update so far against the matrix, this edit against the earlier
-    ones, and (projection methods) the null space left."""
+    ones, and (projection methods) the null space left; then the collapse guard's wear warnings."""
     if not wear:
         return ""
+    warned = "".join(f'<p class="fe-bad wear-warning">{_e(text)}</p>' for text in warnings)
     rows = [[_e(layer), ('class="num wear-relative"', f"{100 * w['relative']:.2f}%"),
              ('class="num"', f"{w['edit_norm']:.4f}"),
              ('class="num"', "first" if w.get("ratio") is None else f"{w['ratio']:.2f}× of {w['edits'] - 1}"),
@@ -119,7 +120,7 @@ def render_wear(wear: dict) -> str:
             for layer, w in sorted(wear.items(), key=lambda kv: int(kv[0]))]
     return ('<p>Wear of the edited matrices since the history began:</p>'
             + table(["layer", "moved so far (of ‖W‖)", "this edit ‖Δ‖", "against the median of earlier edits",
-                     "null space left"], rows, "wear"))
+                     "null space left"], rows, "wear") + warned)
 
 
 def render_side_effects(fx: Optional[dict], target: str) -> str:
@@ -140,7 +141,7 @@ def render_batch(report) -> str:
     head = (f"<p>{n} requests, {_e(report.method)} at layers {_e(', '.join(map(str, report.layers)))} in "
             f"{report.seconds:.1f} s; took: {report.n_verified} of {n}; efficacy (P(new) > P(true)): "
             + ("n/a" if eff is None else f"{report.efficacy_before:.3f} → {eff:.3f}")
-            + f"; ‖Δ‖ {report.delta_norm:.3f}</p>" + render_wear(report.wear))
+            + f"; ‖Δ‖ {report.delta_norm:.3f}</p>" + render_wear(report.wear, report.warnings))
     rows = [[_e(o.prompt), _e(o.target_new), ('class="num"', _p(o.p_new_before)), ('class="num"', _p(o.p_new)),
              ('class="num"', _p(o.p_true_before)), ('class="num"', _p(o.p_true)),
              '<span class="fe-ok">yes</span>' if o.verified else '<span class="fe-bad">no</span>']
