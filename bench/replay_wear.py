@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=None, help="checkpoint interval (default: the run's)")
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest relative gap of ‖Δ‖ accepted")
     p.add_argument("--out", type=Path, default=None, help="default: RUN/wear.jsonl")
+    p.add_argument("--limit", type=int, default=None, help="stop after this many edits (a quick check)")
     args = p.parse_args(argv)
 
     from factedit import Editor, GuardConfig, load_model
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
     off = GuardConfig(enabled=False)
     lines, n, gap, t0 = [], 0, 0.0, time.perf_counter()
     for g, group in enumerate(groups):
+        if args.limit is not None and n >= args.limit:
+            break
         rec = records.get(g)
         if rec is None or rec.get("error") or rec.get("rolled_back"):
             print(f"group {g}: no committed edit in the run's records; stopping", file=sys.stderr)
