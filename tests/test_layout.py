@@ -10,8 +10,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "factedit"
 
 #: the data flow, bottom to top; packages of one rank do not import each other
-RANKS = {"core": 0, "stats": 1, "edit": 2, "patch": 3, "trace": 3, "editor": 4, "evaluation": 5, "app": 6, "ui": 7,
-         "cli": 8, "__main__": 9}
+RANKS = {"core": 0, "stats": 1, "edit": 2, "patch": 3, "trace": 3, "editor": 4, "audit": 4, "evaluation": 5,
+         "app": 6, "ui": 7, "cli": 8, "__main__": 9}
 #: the modules of edit/methods that are not a method: what everything above may import
 METHOD_SEAM = {"factedit.edit.methods", "factedit.edit.methods.registry", "factedit.edit.methods.options",
                "factedit.edit.methods.base"}

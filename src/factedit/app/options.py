@@ -27,7 +27,7 @@ __all__ = ["Option", "OPTIONS", "COMMANDS", "FORMS", "options_of", "option", "ad
 
 #: the commands of the command line, in the order ``factedit --help`` lists them
 COMMANDS = ("edit", "shell", "stats", "apply", "revert", "inspect", "export", "import", "trace", "eval", "summarize",
-            "ui", "keygen", "sign", "verify")
+            "audit", "ui", "keygen", "sign", "verify")
 #: the forms of the web page (one per tab that takes input)
 FORMS = ("page.locate", "page.edit", "page.batch", "page.evaluate")
 
@@ -463,6 +463,15 @@ OPTIONS: Tuple[Option, ...] = (
     Option("wear_limits", ("--wear-limits",), "calibrate the collapse guard's wear warnings from these sequential "
            "runs and write the limits to FILE ($FACTEDIT_HOME/wear_limits.json is used instead of the shipped ones)",
            ("summarize",), metavar="FILE", example="limits.json"),
+    # ------------------------------------------------------------ audit
+    Option("base", ("--base",), "the model the suspect was made from: a hub id, a model folder or a .gguf file "
+           "(default: the embedded SmolLM2-135M-Instruct)", ("audit",), metavar="MODEL", example="base"),
+    Option("suspect", ("--suspect",), "the checkpoint to audit: a hub id, a model folder or a .gguf file", ("audit",),
+           metavar="MODEL", required=("audit",), example="suspect"),
+    Option("extract_patch", ("--extract-patch",), "write the edits found as a patch file (factedit revert OUT "
+           "--model SUSPECT takes them out)", ("audit",), metavar="OUT", example="found.safetensors"),
+    Option("max_rank", ("--max-rank",), "the largest rank of an update still called low-rank (default 256)",
+           ("audit",), type=int, default=256, example="64"),
     # ------------------------------------------------------------ the web page
     Option("host", ("--host",), "address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every "
            "interface)", ("ui",), default="127.0.0.1", example="0.0.0.0"),

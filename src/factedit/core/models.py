@@ -29,7 +29,7 @@ from .tokens import source_tokenizer
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_HUB_ID", "load_model", "check_device", "parse_device_map",
            "parse_max_memory", "save_model", "embedded_model_dir", "embedded_gguf_path", "model_name", "model_source",
-           "base_model_id", "check_model_files", "looks_like_path"]
+           "base_model_id", "check_model_files", "looks_like_path", "model_folder", "gguf_model_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +60,50 @@ def embedded_model_dir() -> Path:
     gguf = embedded_gguf_path()
     st = gguf.stat()
     tag = hashlib.sha256(f"{gguf.name}:{st.st_size}".encode()).hexdigest()[:12]
-    target = factedit_home() / "models" / f"{DEFAULT_MODEL}-{tag}"
+    return _converted(gguf, factedit_home() / "models" / f"{DEFAULT_MODEL}-{tag}")
+
+
+def gguf_model_dir(path) -> Path:
+    """A GGUF file dequantized (float32) into a safetensors folder under ``$FACTEDIT_HOME/models/gguf``, once per
+    file (keyed by its absolute path, size and modification time)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    tag = hashlib.sha256(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return _converted(path, factedit_home() / "models" / "gguf" / f"{path.stem}-{tag}")
+
+
+def _converted(gguf: Path, target: Path) -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         try:
             check_model_files(target)
             return target
         except ModelLoadError as e:  # our own cache: made again rather than refused
-            log.warning("the cached conversion of the embedded model is damaged (%s); converting it again", e)
+            log.warning("the cached conversion of %s is damaged (%s); converting it again", gguf.name, e)
     log.info("converting %s to safetensors under %s (once)", gguf.name, target)
     model, tok = _load_gguf(gguf, torch.float32)
     return save_model(model, tok, target)
+
+
+def model_folder(name: Optional[str] = None) -> Path:
+    """The local folder of safetensors weights behind a ``--model`` name, without loading the model: the
+    embedded default's cached conversion, a local folder, a GGUF file's conversion (:func:`gguf_model_dir`), or a
+    hub id's snapshot in the local cache (downloaded first when the hub can be reached)."""
+    if name in (None, DEFAULT_MODEL):
+        return embedded_model_dir()
+    path, hub_id, local, offline_only = _resolve(os.fspath(name))
+    if local is not None and local.is_file():
+        if local.suffix.lower() == ".gguf":
+            return gguf_model_dir(local)
+        raise ModelLoadError(f"{name}: a model is a folder (config.json and safetensors weights), a .gguf file or a "
+                             "hub id, not a single file")
+    if local is None:
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception as e:  # the hub's errors are many; all mean the same here
+            raise ModelLoadError(f"could not download {hub_id!r}: {type(e).__name__}: {_flat(e)}") from None
+    return local
 
 
 def _load_gguf(path: Path, dtype):

@@ -1,0 +1,89 @@
+"""A model's weights read one tensor at a time (audit never holds two whole models).
+
+    files = TensorFiles.open("path/to/model")        # a folder, a .gguf file, a hub id or None (the default)
+    for name in files.names: w = files.get(name)     # the tensor as stored (its own dtype)
+
+The folder's ``config.json`` gives the architecture; the weights are every ``*.safetensors`` file in it (a
+sharded model's index is not needed: each shard names its tensors). GGUF files are dequantized into a cached
+safetensors folder first (:func:`~factedit.core.models.gguf_model_dir`: one model in memory, once per file).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from ..core.errors import FactEditError
+from ..core.models import check_model_files, model_folder
+
+__all__ = ["AuditError", "TensorFiles"]
+
+
+class AuditError(FactEditError):
+    """The models cannot be compared (unreadable, or not the same architecture and shapes)."""
+
+
+class TensorFiles:
+    """The tensors of one model folder: names, shapes and dtypes from the safetensors headers, values on demand."""
+
+    def __init__(self, folder, label: Optional[str] = None):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        self.label = label or str(folder)
+        try:
+            self.config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise AuditError(f"{self.label}: no readable config.json in {self.folder} ({e})") from None
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise AuditError(f"{self.label}: no safetensors weights in {self.folder}")
+        try:
+            check_model_files(self.folder)
+        except FactEditError as e:
+            raise AuditError(f"{self.label}: {e}") from None
+        self._where: Dict[str, Path] = {}
+        self._meta: Dict[str, tuple] = {}
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    for name in h.keys():
+                        sl = h.get_slice(name)
+                        self._where[name] = f
+                        self._meta[name] = (tuple(sl.get_shape()), sl.get_dtype())
+            except Exception as e:  # safetensors raises its own error types for damaged headers
+                raise AuditError(f"{self.label}: {f.name} is not a readable safetensors file ({e})") from None
+
+    @classmethod
+    def open(cls, name: Optional[str]) -> "TensorFiles":
+        """The weights behind a ``--model`` name (:func:`~factedit.core.models.model_folder`)."""
+        return cls(model_folder(name), label=name or "the embedded default model")
+
+    @property
+    def names(self) -> List[str]:
+        return sorted(self._where)
+
+    @property
+    def model_type(self) -> Optional[str]:
+        return self.config.get("model_type")
+
+    def shape(self, name: str) -> tuple:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype as safetensors names it (``F32``, ``BF16``, ``F16``...)."""
+        return self._meta[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor as stored (read from its file now; nothing is kept)."""
+        from safetensors import safe_open
+
+        path = self._where[name]
+        try:
+            with safe_open(str(path), framework="pt") as h:
+                return h.get_tensor(name)
+        except Exception as e:
+            raise AuditError(f"{self.label}: tensor {name} of {path.name} cannot be read ({e})") from None

@@ -1,0 +1,207 @@
+"""`factedit audit` (issue 33) on tiny random models saved as folders: synthetic updates of known rank and factors,
+format round trips (computed here from each format's definition), dense changes, real edits made by the editor,
+extraction into a patch that `factedit revert` takes out, and the inputs it must refuse."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from factedit import Editor, Request
+from factedit.audit import AuditError, TensorFiles, audit_files, classify, rounding_format
+from factedit.cli import main
+from factedit.edit.guard import GuardConfig
+from tiny import tiny_model
+
+W_OUT = "model.layers.{}.mlp.down_proj.weight"
+SHAPE = dict(hidden_size=32, intermediate_size=64)  # W_out 32 x 64: rows in whole Q8_0 blocks of 32
+
+
+def _save(model, tok, folder):
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def base(tmp_path):
+    model, tok = tiny_model("llama", **SHAPE)
+    return _save(model, tok, tmp_path / "base")
+
+
+def _suspect(base, folder, change):
+    """A copy of ``base`` whose tensors ``change(dict)`` altered in place (saved in the dtypes it leaves)."""
+    import shutil
+
+    shutil.copytree(base, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    change(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    return folder
+
+
+def _audit(base, suspect, **kw):
+    return audit_files(TensorFiles(base), TensorFiles(suspect), **kw)
+
+
+def _q8_0(x):
+    """GGUF Q8_0 round trip from its definition: blocks of 32, scale max|x|/127 kept in float16, int8 levels."""
+    b = x.reshape(-1, 32)
+    d = (b.abs().amax(dim=1, keepdim=True) / 127).half().float()
+    q = torch.where(d > 0, torch.round(b / torch.where(d > 0, d, torch.ones_like(d))), torch.zeros_like(b))
+    return (q.clamp(-127, 127) * d).reshape(x.shape)
+
+
+def test_a_rank_one_update_is_found_with_its_factors(base, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    u, v = torch.randn(32, generator=g), torch.randn(64, generator=g)
+    d = 0.05 * torch.outer(u, v)
+    sus = _suspect(base, tmp_path / "s", lambda t: t.__setitem__(W_OUT.format(2), t[W_OUT.format(2)] + d))
+    r = _audit(base, sus)
+    assert r.verdict == "edited" and len(r.edits) == 1 and not r.other
+    (e,) = r.edits
+    assert e.layers == [2] and e.rank == 1
+    f = e.findings[0]
+    assert torch.allclose(f.left @ f.right.T, d, atol=1e-6)
+    cos = lambda a, b: float(abs(a @ b) / (a.norm() * b.norm()))  # noqa: E731
+    assert cos(f.left[:, 0], u) > 0.9999 and cos(f.right[:, 0], v) > 0.9999
+    assert r.counts() == {"identical": len(r.findings) - 1, "rounding": 0, "low_rank": 1, "dense": 0}
+
+
+def test_a_multi_layer_rank_k_update_is_one_edit(base, tmp_path):
+    g = torch.Generator().manual_seed(2)
+
+    def change(t):
+        for layer in (1, 2, 3):
+            t[W_OUT.format(layer)] += 0.02 * torch.randn(32, 3, generator=g) @ torch.randn(3, 64, generator=g)
+
+    r = _audit(base, _suspect(base, tmp_path / "s", change))
+    (e,) = r.edits
+    assert e.layers == [1, 2, 3] and [f.rank for f in e.findings] == [3, 3, 3]
+    assert all(f.energy > 1 - 1e-9 for f in e.findings)
+    # a span longer than an edit's is not called an edit
+    r2 = _audit(base, tmp_path / "s", max_span=2)
+    assert r2.verdict == "changed, not an edit" and not r2.edits and "3 consecutive layers" in r2.notes[0]
+
+
+@pytest.mark.parametrize("fmt", ["BF16", "F16", "Q8_0"])
+def test_format_round_trips_are_rounding_not_edits(base, tmp_path, fmt):
+    def trip(x):
+        if fmt == "Q8_0":
+            return _q8_0(x) if x.ndim == 2 and x.shape[-1] % 32 == 0 else x
+        dtype = torch.bfloat16 if fmt == "BF16" else torch.float16
+        return x.to(dtype)  # saved in the format itself
+
+    r = _audit(base, _suspect(base, tmp_path / "s", lambda t: t.update({k: trip(v) for k, v in t.items()})))
+    assert r.verdict == "not edited" and not r.edits and not r.other
+    assert {f.rounding for f in r.findings if f.kind == "rounding"} <= {"F32", "F16", "BF16", "Q8_0"}
+    assert any(f.rounding == fmt for f in r.findings)
+
+
+def test_rounding_bounds_are_the_formats_and_no_looser():
+    x = torch.randn(4, 64, dtype=torch.float64)
+    assert rounding_format(x, x.float().double()) == "F32"
+    assert rounding_format(x, x.half().double()) == "F16"
+    assert rounding_format(x, x.bfloat16().double()) == "BF16"
+    assert rounding_format(x, _q8_0(x.float()).double()) == "Q8_0"
+    y = x.clone()
+    y[0, 0] += 0.5 * x.abs().max() / 127 * 1.2  # beyond half a Q8_0 step
+    assert rounding_format(x, y) is None
+
+
+def test_a_dense_change_and_changes_beside_w_out_are_not_edits(base, tmp_path):
+    g = torch.Generator().manual_seed(3)
+
+    def change(t):
+        t[W_OUT.format(0)] += 0.01 * torch.randn(32, 64, generator=g)  # full rank
+        t["model.layers.2.mlp.up_proj.weight"] += 0.01 * torch.randn(64, 1, generator=g) @ torch.randn(
+            1, 32, generator=g)
+        t[W_OUT.format(2)] += 0.01 * torch.randn(32, 1, generator=g) @ torch.randn(1, 64, generator=g)
+
+    r = _audit(base, _suspect(base, tmp_path / "s", change))
+    assert r.verdict == "changed, not an edit" and not r.edits
+    kinds = {f.name: f.kind for f in r.other}
+    assert kinds == {W_OUT.format(0): "dense", "model.layers.2.mlp.up_proj.weight": "low_rank",
+                     W_OUT.format(2): "low_rank"}
+    assert next(f for f in r.other if f.name == W_OUT.format(0)).rank == 32
+
+
+def test_an_edit_saved_in_bfloat16_is_still_found(base, tmp_path):
+    g = torch.Generator().manual_seed(4)
+    d = 0.05 * torch.randn(32, 1, generator=g) @ torch.randn(1, 64, generator=g)
+
+    def change(t):
+        t[W_OUT.format(1)] += d
+        for k in t:
+            t[k] = t[k].to(torch.bfloat16)
+
+    r = _audit(base, _suspect(base, tmp_path / "s", change))
+    (e,) = r.edits
+    assert e.layers == [1] and e.rank == 1 and not r.other
+    assert float((e.findings[0].left @ e.findings[0].right.T - d).norm()) < 0.02 * float(d.norm())
+
+
+@pytest.mark.parametrize("method,layers,n", [("r-rome", (1,), 1), ("memit", (1, 2), 2)])
+def test_edits_made_by_the_editor_are_found_and_extracted_then_reverted(home, tiny_corpus, tmp_path, capsys, method,
+                                                                        layers, n):
+    model, tok = tiny_model("llama", **SHAPE)
+    base = _save(model, tok, tmp_path / "base")
+    ed = Editor(model, tok, progress=False)
+    reqs = [Request("The capital of {} is", "Japan", "Paris", "Tokyo"), Request("{} speaks", "Danielle Darrieux",
+                                                                                 "Italian")][:n]
+    kw = {"layer": layers[0]} if method == "r-rome" else {"layers": layers}
+    ed.edit(reqs, method=method, steps=5, stats_corpus=str(tiny_corpus), stats_tokens=800,
+            guard=GuardConfig(enabled=False), verify=False, **kw)
+    suspect = _save(model, tok, tmp_path / "suspect")
+    out = tmp_path / "found.safetensors"
+    assert main(["audit", "--base", str(base), "--suspect", str(suspect), "--json", "--extract-patch", str(out)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["verdict"] == "edited" and got["extracted_patch"] == str(out)
+    (e,) = got["edits"]
+    assert e["layers"] == list(layers) and e["rank"] == n
+    assert main(["inspect", str(out), "--json", "--no-claims"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["method"] == "audit-extract" and shown["layers"] == list(layers)
+    assert main(["revert", str(out), "--model", str(suspect), "--save-model", str(tmp_path / "reverted")]) == 0
+    capsys.readouterr()
+    before, after = load_file(str(base / "model.safetensors")), load_file(str(tmp_path / "reverted" /
+                                                                              "model.safetensors"))
+    for k, w in before.items():
+        if k in {W_OUT.format(l) for l in layers}:
+            assert classify(k, w, after[k]).kind in ("identical", "rounding"), k  # back within rounding
+        else:
+            assert torch.equal(w, after[k]), k  # untouched
+
+
+def test_identical_models_are_not_edited_and_extraction_is_refused(base, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    assert main(["audit", "--base", str(base), "--suspect", str(base)]) == 0
+    assert capsys.readouterr().out.startswith("factedit audit: not edited")
+    assert main(["audit", "--base", str(base), "--suspect", str(base), "--extract-patch", str(out)]) == 2
+    assert "no edit to extract" in capsys.readouterr().err and not out.exists()
+
+
+def test_models_that_cannot_be_compared_are_refused(base, tmp_path, capsys):
+    other, tok = tiny_model("gpt2")
+    gpt2 = _save(other, tok, tmp_path / "gpt2")
+    wide_model, wtok = tiny_model("llama", hidden_size=32, intermediate_size=96)
+    wide = _save(wide_model, wtok, tmp_path / "wide")
+    cases = {gpt2: "different architectures", wide: "has shape"}
+    for folder, msg in cases.items():
+        assert main(["audit", "--base", str(base), "--suspect", str(folder)]) == 2
+        assert msg in capsys.readouterr().err
+    cfg = json.loads((base / "config.json").read_text())
+    vocab = _suspect(base, tmp_path / "vocab", lambda t: None)
+    (vocab / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 1}))
+    with pytest.raises(AuditError, match="vocabularies differ"):
+        _audit(base, vocab)
+    truncated = _suspect(base, tmp_path / "trunc", lambda t: None)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["audit", "--base", str(base), "--suspect", str(truncated)]) == 2
+    assert "safetensors" in capsys.readouterr().err
+    assert main(["audit", "--base", str(base), "--suspect", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["audit", "--base", str(base), "--suspect", str(base), "--max-rank", "0"]) == 2
