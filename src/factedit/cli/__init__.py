@@ -26,7 +26,8 @@ __all__ = ["main", "build_parser", "parse"]
 HANDLERS = {"edit": edit.cmd_edit, "shell": shell.cmd_shell, "stats": stats.cmd_stats, "apply": patch.cmd_apply,
             "revert": patch.cmd_revert,
             "inspect": patch.cmd_inspect, "export": export.cmd_export, "import": export.cmd_import,
-            "trace": trace.cmd_trace, "eval": eval_cmd.cmd_eval, "summarize": eval_cmd.cmd_summarize, "audit": audit.cmd_audit, "ui": ui.cmd_ui,
+            "trace": trace.cmd_trace, "eval": eval_cmd.cmd_eval, "summarize": eval_cmd.cmd_summarize,
+            "audit": audit.cmd_audit, "ui": ui.cmd_ui,
             "keygen": sign.cmd_keygen, "sign": sign.cmd_sign, "verify": sign.cmd_verify}
 HELP = {
     "edit": "edit one fact and show the model before and after",
