@@ -205,3 +205,84 @@ def test_models_that_cannot_be_compared_are_refused(base, tmp_path, capsys):
     assert main(["audit", "--base", str(base), "--suspect", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["audit", "--base", str(base), "--suspect", str(base), "--max-rank", "0"]) == 2
+
+
+SUBJECTS = ["Japan", "France", "Italy", "Spain", "Paris", "Tokyo", "Seattle", "the Eiffel Tower", "the Space Needle",
+            "Danielle Darrieux", "Toko Yasuda", "Madrid", "Rome", "Zorbul", "Quentavia", "Brimstone Hall", "Oslo",
+            "Marcus Delay", "the Red Keep", "Vinson Massif"]
+
+
+def test_key_shares_are_the_formulas_in_the_metric_of_c_inverse():
+    from factedit.audit.explain import _shares
+
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    C = A @ A.T + 0.5 * torch.eye(12, dtype=torch.float64)
+    K = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    r = torch.randn(12, 1, generator=g, dtype=torch.float64)
+    with_c, without = _shares(K, r / r.norm(), C)
+    Ci = torch.linalg.inv(C)
+    for i, k in enumerate(K):
+        want_c = abs(float(k @ r[:, 0])) / float((k @ Ci @ k) * (r[:, 0] @ C @ r[:, 0])) ** 0.5
+        want_i = abs(float(k @ Ci @ r[:, 0])) / float((k @ Ci @ k) * (r[:, 0] @ Ci @ r[:, 0])) ** 0.5
+        assert float(with_c[i]) == pytest.approx(want_c, rel=1e-9)
+        assert float(without[i]) == pytest.approx(want_i, rel=1e-9)
+    # a key whose C-inverse image is the update's direction scores 1 under "C⁻¹k", a key along it 1 under "k"
+    k0 = K[0]
+    a, _ = _shares(K, (Ci @ k0)[:, None], C)
+    _, b = _shares(K, k0[:, None], C)
+    assert float(a[0]) == pytest.approx(1.0, abs=1e-9) and float(b[0]) == pytest.approx(1.0, abs=1e-9)
+
+
+def _key(model, tok, layer, subject):
+    """The W_out input of ``layer`` at the subject's last token, read with a hook here (not the package's)."""
+    from factedit.core.arch import ModelAdapter
+
+    ad = ModelAdapter(model, tok)
+    ids = ad.tokenizer(subject, return_tensors="pt")["input_ids"]
+    got = {}
+
+    def keep(module, inputs, output):
+        got["k"] = inputs[0]
+
+    h = model.model.layers[layer].mlp.down_proj.register_forward_hook(keep)
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove()
+    return got["k"][0, -1].double()
+
+
+def test_explain_names_the_subject_of_an_editor_edit_and_of_a_plain_rank_one_write(home, tiny_corpus, tmp_path,
+                                                                                    capsys):
+    model, tok = tiny_model("llama", **SHAPE)
+    base = _save(model, tok, tmp_path / "base")
+    subjects = tmp_path / "subjects.jsonl"  # a requests file: each subject with the prompt it is asked in
+    subjects.write_text("".join(json.dumps({"prompt": "The capital of {} is", "subject": s, "target_new": "x"}) + "\n"
+                                for s in SUBJECTS))
+    stats = ["--stats-corpus", str(tiny_corpus), "--stats-tokens", "800"]
+    ed = Editor(model, tok, progress=False)
+    ed.edit([Request("The capital of {} is", "Japan", "Paris", "Tokyo")], method="r-rome", layer=1, steps=20,
+            guard=GuardConfig(enabled=False), verify=False, stats_corpus=str(tiny_corpus), stats_tokens=800)
+    edited = _save(model, tok, tmp_path / "edited")
+    argv = ["audit", "--base", str(base), "--suspect", str(edited), "--subjects", str(subjects), "--json", *stats]
+    assert main(argv) == 0
+    (e,) = json.loads(capsys.readouterr().out)["edits"]
+    assert e["key_hypothesis"] == "C⁻¹k" and e["subjects"][0]["text"] == "Japan"
+    top, second = e["subjects"][0]["score"], e["subjects"][1]["score"]
+    assert top > 0.8 and second < top - 0.2, e["subjects"]
+    for ev in e["evidence"]:  # what the prompts show: the answers differ between base and suspect
+        assert ev["base"] != ev["suspect"] and ev["subject"] in SUBJECTS
+    # another tool's write without C⁻¹: Δ = u kᵀ / ‖k‖² along the subject's own key
+    ed.revert()
+    k = _key(model, tok, 2, "The capital of France")  # its key in the prompt, as such a tool reads it
+    u = torch.randn(32, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    plain = _suspect(base, tmp_path / "plain", lambda t: t.__setitem__(
+        W_OUT.format(2), t[W_OUT.format(2)] + (torch.outer(u, k) / float(k @ k)).float()))
+    assert main([*argv[:4], str(plain), *argv[5:]]) == 0
+    (e,) = json.loads(capsys.readouterr().out)["edits"]
+    assert e["layers"] == [2] and e["key_hypothesis"] == "k" and e["subjects"][0]["text"] == "France"
+
+
+def test_a_missing_subjects_file_is_refused_before_any_work(base, tmp_path, capsys):
+    assert main(["audit", "--base", str(base), "--suspect", str(base), "--subjects", str(tmp_path / "no.txt")]) == 2
+    assert "subjects file not found" in capsys.readouterr().err

@@ -231,7 +231,7 @@ _BASE = {"flag": argparse._StoreTrueAction, "switch": argparse.BooleanOptionalAc
 
 # ---------------------------------------------------------------------- the options
 _MODEL = ("edit", "shell", "stats", "apply", "revert", "export", "trace", "eval", "ui", "inspect")
-_STATS = ("edit", "shell", "stats", "eval", "ui")
+_STATS = ("edit", "shell", "stats", "eval", "ui", "audit")
 _EDITS = ("edit", "eval")
 
 OPTIONS: Tuple[Option, ...] = (
@@ -470,6 +470,12 @@ OPTIONS: Tuple[Option, ...] = (
            metavar="MODEL", required=("audit",), example="suspect"),
     Option("extract_patch", ("--extract-patch",), "write the edits found as a patch file (factedit revert OUT "
            "--model SUSPECT takes them out)", ("audit",), metavar="OUT", example="found.safetensors"),
+    Option("subjects", ("--subjects",), "candidate subjects for naming what an edit is about: one a line, or a "
+           "CounterFact / requests / known-facts file (default: built-in subjects and the vocabulary's names)",
+           ("audit",), metavar="FILE", example="subjects.txt"),
+    Option("explain", ("--explain",), "name each edit's subjects, new and old objects with the prompts that show "
+           "them (loads the base model; --no-explain: the tensor comparison only)", ("audit",), kind="switch",
+           default=True, example=False),
     Option("max_rank", ("--max-rank",), "the largest rank of an update still called low-rank (default 256)",
            ("audit",), type=int, default=256, example="64"),
     # ------------------------------------------------------------ the web page

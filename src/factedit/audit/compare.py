@@ -40,6 +40,7 @@ class Edit:
     layers: List[int]
     findings: List[Finding]  # one per layer, in layer order
     modules: Dict[int, str]  # layer -> W_out module name (as a patch names it)
+    explanation: Optional[object] = None  # an audit.explain.Explanation once explained
 
     @property
     def rank(self) -> int:
@@ -53,7 +54,8 @@ class Edit:
         return {"layers": list(self.layers), "rank": self.rank, "norm": self.norm,
                 "tensors": [f.name for f in self.findings],
                 "ranks": {str(l): f.rank for l, f in zip(self.layers, self.findings)},
-                "energy": {str(l): f.energy for l, f in zip(self.layers, self.findings)}}
+                "energy": {str(l): f.energy for l, f in zip(self.layers, self.findings)},
+                **(self.explanation.to_dict() if self.explanation is not None else {})}
 
 
 @dataclass
@@ -101,6 +103,8 @@ class AuditReport:
                 sv = ", ".join(f"{x:.3g}" for x in f.singular_values[:min(4, f.rank + 1)])
                 lines.append(f"    layer {l}: {f.name} rank {f.rank} ({100 * f.energy:.2f}% of ‖Δ‖²), "
                              f"‖Δ‖/‖W‖ {f.relative:.3g}, singular values {sv} (noise {f.noise:.2g})")
+            if e.explanation is not None:
+                lines += _explanation_lines(e.explanation)
         if self.other:
             lines.append(f"\n  changes that are not edits ({len(self.other)}):")
             for f in self.other[:20]:
@@ -110,6 +114,20 @@ class AuditReport:
                 lines.append(f"    ... and {len(self.other) - 20} more")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _explanation_lines(x) -> List[str]:
+    subj = ", ".join(f"{d['text']} ({d['score']:.3f})" for d in x.subjects[:5])
+    lines = [f"    subjects (keys matched as {x.hypothesis}): {subj}"]
+    if x.new_objects:
+        lines.append("    now says: " + ", ".join(f"{d['text']!r}" for d in x.new_objects[:3])
+                     + "; instead of: " + ", ".join(f"{d['text']!r}" for d in x.old_objects[:3]))
+    for ev in x.evidence[:5]:
+        lines.append(f"      {ev['prompt']!r}: base {ev['base']!r}, suspect {ev['suspect']!r}")
+    if not x.evidence:
+        lines.append("    no probed prompt of the top subjects answers differently (the subject may be outside the "
+                     "candidates: give --subjects FILE)")
+    return lines
 
 
 def _layer_of(name: str, prefix: str) -> Optional[int]:

@@ -22,7 +22,7 @@ from ..patch.files import FORMAT, Patch
 from .compare import AuditReport, Edit
 from .tensors import TensorFiles
 
-__all__ = ["extract_patch", "save_extracted", "EXTRACTED"]
+__all__ = ["extract_patch", "save_extracted", "edit_deltas", "d_ff_basis", "EXTRACTED"]
 
 #: the ``method`` an extracted patch names
 EXTRACTED = "audit-extract"
@@ -35,6 +35,16 @@ def _delta(layer: int, finding, fan_in_fan_out: bool) -> LayerDelta:
     return LayerDelta(layer, left.contiguous(), right.contiguous())
 
 
+def edit_deltas(report: AuditReport, edit: Edit) -> List[LayerDelta]:
+    """The updates of W_out one edit made (as the editor writes them: ``left`` d_model side, ``right`` d_ff)."""
+    return [_delta(layer, f, report.fan_in_fan_out) for layer, f in zip(edit.layers, edit.findings)]
+
+
+def d_ff_basis(report: AuditReport, edit: Edit) -> List[torch.Tensor]:
+    """Per layer of ``edit``, an orthonormal basis (d_ff × rank) of its update's row space on the key side."""
+    return [torch.linalg.qr(d.right.double())[0] for d in edit_deltas(report, edit)]
+
+
 def extract_patch(report: AuditReport, base: TensorFiles, suspect: TensorFiles, edits: Sequence[Edit] = ()) -> Patch:
     """One patch of ``edits`` (default: every edit of ``report``); raises ValueError when there is none."""
     edits = list(edits or report.edits)
@@ -43,8 +53,8 @@ def extract_patch(report: AuditReport, base: TensorFiles, suspect: TensorFiles, 
     deltas: List[LayerDelta] = []
     fps, after, modules = {}, {}, {}
     for e in edits:
+        deltas += edit_deltas(report, e)
         for layer, f in zip(e.layers, e.findings):
-            deltas.append(_delta(layer, f, report.fan_in_fan_out))
             name = e.modules[layer]
             fps[name] = matrix_fingerprint(base.get(f.name).to(torch.float32))
             after[name] = matrix_fingerprint(suspect.get(f.name).to(torch.float32))

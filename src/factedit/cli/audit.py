@@ -16,8 +16,18 @@ def cmd_audit(settings) -> int:
 
     if settings["max_rank"] < 1:
         raise FactEditError(f"--max-rank must be >= 1, got {settings['max_rank']}")
+    from ..audit.explain import explain_report, load_candidates
+
+    candidates = load_candidates(settings["subjects"]) if settings["subjects"] else None  # refused before any work
     base, suspect = TensorFiles.open(settings["base"]), TensorFiles.open(settings["suspect"])
     report = audit_files(base, suspect, max_rank=settings["max_rank"], progress=show_progress(settings))
+    if report.edits and settings["explain"]:
+        from ..core.models import load_model
+
+        model, tok = load_model(settings["base"])
+        stats = {"corpus": settings["stats_corpus"], "n_tokens": settings["stats_tokens"],
+                 "seq_len": settings["stats_seq_len"] or 256, "dtype": settings["stats_dtype"] or "float64"}
+        explain_report(report, model, tok, candidates, stats, progress=show_progress(settings))
     out = report.to_dict()
     if settings["extract_patch"]:
         if not report.edits:
