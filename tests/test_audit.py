@@ -259,7 +259,8 @@ def test_explain_names_the_subject_of_an_editor_edit_and_of_a_plain_rank_one_wri
     subjects = tmp_path / "subjects.jsonl"  # a requests file: each subject with the prompt it is asked in
     subjects.write_text("".join(json.dumps({"prompt": "The capital of {} is", "subject": s, "target_new": "x"}) + "\n"
                                 for s in SUBJECTS))
-    stats = ["--stats-corpus", str(tiny_corpus), "--stats-tokens", "800"]
+    # a random model's keys depend on the context more than a trained one's: average over 5 prefixes, as ROME does
+    stats = ["--stats-corpus", str(tiny_corpus), "--stats-tokens", "800", "--key-contexts", "5"]
     ed = Editor(model, tok, progress=False)
     ed.edit([Request("The capital of {} is", "Japan", "Paris", "Tokyo")], method="r-rome", layer=1, steps=20,
             guard=GuardConfig(enabled=False), verify=False, stats_corpus=str(tiny_corpus), stats_tokens=800)

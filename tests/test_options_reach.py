@@ -29,8 +29,9 @@ CONTEXT = {("edit", "target_batch"): {"method": "memit"}, ("edit", "layers"): {"
 #: what each option's value is compared through, beyond the settings themselves: the method config
 METHOD_OPTIONS = {"method", "layer", "layers", "steps", "target_batch", "seed", "fields", "stats_corpus",
                   "stats_tokens", "stats_seq_len", "stats_dtype"}
-#: commands with options of the same names that make no method config (statistics; trace's seed is its noise's)
-NO_CONFIG = {"stats", "trace"}
+#: commands with options of the same names that make no method config (statistics; trace's seed is its noise's;
+#: audit's statistics are those it reads the subjects' keys against)
+NO_CONFIG = {"stats", "trace", "audit"}
 
 
 @pytest.fixture(scope="module")

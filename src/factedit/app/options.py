@@ -476,6 +476,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("explain", ("--explain",), "name each edit's subjects, new and old objects with the prompts that show "
            "them (loads the base model; --no-explain: the tensor comparison only)", ("audit",), kind="switch",
            default=True, example=False),
+    Option("key_contexts", ("--key-contexts",), "average each candidate's key over this many generated context "
+           "prefixes besides its prompt (as ROME does for k*; default 0: the prompt alone, the fastest)", ("audit",),
+           type=int, default=0, metavar="N", example="5"),
     Option("max_rank", ("--max-rank",), "the largest rank of an update still called low-rank (default 256)",
            ("audit",), type=int, default=256, example="64"),
     # ------------------------------------------------------------ the web page

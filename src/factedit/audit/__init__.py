@@ -12,8 +12,8 @@ differences into edits and a verdict, :mod:`~factedit.audit.extract` writes the 
 from .compare import MAX_SPAN, VERDICTS, AuditReport, Edit, audit_files, audit_models
 from .extract import EXTRACTED, extract_patch, save_extracted
 from .spectrum import FORMATS, Finding, classify, rounding_format
-from .tensors import AuditError, TensorFiles
+from .tensors import AuditError, LoadedTensors, TensorFiles
 
 __all__ = ["audit_models", "audit_files", "AuditReport", "Edit", "MAX_SPAN", "VERDICTS", "extract_patch",
            "save_extracted", "EXTRACTED", "classify", "rounding_format", "Finding", "FORMATS", "AuditError",
-           "TensorFiles"]
+           "TensorFiles", "LoadedTensors"]

@@ -142,13 +142,14 @@ def _shares(K: torch.Tensor, R: torch.Tensor, C: Optional[torch.Tensor]) -> Tupl
     return with_c.clamp(0, 1).sqrt(), without.clamp(0, 1).sqrt()
 
 
-#: the context templates candidate keys are averaged over: the bare prompt and 5 short generated prefixes (the
-#: editor's own templates, cached per model; ROME averages k* over such prefixes)
-CONTEXTS = ((5, 5),)
+#: the generated context prefixes candidate keys are averaged over, as ``(tokens, count)`` (the editor's own
+#: templates, cached per model; ROME averages k* over such prefixes); ``()``: the prompt alone, 6× cheaper
+CONTEXTS = ()
 
 
 def subject_scores(adapter, caches, layers: Sequence[int], rights: Sequence[torch.Tensor],
-                   candidates: Sequence[Candidate], stats: Optional[dict] = None) -> Tuple[torch.Tensor, str]:
+                   candidates: Sequence[Candidate], stats: Optional[dict] = None,
+                   contexts: Sequence[Tuple[int, int]] = CONTEXTS) -> Tuple[torch.Tensor, str]:
     """Per candidate its score for an edit of W_out at ``layers`` whose right singular vectors (d_ff side) are
     ``rights``, averaged over the layers, and which hypothesis (``"C⁻¹k"`` or ``"k"``) the scores follow.
     A candidate's key is read at its subject's last token, in its first prompt when it has one (the tokens before
@@ -156,7 +157,7 @@ def subject_scores(adapter, caches, layers: Sequence[int], rights: Sequence[torc
     ``stats``: ``corpus``, ``n_tokens`` (``0``: no C), ``seq_len``, ``dtype`` of the key statistics."""
     stats = stats or {}
     reqs = [Request(c.prompts[0] if c.prompts else "{}", c.subject, "x") for c in candidates]
-    templates = caches.templates(0, CONTEXTS)
+    templates = caches.templates(0, contexts) if contexts else ["{}"]
     with_c, without = 0.0, 0.0
     for layer, R in zip(layers, rights):
         K, _ = template_keys(adapter, reqs, templates, layer)
@@ -188,18 +189,23 @@ def _ranked(weights: Dict[str, float]) -> List[dict]:
 
 
 def explain_edit(adapter, caches, layers: Sequence[int], deltas: Sequence[LayerDelta], rights: Sequence[torch.Tensor],
-                 candidates: Sequence[Candidate], stats: Optional[dict] = None, top: int = 10, probe: int = 5,
-                 max_new_tokens: int = 8) -> Explanation:
+                 candidates: Sequence[Candidate], stats: Optional[dict] = None, top: int = 10,
+                 probe: Optional[int] = None, max_new_tokens: int = 6,
+                 contexts: Sequence[Tuple[int, int]] = CONTEXTS) -> Explanation:
     """Rank ``candidates`` for one edit and gather the evidence (see the module docstring). ``deltas``: the
-    edit's updates of W_out (applied to the base for the suspect's answers, then taken off again)."""
+    edit's updates of W_out (applied to the base for the suspect's answers, then taken off again); ``probe``:
+    how many of the best candidates are asked (default: 5, or twice the update's rank up to 30)."""
+    if probe is None:
+        probe = min(30, max(5, 2 * max(int(r.shape[1]) for r in rights)))
     subjects = [c.subject for c in candidates]
-    scores, hypothesis = subject_scores(adapter, caches, layers, rights, candidates, stats)
+    scores, hypothesis = subject_scores(adapter, caches, layers, rights, candidates, stats, contexts)
     order = torch.argsort(scores.cpu(), descending=True).tolist()
     ranked = [{"text": subjects[i], "score": round(float(scores[i]), 4)} for i in order[:top]]
     prompts, owners = [], []
-    for i in order[:probe]:
+    for rank, i in enumerate(order[:probe]):
         c = candidates[i]
-        for t in list(c.prompts) + [t for t in BUILTIN_TEMPLATES if t not in c.prompts]:
+        generic = [t for t in BUILTIN_TEMPLATES if t not in c.prompts] if rank < 2 or not c.prompts else []
+        for t in list(c.prompts) + generic:
             prompts.append(t.format(c.subject))
             owners.append(i)
     before = greedy_answers(adapter, prompts, max_new_tokens)

@@ -19,7 +19,7 @@ import torch
 from ..core.errors import FactEditError
 from ..core.models import check_model_files, model_folder
 
-__all__ = ["AuditError", "TensorFiles"]
+__all__ = ["AuditError", "TensorFiles", "LoadedTensors"]
 
 
 class AuditError(FactEditError):
@@ -87,3 +87,34 @@ class TensorFiles:
                 return h.get_tensor(name)
         except Exception as e:
             raise AuditError(f"{self.label}: tensor {name} of {path.name} cannot be read ({e})") from None
+
+
+class LoadedTensors:
+    """The same interface over a model already in memory (its ``state_dict``; nothing is copied): audit the model
+    an :class:`~factedit.editor.Editor` holds against the folder it was loaded from."""
+
+    _NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+    def __init__(self, model, label: Optional[str] = None):
+        self.label = label or "the loaded model"
+        self.config = model.config.to_dict()
+        self._tensors = {k: v for k, v in model.state_dict().items()}
+        if self.config.get("tie_word_embeddings"):
+            self._tensors.pop("lm_head.weight", None)  # the embedding itself, saved once
+
+    @property
+    def names(self) -> List[str]:
+        return sorted(self._tensors)
+
+    @property
+    def model_type(self) -> Optional[str]:
+        return self.config.get("model_type")
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> str:
+        return self._NAMES.get(self._tensors[name].dtype, "F32")
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name].detach().cpu()

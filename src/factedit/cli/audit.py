@@ -16,6 +16,8 @@ def cmd_audit(settings) -> int:
 
     if settings["max_rank"] < 1:
         raise FactEditError(f"--max-rank must be >= 1, got {settings['max_rank']}")
+    if settings["key_contexts"] < 0:
+        raise FactEditError(f"--key-contexts must be >= 0, got {settings['key_contexts']}")
     from ..audit.explain import explain_report, load_candidates
 
     candidates = load_candidates(settings["subjects"]) if settings["subjects"] else None  # refused before any work
@@ -27,7 +29,8 @@ def cmd_audit(settings) -> int:
         model, tok = load_model(settings["base"])
         stats = {"corpus": settings["stats_corpus"], "n_tokens": settings["stats_tokens"],
                  "seq_len": settings["stats_seq_len"] or 256, "dtype": settings["stats_dtype"] or "float64"}
-        explain_report(report, model, tok, candidates, stats, progress=show_progress(settings))
+        contexts = ((5, settings["key_contexts"]),) if settings["key_contexts"] else ()
+        explain_report(report, model, tok, candidates, stats, progress=show_progress(settings), contexts=contexts)
     out = report.to_dict()
     if settings["extract_patch"]:
         if not report.edits:
