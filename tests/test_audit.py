@@ -287,3 +287,27 @@ def test_explain_names_the_subject_of_an_editor_edit_and_of_a_plain_rank_one_wri
 def test_a_missing_subjects_file_is_refused_before_any_work(base, tmp_path, capsys):
     assert main(["audit", "--base", str(base), "--suspect", str(base), "--subjects", str(tmp_path / "no.txt")]) == 2
     assert "subjects file not found" in capsys.readouterr().err
+
+
+def test_what_audit_cannot_see_an_edit_behind_a_neuron_permutation_or_in_noise_of_its_norm(base, tmp_path):
+    """docs/AUDIT.md's limits, as tested claims: permuting a layer's MLP neurons keeps its function but changes three
+    matrices densely, so an edit made together with it is not called an edit; nor is one buried in full-rank noise
+    of its own norm. Both are reported as changes ("changed, not an edit"), never as "not edited"."""
+    g = torch.Generator().manual_seed(7)
+    d = 0.05 * torch.randn(32, 1, generator=g) @ torch.randn(1, 64, generator=g)
+    perm = torch.randperm(64, generator=g)
+
+    def permuted(t):
+        pre = "model.layers.1.mlp."
+        t[pre + "gate_proj.weight"] = t[pre + "gate_proj.weight"][perm]
+        t[pre + "up_proj.weight"] = t[pre + "up_proj.weight"][perm]
+        t[pre + "down_proj.weight"] = (t[pre + "down_proj.weight"] + d)[:, perm]
+
+    r = _audit(base, _suspect(base, tmp_path / "perm", permuted))
+    assert r.verdict == "changed, not an edit" and not r.edits
+    assert {f.name for f in r.other} == {f"model.layers.1.mlp.{m}_proj.weight" for m in ("gate", "up", "down")}
+    noise = torch.randn(32, 64, generator=g)
+    noise *= float(d.norm()) / float(noise.norm())
+    r2 = _audit(base, _suspect(base, tmp_path / "noise", lambda t: t.__setitem__(
+        W_OUT.format(3), t[W_OUT.format(3)] + d + noise)))
+    assert r2.verdict == "changed, not an edit" and [f.kind for f in r2.other] == ["dense"]
