@@ -251,6 +251,44 @@ def test_locate_batch_download_upload_and_evaluate(page, tiny_env):
     assert re.search(r"\b2\b", page.inner_text("#eval-summary"))
 
 
+def test_audit_tab_finds_explains_and_offers_the_edit(page, tiny_env):
+    """The Audit tab against the page's own model: a suspect folder with a rank-one update of layer 1's W_out is
+    "edited" there, with subjects ranked and the patch to download; a missing suspect is a readable error."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    revert_all(page)
+    suspect = tiny_env / "suspect"
+    if not suspect.exists():
+        shutil.copytree(tiny_env / "tiny", suspect)
+        w = load_file(str(suspect / "model.safetensors"))
+        g = torch.Generator().manual_seed(0)
+        name = "model.layers.1.mlp.down_proj.weight"
+        w[name] = w[name] + 0.05 * torch.randn(w[name].shape[0], 1, generator=g) @ torch.randn(
+            1, w[name].shape[1], generator=g)
+        save_file(w, str(suspect / "model.safetensors"), metadata={"format": "pt"})
+    tab(page, "audit")
+    fill(page, "audit-suspect", str(tiny_env / "nowhere"))
+    text = click_and_wait(page, "audit-button", "audit-result")
+    assert "Error" in text and "does not exist" in text, text
+    fill(page, "audit-suspect", str(suspect))
+    text = click_and_wait(page, "audit-button", "audit-result")
+    assert "Error" not in text, text
+    assert page.inner_text("#audit-verdict").strip() == "edited"
+    assert "Edit 1: W_out of layer 1, rank 1" in text and page.locator("#audit-subjects-1 tbody tr").count() >= 1
+    page.wait_for_function("() => document.querySelector('#audit-download').innerText.includes('.safetensors')")
+    with page.expect_download() as dl:
+        page.locator("#audit-download a").first.click()
+    found = tiny_env / "audit-found.safetensors"
+    dl.value.save_as(found)
+    from factedit.patch.files import Patch
+
+    got = Patch.load(found)
+    assert got.meta["method"] == "audit-extract" and got.meta["layers"] == [1]
+
+
 @pytest.mark.slow
 def test_embedded_model_edit_in_the_browser(page, tmp_path):
     if not CORPUS.is_file():

@@ -29,7 +29,7 @@ __all__ = ["Option", "OPTIONS", "COMMANDS", "FORMS", "options_of", "option", "ad
 COMMANDS = ("edit", "shell", "stats", "apply", "revert", "inspect", "export", "import", "trace", "eval", "summarize",
             "audit", "ui", "keygen", "sign", "verify")
 #: the forms of the web page (one per tab that takes input)
-FORMS = ("page.locate", "page.edit", "page.batch", "page.evaluate")
+FORMS = ("page.locate", "page.edit", "page.batch", "page.evaluate", "page.audit")
 
 
 # ---------------------------------------------------------------------- argument types
@@ -464,18 +464,22 @@ OPTIONS: Tuple[Option, ...] = (
            "runs and write the limits to FILE ($FACTEDIT_HOME/wear_limits.json is used instead of the shipped ones)",
            ("summarize",), metavar="FILE", example="limits.json"),
     # ------------------------------------------------------------ audit
-    Option("base", ("--base",), "the model the suspect was made from: a hub id, a model folder or a .gguf file "
-           "(default: the embedded SmolLM2-135M-Instruct)", ("audit",), metavar="MODEL", example="base"),
-    Option("suspect", ("--suspect",), "the checkpoint to audit: a hub id, a model folder or a .gguf file", ("audit",),
-           metavar="MODEL", required=("audit",), example="suspect"),
+    Option("base", ("--base",), {"": "the model the suspect was made from: a hub id, a model folder or a .gguf file "
+           "(default: the embedded SmolLM2-135M-Instruct)", "page.audit": "the model the suspect was made from "
+           "(empty: the model this page has loaded, as loaded)"}, ("audit", "page.audit"), metavar="MODEL",
+           label="Base model (path or hub id)", example="base"),
+    Option("suspect", ("--suspect",), "the checkpoint to audit: a hub id, a model folder or a .gguf file",
+           ("audit", "page.audit"), metavar="MODEL", required=("audit",), label="Suspect checkpoint (path or hub id)",
+           example="suspect"),
     Option("extract_patch", ("--extract-patch",), "write the edits found as a patch file (factedit revert OUT "
            "--model SUSPECT takes them out)", ("audit",), metavar="OUT", example="found.safetensors"),
     Option("subjects", ("--subjects",), "candidate subjects for naming what an edit is about: one a line, or a "
            "CounterFact / requests / known-facts file (default: built-in subjects and the vocabulary's names)",
-           ("audit",), metavar="FILE", example="subjects.txt"),
+           ("audit", "page.audit"), metavar="FILE", label="Candidate subjects file (optional)",
+           example="subjects.txt"),
     Option("explain", ("--explain",), "name each edit's subjects, new and old objects with the prompts that show "
-           "them (loads the base model; --no-explain: the tensor comparison only)", ("audit",), kind="switch",
-           default=True, example=False),
+           "them (loads the base model; --no-explain: the tensor comparison only)", ("audit", "page.audit"),
+           kind="switch", default=True, label="Explain the edits (subjects, evidence)", example=False),
     Option("key_contexts", ("--key-contexts",), "average each candidate's key over this many generated context "
            "prefixes besides its prompt (as ROME does for k*; default 0: the prompt alone, the fastest)", ("audit",),
            type=int, default=0, metavar="N", example="5"),

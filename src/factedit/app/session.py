@@ -191,6 +191,31 @@ class Session:
                 _, report = edit_batch(self.editor, options, es, config=cfg, requests=requests)
         return report
 
+    # ------------------------------------------------------------------ audit
+    def audit(self, values: Form, progress: Progress = _quiet):
+        """Audit a suspect checkpoint (form ``page.audit``; :func:`factedit.app.audit.audit_checkpoint`, what
+        ``factedit audit --json`` prints) against the base given, else the files this page's model was loaded
+        from. Returns ``(report, path of the extracted patch or None)``. The explanation reads the page's model
+        when it is the base and holds no edits; otherwise the base is loaded beside it."""
+        from ..core.models import model_source
+        from .audit import audit_checkpoint, check_audit_settings
+
+        f = self.form("page.audit", values)
+        check_audit_settings(f)
+        own = not f["base"]
+        if own:
+            where = model_source(self.editor.model).get("local_path")
+            if not where:
+                raise FactEditError("this page's model was not loaded from files factedit knows; give the base "
+                                    "model's path")
+            f = self.form("page.audit", {**f.values, "base": where})
+        target = self._path("audit-extracted.safetensors")
+        with self.exclusive(progress):
+            progress(None, "comparing the checkpoints tensor by tensor")
+            here = own and not self.editor.history
+            return audit_checkpoint(f, model=self.editor.model if here else None,
+                                    tokenizer=self.editor.tokenizer if here else None, extract_to=target)
+
     # ------------------------------------------------------------------ the stack of edits
     def history(self) -> List[dict]:
         """The applied edits, oldest first: number, method, layers, facts, ‖Δ‖, verified."""

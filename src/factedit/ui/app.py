@@ -18,7 +18,18 @@ from typing import Callable, Optional
 from ..app.session import Session
 from ..core.errors import FactEditError
 from .controls import control, form_values
-from .render import CSS, error, ok, out, render_batch, render_edit, render_eval, render_history, render_trace
+from .render import (
+    CSS,
+    error,
+    ok,
+    out,
+    render_audit,
+    render_batch,
+    render_edit,
+    render_eval,
+    render_history,
+    render_trace,
+)
 
 __all__ = ["build_app", "serve"]
 
@@ -181,6 +192,31 @@ def _history_tab(gr, session: Session, history_table, history_html) -> None:
     apply.click(do_apply, [upload, force], [status, history_table, upload])
 
 
+def _audit_tab(gr, session: Session) -> None:
+    gr.Markdown("Compare a checkpoint you were given with the model it was made from: which tensors changed, which "
+                "changes are edits, what each edit rewrites (docs/AUDIT.md). Paths are on the server.")
+    names = ["base", "suspect", "subjects", "explain"]
+    c = functools.partial(control, gr, "page.audit")
+    with gr.Row():
+        fields = [c("base", elem_id="audit-base", placeholder="empty: the model this page has loaded"),
+                  c("suspect", elem_id="audit-suspect")]
+    with gr.Row():
+        fields += [c("subjects", widget="file", file_types=[".txt", ".jsonl", ".json"], type="filepath",
+                     elem_id="audit-subjects"), c("explain", elem_id="audit-explain")]
+    go = gr.Button("Audit", variant="primary", elem_id="audit-button")
+    result = gr.HTML(elem_id="audit-result")
+    download = gr.File(label="The edits found, as a patch", interactive=False, elem_id="audit-download")
+    with gr.Accordion("Report (what `factedit audit --json` prints)", open=False):
+        report_json = gr.JSON(elem_id="audit-json")
+
+    @_shown(lambda html: (html, None, None))
+    def audit(*values, progress=gr.Progress(track_tqdm=True)):
+        report, path = session.audit(form_values("page.audit", names, values), progress=_progress(progress))
+        return render_audit(report, path), (str(path) if path else None), report.to_dict()
+
+    go.click(audit, fields, [result, download, report_json])
+
+
 def _evaluate_tab(gr, session: Session) -> None:
     names = ["dataset", "limit", "method", "layer", "ge_length"]
     c = functools.partial(control, gr, "page.evaluate")
@@ -244,6 +280,8 @@ def build_app(session: Session):
                 _history_tab(gr, session, history_table, history_html)
             with gr.Tab("Evaluate", id="evaluate"):
                 _evaluate_tab(gr, session)
+            with gr.Tab("Audit", id="audit"):
+                _audit_tab(gr, session)
         app.load(history_html, None, history_table)
         history_tab.select(history_html, None, history_table)  # edits made in other browser tabs show up
     return app

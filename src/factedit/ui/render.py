@@ -184,3 +184,37 @@ def render_eval(summary: dict, records: List[dict], done: bool) -> str:
     return out(f'<p id="eval-state">{len(records)} cases scored ({state}).</p>' + top
                + table(["case", "prompt", "new target", *(k.replace("_", "-") for k in per_case), "greedy answer",
                         "error"], rows, "eval-cases"))
+
+
+def render_audit(report, patch_path=None) -> str:
+    """An :class:`~factedit.audit.AuditReport`: the verdict, the tensors' classes, each edit with its subjects,
+    new and old objects and evidence prompts, the other changes."""
+    c = report.counts()
+    bad = report.verdict != "not edited"
+    html = (f'<p class="{"fe-bad" if bad else "fe-ok"}" id="audit-verdict"><b>{_e(report.verdict)}</b></p>'
+            f'<p id="audit-counts">{len(report.findings)} tensors: {c["identical"]} identical, {c["rounding"]} within '
+            f'a format\'s rounding, {c["low_rank"]} low-rank updates, {c["dense"]} dense changes.</p>')
+    for i, e in enumerate(report.edits, 1):
+        html += (f'<h4>Edit {i}: W_out of layer{"s" if len(e.layers) > 1 else ""} '
+                 f'{_e(", ".join(map(str, e.layers)))}, rank {e.rank}, ‖Δ‖ {e.norm:.4g}</h4>')
+        x = e.explanation
+        if x is None:
+            continue
+        html += table(["subject", "score"], [[_e(d["text"]), ('class="num"', f"{d['score']:.3f}")]
+                                            for d in x.subjects[:10]], f"audit-subjects-{i}")
+        if x.new_objects:
+            html += (f'<p>Now says {_e(", ".join(repr(d["text"]) for d in x.new_objects[:3]))} instead of '
+                     f'{_e(", ".join(repr(d["text"]) for d in x.old_objects[:3]))} (keys matched as '
+                     f'{_e(x.hypothesis)}).</p>')
+        html += table(["prompt", "base answers", "suspect answers"],
+                      [[_e(ev["prompt"]), _e(ev["base"]), _e(ev["suspect"])] for ev in x.evidence[:12]],
+                      f"audit-evidence-{i}")
+    if report.other:
+        html += "<p>Changes that are not edits:</p>" + table(
+            ["tensor", "kind", "rank", "‖Δ‖/‖W‖"],
+            [[_e(f.name), _e(f.kind), ('class="num"', "–" if f.rank is None else str(f.rank)),
+              ('class="num"', f"{f.relative:.3g}")] for f in report.other[:30]], "audit-other")
+    html += "".join(f"<p>{_e(n)}</p>" for n in report.notes)
+    if patch_path:
+        html += "<p>The edits as a patch are ready to download below (factedit revert takes them out).</p>"
+    return out(html)

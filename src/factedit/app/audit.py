@@ -1,0 +1,56 @@
+"""Auditing as users do it (``factedit audit`` and the page's Audit tab): read the options, refuse bad input
+before any work, compare, explain on the base weights, extract.
+
+    report, patch_path = audit_checkpoint(settings)                  # the command line
+    report, patch_path = audit_checkpoint(settings, model=m, tokenizer=t, extract_to=path)   # the page
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple
+
+from ..core.errors import FactEditError
+
+__all__ = ["audit_checkpoint", "check_audit_settings"]
+
+
+def check_audit_settings(settings) -> None:
+    """Refuse bad numbers before anything is read."""
+    if not settings.get("suspect"):
+        raise FactEditError("audit needs a suspect checkpoint (--suspect MODEL: a hub id, a folder or a .gguf file)")
+    if settings.get("max_rank", 256) < 1:
+        raise FactEditError(f"--max-rank must be >= 1, got {settings.get('max_rank')}")
+    if settings.get("key_contexts", 0) < 0:
+        raise FactEditError(f"--key-contexts must be >= 0, got {settings.get('key_contexts')}")
+
+
+def audit_checkpoint(settings, model=None, tokenizer=None, extract_to=None,
+                     progress: bool = False) -> Tuple[object, Optional[Path]]:
+    """The :class:`~factedit.audit.AuditReport` of ``settings`` (an ``audit`` command's or the Audit form's) and
+    the path of the extracted patch (``extract_to``, else ``--extract-patch``; None when nothing was written).
+    ``model``/``tokenizer``: the base model already loaded with the base's weights (the page's), used for the
+    explanation instead of loading the base."""
+    from ..audit import TensorFiles, audit_files, save_extracted
+    from ..audit.explain import explain_report, load_candidates
+
+    check_audit_settings(settings)
+    # settings.get: the page's form has no --max-rank, --key-contexts or --extract-patch (their defaults apply)
+    candidates = load_candidates(settings.get("subjects")) if settings.get("subjects") else None  # before any work
+    base, suspect = TensorFiles.open(settings.get("base")), TensorFiles.open(settings.get("suspect"))
+    report = audit_files(base, suspect, max_rank=settings.get("max_rank", 256), progress=progress)
+    if report.edits and settings.get("explain"):
+        if model is None:
+            from ..core.models import load_model
+
+            model, tokenizer = load_model(settings.get("base"))
+        stats = {"corpus": settings.get("stats_corpus"), "n_tokens": settings.get("stats_tokens"),
+                 "seq_len": settings.get("stats_seq_len", 256), "dtype": settings.get("stats_dtype", "float64")}
+        k = settings.get("key_contexts", 0)
+        explain_report(report, model, tokenizer, candidates, stats, progress=progress,
+                       contexts=((5, k),) if k else ())
+    target = extract_to or settings.get("extract_patch")
+    if settings.get("extract_patch") and not report.edits:
+        raise FactEditError(f"the audit found no edit to extract ({report.verdict}); nothing was written")
+    path = save_extracted(report, base, suspect, target) if target and report.edits else None
+    return report, path
