@@ -311,3 +311,25 @@ def test_what_audit_cannot_see_an_edit_behind_a_neuron_permutation_or_in_noise_o
     r2 = _audit(base, _suspect(base, tmp_path / "noise", lambda t: t.__setitem__(
         W_OUT.format(3), t[W_OUT.format(3)] + d + noise)))
     assert r2.verdict == "changed, not an edit" and [f.kind for f in r2.other] == ["dense"]
+
+
+def test_without_a_base_a_spike_in_one_layers_spectrum_is_flagged(tmp_path, capsys):
+    """The base-free check against σ₁/σ₂ computed here: a rank-one update far above the matrix's top singular value
+    is flagged in its layer only; the unedited model is not flagged; extraction needs a base."""
+    model, tok = tiny_model("llama", num_hidden_layers=8, **SHAPE)
+    clean = _save(model, tok, tmp_path / "clean")
+    assert main(["audit", "--suspect", str(clean), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["mode"] == "base-free" and got["verdict"] == "nothing suspicious found" and got["flagged"] == []
+    w = load_file(str(clean / "model.safetensors"))[W_OUT.format(5)].double()
+    s = torch.linalg.svdvals(w)
+    assert got["tensors"][5]["gap"] == pytest.approx(float(torch.log(s[0] / s[1])), rel=1e-9)
+    g = torch.Generator().manual_seed(8)
+    u, v = torch.randn(32, 1, generator=g), torch.randn(1, 64, generator=g)
+    spike = 3 * float(s[0]) * (u / u.norm()) @ (v / v.norm())
+    sus = _suspect(clean, tmp_path / "spiked", lambda t: t.__setitem__(W_OUT.format(5), t[W_OUT.format(5)] + spike))
+    assert main(["audit", "--suspect", str(sus), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["verdict"] == "suspicious" and got["flagged"] == [5]
+    assert main(["audit", "--suspect", str(sus), "--extract-patch", str(tmp_path / "x.safetensors")]) == 2
+    assert "needs --base" in capsys.readouterr().err

@@ -28,13 +28,20 @@ def check_audit_settings(settings) -> None:
 def audit_checkpoint(settings, model=None, tokenizer=None, extract_to=None,
                      progress: bool = False) -> Tuple[object, Optional[Path]]:
     """The :class:`~factedit.audit.AuditReport` of ``settings`` (an ``audit`` command's or the Audit form's) and
-    the path of the extracted patch (``extract_to``, else ``--extract-patch``; None when nothing was written).
+    the path of the extracted patch (``extract_to``, else ``--extract-patch``; None when nothing was written);
+    without a base the :class:`~factedit.audit.anomaly.BaseFreeReport` of the suspect's spectra.
     ``model``/``tokenizer``: the base model already loaded with the base's weights (the page's), used for the
     explanation instead of loading the base."""
     from ..audit import TensorFiles, audit_files, save_extracted
+    from ..audit.anomaly import audit_without_base
     from ..audit.explain import explain_report, load_candidates
 
     check_audit_settings(settings)
+    if not settings.get("base"):  # no base: the spectra alone (nothing to extract, no edit to explain)
+        if settings.get("extract_patch"):
+            raise FactEditError("--extract-patch needs --base: without the base model no edit can be separated "
+                                "from the weights")
+        return audit_without_base(TensorFiles.open(settings.get("suspect"))), None
     # settings.get: the page's form has no --max-rank, --key-contexts or --extract-patch (their defaults apply)
     candidates = load_candidates(settings.get("subjects")) if settings.get("subjects") else None  # before any work
     base, suspect = TensorFiles.open(settings.get("base")), TensorFiles.open(settings.get("suspect"))

@@ -464,8 +464,9 @@ OPTIONS: Tuple[Option, ...] = (
            "runs and write the limits to FILE ($FACTEDIT_HOME/wear_limits.json is used instead of the shipped ones)",
            ("summarize",), metavar="FILE", example="limits.json"),
     # ------------------------------------------------------------ audit
-    Option("base", ("--base",), {"": "the model the suspect was made from: a hub id, a model folder or a .gguf file "
-           "(default: the embedded SmolLM2-135M-Instruct)", "page.audit": "the model the suspect was made from "
+    Option("base", ("--base",), {"": "the model the suspect was made from: a hub id, a model folder, a .gguf file or "
+           "smollm2-135m-instruct (the embedded default); without it, a base-free check of the spectra",
+           "page.audit": "the model the suspect was made from "
            "(empty: the model this page has loaded, as loaded)"}, ("audit", "page.audit"), metavar="MODEL",
            label="Base model (path or hub id)", example="base"),
     Option("suspect", ("--suspect",), "the checkpoint to audit: a hub id, a model folder or a .gguf file",
