@@ -48,6 +48,7 @@ def main() -> int:
 
     from factedit import Editor, GuardConfig, load_model
     from factedit.audit import LoadedTensors, TensorFiles, audit_files
+    from factedit.audit.anomaly import spectral_scores
     from factedit.audit.explain import explain_report, load_candidates
     from factedit.core.answers import mentions
     from factedit.core.models import embedded_model_dir
@@ -70,13 +71,16 @@ def main() -> int:
             t0 = time.perf_counter()
             report = audit_files(base_files, LoadedTensors(model, "edited"))
             t_compare = time.perf_counter() - t0
+            z = {s.layer: s.z for s in spectral_scores(LoadedTensors(model, "edited"))}
             ed.revert()
             t1 = time.perf_counter()
             explain_report(report, model, tok, pool, stats)
             t_explain = time.perf_counter() - t1
             found = [e.layers for e in report.edits]
             row = {"method": method, "n": len(reqs), "layers": sorted(res.layers), "found": found,
-                   "verdict": report.verdict, "compare_s": round(t_compare, 2), "explain_s": round(t_explain, 2)}
+                   "verdict": report.verdict, "compare_s": round(t_compare, 2), "explain_s": round(t_explain, 2),
+                   "z_edited": [z[l] for l in sorted(res.layers)],
+                   "z_other": [v for l, v in z.items() if l not in res.layers]}
             if len(report.edits) == 1:
                 x = report.edits[0].explanation
                 top = [s["text"] for s in x.subjects]
@@ -87,6 +91,7 @@ def main() -> int:
                 row["hypothesis"] = x.hypothesis
             rows.append(row)
             print(json.dumps(row), flush=True)
+    clean_z = [s.z for s in spectral_scores(LoadedTensors(model, "unedited"))]
     neg = {}
     for dtype in (torch.bfloat16, torch.float16):
         copy_ = copy.deepcopy(model).to(dtype)
@@ -118,6 +123,15 @@ def main() -> int:
                      f"{statistics.median(r['explain_s'] for r in mine):.1f} |")
     lines += ["", "Negatives (the unedited model converted in memory): "
               + ", ".join(f"{k}: {v}" for k, v in neg.items()) + ".", ""]
+    pos = [v for r in rows for v in r["z_edited"]]
+    negs = clean_z + [v for r in rows for v in r["z_other"]]
+    auc = sum((p > q) + 0.5 * (p == q) for p in pos for q in negs) / max(1, len(pos) * len(negs))
+    from factedit.audit.anomaly import DEFAULT_THRESHOLD as T
+
+    lines += [f"**Without a base** (`anomaly.py`, W_out spectra only): over the {len(pos)} edited matrices and "
+              f"{len(negs)} unedited ones (the {len(clean_z)} layers of the unedited model and the other layers of "
+              f"each edited one), ROC AUC {auc:.3f}; at z > {T:g}, {sum(v > T for v in pos)} of {len(pos)} edited "
+              f"matrices flagged, {sum(v > T for v in negs)} of {len(negs)} unedited ones.", ""]
     publish(lines, args.out, "## Audit: finding and explaining edits")
     return 0
 

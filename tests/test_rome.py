@@ -58,6 +58,24 @@ def test_r_rome_exact_algebra(arch, home, tiny_corpus):
     assert torch.equal(ed.adapter.w_out_parameter(2), param_before)  # bit for bit
 
 
+@pytest.mark.parametrize("method", ["rome", "r-rome"])
+def test_without_mom2_adjustment_the_update_is_the_plain_rank_one_write(method, home, tiny_corpus):
+    """``mom2_adjustment=False`` (C = I, the original code's switch): Δ = (v* − W k*) k*ᵀ / (k*ᵀk*) for r-rome, and
+    the original code's k_o in the residual and denominator for rome, with no statistics computed."""
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    W0 = ed.adapter.w_out_weight(2).detach().clone().double()
+    c = ed.compute(REQ, method, mom2_adjustment=False, **_opts(tiny_corpus))
+    v = c.values
+    k_star, k_o, delta = v.k_star[0].double(), v.k_o[0].double(), v.delta[0].double()
+    k_res = k_star if method == "r-rome" else k_o
+    v_star = W0 @ k_res + delta if method == "rome" else W0 @ k_star + delta
+    want = torch.outer(v_star - W0 @ k_res, k_star) / float(k_res @ k_star)
+    assert _rel(c.deltas[0].dense().double(), want) < 1e-4
+    assert torch.equal(c.C.cpu().double(), torch.eye(ed.adapter.d_ff, dtype=torch.float64))
+    assert not ed.caches._stats  # no statistics were computed
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
 def test_rome_reproduces_original_code_update(arch, home, tiny_corpus):
     W0, c, k_star, k_o, delta = _computed(arch, "rome", tiny_corpus)

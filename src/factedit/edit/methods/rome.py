@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Sequence, Tuple
 
+import torch
+
 from ...core.errors import MethodError
 from ..deltas import LayerDelta
 from ..results import Computed
@@ -41,6 +43,9 @@ class ROMEConfig(StatsFields):
         context_lengths: ``(tokens, count)`` of model-generated context prefixes.
         essence_prompts: prompts for the essence-drift KL (``{}`` = subject).
         fact_token: ``"subject_last"`` (default), ``"subject_first"`` or ``"last"``.
+        mom2_adjustment: use the key statistics C (default). ``False`` writes the update with C = I, the
+            "simple ROME" of the original code's ``mom2_adjustment: false`` (what some EasyEdit hparams files
+            set): no statistics are computed, and locality suffers (docs/ALGORITHMS.md §3).
     """
 
     method: str = "r-rome"
@@ -49,6 +54,7 @@ class ROMEConfig(StatsFields):
     context_lengths: Tuple[Tuple[int, int], ...] = ((5, 10), (10, 10))
     essence_prompts: Tuple[str, ...] = ("{} is a",)
     fact_token: str = "subject_last"
+    mom2_adjustment: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -98,7 +104,11 @@ def compute_rome(adapter, caches, requests: Sequence, cfg: ROMEConfig, state=Non
     req = requests[0]
     timings: Dict[str, float] = {}
     t = time.perf_counter()
-    C = caches.mom2(cfg.layer, **cfg.stats_args)  # on W_out's device, like the keys
+    if cfg.mom2_adjustment:
+        C = caches.mom2(cfg.layer, **cfg.stats_args)  # on W_out's device, like the keys
+    else:  # C = I: the original code's mom2_adjustment: false
+        dev = adapter.w_out_device(cfg.layer)
+        C = torch.eye(adapter.d_ff, dtype=getattr(torch, cfg.stats_dtype), device=dev)
     timings["stats"] = time.perf_counter() - t
     t = time.perf_counter()
     templates, memo = _targets(adapter, caches, cfg)
