@@ -14,7 +14,7 @@ RANKS = {"core": 0, "stats": 1, "edit": 2, "patch": 3, "trace": 3, "editor": 4, 
          "app": 6, "ui": 7, "cli": 8, "__main__": 9}
 #: the modules of edit/methods that are not a method: what everything above may import
 METHOD_SEAM = {"factedit.edit.methods", "factedit.edit.methods.registry", "factedit.edit.methods.options",
-               "factedit.edit.methods.base"}
+               "factedit.edit.methods.hparams", "factedit.edit.methods.base"}
 #: the tests' own modules (helpers no module of the package may import)
 TEST_HELPERS = {p.stem for p in Path(__file__).parent.glob("*.py")}
 

@@ -7,6 +7,7 @@ Options are taken from the declarations (:data:`factedit.app.options.OPTIONS`): 
 without touching this file."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,13 +23,14 @@ BASE = {"eval": {"dataset": "base.jsonl", "out": "base"}, "trace": {"out": "base
         "import": {"peft": "base", "out": "base"}, "apply": {"patches": ["base"]}, "revert": {"patches": ["base"]},
         "export": {"patches": ["base"]}, "inspect": {"patch": "base"}, "summarize": {"runs": ["base"]},
         "keygen": {"key_path": "base.key"},
-        "audit": {"suspect": "base"}, "sign": {"target": "base", "key": "base.key"}, "verify": {"target": "base"}}
+        "audit": {"suspect": "base"}, "hparams": {"hparams_file": "base.yaml"},
+        "sign": {"target": "base", "key": "base.key"}, "verify": {"target": "base"}}
 #: options whose example needs another option set (in both runs): a batch method has targets to batch
 CONTEXT = {("edit", "target_batch"): {"method": "memit"}, ("edit", "layers"): {"method": "memit"},
            ("eval", "layers"): {"method": "memit"}, ("eval", "target_batch"): {"method": "memit"}}
 #: what each option's value is compared through, beyond the settings themselves: the method config
 METHOD_OPTIONS = {"method", "layer", "layers", "steps", "target_batch", "seed", "fields", "stats_corpus",
-                  "stats_tokens", "stats_seq_len", "stats_dtype"}
+                  "stats_tokens", "stats_seq_len", "stats_dtype", "hparams"}
 #: commands with options of the same names that make no method config (statistics; trace's seed is its noise's;
 #: audit's statistics are those it reads the subjects' keys against)
 NO_CONFIG = {"stats", "trace", "audit"}
@@ -47,6 +49,18 @@ def arch_file(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("arch") / "spec.json"
     path.write_text(json.dumps(asdict(ARCH_SPECS["llama"])), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def hparams_file(tmp_path_factory):
+    """An EasyEdit ROME file for the tiny LLaMA (layer 1 of its 4)."""
+    import yaml
+
+    src = Path(__file__).parent / "fixtures" / "hparams" / "easyedit" / "ROME" / "llama-7b.yaml"
+    data = {**yaml.safe_load(src.read_text()), "layers": [1]}
+    path = tmp_path_factory.mktemp("hparams") / "rome.yaml"
+    path.write_text(yaml.safe_dump(data))
     return path
 
 
@@ -136,10 +150,11 @@ CASES = [(c, o.name) for c in COMMANDS for o in options_of(c)]
 
 @pytest.mark.parametrize("command,name", CASES, ids=[f"{c}:{n}" for c, n in CASES])
 def test_every_command_line_option_reaches_what_the_command_builds(command, name, editor, knowns, arch_file,
-                                                                    tmp_path, monkeypatch):
+                                                                    hparams_file, tmp_path, monkeypatch):
     monkeypatch.setenv("FACTEDIT_HOME", str(tmp_path / "home"))
     o = next(x for x in options_of(command) if x.name == name)
-    value = {"side_effects_bank": str(knowns), "arch_spec": str(arch_file)}.get(name, _example(o, command))
+    value = {"side_effects_bank": str(knowns), "arch_spec": str(arch_file), "hparams": str(hparams_file)}.get(
+        name, _example(o, command))
     assert value is not None, f"{command} --{name}: the declaration needs an example"
     base = {**BASE.get(command, {}), **CONTEXT.get((command, name), {})}
     plain, given = parse(_argv(command, base)), parse(_argv(command, {**base, name: value}))

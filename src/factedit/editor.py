@@ -99,12 +99,14 @@ class Editor:
         return self.caches.weights_memo(kind, *key)
 
     # ------------------------------------------------------------------ editing
-    def make_config(self, method: Union[str, MethodOptions] = "r-rome", options=(), **overrides):
+    def make_config(self, method: Union[str, MethodOptions, None] = None, options=(), **overrides):
         """The method's config dataclass with model-derived defaults filled in; bad methods, layers and
         options fail here. ``method`` is a method name (``options``: ``--set`` pairs or a mapping; keywords:
         the fields of :class:`~factedit.edit.methods.options.MethodOptions` — layer, layers, steps,
         target_batch, seed, the statistics — or any field of the method's config) or a whole
-        :class:`~factedit.edit.methods.options.MethodOptions`, the form every front end hands over.
+        :class:`~factedit.edit.methods.options.MethodOptions`, the form every front end hands over. ``method``
+        None: the default method (r-rome), or the one ``hparams=FILE`` (a ROME/MEMIT-repository JSON or EasyEdit
+        YAML file, read under the other options) is for.
 
         The default layer is the depth rule, the same for every caller; ``layer="traced"`` edits the
         layer that ``factedit trace --dataset`` recommended for this model (cached). How the layer was

@@ -27,7 +27,7 @@ __all__ = ["Option", "OPTIONS", "COMMANDS", "FORMS", "options_of", "option", "ad
 
 #: the commands of the command line, in the order ``factedit --help`` lists them
 COMMANDS = ("edit", "shell", "stats", "apply", "revert", "inspect", "export", "import", "trace", "eval", "summarize",
-            "audit", "ui", "keygen", "sign", "verify")
+            "audit", "hparams", "ui", "keygen", "sign", "verify")
 #: the forms of the web page (one per tab that takes input)
 FORMS = ("page.locate", "page.edit", "page.batch", "page.evaluate", "page.audit")
 
@@ -280,6 +280,11 @@ OPTIONS: Tuple[Option, ...] = (
            _EDITS + ("trace",), type=int, default=0, example="5"),
     Option("fields", ("--set",), "any field of the method's config, e.g. norm_constraint=0.01 (ft) or value.lr=0.1; "
            "repeatable", _EDITS, kind="append", metavar="KEY=VALUE", example="value.lr=0.1"),
+    Option("hparams", ("--hparams",), "a hyperparameter file of the ROME/MEMIT research code (JSON) or EasyEdit (YAML) "
+           "for rome, r-rome, memit, emmet or alphaedit, read as it is; what else is given wins (see factedit "
+           "hparams FILE)", ("edit", "eval"), metavar="FILE", example="hparams.yaml"),
+    Option("hparams_file", (), "the ROME/MEMIT-repository JSON or EasyEdit YAML file to show", ("hparams",),
+           kind="positional", example="hparams.yaml"),
     # ------------------------------------------------------------ key statistics
     Option("stats_corpus", ("--stats-corpus",), "text for the key statistics: .txt/.jsonl path, wikitext-103, "
            "wikipedia, model, auto (default)", _STATS, deprecated={"--corpus": _STATS}, example="model"),
@@ -374,8 +379,11 @@ OPTIONS: Tuple[Option, ...] = (
                                          "stack.json)"},
            ("eval", "trace", "import"), required=("eval", "trace", "import"), example="outdir"),
     # ------------------------------------------------------------ the model
-    Option("model", ("--model",), "hub id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)",
-           _MODEL, example="gpt2"),
+    Option("model", ("--model",), {"": "hub id, local directory or .gguf file (default: embedded "
+                                   "SmolLM2-135M-Instruct)",
+                                   "hparams": "check the file's modules and layers against this model (hub id, "
+                                   "folder, .gguf or smollm2-135m-instruct; default: no model, the mapping only)"},
+           _MODEL + ("hparams",), example="gpt2"),
     Option("dtype", ("--dtype",), "float32 (default), float16 or bfloat16", _MODEL, default="float32",
            example="bfloat16"),
     Option("device", ("--device",), "e.g. cpu, cuda:0 (default: cpu); under torchrun, cuda means each rank's own GPU "

@@ -173,7 +173,16 @@ class Settings:
             own["target_batch"] = batch
         if own.get("layer") == "":
             own.pop("layer")
-        return MethodOptions(method=method or "r-rome", fields=parse_options(self.get("fields") or ()), **own)
+        hparams = self.get("hparams")
+        if hparams:  # the file names the method (read now: a bad file fails before any work); a --method other
+            from ..edit.methods.hparams import read_hparams  # than the default must agree with it
+            from ..edit.methods.registry import default_method
+
+            found = read_hparams(hparams).method
+            if not method or method == default_method():
+                method = found
+        return MethodOptions(method=method or "r-rome", fields=parse_options(self.get("fields") or ()), hparams=hparams,
+                             **own)
 
     @property
     def prefetch_batch(self) -> int:
@@ -203,6 +212,8 @@ class Settings:
 
         g = self.get
         method = g("method")
+        if g("hparams") and method != "none":
+            method = self.method.method  # the file's method unless --method names another
         if method != "none" and self._batchless(method) and g("target_batch") is not None:
             raise MethodError(f"{method} optimises no targets together; --target-batch is for the other methods")
         return EvalConfig(

@@ -1,5 +1,5 @@
 """Command line: ``factedit edit | shell | stats | apply | revert | inspect | export | import | trace | eval |
-summarize | audit | ui | keygen | sign | verify``
+summarize | audit | hparams | ui | keygen | sign | verify``
 (also ``python -m factedit``). Every option comes from the declarations of :mod:`factedit.app.options`;
 each command's handler takes the :class:`~factedit.app.settings.Settings` they make. One module per
 command group.
@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from ..app.options import COMMANDS, add_arguments, add_program_arguments
 from ..app.settings import Settings
-from . import audit, edit, export, patch, shell, sign, stats, trace, ui
+from . import audit, edit, export, hparams, patch, shell, sign, stats, trace, ui
 from . import eval as eval_cmd
 from .common import setup_logging
 
@@ -27,7 +27,7 @@ HANDLERS = {"edit": edit.cmd_edit, "shell": shell.cmd_shell, "stats": stats.cmd_
             "revert": patch.cmd_revert,
             "inspect": patch.cmd_inspect, "export": export.cmd_export, "import": export.cmd_import,
             "trace": trace.cmd_trace, "eval": eval_cmd.cmd_eval, "summarize": eval_cmd.cmd_summarize,
-            "audit": audit.cmd_audit, "ui": ui.cmd_ui,
+            "audit": audit.cmd_audit, "hparams": hparams.cmd_hparams, "ui": ui.cmd_ui,
             "keygen": sign.cmd_keygen, "sign": sign.cmd_sign, "verify": sign.cmd_verify}
 HELP = {
     "edit": "edit one fact and show the model before and after",
@@ -42,6 +42,7 @@ HELP = {
     "eval": "evaluate a method on CounterFact / zsRE (resumable)",
     "summarize": "compare evaluation runs: table and plots of sequential runs",
     "audit": "compare a checkpoint with its base: which tensors changed, and which changes are edits",
+    "hparams": "show what a ROME/MEMIT-repository or EasyEdit hparams file maps to here (--hparams FILE uses it)",
     "ui": "edit in the browser: locate, edit, batch, the session's edits, evaluate",
     "keygen": "make a key pair for signing patches, adapters and saved models (offline)",
     "sign": "sign a patch, adapter, GGUF file or saved model (OpenSSF model signing format)",

@@ -57,7 +57,7 @@ def _memit(R, K, C, layer, cfg, caches, memory) -> Solution:
 
 
 def _emmet(R, K, C, layer, cfg, caches, memory) -> Solution:
-    sol = equality_constrained(R, K, C, max_condition=cfg.max_condition)
+    sol = equality_constrained(R, K, C, max_condition=cfg.max_condition, ridge=cfg.ridge)
     if sol.ridge:
         log.warning("EMMET layer %d: key system ill-conditioned (cond %.2e); ridge %.3g added",
                     layer, sol.condition, sol.ridge)
@@ -126,6 +126,8 @@ class BatchConfig(StatsFields):
             another scale than SmolLM2's (E[kkᵀ] eigenvalues 0.003–4.1 at layer 8), where 15000 leaves a
             50-request batch at 0.62 efficacy and 1000 reaches 0.94 (100 gives the same).
         max_condition: EMMET adds a ridge when the key system's condition number exceeds this.
+        ridge: EMMET's ridge ε added to ``Kᵀ C⁻¹ K`` always (``None``: only when ill-conditioned, automatic);
+            EasyEdit's ``emmet_lambda`` with its C scaled by ``mom2_update_weight`` is ε = λ · weight.
         nullspace_threshold: AlphaEdit keeps eigenvectors of C with eigenvalue below this (the paper's 1e-2).
         alpha: AlphaEdit's ridge α (absolute). ``None`` (default): ``alpha_scale · tr(P C)``, i.e. relative
             to the mean energy of a key inside the preserved null space. α must be small against the
@@ -152,6 +154,7 @@ class BatchConfig(StatsFields):
     fact_token: str = "subject_last"
     mom2_update_weight: float = 1000.0
     max_condition: float = 1e8
+    ridge: Optional[float] = None
     nullspace_threshold: float = 1e-2
     alpha: Optional[float] = None
     alpha_scale: float = 0.02

@@ -43,6 +43,8 @@ class MethodOptions:
         fields: any other config field, ``(("value.lr", "0.1"), ...)``, set last (``--set``; text or typed).
         layer_rule: how the layer was chosen, when not by the user or the depth rule (filled in by the
             Editor for ``"traced"``).
+        hparams: a ROME/MEMIT-repository JSON or EasyEdit YAML hyperparameter file read under the other options
+            (:mod:`~factedit.edit.methods.hparams`; what is given besides it wins).
     """
 
     method: str = "r-rome"
@@ -57,6 +59,7 @@ class MethodOptions:
     stats_dtype: Optional[str] = None
     fields: Tuple[Tuple[str, Any], ...] = ()
     layer_rule: str = ""
+    hparams: Optional[str] = None
 
     def __post_init__(self):
         if self.layers is not None:
@@ -86,6 +89,8 @@ class MethodOptions:
             out["options"] = self.fields
         if self.layer_rule:
             out["layer_rule"] = self.layer_rule
+        if self.hparams:
+            out["hparams"] = self.hparams
         return tuple(sorted((k, v) for k, v in out.items() if v is not None))
 
     @classmethod

@@ -10,11 +10,14 @@ evaluation and the web page — learns a method's name, config, state and retry 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import logging
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Dict, Optional
 
 from ...core.errors import MethodError
 from .options import MethodOptions, from_jsonable, with_options
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MethodSpec", "REGISTRY", "METHODS", "register", "unregister", "method_spec", "spec_of_config",
            "default_method", "method_names", "make_config", "config_from_dict"]
@@ -142,6 +145,16 @@ def make_config(adapter, options: MethodOptions):
     ``options.fields`` (``--set`` pairs, or typed values from Python) are set last, text converted to the
     field's type (:func:`~factedit.edit.methods.options.with_options`).
     """
+    hp = None
+    if options.method is None and not options.hparams:
+        options = replace(options, method=default_method())
+    if options.hparams:
+        from .hparams import apply_hparams, read_hparams
+
+        options = apply_hparams(options)
+        hp = read_hparams(options.hparams, options.method)
+        for text in hp.warnings:
+            log.warning("%s", text)
     spec = method_spec(options.method)
     names = spec.field_names
     kwargs: Dict[str, object] = {"method": spec.name}
@@ -171,7 +184,13 @@ def make_config(adapter, options: MethodOptions):
         raise MethodError(f"invalid option for {spec.name}: {e}") from None
     if options.steps is not None:
         cfg = with_options(cfg, {"steps" if "steps" in names else "value.steps": options.steps})
-    return with_options(cfg, dict(options.fields)).resolved(adapter)
+    cfg = with_options(cfg, dict(options.fields)).resolved(adapter)
+    if hp is not None:
+        from .hparams import check_modules
+
+        for text in check_modules(adapter, hp, cfg.layers):
+            log.warning("%s", text)
+    return cfg
 
 
 def config_from_dict(method: str, data):
