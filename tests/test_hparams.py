@@ -98,7 +98,8 @@ def test_an_edit_from_an_easyedit_file_equals_the_same_options_given_by_hand(hom
     assert ed.make_config(hparams=str(path)) == by_hand
     b = ed.compute(req, config=by_hand)
     assert torch.equal(a.deltas[0].dense(), b.deltas[0].dense())  # bit-identical
-    del kw
+    res = ed.edit(req, hparams=str(path), **kw)  # the file names the method
+    assert res.method == "rome" and torch.equal(res.deltas[0].dense(), b.deltas[0].dense())
 
 
 def test_files_that_cannot_run_here_are_refused_with_a_reason(home, tmp_path, tiny_dir, capsys):

@@ -121,10 +121,10 @@ class Editor:
                 f"causal-trace recommendation ({rec.n_facts} facts from {rec.source or 'a data set'})"))
         return make_config(self.adapter, opts)
 
-    def _config(self, method: str, config, overrides):
+    def _config(self, method: Optional[str], config, overrides):
         return config.resolved(self.adapter) if config is not None else self.make_config(method, **overrides)
 
-    def compute(self, requests: Union[Request, Sequence[Request]], method: str = "r-rome",
+    def compute(self, requests: Union[Request, Sequence[Request]], method: Optional[str] = None,
                 config=None, **overrides) -> Computed:
         """Compute (but do not apply) an edit. Nothing in the model changes.
 
@@ -149,7 +149,7 @@ class Editor:
             spec.prefetch(self.adapter, self.caches, requests, cfg, batch_size)
         return time.perf_counter() - t
 
-    def edit(self, requests: Union[Request, Sequence[Request]], method: str = "r-rome",
+    def edit(self, requests: Union[Request, Sequence[Request]], method: Optional[str] = None,
              config=None, guard: Optional[GuardConfig] = None, verify: bool = True, **overrides) -> EditResult:
         """Compute and apply an edit. ROME variants edit several requests one after another;
         MEMIT / EMMET / AlphaEdit / FT edit them as one batch.
