@@ -138,3 +138,24 @@ def test_the_hparams_command_shows_the_mapping_and_checks_a_model(tmp_path, tiny
     assert main(["hparams", str(_file(tmp_path, "g.yaml", ln_f_module="transformer.ln_f")), "--model",
                  str(tiny_dir)]) == 2
     assert "does not have" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_easyedit_llama_file_edits_the_embedded_model_as_the_same_options_by_hand(embedded):
+    """EasyEdit's ROME file for LLaMA-2 on SmolLM2 (a LLaMA): the file's own layer 5, modules and knobs (only the
+    statistics' source is the test's); the delta equals that of the same settings as options, bit for bit."""
+    from conftest import CORPUS, TEST_STATS_TOKENS
+
+    ed = embedded
+    path = FIXTURES / "easyedit" / "ROME" / "llama-7b.yaml"
+    stats = dict(stats_corpus=str(CORPUS), stats_tokens=TEST_STATS_TOKENS)
+    req = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
+    cfg = ed.make_config(hparams=str(path), **stats)
+    by_hand = ed.make_config("rome", layer=5, stats_dtype="float32", **stats,
+                             options=["value.steps=25", "value.lr=0.5", "value.weight_decay=0.001",
+                                      "value.clamp_norm_factor=4", "value.kl_factor=0.0625",
+                                      "mom2_adjustment=false", "context_lengths=[[5,10],[10,10]]",
+                                      "fact_token=subject_last"])
+    assert cfg == by_hand and cfg.layer == 5 and not cfg.mom2_adjustment
+    a, b = ed.compute(req, config=cfg), ed.compute(req, config=by_hand)
+    assert torch.equal(a.deltas[0].dense(), b.deltas[0].dense())
