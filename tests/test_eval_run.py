@@ -411,3 +411,21 @@ def test_a_case_whose_edit_raised_is_a_failure_in_every_score(home, tiny_corpus,
     for key in ("ES", "PS", "NS"):  # the other three cases score as in the clean run; the failure adds 0
         assert s[key] == pytest.approx(100 * sum(r[key] for r in good) / 4), key
     assert s["S"] is not None
+
+
+def test_every_run_states_its_mode_in_one_line(home, tiny_corpus, tmp_path, capsys):
+    from factedit.cli import main
+    from factedit.evaluation.runner import mode_text
+
+    assert mode_text(False, 1) == "each case edited alone on the original weights (reverted after scoring)"
+    assert mode_text(False, 4).startswith("cases edited in batches of 4, each batch on the original weights")
+    assert mode_text(True, 1).startswith("cases edited one by one, accumulated")
+    assert mode_text(True, 10).startswith("cases edited in batches of 10, accumulated")
+    summary = run_eval(_editor(), _cfg(tiny_corpus, "memit", limit=4, cases_per_edit=2, sequential=True,
+                                       generation=GenerationConfig(length=0)), tmp_path / "run")
+    assert summary["mode"] == mode_text(True, 2)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["mode"] == mode_text(True, 2)
+    assert main(["summarize", str(tmp_path / "run"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    runs = got["runs"] if isinstance(got, dict) else got  # with plots: {"runs", "plots"}
+    assert runs[0]["mode"] == mode_text(True, 2)

@@ -45,7 +45,9 @@ def cmd_eval(settings) -> int:
         return 0
     from ..evaluation.summarize import load_run, table
 
-    print(table([load_run(out)]))
+    run = load_run(out)
+    print(f"mode: {run.mode_text}\n")
+    print(table([run]))
     print(f"\nper-case records, summary and configuration in {out}")
     return 0
 

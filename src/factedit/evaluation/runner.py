@@ -31,7 +31,7 @@ from .score_model import GEN_TOKENS, GenerationConfig, generation_scores, score_
 from .scoring import normalized_delta_norm, summarize_records
 from .store import RunError, RunStore
 
-__all__ = ["EvalConfig", "run_eval", "BASELINE"]
+__all__ = ["EvalConfig", "run_eval", "BASELINE", "mode_text"]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,12 @@ class EvalConfig:
         self.ability.check()
 
     @property
+    def mode(self) -> str:
+        """The run's mode in one line: whether cases start from the original weights or accumulate, and how many
+        are edited in one call (what the summary, ``--json`` and the page state)."""
+        return mode_text(self.sequential, self.cases_per_edit)
+
+    @property
     def options(self) -> MethodOptions:
         """The method options (:attr:`method_options` read back)."""
         return MethodOptions.from_pairs(self.method, self.method_options)
@@ -144,6 +150,16 @@ class EvalConfig:
         d = asdict(self)
         d["method_options"] = {k: v for k, v in self.method_options}
         return d
+
+
+def mode_text(sequential: bool, cases_per_edit: int) -> str:
+    """``"each case edited alone on the original weights"`` ... (see :attr:`EvalConfig.mode`)."""
+    n = int(cases_per_edit or 1)
+    if not sequential:
+        return ("each case edited alone on the original weights (reverted after scoring)" if n == 1 else
+                f"cases edited in batches of {n}, each batch on the original weights (reverted after scoring)")
+    return ("cases edited one by one, accumulated: each on the weights the earlier edits left" if n == 1 else
+            f"cases edited in batches of {n}, accumulated: each batch on the weights the earlier ones left")
 
 
 #: options added after runs were written, at the value those runs had (a resume then still matches)
@@ -295,7 +311,7 @@ def _summary_of(records: List[dict], cfg: EvalConfig, groups, complete: bool) ->
     ok = [r for r in records if "error" not in r]
     s["seconds_per_edit"] = sum(r["edit_seconds"] for r in ok) / len(ok) if ok else None
     s["seconds_per_case"] = sum(r["edit_seconds"] + r["score_seconds"] for r in ok) / len(ok) if ok else None
-    s.update(method=cfg.method, dataset=cfg.dataset, sequential=cfg.sequential, complete=complete,
+    s.update(method=cfg.method, dataset=cfg.dataset, sequential=cfg.sequential, mode=cfg.mode, complete=complete,
              n_cases=sum(len(g) for g in groups))
     return s
 

@@ -54,6 +54,14 @@ class Run:
         mode = "sequential" if self.sequential else "single"
         return f"{mode}, batches of {batch}" if batch > 1 else mode
 
+    @property
+    def mode_text(self) -> str:
+        """The mode in one line (:func:`~factedit.evaluation.runner.mode_text`)."""
+        from .runner import mode_text
+
+        compare = self.config.get("compare", {})
+        return mode_text(self.sequential, compare.get("cases_per_edit") or compare.get("batch_size") or 1)
+
 
 def load_run(directory) -> Run:
     """Read a run directory written by :func:`~factedit.evaluation.runner.run_eval`."""

@@ -181,7 +181,8 @@ def render_eval(summary: dict, records: List[dict], done: bool) -> str:
              _e(r["request"]["target_new"]), *(('class="num"', f(r.get(k))) for k in per_case),
              _e(((r.get("gen_texts") or {}).get("rewrite") or [""])[0]), _e(r.get("error", ""))] for r in records]
     state = "complete" if done else "running"
-    return out(f'<p id="eval-state">{len(records)} cases scored ({state}).</p>' + top
+    mode = f' <span id="eval-mode">Mode: {_e(summary["mode"])}.</span>' if summary.get("mode") else ""
+    return out(f'<p id="eval-state">{len(records)} cases scored ({state}).{mode}</p>' + top
                + table(["case", "prompt", "new target", *(k.replace("_", "-") for k in per_case), "greedy answer",
                         "error"], rows, "eval-cases"))
 
