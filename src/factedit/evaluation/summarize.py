@@ -72,6 +72,10 @@ def load_run(directory) -> Run:
         raise RunError(f"{d}: not an evaluation run (config.json missing or damaged)") from None
     records, _ = read_jsonl(d / "cases.jsonl")
     downstream, _ = read_jsonl(d / "downstream.jsonl")
+    replayed = {x["n_edits"]: x["wear"] for x in read_jsonl(d / "wear.jsonl")[0] if "wear" in x}
+    for cp in downstream:  # a run recorded before the wear meter: the wear bench/replay_wear.py measured since
+        if not cp.get("wear") and cp.get("n_edits") in replayed:
+            cp["wear"] = replayed[cp["n_edits"]]
     try:
         summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
