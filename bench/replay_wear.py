@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     from factedit import Editor, GuardConfig, load_model
     from factedit.core.paths import atomic_write_text
     from factedit.edit.methods.options import MethodOptions
+    from factedit.edit.methods.registry import config_from_dict
     from factedit.edit.wear import cumulative_wear
     from factedit.evaluation import load_cases
 
@@ -57,8 +58,10 @@ def main(argv=None) -> int:
     if ed.adapter.prompt_prefix != compare.get("prompt_prefix", ed.adapter.prompt_prefix):
         raise SystemExit(f"the run read prompts with prefix {compare['prompt_prefix']!r}, this editor with "
                          f"{ed.adapter.prompt_prefix!r}")
-    options = MethodOptions.from_pairs(method, list(compare.get("method_options", {}).items()))
-    cfg = ed.make_config(options)
+    if compare.get("method_config"):  # the run's whole configuration, as it ran (defaults may have changed since)
+        cfg = config_from_dict(method, compare["method_config"]).resolved(ed.adapter)
+    else:
+        cfg = ed.make_config(MethodOptions.from_pairs(method, list(compare.get("method_options", {}).items())))
     if hasattr(cfg, "context_lengths"):  # as the run's warm-up: templates and statistics of the original weights
         ed.templates(getattr(cfg, "seed", 0), cfg.context_lengths)
     if hasattr(cfg, "stats_args"):

@@ -55,7 +55,10 @@ SEQUENTIAL = {"emmet": ("emmet", 10, LR05), "alphaedit": ("alphaedit", 10, LR05)
               "r-rome": ("r-rome", 1)}
 #: the 1,000-edit sequential runs of issue 16: batches of 100 for the batch methods (targets shared),
 #: single edits for the ROME variants; perplexity on held-out text and known-fact recall every --every edits
-LONG = {"emmet": ("emmet", 100), "alphaedit": ("alphaedit", 100), "r-rome": ("r-rome", 1), "rome": ("rome", 1),
+#: "alphaedit" is the run of the default before 2026-12-06 (α relative, alpha_scale 0.02); since then the default
+#: is the paper's α = 10, the "alphaedit-a10" run
+LONG = {"emmet": ("emmet", 100), "alphaedit": ("alphaedit", 100, "alpha_scale=0.02"), "r-rome": ("r-rome", 1),
+        "rome": ("rome", 1),
         # issue 32: the lifelong method, in turns of 100 as the reference edits; AlphaEdit with the paper's α;
         # the fourth approach (recursive least squares); norm anchoring on EMMET and AlphaEdit (α = 10)
         "ultraedit": ("ultraedit", 100), "alphaedit-a10": ("alphaedit", 100, "alpha=10"), "rls": ("rls", 100),

@@ -129,7 +129,8 @@ def test_emmet_last_layer_is_exact(home, tiny_corpus):
 def test_one_layer_update_is_the_closed_form(method, home, tiny_corpus):
     """A one-layer MEMIT / AlphaEdit edit is its formula on the edit's keys, residuals and statistics, computed
     with explicit inverses (reference.py): MEMIT R Kᵀ (λC + K Kᵀ)⁻¹; AlphaEdit ΔP with
-    Δ = R Kᵀ P (K Kᵀ P + αI)⁻¹, P from numpy.linalg.eigh of C and α = alpha_scale · tr(P C) (the default)."""
+    Δ = R Kᵀ P (K Kᵀ P + αI)⁻¹, P from numpy.linalg.eigh of C and α the paper's 10 (the default) or
+    alpha_scale · tr(P C) when that is given."""
     import numpy as np
 
     model, tok = tiny_model("gpt2")
@@ -143,15 +144,18 @@ def test_one_layer_update_is_the_closed_form(method, home, tiny_corpus):
         d = len(ev)
         i = max(range(d // 4, 3 * d // 4), key=lambda j: ev[j] / ev[j - 1])
         kw["nullspace_threshold"] = float(np.sqrt(ev[i - 1] * ev[i]))
-    cfg = ed.make_config(method, **kw)
-    D, R, K, C = _one_layer(ed, cfg)
-    if method == "memit":
-        ref = memit_update(R, K, C, cfg.mom2_update_weight)
-    else:
-        P = null_space_projector(C, cfg.nullspace_threshold)
-        assert 0 < round(float(P.trace())) < C.shape[0]
-        ref = alphaedit_update(R, K, P, None, cfg.alpha_scale * float((P * C.double()).sum()))
-    assert rel(D, ref) < 1e-4  # float32 forwards (R) and float32 factors (Δ): measured ~1e-5
+    for extra in ({}, {"alpha_scale": 0.02}) if method == "alphaedit" else ({},):
+        cfg = ed.make_config(method, **kw, **extra)
+        D, R, K, C = _one_layer(ed, cfg)
+        if method == "memit":
+            ref = memit_update(R, K, C, cfg.mom2_update_weight)
+        else:
+            P = null_space_projector(C, cfg.nullspace_threshold)
+            assert 0 < round(float(P.trace())) < C.shape[0]
+            alpha = 10.0 if not extra else 0.02 * float((P * C.double()).sum())
+            assert (cfg.alpha == 10.0) == (not extra)
+            ref = alphaedit_update(R, K, P, None, alpha)
+        assert rel(D, ref) < 1e-4  # float32 forwards (R) and float32 factors (Δ): measured ~1e-5
 
 
 @pytest.mark.parametrize("method", ["memit", "emmet", "alphaedit", "ft"])
