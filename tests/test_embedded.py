@@ -72,10 +72,10 @@ def test_cli_demo_json(embedded, capsys):
     assert obj["before"]["p_true"] > obj["before"]["p_new"]
     assert "Rome" in obj["after"]["generation"]
     # the object's keys are the interface scripts read (unchanged when the report's reads were batched; the
-    # wear meter added with issue 32)
+    # wear meter and the guard's wear warnings added with issue 32)
     assert set(obj) == {"method", "model", "layers", "request", "before", "after", "chat", "layer_rule", "verified",
                         "verification", "retried", "delta_norm", "seconds", "guard", "rounding", "statistics",
-                        "prompt_prefix", "timings", "side_effects", "total_seconds", "wear"}
+                        "prompt_prefix", "timings", "side_effects", "total_seconds", "wear", "warnings"}
     for side in ("before", "after"):
         assert set(obj[side]) == {"p_new", "p_true", "generation", "paraphrase_generations", "chat_answer"}
     # the continuations are greedy decoding's, one prompt at a time (the fixture holds the same unedited weights)

@@ -14,6 +14,7 @@ from factedit.cli import main
 from factedit.core.errors import FactEditError, MethodError
 from factedit.edit.guard import GuardConfig
 from factedit.edit.methods.hparams import read_hparams
+from factedit.edit.methods.options import parse_options
 from tiny import tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hparams"
@@ -151,11 +152,10 @@ def test_an_easyedit_llama_file_edits_the_embedded_model_as_the_same_options_by_
     stats = dict(stats_corpus=str(CORPUS), stats_tokens=TEST_STATS_TOKENS)
     req = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
     cfg = ed.make_config(hparams=str(path), **stats)
-    by_hand = ed.make_config("rome", layer=5, stats_dtype="float32", **stats,
-                             options=["value.steps=25", "value.lr=0.5", "value.weight_decay=0.001",
-                                      "value.clamp_norm_factor=4", "value.kl_factor=0.0625",
-                                      "mom2_adjustment=false", "context_lengths=[[5,10],[10,10]]",
-                                      "fact_token=subject_last"])
+    by_hand = ed.make_config("rome", layer=5, stats_dtype="float32", **stats, options=parse_options([
+        "value.steps=25", "value.lr=0.5", "value.weight_decay=0.001", "value.clamp_norm_factor=4",
+        "value.kl_factor=0.0625", "mom2_adjustment=false", "context_lengths=[[5,10],[10,10]]",
+        "fact_token=subject_last"]))  # what --set gives
     assert cfg == by_hand and cfg.layer == 5 and not cfg.mom2_adjustment
     a, b = ed.compute(req, config=cfg), ed.compute(req, config=by_hand)
     assert torch.equal(a.deltas[0].dense(), b.deltas[0].dense())
