@@ -198,10 +198,9 @@ class Session:
         from. Returns ``(report, path of the extracted patch or None)``. The explanation reads the page's model
         when it is the base and holds no edits; otherwise the base is loaded beside it."""
         from ..core.models import model_source
-        from .audit import audit_checkpoint, check_audit_settings
+        from .audit import audit_checkpoint
 
-        f = self.form("page.audit", values)
-        check_audit_settings(f)
+        f = self.form("page.audit", values)  # checked by audit_checkpoint before any work
         own = not f["base"]
         if own:
             where = model_source(self.editor.model).get("local_path")

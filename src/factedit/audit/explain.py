@@ -245,5 +245,5 @@ def explain_report(report, model, tokenizer, candidates: Optional[Sequence[Candi
         stats["n_tokens"] = default_stats_tokens(adapter.d_ff)
     cands = list(candidates) if candidates else default_candidates(adapter.tokenizer)
     for e in report.edits:
-        e.explanation = explain_edit(adapter, caches, e.layers, edit_deltas(report, e), d_ff_basis(report, e), cands,
-                                     stats, **kw)
+        deltas = edit_deltas(report, e)
+        e.explanation = explain_edit(adapter, caches, e.layers, deltas, d_ff_basis(deltas), cands, stats, **kw)

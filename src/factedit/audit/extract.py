@@ -40,9 +40,9 @@ def edit_deltas(report: AuditReport, edit: Edit) -> List[LayerDelta]:
     return [_delta(layer, f, report.fan_in_fan_out) for layer, f in zip(edit.layers, edit.findings)]
 
 
-def d_ff_basis(report: AuditReport, edit: Edit) -> List[torch.Tensor]:
-    """Per layer of ``edit``, an orthonormal basis (d_ff × rank) of its update's row space on the key side."""
-    return [torch.linalg.qr(d.right.double())[0] for d in edit_deltas(report, edit)]
+def d_ff_basis(deltas: Sequence[LayerDelta]) -> List[torch.Tensor]:
+    """Per delta (:func:`edit_deltas`), an orthonormal basis (d_ff × rank) of its row space on the key side."""
+    return [torch.linalg.qr(d.right.double())[0] for d in deltas]
 
 
 def extract_patch(report: AuditReport, base: TensorFiles, suspect: TensorFiles, edits: Sequence[Edit] = ()) -> Patch:

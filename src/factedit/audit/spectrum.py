@@ -132,4 +132,5 @@ def classify(name: str, base: torch.Tensor, suspect: torch.Tensor, dtypes: Tuple
 
 
 def dtype_name(t: torch.Tensor) -> str:
+    """A tensor's dtype as safetensors names it (what :func:`classify` takes in ``dtypes``)."""
     return _DTYPES.get(t.dtype, "F32")

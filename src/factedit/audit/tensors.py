@@ -26,7 +26,24 @@ class AuditError(FactEditError):
     """The models cannot be compared (unreadable, or not the same architecture and shapes)."""
 
 
-class TensorFiles:
+class _Source:
+    """What :class:`TensorFiles` and :class:`LoadedTensors` share: ``config`` and the tensors' ``names``."""
+
+    config: dict
+
+    @property
+    def names(self) -> List[str]:
+        return sorted(self._tensor_names())
+
+    @property
+    def model_type(self) -> Optional[str]:
+        return self.config.get("model_type")
+
+    def _tensor_names(self):
+        raise NotImplementedError
+
+
+class TensorFiles(_Source):
     """The tensors of one model folder: names, shapes and dtypes from the safetensors headers, values on demand."""
 
     def __init__(self, folder, label: Optional[str] = None):
@@ -62,13 +79,8 @@ class TensorFiles:
         """The weights behind a ``--model`` name (:func:`~factedit.core.models.model_folder`)."""
         return cls(model_folder(name), label=name or "the embedded default model")
 
-    @property
-    def names(self) -> List[str]:
-        return sorted(self._where)
-
-    @property
-    def model_type(self) -> Optional[str]:
-        return self.config.get("model_type")
+    def _tensor_names(self):
+        return self._where
 
     def shape(self, name: str) -> tuple:
         return self._meta[name][0]
@@ -89,11 +101,9 @@ class TensorFiles:
             raise AuditError(f"{self.label}: tensor {name} of {path.name} cannot be read ({e})") from None
 
 
-class LoadedTensors:
+class LoadedTensors(_Source):
     """The same interface over a model already in memory (its ``state_dict``; nothing is copied): audit the model
     an :class:`~factedit.editor.Editor` holds against the folder it was loaded from."""
-
-    _NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
     def __init__(self, model, label: Optional[str] = None):
         self.label = label or "the loaded model"
@@ -102,19 +112,16 @@ class LoadedTensors:
         if self.config.get("tie_word_embeddings"):
             self._tensors.pop("lm_head.weight", None)  # the embedding itself, saved once
 
-    @property
-    def names(self) -> List[str]:
-        return sorted(self._tensors)
-
-    @property
-    def model_type(self) -> Optional[str]:
-        return self.config.get("model_type")
+    def _tensor_names(self):
+        return self._tensors
 
     def shape(self, name: str) -> tuple:
         return tuple(self._tensors[name].shape)
 
     def dtype(self, name: str) -> str:
-        return self._NAMES.get(self._tensors[name].dtype, "F32")
+        from .spectrum import dtype_name
+
+        return dtype_name(self._tensors[name])
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name].detach().cpu()

@@ -242,9 +242,10 @@ def read_hparams(path, method: Optional[str] = None) -> Hparams:
     return Hparams(str(path), m, opts, rows, warnings, modules, loss_layer)
 
 
-def apply_hparams(options: MethodOptions) -> MethodOptions:
+def apply_hparams(options: MethodOptions) -> Tuple[MethodOptions, Hparams]:
     """``options`` with its hparams file (``options.hparams``) under it: what the user gave on top wins (layer,
-    layers, steps, statistics, ``--set`` fields), the file's method must be the one asked for."""
+    layers, steps, statistics, ``--set`` fields), the file's method must be the one asked for; and the file as
+    read (for :func:`check_modules` and its warnings)."""
     hp = read_hparams(options.hparams, method=options.method)
     base = hp.options
     given = {k: getattr(options, k) for k in ("layer", "layers", "steps", "target_batch", "seed", "stats_corpus",
@@ -253,7 +254,7 @@ def apply_hparams(options: MethodOptions) -> MethodOptions:
     if "layer" in given or "layers" in given:
         base = replace(base, layer=None, layers=None)
     return replace(base, **given, fields=base.fields + tuple(options.fields), layer_rule=options.layer_rule,
-                   hparams=options.hparams)
+                   hparams=options.hparams), hp
 
 
 def check_modules(adapter, hp: Hparams, layers) -> List[str]:

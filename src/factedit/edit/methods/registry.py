@@ -149,10 +149,9 @@ def make_config(adapter, options: MethodOptions):
     if options.method is None and not options.hparams:
         options = replace(options, method=default_method())
     if options.hparams:
-        from .hparams import apply_hparams, read_hparams
+        from .hparams import apply_hparams
 
-        options = apply_hparams(options)
-        hp = read_hparams(options.hparams, options.method)
+        options, hp = apply_hparams(options)
         for text in hp.warnings:
             log.warning("%s", text)
     spec = method_spec(options.method)
