@@ -34,8 +34,8 @@ def cmd_eval(settings) -> int:
             print(f"\rfactedit eval {cfg.method}: {done}/{total} edits", end="", file=sys.stderr, flush=True)
 
     out = settings["out"]
-    summary = run_eval(editor, cfg, out, on_group=progress, world=world)
-    world.close()
+    with world:  # leaves the process group on every path, errors included
+        summary = run_eval(editor, cfg, out, on_group=progress, world=world)
     if show:
         print(file=sys.stderr)
     if not world.main:

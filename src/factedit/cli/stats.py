@@ -22,21 +22,21 @@ def cmd_stats(settings) -> int:
     model, tok = settings.model.load()
     adapter = settings.model.adapter(model, tok)
     world = World.from_env(adapter.input_device)  # size 1 unless started by torchrun
-    layers = settings["stats_layers"] or [default_layer(adapter.n_layers)]
-    for layer in layers:
-        adapter.check_layer(layer)
-    n_tokens = opts.stats_tokens or default_stats_tokens(adapter.d_ff)
-    report = []
-    for layer in layers:
-        t = time.perf_counter()
-        st = layer_stats(adapter, layer, corpus=opts.stats_corpus, n_tokens=n_tokens, force=settings["force"],
-                         progress=show_progress(settings), world=world, seq_len=seq_len, dtype=dtype)
-        dt = time.perf_counter() - t
-        report.append({"layer": layer, "tokens": st.count, "corpus": st.meta.get("corpus"), "seconds": round(dt, 2),
-                       "trace": float(st.mom2.trace()), "seq_len": int(st.meta.get("seq_len", seq_len)),
-                       "accumulator": dtype, "memory_bytes": accumulator_bytes(adapter.d_ff, dtype, 8 * seq_len),
-                       "device": str(adapter.w_out_device(layer))})
-    world.close()
+    with world:  # leaves the process group on every path, errors included
+        layers = settings["stats_layers"] or [default_layer(adapter.n_layers)]
+        for layer in layers:
+            adapter.check_layer(layer)
+        n_tokens = opts.stats_tokens or default_stats_tokens(adapter.d_ff)
+        report = []
+        for layer in layers:
+            t = time.perf_counter()
+            st = layer_stats(adapter, layer, corpus=opts.stats_corpus, n_tokens=n_tokens, force=settings["force"],
+                             progress=show_progress(settings), world=world, seq_len=seq_len, dtype=dtype)
+            dt = time.perf_counter() - t
+            report.append({"layer": layer, "tokens": st.count, "corpus": st.meta.get("corpus"), "seconds": round(dt, 2),
+                           "trace": float(st.mom2.trace()), "seq_len": int(st.meta.get("seq_len", seq_len)),
+                           "accumulator": dtype, "memory_bytes": accumulator_bytes(adapter.d_ff, dtype, 8 * seq_len),
+                           "device": str(adapter.w_out_device(layer))})
     if not world.main:
         return 0  # rank 0 reports for the world
     if settings["json"]:

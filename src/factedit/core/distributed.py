@@ -99,7 +99,15 @@ class World:
 
             dist.barrier()
 
+    def __enter__(self) -> "World":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Leave the process group. Every exit path must (an error included): a gloo group left to the
+        interpreter's teardown can abort the process (SIGABRT) instead of letting it exit with its status."""
         if self.distributed:
             import torch.distributed as dist
 
