@@ -1,5 +1,5 @@
 """Evaluation data: CounterFact (original ``counterfact.json`` and KnowEdit layouts), zsRE (MEND
-layout), with the layout detected from the records.
+layout), MQuAKE (multi-hop cases of 1-3 edits, original layout), with the layout detected from the records.
 
     cases = load_cases("../shared/data/counterfact/counterfact_knowedit.jsonl", limit=200)
     cases[0].request, cases[0].paraphrase_prompts, cases[0].neighborhood_prompts
@@ -24,7 +24,7 @@ from ..core.paths import atomic_path, factedit_home
 from ..core.request_files import read_records, request_from_record
 from ..core.requests import Request
 
-__all__ = ["DatasetError", "CounterFactCase", "ZsRECase", "Case", "detect_layout", "load_cases",
+__all__ = ["DatasetError", "CounterFactCase", "ZsRECase", "MQuAKECase", "Hop", "Case", "detect_layout", "load_cases",
            "resolve_dataset", "sha256_of", "COUNTERFACT_URL"]
 
 #: where the ROME authors publish the full original CounterFact (21,919 records, ~45 MB)
@@ -57,6 +57,11 @@ class CounterFactCase:
 
     kind = "counterfact"
 
+    @property
+    def requests(self) -> Tuple[Request, ...]:
+        """The edits this case makes (one)."""
+        return (self.request,)
+
 
 @dataclass(frozen=True)
 class ZsRECase:
@@ -78,13 +83,96 @@ class ZsRECase:
 
     kind = "zsre"
 
+    @property
+    def requests(self) -> Tuple[Request, ...]:
+        return (self.request,)
 
-Case = Union[CounterFactCase, ZsRECase]
+
+@dataclass(frozen=True)
+class Hop:
+    """One single-hop fact of a MQuAKE chain: the question, its cloze form, the answer and its aliases."""
+
+    question: str
+    cloze: str
+    answer: str
+    aliases: Tuple[str, ...] = ()
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        """The answer and its aliases (what an answer may mention)."""
+        return (self.answer, *self.aliases)
+
+
+@dataclass(frozen=True)
+class MQuAKECase:
+    """One MQuAKE case: 1-3 edits applied together, then multi-hop questions whose answer follows from them.
+
+    Attributes:
+        case_id: the record's ``case_id``.
+        requests: the edits (``requested_rewrite``), applied together (one batch, or one after another for
+            single-request methods) before the case is scored.
+        questions: multi-hop questions (three paraphrases of one chain) answered by ``new_answer`` after the
+            edits and by ``answer`` before them.
+        answer, answer_alias: the chain's answer on the unedited facts.
+        new_answer, new_answer_alias: its answer once the edits hold.
+        single_hops, new_single_hops: each hop of the chain before / after the edits (question, cloze, answer).
+    """
+
+    case_id: int
+    requests: Tuple[Request, ...]
+    questions: Tuple[str, ...]
+    answer: str
+    answer_alias: Tuple[str, ...]
+    new_answer: str
+    new_answer_alias: Tuple[str, ...]
+    single_hops: Tuple[Hop, ...] = ()
+    new_single_hops: Tuple[Hop, ...] = ()
+
+    kind = "mquake"
+
+    @property
+    def request(self) -> Request:
+        """The first edit (what a one-line description of the case names)."""
+        return self.requests[0]
+
+    @property
+    def old_names(self) -> Tuple[str, ...]:
+        return (self.answer, *self.answer_alias)
+
+    @property
+    def new_names(self) -> Tuple[str, ...]:
+        return (self.new_answer, *self.new_answer_alias)
+
+    def edited_hops(self) -> List[Tuple[Request, Hop, Tuple[str, ...]]]:
+        """Each edit with the hop of ``new_single_hops`` that states it (its cloze is the edit's prompt; an edit no
+        hop states gets a hop made from the request) and the names of the old object (the unedited chain's hop
+        with that cloze, else the request's ``target_true``)."""
+        out = []
+        for r in self.requests:
+            hop = next((h for h in self.new_single_hops if h.cloze.strip() == r.text.strip()), None)
+            old = next((h for h in self.single_hops if h.cloze.strip() == r.text.strip()), None)
+            out.append((r, hop or Hop(r.text, r.text, r.target_new), old.names if old else (r.target_true,)))
+        return out
+
+    def hop_names(self) -> List[Tuple[Tuple[str, ...], Tuple[str, ...]]]:
+        """``(new names, old names)`` of each hop of the new chain: the old names are those of the unedited
+        chain's hop with the same cloze and another answer (an edited hop), else none."""
+        old = {h.cloze.strip(): h for h in self.single_hops}
+        out = []
+        for h in self.new_single_hops:
+            o = old.get(h.cloze.strip())
+            out.append((h.names, o.names if o is not None and o.answer != h.answer else ()))
+        return out
+
+
+Case = Union[CounterFactCase, ZsRECase, MQuAKECase]
 
 
 def detect_layout(record) -> str:
     """``"counterfact"`` (original), ``"knowedit"``, ``"zsre"`` or ``"requests"`` (factedit JSONL)."""
     if isinstance(record, dict):
+        if "questions" in record or isinstance(record.get("requested_rewrite"), list):
+            return "mquake"  # (CounterFact's requested_rewrite is one object)
         if "requested_rewrite" in record:
             return "counterfact"
         if "ground_truth" in record:
@@ -95,7 +183,8 @@ def detect_layout(record) -> str:
             return "requests"
     keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
     raise DatasetError(f"unknown record layout (keys {keys}); expected CounterFact (requested_rewrite, ...), "
-                       "KnowEdit CounterFact (prompt, ground_truth, ...), zsRE (src, alt, answers, loc, ...) or "
+                       "KnowEdit CounterFact (prompt, ground_truth, ...), MQuAKE (requested_rewrite, questions, "
+                       "new_answer, ...), zsRE (src, alt, answers, loc, ...) or "
                        "factedit requests (prompt, subject, target_new)")
 
 
@@ -173,7 +262,47 @@ def _requests(rec: dict, where: str, index: int) -> CounterFactCase:
     return CounterFactCase(_case_id(rec, where, index), req, generation_prompts=(req.text,))
 
 
-_PARSERS = {"counterfact": _counterfact, "knowedit": _knowedit, "zsre": _zsre, "requests": _requests}
+def _aliases(rec: dict, name: str, where: str) -> Tuple[str, ...]:
+    v = rec.get(name, [])
+    if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+        raise DatasetError(f"{where}: field {name!r} must be a list of strings")
+    return tuple(x for x in v if x.strip())
+
+
+def _hops(rec: dict, name: str, where: str) -> Tuple[Hop, ...]:
+    v = rec.get(name)
+    if not isinstance(v, list) or not v:
+        raise DatasetError(f"{where}: field {name!r} must be a non-empty list of hops (question, cloze, answer)")
+    out = []
+    for i, h in enumerate(v):
+        w = f"{where}: {name}[{i}]"
+        if not isinstance(h, dict):
+            raise DatasetError(f"{w}: expected an object")
+        out.append(Hop(*(_get(h, k, w) for k in ("question", "cloze", "answer")), _aliases(h, "answer_alias", w)))
+    return tuple(out)
+
+
+def _mquake(rec: dict, where: str, index: int) -> MQuAKECase:
+    rewrites = rec.get("requested_rewrite")
+    if not isinstance(rewrites, list) or not rewrites:
+        raise DatasetError(f"{where}: field 'requested_rewrite' must be a non-empty list of edits")
+    requests = []
+    for i, rw in enumerate(rewrites):
+        req = _request({"requested_rewrite": rw}, f"{where}: requested_rewrite[{i}]")
+        if req.target_true is None:
+            raise DatasetError(f"{where}: requested_rewrite[{i}]: field 'target_true' is needed for evaluation")
+        requests.append(req)
+    questions = _get(rec, "questions", where, list)
+    if not questions:
+        raise DatasetError(f"{where}: field 'questions' is empty")
+    return MQuAKECase(_case_id(rec, where, index), tuple(requests), tuple(questions), _get(rec, "answer", where),
+                      _aliases(rec, "answer_alias", where), _get(rec, "new_answer", where),
+                      _aliases(rec, "new_answer_alias", where), _hops(rec, "single_hops", where),
+                      _hops(rec, "new_single_hops", where))
+
+
+_PARSERS = {"counterfact": _counterfact, "knowedit": _knowedit, "zsre": _zsre, "requests": _requests,
+            "mquake": _mquake}
 
 
 def load_cases(path, limit: Optional[int] = None, offset: int = 0) -> List[Case]:

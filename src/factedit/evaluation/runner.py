@@ -254,14 +254,19 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
     groups = _groups(cases, cfg.cases_per_edit)
     mine = [g for g in range(len(groups)) if not split or world.owns(g)]
     mine_cases = [c for g in mine for c in groups[g]]
-    unedited = _unedited(editor, store, mine_cases, cfg) if cfg.gen_tokens else None  # before any edit
+    mquake = any(c.kind == "mquake" for c in cases)  # its unedited side is teacher-forced too
+    unedited = _unedited(editor, store, mine_cases, cfg) if cfg.gen_tokens or mquake else None  # before any edit
     ability = Ability(editor.adapter, cfg.ability) if cfg.downstream_every and cfg.ability.enabled else None
     state = _resume(editor, store, cfg, groups)
     tasks = load_tasks(cfg.downstream_dir, cfg.downstream) if cfg.downstream_every and cfg.downstream_dir else []
     run = _Run(editor, cfg, store, method_cfg, groups, tasks, *state, unedited=unedited, ability=ability)
     run.checkpoint()
     todo = [g for g in mine if g not in run.done]
-    applied = cfg.sequential or cfg.guard or cfg.verify  # each edit applied for real, one after another
+    # each edit applied for real, one after another; and where a single-request method must make several edits
+    # of one group one on the weights the others left (the chunked path computes each group from the originals)
+    several = method_cfg is not None and method_spec(cfg.method).single_request and any(
+        len(_requests(g)) > 1 for g in groups)
+    applied = cfg.sequential or cfg.guard or cfg.verify or several
     for part in ([[g] for g in todo] if applied else _chunks(todo, groups, cfg.chunk)):
         if applied:
             run.one_group(part[0], groups[part[0]])
@@ -327,6 +332,20 @@ def _unedited(editor, store: RunStore, cases, cfg: EvalConfig) -> Dict[int, List
                                     chat=cfg.gen_chat))
         store.save_unedited(got)
     return got
+
+
+def _requests(group: Sequence[Case]) -> list:
+    """The edits of a group of cases, in order (a MQuAKE case makes several)."""
+    return [r for c in group for r in c.requests]
+
+
+def _case_verification(outcomes: Sequence[dict]) -> Optional[dict]:
+    """A case's verification outcome from those of its edits (one edit: its own; several: all must take)."""
+    if not outcomes:
+        return None
+    if len(outcomes) == 1:
+        return outcomes[0]
+    return {"verified": all(o["verified"] for o in outcomes), "edits": list(outcomes)}
 
 
 def _verification(scores: dict) -> Optional[dict]:
@@ -425,8 +444,7 @@ class _Run:
         result, error, t0 = None, None, time.perf_counter()
         if cfg.method != BASELINE:
             try:
-                result = ed.edit([c.request for c in group], config=self.method_cfg, guard=self.guard,
-                                 verify=cfg.verify)
+                result = ed.edit(_requests(group), config=self.method_cfg, guard=self.guard, verify=cfg.verify)
             except CollapseError as e:
                 error = {"rolled_back": str(e)}
             except RequestError as e:  # this case cannot be edited; configuration errors stop the run
@@ -466,10 +484,13 @@ class _Run:
     def _rows(group, scores, error, base, deltas, t_edit, t_score, guard, fingerprints, verification=None,
               retried: bool = False, wear: Optional[dict] = None) -> List[dict]:
         norm, fro = normalized_delta_norm(deltas) if deltas is not None else (None, None)
-        rows = []
-        for i, (c, s) in enumerate(zip(group, scores)):
-            v = verification[i] if verification else _verification(s)
-            rows.append({"case_id": c.case_id, "kind": c.kind, **base, "request": c.request.to_dict(), **s,
+        rows, n0 = [], 0
+        for c, s in zip(group, scores):
+            k = len(c.requests)
+            v = _case_verification(verification[n0: n0 + k]) if verification else _verification(s)
+            n0 += k
+            many = {"requests": [r.to_dict() for r in c.requests]} if k > 1 or c.kind == "mquake" else {}
+            rows.append({"case_id": c.case_id, "kind": c.kind, **base, "request": c.request.to_dict(), **many, **s,
                          **(error or {}), "delta_norm": norm, "delta_fro": fro, "edit_seconds": t_edit / len(group),
                          "score_seconds": t_score, "guard": guard, "base_fingerprints": fingerprints,
                          "verified": None if v is None or error else v["verified"], "verification": v,
@@ -501,7 +522,7 @@ class _Run:
             computed, error = None, None
             if cfg.method != BASELINE:
                 try:
-                    computed = ed.compute([c.request for c in group], config=self.method_cfg)
+                    computed = ed.compute(_requests(group), config=self.method_cfg)
                 except RequestError as e:
                     error = {"error": f"{type(e).__name__}: {e}"}
                 if computed is not None:

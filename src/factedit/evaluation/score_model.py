@@ -18,11 +18,12 @@ from ..core.batching import pad_id, pad_rows
 from ..core.kv import cache_of, past
 from ..core.lm import position_scores, rows_on
 from ..core.tokens import encode_with_target
-from .datasets import Case, ZsRECase
-from .scoring import counterfact_case, generation_case, text_entropy, token_accuracy
+from .datasets import Case, MQuAKECase, ZsRECase
+from .scoring import counterfact_case, generation_case, mquake_case, text_entropy, token_accuracy
 
 __all__ = ["GenerationConfig", "score_cases", "generation_scores", "sample_texts", "sample_text_groups",
-           "greedy_answers", "answer_prompts", "answer_scores", "unedited_answers", "GEN_TOKENS"]
+           "greedy_answers", "answer_prompts", "answer_scores", "unedited_answers", "GEN_TOKENS", "qa_prompt",
+           "mquake_prompts"]
 
 
 
@@ -156,15 +157,18 @@ def answer_scores(adapter, cases: Sequence[Case], unedited: Dict[int, List[str]]
 def unedited_answers(adapter, cases: Sequence[Case], max_new_tokens: int = GEN_TOKENS, batch_rows: int = 64,
                      chat: bool = False) -> Dict[int, List[str]]:
     """Each case's neighbourhood answers on the current weights (call it before editing; ``chat`` as in
-    :func:`answer_scores`)."""
+    :func:`answer_scores`). A MQuAKE case's entry is its unedited scores instead (:func:`mquake_unedited`)."""
+    mq = [c for c in cases if isinstance(c, MQuAKECase)]
+    out = mquake_unedited(adapter, mq, max_new_tokens, batch_rows, chat) if mq else {}
     prompts, spans = [], []
-    for c in cases:
+    for c in (c for c in cases if not isinstance(c, MQuAKECase)):
         ps = answer_prompts(c)["neighborhood"]
         spans.append((c.case_id, len(prompts), len(prompts) + len(ps)))
         prompts += ps
     asked, tok = _asked(adapter, prompts, chat)
-    texts = greedy_answers(adapter, asked, max_new_tokens, batch_rows, tokenizer=tok)
-    return {cid: texts[a:b] for cid, a, b in spans}
+    texts = greedy_answers(adapter, asked, max_new_tokens, batch_rows, tokenizer=tok) if prompts else []
+    out.update({cid: texts[a:b] for cid, a, b in spans})
+    return out
 
 
 class _Rows:
@@ -216,6 +220,8 @@ class _Rows:
 
 
 def _generation_prompts(case: Case, cfg: GenerationConfig) -> List[str]:
+    if isinstance(case, MQuAKECase):  # no GE: MQuAKE scores answers, not free text about the subject
+        return []
     if isinstance(case, ZsRECase):
         return [case.request.text]
     return list(case.generation_prompts[: cfg.max_prompts])
@@ -244,6 +250,8 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
             plans.append({name: rows.target(p, t) for name, p, t in (
                 ("efficacy", c.request.text, c.request.target_new), ("paraphrase", c.rephrase, c.request.target_new),
                 ("specificity", c.loc + "?", c.loc_ans))})
+        elif isinstance(c, MQuAKECase):
+            plans.append(_mquake_plan(rows, c))
         else:
             r = c.request
             plans.append({name: [rows.pair(p, r.target_new, r.target_true) for p in ps] for name, ps in (
@@ -258,19 +266,128 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
                 hits = scores[i][1].tolist()
                 rec[name] = token_accuracy(hits)
                 rec[f"{name}_hits"] = [bool(h) for h in hits]
+        elif isinstance(c, MQuAKECase):
+            rec.update(_mquake_tf(plan, scores))
         else:
             for name, pairs in plan.items():
                 rec[f"{name}_lp"] = [_Rows.pair_result(p, scores) for p in pairs]
             rec["rewrite_new_top1"] = _Rows.new_is_top1(plan["rewrite"][0], scores)
             rec.update(counterfact_case(rec["rewrite_lp"], rec["paraphrase_lp"], rec["neighborhood_lp"]))
         out.append(rec)
-    if ge.length > 0:
-        for rec, g in zip(out, generation_scores(adapter, cases, ge, models, owners)):
-            rec.update(g)
-    if unedited is not None and gen_tokens > 0:
-        for rec, g in zip(out, answer_scores(adapter, cases, unedited, gen_tokens, ge.batch_rows, models, owners,
+    plain = [i for i, c in enumerate(cases) if not isinstance(c, MQuAKECase)]
+    mq = [i for i, c in enumerate(cases) if isinstance(c, MQuAKECase)]
+
+    def sub(idx):
+        return [cases[i] for i in idx], [owners[i] for i in idx] if models is not None else None
+
+    if ge.length > 0 and plain:
+        cs, ow = sub(plain)
+        for i, g in zip(plain, generation_scores(adapter, cs, ge, models, ow)):
+            out[i].update(g)
+    if unedited is not None and gen_tokens > 0 and plain:
+        cs, ow = sub(plain)
+        for i, g in zip(plain, answer_scores(adapter, cs, unedited, gen_tokens, ge.batch_rows, models, ow,
                                              chat=gen_chat)):
-            rec.update(g)
+            out[i].update(g)
+    if mq:
+        cs, ow = sub(mq)
+        texts = mquake_answers(adapter, cs, gen_tokens, ge.batch_rows, models, ow, gen_chat) if gen_tokens else None
+        for k, (i, c) in enumerate(zip(mq, cs)):
+            rec = out[i]
+            base = (unedited or {}).get(c.case_id)
+            if isinstance(base, dict) and texts is None:
+                base = {"tf": base.get("tf", [])}  # no generations in this run: the teacher-forced baseline only
+            rec.update(mquake_case(rec["edit_lp"], rec["question_lp"], rec["portability_hits"],
+                                   texts[k] if texts else None, _mquake_names(c) if texts else None,
+                                   _with_hop_names(base, c)))
+            if texts:
+                rec["gen_texts"] = texts[k]
+    return out
+
+
+# ---------------------------------------------------------------------- MQuAKE
+def qa_prompt(question: str) -> str:
+    """A question as a base model is asked it (``Question: ...`` then ``Answer:`` on the next line; a chat model gets the
+    question alone, as the user's message)."""
+    return f"Question: {question.strip()}\nAnswer:"
+
+
+def _mquake_plan(rows: "_Rows", c: MQuAKECase) -> dict:
+    return {"edit": [rows.pair(r.text, r.target_new, r.target_true) for r in c.requests],
+            "question": [rows.pair(qa_prompt(q), c.new_answer, c.answer) for q in c.questions],
+            "portability": [rows.target(qa_prompt(q), c.new_answer) for q in c.questions]}
+
+
+def _mquake_tf(plan: dict, scores) -> dict:
+    return {"edit_lp": [_Rows.pair_result(p, scores) for p in plan["edit"]],
+            "question_lp": [_Rows.pair_result(p, scores) for p in plan["question"]],
+            "portability_hits": [[bool(h) for h in scores[i][1].tolist()] for _, i in plan["portability"]]}
+
+
+def mquake_prompts(case: MQuAKECase, chat: bool = False) -> Dict[str, List[str]]:
+    """The prompts a MQuAKE case's answers are read from on the edited model: each edit's cloze (``edits``) and
+    question (``edits_q``), the cloze of every hop of the new chain (``hops``), the multi-hop questions
+    (``multihop``); and on the unedited model (``base_multihop``, ``base_hops``: the old chain). Questions are
+    framed by :func:`qa_prompt` unless ``chat`` (the chat template frames them)."""
+    def ask(q: str) -> str:
+        return q if chat else qa_prompt(q)
+
+    hops = case.edited_hops()
+    return {"edits": [h.cloze for _, h, _ in hops], "edits_q": [ask(h.question) for _, h, _ in hops],
+            "hops": [h.cloze for h in case.new_single_hops], "multihop": [ask(q) for q in case.questions],
+            "base_multihop": [ask(q) for q in case.questions], "base_hops": [h.cloze for h in case.single_hops]}
+
+
+def _mquake_names(c: MQuAKECase) -> dict:
+    return {"edits": [(h.names, old) for _, h, old in c.edited_hops()], "hops": c.hop_names(),
+            "multihop": (c.new_names, c.old_names)}
+
+
+def _with_hop_names(base: Optional[dict], c: MQuAKECase) -> Optional[dict]:
+    if not isinstance(base, dict):
+        return None
+    return {**base, "hop_names": [h.names for h in c.single_hops]} if "hops" in base else base
+
+
+def _answers(adapter, cases, names: Sequence[str], gen_tokens: int, batch_rows: int, models, owners, chat: bool
+             ) -> List[Dict[str, List[str]]]:
+    """Greedy answers to the prompts ``names`` of :func:`mquake_prompts` of each case, in one batch."""
+    prompts, row_owner, spans = [], [], []
+    for i, c in enumerate(cases):
+        ps, span = mquake_prompts(c, chat), {}
+        for name in names:
+            span[name] = (len(prompts), len(prompts) + len(ps[name]))
+            prompts += ps[name]
+            row_owner += [owners[i] if models is not None else -1] * len(ps[name])
+        spans.append(span)
+    asked, tok = _asked(adapter, prompts, chat)
+    texts = greedy_answers(adapter, asked, gen_tokens, batch_rows, models, row_owner if models is not None else None,
+                           tokenizer=tok)
+    return [{name: texts[a:b] for name, (a, b) in span.items()} for span in spans]
+
+
+def mquake_answers(adapter, cases: Sequence[MQuAKECase], gen_tokens: int = GEN_TOKENS, batch_rows: int = 64,
+                   models=None, owners: Optional[Sequence[int]] = None, chat: bool = False
+                   ) -> List[Dict[str, List[str]]]:
+    """Each case's greedy answers on the (edited) weights: ``edits``, ``edits_q``, ``hops``, ``multihop``."""
+    return _answers(adapter, cases, ("edits", "edits_q", "hops", "multihop"), gen_tokens, batch_rows, models, owners,
+                    chat)
+
+
+@torch.no_grad()
+def mquake_unedited(adapter, cases: Sequence[MQuAKECase], gen_tokens: int = GEN_TOKENS, batch_rows: int = 64,
+                    chat: bool = False, batch_size: int = 64) -> Dict[int, dict]:
+    """The unedited model's side of each MQuAKE case (call before editing): ``tf`` the question pairs
+    (log P(new answer), log P(old answer)), and with ``gen_tokens`` its answers to the questions (``multihop``)
+    and to the old chain's hops (``hops``)."""
+    rows = _Rows(adapter.tokenizer)
+    plans = [[rows.pair(qa_prompt(q), c.new_answer, c.answer) for q in c.questions] for c in cases]
+    scores = position_scores(adapter, rows.seqs, rows.queries, batch_size)
+    out = {c.case_id: {"tf": [list(_Rows.pair_result(p, scores)) for p in plan]} for c, plan in zip(cases, plans)}
+    if gen_tokens:
+        for c, got in zip(cases, _answers(adapter, cases, ("base_multihop", "base_hops"), gen_tokens, batch_rows,
+                                          None, None, chat)):
+            out[c.case_id].update(multihop=got["base_multihop"], hops=got["base_hops"])
     return out
 
 

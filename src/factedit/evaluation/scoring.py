@@ -22,13 +22,18 @@ from ..core.metrics import generation_entropy
 __all__ = ["Pair", "success_rate", "magnitude", "counterfact_case", "harmonic_mean", "token_accuracy",
            "word_tokens", "text_entropy", "normalized_delta_norm", "outliers", "mean_or_none", "summarize_records",
            "SUCCESS_KEYS", "COUNTERFACT_KEYS", "ZSRE_KEYS", "GEN_KEYS", "normalize_answer", "first_sentence",
-           "mentions", "generation_case"]
+           "mentions", "generation_case", "MQUAKE_KEYS", "answer_side", "mquake_case"]
 
 #: (log P(o*), log P(o_c)) of one prompt: mean per-token log-likelihoods
 Pair = Tuple[float, float]
 
 COUNTERFACT_KEYS = ("ES", "PS", "NS", "EM", "PM", "NM", "GE")
 ZSRE_KEYS = ("efficacy", "paraphrase", "specificity")
+#: MQuAKE's per-case scores (fractions; × 100 in summaries): teacher-forced, then generation-based, then the
+#: unedited model's (``base_``), see :func:`mquake_case`
+MQUAKE_KEYS = ("edit_tf", "multihop_tf", "multihop_tf_q", "portability",
+               "edit_gen", "edit_gen_q", "instance_gen", "multihop_gen", "multihop_gen_q", "multihop_old",
+               "base_multihop_tf", "base_multihop_gen", "base_multihop_new", "base_instance_gen")
 
 
 def success_rate(pairs: Sequence[Pair], new_wins: bool = True) -> Optional[float]:
@@ -144,7 +149,8 @@ def generation_case(rewrite: Sequence[str], paraphrase: Sequence[str], neighborh
 def _kind_has(records: Sequence[dict], key: str) -> bool:
     """Whether the records' dataset kind scores ``key`` (used when no case was scored at all)."""
     kinds = {r.get("kind", "counterfact") for r in records}
-    return key in (ZSRE_KEYS if kinds == {"zsre"} else COUNTERFACT_KEYS)
+    return key in {"zsre": ZSRE_KEYS, "mquake": MQUAKE_KEYS}.get(next(iter(kinds)), COUNTERFACT_KEYS) \
+        if len(kinds) == 1 else key in COUNTERFACT_KEYS
 
 
 def mean_or_none(values: Iterable[Optional[float]]) -> Optional[float]:
@@ -153,7 +159,9 @@ def mean_or_none(values: Iterable[Optional[float]]) -> Optional[float]:
 
 
 #: scores that are rates of success: a case whose edit failed with an error counts 0 in each
-SUCCESS_KEYS = ("ES", "PS", "NS", "efficacy", "paraphrase", "specificity", "gen_ES", "gen_PS", "gen_NS")
+SUCCESS_KEYS = ("ES", "PS", "NS", "efficacy", "paraphrase", "specificity", "gen_ES", "gen_PS", "gen_NS",
+                "edit_tf", "multihop_tf", "multihop_tf_q", "portability", "edit_gen", "edit_gen_q", "instance_gen",
+                "multihop_gen", "multihop_gen_q")
 
 
 def summarize_records(records: Sequence[dict]) -> Dict[str, Optional[float]]:
@@ -167,7 +175,7 @@ def summarize_records(records: Sequence[dict]) -> Dict[str, Optional[float]]:
     ok = [r for r in records if "error" not in r]
     errors = len(records) - len(ok)
     out: Dict[str, Optional[float]] = {"n": len(records), "errors": errors}
-    for k in COUNTERFACT_KEYS + ZSRE_KEYS + GEN_KEYS:
+    for k in COUNTERFACT_KEYS + ZSRE_KEYS + GEN_KEYS + MQUAKE_KEYS:
         vals = [r.get(k) for r in ok]
         has = any(v is not None for v in vals) or (k not in GEN_KEYS and _kind_has(records, k))
         if k in SUCCESS_KEYS and errors and has:
@@ -186,3 +194,99 @@ def summarize_records(records: Sequence[dict]) -> Dict[str, Optional[float]]:
     out["delta_norm_max"] = max(norms) if norms else None
     out["disabling"] = len(outliers(norms)) if norms else 0
     return out
+
+
+# ---------------------------------------------------------------------- multi-hop (MQuAKE)
+def _spans(hay: str, names: Sequence[str]) -> List[Tuple[int, int]]:
+    """Where the normalised ``names`` occur as whole words in ``hay`` (normalised, space-padded)."""
+    out = []
+    for a in {normalize_answer(x) for x in names}:
+        if not a:
+            continue
+        needle, start = f" {a} ", 0
+        while (i := hay.find(needle, start)) >= 0:
+            out.append((i + 1, i + 1 + len(a)))
+            start = i + 1
+    return out
+
+
+def answer_side(text: str, new: Sequence[str], old: Sequence[str]) -> Optional[str]:
+    """Which answer a generated ``text`` gives: ``"new"``, ``"old"``, ``"both"`` or ``None`` (neither).
+
+    Names are matched after :func:`normalize_answer`, as whole words. A mention that lies inside a longer
+    mention of the other side's names does not count for its own side ("Donald Trump" inside "Donald Trump
+    Jr."; "US" inside "US of America"), so an alias that is part of the other answer cannot make a text
+    say both. ``"both"`` is a text naming the two answers apart (neither right nor the old answer kept)."""
+    hay = f" {normalize_answer(text)} "
+    a, b = _spans(hay, new), _spans(hay, old)
+
+    def alone(mine, other) -> bool:
+        return any(not any(s >= t0 and e <= t1 and (e - s) < (t1 - t0) for t0, t1 in other) for s, e in mine)
+
+    got_new, got_old = alone(a, b), alone(b, a)
+    return "both" if got_new and got_old else "new" if got_new else "old" if got_old else None
+
+
+def mquake_case(edit_pairs: Sequence[Pair], question_pairs: Sequence[Pair], question_hits: Sequence[Sequence[bool]],
+                texts: Optional[Dict[str, Sequence[str]]] = None, names: Optional[Dict[str, Sequence]] = None,
+                unedited: Optional[dict] = None) -> Dict[str, Optional[float]]:
+    """MQuAKE scores of one case (fractions; docs/ALGORITHMS.md §9).
+
+    Teacher-forced, from ``(log P(new), log P(old))`` pairs: ``edit_tf`` the share of the case's edits whose
+    new object beats the old on the edit's own prompt; ``multihop_tf`` 1 when at least one of the multi-hop
+    questions gives the new answer a higher likelihood than the old one (MQuAKE's any-of-the-questions rule),
+    ``multihop_tf_q`` the share of questions that do; ``portability`` the mean teacher-forced token accuracy
+    of the new answer after each question (EasyEdit's portability; ``question_hits``: top-1 hits per token).
+
+    Generation-based, from greedy answers ``texts`` (``"edits"``: each edit's cloze, ``"edits_q"``: its
+    question, ``"hops"``: the cloze of every hop of the new chain, ``"multihop"``: the questions), judged with
+    :func:`answer_side` against ``names`` (``"edits"``/``"hops"``: ``(new names, old names)`` per text,
+    ``"multihop"``: one ``(new names, old names)``): ``edit_gen`` / ``edit_gen_q`` the share of edits
+    answered with the new object (MQuAKE's edit-wise success), ``instance_gen`` 1 when every hop of the new
+    chain is answered (instance-wise accuracy), ``multihop_gen`` 1 when a question is answered with the new
+    answer (multi-hop accuracy), ``multihop_gen_q`` the share of questions that are, ``multihop_old`` the
+    share still answered with the old answer.
+
+    ``unedited``: the same case on the unedited model (``"tf"``: its question pairs; ``"multihop"`` and
+    ``"hops"`` texts with ``"hop_names"``): ``base_multihop_tf`` / ``base_multihop_gen`` the old chain answered
+    (any question), ``base_multihop_new`` the new answer given before any edit, ``base_instance_gen`` every
+    hop of the old chain answered.
+    """
+    def rate(flags) -> Optional[float]:
+        flags = list(flags)
+        return sum(flags) / len(flags) if flags else None
+
+    def any_of(flags) -> Optional[float]:
+        flags = list(flags)
+        return float(any(flags)) if flags else None
+
+    out: Dict[str, Optional[float]] = {
+        "edit_tf": success_rate(edit_pairs), "multihop_tf": any_of(a > b for a, b in question_pairs),
+        "multihop_tf_q": success_rate(question_pairs),
+        "portability": mean_or_none(token_accuracy(h) for h in question_hits if len(h))}
+    if texts is not None and names is not None:
+        new, old = names["multihop"]
+        sides = [answer_side(t, new, old) for t in texts["multihop"]]
+        out.update({
+            "edit_gen": rate(answer_side(t, *n) == "new" for t, n in zip(texts["edits"], names["edits"])),
+            "edit_gen_q": rate(answer_side(t, *n) == "new" for t, n in zip(texts["edits_q"], names["edits"])),
+            "instance_gen": all_of(answer_side(t, *n) == "new" for t, n in zip(texts["hops"], names["hops"])),
+            "multihop_gen": any_of(s == "new" for s in sides), "multihop_gen_q": rate(s == "new" for s in sides),
+            "multihop_old": rate(s == "old" for s in sides)})
+    if unedited is not None:
+        if "tf" in unedited:
+            out["base_multihop_tf"] = any_of(b > a for a, b in unedited["tf"])
+        if names is not None and "multihop" in unedited:
+            new, old = names["multihop"]
+            sides = [answer_side(t, new, old) for t in unedited["multihop"]]
+            out["base_multihop_gen"] = any_of(s == "old" for s in sides)
+            out["base_multihop_new"] = any_of(s == "new" for s in sides)
+            out["base_instance_gen"] = all_of(answer_side(t, n, ()) == "new"
+                                              for t, n in zip(unedited["hops"], unedited["hop_names"]))
+    return out
+
+
+def all_of(flags) -> Optional[float]:
+    """1.0 when every flag holds, 0.0 when one does not, ``None`` for no flags."""
+    flags = list(flags)
+    return float(all(flags)) if flags else None

@@ -5,7 +5,8 @@
     DIR/downstream.jsonl  sequential runs: downstream accuracy and retention every K edits
     DIR/patches/          sequential runs: one patch per edit + stack.json (the commit point)
     DIR/summary.json      run-level scores (atomic)
-    DIR/unedited.json     the unedited model's neighbourhood answers (generation-based scores; atomic)
+    DIR/unedited.json     the unedited model's neighbourhood answers (generation-based scores; MQuAKE: each case's
+                          unedited side, teacher-forced and answers; atomic)
 
 A torn last line (the process died mid-write) is dropped on resume, and so are the records of a
 group that is not complete (or, in a sequential run, not committed to ``stack.json``).
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from ..core.errors import FactEditError
 from ..core.paths import atomic_path, atomic_write_text
@@ -121,15 +122,16 @@ class RunStore:
     def _rewrite(self, path: Path, records: List[dict]) -> None:
         atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
 
-    def load_unedited(self) -> Dict[int, List[str]]:
-        """case id -> the unedited model's neighbourhood answers ({} when none were written)."""
+    def load_unedited(self) -> Dict[int, Union[List[str], dict]]:
+        """case id -> the unedited model's neighbourhood answers, or for a MQuAKE case its unedited side (an
+        object: :func:`~factedit.evaluation.score_model.mquake_unedited`); {} when none were written."""
         try:
             raw = json.loads((self.dir / "unedited.json").read_text(encoding="utf-8"))
-            return {int(k): [str(t) for t in v] for k, v in raw.items()}
+            return {int(k): v if isinstance(v, dict) else [str(t) for t in v] for k, v in raw.items()}
         except (OSError, ValueError, TypeError, AttributeError):
             return {}
 
-    def save_unedited(self, answers: Dict[int, List[str]]) -> None:
+    def save_unedited(self, answers: Dict[int, Union[List[str], dict]]) -> None:
         atomic_write_text(self.dir / "unedited.json", json.dumps({str(k): v for k, v in answers.items()}))
 
     def write_summary(self, summary: dict) -> None:
