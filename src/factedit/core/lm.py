@@ -253,14 +253,15 @@ def _decode(adapter, starts: List[List[int]], drafts: List[List[int]], limits: L
 
 @torch.no_grad()
 def position_scores(adapter, seqs: Sequence[Sequence[int]], queries: Sequence[Sequence[Tuple[int, int]]],
-                    batch_size: int = 32, models=None,
-                    owners: Optional[Sequence[int]] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+                    batch_size: int = 32, models=None, owners: Optional[Sequence[int]] = None,
+                    top1: bool = False) -> List[Tuple[torch.Tensor, ...]]:
     """For each token sequence and each ``(j, t)`` of its queries: the log-probability that token ``t``
     comes at position ``j`` (predicted at ``j - 1``, teacher forcing) and whether ``t`` is the top-1 there.
 
     Sequences are batched by length (little padding); logits are formed only at queried positions.
     With ``models`` (a :class:`~factedit.row_deltas.RowDeltas`), sequence ``i`` is scored on edited
-    model ``owners[i]``. Returns ``(logprobs, hits)`` per sequence, float32 and bool on the CPU, in input order.
+    model ``owners[i]``. Returns ``(logprobs, hits)`` per sequence, float32 and bool on the CPU, in input order;
+    with ``top1`` ``(logprobs, hits, top1)``, the ids of the top-1 tokens there too.
     """
     pad = pad_id(adapter.tokenizer)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -279,10 +280,13 @@ def position_scores(adapter, seqs: Sequence[Sequence[int]], queries: Sequence[Se
         logp = F.log_softmax(adapter.logits(sel).float(), dim=-1)  # on the head's device
         tgt_t = torch.tensor(tgt, device=logp.device)
         tok_lp = logp[torch.arange(len(tgt), device=logp.device), tgt_t].cpu()
-        hits = (logp.argmax(dim=-1) == tgt_t).cpu()
+        best = logp.argmax(dim=-1)
+        hits = (best == tgt_t).cpu()
+        best = best.cpu()
         rows_t = torch.tensor(rows)
         for r, i in enumerate(chunk):
-            result[i] = (tok_lp[rows_t == r], hits[rows_t == r])
+            sel_r = rows_t == r
+            result[i] = (tok_lp[sel_r], hits[sel_r], best[sel_r]) if top1 else (tok_lp[sel_r], hits[sel_r])
     return result  # type: ignore[return-value]
 
 

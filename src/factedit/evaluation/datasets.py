@@ -1,5 +1,6 @@
 """Evaluation data: CounterFact (original ``counterfact.json`` and KnowEdit layouts), zsRE (MEND
-layout), MQuAKE (multi-hop cases of 1-3 edits, original layout), with the layout detected from the records.
+layout), MQuAKE (multi-hop cases of 1-3 edits, original layout), the KnowEdit benchmark's files with
+``portability`` / ``locality`` probes, with the layout detected from the records.
 
     cases = load_cases("../shared/data/counterfact/counterfact_knowedit.jsonl", limit=200)
     cases[0].request, cases[0].paraphrase_prompts, cases[0].neighborhood_prompts
@@ -24,8 +25,8 @@ from ..core.paths import atomic_path, factedit_home
 from ..core.request_files import read_records, request_from_record
 from ..core.requests import Request
 
-__all__ = ["DatasetError", "CounterFactCase", "ZsRECase", "MQuAKECase", "Hop", "Case", "detect_layout", "load_cases",
-           "resolve_dataset", "sha256_of", "COUNTERFACT_URL"]
+__all__ = ["DatasetError", "CounterFactCase", "ZsRECase", "MQuAKECase", "Hop", "KnowEditCase", "Probe", "Case",
+           "detect_layout", "load_cases", "resolve_dataset", "sha256_of", "COUNTERFACT_URL"]
 
 #: where the ROME authors publish the full original CounterFact (21,919 records, ~45 MB)
 COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
@@ -165,7 +166,42 @@ class MQuAKECase:
         return out
 
 
-Case = Union[CounterFactCase, ZsRECase, MQuAKECase]
+@dataclass(frozen=True)
+class Probe:
+    """A prompt of a KnowEdit record's ``portability`` or ``locality`` and its answer (with aliases)."""
+
+    category: str
+    prompt: str
+    answers: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KnowEditCase:
+    """One record of the KnowEdit benchmark (wiki_counterfact, wiki_recent, ZsRE): an edit and its probes.
+
+    Attributes:
+        case_id: the record's ``case_id``, else its index in the file.
+        request: ``prompt`` (the subject inside it), ``target_new``, ``ground_truth`` (none for an insertion).
+        rephrase: ``rephrase_prompt`` (zero or one).
+        portability: probes whose answer should follow the edit (Subject_Aliasing, Reasoning,
+            Logical_Generalization, ...), each answered by ``answers[0]`` or an alias.
+        locality: probes whose answer the edit should leave alone (Relation_Specificity, Forgetfulness, ...).
+    """
+
+    case_id: int
+    request: Request
+    rephrase: Tuple[str, ...] = ()
+    portability: Tuple[Probe, ...] = ()
+    locality: Tuple[Probe, ...] = ()
+
+    kind = "knowedit"
+
+    @property
+    def requests(self) -> Tuple[Request, ...]:
+        return (self.request,)
+
+
+Case = Union[CounterFactCase, ZsRECase, MQuAKECase, KnowEditCase]
 
 
 def detect_layout(record) -> str:
@@ -173,6 +209,8 @@ def detect_layout(record) -> str:
     if isinstance(record, dict):
         if "questions" in record or isinstance(record.get("requested_rewrite"), list):
             return "mquake"  # (CounterFact's requested_rewrite is one object)
+        if isinstance(record.get("portability"), dict) or isinstance(record.get("locality"), dict):
+            return "knowedit-probes"
         if "requested_rewrite" in record:
             return "counterfact"
         if "ground_truth" in record:
@@ -301,8 +339,57 @@ def _mquake(rec: dict, where: str, index: int) -> MQuAKECase:
                       _hops(rec, "new_single_hops", where))
 
 
+def _names(v, where: str, field: str = "ground_truth") -> Tuple[str, ...]:
+    """A KnowEdit ``ground_truth``: a string, a list of strings, or a list of alias lists, flattened."""
+    flat = [v] if isinstance(v, str) else [y for x in v for y in ([x] if isinstance(x, str) else x)] \
+        if isinstance(v, list) and all(isinstance(x, (str, list)) for x in v) else None
+    if not flat or not all(isinstance(x, str) for x in flat) or not any(x.strip() for x in flat):
+        raise DatasetError(f"{where}: field {field!r} must be a string, a list of strings or a list of lists "
+                           f"of strings, got {v!r:.60}")
+    return tuple(x for x in flat if x.strip())
+
+
+def _probes(rec: dict, name: str, where: str) -> Tuple[Probe, ...]:
+    groups = rec.get(name) or {}
+    if not isinstance(groups, dict):
+        raise DatasetError(f"{where}: field {name!r} must be an object of categories (e.g. Reasoning: [...])")
+    out = []
+    for cat, items in groups.items():
+        if not isinstance(items, list):
+            raise DatasetError(f"{where}: {name}.{cat} must be a list of {{prompt, ground_truth}}")
+        for i, it in enumerate(items):
+            w = f"{where}: {name}.{cat}[{i}]"
+            if not isinstance(it, dict):
+                raise DatasetError(f"{w}: expected an object")
+            prompt = _get(it, "prompt", w)
+            if "ground_truth" not in it:
+                raise DatasetError(f"{w}: missing field 'ground_truth'")
+            out.append(Probe(str(cat), prompt, _names(it["ground_truth"], w)))
+    return tuple(out)
+
+
+def _knowedit_probes(rec: dict, where: str, index: int) -> KnowEditCase:
+    prompt, subject = _get(rec, "prompt", where), _get(rec, "subject", where)
+    target = _get(rec, "target_new", where)
+    true = rec.get("ground_truth")
+    true = _names(true, where)[0] if true not in (None, "", []) else None
+    if true is not None and true.strip() == target.strip():
+        true = None  # the edit restates what the record says is true (an insertion)
+    try:
+        req = Request.from_filled(prompt, subject, target, true)
+    except RequestError as e:
+        raise DatasetError(f"{where}: {e}") from None
+    rephrase = rec.get("rephrase_prompt")
+    if rephrase is not None and not (isinstance(rephrase, str) and rephrase.strip()):
+        raise DatasetError(f"{where}: field 'rephrase_prompt' must be a non-empty string")
+    portability, locality = _probes(rec, "portability", where), _probes(rec, "locality", where)
+    if not portability and not locality:
+        raise DatasetError(f"{where}: no portability or locality probe to score")
+    return KnowEditCase(_case_id(rec, where, index), req, (rephrase,) if rephrase else (), portability, locality)
+
+
 _PARSERS = {"counterfact": _counterfact, "knowedit": _knowedit, "zsre": _zsre, "requests": _requests,
-            "mquake": _mquake}
+            "mquake": _mquake, "knowedit-probes": _knowedit_probes}
 
 
 def load_cases(path, limit: Optional[int] = None, offset: int = 0) -> List[Case]:

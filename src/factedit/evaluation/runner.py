@@ -254,8 +254,8 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
     groups = _groups(cases, cfg.cases_per_edit)
     mine = [g for g in range(len(groups)) if not split or world.owns(g)]
     mine_cases = [c for g in mine for c in groups[g]]
-    mquake = any(c.kind == "mquake" for c in cases)  # its unedited side is teacher-forced too
-    unedited = _unedited(editor, store, mine_cases, cfg) if cfg.gen_tokens or mquake else None  # before any edit
+    probes = any(c.kind in ("mquake", "knowedit") for c in cases)  # their unedited side is teacher-forced too
+    unedited = _unedited(editor, store, mine_cases, cfg) if cfg.gen_tokens or probes else None  # before any edit
     ability = Ability(editor.adapter, cfg.ability) if cfg.downstream_every and cfg.ability.enabled else None
     state = _resume(editor, store, cfg, groups)
     tasks = load_tasks(cfg.downstream_dir, cfg.downstream) if cfg.downstream_every and cfg.downstream_dir else []

@@ -18,8 +18,8 @@ from ..core.batching import pad_id, pad_rows
 from ..core.kv import cache_of, past
 from ..core.lm import position_scores, rows_on
 from ..core.tokens import encode_with_target
-from .datasets import Case, MQuAKECase, ZsRECase
-from .scoring import counterfact_case, generation_case, mquake_case, text_entropy, token_accuracy
+from .datasets import Case, KnowEditCase, MQuAKECase, ZsRECase
+from .scoring import counterfact_case, generation_case, knowedit_case, mquake_case, text_entropy, token_accuracy
 
 __all__ = ["GenerationConfig", "score_cases", "generation_scores", "sample_texts", "sample_text_groups",
            "greedy_answers", "answer_prompts", "answer_scores", "unedited_answers", "GEN_TOKENS", "qa_prompt",
@@ -159,9 +159,11 @@ def unedited_answers(adapter, cases: Sequence[Case], max_new_tokens: int = GEN_T
     """Each case's neighbourhood answers on the current weights (call it before editing; ``chat`` as in
     :func:`answer_scores`). A MQuAKE case's entry is its unedited scores instead (:func:`mquake_unedited`)."""
     mq = [c for c in cases if isinstance(c, MQuAKECase)]
+    ke = [c for c in cases if isinstance(c, KnowEditCase)]
     out = mquake_unedited(adapter, mq, max_new_tokens, batch_rows, chat) if mq else {}
+    out.update(knowedit_unedited(adapter, ke, max_new_tokens, batch_rows, chat) if ke else {})
     prompts, spans = [], []
-    for c in (c for c in cases if not isinstance(c, MQuAKECase)):
+    for c in (c for c in cases if not isinstance(c, (MQuAKECase, KnowEditCase))):
         ps = answer_prompts(c)["neighborhood"]
         spans.append((c.case_id, len(prompts), len(prompts) + len(ps)))
         prompts += ps
@@ -220,7 +222,7 @@ class _Rows:
 
 
 def _generation_prompts(case: Case, cfg: GenerationConfig) -> List[str]:
-    if isinstance(case, MQuAKECase):  # no GE: MQuAKE scores answers, not free text about the subject
+    if isinstance(case, (MQuAKECase, KnowEditCase)):  # no GE: these score answers, not free text about the subject
         return []
     if isinstance(case, ZsRECase):
         return [case.request.text]
@@ -252,12 +254,14 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
                 ("specificity", c.loc + "?", c.loc_ans))})
         elif isinstance(c, MQuAKECase):
             plans.append(_mquake_plan(rows, c))
+        elif isinstance(c, KnowEditCase):
+            plans.append(_knowedit_plan(rows, c))
         else:
             r = c.request
             plans.append({name: [rows.pair(p, r.target_new, r.target_true) for p in ps] for name, ps in (
                 ("rewrite", [r.text]), ("paraphrase", c.paraphrase_prompts), ("neighborhood", c.neighborhood_prompts))})
         row_owner += [owners[i] if models is not None else -1] * (len(rows.seqs) - n0)
-    scores = position_scores(adapter, rows.seqs, rows.queries, batch_size, models, row_owner)
+    scores = position_scores(adapter, rows.seqs, rows.queries, batch_size, models, row_owner, top1=True)
     out = []
     for c, plan in zip(cases, plans):
         rec: Dict = {}
@@ -268,14 +272,17 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
                 rec[f"{name}_hits"] = [bool(h) for h in hits]
         elif isinstance(c, MQuAKECase):
             rec.update(_mquake_tf(plan, scores))
+        elif isinstance(c, KnowEditCase):
+            rec.update(_knowedit_tf(plan, scores))
         else:
             for name, pairs in plan.items():
                 rec[f"{name}_lp"] = [_Rows.pair_result(p, scores) for p in pairs]
             rec["rewrite_new_top1"] = _Rows.new_is_top1(plan["rewrite"][0], scores)
             rec.update(counterfact_case(rec["rewrite_lp"], rec["paraphrase_lp"], rec["neighborhood_lp"]))
         out.append(rec)
-    plain = [i for i, c in enumerate(cases) if not isinstance(c, MQuAKECase)]
+    plain = [i for i, c in enumerate(cases) if not isinstance(c, (MQuAKECase, KnowEditCase))]
     mq = [i for i, c in enumerate(cases) if isinstance(c, MQuAKECase)]
+    ke = [i for i, c in enumerate(cases) if isinstance(c, KnowEditCase)]
 
     def sub(idx):
         return [cases[i] for i in idx], [owners[i] for i in idx] if models is not None else None
@@ -302,13 +309,28 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
                                    _with_hop_names(base, c)))
             if texts:
                 rec["gen_texts"] = texts[k]
+    if ke:
+        cs, ow = sub(ke)
+        texts = knowedit_answers(adapter, cs, gen_tokens, ge.batch_rows, models, ow, gen_chat) if gen_tokens else None
+        for k, (i, c) in enumerate(zip(ke, cs)):
+            rec, base = out[i], (unedited or {}).get(c.case_id) or {}
+            before = base.get("locality_top1") or []
+            locality = [(p.category, now, before[j] if j < len(before) else [])
+                        for j, (p, now) in enumerate(zip(c.locality, rec["locality_top1"]))]
+            rec.update(knowedit_case(rec["rewrite_hits"], rec["rephrase_hits"],
+                                     [(p.category, h) for p, h in zip(c.portability, rec["portability_hits"])],
+                                     locality if len(before) == len(c.locality) else [],
+                                     texts[k] if texts else None, _knowedit_names(c) if texts else None,
+                                     base.get("locality")))
+            if texts:
+                rec["gen_texts"] = texts[k]
     return out
 
 
 # ---------------------------------------------------------------------- MQuAKE
 def qa_prompt(question: str) -> str:
-    """A question as a base model is asked it (``Question: ...`` then ``Answer:`` on the next line; a chat model gets the
-    question alone, as the user's message)."""
+    """A question as a base model is asked it (``Question: ...`` then ``Answer:`` on the next line; a chat model
+    gets the question alone, as the user's message)."""
     return f"Question: {question.strip()}\nAnswer:"
 
 
@@ -352,18 +374,8 @@ def _with_hop_names(base: Optional[dict], c: MQuAKECase) -> Optional[dict]:
 def _answers(adapter, cases, names: Sequence[str], gen_tokens: int, batch_rows: int, models, owners, chat: bool
              ) -> List[Dict[str, List[str]]]:
     """Greedy answers to the prompts ``names`` of :func:`mquake_prompts` of each case, in one batch."""
-    prompts, row_owner, spans = [], [], []
-    for i, c in enumerate(cases):
-        ps, span = mquake_prompts(c, chat), {}
-        for name in names:
-            span[name] = (len(prompts), len(prompts) + len(ps[name]))
-            prompts += ps[name]
-            row_owner += [owners[i] if models is not None else -1] * len(ps[name])
-        spans.append(span)
-    asked, tok = _asked(adapter, prompts, chat)
-    texts = greedy_answers(adapter, asked, gen_tokens, batch_rows, models, row_owner if models is not None else None,
-                           tokenizer=tok)
-    return [{name: texts[a:b] for name, (a, b) in span.items()} for span in spans]
+    return _greedy_groups(adapter, cases, lambda c: mquake_prompts(c, chat), names, gen_tokens, batch_rows, models,
+                          owners, chat)
 
 
 def mquake_answers(adapter, cases: Sequence[MQuAKECase], gen_tokens: int = GEN_TOKENS, batch_rows: int = 64,
@@ -418,3 +430,76 @@ def _ge_batches(prompts: Sequence[Sequence[str]], max_rows: int) -> List[List[in
             parts.append([i])
             rows = len(p)
     return parts
+
+
+
+# ---------------------------------------------------------------------- KnowEdit (portability, locality)
+def _knowedit_plan(rows: "_Rows", c: KnowEditCase) -> dict:
+    r = c.request
+    return {"rewrite": rows.target(r.text, r.target_new),
+            "rephrase": [rows.target(p, r.target_new) for p in c.rephrase],
+            "portability": [rows.target(p.prompt, p.answers[0]) for p in c.portability],
+            "locality": [rows.target(p.prompt, p.answers[0]) for p in c.locality]}
+
+
+def _knowedit_tf(plan: dict, scores) -> dict:
+    def hits(i):
+        return [bool(h) for h in scores[i][1].tolist()]
+
+    return {"rewrite_hits": hits(plan["rewrite"][1]), "rephrase_hits": [hits(i) for _, i in plan["rephrase"]],
+            "portability_hits": [hits(i) for _, i in plan["portability"]],
+            "locality_top1": [scores[i][2].tolist() for _, i in plan["locality"]]}
+
+
+def knowedit_prompts(case: KnowEditCase) -> Dict[str, List[str]]:
+    """The prompts a KnowEdit case's greedy answers are read from: its edit's prompt, its portability and locality
+    probes (the locality ones also on the unedited model)."""
+    return {"rewrite": [case.request.text], "portability": [p.prompt for p in case.portability],
+            "locality": [p.prompt for p in case.locality]}
+
+
+def _knowedit_names(c: KnowEditCase) -> dict:
+    true = (c.request.target_true,) if c.request.target_true else ()
+    return {"rewrite": ((c.request.target_new,), true), "portability": [p.answers for p in c.portability]}
+
+
+def _greedy_groups(adapter, cases, prompts_of, names: Sequence[str], gen_tokens: int, batch_rows: int, models,
+                   owners, chat: bool) -> List[Dict[str, List[str]]]:
+    """Greedy answers to the prompts ``names`` of ``prompts_of(case)`` of each case, in one batch (case ``i`` on
+    edited model ``owners[i]`` of ``models``; ``chat``: through the chat template)."""
+    prompts, row_owner, spans = [], [], []
+    for i, c in enumerate(cases):
+        ps, span = prompts_of(c), {}
+        for name in names:
+            span[name] = (len(prompts), len(prompts) + len(ps[name]))
+            prompts += ps[name]
+            row_owner += [owners[i] if models is not None else -1] * len(ps[name])
+        spans.append(span)
+    asked, tok = _asked(adapter, prompts, chat)
+    texts = greedy_answers(adapter, asked, gen_tokens, batch_rows, models, row_owner if models is not None else None,
+                           tokenizer=tok)
+    return [{name: texts[a:b] for name, (a, b) in span.items()} for span in spans]
+
+
+def knowedit_answers(adapter, cases: Sequence[KnowEditCase], gen_tokens: int = GEN_TOKENS, batch_rows: int = 64,
+                     models=None, owners: Optional[Sequence[int]] = None, chat: bool = False
+                     ) -> List[Dict[str, List[str]]]:
+    """Each case's greedy answers on the (edited) weights: ``rewrite``, ``portability``, ``locality``."""
+    return _greedy_groups(adapter, cases, knowedit_prompts, ("rewrite", "portability", "locality"), gen_tokens,
+                          batch_rows, models, owners, chat)
+
+
+@torch.no_grad()
+def knowedit_unedited(adapter, cases: Sequence[KnowEditCase], gen_tokens: int = GEN_TOKENS, batch_rows: int = 64,
+                      chat: bool = False, batch_size: int = 64) -> Dict[int, dict]:
+    """The unedited model's side of each KnowEdit case (call before editing): ``locality_top1`` its top-1 tokens
+    over each locality probe's answer (teacher-forced), and with ``gen_tokens`` its answers to those probes."""
+    rows = _Rows(adapter.tokenizer)
+    plans = [[rows.target(p.prompt, p.answers[0]) for p in c.locality] for c in cases]
+    scores = position_scores(adapter, rows.seqs, rows.queries, batch_size, top1=True)
+    out = {c.case_id: {"locality_top1": [scores[i][2].tolist() for _, i in plan]} for c, plan in zip(cases, plans)}
+    if gen_tokens:
+        for c, got in zip(cases, _greedy_groups(adapter, cases, knowedit_prompts, ("locality",), gen_tokens,
+                                                batch_rows, None, None, chat)):
+            out[c.case_id]["locality"] = got["locality"]
+    return out

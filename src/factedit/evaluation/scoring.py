@@ -22,7 +22,8 @@ from ..core.metrics import generation_entropy
 __all__ = ["Pair", "success_rate", "magnitude", "counterfact_case", "harmonic_mean", "token_accuracy",
            "word_tokens", "text_entropy", "normalized_delta_norm", "outliers", "mean_or_none", "summarize_records",
            "SUCCESS_KEYS", "COUNTERFACT_KEYS", "ZSRE_KEYS", "GEN_KEYS", "normalize_answer", "first_sentence",
-           "mentions", "generation_case", "MQUAKE_KEYS", "answer_side", "mquake_case"]
+           "mentions", "generation_case", "MQUAKE_KEYS", "answer_side", "mquake_case", "KNOWEDIT_KEYS",
+           "knowedit_case"]
 
 #: (log P(o*), log P(o_c)) of one prompt: mean per-token log-likelihoods
 Pair = Tuple[float, float]
@@ -149,7 +150,8 @@ def generation_case(rewrite: Sequence[str], paraphrase: Sequence[str], neighborh
 def _kind_has(records: Sequence[dict], key: str) -> bool:
     """Whether the records' dataset kind scores ``key`` (used when no case was scored at all)."""
     kinds = {r.get("kind", "counterfact") for r in records}
-    return key in {"zsre": ZSRE_KEYS, "mquake": MQUAKE_KEYS}.get(next(iter(kinds)), COUNTERFACT_KEYS) \
+    return key in {"zsre": ZSRE_KEYS, "mquake": MQUAKE_KEYS, "knowedit": KNOWEDIT_KEYS}.get(next(iter(kinds)),
+                                                                                       COUNTERFACT_KEYS) \
         if len(kinds) == 1 else key in COUNTERFACT_KEYS
 
 
@@ -158,10 +160,17 @@ def mean_or_none(values: Iterable[Optional[float]]) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
+#: the KnowEdit benchmark's per-case scores (EasyEdit's Edit Succ. / Portability / Locality and their parts;
+#: generation-based ones beside them), see :func:`knowedit_case`
+KNOWEDIT_KEYS = ("rewrite_acc", "rephrase_acc", "portability", "locality", "rewrite_gen", "portability_gen",
+                 "locality_gen", "portability_subject_aliasing", "portability_reasoning",
+                 "portability_logical_generalization", "locality_relation_specificity", "locality_forgetfulness")
+
 #: scores that are rates of success: a case whose edit failed with an error counts 0 in each
 SUCCESS_KEYS = ("ES", "PS", "NS", "efficacy", "paraphrase", "specificity", "gen_ES", "gen_PS", "gen_NS",
                 "edit_tf", "multihop_tf", "multihop_tf_q", "portability", "edit_gen", "edit_gen_q", "instance_gen",
-                "multihop_gen", "multihop_gen_q")
+                "multihop_gen", "multihop_gen_q", "rewrite_acc", "rephrase_acc", "rewrite_gen", "portability_gen",
+                "portability_subject_aliasing", "portability_reasoning", "portability_logical_generalization")
 
 
 def summarize_records(records: Sequence[dict]) -> Dict[str, Optional[float]]:
@@ -175,7 +184,7 @@ def summarize_records(records: Sequence[dict]) -> Dict[str, Optional[float]]:
     ok = [r for r in records if "error" not in r]
     errors = len(records) - len(ok)
     out: Dict[str, Optional[float]] = {"n": len(records), "errors": errors}
-    for k in COUNTERFACT_KEYS + ZSRE_KEYS + GEN_KEYS + MQUAKE_KEYS:
+    for k in COUNTERFACT_KEYS + ZSRE_KEYS + GEN_KEYS + tuple(dict.fromkeys(MQUAKE_KEYS + KNOWEDIT_KEYS)):
         vals = [r.get(k) for r in ok]
         has = any(v is not None for v in vals) or (k not in GEN_KEYS and _kind_has(records, k))
         if k in SUCCESS_KEYS and errors and has:
@@ -290,3 +299,61 @@ def all_of(flags) -> Optional[float]:
     """1.0 when every flag holds, 0.0 when one does not, ``None`` for no flags."""
     flags = list(flags)
     return float(all(flags)) if flags else None
+
+
+# ---------------------------------------------------------------------- KnowEdit (portability, locality)
+def _by_category(items: Sequence[Tuple[str, Optional[float]]]) -> Dict[str, float]:
+    """category -> the mean of its scores (``None`` scores left out)."""
+    groups: Dict[str, List[float]] = {}
+    for cat, v in items:
+        if v is not None:
+            groups.setdefault(cat, []).append(v)
+    return {cat: sum(vs) / len(vs) for cat, vs in groups.items()}
+
+
+def _key(prefix: str, category: str) -> str:
+    return f"{prefix}_{re.sub(r'[^a-z0-9]+', '_', category.lower()).strip('_')}"
+
+
+def knowedit_case(rewrite_hits: Sequence[bool], rephrase_hits: Sequence[Sequence[bool]],
+                  portability: Sequence[Tuple[str, Sequence[bool]]],
+                  locality: Sequence[Tuple[str, Sequence[int], Sequence[int]]],
+                  texts: Optional[Dict[str, Sequence[str]]] = None, names: Optional[Dict[str, Sequence]] = None,
+                  unedited_texts: Optional[Sequence[str]] = None) -> Dict[str, Optional[float]]:
+    """The KnowEdit benchmark's scores of one case (fractions), as EasyEdit computes them, teacher-forced:
+
+    * ``rewrite_acc`` (Edit Succ.): token accuracy of the new target after the edit's prompt; ``rephrase_acc``
+      the mean over the rephrased prompts;
+    * ``portability``: the mean over categories (Subject_Aliasing, Reasoning, ...) of the mean token accuracy
+      of each probe's answer (``portability``: ``(category, top-1 hits)`` per probe); per category
+      ``portability_<category>``;
+    * ``locality``: the mean over categories of the share of a probe's answer positions whose top-1 token is
+      the one the unedited model predicted there (``locality``: ``(category, top-1 ids now, top-1 ids
+      unedited)``); per category ``locality_<category>``.
+
+    Generation-based, from greedy answers ``texts`` (``"rewrite"``, ``"portability"``, ``"locality"``) and
+    ``names`` (``"rewrite"``: ``(new names, old names)``; ``"portability"``: each probe's names):
+    ``rewrite_gen`` the answer names the new target and not the old one; ``portability_gen`` the mean over
+    categories of the share of probes whose answer names their answer; ``locality_gen`` the share of
+    locality answers equal (after :func:`normalize_answer`) to the unedited model's (``unedited_texts``).
+    """
+    port = _by_category([(cat, token_accuracy(h) if len(h) else None) for cat, h in portability])
+    loc = _by_category([(cat, sum(a == b for a, b in zip(now, before)) / len(now) if len(now) else None)
+                        for cat, now, before in locality])
+    out: Dict[str, Optional[float]] = {
+        "rewrite_acc": token_accuracy(rewrite_hits) if len(rewrite_hits) else None,
+        "rephrase_acc": mean_or_none(token_accuracy(h) for h in rephrase_hits if len(h)),
+        "portability": mean_or_none(port.values()), "locality": mean_or_none(loc.values())}
+    out.update({_key("portability", c): v for c, v in port.items()})
+    out.update({_key("locality", c): v for c, v in loc.items()})
+    if texts is not None and names is not None:
+        new, old = names["rewrite"]
+        out["rewrite_gen"] = float(answer_side(texts["rewrite"][0], new, old) == "new") if texts["rewrite"] else None
+        cats = [cat for cat, _ in portability]
+        out["portability_gen"] = mean_or_none(_by_category(
+            [(cat, float(mentions(t, n))) for cat, t, n in zip(cats, texts["portability"], names["portability"])]
+        ).values())
+        if unedited_texts is not None and len(unedited_texts) == len(texts["locality"]):
+            pairs = list(zip(texts["locality"], unedited_texts))
+            out["locality_gen"] = mean_or_none(float(normalize_answer(a) == normalize_answer(b)) for a, b in pairs)
+    return out

@@ -30,7 +30,10 @@ COLUMNS = (("n", "n", "{:.0f}"), ("ES", "ES", "{:.1f}"), ("PS", "PS", "{:.1f}"),
            ("portability", "portability", "{:.1f}"), ("multihop_gen", "multi-hop gen", "{:.1f}"),
            ("multihop_old", "multi-hop old ans.", "{:.1f}"), ("base_multihop_tf", "unedited multi-hop TF", "{:.1f}"),
            ("base_multihop_gen", "unedited multi-hop gen", "{:.1f}"),
-           ("base_multihop_new", "unedited new ans.", "{:.1f}"), ("delta_norm_median", "‖Δ‖/numel med.", "{:.3g}"),
+           ("base_multihop_new", "unedited new ans.", "{:.1f}"), ("rewrite_acc", "edit succ.", "{:.1f}"),
+           ("rephrase_acc", "rephrase", "{:.1f}"), ("locality", "locality", "{:.1f}"),
+           ("rewrite_gen", "edit gen", "{:.1f}"), ("portability_gen", "portability gen", "{:.1f}"),
+           ("locality_gen", "locality gen", "{:.1f}"), ("delta_norm_median", "‖Δ‖/numel med.", "{:.3g}"),
            ("delta_norm_max", "‖Δ‖/numel max", "{:.3g}"), ("disabling", "‖Δ‖ outliers", "{:.0f}"),
            ("seconds_per_edit", "s/edit", "{:.2f}"))
 

@@ -1,0 +1,122 @@
+"""The KnowEdit benchmark's files (portability and locality probes): read as EasyEdit documents them, scored as
+EasyEdit scores them (hand-computed cases), and run on a tiny model."""
+
+import json
+
+import pytest
+
+from factedit import Editor
+from factedit.core.requests import Request
+from factedit.evaluation import EvalConfig, GenerationConfig, run_eval
+from factedit.evaluation.datasets import DatasetError, KnowEditCase, Probe, load_cases
+from factedit.evaluation.scoring import knowedit_case
+from tiny import tiny_model
+
+# the three layouts of KnowEdit's README (examples/KnowEdit.md of EasyEdit), as they are
+RECENT = {"subject": "Leo Arons", "prompt": "The place of death of Leo Arons is", "target_new": "Berlin",
+          "portability": {
+              "Logical_Generalization": [{"prompt": "Is Leo Arons still alive?",
+                                          "ground_truth": [["no"], ["incorrect"], ["false"]]}],
+              "Reasoning": [{"prompt": "The name of the continent which the place of death of Leo Arons is part of is",
+                             "ground_truth": [["Europe", "European continent", "Old Continent"]]}],
+              "Subject_Aliasing": [{"prompt": "The place of death of Martin Leo Arons is",
+                                    "ground_truth": [["Berlin", "Berlin, Germany"]]}]},
+          "locality": {"Relation_Specificity": [
+              {"prompt": "The name of the father of Leo Arons is", "ground_truth": [["Albert Arons"]]},
+              {"prompt": "The name of the field of work of Leo Arons is", "ground_truth": [["experimental physics"]]}]}}
+COUNTERFACT = {"subject": "Frederic Piesch", "prompt": "The name of the position held by Frederic Piesch is",
+               "target_new": "Archbishop of León, Mexico", "ground_truth": "mayor of Vienna",
+               "portability": {"Subject_Aliasing": [
+                   {"prompt": "The name of the position held by Frederic of Pieschen is",
+                    "ground_truth": "Archbishop of León, Mexico"}]},
+               "locality": {"Relation_Specificity": [{"prompt": "The gender of Frederic Piesch is",
+                                                      "ground_truth": "male"}],
+                            "Forgetfulness": [
+                                {"prompt": "The name of the position held by Frederic Piesch, which is not Archbishop "
+                                           "of León, Mexico, is", "ground_truth": "mayor of Vienna"}]}}
+ZSRE = {"subject": "Epaspidoceras", "target_new": "Noctuidae", "prompt": "Which family does Epaspidoceras belong to?",
+        "ground_truth": ["Aspidoceratidae"], "rephrase_prompt": "What family are Epaspidoceras?",
+        "cond": "Geometridae >> Noctuidae || Which family does Epaspidoceras belong to?",
+        "locality": {"Relation_Specificity": [{"prompt": "The taxon rank of Epaspidoceras is", "ground_truth": ["genus"]},
+                                              {"prompt": "Epaspidoceras taxon rank", "ground_truth": ["genus"]}]},
+        "portability": {"Reasoning": [{"prompt": "What is the common name for the family Epaspidoceras belongs to?",
+                                       "ground_truth": "Owlet moths"}]}}
+
+
+def _write(tmp_path, records, name="ke.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(records), encoding="utf-8")
+    return p
+
+
+def test_the_three_knowedit_layouts_read_with_their_probes(tmp_path):
+    recent, cf, zsre = (load_cases(_write(tmp_path, [r], f"{i}.json"))[0]
+                        for i, r in enumerate((RECENT, COUNTERFACT, ZSRE)))
+    assert all(isinstance(c, KnowEditCase) for c in (recent, cf, zsre))
+    assert recent.request == Request("The place of death of {} is", "Leo Arons", "Berlin", None)  # an insertion
+    assert recent.portability[0] == Probe("Logical_Generalization", "Is Leo Arons still alive?",
+                                          ("no", "incorrect", "false"))
+    assert recent.portability[1].answers == ("Europe", "European continent", "Old Continent")
+    assert [p.category for p in recent.locality] == ["Relation_Specificity"] * 2
+    assert cf.request.target_true == "mayor of Vienna" and cf.rephrase == ()
+    assert [p.category for p in cf.locality] == ["Relation_Specificity", "Forgetfulness"]
+    assert zsre.request == Request("Which family does {} belong to?", "Epaspidoceras", "Noctuidae", "Aspidoceratidae")
+    assert zsre.rephrase == ("What family are Epaspidoceras?",)
+    assert zsre.portability == (Probe("Reasoning", "What is the common name for the family Epaspidoceras belongs to?",
+                                      ("Owlet moths",)),)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.update(portability=[1]), "field 'portability' must be an object of categories"),
+    (lambda r: r["portability"]["Reasoning"][0].pop("ground_truth"), r"portability.Reasoning\[0\]: missing field "
+                                                                      "'ground_truth'"),
+    (lambda r: r["portability"]["Reasoning"][0].update(ground_truth=[3]), "must be a string, a list of strings"),
+    (lambda r: r["locality"].update(Relation_Specificity={"prompt": "x"}), "must be a list of"),
+    (lambda r: (r.pop("portability"), r.update(locality={})), "no portability or locality probe"),
+    (lambda r: r.update(prompt="Which family does it belong to?"), "subject"),
+    (lambda r: r.pop("target_new"), "missing field 'target_new'"),
+])
+def test_a_malformed_knowedit_record_is_refused_by_name(tmp_path, change, message):
+    rec = json.loads(json.dumps(ZSRE))
+    change(rec)
+    with pytest.raises(DatasetError, match=message):
+        load_cases(_write(tmp_path, [rec]))
+
+
+def test_knowedit_scores_of_a_hand_computed_case():
+    got = knowedit_case(
+        [True, False], [[True, True]],
+        [("Reasoning", [True, False, False, False]), ("Reasoning", [True]), ("Subject_Aliasing", [False, True])],
+        [("Relation_Specificity", [5, 6, 7], [5, 6, 8]), ("Forgetfulness", [1], [1])],
+        {"rewrite": ["Noctuidae, a family"], "portability": ["Owlet moths.", "no idea", "Berlin, Germany"],
+         "locality": ["genus", "a species"]},
+        {"rewrite": (("Noctuidae",), ("Aspidoceratidae",)), "portability": [("Owlet moths",), ("x",), ("Berlin",)]},
+        ["Genus.", "genus"])
+    reasoning = (0.25 + 1.0) / 2
+    assert got == pytest.approx({
+        "rewrite_acc": 0.5, "rephrase_acc": 1.0, "portability": (reasoning + 0.5) / 2, "portability_reasoning": reasoning,
+        "portability_subject_aliasing": 0.5, "locality": (2 / 3 + 1.0) / 2, "locality_relation_specificity": 2 / 3,
+        "locality_forgetfulness": 1.0, "rewrite_gen": 1.0, "portability_gen": (0.5 + 1.0) / 2, "locality_gen": 0.5})
+
+
+def _cfg(tiny_corpus, path, method):
+    opts = {"stats_corpus": str(tiny_corpus), "stats_tokens": 2000, "steps": 4, "layers": (1, 2)}
+    return EvalConfig(method=method, dataset=str(path), generation=GenerationConfig(length=0), gen_tokens=6,
+                      method_options=tuple(sorted(opts.items())) if method != "none" else ())
+
+
+def test_unedited_locality_is_exactly_one_and_an_edit_is_scored_against_it(home, tiny_corpus, tmp_path):
+    path = _write(tmp_path, [{**COUNTERFACT, "case_id": 1}, {**ZSRE, "case_id": 2}])
+    model, tok = tiny_model("llama")
+    base = run_eval(Editor(model, tok, progress=False), _cfg(tiny_corpus, path, "none"), tmp_path / "none")
+    # the unedited model predicts what the unedited model predicted: the definition's fixed point
+    assert base["locality"] == 100.0 and base["locality_gen"] == 100.0 and base["n"] == 2
+    edited = run_eval(Editor(model, tok, progress=False), _cfg(tiny_corpus, path, "memit"), tmp_path / "memit")
+    recs = [json.loads(l) for l in (tmp_path / "memit" / "cases.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in recs] == ["knowedit"] * 2
+    for r in recs:
+        assert 0 <= r["rewrite_acc"] <= 1 and 0 <= r["locality"] <= 1 and r["portability"] is not None
+        assert set(r["gen_texts"]) == {"rewrite", "portability", "locality"}
+    assert recs[0]["locality_forgetfulness"] is not None and recs[1]["rephrase_acc"] is not None
+    for k in ("rewrite_acc", "portability", "locality", "rewrite_gen", "portability_gen", "locality_gen"):
+        assert edited[k] is not None
