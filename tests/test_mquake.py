@@ -11,11 +11,11 @@ import torch
 from conftest import SHARED
 from factedit import Editor
 from factedit.core.fingerprints import matrix_fingerprint
+from factedit.core.requests import Request
 from factedit.evaluation import EvalConfig, GenerationConfig, run_eval
-from factedit.evaluation.datasets import DatasetError, Hop, MQuAKECase, load_cases
+from factedit.evaluation.datasets import DatasetError, MQuAKECase, load_cases
 from factedit.evaluation.score_model import mquake_prompts, qa_prompt
 from factedit.evaluation.scoring import answer_side, mquake_case, summarize_records
-from factedit.core.requests import Request
 from tiny import tiny_model
 
 MQUAKE = SHARED / "data" / "mquake" / "mquake_cf_354.json"
@@ -33,8 +33,8 @@ def _record(**over):
            "questions": ["Who is the head of state of the country Ellie Kemper is a citizen of?"] * 3,
            "answer": "Donald Trump", "answer_alias": ["Trump", "Donald J. Trump"],
            "new_answer": "Zoran Milanović", "new_answer_alias": ["Milanović"],
-           "single_hops": [{"question": "Q1?", "cloze": "Ellie Kemper is a citizen of", "answer": "United States of America",
-                            "answer_alias": ["USA", "US"]},
+           "single_hops": [{"question": "Q1?", "cloze": "Ellie Kemper is a citizen of",
+                            "answer": "United States of America", "answer_alias": ["USA", "US"]},
                            {"question": "Q2?", "cloze": "The head of state of United States of America is",
                             "answer": "Donald Trump", "answer_alias": ["Trump"]}],
            "new_single_hops": [{"question": "Q1?", "cloze": "Ellie Kemper is a citizen of", "answer": "Croatia",
@@ -176,7 +176,8 @@ def _cfg(tiny_corpus, path, method, **kw):
 
 @pytest.mark.parametrize("method", ["rome", "memit"])
 def test_a_run_edits_all_of_a_case_then_scores_and_restores(home, tiny_corpus, tmp_path, method):
-    path = _write(tmp_path, [_record(case_id=1), _record(case_id=2, requested_rewrite=_record()["requested_rewrite"][:1])])
+    one_edit = _record(case_id=2, requested_rewrite=_record()["requested_rewrite"][:1])
+    path = _write(tmp_path, [_record(case_id=1), one_edit])
     model, tok = tiny_model("llama")
     ed = Editor(model, tok, progress=False)
     before = {l: matrix_fingerprint(ed.adapter.w_out_stored(l)) for l in (1, 2)}

@@ -37,8 +37,9 @@ COUNTERFACT = {"subject": "Frederic Piesch", "prompt": "The name of the position
 ZSRE = {"subject": "Epaspidoceras", "target_new": "Noctuidae", "prompt": "Which family does Epaspidoceras belong to?",
         "ground_truth": ["Aspidoceratidae"], "rephrase_prompt": "What family are Epaspidoceras?",
         "cond": "Geometridae >> Noctuidae || Which family does Epaspidoceras belong to?",
-        "locality": {"Relation_Specificity": [{"prompt": "The taxon rank of Epaspidoceras is", "ground_truth": ["genus"]},
-                                              {"prompt": "Epaspidoceras taxon rank", "ground_truth": ["genus"]}]},
+        "locality": {"Relation_Specificity": [
+            {"prompt": "The taxon rank of Epaspidoceras is", "ground_truth": ["genus"]},
+            {"prompt": "Epaspidoceras taxon rank", "ground_truth": ["genus"]}]},
         "portability": {"Reasoning": [{"prompt": "What is the common name for the family Epaspidoceras belongs to?",
                                        "ground_truth": "Owlet moths"}]}}
 
@@ -94,7 +95,8 @@ def test_knowedit_scores_of_a_hand_computed_case():
         ["Genus.", "genus"])
     reasoning = (0.25 + 1.0) / 2
     assert got == pytest.approx({
-        "rewrite_acc": 0.5, "rephrase_acc": 1.0, "portability": (reasoning + 0.5) / 2, "portability_reasoning": reasoning,
+        "rewrite_acc": 0.5, "rephrase_acc": 1.0, "portability": (reasoning + 0.5) / 2,
+        "portability_reasoning": reasoning,
         "portability_subject_aliasing": 0.5, "locality": (2 / 3 + 1.0) / 2, "locality_relation_specificity": 2 / 3,
         "locality_forgetfulness": 1.0, "rewrite_gen": 1.0, "portability_gen": (0.5 + 1.0) / 2, "locality_gen": 0.5})
 
