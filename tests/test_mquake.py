@@ -223,3 +223,14 @@ def test_the_unedited_side_is_the_baseline_run(home, tiny_corpus, tmp_path):
     assert base["base_multihop_tf"] == edited["base_multihop_tf"]
     assert rec["base_multihop_tf"] == float(any(b > a for a, b in rec["question_lp"]))
     assert torch.isfinite(torch.tensor(rec["question_lp"])).all()
+
+
+def test_the_evaluate_tab_shows_the_multi_hop_columns_and_answer():
+    from factedit.ui.render import render_eval
+
+    rec = {"case_id": 1, "kind": "mquake", "request": {"prompt": "{} is a citizen of", "subject": "Ellie Kemper",
+                                                       "target_new": "Croatia"},
+           "multihop_gen": 1.0, "base_multihop_gen": 0.0, "gen_texts": {"multihop": ["Zoran Milanović."]}}
+    html = render_eval({"n": 1, "multihop_gen": 100.0, "mode": "each case edited alone"}, [rec], True)
+    assert "multihop-gen" in html and "base-multihop-gen" in html and "Zoran Milanović." in html
+    assert ">ES<" not in html  # CounterFact's columns are not shown for MQuAKE runs

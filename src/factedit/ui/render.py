@@ -168,18 +168,31 @@ def render_trace(obj: dict) -> str:
 
 
 EVAL_KEYS = ("n", "ES", "PS", "NS", "S", "gen_ES", "gen_PS", "gen_NS", "gen_leak", "GE")
+#: what the Evaluate tab shows of each data set's runs: (summary columns, per-case columns, the answer shown)
+EVAL_VIEWS = {
+    "counterfact": (EVAL_KEYS, ("ES", "PS", "NS", "gen_ES", "gen_PS", "gen_NS"), "rewrite"),
+    "zsre": (("n", "efficacy", "paraphrase", "specificity", "gen_ES", "gen_PS", "gen_NS"),
+             ("efficacy", "paraphrase", "specificity", "gen_ES", "gen_PS", "gen_NS"), "rewrite"),
+    "mquake": (("n", "edit_tf", "edit_gen", "instance_gen", "multihop_tf", "portability", "multihop_gen",
+                "multihop_old", "base_multihop_gen", "base_multihop_new"),
+               ("edit_tf", "edit_gen", "multihop_tf", "multihop_gen", "multihop_old", "base_multihop_gen"),
+               "multihop"),
+    "knowedit": (("n", "rewrite_acc", "rephrase_acc", "portability", "locality", "rewrite_gen", "portability_gen",
+                  "locality_gen"), ("rewrite_acc", "portability", "locality", "rewrite_gen", "portability_gen"),
+                 "rewrite")}
 
 
 def render_eval(summary: dict, records: List[dict], done: bool) -> str:
     def f(v):
         return "–" if v is None else (f"{v:.1f}" if isinstance(v, float) else _e(v))
 
-    top = table([k.replace("_", "-") for k in EVAL_KEYS], [[('class="num"', f(summary.get(k))) for k in EVAL_KEYS]],
+    kind = records[0].get("kind", "counterfact") if records else "counterfact"
+    keys, per_case, answer = EVAL_VIEWS.get(kind, EVAL_VIEWS["counterfact"])
+    top = table([k.replace("_", "-") for k in keys], [[('class="num"', f(summary.get(k))) for k in keys]],
                 "eval-summary")
-    per_case = ("ES", "PS", "NS", "gen_ES", "gen_PS", "gen_NS")
     rows = [[str(r.get("case_id")), _e(r["request"]["prompt"].replace("{}", r["request"]["subject"])),
              _e(r["request"]["target_new"]), *(('class="num"', f(r.get(k))) for k in per_case),
-             _e(((r.get("gen_texts") or {}).get("rewrite") or [""])[0]), _e(r.get("error", ""))] for r in records]
+             _e(((r.get("gen_texts") or {}).get(answer) or [""])[0]), _e(r.get("error", ""))] for r in records]
     state = "complete" if done else "running"
     mode = f' <span id="eval-mode">Mode: {_e(summary["mode"])}.</span>' if summary.get("mode") else ""
     return out(f'<p id="eval-state">{len(records)} cases scored ({state}).{mode}</p>' + top
