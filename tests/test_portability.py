@@ -1,5 +1,5 @@
 """The KnowEdit benchmark's files (portability and locality probes): read as EasyEdit documents them, scored as
-EasyEdit scores them (hand-computed cases), and run on a tiny model."""
+EasyEdit scores them (hand-computed cases), and run on a tiny model; QAEdit, whose questions are the prompts."""
 
 import json
 
@@ -89,7 +89,8 @@ def test_knowedit_scores_of_a_hand_computed_case():
         [True, False], [[True, True]],
         [("Reasoning", [True, False, False, False]), ("Reasoning", [True]), ("Subject_Aliasing", [False, True])],
         [("Relation_Specificity", [5, 6, 7], [5, 6, 8]), ("Forgetfulness", [1], [1])],
-        {"rewrite": ["Noctuidae, a family"], "portability": ["Owlet moths.", "no idea", "Berlin, Germany"],
+        {"rewrite": ["Noctuidae, a family"], "rephrase": ["Noctuidae."], "portability": ["Owlet moths.", "no idea",
+                                                                                         "Berlin, Germany"],
          "locality": ["genus", "a species"]},
         {"rewrite": (("Noctuidae",), ("Aspidoceratidae",)), "portability": [("Owlet moths",), ("x",), ("Berlin",)]},
         ["Genus.", "genus"])
@@ -98,7 +99,8 @@ def test_knowedit_scores_of_a_hand_computed_case():
         "rewrite_acc": 0.5, "rephrase_acc": 1.0, "portability": (reasoning + 0.5) / 2,
         "portability_reasoning": reasoning,
         "portability_subject_aliasing": 0.5, "locality": (2 / 3 + 1.0) / 2, "locality_relation_specificity": 2 / 3,
-        "locality_forgetfulness": 1.0, "rewrite_gen": 1.0, "portability_gen": (0.5 + 1.0) / 2, "locality_gen": 0.5})
+        "locality_forgetfulness": 1.0, "rewrite_gen": 1.0, "portability_gen": (0.5 + 1.0) / 2, "locality_gen": 0.5,
+        "rephrase_gen": 1.0, "rewrite_em": 0.0, "rephrase_em": 1.0})
 
 
 def _cfg(tiny_corpus, path, method):
@@ -118,7 +120,51 @@ def test_unedited_locality_is_exactly_one_and_an_edit_is_scored_against_it(home,
     assert [r["kind"] for r in recs] == ["knowedit"] * 2
     for r in recs:
         assert 0 <= r["rewrite_acc"] <= 1 and 0 <= r["locality"] <= 1 and r["portability"] is not None
-        assert set(r["gen_texts"]) == {"rewrite", "portability", "locality"}
+        assert set(r["gen_texts"]) == {"rewrite", "rephrase", "portability", "locality"}
     assert recs[0]["locality_forgetfulness"] is not None and recs[1]["rephrase_acc"] is not None
     for k in ("rewrite_acc", "portability", "locality", "rewrite_gen", "portability_gen", "locality_gen"):
         assert edited[k] is not None
+
+
+# ---------------------------------------------------------------------------------------------- QAEdit
+QA = {"id": 1104, "source": "NQ", "prompt": "who has the most 70 point games in nba history?",
+      "target": "Wilt Chamberlain *", "subject": "most 70 point games in nba history",
+      "rephrase": "Which NBA player holds the record for the most games scoring 70 points or more?",
+      "locality": [{"loc": "who is the saint that protects police officers", "loc_ans": "Michael"},
+                   {"loc": "when did the us host the world cup", "loc_ans": "1994"}]}
+
+
+def test_qaedit_questions_are_prompts_with_the_subject_located_inside(tmp_path):
+    from factedit.evaluation.datasets import QAEditCase
+
+    other = {**QA, "id": 1104, "source": "TQA", "subject": "Most 70 Point Games"}  # same id, another source
+    missing = {**QA, "id": 7, "subject": "Kareem Abdul-Jabbar"}
+    a, b, c = load_cases(_write(tmp_path, [QA, other, missing]))
+    assert isinstance(a, QAEditCase) and a.kind == "qaedit"
+    assert (a.case_id, b.case_id, c.case_id) == (0, 1, 2) and (a.source, b.source) == ("NQ:1104", "TQA:1104")
+    assert a.request == Request("who has the {} in nba history?".replace("{} in nba history", "{}"),
+                                "most 70 point games in nba history", "Wilt Chamberlain *")
+    assert a.request.text == QA["prompt"] and a.rephrase == (QA["rephrase"],)
+    assert a.locality == (Probe("QA", "who is the saint that protects police officers", ("Michael",)),
+                          Probe("QA", "when did the us host the world cup", ("1994",)))
+    assert b.request.subject == "most 70 point games"  # as the question spells it
+    assert c.problem and "does not occur in the question" in c.problem and c.requests == ()
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_qaedit_run_counts_a_case_without_its_subject_as_a_failed_edit(home, tiny_corpus, tmp_path, sequential):
+    from dataclasses import replace
+
+    path = _write(tmp_path, [QA, {**QA, "id": 7, "subject": "Kareem Abdul-Jabbar"}])
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    s = run_eval(ed, replace(_cfg(tiny_corpus, path, "memit"), sequential=sequential), tmp_path / "run")
+    assert len(ed.history) == (1 if sequential else 0)  # the case that could not be edited made no edit
+    recs = [json.loads(l) for l in (tmp_path / "run" / "cases.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in recs] == ["qaedit"] * 2
+    assert "error" not in recs[0] and recs[0]["rewrite_em"] in (0.0, 1.0) and recs[0]["rephrase_gen"] is not None
+    assert recs[1]["error"].startswith("RequestError: subject 'Kareem Abdul-Jabbar' does not occur")
+    assert recs[1]["request"]["prompt"] == QA["prompt"]
+    assert s["n"] == 2 and s["errors"] == 1
+    assert s["rewrite_acc"] == pytest.approx(100 * recs[0]["rewrite_acc"] / 2)  # the failure counts 0
+    assert s["locality"] == pytest.approx(100 * recs[0]["locality"])  # locality averages over the edits made

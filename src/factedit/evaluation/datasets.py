@@ -1,6 +1,6 @@
 """Evaluation data: CounterFact (original ``counterfact.json`` and KnowEdit layouts), zsRE (MEND
 layout), MQuAKE (multi-hop cases of 1-3 edits, original layout), the KnowEdit benchmark's files with
-``portability`` / ``locality`` probes, with the layout detected from the records.
+``portability`` / ``locality`` probes, QAEdit (real-world questions), with the layout detected from the records.
 
     cases = load_cases("../shared/data/counterfact/counterfact_knowedit.jsonl", limit=200)
     cases[0].request, cases[0].paraphrase_prompts, cases[0].neighborhood_prompts
@@ -25,8 +25,8 @@ from ..core.paths import atomic_path, factedit_home
 from ..core.request_files import read_records, request_from_record
 from ..core.requests import Request
 
-__all__ = ["DatasetError", "CounterFactCase", "ZsRECase", "MQuAKECase", "Hop", "KnowEditCase", "Probe", "Case",
-           "detect_layout", "load_cases", "resolve_dataset", "sha256_of", "COUNTERFACT_URL"]
+__all__ = ["DatasetError", "CounterFactCase", "ZsRECase", "MQuAKECase", "Hop", "KnowEditCase", "QAEditCase", "Probe",
+           "Case", "detect_layout", "load_cases", "resolve_dataset", "sha256_of", "COUNTERFACT_URL"]
 
 #: where the ROME authors publish the full original CounterFact (21,919 records, ~45 MB)
 COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
@@ -201,7 +201,33 @@ class KnowEditCase:
         return (self.request,)
 
 
-Case = Union[CounterFactCase, ZsRECase, MQuAKECase, KnowEditCase]
+@dataclass(frozen=True)
+class QAEditCase(KnowEditCase):
+    """One QAEdit record (the WILD evaluation's real-world questions): the question is the edit's prompt, with its
+    subject located inside it; ``rephrase`` and the ``locality`` questions (category ``"QA"``) come from the file.
+
+    Attributes:
+        case_id: the record's index in the file (QAEdit's ``id`` repeats across its sources).
+        source: the QA data set and the record's ``id`` there (``"NQ:1104"``).
+        problem: why this case cannot be edited (its subject does not occur in its question); such a case is
+            kept and counted as a failed edit, as an edit that raises is.
+        question, subject, target: the record's fields as they are (what a case with a problem shows).
+    """
+
+    source: str = ""
+    problem: Optional[str] = None
+    question: str = ""
+    subject: str = ""
+    target: str = ""
+
+    kind = "qaedit"
+
+    @property
+    def requests(self) -> Tuple[Request, ...]:
+        return () if self.problem else (self.request,)
+
+
+Case = Union[CounterFactCase, ZsRECase, MQuAKECase, KnowEditCase, QAEditCase]
 
 
 def detect_layout(record) -> str:
@@ -219,10 +245,12 @@ def detect_layout(record) -> str:
             return "zsre"
         if "prompt" in record and "target_new" in record:
             return "requests"
+        if "prompt" in record and "target" in record and "subject" in record:
+            return "qaedit"
     keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
     raise DatasetError(f"unknown record layout (keys {keys}); expected CounterFact (requested_rewrite, ...), "
                        "KnowEdit CounterFact (prompt, ground_truth, ...), MQuAKE (requested_rewrite, questions, "
-                       "new_answer, ...), zsRE (src, alt, answers, loc, ...) or "
+                       "new_answer, ...), zsRE (src, alt, answers, loc, ...), QAEdit (prompt, target, subject, ...) or "
                        "factedit requests (prompt, subject, target_new)")
 
 
@@ -388,8 +416,42 @@ def _knowedit_probes(rec: dict, where: str, index: int) -> KnowEditCase:
     return KnowEditCase(_case_id(rec, where, index), req, (rephrase,) if rephrase else (), portability, locality)
 
 
+def _locate(question: str, subject: str) -> Optional[str]:
+    """The subject as the question spells it (a case-insensitive match), or ``None`` when it does not occur."""
+    if subject in question:
+        return subject
+    i = question.lower().rfind(subject.lower())
+    return question[i: i + len(subject)] if i >= 0 else None
+
+
+def _qaedit(rec: dict, where: str, index: int) -> QAEditCase:
+    question, subject, target = (_get(rec, k, where) for k in ("prompt", "subject", "target"))
+    rephrase = _get(rec, "rephrase", where) if rec.get("rephrase") is not None else None
+    loc = rec.get("locality", [])
+    if not isinstance(loc, list):
+        raise DatasetError(f"{where}: field 'locality' must be a list of {{loc, loc_ans}}")
+    probes = []
+    for i, item in enumerate(loc):
+        w = f"{where}: locality[{i}]"
+        if not isinstance(item, dict):
+            raise DatasetError(f"{w}: expected an object")
+        probes.append(Probe("QA", _get(item, "loc", w), (_get(item, "loc_ans", w),)))
+    source = ":".join(str(rec[k]) for k in ("source", "id") if rec.get(k) is not None)
+    spelled = _locate(question, subject)
+    problem, req = None, None
+    if spelled is None:
+        problem = f"subject {subject!r} does not occur in the question {question!r}"
+    else:
+        try:
+            req = Request.from_filled(question, spelled, target)
+        except RequestError as e:
+            problem = str(e)
+    return QAEditCase(index, req, (rephrase,) if rephrase else (), (), tuple(probes), source=source,
+                      problem=problem, question=question, subject=subject, target=target)
+
+
 _PARSERS = {"counterfact": _counterfact, "knowedit": _knowedit, "zsre": _zsre, "requests": _requests,
-            "mquake": _mquake, "knowedit-probes": _knowedit_probes}
+            "mquake": _mquake, "knowedit-probes": _knowedit_probes, "qaedit": _qaedit}
 
 
 def load_cases(path, limit: Optional[int] = None, offset: int = 0) -> List[Case]:

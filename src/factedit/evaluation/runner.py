@@ -339,6 +339,19 @@ def _requests(group: Sequence[Case]) -> list:
     return [r for c in group for r in c.requests]
 
 
+def _problem(case) -> Optional[str]:
+    """Why a case cannot be edited (a QAEdit question without its subject), or ``None``; such a case is recorded
+    as an edit that failed (it counts 0 in every success rate)."""
+    return getattr(case, "problem", None)
+
+
+def _request_dict(case) -> dict:
+    """A case's request as its record holds it (a case with a problem: the record's own fields)."""
+    if case.request is not None:
+        return case.request.to_dict()
+    return {"prompt": case.question, "subject": case.subject, "target_new": case.target, "target_true": None}
+
+
 def _case_verification(outcomes: Sequence[dict]) -> Optional[dict]:
     """A case's verification outcome from those of its edits (one edit: its own; several: all must take)."""
     if not outcomes:
@@ -442,7 +455,7 @@ class _Run:
         n_before = self.n_edits if cfg.sequential else 0
         base = {"group": g, "method": cfg.method, "n_edits_before": n_before}
         result, error, t0 = None, None, time.perf_counter()
-        if cfg.method != BASELINE:
+        if cfg.method != BASELINE and _requests(group):  # (a group of cases that cannot be edited makes no edit)
             try:
                 result = ed.edit(_requests(group), config=self.method_cfg, guard=self.guard, verify=cfg.verify)
             except CollapseError as e:
@@ -469,9 +482,11 @@ class _Run:
     def _score(self, group, error, result, base, t_edit, ge: bool = True) -> List[dict]:
         t0 = time.perf_counter()
         gen = self.cfg.generation if ge else replace(self.cfg.generation, length=0)
-        scores = [{} for _ in group] if error and "error" in error else score_cases(
-            self.editor.adapter, group, gen, self.cfg.score_batch, unedited=self.unedited,
-            gen_tokens=self.cfg.gen_tokens, gen_chat=self.cfg.gen_chat)
+        usable = [c for c in group if not _problem(c)]
+        got = iter([{} for _ in usable] if error and "error" in error or not usable else score_cases(
+            self.editor.adapter, usable, gen, self.cfg.score_batch, unedited=self.unedited,
+            gen_tokens=self.cfg.gen_tokens, gen_chat=self.cfg.gen_chat))
+        scores = [{} if _problem(c) else next(got) for c in group]
         t_score = (time.perf_counter() - t0) / len(group)
         return self._rows(group, scores, error, base, result.deltas if result is not None else None, t_edit,
                           t_score, result.guard if result is not None else None,
@@ -490,10 +505,12 @@ class _Run:
             v = _case_verification(verification[n0: n0 + k]) if verification else _verification(s)
             n0 += k
             many = {"requests": [r.to_dict() for r in c.requests]} if k > 1 or c.kind == "mquake" else {}
-            rows.append({"case_id": c.case_id, "kind": c.kind, **base, "request": c.request.to_dict(), **many, **s,
-                         **(error or {}), "delta_norm": norm, "delta_fro": fro, "edit_seconds": t_edit / len(group),
+            problem = _problem(c)
+            failed = {"error": f"RequestError: {problem}"} if problem else error or {}
+            rows.append({"case_id": c.case_id, "kind": c.kind, **base, "request": _request_dict(c), **many, **s,
+                         **failed, "delta_norm": norm, "delta_fro": fro, "edit_seconds": t_edit / len(group),
                          "score_seconds": t_score, "guard": guard, "base_fingerprints": fingerprints,
-                         "verified": None if v is None or error else v["verified"], "verification": v,
+                         "verified": None if v is None or failed else v["verified"], "verification": v,
                          "retried": retried, **({"wear": wear} if wear else {})})
         return rows
 
@@ -520,7 +537,7 @@ class _Run:
             group = self.groups[g]
             t0 = time.perf_counter()
             computed, error = None, None
-            if cfg.method != BASELINE:
+            if cfg.method != BASELINE and _requests(group):
                 try:
                     computed = ed.compute(_requests(group), config=self.method_cfg)
                 except RequestError as e:
@@ -533,7 +550,7 @@ class _Run:
             t_edit = time.perf_counter() - t0 + t_pre * len(group) / len(cases)
             edits[g] = (computed, error, t_edit)
         owner = {g: i for i, g in enumerate(gs)}
-        scored = [(g, c) for g in gs for c in self.groups[g] if edits[g][1] is None]
+        scored = [(g, c) for g in gs for c in self.groups[g] if edits[g][1] is None and not _problem(c)]
         t0 = time.perf_counter()
         models = RowDeltas(ed.adapter, [edits[g][0].deltas if edits[g][0] is not None else [] for g in gs])
         with models:

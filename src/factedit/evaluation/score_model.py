@@ -454,8 +454,8 @@ def _knowedit_tf(plan: dict, scores) -> dict:
 def knowedit_prompts(case: KnowEditCase) -> Dict[str, List[str]]:
     """The prompts a KnowEdit case's greedy answers are read from: its edit's prompt, its portability and locality
     probes (the locality ones also on the unedited model)."""
-    return {"rewrite": [case.request.text], "portability": [p.prompt for p in case.portability],
-            "locality": [p.prompt for p in case.locality]}
+    return {"rewrite": [case.request.text] if case.request is not None else [], "rephrase": list(case.rephrase),
+            "portability": [p.prompt for p in case.portability], "locality": [p.prompt for p in case.locality]}
 
 
 def _knowedit_names(c: KnowEditCase) -> dict:
@@ -484,9 +484,9 @@ def _greedy_groups(adapter, cases, prompts_of, names: Sequence[str], gen_tokens:
 def knowedit_answers(adapter, cases: Sequence[KnowEditCase], gen_tokens: int = GEN_TOKENS, batch_rows: int = 64,
                      models=None, owners: Optional[Sequence[int]] = None, chat: bool = False
                      ) -> List[Dict[str, List[str]]]:
-    """Each case's greedy answers on the (edited) weights: ``rewrite``, ``portability``, ``locality``."""
-    return _greedy_groups(adapter, cases, knowedit_prompts, ("rewrite", "portability", "locality"), gen_tokens,
-                          batch_rows, models, owners, chat)
+    """Each case's greedy answers on the (edited) weights: ``rewrite``, ``rephrase``, ``portability``, ``locality``."""
+    return _greedy_groups(adapter, cases, knowedit_prompts, ("rewrite", "rephrase", "portability", "locality"),
+                          gen_tokens, batch_rows, models, owners, chat)
 
 
 @torch.no_grad()

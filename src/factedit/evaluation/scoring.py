@@ -150,8 +150,8 @@ def generation_case(rewrite: Sequence[str], paraphrase: Sequence[str], neighborh
 def _kind_has(records: Sequence[dict], key: str) -> bool:
     """Whether the records' dataset kind scores ``key`` (used when no case was scored at all)."""
     kinds = {r.get("kind", "counterfact") for r in records}
-    return key in {"zsre": ZSRE_KEYS, "mquake": MQUAKE_KEYS, "knowedit": KNOWEDIT_KEYS}.get(next(iter(kinds)),
-                                                                                       COUNTERFACT_KEYS) \
+    return key in {"zsre": ZSRE_KEYS, "mquake": MQUAKE_KEYS, "knowedit": KNOWEDIT_KEYS, "qaedit": KNOWEDIT_KEYS}.get(
+        next(iter(kinds)), COUNTERFACT_KEYS) \
         if len(kinds) == 1 else key in COUNTERFACT_KEYS
 
 
@@ -162,15 +162,17 @@ def mean_or_none(values: Iterable[Optional[float]]) -> Optional[float]:
 
 #: the KnowEdit benchmark's per-case scores (EasyEdit's Edit Succ. / Portability / Locality and their parts;
 #: generation-based ones beside them), see :func:`knowedit_case`
-KNOWEDIT_KEYS = ("rewrite_acc", "rephrase_acc", "portability", "locality", "rewrite_gen", "portability_gen",
-                 "locality_gen", "portability_subject_aliasing", "portability_reasoning",
-                 "portability_logical_generalization", "locality_relation_specificity", "locality_forgetfulness")
+KNOWEDIT_KEYS = ("rewrite_acc", "rephrase_acc", "portability", "locality", "rewrite_gen", "rephrase_gen",
+                 "rewrite_em", "rephrase_em", "portability_gen", "locality_gen", "portability_subject_aliasing",
+                 "portability_reasoning", "portability_logical_generalization", "locality_relation_specificity",
+                 "locality_forgetfulness")
 
 #: scores that are rates of success: a case whose edit failed with an error counts 0 in each
 SUCCESS_KEYS = ("ES", "PS", "NS", "efficacy", "paraphrase", "specificity", "gen_ES", "gen_PS", "gen_NS",
                 "edit_tf", "multihop_tf", "multihop_tf_q", "portability", "edit_gen", "edit_gen_q", "instance_gen",
-                "multihop_gen", "multihop_gen_q", "rewrite_acc", "rephrase_acc", "rewrite_gen", "portability_gen",
-                "portability_subject_aliasing", "portability_reasoning", "portability_logical_generalization")
+                "multihop_gen", "multihop_gen_q", "rewrite_acc", "rephrase_acc", "rewrite_gen", "rephrase_gen",
+                "rewrite_em", "rephrase_em", "portability_gen", "portability_subject_aliasing", "portability_reasoning",
+                "portability_logical_generalization")
 
 
 def summarize_records(records: Sequence[dict]) -> Dict[str, Optional[float]]:
@@ -331,9 +333,12 @@ def knowedit_case(rewrite_hits: Sequence[bool], rephrase_hits: Sequence[Sequence
       the one the unedited model predicted there (``locality``: ``(category, top-1 ids now, top-1 ids
       unedited)``); per category ``locality_<category>``.
 
-    Generation-based, from greedy answers ``texts`` (``"rewrite"``, ``"portability"``, ``"locality"``) and
-    ``names`` (``"rewrite"``: ``(new names, old names)``; ``"portability"``: each probe's names):
-    ``rewrite_gen`` the answer names the new target and not the old one; ``portability_gen`` the mean over
+    Generation-based, from greedy answers ``texts`` (``"rewrite"``, ``"rephrase"``, ``"portability"``,
+    ``"locality"``) and ``names`` (``"rewrite"``: ``(new names, old names)``; ``"portability"``: each probe's
+    names): ``rewrite_gen`` the answer names the new target and not the old one (the WILD evaluation's "the answer
+    appears in the model's free answer"), ``rephrase_gen`` the same on the rephrased prompts; ``rewrite_em`` /
+    ``rephrase_em`` the answer equals the new target after :func:`normalize_answer` (WILD's exact-match
+    fallback); ``portability_gen`` the mean over
     categories of the share of probes whose answer names their answer; ``locality_gen`` the share of
     locality answers equal (after :func:`normalize_answer`) to the unedited model's (``unedited_texts``).
     """
@@ -348,7 +353,15 @@ def knowedit_case(rewrite_hits: Sequence[bool], rephrase_hits: Sequence[Sequence
     out.update({_key("locality", c): v for c, v in loc.items()})
     if texts is not None and names is not None:
         new, old = names["rewrite"]
-        out["rewrite_gen"] = float(answer_side(texts["rewrite"][0], new, old) == "new") if texts["rewrite"] else None
+
+        def exact(t: str) -> float:
+            return float(any(normalize_answer(t) == normalize_answer(n) for n in new if normalize_answer(n)))
+
+        said = {k: list(texts.get(k) or ()) for k in ("rewrite", "rephrase")}
+        out["rewrite_gen"] = mean_or_none(float(answer_side(t, new, old) == "new") for t in said["rewrite"])
+        out["rephrase_gen"] = mean_or_none(float(answer_side(t, new, old) == "new") for t in said["rephrase"])
+        out["rewrite_em"] = mean_or_none(exact(t) for t in said["rewrite"])
+        out["rephrase_em"] = mean_or_none(exact(t) for t in said["rephrase"])
         cats = [cat for cat, _ in portability]
         out["portability_gen"] = mean_or_none(_by_category(
             [(cat, float(mentions(t, n))) for cat, t, n in zip(cats, texts["portability"], names["portability"])]

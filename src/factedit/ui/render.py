@@ -179,7 +179,9 @@ EVAL_VIEWS = {
                "multihop"),
     "knowedit": (("n", "rewrite_acc", "rephrase_acc", "portability", "locality", "rewrite_gen", "portability_gen",
                   "locality_gen"), ("rewrite_acc", "portability", "locality", "rewrite_gen", "portability_gen"),
-                 "rewrite")}
+                 "rewrite"),
+    "qaedit": (("n", "rewrite_gen", "rewrite_em", "rephrase_gen", "locality_gen", "rewrite_acc", "rephrase_acc",
+                "locality"), ("rewrite_gen", "rewrite_em", "rephrase_gen", "locality_gen", "rewrite_acc"), "rewrite")}
 
 
 def render_eval(summary: dict, records: List[dict], done: bool) -> str:
