@@ -8,7 +8,7 @@ import torch
 from factedit import Editor, Patch, Request
 from factedit.app.edit import edit_fact
 from factedit.app.settings import EditSettings
-from factedit.app.side_effects import BUILTIN_TEMPLATES, Bank, Probe, compare, load_bank, probe_prompts
+from factedit.app.side_effects import BUILTIN_TEMPLATES, COLLATERAL_FLAG, Bank, Probe, compare, load_bank, probe_prompts
 from factedit.cli import main
 from factedit.core.answers import greedy_answers
 from tiny import tiny_model
@@ -64,6 +64,26 @@ def test_flags_on_hand_written_answers():
     fx = compare(probes, ["Paris.", "the city of Rome.", "Berlin."], ["paris", "Rome, Italy.", "Rome."], REQ)
     assert [(r["changed"], r["leaked"]) for r in fx["probes"]] == [(False, False), (True, False), (True, True)]
     assert (fx["probed"], fx["changed"], fx["leaked_target"]) == (3, 2, 1)
+    assert [r["role"] for r in fx["probes"]] == ["ripple", "collateral", "collateral"]
+    assert fx["flagged"] and fx["flag_rule"] == COLLATERAL_FLAG  # a collateral leak flags the edit
+
+
+def test_the_edited_subjects_own_consequences_are_ripple_not_leaks():
+    """After Eiffel Tower -> Rome, "the Eiffel Tower is located in Rome, Italy" is the edit generalising."""
+    probes = [Probe("Eiffel Tower is in", "same subject", "Eiffel Tower", "{} is in"),
+              Probe("The Eiffel Tower stands in", "same subject", "Eiffel Tower", "The {} stands in"),
+              Probe("Louvre is in", "same relation", "Louvre", "{} is in")]
+    fx = compare(probes, ["Paris.", "Paris, France.", "Paris."], ["Rome, Italy.", "Rome.", "Paris."], REQ)
+    assert [(r["changed"], r["leaked"], r["carried"]) for r in fx["probes"]] == [
+        (True, False, True), (True, False, True), (False, False, False)]
+    assert fx["leaked_target"] == 0 and fx["ripple"] == {"probed": 2, "changed": 2, "carried": 2}
+    assert fx["collateral"] == {"probed": 1, "changed": 0, "leaked": 0} and not fx["flagged"]
+    # the flag counts collateral only: changed answers up to the rule's count, then flagged
+    n = COLLATERAL_FLAG["changed"]
+    others = [Probe(f"S{i} is in", "same relation", f"S{i}", "{} is in") for i in range(n)]
+    for k, want in ((n - 1, False), (n, True)):
+        fx = compare(others, ["Paris."] * n, ["Berlin."] * k + ["Paris."] * (n - k), REQ)
+        assert fx["collateral"]["changed"] == k and fx["flagged"] is want
 
 
 def test_edit_report_measures_the_blast_radius_before_and_after(home, tiny_corpus):
@@ -99,3 +119,21 @@ def test_cli_reports_side_effects_and_skips_them_on_request(tiny_dir, tiny_corpu
     assert "side_effects" not in json.loads(capsys.readouterr().out)
     assert main(base + ["--side-effects-bank", "/nonexistent/knowns.json"]) == 2
     assert "knowns.json" in capsys.readouterr().err
+
+
+def test_strict_refuses_a_flagged_edit_with_exit_2_and_saves_nothing(tiny_dir, tiny_corpus, home, capsys, tmp_path,
+                                                                       monkeypatch):
+    import factedit.app.side_effects as fx_mod
+
+    monkeypatch.setattr(fx_mod, "COLLATERAL_FLAG", {"changed": 0, "leaked": 0})  # every edit with collateral probes
+    patch = tmp_path / "edit.safetensors"
+    base = ["edit", "--model", str(tiny_dir), "--prompt", REQ.prompt, "--subject", "Eiffel Tower", "--target", "Rome",
+            "--layer", "1", "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2",
+            "--allow-unverified", "--save-patch", str(patch)]
+    assert main(base) == 0  # flagged: a warning, the edit kept and saved
+    out = capsys.readouterr().out
+    assert "WARNING the edit changed what the model says about other subjects" in out and patch.is_file()
+    patch.unlink()
+    assert main(base + ["--strict"]) == 2
+    captured = capsys.readouterr()
+    assert "--strict refuses such edits; nothing was saved" in captured.err and not patch.exists()

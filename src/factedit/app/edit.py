@@ -29,7 +29,8 @@ from .reports import BatchReport, EditReport, RequestOutcome, Snapshot
 from .settings import EditSettings
 
 __all__ = ["DEMO", "DEFAULT_PARAPHRASES", "CHAT_ANSWER_TOKENS", "request_of", "edit_prompts", "report_asks",
-           "snapshot_of", "edit_fact", "edit_batch", "efficacy", "probabilities", "refuse_unverified", "save_outputs"]
+           "snapshot_of", "edit_fact", "edit_batch", "efficacy", "probabilities", "refuse_unverified", "refuse_flagged",
+           "flagged", "save_outputs"]
 
 #: the demo edit (``factedit edit`` without a fact)
 DEMO = Request("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
@@ -225,13 +226,32 @@ def refuse_unverified(result, settings: EditSettings) -> None:
         "or more steps, or pass --allow-unverified to keep it." + hint)
 
 
+def flagged(result, settings: EditSettings) -> bool:
+    """Whether ``--strict`` refuses the edit: its blast radius was measured and flagged."""
+    return bool(settings.strict and (result.side_effects or {}).get("flagged"))
+
+
+def refuse_flagged(result, settings: EditSettings) -> None:
+    """Raise :class:`~factedit.core.errors.FlaggedEditError` (nothing was saved) when ``settings.strict`` and the
+    edit's blast radius was flagged."""
+    from ..core.errors import FlaggedEditError
+
+    if not flagged(result, settings):
+        return
+    c = result.side_effects["collateral"]
+    raise FlaggedEditError(
+        f"the edit changed what the model says about other subjects ({c['changed']} of {c['probed']} answers "
+        f"changed, {c['leaked']} now naming the new target) and --strict refuses such edits; nothing was saved. "
+        "Try another layer, or edit without --strict to keep it with a warning.")
+
+
 def save_outputs(editor, result, settings: EditSettings) -> dict:
     """Write ``settings.save_patch`` / ``save_model`` (a saved model with its provenance and undo records, so
     that ``factedit revert`` gives the base back bit for bit), signed with ``sign_key`` when given; nothing
     for an edit that did not take (unless ``allow_unverified``). Returns ``{"patch": path, "saved_model":
     path, "signatures": [...]}`` of what was written."""
     out = {}
-    if result.verified is False and not settings.allow_unverified:
+    if result.verified is False and not settings.allow_unverified or flagged(result, settings):
         return out
     from ..core.signing import sign
     from ..patch.files import Patch

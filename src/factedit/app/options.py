@@ -311,6 +311,10 @@ OPTIONS: Tuple[Option, ...] = (
            "subjects and of the subject with other relations, answered before and after (default on)",
            ("edit", "page.edit"), kind="switch", default=True,
            label="side effects (probe other subjects and relations)"),
+    Option("strict", ("--strict",), "refuse an edit whose blast radius is flagged (it changed what the model says "
+           "about other subjects): exit 2, nothing saved; the page reverts it (default: a warning)",
+           ("edit", "page.edit"), kind="flag", default=False,
+           label="refuse an edit that changes other subjects' answers", example=True),
     Option("side_effects_bank", ("--side-effects-bank",), "known facts (known_1000.json or JSONL) whose subjects and "
            "templates the side-effect probes use (default: $FACTEDIT_KNOWNS, else a built-in list)",
            ("edit", "shell", "ui"), metavar="KNOWNS", example="knowns.json"),

@@ -132,12 +132,7 @@ class EditReport:
                              f"\n    after:  {a.strip()!r}")
             else:
                 lines.append(f"\n  {p!r}\n    before: {b.strip()!r}\n    after:  {a.strip()!r}")
-        fx = self.side_effects
-        if fx:
-            lines.append(f"\n  side effects ({fx['source']} probes): {fx['changed']} of {fx['probed']} "
-                         f"answers changed, {fx['leaked_target']} now name {target!r}")
-            lines += [f"    {'LEAK  ' if r['leaked'] else 'changed'} {r['prompt']!r}: {r['before'].strip()!r} -> "
-                      f"{r['after'].strip()!r}" for r in fx["probes"] if r["changed"]]
+        lines += side_effect_lines(self.side_effects, target)
         lines.append(f"\n  ||Δ|| = {self.delta_norm:.3f}   edit {self.seconds:.1f} s "
                      f"(values {self.timings.get('values', 0):.1f} s, statistics {self.timings.get('stats', 0):.1f} s)")
         lines += wear_lines(self.wear, self.warnings)
@@ -242,6 +237,30 @@ def wear_line(layer: str, w: dict) -> str:
     if w.get("room") is not None:
         text += f"; null space left {w['room']} of {w['null_dims']} dimensions"
     return text
+
+
+def side_effect_lines(fx: Optional[dict], target: str) -> List[str]:
+    """The blast radius as report lines: other subjects (collateral: damage, leaks) and the edited subject's
+    other relations (ripple: the edit's own consequences), the changed probes, and the flag's warning."""
+    if not fx:
+        return []
+    if "collateral" not in fx:  # a report written before ripple and collateral were told apart
+        return [f"\n  side effects ({fx['source']} probes): {fx['changed']} of {fx['probed']} answers changed"]
+    c, r = fx["collateral"], fx["ripple"]
+    lines = [f"\n  side effects ({fx['source']} probes)",
+             f"    other subjects (collateral): {c['changed']} of {c['probed']} answers changed, {c['leaked']} now "
+             f"name {target!r}",
+             f"    the edited subject in other relations (ripple): {r['changed']} of {r['probed']} changed, "
+             f"{r['carried']} now name {target!r}"]
+    tag = {(True, False): "LEAK   ", (False, True): "carried"}
+    lines += [f"    {tag.get((p['leaked'], p.get('carried', False)), 'changed')} {p['prompt']!r}: "
+              f"{p['before'].strip()!r} -> {p['after'].strip()!r}" for p in fx["probes"] if p["changed"]]
+    if fx.get("flagged"):
+        rule = fx["flag_rule"]
+        lines.append(f"  WARNING the edit changed what the model says about other subjects ({c['changed']} answers "
+                     f"changed, {c['leaked']} naming {target!r}; flagged at {rule['changed']} changed or "
+                     f"{rule['leaked']} naming it): check the probes above, or edit at another layer")
+    return lines
 
 
 def wear_lines(wear: Dict[str, dict], warnings: Sequence[str] = ()) -> List[str]:

@@ -139,7 +139,7 @@ class Session:
         """One edit with its before/after report (form ``page.edit``; :func:`factedit.app.edit.edit_fact`, what
         ``factedit edit --json`` prints). An edit that did not take is reverted unless ``allow_unverified``
         (the command line refuses it the same way); ``report.kept`` says which."""
-        from .edit import edit_fact, request_of, save_outputs
+        from .edit import edit_fact, flagged, request_of, save_outputs
 
         f = self.form("page.edit", values)
         es, options = f.edit, f.method
@@ -156,7 +156,7 @@ class Session:
                 result, report = edit_fact(editor, options, es, config=cfg, bank=self.bank)
             if es.chat:  # the chat editor shares the model; its edit (and method state) joins the session's history
                 self.editor.adopt(editor)
-            report.kept = bool(result.verified) or es.allow_unverified
+            report.kept = (bool(result.verified) or es.allow_unverified) and not flagged(result, es)
             if not report.kept:
                 self.editor.revert()
             elif es.save_patch or es.save_model:  # the shell's `edit --save-patch`

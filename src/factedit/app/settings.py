@@ -91,6 +91,7 @@ class EditSettings:
         chat: edit the fact as a chat turn.
         allow_unverified: keep (and save) an edit that did not take on its own prompt.
         side_effects: measure the blast radius; ``side_effects_bank``: its known-facts file.
+        strict: refuse (exit 2, nothing saved; the page reverts it) an edit whose blast radius is flagged.
         guard: run the collapse guard.
         save_patch, save_model: where the edit is written; ``sign_key``: a private key that signs what is written.
     """
@@ -107,6 +108,7 @@ class EditSettings:
     allow_unverified: bool = False
     side_effects: bool = True
     side_effects_bank: Optional[str] = None
+    strict: bool = False
     guard: bool = True
     save_patch: Optional[str] = None
     save_model: Optional[str] = None

@@ -11,8 +11,11 @@ guard passes both (the model is fluent), so nothing else tells the user. Before 
 * **same subject, other relations**: the edited subject in other relation templates (from the bank,
   else :data:`BUILTIN_TEMPLATES`).
 
-:func:`answers` gives the greedy answers (first sentence) before and after; :func:`compare` flags
-the probes whose answer changed and those that now name the new target.
+:func:`answers` gives the greedy answers (first sentence) before and after; :func:`compare` tells the two kinds
+apart. Probes of the edited subject are **ripple**: the edit's own consequences ("Eiffel Tower is located in →
+Rome, Italy" after Eiffel Tower → Rome is the edit generalising), reported as such, never as a leak. Probes of
+other subjects are **collateral**: a changed answer there is damage, a new-target mention there a leak. An edit
+whose collateral reaches :data:`COLLATERAL_FLAG` is *flagged* (a warning; ``--strict`` refuses it).
 
     probes = probe_prompts(editor.adapter, request, layer, bank)
     before = answers(editor.adapter, probes)
@@ -34,10 +37,15 @@ from ..core.known_facts import BUILTIN_SUBJECTS, BUILTIN_TEMPLATES
 from ..core.requests import Request
 
 __all__ = ["BUILTIN_SUBJECTS", "BUILTIN_TEMPLATES", "Bank", "Probe", "load_bank", "probe_prompts", "answers",
-           "compare", "SIDE_EFFECT_TOKENS"]
+           "compare", "flag_of", "SIDE_EFFECT_TOKENS", "COLLATERAL_FLAG", "RIPPLE", "COLLATERAL"]
 
 #: new tokens of a probe's greedy answer (cut at its first sentence)
 SIDE_EFFECT_TOKENS = 12
+#: the two kinds of probe: the edited subject in other relations, other subjects in the edited relation
+RIPPLE, COLLATERAL = "ripple", "collateral"
+#: an edit is flagged when its collateral probes reach either count: answers changed, answers now naming the new
+#: target (calibrated on 50 CounterFact edits of the embedded model, docs/RESULTS.md "Side effects")
+COLLATERAL_FLAG = {"changed": 3, "leaked": 1}
 
 @dataclass(frozen=True)
 class Bank:
@@ -126,20 +134,37 @@ def answers(adapter, probes: Sequence[Probe], max_new_tokens: int = SIDE_EFFECT_
     return greedy_answers(adapter, texts, max_new_tokens) if probes else []
 
 
+def flag_of(collateral_changed: int, collateral_leaked: int, rule: Optional[dict] = None) -> bool:
+    """Whether an edit's collateral counts reach the flag rule (:data:`COLLATERAL_FLAG`)."""
+    rule = COLLATERAL_FLAG if rule is None else rule
+    return collateral_changed >= rule["changed"] or collateral_leaked >= rule["leaked"]
+
+
 def compare(probes: Sequence[Probe], before: Sequence[str], after: Sequence[str], request: Request,
             source: str = "built-in") -> dict:
-    """``{probed, changed, leaked_target, source, probes: [...]}``: a probe *changed* when its normalised
-    answer differs; it *leaked* the target when the answer now names ``request.target_new`` and did not
-    before."""
+    """The blast radius: every probe's answers before and after, with its ``role`` (``ripple``: the edited
+    subject, ``collateral``: another subject), whether it *changed* (its normalised answer differs) and whether
+    it now names ``request.target_new`` where it did not before (a *leak* on a collateral probe; on a ripple
+    probe the edit *carried*). Totals: ``probed``, ``changed``, ``leaked_target`` (collateral leaks only),
+    ``ripple`` / ``collateral`` counts, and ``flagged`` (the collateral reaches :data:`COLLATERAL_FLAG`)."""
     from ..core.answers import mentions, normalize_answer
 
     if not (len(probes) == len(before) == len(after)):
         raise FactEditError("side effects: probes and answers differ in number")
     rows = []
     for p, b, a in zip(probes, before, after):
+        role = RIPPLE if p.kind == "same subject" else COLLATERAL
         changed = normalize_answer(a) != normalize_answer(b)
-        leaked = mentions(a, [request.target_new]) and not mentions(b, [request.target_new])
-        rows.append({"prompt": p.prompt, "kind": p.kind, "before": b, "after": a, "changed": changed,
-                     "leaked": leaked})
+        names = mentions(a, [request.target_new]) and not mentions(b, [request.target_new])
+        rows.append({"prompt": p.prompt, "kind": p.kind, "role": role, "before": b, "after": a, "changed": changed,
+                     "leaked": names and role == COLLATERAL, "carried": names and role == RIPPLE})
+    coll = [r for r in rows if r["role"] == COLLATERAL]
+    ripple = [r for r in rows if r["role"] == RIPPLE]
+    counts = {"collateral": {"probed": len(coll), "changed": sum(r["changed"] for r in coll),
+                             "leaked": sum(r["leaked"] for r in coll)},
+              "ripple": {"probed": len(ripple), "changed": sum(r["changed"] for r in ripple),
+                         "carried": sum(r["carried"] for r in ripple)}}
     return {"probed": len(rows), "changed": sum(r["changed"] for r in rows),
-            "leaked_target": sum(r["leaked"] for r in rows), "source": source, "probes": rows}
+            "leaked_target": counts["collateral"]["leaked"], **counts,
+            "flagged": bool(coll) and flag_of(counts["collateral"]["changed"], counts["collateral"]["leaked"]),
+            "flag_rule": dict(COLLATERAL_FLAG), "source": source, "probes": rows}

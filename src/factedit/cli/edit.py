@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from ..app.edit import edit_batch, edit_fact, refuse_unverified, save_outputs
+from ..app.edit import edit_batch, edit_fact, refuse_flagged, refuse_unverified, save_outputs
 from ..core.timing import phase
 from .common import show_progress
 
@@ -33,6 +33,7 @@ def cmd_edit(settings) -> int:
         report.saved = save_outputs(editor, result, es)
     print(json.dumps(report.to_dict()) if settings["json"] else report.to_text())
     refuse_unverified(result, es)
+    refuse_flagged(result, es)
     return 0
 
 

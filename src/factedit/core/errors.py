@@ -61,3 +61,8 @@ class DataError(FactEditError, ValueError):
 
 class UnverifiedEditError(FactEditError):
     """An edit did not take on its own prompt and the caller asked not to keep such edits."""
+
+
+class FlaggedEditError(FactEditError):
+    """An edit's blast radius was flagged (it changed what the model says about other subjects) and the caller
+    asked not to keep such edits (``--strict``)."""

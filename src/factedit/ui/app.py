@@ -79,7 +79,7 @@ def _locate_tab(gr, session: Session) -> None:
 
 def _edit_tab(gr, session: Session, history_table, history_html) -> None:
     names = ["prompt", "subject", "target", "true", "method", "layer", "paraphrases", "chat", "allow_unverified",
-             "guard", "side_effects"]
+             "guard", "side_effects", "strict"]
     c = functools.partial(control, gr, "page.edit")
     with gr.Row():
         fields = [c("prompt", elem_id="edit-prompt"), c("subject", elem_id="edit-subject")]
@@ -92,7 +92,7 @@ def _edit_tab(gr, session: Session, history_table, history_html) -> None:
     with gr.Row():
         fields += [c("chat", elem_id="edit-chat", visible=session.has_chat_template),
                    c("allow_unverified", elem_id="edit-keep"), c("guard", elem_id="edit-guard"),
-                   c("side_effects", elem_id="edit-side-effects")]
+                   c("side_effects", elem_id="edit-side-effects"), c("strict", elem_id="edit-strict")]
     go = gr.Button("Edit", variant="primary", elem_id="edit-button")
     result = gr.HTML(elem_id="edit-result")
     with gr.Accordion("Report (what `factedit edit --json` prints)", open=False):

@@ -66,6 +66,9 @@ def result_message(report) -> str:
         return "The edit took" + (" (after a retry)" if report.retried else "") + " and is applied."
     if report.kept:
         return "The edit did NOT take on its own prompt; it is applied because 'keep an edit that did not take' is on."
+    if report.verified and (report.side_effects or {}).get("flagged"):
+        return ("The edit took, but it changed what the model says about other subjects (see the side effects) and "
+                "'refuse an edit that changes other subjects' answers' is on: it was reverted, the model is unchanged.")
     return ("The edit did NOT take on its own prompt (the new target is neither the greedy continuation nor likely "
             "enough, or the true target still wins); it was reverted: the model is unchanged. Try another layer, "
             "or keep it anyway.")
@@ -124,14 +127,33 @@ def render_wear(wear: dict, warnings=()) -> str:
 
 
 def render_side_effects(fx: Optional[dict], target: str) -> str:
-    """The blast radius: each probe's answer before and after, the changed ones flagged."""
+    """The blast radius: each probe's answer before and after, other subjects' (collateral) apart from the edited
+    subject's other relations (ripple), the changed ones marked, and the flag's warning."""
     if not fx:
         return ""
-    head = (f'<p id="side-effects-summary">Side effects ({_e(fx["source"])} probes): <b>{fx["changed"]}</b> of '
-            f'{fx["probed"]} answers changed, <b>{fx["leaked_target"]}</b> now name {_e(repr(target))}.</p>')
-    rows = [[_e(p["kind"]), _e(p["prompt"]), _e(p["before"]), _e(p["after"]),
-             '<span class="fe-bad">leaked the target</span>' if p["leaked"] else
-             ('<span class="fe-bad">changed</span>' if p["changed"] else "same")] for p in fx["probes"]]
+    c, r = fx.get("collateral"), fx.get("ripple")
+    if c is None:  # a report written before ripple and collateral were told apart
+        head = (f'<p id="side-effects-summary">Side effects ({_e(fx["source"])} probes): <b>{fx["changed"]}</b> of '
+                f'{fx["probed"]} answers changed.</p>')
+    else:
+        head = (f'<p id="side-effects-summary">Side effects ({_e(fx["source"])} probes). Other subjects '
+                f'(collateral): <b>{c["changed"]}</b> of {c["probed"]} answers changed, <b>{c["leaked"]}</b> now name '
+                f'{_e(repr(target))}. The edited subject in other relations (ripple): {r["changed"]} of {r["probed"]} '
+                f'changed, {r["carried"]} now name it.</p>')
+        if fx.get("flagged"):
+            head += (f'<p class="fe-bad" id="side-effects-flag">Flagged: the edit changed what the model says about '
+                     f'other subjects ({c["changed"]} changed, {c["leaked"]} naming {_e(repr(target))}). Check the '
+                     'probes below, or edit at another layer.</p>')
+
+    def mark(p):
+        if p["leaked"]:
+            return '<span class="fe-bad">leaked the target</span>'
+        if p.get("carried"):
+            return "carries the edit"
+        return '<span class="fe-bad">changed</span>' if p["changed"] else "same"
+
+    rows = [[_e(p.get("role", p["kind"])), _e(p["prompt"]), _e(p["before"]), _e(p["after"]), mark(p)]
+            for p in fx["probes"]]
     return head + table(["probe", "prompt", "before", "after", ""], rows, "side-effects")
 
 
