@@ -1,12 +1,14 @@
-"""How often does the blast-radius report flag a change, and do its flags agree with the record's own
-neighbourhood prompt? (issue 16)
+"""How often does the blast-radius report flag an edit, and do its flags agree with the record's own
+neighbourhood prompt? (issues 16, 34)
 
 For N CounterFact records (default the first 50) of the embedded SmolLM2-135M-Instruct: edit with the
 defaults of `factedit edit` (r-ROME, guard and verification on) from the original weights, with the
 side-effect probes built from the known facts (`--bank`), and read the greedy answer (first sentence)
-of the record's neighbourhood prompt before and after. Reported: the share of edits whose report
-flags at least one changed answer (and one that names the new target), and the agreement between
-"the report flags a change" and "the neighbourhood prompt's answer changed".
+of the record's neighbourhood prompt before and after. Reported: per kind of probe (ripple: the edited subject
+in other relations; collateral: other subjects in the edited relation) the share of edits with a changed
+answer and with one naming the new target; the flag rule (collateral changed ≥ c or leaked ≥ l) calibrated on
+these edits against the neighbourhood prompt (the rule with the highest balanced accuracy, the fewer flags on
+a tie), how often it flags an edit and how well "flagged" agrees with "the neighbourhood answer changed".
 
     python bench/side_effects.py --corpus ../shared/data/corpus/wikitext2_valid.txt \\
         --bank ../shared/data/knowns/known_1000.json --out docs/RESULTS.md
@@ -65,10 +67,14 @@ def main():
         finally:
             ed.revert()
         fx = rep.side_effects
+        probes = fx["probes"]
         rows.append({"case_id": rec["case_id"], "verified": rep.verified, "probed": fx["probed"],
-                     "changed": fx["changed"], "leaked": fx["leaked_target"],
-                     "changed_same_relation": sum(p["changed"] for p in fx["probes"] if p["kind"] == "same relation"),
-                     "changed_same_subject": sum(p["changed"] for p in fx["probes"] if p["kind"] == "same subject"),
+                     "changed": fx["changed"], "flagged": fx["flagged"],
+                     "collateral_changed": fx["collateral"]["changed"], "collateral_leaked": fx["collateral"]["leaked"],
+                     "ripple_changed": fx["ripple"]["changed"], "ripple_carried": fx["ripple"]["carried"],
+                     "collateral_probed": fx["collateral"]["probed"], "ripple_probed": fx["ripple"]["probed"],
+                     "ripple_named_before": sum(mentions(p["before"], [r.target_new]) for p in probes
+                                                if p["role"] == "ripple"),
                      "hood_before": before, "hood_after": after,
                      "hood_changed": normalize_answer(before) != normalize_answer(after),
                      "hood_leaked": mentions(after, [r.target_new]) and not mentions(before, [r.target_new])})
@@ -82,9 +88,10 @@ def main():
         of = ok if of is None else of
         return f"{100 * sum(1 for x in of if k(x)) / len(of):.1f}" if of else "–"
 
-    flagged = [x for x in ok if x["changed"]]
+    rule, table = calibrate(ok)
+    flag = [x for x in ok if flags(x, rule)]
     hood = [x for x in ok if x["hood_changed"]]
-    agree = sum(1 for x in ok if bool(x["changed"]) == x["hood_changed"])
+    agree = sum(1 for x in ok if flags(x, rule) == x["hood_changed"])
     probed = sum(x["probed"] for x in ok)
     lines = [HEADING, "",
              f"Command: `python bench/side_effects.py --corpus {args.corpus}"
@@ -94,21 +101,58 @@ def main():
              f"The first {len(rows)} records of `{CF.name}`, embedded SmolLM2-135M-Instruct, `factedit edit`'s "
              f"defaults (r-ROME, guard and verification on), each edit from the original weights; probes from "
              f"{bank.source} ({probed / max(n, 1):.1f} per edit: the request's template with the 6 known subjects "
-             "nearest in key space, the subject in 6 other templates), greedy answers to the first sentence.", "",
+             "nearest in key space (collateral), the subject in 6 other templates (ripple)), greedy answers to the "
+             "first sentence.", "",
+             "| measure | ripple (edited subject, other relations) | collateral (other subjects, same relation) |",
+             "|---|---|---|",
+             f"| edits with ≥ 1 changed answer | {pct(lambda x: x['ripple_changed'])} % | "
+             f"{pct(lambda x: x['collateral_changed'])} % |",
+             f"| edits with ≥ 1 answer now naming the new target | {pct(lambda x: x['ripple_carried'])} % (carried) | "
+             f"{pct(lambda x: x['collateral_leaked'])} % (leaked) |",
+             f"| changed answers per edit (mean) | {mean(ok, 'ripple_changed'):.2f} of {mean(ok, 'ripple_probed'):.1f}"
+             f" | {mean(ok, 'collateral_changed'):.2f} of {mean(ok, 'collateral_probed'):.1f} |",
+             f"| answers naming the new target per edit (mean) | {mean(ok, 'ripple_carried'):.2f} | "
+             f"{mean(ok, 'collateral_leaked'):.2f} |", "",
+             f"Flag rule chosen: collateral changed ≥ {rule[0]} or collateral leaked ≥ {rule[1]} (the rule shipped in "
+             "`app/side_effects.py` `COLLATERAL_FLAG` must match it).", "",
              "| measure | value |", "|---|---|",
-             f"| edits whose report flags ≥ 1 changed answer | {pct(lambda x: x['changed'])} % |",
-             f"| ... a changed answer with the same relation (other subject) | "
-             f"{pct(lambda x: x['changed_same_relation'])} % |",
-             f"| ... a changed answer with the same subject (other relation) | "
-             f"{pct(lambda x: x['changed_same_subject'])} % |",
-             f"| edits whose report flags ≥ 1 answer now naming the new target | {pct(lambda x: x['leaked'])} % |",
-             f"| changed answers among all probes | {100 * sum(x['changed'] for x in ok) / max(probed, 1):.1f} % |",
+             f"| edits flagged | {pct(lambda x: flags(x, rule))} % |",
              f"| record's neighbourhood answer changed | {pct(lambda x: x['hood_changed'])} % |",
-             f"| ... of those, flagged by the report | {pct(lambda x: x['changed'], hood)} % |",
-             f"| flagged edits whose neighbourhood answer changed | {pct(lambda x: x['hood_changed'], flagged)} % |",
-             f"| agreement (flag ⇔ neighbourhood changed) | {100 * agree / max(n, 1):.1f} % |",
-             f"| neighbourhood answer now names the new target | {pct(lambda x: x['hood_leaked'])} % |", ""]
+             f"| ... of those, flagged | {pct(lambda x: flags(x, rule), hood)} % |",
+             f"| flagged edits whose neighbourhood answer changed | {pct(lambda x: x['hood_changed'], flag)} % |",
+             f"| agreement (flagged ⇔ neighbourhood changed) | {100 * agree / max(n, 1):.1f} % |",
+             f"| neighbourhood answer now names the new target | {pct(lambda x: x['hood_leaked'])} % |", "",
+             "Every rule tried (flag rate, agreement, balanced accuracy against the neighbourhood answer):", "",
+             "| collateral changed ≥ | or leaked ≥ | flagged | agreement | balanced accuracy |",
+             "|---|---|---|---|---|",
+             *[f"| {c} | {l} | {f:.1f} % | {a:.1f} % | {b:.1f} % |" for (c, l), f, a, b in table], ""]
     publish(lines, args.out, HEADING, trailing_newline=True)
+
+
+def flags(x: dict, rule) -> bool:
+    return x["collateral_changed"] >= rule[0] or x["collateral_leaked"] >= rule[1]
+
+
+def mean(rows, key) -> float:
+    return sum(x[key] for x in rows) / max(len(rows), 1)
+
+
+def calibrate(rows):
+    """The flag rule (changed ≥ c or leaked ≥ l; 7 = never, with 6 collateral probes) with the highest balanced
+    accuracy against "the record's neighbourhood answer changed" (ties: the rule that flags fewer edits), and
+    every rule's (rule, flag %, agreement %, balanced accuracy %)."""
+    pos = [x for x in rows if x["hood_changed"]]
+    neg = [x for x in rows if not x["hood_changed"]]
+    table = []
+    for c in range(1, 8):
+        for l in range(1, 8):
+            hit = sum(flags(x, (c, l)) for x in pos) / max(len(pos), 1)
+            rej = sum(not flags(x, (c, l)) for x in neg) / max(len(neg), 1)
+            f = 100 * sum(flags(x, (c, l)) for x in rows) / max(len(rows), 1)
+            a = 100 * sum(flags(x, (c, l)) == x["hood_changed"] for x in rows) / max(len(rows), 1)
+            table.append(((c, l), f, a, 50 * (hit + rej)))
+    best = max(table, key=lambda t: (round(t[3], 6), -t[1]))
+    return best[0], [t for t in table if t[0][1] in (1, 2, 7) or t[0] == best[0]]
 
 
 if __name__ == "__main__":

@@ -137,3 +137,26 @@ def test_strict_refuses_a_flagged_edit_with_exit_2_and_saves_nothing(tiny_dir, t
     assert main(base + ["--strict"]) == 2
     captured = capsys.readouterr()
     assert "--strict refuses such edits; nothing was saved" in captured.err and not patch.exists()
+
+
+def test_a_batch_edit_reports_a_sample_of_probes_per_request(tiny_dir, tiny_corpus, home, capsys, tmp_path):
+    path = tmp_path / "reqs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (
+        {"prompt": "{} is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome"},
+        {"prompt": "{} is located in the city of", "subject": "Colosseum", "target_new": "Paris"})))
+    base = ["edit", "--model", str(tiny_dir), "--requests", str(path), "--method", "memit", "--layers", "1,2",
+            "--stats-corpus", str(tiny_corpus), "--stats-tokens", "600", "--steps", "2", "--allow-unverified"]
+    assert main(base + ["--json"]) == 0
+    fx = json.loads(capsys.readouterr().out)["side_effects"]
+    assert [x["request"] for x in fx["requests"]] == ["Eiffel Tower is located in the city of",
+                                                       "Colosseum is located in the city of"]
+    for x in fx["requests"]:  # the stated sample: 2 other subjects, 2 other relations of the subject
+        assert x["collateral"]["probed"] == 2 and x["ripple"]["probed"] == 2
+    assert fx["sample"]["subjects"] == 2 and fx["probed"] == 8
+    assert fx["collateral"]["changed"] == sum(x["collateral"]["changed"] for x in fx["requests"])
+    assert fx["n_flagged"] == sum(x["flagged"] for x in fx["requests"])
+    assert main(base) == 0
+    assert "side effects (built-in probes; per request 2 other subjects and 2 other relations)" in \
+        capsys.readouterr().out
+    assert main(base + ["--no-side-effects", "--json"]) == 0
+    assert "side_effects" not in json.loads(capsys.readouterr().out)

@@ -195,6 +195,7 @@ class BatchReport:
     saved: Dict[str, str] = field(default_factory=dict)
     wear: Dict[str, dict] = field(default_factory=dict)  # per layer: the wear meter (factedit.edit.wear)
     warnings: List[str] = field(default_factory=list)  # the collapse guard's wear warnings (the edit was kept)
+    side_effects: Optional[dict] = None  # the blast radius over a sample of probes per request, when measured
 
     @property
     def n_verified(self) -> int:
@@ -208,7 +209,8 @@ class BatchReport:
                 "requests": [o.to_dict() for o in self.requests], "delta_norm": self.delta_norm,
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}, "rounding": self.rounding,
                 "statistics": self.statistics, "prompt_prefix": self.prompt_prefix, "wear": self.wear,
-                "warnings": list(self.warnings), **self.saved}
+                "warnings": list(self.warnings), **({"side_effects": self.side_effects} if self.side_effects else {}),
+                **self.saved}
 
     def to_text(self) -> str:
         """What ``factedit edit --requests FILE`` prints."""
@@ -223,6 +225,18 @@ class BatchReport:
             lines.append(f"  {'ok    ' if o.verified else 'FAILED'} {o.prompt!r} -> {o.target_new!r}: "
                          f"P(new) {o.p_new:.4f}"
                          + true)
+        fx = self.side_effects
+        if fx:
+            c, r, k = fx["collateral"], fx["ripple"], fx["sample"]
+            lines += [f"\n  side effects ({fx['source']} probes; per request {k['subjects']} other subjects and "
+                      f"{k['templates']} other relations): other subjects {c['changed']} of {c['probed']} answers "
+                      f"changed, {c['leaked']} name their request's new target; the edited subjects in other "
+                      f"relations {r['changed']} of {r['probed']} changed, {r['carried']} carry the edit"]
+            for x in fx["requests"]:
+                if x["flagged"]:
+                    lines.append(f"  WARNING {x['request']!r} -> {x['target_new']!r} changed what the model says about "
+                                 f"other subjects ({x['collateral']['changed']} changed, {x['collateral']['leaked']} "
+                                 "naming its target)")
         return "\n".join(lines)
 
 

@@ -48,4 +48,5 @@ def _edit_many(settings, es, options) -> int:
     report.saved = save_outputs(editor, result, es)
     print(json.dumps(report.to_dict()) if settings["json"] else report.to_text())
     refuse_unverified(result, es)
+    refuse_flagged(result, es)
     return 0

@@ -168,8 +168,21 @@ def render_batch(report) -> str:
              ('class="num"', _p(o.p_true_before)), ('class="num"', _p(o.p_true)),
              '<span class="fe-ok">yes</span>' if o.verified else '<span class="fe-bad">no</span>']
             for o in report.requests]
+    fx, tail = report.side_effects, ""
+    if fx:
+        c, r, k = fx["collateral"], fx["ripple"], fx["sample"]
+        tail = (f'<p id="batch-side-effects">Side effects ({_e(fx["source"])} probes; per request {k["subjects"]} '
+                f'other subjects and {k["templates"]} other relations): other subjects <b>{c["changed"]}</b> of '
+                f'{c["probed"]} answers changed, <b>{c["leaked"]}</b> name their request\'s new target; the edited '
+                f'subjects in other relations {r["changed"]} of {r["probed"]} changed, {r["carried"]} carry the edit. '
+                f'<b>{fx["n_flagged"]}</b> of {n} requests flagged.</p>')
+        flagged = [x for x in fx["requests"] if x["flagged"]]
+        if flagged:
+            tail += table(["flagged request", "new target", "other subjects' answers changed", "naming its target"],
+                          [[_e(x["request"]), _e(x["target_new"]), ('class="num"', str(x["collateral"]["changed"])),
+                            ('class="num"', str(x["collateral"]["leaked"]))] for x in flagged], "batch-flagged")
     return out(head + table(["prompt", "new target", "P(new) before", "P(new) after", "P(true) before",
-                             "P(true) after", "took"], rows, "batch-table"))
+                             "P(true) after", "took"], rows, "batch-table") + tail)
 
 
 def render_history(rows: List[dict]) -> str:
