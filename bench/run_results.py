@@ -11,6 +11,9 @@ sequential run at 0 edits).
     python bench/run_results.py single --limit 200                 # runs/single/<method>
     python bench/run_results.py sequential --limit 200             # runs/seq/<method>
     python bench/run_results.py long --limit 1000 --every 100      # runs/long/<method> (issue 16)
+    python bench/run_results.py mquake --limit 100                 # runs/mquake/<method> (issue 34)
+    python bench/run_results.py qaedit --limit 200                 # runs/qaedit/<method>, one by one
+    python bench/run_results.py qaedit-seq --limit 200             # runs/qaedit-seq/<method>, accumulated
     python bench/run_results.py table                              # print the tables of every part (markdown)
 
 A long run's directory, with the patch stack a resume re-applies (``patches/``), lives in
@@ -67,12 +70,25 @@ LONG = {"emmet": ("emmet", 100), "alphaedit": ("alphaedit", 100, "alpha_scale=0.
 #: earlier edits re-scored at each checkpoint of a long run (evenly spaced, first and latest included):
 #: all of them would cost O(n²), 5,500 case scorings per run at 0.3–0.8 s each on 2 cores (50 took 16–41 s)
 RETENTION = 50
+#: MQuAKE: each case's 1-3 edits together (one batch, or one after another for the ROME variants), from the
+#: original weights; "rome-noc" is ROME without C⁻¹ (C = I, what an EasyEdit file with mom2_adjustment: false runs)
+MQUAKE_RUNS = {"none": ("none", 1), "rome": ("rome", 1), "r-rome": ("r-rome", 1), "rome-noc": ("rome", 1,
+               "mom2_adjustment=false"), "memit": ("memit", 1), "emmet": ("emmet", 1), "alphaedit": ("alphaedit", 1)}
+#: QAEdit one by one (batch methods: 25 cases per edit, each batch from the original weights) and accumulated
+QAEDIT_RUNS = {"none": ("none", 1), "rome": ("rome", 1), "r-rome": ("r-rome", 1),
+               "rome-noc": ("rome", 1, "mom2_adjustment=false"), "memit": ("memit", 25), "emmet": ("emmet", 25),
+               "alphaedit": ("alphaedit", 25)}
+QAEDIT_SEQ = {k: v for k, v in QAEDIT_RUNS.items() if k != "none"}
+DATASETS = {"mquake": DATA / "mquake" / "mquake_cf_354.json", "qaedit": DATA / "qaedit" / "qaedit_1k.json",
+            "qaedit-seq": DATA / "qaedit" / "qaedit_1k.json"}
 PPL_CORPUS = DATA / "corpus" / "wikitext2_test.txt"
 KNOWNS = DATA / "knowns" / "known_1000.json"
-PARTS = {"single": SINGLE, "sequential": SEQUENTIAL, "long": LONG}
+PARTS = {"single": SINGLE, "sequential": SEQUENTIAL, "long": LONG, "mquake": MQUAKE_RUNS, "qaedit": QAEDIT_RUNS,
+         "qaedit-seq": QAEDIT_SEQ}
 #: where each part's run directories go (outside git: /runs/ is ignored); a long run spans sessions, and its
 #: directory keeps the patch stack a resume re-applies
-DEFAULT_OUT = {"single": ROOT / "runs" / "single", "sequential": ROOT / "runs" / "seq", "long": ROOT / "runs" / "long"}
+DEFAULT_OUT = {"single": ROOT / "runs" / "single", "sequential": ROOT / "runs" / "seq", "long": ROOT / "runs" / "long",
+               **{part: ROOT / "runs" / part for part in DATASETS}}
 #: where a part's records are copied after each run (kept in git, cited by docs/RESULTS.md; read by `table`)
 RECORDS = {"long": ROOT / "results" / "long"}
 #: the files of a run directory that are copied there: its records, not its patch stack
@@ -87,11 +103,13 @@ def _rel(p: Path) -> str:
 def command(name: str, part: str, limit: int, out: Path, downstream_n: int, every: int) -> list:
     """The ``factedit eval`` argument list of run ``name`` (what the table prints)."""
     method, batch, *options = PARTS[part][name]
-    args = ["factedit", "eval", "--method", method, "--dataset", _rel(CF), "--limit", str(limit)]
+    args = ["factedit", "eval", "--method", method, "--dataset", _rel(DATASETS.get(part, CF)), "--limit", str(limit)]
     if batch > 1:
         args += ["--cases-per-edit", str(batch)]
     if part in ("sequential", "long"):
         args += ["--sequential", "--downstream-every", str(every)]
+    if part == "qaedit-seq":
+        args += ["--sequential"]
     if part == "sequential":
         args += ["--downstream", _rel(DOWNSTREAM), "--downstream-n", str(downstream_n)]
     if part == "long":  # GLUE/MMLU sit at chance on the embedded model: perplexity and known facts instead
@@ -218,7 +236,7 @@ def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: i
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", choices=["single", "sequential", "long", "table"])
+    ap.add_argument("part", choices=[*PARTS, "table"])
     ap.add_argument("--methods", default=None,
                     help="comma-separated subset of the runs, e.g. ft-b1 (default: all of the part)")
     ap.add_argument("--limit", type=int, default=None, help="records (default 200; long: 1000)")
