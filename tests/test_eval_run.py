@@ -254,7 +254,7 @@ def test_inconsistent_settings_are_refused():
                     (dict(prefetch_batch=0), "--chunk and --target-batch must be >= 1"),
                     (dict(retention_sample=-1), "--retention-sample must be a whole number >= 0"),
                     (dict(retention_sample=1), "cannot hold the first and the latest"),
-                    (dict(retention_sample=5), "--retention-sample needs --downstream-every")):
+                    (dict(retention_sample=5), r"--retention-sample needs checkpoints \(--downstream-every")):
         with pytest.raises(RunError, match=msg):
             EvalConfig(dataset="x", **kw).check()
 

@@ -346,6 +346,16 @@ OPTIONS: Tuple[Option, ...] = (
            default=False, example=True),
     Option("downstream_every", ("--downstream-every",), "with --sequential: downstream tasks and all earlier edits "
            "re-scored every K edits", ("eval",), type=int, example="5"),
+    Option("checkpoints", ("--checkpoints",), "with --sequential: measure at these edit counts instead of every K, "
+           "e.g. 100,200,500,1000,2000,5000,10000 (and at the end)", ("eval",), type=layers_arg, example="2,4"),
+    Option("score_every", ("--score-every",), "with --sequential: score only every K-th edit right after it (the "
+           "others are edited, verified and committed unscored; a long run's cost); the checkpoints re-score a fixed "
+           "sample of the scored ones (default 1: every edit)", ("eval",), type=int, default=1, example="2"),
+    Option("stop_ppl", ("--stop-ppl",), "with checkpoints and --ppl-corpus: stop the run (collapsed) at the first "
+           "checkpoint whose perplexity is above X times the unedited model's", ("eval",), type=float, example="10"),
+    Option("stop_recall", ("--stop-recall",), "with checkpoints and --knowns: stop the run (collapsed) at the first "
+           "checkpoint whose known-fact recall is below this fraction of the unedited model's", ("eval",), type=float,
+           example="0.1"),
     Option("retention_sample", ("--retention-sample",), "with --downstream-every: re-score at most N of the earlier "
            "edits at each checkpoint, evenly spaced in edit order, first and latest included (default 0: all; a long "
            "run needs a sample)", ("eval",), type=int, default=0, example="3"),

@@ -58,6 +58,16 @@ class EvalConfig:
             spaced in edit order (the first and the latest included; :func:`retention_cases`); 0 (default):
             all of them. Re-scoring every earlier edit costs O(n²) over a run: 5,500 case scorings for 1,000
             edits checked every 100 (0.3–0.8 s each with both score families on a 2-core CPU).
+        checkpoints: sequential runs: measure (as ``downstream_every`` does) when the number of edits reaches each
+            of these counts (and at the end), instead of every ``downstream_every`` edits.
+        score_every: sequential runs: score only every ``score_every``-th group right after its edit (groups 0, k,
+            2k, ...); the others are edited, verified and committed with ``"scored": false`` records. Their
+            checkpoints then re-score a fixed sample: the scored cases, ``retention_sample`` of them evenly spaced
+            over the whole run (those edited so far), the same cases at every checkpoint.
+        stop_ppl, stop_recall: sequential runs with checkpoints: stop (the model collapsed) at the first checkpoint
+            whose perplexity exceeds ``stop_ppl`` × the unedited model's, or whose known-fact recall falls below
+            ``stop_recall`` (a fraction of the unedited model's); the run records why and ends there (a rerun does
+            not continue it).
         downstream: settings of the downstream tasks (examples per task, shots).
         generation: GE settings (``length`` 0 disables GE).
         score_batch: rows per forward pass when scoring.
@@ -93,6 +103,10 @@ class EvalConfig:
     downstream_every: Optional[int] = None
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     retention_sample: int = 0
+    checkpoints: Tuple[int, ...] = ()
+    score_every: int = 1
+    stop_ppl: Optional[float] = None
+    stop_recall: Optional[float] = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ability: AbilityConfig = field(default_factory=AbilityConfig)
     score_batch: int = 64
@@ -119,21 +133,53 @@ class EvalConfig:
             raise RunError(f"{self.method} edits one case at a time; --cases-per-edit is for {batch}")
         if self.sequential and self.method == BASELINE:
             raise RunError("--sequential needs an editing method (the baseline makes no edits)")
-        if self.downstream_every is not None:
+        if self.downstream_every is not None and self.downstream_every < 1:
+            raise RunError("--downstream-every must be >= 1")
+        if self.downstream_every is not None and self.checkpoints:
+            raise RunError("give either --downstream-every K or --checkpoints N1,N2,..., not both")
+        if self.checkpoints and (any(not isinstance(n, int) or n < 1 for n in self.checkpoints)
+                                 or list(self.checkpoints) != sorted(set(self.checkpoints))):
+            raise RunError(f"--checkpoints must be increasing edit counts >= 1, got {list(self.checkpoints)}")
+        if self.measures:
+            flag = "--downstream-every" if self.downstream_every is not None else "--checkpoints"
             if not self.sequential:
-                raise RunError("--downstream-every needs --sequential")
-            if self.downstream_every < 1:
-                raise RunError("--downstream-every must be >= 1")
+                raise RunError(f"{flag} needs --sequential")
             if not self.downstream_dir and not self.ability.enabled:
-                raise RunError("--downstream-every needs something to measure: --downstream DIR (the task files), "
+                raise RunError(f"{flag} needs something to measure: --downstream DIR (the task files), "
                                "--ppl-corpus FILE or --knowns FILE")
+        if not isinstance(self.score_every, int) or self.score_every < 1:
+            raise RunError(f"--score-every must be a whole number >= 1, got {self.score_every!r}")
+        if self.score_every > 1 and not self.sequential:
+            raise RunError("--score-every is for --sequential runs (a single-edit run scores every case)")
+        for name, value, what, need in (("--stop-ppl", self.stop_ppl, "a ratio > 1", self.ability.ppl_corpus),
+                                        ("--stop-recall", self.stop_recall, "a fraction in (0, 1)",
+                                         self.ability.knowns)):
+            if value is None:
+                continue
+            if not (value > 1 if name == "--stop-ppl" else 0 < value < 1):
+                raise RunError(f"{name} must be {what}, got {value!r}")
+            if not self.measures or not need:
+                raise RunError(f"{name} needs checkpoints (--checkpoints or --downstream-every) and "
+                               + ("--ppl-corpus FILE" if name == "--stop-ppl" else "--knowns FILE"))
         if not isinstance(self.retention_sample, int) or self.retention_sample < 0:
             raise RunError(f"--retention-sample must be a whole number >= 0, got {self.retention_sample!r}")
         if self.retention_sample == 1:
             raise RunError("--retention-sample 1 cannot hold the first and the latest edit; use 0 (all) or >= 2")
-        if self.retention_sample and not self.downstream_every:
-            raise RunError("--retention-sample needs --downstream-every (it samples the checkpoints' re-scoring)")
+        if self.retention_sample and not self.measures:
+            raise RunError("--retention-sample needs checkpoints (--downstream-every or --checkpoints; it samples "
+                           "their re-scoring)")
         self.ability.check()
+
+    @property
+    def measures(self) -> bool:
+        """Whether the run has checkpoints (``downstream_every`` or ``checkpoints``)."""
+        return bool(self.downstream_every or self.checkpoints)
+
+    def check_data(self, n_cases: int) -> None:
+        """Refuse checkpoints beyond the data (``n_cases`` selected cases)."""
+        beyond = [n for n in self.checkpoints if n > n_cases]
+        if beyond:
+            raise RunError(f"--checkpoints {beyond[0]} is beyond the data: the run has {n_cases} cases")
 
     @property
     def mode(self) -> str:
@@ -163,7 +209,8 @@ def mode_text(sequential: bool, cases_per_edit: int) -> str:
 
 
 #: options added after runs were written, at the value those runs had (a resume then still matches)
-OPTION_DEFAULTS = {"gen_chat": False, "retention_sample": 0}
+OPTION_DEFAULTS = {"gen_chat": False, "retention_sample": 0, "checkpoints": [], "score_every": 1, "stop_ppl": None,
+                   "stop_recall": None}
 #: options renamed since runs were written: old name -> today's
 RENAMED = {"batch_size": "cases_per_edit"}
 
@@ -238,6 +285,7 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
                        "between torchrun ranks; run it in one process")
     path = resolve_dataset(cfg.dataset, cfg.dataset_sha256)
     cases = load_cases(path, cfg.limit, cfg.offset)
+    cfg.check_data(len(cases))
     config, compare, method_cfg = _config(editor, cfg, path)
     if split:
         world.agree("evaluation configuration (options, model fingerprint, dataset)",
@@ -256,12 +304,12 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
     mine_cases = [c for g in mine for c in groups[g]]
     probes = any(c.kind in ("mquake", "knowedit") for c in cases)  # their unedited side is teacher-forced too
     unedited = _unedited(editor, store, mine_cases, cfg) if cfg.gen_tokens or probes else None  # before any edit
-    ability = Ability(editor.adapter, cfg.ability) if cfg.downstream_every and cfg.ability.enabled else None
+    ability = Ability(editor.adapter, cfg.ability) if cfg.measures and cfg.ability.enabled else None
     state = _resume(editor, store, cfg, groups)
-    tasks = load_tasks(cfg.downstream_dir, cfg.downstream) if cfg.downstream_every and cfg.downstream_dir else []
+    tasks = load_tasks(cfg.downstream_dir, cfg.downstream) if cfg.measures and cfg.downstream_dir else []
     run = _Run(editor, cfg, store, method_cfg, groups, tasks, *state, unedited=unedited, ability=ability)
     run.checkpoint()
-    todo = [g for g in mine if g not in run.done]
+    todo = [] if run.stopped else [g for g in mine if g not in run.done]  # a stopped run has ended
     # each edit applied for real, one after another; and where a single-request method must make several edits
     # of one group one on the weights the others left (the chunked path computes each group from the originals)
     several = method_cfg is not None and method_spec(cfg.method).single_request and any(
@@ -275,6 +323,9 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
         run.checkpoint()
         if on_group is not None:  # groups edited so far (a sequential run commits them a chunk at a time)
             on_group(len(run.done) + len(run.pending), len(mine))
+        if run.stopped:
+            log.warning("the run stopped at %d edits: %s", run.n_edits, run.stopped)
+            break
     summary = run.summary()
     if not split:
         return summary
@@ -318,6 +369,10 @@ def _summary_of(records: List[dict], cfg: EvalConfig, groups, complete: bool) ->
     s["seconds_per_case"] = sum(r["edit_seconds"] + r["score_seconds"] for r in ok) / len(ok) if ok else None
     s.update(method=cfg.method, dataset=cfg.dataset, sequential=cfg.sequential, mode=cfg.mode, complete=complete,
              n_cases=sum(len(g) for g in groups))
+    if cfg.score_every > 1:  # which edits were scored right after them
+        k = cfg.score_every
+        s.update(score_every=k, n_scored=sum(1 for r in records if r.get("scored", True)),
+                 scored=f"every {k}th group right after its edit (groups 0, {k}, {2 * k}, ...)")
     return s
 
 
@@ -445,6 +500,8 @@ class _Run:
         self.pending: List[tuple] = []
         self.guard = GuardConfig(enabled=cfg.guard)
         self._summary_at = float("-inf")
+        # why a stop rule ended the run (recorded with the checkpoint that triggered it), else None
+        self.stopped = next((d["stopped"] for d in self.downstream if d.get("stopped")), None)
 
     @property
     def n_edits(self) -> int:
@@ -464,7 +521,16 @@ class _Run:
                 error = {"error": f"{type(e).__name__}: {e}"}
         t_edit = time.perf_counter() - t0
         try:
-            rows = self._score(group, error, result, base, t_edit, ge=not cfg.sequential)
+            if self.scored(g):
+                rows = self._score(group, error, result, base, t_edit, ge=not cfg.sequential)
+            else:  # edited, verified and committed, not scored (a sampled run's cost)
+                rows = self._rows(group, [{"scored": False} for _ in group], error, base,
+                                  result.deltas if result is not None else None, t_edit, 0.0,
+                                  result.guard if result is not None else None,
+                                  result.fingerprints if result is not None else None,
+                                  result.verification if result is not None else None,
+                                  result.retried if result is not None else False,
+                                  result.wear if result is not None else None)
         finally:
             if result is not None and not cfg.sequential:
                 ed.revert()
@@ -478,6 +544,10 @@ class _Run:
             self.store.append(self.store.cases_path, rows)
             self.records += rows
             self.done.add(g)
+
+    def scored(self, g: int) -> bool:
+        """Whether group ``g`` is scored right after its edit (every group unless ``score_every`` > 1)."""
+        return not self.cfg.sequential or g % self.cfg.score_every == 0
 
     def _score(self, group, error, result, base, t_edit, ge: bool = True) -> List[dict]:
         t0 = time.perf_counter()
@@ -586,7 +656,7 @@ class _Run:
             for m, (_, group, _, rows) in enumerate(self.pending):
                 models.append([d.negated() for _, _, r, _ in self.pending[m + 1:] if r is not None for d in r.deltas])
                 for c, row in zip(group, rows):
-                    if "error" not in row:
+                    if "error" not in row and row.get("scored", True):
                         cases.append(c), owners.append(m), slots.append(row)
             with RowDeltas(self.editor.adapter, models) as rd:
                 texts = generation_scores(self.editor.adapter, cases, ge, rd, owners)
@@ -621,19 +691,48 @@ class _Run:
         self.done.update(p[0] for p in pending)
 
     def _checkpoint_due(self, n: int) -> bool:
-        k = self.cfg.downstream_every
+        k, marks = self.cfg.downstream_every, self.cfg.checkpoints
         last = max((d["n_edits"] for d in self.downstream), default=None)
+        if marks:  # a listed count reached or passed since the last checkpoint (0 edits: the first one)
+            return last is None or any(last < m <= n for m in marks)
         return bool(k) and (last is None or n // k > last // k)
+
+    def _retention(self, edited: List[Case]) -> List[Case]:
+        """The earlier edits a checkpoint re-scores: a sample evenly spaced in edit order (the first and the latest
+        included); with ``score_every`` > 1 a fixed sample instead, the scored groups' cases evenly spaced over
+        the whole run, those edited so far (the same cases at every checkpoint)."""
+        usable = [c for c in edited if not _problem(c)]
+        if self.cfg.score_every <= 1:
+            return retention_cases(usable, self.cfg.retention_sample)
+        pool = [c for g, group in enumerate(self.groups) if g % self.cfg.score_every == 0 for c in group
+                if not _problem(c)]
+        fixed = {c.case_id for c in retention_cases(pool, self.cfg.retention_sample)}
+        return [c for c in usable if c.case_id in fixed]
+
+    def _stop_reason(self, ability: Optional[dict]) -> Optional[str]:
+        """Why the stop rule ends the run at this checkpoint (``None``: it goes on)."""
+        cfg = self.cfg
+        if not ability:
+            return None
+        first = next((d.get("ability") for d in self.downstream if d.get("n_edits") == 0 and d.get("ability")), None)
+        ppl, ppl0 = ability.get("perplexity"), (first or {}).get("perplexity")
+        if cfg.stop_ppl is not None and ppl is not None and ppl0 and ppl > cfg.stop_ppl * ppl0:
+            return f"perplexity {ppl:.4g} is above {cfg.stop_ppl:g} × the unedited model's {ppl0:.4g} (--stop-ppl)"
+        recall = ability.get("known_recall")
+        if cfg.stop_recall is not None and recall is not None and recall < cfg.stop_recall:
+            return (f"known-fact recall {100 * recall:.1f} % of the unedited model's is below "
+                    f"{100 * cfg.stop_recall:g} % (--stop-recall)")
+        return None
 
     def checkpoint(self) -> None:
         """Sequential runs: downstream accuracy and the scores of all earlier edits at 0 edits, whenever
         the count reaches or passes a multiple of ``downstream_every``, and at the end."""
         if self.pending:  # a checkpoint sees committed edits only (one_group flushes before one is due)
             return
-        k, n = self.cfg.downstream_every, self.n_edits
+        n = self.n_edits
         last = max((d["n_edits"] for d in self.downstream), default=None)
         finished = len(self.done) == len(self.groups)
-        if k and (self._checkpoint_due(n) or (finished and n != last)):
+        if self.cfg.measures and (self._checkpoint_due(n) or (finished and n != last)):
             t0 = time.perf_counter()
             # the same weights give the same accuracy: runs in one process share it (all runs at 0 edits)
             acc = None
@@ -645,12 +744,12 @@ class _Run:
             edited = [c for g in sorted(self.done) for c in self.groups[g]]
             ability = None
             if self.ability is not None:
-                subjects = sorted({c.request.subject for c in edited})
+                subjects = sorted({r.subject for c in edited for r in c.requests})
                 memo = self.editor.weights_memo("ability", json.dumps(asdict(self.cfg.ability)), tuple(subjects))
                 if "got" not in memo:
                     memo["got"] = self.ability.measure(exclude_subjects=subjects)
                 ability = dict(memo["got"])
-            earlier = retention_cases(edited, self.cfg.retention_sample)
+            earlier = self._retention(edited)
             retention = (summarize_records(score_cases(self.editor.adapter, earlier, batch_size=self.cfg.score_batch,
                                                        unedited=self.unedited, gen_tokens=self.cfg.gen_tokens,
                                                        gen_chat=self.cfg.gen_chat))
@@ -659,6 +758,10 @@ class _Run:
                    "wear": cumulative_wear(self.editor.adapter, self.editor.history),
                    "retention_cases": [c.case_id for c in earlier] if len(earlier) < len(edited) else None,
                    "seconds": time.perf_counter() - t0}
+            stop = self._stop_reason(ability) if n else None
+            if stop:
+                rec["stopped"] = stop
+                self.stopped = stop
             self.store.append(self.store.downstream_path, [rec])
             self.downstream.append(rec)
             self.summary()
@@ -669,6 +772,8 @@ class _Run:
         """Run-level scores so far, written to ``summary.json``."""
         self._summary_at = time.perf_counter()
         s = _summary_of(self.records, self.cfg, self.groups, complete=len(self.done) == len(self.groups))
+        if self.stopped:
+            s["stopped"] = {"n_edits": self.n_edits, "reason": self.stopped}
         if self.downstream:
             s["downstream"] = self.downstream[-1]
         self.store.write_summary(s)

@@ -1,0 +1,151 @@
+"""Long sequential runs made affordable (issue 36): every k-th edit scored right after it, checkpoints at listed
+edit counts re-scoring a fixed sample, a stop rule for a collapsed model; resumable like any run."""
+
+import json
+
+import pytest
+
+from conftest import COUNTERFACT
+from factedit import Editor
+from factedit.cli import main
+from factedit.evaluation import EvalConfig, GenerationConfig, RunError, run_eval
+from factedit.evaluation.ability import AbilityConfig
+from tiny import tiny_model
+
+pytestmark = pytest.mark.skipif(not COUNTERFACT.is_file(), reason="shared data not found")
+VOLATILE = ("edit_seconds", "score_seconds", "seconds")
+
+
+def _cfg(tiny_corpus, **kw):
+    opts = {"stats_corpus": str(tiny_corpus), "stats_tokens": 2000, "steps": 4, "layers": (1, 2)}
+    base = dict(method="memit", dataset=str(COUNTERFACT), limit=6, sequential=True, score_every=2,
+                checkpoints=(2, 4), retention_sample=2, generation=GenerationConfig(length=0), gen_tokens=4,
+                ability=AbilityConfig(ppl_corpus=str(tiny_corpus), ppl_tokens=300, window=64),
+                method_options=tuple(sorted(opts.items())))
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def _jsonl(path):
+    return [{k: v for k, v in json.loads(l).items() if k not in VOLATILE} for l in path.read_text().splitlines()]
+
+
+def _editor():
+    return Editor(*tiny_model("llama"), progress=False)
+
+
+def test_every_kth_edit_is_scored_and_the_checkpoints_rescore_a_fixed_sample(home, tiny_corpus, tmp_path):
+    ed = _editor()
+    s = run_eval(ed, _cfg(tiny_corpus), tmp_path / "run")
+    recs = _jsonl(tmp_path / "run" / "cases.jsonl")
+    assert len(recs) == 6 and len(ed.history) == 6  # every edit made and committed
+    assert [r.get("scored", True) for r in recs] == [True, False, True, False, True, False]
+    assert all("ES" in r for r in recs[::2]) and not any("ES" in r for r in recs[1::2])
+    assert all(r["verified"] is not None for r in recs)  # verification is not scoring: every edit has it
+    assert s["score_every"] == 2 and s["n_scored"] == 3 and "every 2th group" in s["scored"]
+    assert s["ES"] == pytest.approx(100 * sum(r["ES"] for r in recs[::2]) / 3)  # over the scored edits only
+    down = _jsonl(tmp_path / "run" / "downstream.jsonl")
+    assert [d["n_edits"] for d in down] == [0, 2, 4, 6]  # the listed counts, then the end
+    ids = [r["case_id"] for r in recs]
+    fixed = [ids[0], ids[4]]  # 2 of the scored cases (0, 2, 4), evenly spaced over the run
+    assert [d["retention_cases"] for d in down[1:]] == [[fixed[0]], [fixed[0]], fixed]  # the same sample throughout
+    assert down[3]["retention"]["n"] == 2
+    assert all(d["ability"]["perplexity"] > 0 for d in down)
+
+
+def test_a_sampled_run_interrupted_anywhere_resumes_to_the_same_records(home, tiny_corpus, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_corpus)
+    run_eval(_editor(), cfg, tmp_path / "full")
+    full = _jsonl(tmp_path / "full" / "cases.jsonl"), _jsonl(tmp_path / "full" / "downstream.jsonl")
+    for k in (1, 3, 4):  # die in the k+1-th edit (unscored and scored ones, before and after a checkpoint)
+        out = tmp_path / f"cut{k}"
+        real, calls = Editor.edit, []
+
+        def dying(self, *a, **kw):
+            calls.append(1)
+            if len(calls) > k:
+                raise KeyboardInterrupt
+            return real(self, *a, **kw)
+
+        with monkeypatch.context() as m:
+            m.setattr(Editor, "edit", dying)
+            with pytest.raises(KeyboardInterrupt):
+                run_eval(_editor(), cfg, out)
+        run_eval(_editor(), cfg, out)
+        assert (_jsonl(out / "cases.jsonl"), _jsonl(out / "downstream.jsonl")) == full, k
+
+
+def _breaking(tiny_corpus, **kw):
+    """Fine-tuning with a large step and no norm bound: edits that wear a trained model down."""
+    opts = {"layers": (1, 2), "steps": 10, "lr": 0.05, "norm_constraint": 10.0}
+    return _cfg(tiny_corpus, method="ft", method_options=tuple(sorted(opts.items())), **kw)
+
+
+def _trained(tiny_corpus):
+    """The tiny model trained on the perplexity text (deterministic: the same weights every call), so that its
+    perplexity there is low and edits raise it (a random model's perplexity is near the vocabulary size, and
+    edits lower it as often as not)."""
+    import torch
+
+    model, tok = tiny_model("llama")
+    ids = torch.tensor([tok(tiny_corpus.read_text())["input_ids"][:256]])
+    torch.manual_seed(0)
+    params = list(model.parameters())
+    frozen = [q.requires_grad for q in params]
+    for q in params:
+        q.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    model.train()
+    for _ in range(30):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    for q, f in zip(params, frozen):
+        q.requires_grad_(f)
+    model.eval()
+    return Editor(model, tok, progress=False)
+
+
+def test_the_stop_rule_ends_a_run_at_the_first_checkpoint_past_it(home, tiny_corpus, tmp_path):
+    run_eval(_trained(tiny_corpus), _breaking(tiny_corpus), tmp_path / "free")
+    down = _jsonl(tmp_path / "free" / "downstream.jsonl")
+    ratios = [d["ability"]["perplexity"] / down[0]["ability"]["perplexity"] for d in down]
+    first = next((i for i, r in enumerate(ratios) if i and r > 1), None)
+    assert first is not None, f"no checkpoint above the unedited perplexity: {ratios}"
+    limit = 1 + (ratios[first] - 1) / 2  # crossed at checkpoint `first`, not before it
+    assert all(r <= limit for r in ratios[1:first])
+    cfg = _breaking(tiny_corpus, stop_ppl=limit)
+    s = run_eval(_trained(tiny_corpus), cfg, tmp_path / "stop")
+    got = _jsonl(tmp_path / "stop" / "downstream.jsonl")
+    stopped_at = down[first]["n_edits"]
+    assert [d["n_edits"] for d in got] == [d["n_edits"] for d in down[: first + 1]]
+    assert "above" in got[-1]["stopped"] and s["stopped"]["n_edits"] == stopped_at and not s["complete"]
+    assert len(_jsonl(tmp_path / "stop" / "cases.jsonl")) == stopped_at
+    again = run_eval(_trained(tiny_corpus), cfg, tmp_path / "stop")  # a rerun does not continue a stopped run
+    assert again["stopped"] == s["stopped"] and len(_jsonl(tmp_path / "stop" / "cases.jsonl")) == stopped_at
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"score_every": 0}, "--score-every must be a whole number >= 1"),
+    ({"score_every": 2, "sequential": False, "checkpoints": (), "retention_sample": 0},
+     "--score-every is for --sequential runs"),
+    ({"checkpoints": (4, 2)}, "--checkpoints must be increasing"),
+    ({"checkpoints": (2, 40)}, "--checkpoints 40 is beyond the data: the run has 6 cases"),
+    ({"downstream_every": 2}, "either --downstream-every K or --checkpoints"),
+    ({"stop_ppl": 0.5}, "--stop-ppl must be a ratio > 1"),
+    ({"stop_recall": 0.5}, "--stop-recall needs checkpoints (--checkpoints or --downstream-every) and --knowns"),
+    ({"stop_recall": 1.5}, "--stop-recall must be a fraction in"),
+])
+def test_settings_that_make_no_sense_are_refused_before_any_edit(home, tiny_corpus, tmp_path, change, message):
+    with pytest.raises(RunError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_eval(_editor(), _cfg(tiny_corpus, **change), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_checkpoints_beyond_the_data_with_exit_2(tiny_dir, tiny_corpus, home, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["eval", "--model", str(tiny_dir), "--method", "memit", "--dataset", str(COUNTERFACT), "--limit", "3",
+                 "--sequential", "--checkpoints", "2,5", "--ppl-corpus", str(tiny_corpus), "--score-every", "2",
+                 "--stats-corpus", str(tiny_corpus), "--out", str(out)])
+    assert code == 2 and "--checkpoints 5 is beyond the data: the run has 3 cases" in capsys.readouterr().err
+    assert not out.exists()
