@@ -32,6 +32,7 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -234,6 +235,10 @@ def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: i
     return "\n".join(lines)
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("part", choices=[*PARTS, "table"])
@@ -247,6 +252,10 @@ def main():
     ap.add_argument("--downstream-n", type=int, default=32)
     ap.add_argument("--every", type=int, default=None, help="checkpoint every K edits (default 40; long: 100)")
     a = ap.parse_args()
+    # stop cleanly on SIGINT or SIGTERM, also when started in the background (where a shell ignores SIGINT for
+    # it): the run's committed edits stay, and its records are copied as after any stop
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupted)
     os.chdir(ROOT)  # the commands are relative to the repository root
     parts = list(PARTS) if a.part == "table" else [a.part]
     for part in parts:
