@@ -37,7 +37,15 @@ def main():
     ap.add_argument("--limit", type=int, default=50)
     ap.add_argument("--out", default=None)
     ap.add_argument("--rows", default=None)
+    ap.add_argument("--from-rows", default=None,
+                    help="publish from rows an earlier run wrote (--rows) instead of measuring; --seconds: its time")
+    ap.add_argument("--seconds", type=float, default=None)
     args = ap.parse_args()
+    if args.from_rows:
+        from factedit.app.side_effects import load_bank
+
+        rows = [json.loads(l) for l in Path(args.from_rows).read_text(encoding="utf-8").splitlines() if l.strip()]
+        return report(rows, args.seconds, load_bank(args.bank), args)
 
     from factedit import Editor, Request, load_model
     from factedit.app.edit import edit_fact
@@ -81,6 +89,11 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
     seconds = time.perf_counter() - t0
     write_rows(args.rows, rows)
+    report(rows, seconds, bank, args)
+
+
+def report(rows, seconds, bank, args) -> None:
+    """Publish the section of docs/RESULTS.md (or print it) from the per-edit rows."""
     ok = [x for x in rows if "refused" not in x]
     n = len(ok)
 
@@ -88,7 +101,10 @@ def main():
         of = ok if of is None else of
         return f"{100 * sum(1 for x in of if k(x)) / len(of):.1f}" if of else "–"
 
+    from factedit.app.side_effects import COLLATERAL_FLAG
+
     rule, table = calibrate(ok)
+    shipped = (COLLATERAL_FLAG["changed"], COLLATERAL_FLAG["leaked"])
     flag = [x for x in ok if flags(x, rule)]
     hood = [x for x in ok if x["hood_changed"]]
     agree = sum(1 for x in ok if flags(x, rule) == x["hood_changed"])
@@ -96,7 +112,8 @@ def main():
     lines = [HEADING, "",
              f"Command: `python bench/side_effects.py --corpus {args.corpus}"
              + (f" --bank {args.bank}" if args.bank else "") + f" --limit {args.limit}`  ",
-             f"Date: {time.strftime('%Y-%m-%d')}; {cpu_name()}; torch {torch.__version__}; {seconds:.0f} s "
+             f"Date: {time.strftime('%Y-%m-%d')}; {cpu_name()}; torch {torch.__version__}; "
+             + ("" if seconds is None else f"{seconds:.0f} s ") +
              f"({len(rows) - n} edits refused by the guard, left out).", "",
              f"The first {len(rows)} records of `{CF.name}`, embedded SmolLM2-135M-Instruct, `factedit edit`'s "
              f"defaults (r-ROME, guard and verification on), each edit from the original weights; probes from "
@@ -113,8 +130,10 @@ def main():
              f" | {mean(ok, 'collateral_changed'):.2f} of {mean(ok, 'collateral_probed'):.1f} |",
              f"| answers naming the new target per edit (mean) | {mean(ok, 'ripple_carried'):.2f} | "
              f"{mean(ok, 'collateral_leaked'):.2f} |", "",
-             f"Flag rule chosen: collateral changed ≥ {rule[0]} or collateral leaked ≥ {rule[1]} (the rule shipped in "
-             "`app/side_effects.py` `COLLATERAL_FLAG` must match it).", "",
+             f"Flag rule chosen: collateral changed ≥ {rule[0]} or collateral leaked ≥ {rule[1]}: among the rules "
+             f"within {TOLERANCE:g} point of the best balanced accuracy against the neighbourhood answer, the one "
+             "that flags the fewest edits (the rule shipped in `app/side_effects.py` `COLLATERAL_FLAG` "
+             f"{'matches it' if shipped == rule else 'DIFFERS: ' + str(shipped)}).", "",
              "| measure | value |", "|---|---|",
              f"| edits flagged | {pct(lambda x: flags(x, rule))} % |",
              f"| record's neighbourhood answer changed | {pct(lambda x: x['hood_changed'])} % |",
@@ -137,9 +156,15 @@ def mean(rows, key) -> float:
     return sum(x[key] for x in rows) / max(len(rows), 1)
 
 
+#: rules whose balanced accuracy is within this many points of the best count as equally good (50 edits: one
+#: edit moves a rate by 2 points)
+TOLERANCE = 1.0
+
+
 def calibrate(rows):
-    """The flag rule (changed ≥ c or leaked ≥ l; 7 = never, with 6 collateral probes) with the highest balanced
-    accuracy against "the record's neighbourhood answer changed" (ties: the rule that flags fewer edits), and
+    """The flag rule (changed ≥ c or leaked ≥ l; 7 = never, with 6 collateral probes) against "the record's
+    neighbourhood answer changed": among the rules within :data:`TOLERANCE` points of the highest balanced
+    accuracy, the one that flags the fewest edits (then the lower leak count: a leak is damage by itself); and
     every rule's (rule, flag %, agreement %, balanced accuracy %)."""
     pos = [x for x in rows if x["hood_changed"]]
     neg = [x for x in rows if not x["hood_changed"]]
@@ -151,7 +176,8 @@ def calibrate(rows):
             f = 100 * sum(flags(x, (c, l)) for x in rows) / max(len(rows), 1)
             a = 100 * sum(flags(x, (c, l)) == x["hood_changed"] for x in rows) / max(len(rows), 1)
             table.append(((c, l), f, a, 50 * (hit + rej)))
-    best = max(table, key=lambda t: (round(t[3], 6), -t[1]))
+    top = max(t[3] for t in table)
+    best = min((t for t in table if t[3] >= top - TOLERANCE), key=lambda t: (t[1], t[0][1]))
     return best[0], [t for t in table if t[0][1] in (1, 2, 7) or t[0] == best[0]]
 
 

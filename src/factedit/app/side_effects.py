@@ -45,7 +45,7 @@ SIDE_EFFECT_TOKENS = 12
 RIPPLE, COLLATERAL = "ripple", "collateral"
 #: an edit is flagged when its collateral probes reach either count: answers changed, answers now naming the new
 #: target (calibrated on 50 CounterFact edits of the embedded model, docs/RESULTS.md "Side effects")
-COLLATERAL_FLAG = {"changed": 3, "leaked": 1}
+COLLATERAL_FLAG = {"changed": 2, "leaked": 1}
 
 @dataclass(frozen=True)
 class Bank:
