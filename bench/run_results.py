@@ -205,8 +205,9 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
                     if records is not None and (out / m).is_dir():
                         copy_records(out / m, records / m)
                 todo.remove(m)
-                print(f"  {m}: ES {s.get('ES')} PS {s.get('PS')} NS {s.get('NS')} GE {s.get('GE')}", file=sys.stderr,
-                      flush=True)
+                shown = [k for k in ("ES", "PS", "NS", "GE", "edit_tf", "multihop_gen", "rewrite_gen", "locality")
+                         if s.get(k) is not None]
+                print(f"  {m}: " + " ".join(f"{k} {s[k]:.1f}" for k in shown), file=sys.stderr, flush=True)
                 if editor.history:  # a sequential run leaves its edits applied: back to the original weights
                     editor.revert(len(editor.history))
 
