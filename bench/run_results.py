@@ -158,7 +158,8 @@ def copy_records(run_dir: Path, dest: Path) -> list:
 
 
 #: runs whose targets are identical (the Editor's memo shares them): taken chunk by chunk in turn
-FAMILIES = (("r-rome", "rome", "p-rome"), ("memit", "emmet", "alphaedit", "memit-zt", "emmet-zt", "alphaedit-zt"))
+FAMILIES = (("r-rome", "rome", "p-rome", "rome-noc"),
+            ("memit", "emmet", "alphaedit", "memit-zt", "emmet-zt", "alphaedit-zt"))
 
 
 class _Pause(Exception):
@@ -177,7 +178,7 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
     # single edits: the runs of a family advance one chunk at a time in turn, so that each chunk's
     # targets are optimised once for all of them, and an interruption loses at most one chunk of it
     groups = [[m] for m in methods]
-    if part == "single":
+    if part in ("single", "mquake", "qaedit"):  # runs from the original weights: a family shares its targets
         groups = [[m for m in fam if m in methods] for fam in FAMILIES]
         groups = [g for g in groups if g] + [[m] for m in methods if not any(m in f for f in FAMILIES)]
     for family in groups:
