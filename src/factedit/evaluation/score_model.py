@@ -261,7 +261,9 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
             plans.append({name: [rows.pair(p, r.target_new, r.target_true) for p in ps] for name, ps in (
                 ("rewrite", [r.text]), ("paraphrase", c.paraphrase_prompts), ("neighborhood", c.neighborhood_prompts))})
         row_owner += [owners[i] if models is not None else -1] * (len(rows.seqs) - n0)
-    scores = position_scores(adapter, rows.seqs, rows.queries, batch_size, models, row_owner, top1=True)
+    # the top-1 tokens only where a locality is read (KnowEdit probes)
+    top1 = {"top1": True} if any(isinstance(c, KnowEditCase) for c in cases) else {}
+    scores = position_scores(adapter, rows.seqs, rows.queries, batch_size, models, row_owner, **top1)
     out = []
     for c, plan in zip(cases, plans):
         rec: Dict = {}
