@@ -168,3 +168,14 @@ def test_qaedit_run_counts_a_case_without_its_subject_as_a_failed_edit(home, tin
     assert s["n"] == 2 and s["errors"] == 1
     assert s["rewrite_acc"] == pytest.approx(100 * recs[0]["rewrite_acc"] / 2)  # the failure counts 0
     assert s["locality"] == pytest.approx(100 * recs[0]["locality"])  # locality averages over the edits made
+
+
+def test_qaedit_locality_is_read_without_generations(home, tiny_corpus, tmp_path):
+    """The teacher-forced locality needs the unedited model's top-1 tokens even when no answer is generated."""
+    from dataclasses import replace
+
+    path = _write(tmp_path, [QA])
+    model, tok = tiny_model("llama")
+    s = run_eval(Editor(model, tok, progress=False), replace(_cfg(tiny_corpus, path, "none"), gen_tokens=0),
+                 tmp_path / "run")
+    assert s["locality"] == 100.0 and s["rewrite_gen"] is None

@@ -302,7 +302,7 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
     groups = _groups(cases, cfg.cases_per_edit)
     mine = [g for g in range(len(groups)) if not split or world.owns(g)]
     mine_cases = [c for g in mine for c in groups[g]]
-    probes = any(c.kind in ("mquake", "knowedit") for c in cases)  # their unedited side is teacher-forced too
+    probes = any(c.kind in ("mquake", "knowedit", "qaedit") for c in cases)  # their unedited side is teacher-forced too
     unedited = _unedited(editor, store, mine_cases, cfg) if cfg.gen_tokens or probes else None  # before any edit
     ability = Ability(editor.adapter, cfg.ability) if cfg.measures and cfg.ability.enabled else None
     state = _resume(editor, store, cfg, groups)
