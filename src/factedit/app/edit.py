@@ -27,7 +27,7 @@ from ..edit.methods.options import MethodOptions
 from .reads import Asks, Reads, read
 from .reports import BatchReport, EditReport, RequestOutcome, Snapshot
 from .settings import EditSettings
-from .side_effects import answers, load_bank
+from .side_effects import answers, compare, load_bank, probe_prompts, role_counts
 
 __all__ = ["DEMO", "DEFAULT_PARAPHRASES", "CHAT_ANSWER_TOKENS", "request_of", "edit_prompts", "report_asks",
            "snapshot_of", "edit_fact", "edit_batch", "efficacy", "probabilities", "refuse_unverified", "refuse_flagged",
@@ -109,8 +109,6 @@ def edit_fact(editor, options: MethodOptions, settings: EditSettings, config=Non
     (``editor`` should read prompts without a prefix: the chat markup starts them). ``config``: the method's
     config when already made from ``options``. The edit stays applied (and in ``editor.history``) whether
     or not it took."""
-    from .side_effects import compare, probe_prompts
-
     shown = request_of(settings)
     config = config or editor.make_config(options)
     chat = settings.chat
@@ -191,14 +189,14 @@ def edit_batch(editor, options: MethodOptions, settings: EditSettings, config=No
     config = config or editor.make_config(options)
     bank = load_bank(settings.bank_path) if settings.side_effects else None
     probes = batch_probes(editor, reqs, config.layers[0], bank) if bank is not None else None
-    before = answers(editor.adapter, [p for ps in probes for p in ps]) if probes else []
+    flat = [p for ps in probes or () for p in ps]
+    before = answers(editor.adapter, flat)
     p_before = probabilities(editor.adapter, reqs)  # one read of the targets serves both
     eff_before = efficacy(editor.adapter, reqs, p_before)
     result = editor.edit(reqs, config=config, guard=GuardConfig(enabled=settings.guard))
     eff_after = efficacy(editor.adapter, reqs)
     if probes is not None:
-        after = answers(editor.adapter, [p for ps in probes for p in ps]) if before else []
-        result.side_effects = batch_side_effects(reqs, probes, before, after, bank.source)
+        result.side_effects = batch_side_effects(reqs, probes, before, answers(editor.adapter, flat), bank.source)
     outcomes = [RequestOutcome(r.text, r.target_new, r.target_true, b["p_new"], b["p_true"], v)
                 for r, b, v in zip(result.requests, p_before, result.verification)]
     report = BatchReport(result.method, model_name(editor.model), list(result.layers), result.config.layer_rule,
@@ -215,8 +213,6 @@ BATCH_PROBES = {"subjects": 2, "templates": 2, "candidates": 100}
 def batch_probes(editor, reqs: Sequence[Request], layer: int, bank) -> List[list]:
     """A sample of side-effect probes per request of a batch (:data:`BATCH_PROBES`: the 2 bank subjects nearest
     in key space among its first 100, and 2 other relations of the subject)."""
-    from .side_effects import probe_prompts
-
     return [probe_prompts(editor.adapter, r, layer, bank, BATCH_PROBES["subjects"], BATCH_PROBES["templates"],
                           BATCH_PROBES["candidates"]) for r in reqs]
 
@@ -225,19 +221,13 @@ def batch_side_effects(reqs: Sequence[Request], probes: Sequence[list], before: 
                        after: Sequence[str], source: str) -> dict:
     """The blast radius of a batch edit: each request's :func:`~factedit.app.side_effects.compare` over its sample
     of probes (``requests``), their collateral and ripple counts summed, ``flagged`` when one request is."""
-    from .side_effects import compare
-
     per, i = [], 0
     for r, ps in zip(reqs, probes):
         per.append({"request": r.text, "target_new": r.target_new,
                     **compare(ps, before[i: i + len(ps)], after[i: i + len(ps)], r, source)})
         i += len(ps)
-    total = {side: {k: sum(x[side][k] for x in per) for k in per[0][side]} for side in ("collateral", "ripple")} \
-        if per else {"collateral": {"probed": 0, "changed": 0, "leaked": 0},
-                     "ripple": {"probed": 0, "changed": 0, "carried": 0}}
-    return {"probed": sum(x["probed"] for x in per), "changed": sum(x["changed"] for x in per),
-            "leaked_target": total["collateral"]["leaked"], **total,
-            "flagged": any(x["flagged"] for x in per), "n_flagged": sum(x["flagged"] for x in per),
+    return {**role_counts([p for x in per for p in x["probes"]]), "flagged": any(x["flagged"] for x in per),
+            "n_flagged": sum(x["flagged"] for x in per),
             "sample": dict(BATCH_PROBES), "source": source, "requests": per}
 
 

@@ -37,7 +37,7 @@ from ..core.known_facts import BUILTIN_SUBJECTS, BUILTIN_TEMPLATES
 from ..core.requests import Request
 
 __all__ = ["BUILTIN_SUBJECTS", "BUILTIN_TEMPLATES", "Bank", "Probe", "load_bank", "probe_prompts", "answers",
-           "compare", "flag_of", "SIDE_EFFECT_TOKENS", "COLLATERAL_FLAG", "RIPPLE", "COLLATERAL"]
+           "compare", "role_counts", "flag_of", "SIDE_EFFECT_TOKENS", "COLLATERAL_FLAG", "RIPPLE", "COLLATERAL"]
 
 #: new tokens of a probe's greedy answer (cut at its first sentence)
 SIDE_EFFECT_TOKENS = 12
@@ -158,13 +158,21 @@ def compare(probes: Sequence[Probe], before: Sequence[str], after: Sequence[str]
         names = mentions(a, [request.target_new]) and not mentions(b, [request.target_new])
         rows.append({"prompt": p.prompt, "kind": p.kind, "role": role, "before": b, "after": a, "changed": changed,
                      "leaked": names and role == COLLATERAL, "carried": names and role == RIPPLE})
+    counts = role_counts(rows)
+    c = counts["collateral"]
+    return {**counts, "flagged": bool(c["probed"]) and flag_of(c["changed"], c["leaked"]),
+            "flag_rule": dict(COLLATERAL_FLAG), "source": source, "probes": rows}
+
+
+def role_counts(rows: Sequence[dict]) -> dict:
+    """The totals of probe rows of :func:`compare` (one edit's, or a batch's together): ``probed``, ``changed``,
+    ``leaked_target`` (collateral leaks), and per role ``collateral`` {probed, changed, leaked} and ``ripple``
+    {probed, changed, carried}."""
     coll = [r for r in rows if r["role"] == COLLATERAL]
     ripple = [r for r in rows if r["role"] == RIPPLE]
-    counts = {"collateral": {"probed": len(coll), "changed": sum(r["changed"] for r in coll),
-                             "leaked": sum(r["leaked"] for r in coll)},
-              "ripple": {"probed": len(ripple), "changed": sum(r["changed"] for r in ripple),
-                         "carried": sum(r["carried"] for r in ripple)}}
     return {"probed": len(rows), "changed": sum(r["changed"] for r in rows),
-            "leaked_target": counts["collateral"]["leaked"], **counts,
-            "flagged": bool(coll) and flag_of(counts["collateral"]["changed"], counts["collateral"]["leaked"]),
-            "flag_rule": dict(COLLATERAL_FLAG), "source": source, "probes": rows}
+            "leaked_target": sum(r["leaked"] for r in coll),
+            "collateral": {"probed": len(coll), "changed": sum(r["changed"] for r in coll),
+                           "leaked": sum(r["leaked"] for r in coll)},
+            "ripple": {"probed": len(ripple), "changed": sum(r["changed"] for r in ripple),
+                       "carried": sum(r["carried"] for r in ripple)}}

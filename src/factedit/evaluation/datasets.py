@@ -36,8 +36,17 @@ class DatasetError(RequestError):
     """An evaluation record or data file is malformed, missing or fails its checksum."""
 
 
+class _OneEdit:
+    """A case that makes one edit, its ``request`` (CounterFact, zsRE, KnowEdit)."""
+
+    @property
+    def requests(self) -> Tuple[Request, ...]:
+        """The edits this case makes (one)."""
+        return (self.request,)
+
+
 @dataclass(frozen=True)
-class CounterFactCase:
+class CounterFactCase(_OneEdit):
     """One CounterFact case: the rewrite plus the prompts that measure it.
 
     Attributes:
@@ -58,14 +67,9 @@ class CounterFactCase:
 
     kind = "counterfact"
 
-    @property
-    def requests(self) -> Tuple[Request, ...]:
-        """The edits this case makes (one)."""
-        return (self.request,)
-
 
 @dataclass(frozen=True)
-class ZsRECase:
+class ZsRECase(_OneEdit):
     """One zsRE case (MEND layout): question ``src`` about ``subject``, new answer ``alt``.
 
     Attributes:
@@ -83,10 +87,6 @@ class ZsRECase:
     loc_ans: str
 
     kind = "zsre"
-
-    @property
-    def requests(self) -> Tuple[Request, ...]:
-        return (self.request,)
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ class Probe:
 
 
 @dataclass(frozen=True)
-class KnowEditCase:
+class KnowEditCase(_OneEdit):
     """One record of the KnowEdit benchmark (wiki_counterfact, wiki_recent, ZsRE): an edit and its probes.
 
     Attributes:
@@ -195,10 +195,6 @@ class KnowEditCase:
     locality: Tuple[Probe, ...] = ()
 
     kind = "knowedit"
-
-    @property
-    def requests(self) -> Tuple[Request, ...]:
-        return (self.request,)
 
 
 @dataclass(frozen=True)

@@ -521,16 +521,7 @@ class _Run:
                 error = {"error": f"{type(e).__name__}: {e}"}
         t_edit = time.perf_counter() - t0
         try:
-            if self.scored(g):
-                rows = self._score(group, error, result, base, t_edit, ge=not cfg.sequential)
-            else:  # edited, verified and committed, not scored (a sampled run's cost)
-                rows = self._rows(group, [{"scored": False} for _ in group], error, base,
-                                  result.deltas if result is not None else None, t_edit, 0.0,
-                                  result.guard if result is not None else None,
-                                  result.fingerprints if result is not None else None,
-                                  result.verification if result is not None else None,
-                                  result.retried if result is not None else False,
-                                  result.wear if result is not None else None)
+            rows = self._score(group, error, result, base, t_edit, ge=not cfg.sequential, scored=self.scored(g))
         finally:
             if result is not None and not cfg.sequential:
                 ed.revert()
@@ -549,15 +540,18 @@ class _Run:
         """Whether group ``g`` is scored right after its edit (every group unless ``score_every`` > 1)."""
         return not self.cfg.sequential or g % self.cfg.score_every == 0
 
-    def _score(self, group, error, result, base, t_edit, ge: bool = True) -> List[dict]:
+    def _score(self, group, error, result, base, t_edit, ge: bool = True, scored: bool = True) -> List[dict]:
+        """The records of ``group`` after its edit: scored now, or (``scored`` False: a sampled run) edited,
+        verified and committed with ``"scored": false``."""
         t0 = time.perf_counter()
         gen = self.cfg.generation if ge else replace(self.cfg.generation, length=0)
         usable = [c for c in group if not _problem(c)]
-        got = iter([{} for _ in usable] if error and "error" in error or not usable else score_cases(
-            self.editor.adapter, usable, gen, self.cfg.score_batch, unedited=self.unedited,
-            gen_tokens=self.cfg.gen_tokens, gen_chat=self.cfg.gen_chat))
-        scores = [{} if _problem(c) else next(got) for c in group]
-        t_score = (time.perf_counter() - t0) / len(group)
+        blank = {} if scored else {"scored": False}
+        got = iter([dict(blank) for _ in usable] if not scored or error and "error" in error or not usable else
+                   score_cases(self.editor.adapter, usable, gen, self.cfg.score_batch, unedited=self.unedited,
+                               gen_tokens=self.cfg.gen_tokens, gen_chat=self.cfg.gen_chat))
+        scores = [dict(blank) if _problem(c) else next(got) for c in group]
+        t_score = (time.perf_counter() - t0) / len(group) if scored else 0.0
         return self._rows(group, scores, error, base, result.deltas if result is not None else None, t_edit,
                           t_score, result.guard if result is not None else None,
                           result.fingerprints if result is not None else None,
@@ -704,8 +698,7 @@ class _Run:
         usable = [c for c in edited if not _problem(c)]
         if self.cfg.score_every <= 1:
             return retention_cases(usable, self.cfg.retention_sample)
-        pool = [c for g, group in enumerate(self.groups) if g % self.cfg.score_every == 0 for c in group
-                if not _problem(c)]
+        pool = [c for g, group in enumerate(self.groups) if self.scored(g) for c in group if not _problem(c)]
         fixed = {c.case_id for c in retention_cases(pool, self.cfg.retention_sample)}
         return [c for c in usable if c.case_id in fixed]
 

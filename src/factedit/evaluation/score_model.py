@@ -125,6 +125,24 @@ def _asked(adapter, prompts: List[str], chat: bool):
     return [chat_prompt(tok, p) for p in prompts], tok
 
 
+def _greedy_groups(adapter, cases, prompts_of, names: Sequence[str], gen_tokens: int, batch_rows: int, models,
+                   owners, chat: bool) -> List[Dict[str, List[str]]]:
+    """Greedy answers to the prompts ``names`` of ``prompts_of(case)`` of each case, in one batch (case ``i`` on
+    edited model ``owners[i]`` of ``models``; ``chat``: through the chat template)."""
+    prompts, row_owner, spans = [], [], []
+    for i, c in enumerate(cases):
+        ps, span = prompts_of(c), {}
+        for name in names:
+            span[name] = (len(prompts), len(prompts) + len(ps[name]))
+            prompts += ps[name]
+            row_owner += [owners[i] if models is not None else -1] * len(ps[name])
+        spans.append(span)
+    asked, tok = _asked(adapter, prompts, chat)
+    texts = greedy_answers(adapter, asked, gen_tokens, batch_rows, models, row_owner if models is not None else None,
+                           tokenizer=tok)
+    return [{name: texts[a:b] for name, (a, b) in span.items()} for span in spans]
+
+
 def answer_scores(adapter, cases: Sequence[Case], unedited: Dict[int, List[str]], max_new_tokens: int = GEN_TOKENS,
                   batch_rows: int = 64, models=None, owners: Optional[Sequence[int]] = None,
                   chat: bool = False) -> List[Dict]:
@@ -132,21 +150,9 @@ def answer_scores(adapter, cases: Sequence[Case], unedited: Dict[int, List[str]]
     greedy answers on the current (or, with ``models``, case ``i``'s edited) weights; ``unedited`` maps a
     case id to the unedited model's neighbourhood answers (:func:`greedy_answers` before any edit).
     ``chat``: every prompt is asked as a user message through the tokenizer's chat template."""
-    prompts, row_owner, spans = [], [], []
-    for i, c in enumerate(cases):
-        ps = answer_prompts(c)
-        span = {}
-        for name in ("rewrite", "paraphrase", "neighborhood"):
-            span[name] = (len(prompts), len(prompts) + len(ps[name]))
-            prompts += ps[name]
-            row_owner += [owners[i] if models is not None else -1] * len(ps[name])
-        spans.append(span)
-    asked, tok = _asked(adapter, prompts, chat)
-    texts = greedy_answers(adapter, asked, max_new_tokens, batch_rows, models,
-                           row_owner if models is not None else None, tokenizer=tok)
     out = []
-    for c, span in zip(cases, spans):
-        got = {name: texts[a:b] for name, (a, b) in span.items()}
+    for c, got in zip(cases, _greedy_groups(adapter, cases, answer_prompts, ("rewrite", "paraphrase", "neighborhood"),
+                                            max_new_tokens, batch_rows, models, owners, chat)):
         new, true = _targets(c)
         rec = generation_case(got["rewrite"], got["paraphrase"], got["neighborhood"], unedited[c.case_id], new, true)
         rec["gen_texts"] = got
@@ -162,14 +168,11 @@ def unedited_answers(adapter, cases: Sequence[Case], max_new_tokens: int = GEN_T
     ke = [c for c in cases if isinstance(c, KnowEditCase)]
     out = mquake_unedited(adapter, mq, max_new_tokens, batch_rows, chat) if mq else {}
     out.update(knowedit_unedited(adapter, ke, max_new_tokens, batch_rows, chat) if ke else {})
-    prompts, spans = [], []
-    for c in (c for c in cases if not isinstance(c, (MQuAKECase, KnowEditCase))):
-        ps = answer_prompts(c)["neighborhood"]
-        spans.append((c.case_id, len(prompts), len(prompts) + len(ps)))
-        prompts += ps
-    asked, tok = _asked(adapter, prompts, chat)
-    texts = greedy_answers(adapter, asked, max_new_tokens, batch_rows, tokenizer=tok) if prompts else []
-    out.update({cid: texts[a:b] for cid, a, b in spans})
+    plain = [c for c in cases if not isinstance(c, (MQuAKECase, KnowEditCase))]
+    if plain:
+        got = _greedy_groups(adapter, plain, answer_prompts, ("neighborhood",), max_new_tokens, batch_rows, None, None,
+                             chat)
+        out.update({c.case_id: g["neighborhood"] for c, g in zip(plain, got)})
     return out
 
 
@@ -317,11 +320,11 @@ def score_cases(adapter, cases: Sequence[Case], ge: GenerationConfig = Generatio
         for k, (i, c) in enumerate(zip(ke, cs)):
             rec, base = out[i], (unedited or {}).get(c.case_id) or {}
             before = base.get("locality_top1") or []
-            locality = [(p.category, now, before[j] if j < len(before) else [])
-                        for j, (p, now) in enumerate(zip(c.locality, rec["locality_top1"]))]
+            locality = [(p.category, now, b) for p, now, b in zip(c.locality, rec["locality_top1"], before)] \
+                if len(before) == len(c.locality) else []
             rec.update(knowedit_case(rec["rewrite_hits"], rec["rephrase_hits"],
                                      [(p.category, h) for p, h in zip(c.portability, rec["portability_hits"])],
-                                     locality if len(before) == len(c.locality) else [],
+                                     locality,
                                      texts[k] if texts else None, _knowedit_names(c) if texts else None,
                                      base.get("locality")))
             if texts:
@@ -373,19 +376,12 @@ def _with_hop_names(base: Optional[dict], c: MQuAKECase) -> Optional[dict]:
     return {**base, "hop_names": [h.names for h in c.single_hops]} if "hops" in base else base
 
 
-def _answers(adapter, cases, names: Sequence[str], gen_tokens: int, batch_rows: int, models, owners, chat: bool
-             ) -> List[Dict[str, List[str]]]:
-    """Greedy answers to the prompts ``names`` of :func:`mquake_prompts` of each case, in one batch."""
-    return _greedy_groups(adapter, cases, lambda c: mquake_prompts(c, chat), names, gen_tokens, batch_rows, models,
-                          owners, chat)
-
-
 def mquake_answers(adapter, cases: Sequence[MQuAKECase], gen_tokens: int = GEN_TOKENS, batch_rows: int = 64,
                    models=None, owners: Optional[Sequence[int]] = None, chat: bool = False
                    ) -> List[Dict[str, List[str]]]:
     """Each case's greedy answers on the (edited) weights: ``edits``, ``edits_q``, ``hops``, ``multihop``."""
-    return _answers(adapter, cases, ("edits", "edits_q", "hops", "multihop"), gen_tokens, batch_rows, models, owners,
-                    chat)
+    return _greedy_groups(adapter, cases, lambda c: mquake_prompts(c, chat), ("edits", "edits_q", "hops", "multihop"),
+                          gen_tokens, batch_rows, models, owners, chat)
 
 
 @torch.no_grad()
@@ -399,8 +395,9 @@ def mquake_unedited(adapter, cases: Sequence[MQuAKECase], gen_tokens: int = GEN_
     scores = position_scores(adapter, rows.seqs, rows.queries, batch_size)
     out = {c.case_id: {"tf": [list(_Rows.pair_result(p, scores)) for p in plan]} for c, plan in zip(cases, plans)}
     if gen_tokens:
-        for c, got in zip(cases, _answers(adapter, cases, ("base_multihop", "base_hops"), gen_tokens, batch_rows,
-                                          None, None, chat)):
+        for c, got in zip(cases, _greedy_groups(adapter, cases, lambda c: mquake_prompts(c, chat),
+                                                ("base_multihop", "base_hops"), gen_tokens, batch_rows, None, None,
+                                                chat)):
             out[c.case_id].update(multihop=got["base_multihop"], hops=got["base_hops"])
     return out
 
@@ -463,24 +460,6 @@ def knowedit_prompts(case: KnowEditCase) -> Dict[str, List[str]]:
 def _knowedit_names(c: KnowEditCase) -> dict:
     true = (c.request.target_true,) if c.request.target_true else ()
     return {"rewrite": ((c.request.target_new,), true), "portability": [p.answers for p in c.portability]}
-
-
-def _greedy_groups(adapter, cases, prompts_of, names: Sequence[str], gen_tokens: int, batch_rows: int, models,
-                   owners, chat: bool) -> List[Dict[str, List[str]]]:
-    """Greedy answers to the prompts ``names`` of ``prompts_of(case)`` of each case, in one batch (case ``i`` on
-    edited model ``owners[i]`` of ``models``; ``chat``: through the chat template)."""
-    prompts, row_owner, spans = [], [], []
-    for i, c in enumerate(cases):
-        ps, span = prompts_of(c), {}
-        for name in names:
-            span[name] = (len(prompts), len(prompts) + len(ps[name]))
-            prompts += ps[name]
-            row_owner += [owners[i] if models is not None else -1] * len(ps[name])
-        spans.append(span)
-    asked, tok = _asked(adapter, prompts, chat)
-    texts = greedy_answers(adapter, asked, gen_tokens, batch_rows, models, row_owner if models is not None else None,
-                           tokenizer=tok)
-    return [{name: texts[a:b] for name, (a, b) in span.items()} for span in spans]
 
 
 def knowedit_answers(adapter, cases: Sequence[KnowEditCase], gen_tokens: int = GEN_TOKENS, batch_rows: int = 64,

@@ -116,6 +116,25 @@ def outliers(values: Sequence[float], factor: float = 10.0) -> List[int]:
     return [i for i, v in enumerate(values) if v is not None and (not math.isfinite(v) or v > factor * med)]
 
 
+# ---------------------------------------------------------------------- rates of flags
+def _rate(flags) -> Optional[float]:
+    """The share of true flags, ``None`` for no flags."""
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else None
+
+
+def _any_of(flags) -> Optional[float]:
+    """1.0 when some flag holds, 0.0 when none does, ``None`` for no flags (MQuAKE's any-of-the-questions rule)."""
+    flags = list(flags)
+    return float(any(flags)) if flags else None
+
+
+def _all_of(flags) -> Optional[float]:
+    """1.0 when every flag holds, 0.0 when one does not, ``None`` for no flags."""
+    flags = list(flags)
+    return float(all(flags)) if flags else None
+
+
 # ---------------------------------------------------------------------- generation-based scores
 #: per-case generation-based scores (fractions; × 100 in summaries)
 GEN_KEYS = ("gen_ES", "gen_PS", "gen_NS", "gen_leak")
@@ -135,16 +154,12 @@ def generation_case(rewrite: Sequence[str], paraphrase: Sequence[str], neighborh
     def hit(t: str) -> bool:
         return mentions(t, new) and not (true and mentions(t, true))
 
-    def rate(flags) -> Optional[float]:
-        flags = list(flags)
-        return sum(flags) / len(flags) if flags else None
-
     if len(neighborhood) != len(neighborhood_unedited):
         raise ValueError("neighbourhood generations and their unedited counterparts differ in number")
     pairs = list(zip(neighborhood, neighborhood_unedited))
-    return {"gen_ES": rate(hit(t) for t in rewrite), "gen_PS": rate(hit(t) for t in paraphrase),
-            "gen_NS": rate(normalize_answer(a) == normalize_answer(b) for a, b in pairs),
-            "gen_leak": rate(mentions(a, new) and not mentions(b, new) for a, b in pairs)}
+    return {"gen_ES": _rate(hit(t) for t in rewrite), "gen_PS": _rate(hit(t) for t in paraphrase),
+            "gen_NS": _rate(normalize_answer(a) == normalize_answer(b) for a, b in pairs),
+            "gen_leak": _rate(mentions(a, new) and not mentions(b, new) for a, b in pairs)}
 
 
 def _kind_has(records: Sequence[dict], key: str) -> bool:
@@ -263,44 +278,30 @@ def mquake_case(edit_pairs: Sequence[Pair], question_pairs: Sequence[Pair], ques
     (any question), ``base_multihop_new`` the new answer given before any edit, ``base_instance_gen`` every
     hop of the old chain answered.
     """
-    def rate(flags) -> Optional[float]:
-        flags = list(flags)
-        return sum(flags) / len(flags) if flags else None
-
-    def any_of(flags) -> Optional[float]:
-        flags = list(flags)
-        return float(any(flags)) if flags else None
-
     out: Dict[str, Optional[float]] = {
-        "edit_tf": success_rate(edit_pairs), "multihop_tf": any_of(a > b for a, b in question_pairs),
+        "edit_tf": success_rate(edit_pairs), "multihop_tf": _any_of(a > b for a, b in question_pairs),
         "multihop_tf_q": success_rate(question_pairs),
         "portability": mean_or_none(token_accuracy(h) for h in question_hits if len(h))}
     if texts is not None and names is not None:
         new, old = names["multihop"]
         sides = [answer_side(t, new, old) for t in texts["multihop"]]
         out.update({
-            "edit_gen": rate(answer_side(t, *n) == "new" for t, n in zip(texts["edits"], names["edits"])),
-            "edit_gen_q": rate(answer_side(t, *n) == "new" for t, n in zip(texts["edits_q"], names["edits"])),
-            "instance_gen": all_of(answer_side(t, *n) == "new" for t, n in zip(texts["hops"], names["hops"])),
-            "multihop_gen": any_of(s == "new" for s in sides), "multihop_gen_q": rate(s == "new" for s in sides),
-            "multihop_old": rate(s == "old" for s in sides)})
+            "edit_gen": _rate(answer_side(t, *n) == "new" for t, n in zip(texts["edits"], names["edits"])),
+            "edit_gen_q": _rate(answer_side(t, *n) == "new" for t, n in zip(texts["edits_q"], names["edits"])),
+            "instance_gen": _all_of(answer_side(t, *n) == "new" for t, n in zip(texts["hops"], names["hops"])),
+            "multihop_gen": _any_of(s == "new" for s in sides), "multihop_gen_q": _rate(s == "new" for s in sides),
+            "multihop_old": _rate(s == "old" for s in sides)})
     if unedited is not None:
         if "tf" in unedited:
-            out["base_multihop_tf"] = any_of(b > a for a, b in unedited["tf"])
+            out["base_multihop_tf"] = _any_of(b > a for a, b in unedited["tf"])
         if names is not None and "multihop" in unedited:
             new, old = names["multihop"]
             sides = [answer_side(t, new, old) for t in unedited["multihop"]]
-            out["base_multihop_gen"] = any_of(s == "old" for s in sides)
-            out["base_multihop_new"] = any_of(s == "new" for s in sides)
-            out["base_instance_gen"] = all_of(answer_side(t, n, ()) == "new"
+            out["base_multihop_gen"] = _any_of(s == "old" for s in sides)
+            out["base_multihop_new"] = _any_of(s == "new" for s in sides)
+            out["base_instance_gen"] = _all_of(answer_side(t, n, ()) == "new"
                                               for t, n in zip(unedited["hops"], unedited["hop_names"]))
     return out
-
-
-def all_of(flags) -> Optional[float]:
-    """1.0 when every flag holds, 0.0 when one does not, ``None`` for no flags."""
-    flags = list(flags)
-    return float(all(flags)) if flags else None
 
 
 # ---------------------------------------------------------------------- KnowEdit (portability, locality)
@@ -354,19 +355,19 @@ def knowedit_case(rewrite_hits: Sequence[bool], rephrase_hits: Sequence[Sequence
     if texts is not None and names is not None:
         new, old = names["rewrite"]
 
-        def exact(t: str) -> float:
-            return float(any(normalize_answer(t) == normalize_answer(n) for n in new if normalize_answer(n)))
+        def exact(t: str) -> bool:
+            return any(normalize_answer(t) == normalize_answer(n) for n in new if normalize_answer(n))
 
         said = {k: list(texts.get(k) or ()) for k in ("rewrite", "rephrase")}
-        out["rewrite_gen"] = mean_or_none(float(answer_side(t, new, old) == "new") for t in said["rewrite"])
-        out["rephrase_gen"] = mean_or_none(float(answer_side(t, new, old) == "new") for t in said["rephrase"])
-        out["rewrite_em"] = mean_or_none(exact(t) for t in said["rewrite"])
-        out["rephrase_em"] = mean_or_none(exact(t) for t in said["rephrase"])
+        out["rewrite_gen"] = _rate(answer_side(t, new, old) == "new" for t in said["rewrite"])
+        out["rephrase_gen"] = _rate(answer_side(t, new, old) == "new" for t in said["rephrase"])
+        out["rewrite_em"] = _rate(exact(t) for t in said["rewrite"])
+        out["rephrase_em"] = _rate(exact(t) for t in said["rephrase"])
         cats = [cat for cat, _ in portability]
         out["portability_gen"] = mean_or_none(_by_category(
             [(cat, float(mentions(t, n))) for cat, t, n in zip(cats, texts["portability"], names["portability"])]
         ).values())
         if unedited_texts is not None and len(unedited_texts) == len(texts["locality"]):
             pairs = list(zip(texts["locality"], unedited_texts))
-            out["locality_gen"] = mean_or_none(float(normalize_answer(a) == normalize_answer(b)) for a, b in pairs)
+            out["locality_gen"] = _rate(normalize_answer(a) == normalize_answer(b) for a, b in pairs)
     return out
