@@ -22,7 +22,7 @@ from tiny import tiny_model
 BASE = {"eval": {"dataset": "base.jsonl", "out": "base"}, "trace": {"out": "base"},
         "import": {"peft": "base", "out": "base"}, "apply": {"patches": ["base"]}, "revert": {"patches": ["base"]},
         "export": {"patches": ["base"]}, "inspect": {"patch": "base"}, "summarize": {"runs": ["base"]},
-        "keygen": {"key_path": "base.key"},
+        "capacity": {"runs": ["base"]}, "keygen": {"key_path": "base.key"},
         "audit": {"suspect": "base"}, "hparams": {"hparams_file": "base.yaml"},
         "sign": {"target": "base", "key": "base.key"}, "verify": {"target": "base"}}
 #: options whose example needs another option set (in both runs): a batch method has targets to batch

@@ -27,7 +27,7 @@ __all__ = ["Option", "OPTIONS", "COMMANDS", "FORMS", "options_of", "option", "ad
 
 #: the commands of the command line, in the order ``factedit --help`` lists them
 COMMANDS = ("edit", "shell", "stats", "apply", "revert", "inspect", "export", "import", "trace", "eval", "summarize",
-            "audit", "hparams", "ui", "keygen", "sign", "verify")
+            "capacity", "audit", "hparams", "ui", "keygen", "sign", "verify")
 #: the forms of the web page (one per tab that takes input)
 FORMS = ("page.locate", "page.edit", "page.batch", "page.evaluate", "page.audit")
 
@@ -478,10 +478,21 @@ OPTIONS: Tuple[Option, ...] = (
            "only it; default: every token)", ("trace",), type=_classes, example="last_subject"),
     Option("noise_factor", ("--noise-factor",), "σ = this × embedding std of subjects (default 3)", ("trace",),
            type=float, default=3.0, example="2.0"),
-    Option("runs", (), "run directories written by factedit eval", ("summarize",), kind="positional", nargs="+",
-           example=["run"]),
-    Option("plots", ("--plots",), "where to write PNG plots (default: beside the runs)", ("summarize",),
+    Option("runs", (), "run directories written by factedit eval", ("summarize", "capacity"), kind="positional",
+           nargs="+", example=["run"]),
+    Option("plots", ("--plots",), "where to write PNG plots (default: beside the runs)", ("summarize", "capacity"),
            example="plots"),
+    Option("quantity", ("--quantity",), "the curve to read: recall (known facts still answered, % of the unedited "
+           "model's; default), perplexity, or the re-scored earlier edits' ES, PS, NS, gen-ES, gen-PS, gen-NS",
+           ("capacity",), default="recall", choices=("recall", "perplexity", "ES", "PS", "NS", "gen-ES", "gen-PS",
+                                                     "gen-NS"), example="gen-ES"),
+    Option("threshold", ("--threshold",), "how many edits until the quantity passes this value (default: recall "
+           "70, ES/PS/NS 90, gen-ES/PS/NS 70, perplexity 1.15 × the unedited model's)", ("capacity",), type=float,
+           metavar="X", example="50"),
+    Option("level", ("--level",), "confidence level of the interval around the extrapolated crossing (default "
+           "0.9)", ("capacity",), type=float, default=0.9, example="0.8"),
+    Option("fit_from", ("--fit-from",), "fit the trend to the checkpoints from this many edits on (default: the "
+           "later half of them, at least three)", ("capacity",), type=int, metavar="EDITS", example="300"),
     Option("wear_limits", ("--wear-limits",), "calibrate the collapse guard's wear warnings from these sequential "
            "runs and write the limits to FILE ($FACTEDIT_HOME/wear_limits.json is used instead of the shipped ones)",
            ("summarize",), metavar="FILE", example="limits.json"),

@@ -1,5 +1,5 @@
 """Command line: ``factedit edit | shell | stats | apply | revert | inspect | export | import | trace | eval |
-summarize | audit | hparams | ui | keygen | sign | verify``
+summarize | capacity | audit | hparams | ui | keygen | sign | verify``
 (also ``python -m factedit``). Every option comes from the declarations of :mod:`factedit.app.options`;
 each command's handler takes the :class:`~factedit.app.settings.Settings` they make. One module per
 command group.
@@ -27,6 +27,7 @@ HANDLERS = {"edit": edit.cmd_edit, "shell": shell.cmd_shell, "stats": stats.cmd_
             "revert": patch.cmd_revert,
             "inspect": patch.cmd_inspect, "export": export.cmd_export, "import": export.cmd_import,
             "trace": trace.cmd_trace, "eval": eval_cmd.cmd_eval, "summarize": eval_cmd.cmd_summarize,
+            "capacity": eval_cmd.cmd_capacity,
             "audit": audit.cmd_audit, "hparams": hparams.cmd_hparams, "ui": ui.cmd_ui,
             "keygen": sign.cmd_keygen, "sign": sign.cmd_sign, "verify": sign.cmd_verify}
 HELP = {
@@ -41,6 +42,7 @@ HELP = {
     "trace": "causal tracing: which layers and tokens carry a fact",
     "eval": "evaluate a method on CounterFact / zsRE (resumable)",
     "summarize": "compare evaluation runs: table and plots of sequential runs",
+    "capacity": "how many more edits before a sequential run's recall (or another quantity) passes a threshold",
     "audit": "compare a checkpoint with its base: which tensors changed, and which changes are edits",
     "hparams": "show what a ROME/MEMIT-repository or EasyEdit hparams file maps to here (--hparams FILE uses it)",
     "ui": "edit in the browser: locate, edit, batch, the session's edits, evaluate",

@@ -1,13 +1,14 @@
-"""``factedit eval`` and ``factedit summarize`` (registered by :mod:`factedit.cli`)."""
+"""``factedit eval``, ``factedit summarize`` and ``factedit capacity`` (registered by :mod:`factedit.cli`)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from .common import show_progress
 
-__all__ = ["eval_config", "cmd_eval", "cmd_summarize"]
+__all__ = ["eval_config", "cmd_eval", "cmd_summarize", "cmd_capacity"]
 
 SUMMARY_KEYS = ("n", "ES", "PS", "NS", "S", "EM", "PM", "NM", "GE", "gen_ES", "gen_PS", "gen_NS", "gen_leak",
                 "seconds_per_edit")
@@ -76,6 +77,29 @@ def cmd_summarize(settings) -> int:
                 print(checkpoint_table(r))
     for p in plots:
         print(f"plot: {p}")
+    return 0
+
+
+def cmd_capacity(settings) -> int:
+    """``factedit capacity RUNS``: each sequential run's curve, and how many more edits before it passes the
+    threshold (:mod:`factedit.evaluation.capacity`)."""
+    from ..evaluation.capacity import ascii_chart, capacity, plot_capacity, render
+    from ..evaluation.summarize import default_plot_dir, load_run
+
+    runs = [load_run(d) for d in settings["runs"]]
+    ests = [capacity(r, settings["quantity"], settings["threshold"], settings["level"], settings["fit_from"])
+            for r in runs]
+    plot_dir = settings["plots"] or default_plot_dir(runs)
+    plot = plot_capacity(ests, Path(plot_dir) / f"capacity_{settings['quantity']}.png") if plot_dir else None
+    if settings["json"]:
+        print(json.dumps({"estimates": [e.to_dict() for e in ests], "plot": str(plot) if plot else None}))
+        return 0
+    print(ascii_chart(ests))
+    print()
+    for e in ests:
+        print(render(e))
+    if plot:
+        print(f"\nplot: {plot}")
     return 0
 
 
