@@ -207,6 +207,34 @@ def test_models_that_cannot_be_compared_are_refused(base, tmp_path, capsys):
     assert main(["audit", "--base", str(base), "--suspect", str(base), "--max-rank", "0"]) == 2
 
 
+def test_a_bare_safetensors_suspect_is_read_with_the_bases_config(base, tmp_path, capsys):
+    """A weights file sent alone (an upload, a model.safetensors without its folder): compared with --base, whose
+    config gives the architecture; without --base, as the base, truncated or of another shape: refused."""
+    g = torch.Generator().manual_seed(3)
+    d = 0.05 * torch.outer(torch.randn(32, generator=g), torch.randn(64, generator=g))
+    sus = _suspect(base, tmp_path / "s", lambda t: t.__setitem__(W_OUT.format(1), t[W_OUT.format(1)] + d))
+    bare = tmp_path / "upload" / "edited.safetensors"
+    bare.parent.mkdir()
+    (sus / "model.safetensors").rename(bare)  # no config.json beside it
+    out = tmp_path / "found.safetensors"
+    assert main(["audit", "--base", str(base), "--suspect", str(bare), "--json", "--extract-patch", str(out)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["verdict"] == "edited" and [e["layers"] for e in got["edits"]] == [[1]] and out.is_file()
+    assert main(["audit", "--suspect", str(bare)]) == 2
+    assert "bare .safetensors file: it needs --base" in capsys.readouterr().err
+    assert main(["audit", "--base", str(bare), "--suspect", str(base)]) == 2
+    assert "the base must be a model folder" in capsys.readouterr().err
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes(bare.read_bytes()[:1000])
+    assert main(["audit", "--base", str(base), "--suspect", str(torn)]) == 2
+    assert "torn.safetensors" in capsys.readouterr().err
+    wide_model, _ = tiny_model("llama", hidden_size=32, intermediate_size=96)
+    wide = tmp_path / "wide.safetensors"
+    save_file({k: v.contiguous() for k, v in wide_model.state_dict().items()}, str(wide), metadata={"format": "pt"})
+    assert main(["audit", "--base", str(base), "--suspect", str(wide)]) == 2
+    assert "has shape" in capsys.readouterr().err
+
+
 SUBJECTS = ["Japan", "France", "Italy", "Spain", "Paris", "Tokyo", "Seattle", "the Eiffel Tower", "the Space Needle",
             "Danielle Darrieux", "Toko Yasuda", "Madrid", "Rome", "Zorbul", "Quentavia", "Brimstone Hall", "Oslo",
             "Marcus Delay", "the Red Keep", "Vinson Massif"]

@@ -253,7 +253,8 @@ def test_locate_batch_download_upload_and_evaluate(page, tiny_env):
 
 def test_audit_tab_finds_explains_and_offers_the_edit(page, tiny_env):
     """The Audit tab against the page's own model: a suspect folder with a rank-one update of layer 1's W_out is
-    "edited" there, with subjects ranked and the patch to download; a missing suspect is a readable error."""
+    "edited" there, with subjects ranked and the patch to download; a missing suspect is a readable error; the
+    suspect's weights uploaded as one .safetensors file are audited the same."""
     import shutil
 
     import torch
@@ -287,6 +288,15 @@ def test_audit_tab_finds_explains_and_offers_the_edit(page, tiny_env):
 
     got = Patch.load(found)
     assert got.meta["method"] == "audit-extract" and got.meta["layers"] == [1]
+    bare = tiny_env / "upload" / "edited.safetensors"  # the suspect's weights alone, uploaded: replaces the path
+    bare.parent.mkdir(exist_ok=True)
+    shutil.copyfile(suspect / "model.safetensors", bare)
+    fill(page, "audit-suspect", str(tiny_env / "nowhere"))
+    page.set_input_files("#audit-suspect-file input[type=file]", str(bare))
+    page.wait_for_function("() => document.querySelector('#audit-suspect-file').innerText.includes('edited')")
+    text = click_and_wait(page, "audit-button", "audit-result")
+    assert "Error" not in text, text
+    assert page.inner_text("#audit-verdict").strip() == "edited" and "Edit 1: W_out of layer 1, rank 1" in text
 
 
 @pytest.mark.slow

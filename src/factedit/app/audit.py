@@ -18,7 +18,8 @@ __all__ = ["audit_checkpoint", "check_audit_settings"]
 def check_audit_settings(settings) -> None:
     """Refuse bad numbers before anything is read."""
     if not settings.get("suspect"):
-        raise FactEditError("audit needs a suspect checkpoint (--suspect MODEL: a hub id, a folder or a .gguf file)")
+        raise FactEditError("audit needs a suspect checkpoint (--suspect MODEL: a hub id, a folder, a .gguf file or a "
+                            "model.safetensors file with --base)")
     if settings.get("max_rank", 256) < 1:
         raise FactEditError(f"--max-rank must be >= 1, got {settings.get('max_rank')}")
     if settings.get("key_contexts", 0) < 0:
@@ -41,10 +42,18 @@ def audit_checkpoint(settings, model=None, tokenizer=None, extract_to=None,
         if settings.get("extract_patch"):
             raise FactEditError("--extract-patch needs --base: without the base model no edit can be separated "
                                 "from the weights")
+        if TensorFiles.is_bare_file(settings.get("suspect")):
+            raise FactEditError(f"{settings.get('suspect')} is a bare .safetensors file: it needs --base, the model "
+                                "folder, GGUF file or hub id that gives its architecture (config.json)")
         return audit_without_base(TensorFiles.open(settings.get("suspect"))), None
     # settings.get: the page's form has no --max-rank, --key-contexts or --extract-patch (their defaults apply)
     candidates = load_candidates(settings.get("subjects")) if settings.get("subjects") else None  # before any work
-    base, suspect = TensorFiles.open(settings.get("base")), TensorFiles.open(settings.get("suspect"))
+    if TensorFiles.is_bare_file(settings.get("base")):
+        raise FactEditError(f"{settings.get('base')}: the base must be a model folder, a .gguf file or a hub id "
+                            "(its config.json gives the architecture); a bare .safetensors file can be the suspect")
+    base = TensorFiles.open(settings.get("base"))
+    suspect = TensorFiles.of_file(settings.get("suspect"), base.config) \
+        if TensorFiles.is_bare_file(settings.get("suspect")) else TensorFiles.open(settings.get("suspect"))
     report = audit_files(base, suspect, max_rank=settings.get("max_rank", 256), progress=progress)
     if report.edits and settings.get("explain"):
         if model is None:

@@ -502,7 +502,8 @@ OPTIONS: Tuple[Option, ...] = (
            "page.audit": "the model the suspect was made from "
            "(empty: the model this page has loaded, as loaded)"}, ("audit", "page.audit"), metavar="MODEL",
            label="Base model (path or hub id)", example="base"),
-    Option("suspect", ("--suspect",), "the checkpoint to audit: a hub id, a model folder or a .gguf file",
+    Option("suspect", ("--suspect",), "the checkpoint to audit: a hub id, a model folder, a .gguf file, or one "
+           ".safetensors file (read with --base's config: its tensors must be the base's)",
            ("audit", "page.audit"), metavar="MODEL", required=("audit",), label="Suspect checkpoint (path or hub id)",
            example="suspect"),
     Option("extract_patch", ("--extract-patch",), "write the edits found as a patch file (factedit revert OUT "

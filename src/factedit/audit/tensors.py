@@ -2,6 +2,7 @@
 
     files = TensorFiles.open("path/to/model")        # a folder, a .gguf file, a hub id or None (the default)
     for name in files.names: w = files.get(name)     # the tensor as stored (its own dtype)
+    bare = TensorFiles.of_file("upload.safetensors", config=files.config)   # one weights file, another's config
 
 The folder's ``config.json`` gives the architecture; the weights are every ``*.safetensors`` file in it (a
 sharded model's index is not needed: each shard names its tensors). GGUF files are dequantized into a cached
@@ -46,22 +47,26 @@ class _Source:
 class TensorFiles(_Source):
     """The tensors of one model folder: names, shapes and dtypes from the safetensors headers, values on demand."""
 
-    def __init__(self, folder, label: Optional[str] = None):
+    def __init__(self, folder, label: Optional[str] = None, files: Optional[List[Path]] = None,
+                 config: Optional[dict] = None):
         from safetensors import safe_open
 
         self.folder = Path(folder)
         self.label = label or str(folder)
-        try:
-            self.config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise AuditError(f"{self.label}: no readable config.json in {self.folder} ({e})") from None
-        files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
-            raise AuditError(f"{self.label}: no safetensors weights in {self.folder}")
-        try:
-            check_model_files(self.folder)
-        except FactEditError as e:
-            raise AuditError(f"{self.label}: {e}") from None
+        if config is not None:  # a bare weights file (:meth:`of_file`): checked there
+            self.config = dict(config)
+        else:
+            try:
+                self.config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise AuditError(f"{self.label}: no readable config.json in {self.folder} ({e})") from None
+            files = sorted(self.folder.glob("*.safetensors"))
+            if not files:
+                raise AuditError(f"{self.label}: no safetensors weights in {self.folder}")
+            try:
+                check_model_files(self.folder)
+            except FactEditError as e:
+                raise AuditError(f"{self.label}: {e}") from None
         self._where: Dict[str, Path] = {}
         self._meta: Dict[str, tuple] = {}
         for f in files:
@@ -78,6 +83,27 @@ class TensorFiles(_Source):
     def open(cls, name: Optional[str]) -> "TensorFiles":
         """The weights behind a ``--model`` name (:func:`~factedit.core.models.model_folder`)."""
         return cls(model_folder(name), label=name or "the embedded default model")
+
+    @classmethod
+    def of_file(cls, path, config: dict, label: Optional[str] = None) -> "TensorFiles":
+        """One ``.safetensors`` file without a folder around it (an upload, a ``model.safetensors`` sent alone),
+        read with ``config``: the architecture of the model it is compared with, whose tensor names and
+        shapes it must then have (:func:`~factedit.audit.compare.audit_files` checks them)."""
+        from ..core.models import check_safetensors_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise AuditError(f"{path} does not exist")
+        try:
+            check_safetensors_file(path)
+        except FactEditError as e:
+            raise AuditError(f"{label or path}: {e}") from None
+        return cls(path.parent, label=label or str(path), files=[path], config=config)
+
+    @staticmethod
+    def is_bare_file(name) -> bool:
+        """Whether a model name is one ``.safetensors`` file (see :meth:`of_file`)."""
+        return name is not None and str(name).lower().endswith(".safetensors") and Path(name).is_file()
 
     def _tensor_names(self):
         return self._where

@@ -29,7 +29,8 @@ from .tokens import source_tokenizer
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_HUB_ID", "load_model", "check_device", "parse_device_map",
            "parse_max_memory", "save_model", "embedded_model_dir", "embedded_gguf_path", "model_name", "model_source",
-           "base_model_id", "check_model_files", "looks_like_path", "model_folder", "gguf_model_dir"]
+           "base_model_id", "check_model_files", "check_safetensors_file", "looks_like_path", "model_folder",
+           "gguf_model_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +256,12 @@ def _check_safetensors(path: Path) -> None:
         raise ModelLoadError(f"{path} is truncated: {size:,} bytes, its header describes {described:,}")
     if size > described:
         raise ModelLoadError(f"{path} is damaged: {size - described:,} bytes after the data its header describes")
+
+
+def check_safetensors_file(path) -> None:
+    """A safetensors file is whole: its header read and checked against the file's size (:class:`ModelLoadError`
+    naming what is wrong)."""
+    _check_safetensors(Path(path))
 
 
 def check_model_files(folder) -> None:

@@ -194,15 +194,22 @@ def _history_tab(gr, session: Session, history_table, history_html) -> None:
 
 def _audit_tab(gr, session: Session) -> None:
     gr.Markdown("Compare a checkpoint you were given with the model it was made from: which tensors changed, which "
-                "changes are edits, what each edit rewrites (docs/AUDIT.md). Paths are on the server.")
+                "changes are edits, what each edit rewrites (docs/AUDIT.md). Paths are on the server; or upload the "
+                "files (an upload replaces the path beside it).")
     names = ["base", "suspect", "subjects", "explain"]
     c = functools.partial(control, gr, "page.audit")
     with gr.Row():
-        fields = [c("base", elem_id="audit-base", placeholder="empty: the model this page has loaded"),
-                  c("suspect", elem_id="audit-suspect")]
+        paths = [c("base", elem_id="audit-base", placeholder="empty: the model this page has loaded"),
+                 c("suspect", elem_id="audit-suspect")]
     with gr.Row():
-        fields += [c("subjects", widget="file", file_types=[".txt", ".jsonl", ".json"], type="filepath",
-                     elem_id="audit-subjects"), c("explain", elem_id="audit-explain")]
+        uploads = [gr.File(label="... or upload the base (a .gguf file)", file_types=[".gguf"], type="filepath",
+                           elem_id="audit-base-file"),
+                   gr.File(label="... or upload the suspect (a .gguf file, or a .safetensors file of the base's "
+                           "architecture)", file_types=[".gguf", ".safetensors"], type="filepath",
+                           elem_id="audit-suspect-file")]
+    with gr.Row():
+        fields = [c("subjects", widget="file", file_types=[".txt", ".jsonl", ".json"], type="filepath",
+                    elem_id="audit-subjects"), c("explain", elem_id="audit-explain")]
     go = gr.Button("Audit", variant="primary", elem_id="audit-button")
     result = gr.HTML(elem_id="audit-result")
     download = gr.File(label="The edits found, as a patch", interactive=False, elem_id="audit-download")
@@ -210,11 +217,12 @@ def _audit_tab(gr, session: Session) -> None:
         report_json = gr.JSON(elem_id="audit-json")
 
     @_shown(lambda html: (html, None, None))
-    def audit(*values, progress=gr.Progress(track_tqdm=True)):
-        report, path = session.audit(form_values("page.audit", names, values), progress=_progress(progress))
+    def audit(base, suspect, base_file, suspect_file, *values, progress=gr.Progress(track_tqdm=True)):
+        given = [base_file or base, suspect_file or suspect, *values]
+        report, path = session.audit(form_values("page.audit", names, given), progress=_progress(progress))
         return render_audit(report, path), (str(path) if path else None), report.to_dict()
 
-    go.click(audit, fields, [result, download, report_json])
+    go.click(audit, [*paths, *uploads, *fields], [result, download, report_json])
 
 
 def _evaluate_tab(gr, session: Session) -> None:
