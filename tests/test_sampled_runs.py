@@ -142,10 +142,14 @@ def test_settings_that_make_no_sense_are_refused_before_any_edit(home, tiny_corp
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_refuses_checkpoints_beyond_the_data_with_exit_2(tiny_dir, tiny_corpus, home, tmp_path, capsys):
+def test_cli_refuses_checkpoints_and_batches_beyond_the_data_with_exit_2(tiny_dir, tiny_corpus, home, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["eval", "--model", str(tiny_dir), "--method", "memit", "--dataset", str(COUNTERFACT), "--limit", "3",
                  "--sequential", "--checkpoints", "2,5", "--ppl-corpus", str(tiny_corpus), "--score-every", "2",
                  "--stats-corpus", str(tiny_corpus), "--out", str(out)])
     assert code == 2 and "--checkpoints 5 is beyond the data: the run has 3 cases" in capsys.readouterr().err
+    assert not out.exists()
+    code = main(["eval", "--model", str(tiny_dir), "--method", "memit", "--dataset", str(COUNTERFACT), "--limit", "3",
+                 "--cases-per-edit", "5", "--stats-corpus", str(tiny_corpus), "--out", str(out)])
+    assert code == 2 and "--cases-per-edit 5 is larger than the data: the run has 3 cases" in capsys.readouterr().err
     assert not out.exists()

@@ -176,10 +176,13 @@ class EvalConfig:
         return bool(self.downstream_every or self.checkpoints)
 
     def check_data(self, n_cases: int) -> None:
-        """Refuse checkpoints beyond the data (``n_cases`` selected cases)."""
+        """Refuse checkpoints, and edits of more cases, beyond the data (``n_cases`` selected cases)."""
         beyond = [n for n in self.checkpoints if n > n_cases]
         if beyond:
             raise RunError(f"--checkpoints {beyond[0]} is beyond the data: the run has {n_cases} cases")
+        if self.cases_per_edit > n_cases:
+            raise RunError(f"--cases-per-edit {self.cases_per_edit} is larger than the data: the run has {n_cases} "
+                           f"cases (a batch of all of them is --cases-per-edit {n_cases})")
 
     @property
     def mode(self) -> str:
