@@ -55,6 +55,30 @@ def test_emmet_reports_ridge_for_duplicate_keys():
     assert rel(sol.dense(), emmet_update(R, K, C, ridge=sol.ridge)) < 1e-8
 
 
+def test_emmet_with_more_requests_than_key_dimensions_warns_and_fits(caplog):
+    """n > d_ff: M = KᵀC⁻¹K has rank ≤ d_ff, so the n equalities cannot all hold; the solve says so by name and
+    returns the ridged fit (finite, the closed form with that ridge)."""
+    import logging
+    from types import SimpleNamespace
+
+    from factedit.edit.methods.batch import SOLVES
+
+    n = D_FF + 4
+    K0, C, K1, R = _setup(n, 5)
+    assert int(torch.linalg.matrix_rank(K1.T @ torch.linalg.solve(C, K1))) == D_FF  # singular n × n system
+    cfg = SimpleNamespace(max_condition=1e8, ridge=None)
+    with caplog.at_level(logging.WARNING, logger="factedit.edit.methods.batch"):
+        sol = SOLVES["emmet"].solve(R, K1, C, 3, cfg, None, None)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"EMMET layer 3: {n} requests in one batch but keys of {D_FF} dimensions" in said
+    assert "cannot all hold" in said and sol.ridge > 0
+    assert rel(sol.dense(), emmet_update(R, K1, C, ridge=sol.ridge)) < 1e-6
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="factedit.edit.methods.batch"):
+        SOLVES["emmet"].solve(R[:, :D_FF - 2], K1[:, :D_FF - 2], C, 3, cfg, None, None)
+    assert "cannot all hold" not in " ".join(r.getMessage() for r in caplog.records)
+
+
 def test_rome_through_batched_solver_equals_single_edit_rome():
     K0, C, K1, R = _setup(1, 3)
     k, r = K1[:, 0], R[:, 0]
