@@ -106,7 +106,8 @@ def main() -> int:
              f"vocabulary {VOCAB}, untied head; random weights), the suspect with a rank-one update (‖Δ‖ = 2 % of "
              "‖W‖) of the last layer's W_out saved in float16; `factedit audit --no-explain --json` in a fresh "
              "process, its own peak resident memory (VmHWM).", "",
-             "| decoder layers | weights per model | peak memory of the audit process | wall time | verdict | edits found |",
+             "| decoder layers | weights per model | peak memory of the audit process | wall time | verdict | "
+             "edits found |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['layers']} | {r['file_mib']:,} MiB | {r['peak_mib']:,} MiB | {r['wall_s']:.0f} s | "
