@@ -81,7 +81,7 @@ def merged_lora(model, tokenizer, targets, text: str, rank: int = 8, alpha: floa
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     for m, A, B in factors:
         m._forward_hooks.clear()
         with torch.no_grad():
@@ -91,7 +91,7 @@ def merged_lora(model, tokenizer, targets, text: str, rank: int = 8, alpha: floa
 
 def _negative(report) -> str:
     """What the audit says of a model that was not edited: "N edits claimed, verdict"."""
-    c = report.counts
+    c = report.counts()
     return (f"{len(report.edits)} edits claimed, \"{report.verdict}\" ({c['identical']} tensors identical, "
             f"{c['rounding']} within a format's rounding, {c['low_rank']} low-rank, {c['dense']} dense)")
 
