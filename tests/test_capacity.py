@@ -200,9 +200,9 @@ def test_cli_reads_the_checkpoints_a_real_sequential_run_wrote(home, tiny_corpus
     from tiny import tiny_model
 
     opts = {"stats_corpus": str(tiny_corpus), "stats_tokens": 2000, "steps": 4, "layers": (1, 2)}
-    cfg = EvalConfig(method="memit", dataset=str(COUNTERFACT), limit=6, sequential=True, score_every=2,
-                     checkpoints=(2, 4), retention_sample=2, generation=GenerationConfig(length=0), gen_tokens=4,
-                     ability=AbilityConfig(ppl_corpus=str(tiny_corpus), ppl_tokens=300, window=64),
+    cfg = EvalConfig(method="memit", dataset=str(COUNTERFACT), limit=4, sequential=True, score_every=2,
+                     checkpoints=(2,), retention_sample=2, generation=GenerationConfig(length=0), gen_tokens=2,
+                     ability=AbilityConfig(ppl_corpus=str(tiny_corpus), ppl_tokens=200, window=64),
                      method_options=tuple(sorted(opts.items())))
     run_eval(Editor(*tiny_model("llama"), progress=False), cfg, tmp_path / "run")
     down = [json.loads(x) for x in (tmp_path / "run" / "downstream.jsonl").read_text().splitlines()]
