@@ -149,6 +149,8 @@ def test_runs_it_cannot_read_a_curve_from_are_refused(tmp_path):
         capacity(run, "loss")
     with pytest.raises(RunError, match="--level"):
         capacity(run, "recall", level=1.0)
+    with pytest.raises(RunError, match="--threshold must be above 0"):
+        capacity(run, "recall", threshold=0)
     late = load_run(_run(tmp_path, {n: 30 * math.exp(n / 5000) for n in range(100, 500, 100)}, name="late",
                          key=("ability", "perplexity")))
     with pytest.raises(RunError, match="no unedited perplexity"):

@@ -22,7 +22,7 @@ itself beyond the scatter of the checkpoints around the line.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -206,7 +206,7 @@ class Estimate:
     fit_from: Optional[int] = None               # the first checkpoint of the fit
     fit: Optional[dict] = None                   # intercept, slope, r2, m
     note: str = ""
-    more: Optional[float] = field(default=None)  # crossing − last_edits
+    more: Optional[float] = None                 # crossing − last_edits
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -243,6 +243,8 @@ def capacity(run, quantity: str = "recall", threshold: Optional[float] = None, l
             threshold = PERPLEXITY_FACTOR * pts[0][1]
         else:
             raise RunError(f"{run.path}: no unedited perplexity recorded to set the threshold from; give --threshold")
+    if not threshold > 0:
+        raise RunError(f"--threshold must be above 0 (the trend is exponential), got {threshold}")
     est = Estimate(run.path.name, quantity, q.label, q.worse, float(threshold), pts, pts[-1][0], level=level)
     for (n0, y0), (n1, y1) in zip(pts, pts[1:]):
         if _worse(y1, threshold, q.worse) and not _worse(y0, threshold, q.worse):
