@@ -429,3 +429,29 @@ def test_every_run_states_its_mode_in_one_line(home, tiny_corpus, tmp_path, caps
     got = json.loads(capsys.readouterr().out)
     runs = got["runs"] if isinstance(got, dict) else got  # with plots: {"runs", "plots"}
     assert runs[0]["mode"] == mode_text(True, 2)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_run_extended_to_more_cases_continues_as_if_run_at_once(home, tiny_corpus, tmp_path, sequential):
+    """A larger --limit on an existing run continues it over the new cases (config.json records the extension);
+    the records equal those of one run over all of them."""
+    kw = dict(sequential=sequential, generation=GenerationConfig(length=0), gen_tokens=4)
+    run_eval(_editor(), _cfg(tiny_corpus, limit=2, **kw), tmp_path / "grown")
+    first = _records(tmp_path / "grown")
+    s = run_eval(_editor(), _cfg(tiny_corpus, limit=4, **kw), tmp_path / "grown")
+    run_eval(_editor(), _cfg(tiny_corpus, limit=4, **kw), tmp_path / "whole")
+    grown = _records(tmp_path / "grown")
+    assert grown[:2] == first and grown == _records(tmp_path / "whole") and s["n"] == 4
+    saved = json.loads((tmp_path / "grown" / "config.json").read_text())
+    assert saved["compare"]["limit"] == 4 and [(e["from"], e["to"]) for e in saved["extended"]] == [(2, 4)]
+    with pytest.raises(RunError, match="can be extended to more cases, not cut to fewer"):
+        run_eval(_editor(), _cfg(tiny_corpus, limit=3, **kw), tmp_path / "grown")
+
+
+def test_a_run_whose_last_batch_would_change_is_not_extended(home, tiny_corpus, tmp_path):
+    kw = dict(cases_per_edit=2, generation=GenerationConfig(length=0), gen_tokens=4)
+    run_eval(_editor(), _cfg(tiny_corpus, "memit", limit=3, **kw), tmp_path / "run")
+    before = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(RunError, match="--limit 3, not a whole number of groups of 2 cases"):
+        run_eval(_editor(), _cfg(tiny_corpus, "memit", limit=4, **kw), tmp_path / "run")
+    assert (tmp_path / "run" / "config.json").read_text() == before

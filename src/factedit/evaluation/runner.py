@@ -294,13 +294,18 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
         world.agree("evaluation configuration (options, model fingerprint, dataset)",
                     json.dumps(compare, sort_keys=True))
         if world.main:  # the merged directory must not hold another run
-            RunStore(out_dir).check_or_write_config({**config, "world_size": world.size}, compare, OPTION_DEFAULTS,
-                                                    upgrade_compare)
+            merged = RunStore(out_dir)
+            merged.extend_limit(compare, OPTION_DEFAULTS, upgrade_compare, cfg.cases_per_edit)
+            merged.check_or_write_config({**config, "world_size": world.size}, compare, OPTION_DEFAULTS,
+                                         upgrade_compare)
         world.barrier()
     store = RunStore(Path(out_dir) / f"rank{world.rank}" if split else out_dir)
     _warm_up(editor, method_cfg)
     if method_cfg is not None:  # the statistics actually used (corpus, how it was chosen, tokens)
         config["statistics"] = editor.caches.sources(method_cfg)
+    extended = store.extend_limit(compare, OPTION_DEFAULTS, upgrade_compare, cfg.cases_per_edit)
+    if extended:
+        log.info("%s: extended from %s to %s cases", store.dir, *extended)
     store.check_or_write_config(config, compare, OPTION_DEFAULTS, upgrade_compare)
     groups = _groups(cases, cfg.cases_per_edit)
     mine = [g for g in range(len(groups)) if not split or world.owns(g)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -85,11 +86,48 @@ class RunStore:
                 raise RunError(f"{self.dir} holds a run with a different configuration ({k}: saved "
                                f"{old.get(k)!r}, now {compare.get(k)!r}"
                                + (f"; {len(diff) - 1} more differences" if len(diff) > 1 else "")
-                               + "); use another --out directory or remove it")
+                               + "); use another --out directory or remove it"
+                               + (" (a run can be extended to more cases, not cut to fewer)" if k == "limit" else ""))
             return True
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({**config, "compare": compare}, indent=2, default=str))
         return False
+
+    def extend_limit(self, compare: dict, defaults: Optional[dict] = None,
+                     upgrade: Optional[Callable[[dict], dict]] = None, group_size: int = 1) -> Optional[tuple]:
+        """Let an existing run continue over more cases than it started with: when its saved ``compare`` differs
+        from ``compare`` only by a smaller ``limit`` (or a limit where ``compare`` has none: all cases), the saved
+        limit is raised in ``config.json`` (atomically; ``extended`` records each raise) so that
+        :meth:`check_or_write_config` accepts the run. Its first cases, and its groups, are the same either
+        way (records ``offset .. offset + limit``, cut into groups of ``group_size``), provided the old limit
+        is a whole number of groups; otherwise the last group would change, which is refused. Returns
+        ``(old, new)`` when extended, else None (nothing to do, or another difference that
+        :meth:`check_or_write_config` then names)."""
+        path = self.dir / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            return None  # check_or_write_config names it
+        old = saved.get("compare", {})
+        if upgrade is not None:
+            old = upgrade(old)
+        before, after = old.get("limit"), compare.get("limit")
+        defaults = defaults or {}
+        others = [k for k in set(old) | set(compare) if k != "limit" and old.get(k) != compare.get(k)
+                  and not (k not in old and k in defaults and compare.get(k) == defaults[k])]
+        grows = before is not None and (after is None or int(after) > int(before))
+        if before == after or others or not grows:
+            return None
+        if group_size > 1 and int(before) % group_size:
+            raise RunError(f"{self.dir} was started with --limit {before}, not a whole number of groups of "
+                           f"{group_size} cases: extending it would change its last group; use another --out")
+        saved["compare"] = {**saved.get("compare", {}), "limit": after}
+        saved["extended"] = list(saved.get("extended", [])) + [{"from": before, "to": after,
+                                                                "at": time.strftime("%Y-%m-%dT%H:%M:%S")}]
+        atomic_write_text(path, json.dumps(saved, indent=2, default=str))
+        return before, after
 
     # ------------------------------------------------------------------ records
     def load_records(self, complete_groups) -> List[dict]:
