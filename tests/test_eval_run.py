@@ -86,9 +86,11 @@ def test_resume_matches_uninterrupted_run(home, tiny_corpus, tmp_path, monkeypat
 
 
 def test_resume_refuses_another_configuration(home, tiny_corpus, tmp_path):
-    run_eval(_editor(), _cfg(tiny_corpus, limit=1), tmp_path / "r")
-    with pytest.raises(RunError, match=r"different configuration \(limit: saved 1, now 2"):
-        run_eval(_editor(), _cfg(tiny_corpus, limit=2), tmp_path / "r")
+    run_eval(_editor(), _cfg(tiny_corpus, limit=2), tmp_path / "r")
+    with pytest.raises(RunError, match=r"different configuration \(limit: saved 2, now 1"):
+        run_eval(_editor(), _cfg(tiny_corpus, limit=1), tmp_path / "r")  # more cases extend a run; fewer do not
+    with pytest.raises(RunError, match=r"different configuration \(gen_tokens: saved"):
+        run_eval(_editor(), _cfg(tiny_corpus, limit=2, gen_tokens=3), tmp_path / "r")
 
 
 def test_single_edits_start_from_original_weights(home, tiny_corpus, tmp_path):
