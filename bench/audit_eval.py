@@ -111,7 +111,8 @@ def _reverted(base_files, reverted, tok, edit, layers, dtype) -> dict:
     dtypes = ("F16",) if dtype == "float16" else ("F32",)
     ok, left = True, 0.0
     for name in base_files.names:
-        b, r = base_files.get(name), rev.get(name).to(base_files.get(name).dtype)
+        b = base_files.get(name)
+        r = rev.get(name).to(b.dtype)
         if name in edited:  # the update's tail below the storage rounding stays: no direction above it may
             f = classify(name, b, r, dtypes)
             if f.kind not in ("identical", "rounding"):

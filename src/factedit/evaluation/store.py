@@ -53,6 +53,20 @@ def read_jsonl(path: Path) -> Tuple[List[dict], bool]:
     return out, torn
 
 
+def _upgraded(saved: dict, upgrade: Optional[Callable[[dict], dict]]) -> dict:
+    """A saved run's ``compare`` in today's terms."""
+    old = saved.get("compare", {})
+    return upgrade(old) if upgrade is not None else old
+
+
+def _differences(old: dict, compare: dict, defaults: Optional[dict]) -> List[str]:
+    """The fields where a saved ``compare`` and today's differ, sorted; a field the saved run does not record
+    matches when today's value is its default in ``defaults``."""
+    defaults = defaults or {}
+    return sorted(k for k in set(old) | set(compare) if old.get(k) != compare.get(k)
+                  and not (k not in old and k in defaults and compare.get(k) == defaults[k]))
+
+
 class RunStore:
     """Reads and writes one run directory."""
 
@@ -70,17 +84,10 @@ class RunStore:
         matches when it is at this default; ``upgrade``: turns the saved ``compare`` into today's terms
         first. Returns True when resuming."""
         path = self.dir / "config.json"
-        if path.is_file():
-            try:
-                saved = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError:
-                raise RunError(f"{path} is damaged; move the run directory away") from None
-            old = saved.get("compare", {})
-            if upgrade is not None:
-                old = upgrade(old)
-            defaults = defaults or {}
-            diff = sorted(k for k in set(old) | set(compare) if old.get(k) != compare.get(k)
-                          and not (k not in old and k in defaults and compare.get(k) == defaults[k]))
+        saved = self._saved()
+        if saved is not None:
+            old = _upgraded(saved, upgrade)
+            diff = _differences(old, compare, defaults)
             if diff:
                 k = diff[0]
                 raise RunError(f"{self.dir} holds a run with a different configuration ({k}: saved "
@@ -103,20 +110,12 @@ class RunStore:
         is a whole number of groups; otherwise the last group would change, which is refused. Returns
         ``(old, new)`` when extended, else None (nothing to do, or another difference that
         :meth:`check_or_write_config` then names)."""
-        path = self.dir / "config.json"
-        if not path.is_file():
+        saved = self._saved()
+        if saved is None:
             return None
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            return None  # check_or_write_config names it
-        old = saved.get("compare", {})
-        if upgrade is not None:
-            old = upgrade(old)
+        old = _upgraded(saved, upgrade)
         before, after = old.get("limit"), compare.get("limit")
-        defaults = defaults or {}
-        others = [k for k in set(old) | set(compare) if k != "limit" and old.get(k) != compare.get(k)
-                  and not (k not in old and k in defaults and compare.get(k) == defaults[k])]
+        others = [k for k in _differences(old, compare, defaults) if k != "limit"]
         grows = before is not None and (after is None or int(after) > int(before))
         if before == after or others or not grows:
             return None
@@ -126,8 +125,18 @@ class RunStore:
         saved["compare"] = {**saved.get("compare", {}), "limit": after}
         saved["extended"] = list(saved.get("extended", [])) + [{"from": before, "to": after,
                                                                 "at": time.strftime("%Y-%m-%dT%H:%M:%S")}]
-        atomic_write_text(path, json.dumps(saved, indent=2, default=str))
+        atomic_write_text(self.dir / "config.json", json.dumps(saved, indent=2, default=str))
         return before, after
+
+    def _saved(self) -> Optional[dict]:
+        """The run's ``config.json`` (None for a new run; a damaged one is refused)."""
+        path = self.dir / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise RunError(f"{path} is damaged; move the run directory away") from None
 
     # ------------------------------------------------------------------ records
     def load_records(self, complete_groups) -> List[dict]:
