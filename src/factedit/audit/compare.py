@@ -3,9 +3,9 @@
     report = audit_models("base/", "suspect/")          # AuditReport: verdict, findings, edits
     report.to_dict()                                     # what `factedit audit --json` prints
 
-Streaming: one base tensor and its suspect counterpart are in memory at a time (plus their float64
-difference and its SVD). Every tensor gets a :class:`~factedit.audit.spectrum.Finding`; then, per decoder
-layer, the changes beyond rounding are grouped:
+Streaming: the two models are read a block of rows of one tensor pair at a time
+(:func:`~factedit.audit.spectrum.classify`); what is kept is each tensor's finding and, for a low-rank update,
+its factors. Then, per decoder layer, the changes beyond rounding are grouped:
 
 * a layer where **only the MLP output matrix W_out** changed, by a low-rank update, is an edit layer (what
   ROME, MEMIT, EMMET, AlphaEdit, UltraEdit and BadEdit-style attacks write); consecutive edit layers are one
@@ -172,8 +172,8 @@ def audit_files(base: TensorFiles, suspect: TensorFiles, max_rank: int = DEFAULT
     from tqdm.auto import tqdm
 
     for name in tqdm(names, desc="audit", unit="tensor", disable=not progress):
-        b, s = base.get(name), suspect.get(name)
-        findings.append(classify(name, b, s, (base.dtype(name), suspect.dtype(name)), max_rank=max_rank))
+        findings.append(classify(name, base.lazy(name), suspect.lazy(name), (base.dtype(name), suspect.dtype(name)),
+                                 max_rank=max_rank))
     changed = [f for f in findings if f.kind in ("low_rank", "dense")]
     edits: List[Edit] = []
     if spec is not None:

@@ -1,6 +1,8 @@
 """What a difference between two tensors is: nothing, rounding, a low-rank update, or a dense change.
 
-Pure functions on tensors (float64 inside):
+Pure functions on tensors, float64 inside, streaming over rows: a tensor is read a block of rows at a time
+(:data:`CHUNK_BYTES` of float64), so comparing two 7B-sized matrices never holds either whole, let alone their
+float64 difference:
 
 * **rounding** is bounded by the format, not guessed: storing ``x`` in a float format of unit roundoff ``u``
   moves it by at most ``u·|x|`` (half an ulp; subnormals by half the smallest step), and a GGUF ``Q8_0`` block of
@@ -10,18 +12,26 @@ Pure functions on tensors (float64 inside):
   that storing ``base + update`` in the stored dtype leaves (a random matrix of entries within the float bound
   has spectral norm below ``2·rms(bound)·(√m + √n)``); ``energy`` is the share of ‖D‖²_F in them. A rank at most
   ``max_rank`` and below half the smaller dimension is a **low-rank update**, with its factors ``D ≈ L Rᵀ``;
-  anything else is a **dense change**.
+  anything else is a **dense change**. Matrices up to :data:`FULL_SVD_ENTRIES` entries get a full SVD of D;
+  larger ones a randomized one (Halko–Martinsson–Tropp: a range finder with power iterations) whose products
+  with D are taken block by block, widening its sketch (32, 128, ``max_rank + 16`` directions) while every
+  direction found is above the noise. Such a matrix is dense when even the widest sketch ends above the noise,
+  or when what it leaves unexplained holds more energy than rounding can (Σ bound², entry by entry).
+
+A tensor is given in memory (a ``torch.Tensor``) or as rows read on demand: anything with ``shape`` and
+``rows(start, stop)`` (:meth:`factedit.audit.tensors.TensorFiles.lazy`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["FORMATS", "UNIT_ROUNDOFF", "rounding_format", "Finding", "classify", "DEFAULT_MAX_RANK"]
+__all__ = ["FORMATS", "UNIT_ROUNDOFF", "rounding_format", "Finding", "classify", "DEFAULT_MAX_RANK",
+           "CHUNK_BYTES", "FULL_SVD_ENTRIES"]
 
 #: unit roundoff (half an ulp, relative) and the smallest subnormal step's half of each float format
 UNIT_ROUNDOFF = {"F64": (2.0 ** -53, 2.0 ** -1075), "F32": (2.0 ** -24, 2.0 ** -150),
@@ -30,7 +40,44 @@ UNIT_ROUNDOFF = {"F64": (2.0 ** -53, 2.0 ** -1075), "F32": (2.0 ** -24, 2.0 ** -
 FORMATS = ("F32", "F16", "BF16", "Q8_0")
 #: the largest rank called a low-rank update (a MEMIT batch of 100 requests at one layer has rank ≤ 100)
 DEFAULT_MAX_RANK = 256
+#: float64 bytes of one block of rows read at a time
+CHUNK_BYTES = 4 * 2 ** 20
+#: matrices with at most this many entries get a full SVD of their float64 difference (64 MiB); larger ones a
+#: randomized SVD taken block by block
+FULL_SVD_ENTRIES = 2 ** 23
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+class _InMemory:
+    """A tensor already in memory, read as rows like a file's (:meth:`TensorFiles.lazy`)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t, self.shape = t, tuple(t.shape)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.t[start:stop] if self.t.ndim else self.t.reshape(1)
+
+
+Rows = Union[torch.Tensor, "_InMemory", object]  # a tensor, or anything with .shape and .rows(start, stop)
+
+
+def _rows_of(x) -> "_InMemory":
+    return _InMemory(x) if isinstance(x, torch.Tensor) else x
+
+
+def _matrix_shape(shape: Tuple[int, ...]) -> Tuple[int, int]:
+    """(rows, entries per row) of a tensor read as a matrix of its first dimension."""
+    if not shape:
+        return 1, 1
+    return shape[0], math.prod(shape[1:])
+
+
+def _blocks(base, suspect, m: int, n: int) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
+    """(start row, base rows, suspect rows) as stored, each block about :data:`CHUNK_BYTES` in float64."""
+    step = max(1, CHUNK_BYTES // (8 * max(n, 1)))
+    for i in range(0, m, step):
+        j = min(m, i + step)
+        yield i, base.rows(i, j).reshape(j - i, n), suspect.rows(i, j).reshape(j - i, n)
 
 
 def _float_bound(x: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -49,16 +96,51 @@ def _q8_0_bound(x: torch.Tensor) -> Optional[torch.Tensor]:
     return bound.reshape(x.shape)
 
 
-def rounding_format(base: torch.Tensor, suspect: torch.Tensor) -> Optional[str]:
+def _noise_format(dtypes: Tuple[str, ...]) -> str:
+    """The coarsest float format of the two stored dtypes, never finer than float32 (what ``base + update``
+    was rounded to when it was stored; an update computed in float32 carries float32 rounding at least)."""
+    fmt = max((f for f in dtypes if f in UNIT_ROUNDOFF), key=lambda f: UNIT_ROUNDOFF[f][0], default="F32")
+    return "F32" if UNIT_ROUNDOFF[fmt][0] < UNIT_ROUNDOFF["F32"][0] else fmt
+
+
+@dataclass
+class _Pass:
+    """What one read of a tensor pair establishes, entry by entry (:func:`_first_pass`)."""
+
+    identical: bool
+    rounding: Optional[str]  # the tightest format explaining every entry
+    norm2: float  # ‖D‖²_F
+    base_norm2: float  # ‖base‖²_F
+    bound2: float  # Σ bound² of the noise format (the most energy its rounding can hold)
+
+
+def _first_pass(base, suspect, m: int, n: int, noise_fmt: str, last_dim: int) -> _Pass:
+    if all(torch.equal(b, s) for _, b, s in _blocks(base, suspect, m, n)):  # stops at the first difference
+        return _Pass(True, None, 0.0, 0.0, 0.0)
+    alive = [f for f in FORMATS if f != "Q8_0" or last_dim % 32 == 0]
+    norm2, base_norm2, bound2 = 0.0, 0.0, 0.0
+    for _, b_raw, s_raw in _blocks(base, suspect, m, n):
+        b, s = b_raw.double(), s_raw.double()
+        d = (s - b).abs()
+        big = torch.maximum(b.abs(), s.abs())
+        norm2 += float(d.pow(2).sum())
+        base_norm2 += float(b.pow(2).sum())
+        bound2 += float(_float_bound(big, noise_fmt).pow(2).sum())
+        for fmt in list(alive):
+            bound = (_q8_0_bound(b.reshape(-1, last_dim)).reshape(b.shape) if fmt == "Q8_0"
+                     else _float_bound(big, fmt))
+            if not bool((d <= bound).all()):
+                alive.remove(fmt)
+    return _Pass(False, alive[0] if alive else None, norm2, base_norm2, bound2)
+
+
+def rounding_format(base, suspect) -> Optional[str]:
     """The tightest of :data:`FORMATS` whose round trip explains ``suspect − base`` in every entry (None: none)."""
-    b, s = base.double(), suspect.double()
-    d = (s - b).abs()
-    big = torch.maximum(b.abs(), s.abs())
-    for fmt in FORMATS:
-        bound = _q8_0_bound(b) if fmt == "Q8_0" else _float_bound(big, fmt)
-        if bound is not None and bool((d <= bound).all()):
-            return fmt
-    return None
+    base, suspect = _rows_of(base), _rows_of(suspect)
+    shape = tuple(base.shape)
+    m, n = _matrix_shape(shape)
+    p = _first_pass(base, suspect, m, n, "F32", shape[-1] if shape else 1)
+    return "F32" if p.identical else p.rounding
 
 
 @dataclass
@@ -70,7 +152,7 @@ class Finding:
     kind: str
     norm: float = 0.0  # ‖suspect − base‖_F
     relative: float = 0.0  # over ‖base‖_F
-    rank: Optional[int] = None
+    rank: Optional[int] = None  # None for a dense matrix: more directions above the noise than were computed
     energy: Optional[float] = None  # share of ‖D‖²_F in the top `rank` singular values
     singular_values: List[float] = field(default_factory=list)  # the largest few
     noise: Optional[float] = None  # the threshold the rank was counted against
@@ -84,46 +166,79 @@ class Finding:
                 "singular_values": self.singular_values, "noise": self.noise, "rounding": self.rounding}
 
 
-def _noise(base: torch.Tensor, suspect: torch.Tensor, dtypes: Tuple[str, ...]) -> float:
-    """Spectral norm the storage rounding of ``base + update`` cannot exceed (see the module docstring)."""
-    fmt = max((f for f in dtypes if f in UNIT_ROUNDOFF), key=lambda f: UNIT_ROUNDOFF[f][0], default="F32")
-    if UNIT_ROUNDOFF[fmt][0] < UNIT_ROUNDOFF["F32"][0]:
-        fmt = "F32"
-    bound = _float_bound(torch.maximum(base.abs(), suspect.abs()), fmt)
-    m, n = base.shape[0], base.reshape(base.shape[0], -1).shape[1]
-    return 2.0 * float(bound.pow(2).mean().sqrt()) * (math.sqrt(m) + math.sqrt(n))
+def _difference(base, suspect, m: int, n: int) -> torch.Tensor:
+    d = torch.empty(m, n, dtype=torch.float64)
+    for i, b, s in _blocks(base, suspect, m, n):
+        d[i:i + len(b)] = s.double() - b.double()
+    return d
 
 
-def classify(name: str, base: torch.Tensor, suspect: torch.Tensor, dtypes: Tuple[str, ...] = ("F32",),
+def _d_times(base, suspect, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
+    """D @ x, block by block (x: n × q)."""
+    out = torch.empty(m, x.shape[1], dtype=torch.float64)
+    for i, b, s in _blocks(base, suspect, m, n):
+        out[i:i + len(b)] = (s.double() - b.double()) @ x
+    return out
+
+
+def _dt_times(base, suspect, m: int, n: int, y: torch.Tensor) -> torch.Tensor:
+    """Dᵀ @ y, block by block (y: m × q)."""
+    out = torch.zeros(n, y.shape[1], dtype=torch.float64)
+    for i, b, s in _blocks(base, suspect, m, n):
+        out += (s.double() - b.double()).T @ y[i:i + len(b)]
+    return out
+
+
+def _randomized_svd(base, suspect, m: int, n: int, q: int, niter: int = 4, seed: int = 0):
+    """The leading ``q`` singular triplets of D, never holding D (a range finder with ``niter`` power
+    iterations, re-orthonormalised at each step)."""
+    g = torch.Generator().manual_seed(seed)
+    y = _d_times(base, suspect, m, n, torch.randn(n, q, generator=g, dtype=torch.float64))
+    for _ in range(niter):
+        z = _dt_times(base, suspect, m, n, torch.linalg.qr(y).Q)
+        y = _d_times(base, suspect, m, n, torch.linalg.qr(z).Q)
+    qm = torch.linalg.qr(y).Q  # m × q: an orthonormal basis of D's leading range
+    small_u, sv, vh = torch.linalg.svd(_dt_times(base, suspect, m, n, qm).T, full_matrices=False)  # Qᵀ D = Ũ S Vᵀ
+    return qm @ small_u, sv, vh.T
+
+
+def classify(name: str, base, suspect, dtypes: Tuple[str, ...] = ("F32",),
              max_rank: int = DEFAULT_MAX_RANK, keep: int = 8) -> Finding:
-    """The :class:`Finding` of ``suspect`` against ``base`` (same shape); ``dtypes``: the stored dtypes of the
-    two (safetensors names); ``keep``: how many singular values the finding lists."""
+    """The :class:`Finding` of ``suspect`` against ``base`` (same shape; tensors, or rows read on demand);
+    ``dtypes``: the stored dtypes of the two (safetensors names); ``keep``: how many singular values the
+    finding lists."""
+    base, suspect = _rows_of(base), _rows_of(suspect)
     shape = tuple(base.shape)
-    if torch.equal(base, suspect):
+    m, n = _matrix_shape(shape)
+    noise_fmt = _noise_format(dtypes)
+    p = _first_pass(base, suspect, m, n, noise_fmt, shape[-1] if shape else 1)
+    if p.identical:
         return Finding(name, shape, "identical")
-    b, s = base.double(), suspect.double()
-    d = s - b
-    norm = float(d.norm())
-    rel = norm / max(float(b.norm()), 1e-300)
-    fmt = rounding_format(b, s)
-    if fmt is not None:
-        return Finding(name, shape, "rounding", norm, rel, rounding=fmt)
-    if d.ndim != 2:  # vectors (norms, biases) and stacked tensors: changed, no rank to speak of
+    norm = math.sqrt(p.norm2)
+    rel = norm / max(math.sqrt(p.base_norm2), 1e-300)
+    if p.rounding is not None:
+        return Finding(name, shape, "rounding", norm, rel, rounding=p.rounding)
+    if len(shape) != 2:  # vectors (norms, biases) and stacked tensors: changed, no rank to speak of
         return Finding(name, shape, "dense", norm, rel)
-    noise = _noise(b, s, dtypes)
-    m, n = d.shape
+    # a random matrix of entries within the bound has spectral norm below 2·rms(bound)·(√m + √n)
+    noise = 2.0 * math.sqrt(p.bound2 / (m * n)) * (math.sqrt(m) + math.sqrt(n))
     small = min(m, n)
-    if small <= 4096:
-        u, sv, vh = torch.linalg.svd(d, full_matrices=False)
+    if m * n <= FULL_SVD_ENTRIES:
+        u, sv, vh = torch.linalg.svd(_difference(base, suspect, m, n), full_matrices=False)
         v = vh.T
-    else:  # a large matrix: the leading max_rank + 16 directions, the rest judged by the energy they leave
-        u, sv, v = torch.svd_lowrank(d, q=min(max_rank + 16, small), niter=4)
-    rank = int((sv > noise).sum())
-    total = norm ** 2
-    energy = float((sv[:rank] ** 2).sum()) / total if total else 1.0
-    if small > 4096 and total - float((sv ** 2).sum()) > noise ** 2:
-        rank = small  # energy beyond the directions computed: more than max_rank + 16 of them
-    low = 0 < rank <= max_rank and rank < small / 2
+        rank: Optional[int] = int((sv > noise).sum())
+    else:
+        widest = min(max_rank + 16, small)
+        for q in (min(32, widest), min(128, widest), widest):
+            u, sv, v = _randomized_svd(base, suspect, m, n, q)
+            if sv[-1] <= noise:
+                break
+        rank = int((sv > noise).sum())
+        left_over = p.norm2 - float((sv[:rank] ** 2).sum())
+        if (rank == len(sv) and rank < small) or left_over > 1.01 * p.bound2:
+            rank = None  # more directions above the noise than computed, or energy rounding cannot hold
+    energy = float((sv[:rank] ** 2).sum()) / p.norm2 if rank is not None else None
+    low = rank is not None and 0 < rank <= max_rank and rank < small / 2
     f = Finding(name, shape, "low_rank" if low else "dense", norm, rel, rank=rank, energy=energy,
                 singular_values=[float(x) for x in sv[:keep]], noise=noise)
     if low:

@@ -2,6 +2,7 @@
 
     files = TensorFiles.open("path/to/model")        # a folder, a .gguf file, a hub id or None (the default)
     for name in files.names: w = files.get(name)     # the tensor as stored (its own dtype)
+    rows = files.lazy(name); rows.rows(0, 128)       # or a block of its rows, read from the file now
     bare = TensorFiles.of_file("upload.safetensors", config=files.config)   # one weights file, another's config
 
 The folder's ``config.json`` gives the architecture; the weights are every ``*.safetensors`` file in it (a
@@ -12,6 +13,8 @@ safetensors folder first (:func:`~factedit.core.models.gguf_model_dir`: one mode
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -20,7 +23,12 @@ import torch
 from ..core.errors import FactEditError
 from ..core.models import check_model_files, model_folder
 
-__all__ = ["AuditError", "TensorFiles", "LoadedTensors"]
+__all__ = ["AuditError", "TensorFiles", "LoadedTensors", "FileRows"]
+
+#: safetensors dtypes read block by block (others are read whole through safetensors)
+_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
 
 
 class AuditError(FactEditError):
@@ -69,7 +77,9 @@ class TensorFiles(_Source):
                 raise AuditError(f"{self.label}: {e}") from None
         self._where: Dict[str, Path] = {}
         self._meta: Dict[str, tuple] = {}
+        self._offset: Dict[str, int] = {}  # where a tensor's bytes start in its file
         for f in files:
+            self._offset.update(_data_offsets(f))
             try:
                 with safe_open(str(f), framework="pt") as h:
                     for name in h.keys():
@@ -115,6 +125,10 @@ class TensorFiles(_Source):
         """The stored dtype as safetensors names it (``F32``, ``BF16``, ``F16``...)."""
         return self._meta[name][1]
 
+    def lazy(self, name: str) -> "FileRows":
+        """The tensor's rows, read from its file a block at a time when asked (what audit compares)."""
+        return FileRows(self, name)
+
     def get(self, name: str) -> torch.Tensor:
         """The tensor as stored (read from its file now; nothing is kept)."""
         from safetensors import safe_open
@@ -125,6 +139,54 @@ class TensorFiles(_Source):
                 return h.get_tensor(name)
         except Exception as e:
             raise AuditError(f"{self.label}: tensor {name} of {path.name} cannot be read ({e})") from None
+
+
+def _data_offsets(path: Path) -> Dict[str, int]:
+    """Each tensor's first byte in a safetensors file (8-byte header length, JSON header, data); the file's
+    header was checked whole before (:func:`~factedit.core.models.check_safetensors_file`)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n).decode("utf-8"))
+    return {k: 8 + n + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+class FileRows:
+    """Rows ``start:stop`` of one stored tensor, read with plain file reads (no memory map: a map's touched
+    pages would count against the process until it closed, i.e. the whole tensor)."""
+
+    def __init__(self, files: "TensorFiles", name: str):
+        self.files, self.name = files, name
+        self.shape = files.shape(name)
+        self._dtype = _ST_TORCH.get(files.dtype(name))
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        if self._dtype is None:  # an exotic dtype: read whole (rare, and never a weight matrix we compare)
+            t = self.files.get(self.name)
+            return t[start:stop] if t.ndim else t.reshape(1)
+        inner = 1
+        for d in self.shape[1:]:
+            inner *= int(d)
+        width = torch.empty((), dtype=self._dtype).element_size()
+        count = (stop - start) * inner if self.shape else 1
+        out = torch.empty(count, dtype=self._dtype)
+        if count:
+            path = self.files._where[self.name]
+            offset = self.files._offset[self.name] + start * inner * width
+            view, done = memoryview(out.view(torch.uint8).numpy()), 0
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    while done < len(view):  # a read may return less than asked (e.g. over 2 GiB)
+                        got = os.preadv(fd, [view[done:]], offset + done)
+                        if got == 0:
+                            raise AuditError(f"{self.files.label}: tensor {self.name} of {path.name} is truncated")
+                        done += got
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise AuditError(f"{self.files.label}: tensor {self.name} of {path.name} cannot be read "
+                                 f"({e.strerror or e})") from None
+        return out.reshape((stop - start, *self.shape[1:]) if self.shape else (1,))
 
 
 class LoadedTensors(_Source):
@@ -151,3 +213,7 @@ class LoadedTensors(_Source):
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name].detach().cpu()
+
+    def lazy(self, name: str) -> torch.Tensor:
+        """The tensor itself (it is in memory already; :func:`~factedit.audit.spectrum.classify` reads its rows)."""
+        return self.get(name)
