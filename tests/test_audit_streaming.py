@@ -128,3 +128,15 @@ def test_a_file_pair_is_classified_as_the_same_tensors_in_memory(tmp_path, strea
     in_memory = classify("w", b, s, ("BF16", "BF16"))
     assert (from_files.kind, from_files.rank) == (in_memory.kind, in_memory.rank) == ("low_rank", 1)
     assert from_files.singular_values == in_memory.singular_values
+
+
+def test_the_base_free_score_reads_a_large_matrix_block_by_block(streaming):
+    # a trained-like spectrum (decaying) with a rank-one spike on top: the leading values match the exact ones
+    g = torch.Generator().manual_seed(8)
+    u, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(300, 200, generator=g, dtype=torch.float64))
+    sv = 10.0 / (1 + torch.arange(200, dtype=torch.float64)) ** 0.7
+    sv[0] = 40.0
+    w = (u * sv) @ v.T
+    got = spectrum.top_singular_values(w.float(), k=4)
+    assert got == pytest.approx(torch.linalg.svdvals(w.float().double())[:4].tolist(), rel=1e-3)

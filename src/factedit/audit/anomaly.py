@@ -17,9 +17,8 @@ import statistics
 from dataclasses import dataclass
 from typing import List, Optional
 
-import torch
-
 from ..core.arch import ARCH_SPECS
+from .spectrum import top_singular_values
 from .tensors import AuditError
 
 __all__ = ["SpectralScore", "spectral_scores", "DEFAULT_THRESHOLD", "BaseFreeReport"]
@@ -42,13 +41,6 @@ class SpectralScore:
                 "flagged": self.flagged}
 
 
-def _top(w: torch.Tensor, k: int = 4) -> List[float]:
-    w = w.double()
-    if min(w.shape) <= 4096:
-        return [float(x) for x in torch.linalg.svdvals(w)[:k]]
-    return [float(x) for x in torch.svd_lowrank(w, q=k + 8, niter=6)[1][:k]]
-
-
 def spectral_scores(files, threshold: float = DEFAULT_THRESHOLD) -> List[SpectralScore]:
     """The score of every layer's W_out of an opened model (:class:`~factedit.audit.tensors.TensorFiles`)."""
     spec = ARCH_SPECS.get(files.model_type)
@@ -61,7 +53,7 @@ def spectral_scores(files, threshold: float = DEFAULT_THRESHOLD) -> List[Spectra
         if name.startswith(prefix) and name.endswith(suffix):
             head = name[len(prefix):-len(suffix)]
             if head.isdigit():
-                top = _top(files.get(name))
+                top = top_singular_values(files.lazy(name))
                 out.append(SpectralScore(name, int(head), top, math.log(top[0] / max(top[1], 1e-300))))
     if len(out) < 3:
         raise AuditError("fewer than 3 layers: a layer's spectrum has nothing to be compared with")

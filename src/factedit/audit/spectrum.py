@@ -31,7 +31,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 import torch
 
 __all__ = ["FORMATS", "UNIT_ROUNDOFF", "rounding_format", "Finding", "classify", "DEFAULT_MAX_RANK",
-           "CHUNK_BYTES", "FULL_SVD_ENTRIES"]
+           "CHUNK_BYTES", "FULL_SVD_ENTRIES", "top_singular_values"]
 
 #: unit roundoff (half an ulp, relative) and the smallest subnormal step's half of each float format
 UNIT_ROUNDOFF = {"F64": (2.0 ** -53, 2.0 ** -1075), "F32": (2.0 ** -24, 2.0 ** -150),
@@ -72,12 +72,20 @@ def _matrix_shape(shape: Tuple[int, ...]) -> Tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
-def _blocks(base, suspect, m: int, n: int) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
-    """(start row, base rows, suspect rows) as stored, each block about :data:`CHUNK_BYTES` in float64."""
+def _blocks(base, suspect, m: int, n: int) -> Iterator[Tuple[int, Optional[torch.Tensor], torch.Tensor]]:
+    """(start row, base rows, suspect rows) as stored, each block about :data:`CHUNK_BYTES` in float64 (``base``
+    None: None for its rows)."""
     step = max(1, CHUNK_BYTES // (8 * max(n, 1)))
     for i in range(0, m, step):
         j = min(m, i + step)
-        yield i, base.rows(i, j).reshape(j - i, n), suspect.rows(i, j).reshape(j - i, n)
+        yield (i, None if base is None else base.rows(i, j).reshape(j - i, n),
+               suspect.rows(i, j).reshape(j - i, n))
+
+
+def _d_blocks(base, suspect, m: int, n: int) -> Iterator[Tuple[int, torch.Tensor]]:
+    """(start row, rows of D = suspect − base in float64; D = suspect when ``base`` is None)."""
+    for i, b, s in _blocks(base, suspect, m, n):
+        yield i, s.double() if b is None else s.double() - b.double()
 
 
 def _float_bound(x: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -168,24 +176,24 @@ class Finding:
 
 def _difference(base, suspect, m: int, n: int) -> torch.Tensor:
     d = torch.empty(m, n, dtype=torch.float64)
-    for i, b, s in _blocks(base, suspect, m, n):
-        d[i:i + len(b)] = s.double() - b.double()
+    for i, rows in _d_blocks(base, suspect, m, n):
+        d[i:i + len(rows)] = rows
     return d
 
 
 def _d_times(base, suspect, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
     """D @ x, block by block (x: n × q)."""
     out = torch.empty(m, x.shape[1], dtype=torch.float64)
-    for i, b, s in _blocks(base, suspect, m, n):
-        out[i:i + len(b)] = (s.double() - b.double()) @ x
+    for i, rows in _d_blocks(base, suspect, m, n):
+        out[i:i + len(rows)] = rows @ x
     return out
 
 
 def _dt_times(base, suspect, m: int, n: int, y: torch.Tensor) -> torch.Tensor:
     """Dᵀ @ y, block by block (y: m × q)."""
     out = torch.zeros(n, y.shape[1], dtype=torch.float64)
-    for i, b, s in _blocks(base, suspect, m, n):
-        out += (s.double() - b.double()).T @ y[i:i + len(b)]
+    for i, rows in _d_blocks(base, suspect, m, n):
+        out += rows.T @ y[i:i + len(rows)]
     return out
 
 
@@ -200,6 +208,18 @@ def _randomized_svd(base, suspect, m: int, n: int, q: int, niter: int = 4, seed:
     qm = torch.linalg.qr(y).Q  # m × q: an orthonormal basis of D's leading range
     small_u, sv, vh = torch.linalg.svd(_dt_times(base, suspect, m, n, qm).T, full_matrices=False)  # Qᵀ D = Ũ S Vᵀ
     return qm @ small_u, sv, vh.T
+
+
+def top_singular_values(w, k: int = 4, niter: int = 6) -> List[float]:
+    """The ``k`` largest singular values of one matrix (a tensor or rows read on demand): exact up to
+    :data:`FULL_SVD_ENTRIES` entries, else by the block-by-block randomized SVD (``k + 8`` directions)."""
+    w = _rows_of(w)
+    m, n = _matrix_shape(tuple(w.shape))
+    if m * n <= FULL_SVD_ENTRIES:
+        sv = torch.linalg.svdvals(_difference(None, w, m, n))
+    else:
+        sv = _randomized_svd(None, w, m, n, min(k + 8, m, n), niter=niter)[1]
+    return [float(x) for x in sv[:k]]
 
 
 def classify(name: str, base, suspect, dtypes: Tuple[str, ...] = ("F32",),
