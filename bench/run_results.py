@@ -11,6 +11,7 @@ sequential run at 0 edits).
     python bench/run_results.py single --limit 200                 # runs/single/<method>
     python bench/run_results.py sequential --limit 200             # runs/seq/<method>
     python bench/run_results.py long --limit 1000 --every 100      # runs/long/<method> (issue 16)
+    python bench/run_results.py capacity                           # runs/capacity/<method>: to 10,000 edits (issue 36)
     python bench/run_results.py mquake --limit 100                 # runs/mquake/<method> (issue 34)
     python bench/run_results.py qaedit --limit 200                 # runs/qaedit/<method>, one by one
     python bench/run_results.py qaedit-seq --limit 200             # runs/qaedit-seq/<method>, accumulated
@@ -70,6 +71,14 @@ LONG = {"emmet": ("emmet", 100), "alphaedit": ("alphaedit", 100, "alpha_scale=0.
         "ultraedit": ("ultraedit", 100), "alphaedit-a10": ("alphaedit", 100, "alpha=10"), "rls": ("rls", 100),
         "emmet-nas": ("emmet", 100, "norm_anchor=true"),
         "alphaedit-a10-nas": ("alphaedit", 100, "alpha=10", "norm_anchor=true")}
+#: issue 36: edits 1 -> 10,000 of the lifelong-capable methods, one run each, affordable on 2 cores: every
+#: CAPACITY_SCORE_EVERY-th edit scored right after it, perplexity / known recall / a fixed sample of earlier
+#: edits at CAPACITY_CHECKPOINTS, and a stop rule for a collapsed model (CAPACITY_STOP)
+CAPACITY = {k: LONG[k] for k in ("alphaedit-a10", "alphaedit-a10-nas", "emmet", "ultraedit", "rls", "r-rome")}
+CAPACITY_CHECKPOINTS = (100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10000)
+CAPACITY_SCORE_EVERY = 10
+#: collapsed: known-fact recall below a quarter of the unedited model's, or perplexity above twice its
+CAPACITY_STOP = ("--stop-recall", "0.25", "--stop-ppl", "2")
 #: earlier edits re-scored at each checkpoint of a long run (evenly spaced, first and latest included):
 #: all of them would cost O(n²), 5,500 case scorings per run at 0.3–0.8 s each on 2 cores (50 took 16–41 s)
 RETENTION = 50
@@ -87,13 +96,13 @@ DATASETS = {"mquake": DATA / "mquake" / "mquake_cf_354.json", "qaedit": DATA / "
 PPL_CORPUS = DATA / "corpus" / "wikitext2_test.txt"
 KNOWNS = DATA / "knowns" / "known_1000.json"
 PARTS = {"single": SINGLE, "sequential": SEQUENTIAL, "long": LONG, "mquake": MQUAKE_RUNS, "qaedit": QAEDIT_RUNS,
-         "qaedit-seq": QAEDIT_SEQ}
+         "qaedit-seq": QAEDIT_SEQ, "capacity": CAPACITY}
 #: where each part's run directories go (outside git: /runs/ is ignored); a long run spans sessions, and its
 #: directory keeps the patch stack a resume re-applies
 DEFAULT_OUT = {"single": ROOT / "runs" / "single", "sequential": ROOT / "runs" / "seq", "long": ROOT / "runs" / "long",
-               **{part: ROOT / "runs" / part for part in DATASETS}}
+               "capacity": ROOT / "runs" / "capacity", **{part: ROOT / "runs" / part for part in DATASETS}}
 #: where a part's records are copied after each run (kept in git, cited by docs/RESULTS.md; read by `table`)
-RECORDS = {"long": ROOT / "results" / "long"}
+RECORDS = {"long": ROOT / "results" / "long", "capacity": ROOT / "results" / "capacity"}
 #: the files of a run directory that are copied there: its records, not its patch stack
 RECORD_FILES = ("config.json", "cases.jsonl", "downstream.jsonl", "summary.json", "unedited.json")
 
@@ -115,7 +124,10 @@ def command(name: str, part: str, limit: int, out: Path, downstream_n: int, ever
         args += ["--sequential"]
     if part == "sequential":
         args += ["--downstream", _rel(DOWNSTREAM), "--downstream-n", str(downstream_n)]
-    if part == "long":  # GLUE/MMLU sit at chance on the embedded model: perplexity and known facts instead
+    if part == "capacity":
+        args += ["--sequential", "--checkpoints", ",".join(map(str, CAPACITY_CHECKPOINTS)), "--score-every",
+                 str(CAPACITY_SCORE_EVERY), *CAPACITY_STOP]
+    if part in ("long", "capacity"):  # GLUE/MMLU sit at chance on the embedded model: perplexity and known facts
         args += ["--ppl-corpus", _rel(PPL_CORPUS), "--knowns", _rel(KNOWNS), "--retention-sample", str(RETENTION)]
     if method != "none":
         args += ["--stats-corpus", _rel(CORPUS)]
@@ -223,12 +235,12 @@ def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: i
 
     runs = [load_run(out / m) for m in methods if (out / m / "summary.json").is_file()]
     lines = [summary_table(runs), ""]
-    if part in ("sequential", "long"):
+    if part in ("sequential", "long", "capacity"):
         base = out.parent / "single" / "none"  # the unedited run of the same records: per-record GE baseline
         seq = sequential_table(([load_run(base)] if (base / "summary.json").is_file() else []) + runs)
         if seq:
             lines += [seq, ""]
-    if part == "long":
+    if part in ("long", "capacity"):
         for r in runs:
             done = len(r.records)
             lines += [f"Checkpoints of `{r.name}` ({done} of {limit} edits committed"
@@ -248,7 +260,7 @@ def main():
     ap.add_argument("part", choices=[*PARTS, "table"])
     ap.add_argument("--methods", default=None,
                     help="comma-separated subset of the runs, e.g. ft-b1 (default: all of the part)")
-    ap.add_argument("--limit", type=int, default=None, help="records (default 200; long: 1000)")
+    ap.add_argument("--limit", type=int, default=None, help="records (default 200; long: 1000; capacity: 10000)")
     ap.add_argument("--out", default=None, help="runs directory (default runs/single, runs/seq, runs/long)")
     ap.add_argument("--records", default=None,
                     help="where each run's records are copied, and what `table` reads (default for long: results/long, "
@@ -267,7 +279,7 @@ def main():
         out = Path(a.out) if a.out else DEFAULT_OUT[part]
         # a run elsewhere (--out) does not replace the records the docs cite unless --records says so
         records = Path(a.records) if a.records else (None if a.out else RECORDS.get(part))
-        limit = a.limit or (1000 if part == "long" else 200)
+        limit = a.limit or {"long": 1000, "capacity": 10000}.get(part, 200)
         every = a.every or (100 if part == "long" else 40)
         if a.part == "table":
             print(f"### {part}\n\n{table(records or out, part, methods, limit, a.downstream_n, every, out)}\n")
