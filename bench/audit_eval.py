@@ -18,7 +18,8 @@ with ``mom2_adjustment: false`` runs), r-ROME at another layer (``r-rome-l8``), 
 from a copy of the suspect with ``revert_patches`` (what ``factedit revert OUT --model SUSPECT`` runs); the
 reverted copy is compared with the base tensor by tensor (largest change of an edited matrix relative to the
 format's rounding bound; every other tensor must be identical, or within the format's rounding for a float16
-suspect) and asked the explanation's evidence prompts, whose answers must be the base's.
+suspect) and asked the explanation's evidence prompts, whose answers must be the base's (for a float16 suspect:
+the base's in float16, the format the revert cannot take back).
 
 Negatives: the unedited model re-saved in bfloat16 and float16 (``LoadedTensors`` of a converted copy), every
 matrix through a GGUF Q8_0 round trip (the ``gguf`` package's quantizer and reader, as a q8_0 file stores
@@ -96,9 +97,13 @@ def _negative(report) -> str:
             f"{c['rounding']} within a format's rounding, {c['low_rank']} low-rank, {c['dense']} dense)")
 
 
-def _reverted(base_files, reverted, tok, edit, layers, dtype) -> dict:
+def _reverted(base_files, reverted, tok, edit, layers, dtype, base_model=None) -> dict:
     """How far the reverted copy is from the base: per tensor, within the rounding of the suspect's format; and
-    the explanation's evidence prompts answered as the base answers them."""
+    the explanation's evidence prompts answered as the base answers them — for a suspect shipped in another
+    dtype, as the base shipped in that dtype answers them (``base_model`` converted: the revert cannot undo the
+    rounding of the whole model, only the edit)."""
+    import copy
+
     import torch
 
     from factedit.audit import LoadedTensors
@@ -121,8 +126,14 @@ def _reverted(base_files, reverted, tok, edit, layers, dtype) -> dict:
         elif not torch.equal(b, r):  # untouched by the patch: identical, or the float16 suspect's rounding
             ok &= dtype is not None and rounding_format(b, r) is not None
     ev = (edit.explanation.evidence if edit.explanation else [])[:10]
-    answers = greedy_answers(ModelAdapter(reverted, tok), [e["prompt"] for e in ev], 6) if ev else []
-    same = sum(a.strip() == e["base"] for a, e in zip(answers, ev))
+    prompts = [e["prompt"] for e in ev]
+    answers = greedy_answers(ModelAdapter(reverted, tok), prompts, 6) if ev else []
+    want = [e["base"] for e in ev]
+    if dtype is not None and ev and base_model is not None:
+        shipped_base = copy.deepcopy(base_model).to(getattr(torch, dtype)).to(torch.float32)
+        want = [a.strip() for a in greedy_answers(ModelAdapter(shipped_base, tok), prompts, 6)]
+        del shipped_base
+    same = sum(a.strip() == w for a, w in zip(answers, want))
     return {"revert_ok": ok, "left_over": left, "evidence_n": len(ev), "evidence_same": same}
 
 
@@ -190,7 +201,7 @@ def main() -> int:
                    "z_edited": [z[l] for l in sorted(res.layers)],
                    "z_other": [v for l, v in z.items() if l not in res.layers]}
             if reverted is not None:
-                row.update(_reverted(base_files, reverted, tok, report.edits[0], res.layers, dtype))
+                row.update(_reverted(base_files, reverted, tok, report.edits[0], res.layers, dtype, model))
                 del reverted
             if len(report.edits) == 1:
                 x = report.edits[0].explanation
@@ -251,7 +262,8 @@ def main() -> int:
                   f"base within the format's rounding on the edited matrices and identical (float16 suspects: "
                   f"within float16 rounding) elsewhere in {sum(r['revert_ok'] for r in rev)} of {len(rev)}; largest "
                   f"singular value left on an edited matrix {max(r['left_over'] for r in rev):.2g} × the storage "
-                  f"rounding's bound; the evidence prompts answered as the base does in "
+                  f"rounding's bound; the evidence prompts answered as the base does (float16 suspects: the base "
+                  f"in float16) in "
                   f"{sum(r['evidence_same'] for r in rev)} of {sum(r['evidence_n'] for r in rev)} prompts.", ""]
     lines += ["", "Negatives (the unedited model, changed in memory; edits claimed, verdict):", ""]
     lines += [f"* {k}: {v}" for k, v in neg.items()] + [""]
