@@ -140,3 +140,13 @@ def test_the_base_free_score_reads_a_large_matrix_block_by_block(streaming):
     w = (u * sv) @ v.T
     got = spectrum.top_singular_values(w.float(), k=4)
     assert got == pytest.approx(torch.linalg.svdvals(w.float().double())[:4].tolist(), rel=1e-3)
+
+
+def test_a_damaged_weights_file_beside_the_model_is_a_clear_error(tmp_path):
+    from factedit.audit import AuditError
+
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "stray.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(AuditError, match="stray.safetensors is not a readable safetensors file"):
+        TensorFiles(tmp_path)

@@ -79,8 +79,8 @@ class TensorFiles(_Source):
         self._meta: Dict[str, tuple] = {}
         self._offset: Dict[str, int] = {}  # where a tensor's bytes start in its file
         for f in files:
-            self._offset.update(_data_offsets(f))
             try:
+                self._offset.update(_data_offsets(f))
                 with safe_open(str(f), framework="pt") as h:
                     for name in h.keys():
                         sl = h.get_slice(name)
