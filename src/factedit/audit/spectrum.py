@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -58,10 +58,8 @@ class _InMemory:
         return self.t[start:stop] if self.t.ndim else self.t.reshape(1)
 
 
-Rows = Union[torch.Tensor, "_InMemory", object]  # a tensor, or anything with .shape and .rows(start, stop)
-
-
-def _rows_of(x) -> "_InMemory":
+def _rows_of(x):
+    """``x`` read as rows: a tensor wrapped, anything with ``shape`` and ``rows(start, stop)`` as it is."""
     return _InMemory(x) if isinstance(x, torch.Tensor) else x
 
 
@@ -131,12 +129,13 @@ def _first_pass(base, suspect, m: int, n: int, noise_fmt: str, last_dim: int) ->
         b, s = b_raw.double(), s_raw.double()
         d = (s - b).abs()
         big = torch.maximum(b.abs(), s.abs())
+        noise_bound = _float_bound(big, noise_fmt)
         norm2 += float(d.pow(2).sum())
         base_norm2 += float(b.pow(2).sum())
-        bound2 += float(_float_bound(big, noise_fmt).pow(2).sum())
+        bound2 += float(noise_bound.pow(2).sum())
         for fmt in list(alive):
-            bound = (_q8_0_bound(b.reshape(-1, last_dim)).reshape(b.shape) if fmt == "Q8_0"
-                     else _float_bound(big, fmt))
+            bound = (noise_bound if fmt == noise_fmt else _q8_0_bound(b.reshape(-1, last_dim)).reshape(b.shape)
+                     if fmt == "Q8_0" else _float_bound(big, fmt))
             if not bool((d <= bound).all()):
                 alive.remove(fmt)
     return _Pass(False, alive[0] if alive else None, norm2, base_norm2, bound2)

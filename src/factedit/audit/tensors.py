@@ -13,15 +13,15 @@ safetensors folder first (:func:`~factedit.core.models.gguf_model_dir`: one mode
 from __future__ import annotations
 
 import json
+import math
 import os
-import struct
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
 from ..core.errors import FactEditError
-from ..core.models import check_model_files, model_folder
+from ..core.models import check_model_files, model_folder, safetensors_offsets
 
 __all__ = ["AuditError", "TensorFiles", "LoadedTensors", "FileRows"]
 
@@ -80,7 +80,7 @@ class TensorFiles(_Source):
         self._offset: Dict[str, int] = {}  # where a tensor's bytes start in its file
         for f in files:
             try:
-                self._offset.update(_data_offsets(f))
+                self._offset.update(safetensors_offsets(f))
                 with safe_open(str(f), framework="pt") as h:
                     for name in h.keys():
                         sl = h.get_slice(name)
@@ -141,15 +141,6 @@ class TensorFiles(_Source):
             raise AuditError(f"{self.label}: tensor {name} of {path.name} cannot be read ({e})") from None
 
 
-def _data_offsets(path: Path) -> Dict[str, int]:
-    """Each tensor's first byte in a safetensors file (8-byte header length, JSON header, data); the file's
-    header was checked whole before (:func:`~factedit.core.models.check_safetensors_file`)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n).decode("utf-8"))
-    return {k: 8 + n + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
-
-
 class FileRows:
     """Rows ``start:stop`` of one stored tensor, read with plain file reads (no memory map: a map's touched
     pages would count against the process until it closed, i.e. the whole tensor)."""
@@ -163,10 +154,7 @@ class FileRows:
         if self._dtype is None:  # an exotic dtype: read whole (rare, and never a weight matrix we compare)
             t = self.files.get(self.name)
             return t[start:stop] if t.ndim else t.reshape(1)
-        inner = 1
-        for d in self.shape[1:]:
-            inner *= int(d)
-        width = torch.empty((), dtype=self._dtype).element_size()
+        inner, width = math.prod(self.shape[1:]), self._dtype.itemsize
         count = (stop - start) * inner if self.shape else 1
         out = torch.empty(count, dtype=self._dtype)
         if count:

@@ -19,7 +19,7 @@ import socket
 import struct
 import threading
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -215,8 +215,9 @@ def _flat(e: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_safetensors(path: Path) -> None:
-    """The header of a safetensors file is whole and describes exactly the bytes the file holds."""
+def _check_safetensors(path: Path) -> Tuple[int, dict]:
+    """The header of a safetensors file is whole and describes exactly the bytes the file holds; returns its
+    length and the header."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -256,12 +257,20 @@ def _check_safetensors(path: Path) -> None:
         raise ModelLoadError(f"{path} is truncated: {size:,} bytes, its header describes {described:,}")
     if size > described:
         raise ModelLoadError(f"{path} is damaged: {size - described:,} bytes after the data its header describes")
+    return n, header
 
 
 def check_safetensors_file(path) -> None:
     """A safetensors file is whole: its header read and checked against the file's size (:class:`ModelLoadError`
     naming what is wrong)."""
     _check_safetensors(Path(path))
+
+
+def safetensors_offsets(path) -> Dict[str, int]:
+    """Where each tensor's bytes start in a safetensors file, once the file is checked whole
+    (:func:`check_safetensors_file`)."""
+    n, header = _check_safetensors(Path(path))
+    return {k: 8 + n + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
 def check_model_files(folder) -> None:
