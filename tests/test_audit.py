@@ -262,6 +262,41 @@ def test_key_shares_are_the_formulas_in_the_metric_of_c_inverse():
     assert float(a[0]) == pytest.approx(1.0, abs=1e-9) and float(b[0]) == pytest.approx(1.0, abs=1e-9)
 
 
+def test_answers_are_ranked_by_their_strongest_evidence_not_by_how_many_prompts_show_them():
+    """The edited relation's answer, sure on its own prompt, comes before one that several other prompts show less
+    surely (what a summed ranking got wrong in 18 of 140 single edits); scores are max(subject score × p)."""
+    from factedit.audit.explain import rank_answers
+
+    items = [("English.", 0.98, 0.99), ("the UK.", 0.98, 0.30), ("the UK.", 0.98, 0.12), ("the UK.", 0.98, 0.45),
+             ("Dutch.", 0.40, 0.97), ("London.", 0.98, 0.22)]
+    got = rank_answers(items)
+    assert [d["text"] for d in got] == ["English.", "the UK.", "Dutch.", "London."]
+    want = {"English.": 0.98 * 0.99, "the UK.": 0.98 * 0.45, "Dutch.": 0.40 * 0.97, "London.": 0.98 * 0.22}
+    assert {d["text"]: d["score"] for d in got} == {t: round(w, 4) for t, w in want.items()}
+    assert rank_answers([]) == []
+
+
+def test_first_token_probabilities_are_the_models_next_token_softmax():
+    """Checked against a plain forward pass of the model on prompt + " " + answer (not through the scorer)."""
+    from factedit.audit.explain import first_token_probabilities
+    from factedit.core.arch import ModelAdapter
+
+    model, tok = tiny_model("llama", **SHAPE)
+    ad = ModelAdapter(model, tok)
+    prompts = ["The capital of Japan is", "Vinson Massif is located in", "The Red Keep is in"]
+    answers = ["Tokyo, and", "", "the city of"]
+    got = first_token_probabilities(ad, prompts, answers)
+    assert got[1] == 0.0
+    for p, a, g in zip(prompts, answers, got):
+        if not a:
+            continue
+        n = len(ad.tokenizer(p)["input_ids"])
+        full = ad.tokenizer(p + " " + a, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=full).logits[0, n - 1].double()
+        assert g == pytest.approx(float(torch.softmax(logits, -1)[full[0, n]]), rel=1e-5)
+
+
 def _key(model, tok, layer, subject):
     """The W_out input of ``layer`` at the subject's last token, read with a hook here (not the package's)."""
     from factedit.core.arch import ModelAdapter

@@ -21,13 +21,17 @@ identity and the scores are plain cosines.
 **What changed.** For the best candidates, the base model and the base with the found updates applied (the
 suspect's edit, on one model in memory) answer the same prompts — the candidate's own prompt when the subjects
 file has one, then relation templates (:data:`~factedit.core.known_facts.BUILTIN_TEMPLATES`); answers that differ
-are the evidence, their suspect answers the new objects and their base answers the old ones, each ranked by the
-summed score of the subjects that show it.
+are the evidence, their suspect answers the new objects and their base answers the old ones. An answer's score is
+its strongest piece of evidence: the largest, over the prompts that show it, of the subject's score times the
+probability the model that gives the answer puts on its first token (teacher-forced: the suspect's for a new
+object, the base's for an old one). An edit drives its new object's probability on its own prompt to near 1;
+the answers it drags along on other relations ("the UK." for *lives in* after the mother tongue became English)
+are less sure, and counting them once per prompt would let an answer several templates share outvote the edited
+relation's (measured: a summed ranking named the new object first in 87 % of 140 single edits).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -37,13 +41,14 @@ import torch
 from ..core.answers import greedy_answers, normalize_answer
 from ..core.errors import DataError, FactEditError
 from ..core.known_facts import BUILTIN_SUBJECTS, BUILTIN_TEMPLATES, load_known_facts
+from ..core.lm import target_token_scores
 from ..core.request_files import load_requests
 from ..core.requests import Request
 from ..edit.deltas import LayerDelta, apply_deltas
 from ..edit.keys import template_keys
 
 __all__ = ["Candidate", "load_candidates", "default_candidates", "subject_scores", "explain_edit", "Explanation",
-           "explain_report"]
+           "explain_report", "rank_answers", "first_token_probabilities"]
 
 
 @dataclass
@@ -188,6 +193,26 @@ def _ranked(weights: Dict[str, float]) -> List[dict]:
     return [{"text": t, "score": round(w, 4)} for t, w in sorted(weights.items(), key=lambda kv: -kv[1])]
 
 
+def rank_answers(items: Sequence[Tuple[str, float, float]]) -> List[dict]:
+    """Answers ranked by their strongest evidence: ``items`` are ``(answer, subject score, first-token
+    probability)`` per prompt, an answer's score the largest ``subject score × probability`` among its prompts."""
+    best: Dict[str, float] = {}
+    for text, w, p in items:
+        best[text] = max(best.get(text, 0.0), w * p)
+    return _ranked(best)
+
+
+def first_token_probabilities(adapter, prompts: Sequence[str], answers: Sequence[str]) -> List[float]:
+    """Per prompt, the probability the model puts on its answer's first token (space-prefixed, as generated);
+    ``0`` for an empty answer."""
+    keep = [j for j, a in enumerate(answers) if a.strip()]
+    out = [0.0] * len(prompts)
+    scores = target_token_scores(adapter, [prompts[j] for j in keep], [answers[j] for j in keep]) if keep else []
+    for j, (lp, _) in zip(keep, scores):
+        out[j] = float(lp[0].exp())
+    return out
+
+
 def explain_edit(adapter, caches, layers: Sequence[int], deltas: Sequence[LayerDelta], rights: Sequence[torch.Tensor],
                  candidates: Sequence[Candidate], stats: Optional[dict] = None, top: int = 10,
                  probe: Optional[int] = None, max_new_tokens: int = 6,
@@ -212,20 +237,21 @@ def explain_edit(adapter, caches, layers: Sequence[int], deltas: Sequence[LayerD
     applied = apply_deltas(adapter, list(deltas))
     try:
         after = greedy_answers(adapter, prompts, max_new_tokens)
+        changed = [j for j, (b, a) in enumerate(zip(before, after)) if normalize_answer(a) != normalize_answer(b)]
+        p_new = first_token_probabilities(adapter, [prompts[j] for j in changed], [after[j] for j in changed])
     finally:
         applied.revert()
-    new, old = defaultdict(float), defaultdict(float)
-    evidence = []
-    for p, i, b, a in zip(prompts, owners, before, after):
-        if normalize_answer(a) == normalize_answer(b):
-            continue
-        w = float(scores[i])
-        new[a.strip()] += w
-        old[b.strip()] += w
-        evidence.append({"subject": subjects[i], "prompt": p, "base": b.strip(), "suspect": a.strip(),
-                         "subject_score": round(w, 4)})
-    evidence.sort(key=lambda e: -e["subject_score"])
-    return Explanation(hypothesis, ranked, _ranked(new), _ranked(old), evidence)
+    p_old = first_token_probabilities(adapter, [prompts[j] for j in changed], [before[j] for j in changed])
+    new, old, evidence = [], [], []
+    for j, pn, po in zip(changed, p_new, p_old):
+        i, w = owners[j], float(scores[owners[j]])
+        new.append((after[j].strip(), w, pn))
+        old.append((before[j].strip(), w, po))
+        evidence.append({"subject": subjects[i], "prompt": prompts[j], "base": before[j].strip(),
+                         "suspect": after[j].strip(), "subject_score": round(w, 4), "p_base": round(po, 4),
+                         "p_suspect": round(pn, 4)})
+    evidence.sort(key=lambda e: (-e["subject_score"], -e["p_suspect"]))
+    return Explanation(hypothesis, ranked, rank_answers(new), rank_answers(old), evidence)
 
 
 def explain_report(report, model, tokenizer, candidates: Optional[Sequence[Candidate]] = None,
