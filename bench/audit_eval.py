@@ -97,13 +97,11 @@ def _negative(report) -> str:
             f"{c['rounding']} within a format's rounding, {c['low_rank']} low-rank, {c['dense']} dense)")
 
 
-def _reverted(base_files, reverted, tok, edit, layers, dtype, base_model=None) -> dict:
+def _reverted(base_files, reverted, tok, edit, layers, dtype, shipped_base=None) -> dict:
     """How far the reverted copy is from the base: per tensor, within the rounding of the suspect's format; and
     the explanation's evidence prompts answered as the base answers them — for a suspect shipped in another
-    dtype, as the base shipped in that dtype answers them (``base_model`` converted: the revert cannot undo the
-    rounding of the whole model, only the edit)."""
-    import copy
-
+    dtype, as ``shipped_base`` (the base shipped in that dtype) answers them: the revert cannot undo the
+    rounding of the whole model, only the edit."""
     import torch
 
     from factedit.audit import LoadedTensors
@@ -129,10 +127,8 @@ def _reverted(base_files, reverted, tok, edit, layers, dtype, base_model=None) -
     prompts = [e["prompt"] for e in ev]
     answers = greedy_answers(ModelAdapter(reverted, tok), prompts, 6) if ev else []
     want = [e["base"] for e in ev]
-    if dtype is not None and ev and base_model is not None:
-        shipped_base = copy.deepcopy(base_model).to(getattr(torch, dtype)).to(torch.float32)
+    if dtype is not None and ev and shipped_base is not None:
         want = [a.strip() for a in greedy_answers(ModelAdapter(shipped_base, tok), prompts, 6)]
-        del shipped_base
     same = sum(a.strip() == w for a, w in zip(answers, want))
     return {"revert_ok": ok, "left_over": left, "evidence_n": len(ev), "evidence_same": same}
 
@@ -171,6 +167,7 @@ def main() -> int:
     names = {c.subject for c in pool}
     stats = {"corpus": str(CORPUS), "n_tokens": None}
     rows, off = [], GuardConfig(enabled=False)
+    shipped_bases = {}  # dtype -> the base model after a round trip through it
     runs = [(m, m, {}, None) for m in args.methods.split(",") if m] + \
         [(v, *VARIANTS[v]) for v in args.variants.split(",") if v]
     for name, method, options, dtype in runs:
@@ -201,7 +198,10 @@ def main() -> int:
                    "z_edited": [z[l] for l in sorted(res.layers)],
                    "z_other": [v for l, v in z.items() if l not in res.layers]}
             if reverted is not None:
-                row.update(_reverted(base_files, reverted, tok, report.edits[0], res.layers, dtype, model))
+                if dtype is not None and dtype not in shipped_bases:  # the base through the same dtype, once
+                    shipped_bases[dtype] = copy.deepcopy(model).to(getattr(torch, dtype)).to(torch.float32)
+                row.update(_reverted(base_files, reverted, tok, report.edits[0], res.layers, dtype,
+                                     shipped_bases.get(dtype)))
                 del reverted
             if len(report.edits) == 1:
                 x = report.edits[0].explanation
@@ -213,6 +213,7 @@ def main() -> int:
                 row["hypothesis"] = x.hypothesis
             rows.append(row)
             print(json.dumps(row), flush=True)
+    del shipped_bases
     clean_z = [s.z for s in spectral_scores(LoadedTensors(model, "unedited"))]
     neg = {}
     for dtype in (torch.bfloat16, torch.float16):
