@@ -203,8 +203,8 @@ def rank_answers(items: Sequence[Tuple[str, float, float]]) -> List[dict]:
 
 
 def first_token_probabilities(adapter, prompts: Sequence[str], answers: Sequence[str]) -> List[float]:
-    """Per prompt, the probability the model puts on its answer's first token (space-prefixed, as generated);
-    ``0`` for an empty answer."""
+    """Per prompt, the probability the model puts on its answer's first token, the answer text re-encoded
+    after the prompt with a leading space (teacher-forced); ``0`` for an empty answer."""
     keep = [j for j, a in enumerate(answers) if a.strip()]
     out = [0.0] * len(prompts)
     scores = target_token_scores(adapter, [prompts[j] for j in keep], [answers[j] for j in keep]) if keep else []
