@@ -433,6 +433,17 @@ def test_every_run_states_its_mode_in_one_line(home, tiny_corpus, tmp_path, caps
     assert runs[0]["mode"] == mode_text(True, 2)
 
 
+def _same_up_to_rounding(a, b, rel: float = 1e-5) -> bool:
+    """Records equal field by field, floats within ``rel`` (relative; 1e-7 absolute near zero)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and a == pytest.approx(b, rel=rel, abs=1e-7)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_up_to_rounding(a[k], b[k], rel) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_same_up_to_rounding(x, y, rel) for x, y in zip(a, b))
+    return a == b
+
+
 @pytest.mark.parametrize("sequential", [False, True])
 def test_a_run_extended_to_more_cases_continues_as_if_run_at_once(home, tiny_corpus, tmp_path, sequential):
     """A larger --limit on an existing run continues it over the new cases (config.json records the extension);
@@ -443,7 +454,9 @@ def test_a_run_extended_to_more_cases_continues_as_if_run_at_once(home, tiny_cor
     s = run_eval(_editor(), _cfg(tiny_corpus, limit=4, **kw), tmp_path / "grown")
     run_eval(_editor(), _cfg(tiny_corpus, limit=4, **kw), tmp_path / "whole")
     grown = _records(tmp_path / "grown")
-    assert grown[:2] == first and grown == _records(tmp_path / "whole") and s["n"] == 4
+    # one by one, the new cases are scored in a batch of their own, not beside the first ones: their log-probs
+    # can differ by the rounding of batched float32 products (seen on an AMD EPYC: 1e-7 relative)
+    assert grown[:2] == first and _same_up_to_rounding(grown, _records(tmp_path / "whole")) and s["n"] == 4
     saved = json.loads((tmp_path / "grown" / "config.json").read_text())
     assert saved["compare"]["limit"] == 4 and [(e["from"], e["to"]) for e in saved["extended"]] == [(2, 4)]
     with pytest.raises(RunError, match="can be extended to more cases, not cut to fewer"):

@@ -86,7 +86,7 @@ def test_model_reads_every_prompt_after_the_prefix(home, tiny_corpus):
     fact = len(tok("Space Needle")["input_ids"])  # the subject's last token, one after the prefix
     with Hook(ed.adapter.w_out(2), retain_input=True) as h:
         model(input_ids=torch.tensor([ids]))
-    assert torch.allclose(K[0], h.input[0, fact], atol=1e-6)
+    assert torch.allclose(K[0], h.input[0, fact], rtol=1e-5, atol=1e-5)  # float32 rounding of another batch
     bare = ModelAdapter(model, tok, prompt_prefix="none")
     K0, _ = template_keys(bare, [req], ["{}"], 2, None)
     assert not torch.allclose(K0, K, atol=1e-3)  # position 0 reads differently: what the prefix is for

@@ -121,7 +121,7 @@ def test_trace_cells_match_restore_sets(tiny_adapters):
     cells = [(k, t, l) for k in ("hidden", "mlp", "attn") for t in (s, len(tp.ids) - 1) for l in (0, 3)]
     got = tr.restored([restore_set(k, t, l, 3, ad.n_layers) for k, t, l in cells], r.answer_id)
     for (k, t, l), v in zip(cells, got.tolist()):
-        assert r.scores[k][t, l] == pytest.approx(v, rel=1e-6)
+        assert r.scores[k][t, l] == pytest.approx(v, rel=1e-5)  # batched differently: float32 rounding
     assert s > 0 and torch.all(r.scores["hidden"][:s] == r.p_corrupt)
 
 
