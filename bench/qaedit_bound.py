@@ -54,14 +54,11 @@ def main() -> int:
     for method in ("r-rome", "memit"):
         cfg = ed.make_config(method)
         templates = ed.templates(cfg.seed, cfg.context_lengths)
-        if method == "r-rome":  # one request per problem, at the edited layer, δ at W_out's output
-            problems = [ValueProblem(ed.adapter, cfg.layer, [r], templates, cfg.essence_prompts, cfg.fact_token)
-                        for r in reqs]
-            layer = cfg.layer
-        else:  # z* at the span's last layer, δ at the residual; FLOPs add up over a chunk's rows
-            layer = cfg.layers[-1]
-            problems = [ValueProblem(ed.adapter, layer, [r], templates, cfg.essence_prompts, cfg.fact_token,
-                                     inject="residual") for r in reqs]
+        # r-ROME: δ at W_out's output of its layer; MEMIT: z* at the span's last layer, δ at the residual (one
+        # problem per request either way: a chunk's FLOPs are the sum of its rows')
+        layer, inject = (cfg.layer, "w_out") if method == "r-rome" else (cfg.layers[-1], "residual")
+        problems = [ValueProblem(ed.adapter, layer, [r], templates, cfg.essence_prompts, cfg.fact_token, inject=inject)
+                    for r in reqs]
         per_case = [delta_dependent_flops(ed.adapter, p) / (gflops * 1e9) for p in problems]
         positions = [int(p.suf["attention_mask"][:, p.P:].sum()) for p in problems]
         spare = args.budget / len(cases) - SCORING[method]  # seconds of editing per case the budget leaves
@@ -74,7 +71,8 @@ def main() -> int:
         f"Command: `python bench/qaedit_bound.py --cases {args.cases}`  ",
         f"Date: {today}; machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"measured fp32 matmul rate {gflops:.0f} GFLOP/s.  ",
-        f"The first {len(reqs)} QAEdit cases (`{QAEDIT.name}`), each laid out as the method lays out its target "
+        f"The first {len(cases)} QAEdit cases (`{QAEDIT.name}`; {len(reqs)} with their subject in the question, the "
+        "ones a run edits), each laid out as the method lays out its target "
         "problem (its context templates, the question with the answer after it, the essence prompt); one step's "
         "δ-dependent FLOPs (bench_edit.py's count) over the matmul rate.", "",
         "| method | optimised at layer | templates | positions per case from the fact token (median) "
