@@ -195,8 +195,15 @@ def test_runs_in_one_process_share_downstream_accuracy_of_identical_weights(home
     assert down[0][0]["tasks"] == down[1][0]["tasks"] and [d["n_edits"] for d in down[1]] == [0, 9]
 
 
-def test_alphaedit_sequential_resume_restores_key_memory(home, tiny_corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("anchor", [False, True], ids=["plain", "norm-anchored"])
+def test_alphaedit_sequential_resume_restores_key_memory(home, tiny_corpus, tmp_path, monkeypatch, anchor):
+    """The method state comes back whole: AlphaEdit's per-layer key memory and, anchored, the norm anchor
+    kept under a name beside the layers."""
     cfg = _cfg(tiny_corpus, "alphaedit", sequential=True, cases_per_edit=2, generation=GenerationConfig(length=0))
+    if anchor:
+        opts = dict(cfg.method_options, norm_anchor=True, norm_anchor_samples=10)
+        cfg = _cfg(tiny_corpus, "alphaedit", sequential=True, cases_per_edit=2, generation=GenerationConfig(length=0),
+                   method_options=tuple(sorted(opts.items())))
     ed = _editor()
     run_eval(ed, cfg, tmp_path / "full")
     with monkeypatch.context() as m:
@@ -206,9 +213,11 @@ def test_alphaedit_sequential_resume_restores_key_memory(home, tiny_corpus, tmp_
     ed2 = _editor()
     run_eval(ed2, cfg, tmp_path / "cut")
     assert _records(tmp_path / "cut") == _records(tmp_path / "full")
+    assert set(ed2.state["alphaedit"]) == set(ed.state["alphaedit"]) == ({1, 2, "anchor"} if anchor else {1, 2})
+    for k in ed.state["alphaedit"]:
+        assert torch.equal(ed2.state["alphaedit"][k], ed.state["alphaedit"][k])
     for l in (1, 2):
         assert torch.equal(ed2.adapter.w_out_weight(l), ed.adapter.w_out_weight(l))
-        assert torch.equal(ed2.state["alphaedit"][l], ed.state["alphaedit"][l])
 
 
 def test_a_run_whose_patch_stack_was_lost_starts_again(home, tiny_corpus, tmp_path):

@@ -207,7 +207,9 @@ class RunStore:
 
         name = "state-b.safetensors" if stack.get("state") == "state-a.safetensors" else "state-a.safetensors"
         with atomic_path(self.patch_dir / name, suffix=".safetensors") as tmp:
-            save_file({str(k): v.contiguous() for k, v in state.items()}, str(tmp), metadata={"group": str(group)})
+            # the keys are layers (ints) and named entries (NAS's anchor): their types travel in the metadata
+            save_file({str(k): v.contiguous() for k, v in state.items()}, str(tmp),
+                      metadata={"group": str(group), "keys": json.dumps(list(state))})
         return name
 
     def load_state(self, stack: dict) -> Optional[Dict[int, object]]:
@@ -218,10 +220,14 @@ class RunStore:
 
         path = self.patch_dir / stack["state"]
         with safe_open(str(path), framework="pt") as f:
-            group = int(f.metadata().get("group", -1))
+            meta = f.metadata() or {}
+        group = int(meta.get("group", -1))
         if stack["groups"] and group != stack["groups"][-1]["group"]:
             raise RunError(f"{path} belongs to group {group}, not to the last committed one")
-        return {int(k): v for k, v in load_file(str(path)).items()}
+        tensors = load_file(str(path))
+        # files written before the keys were recorded: digits are layers, anything else a named entry
+        keys = json.loads(meta["keys"]) if "keys" in meta else [int(k) if k.isdigit() else k for k in tensors]
+        return {k: tensors[str(k)] for k in keys}
 
 
 def _json_default(x):
