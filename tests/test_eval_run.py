@@ -24,7 +24,7 @@ def _editor(kind="llama"):
 
 def _cfg(tiny_corpus, method="r-rome", **kw):
     opts = {"stats_corpus": str(tiny_corpus), "stats_tokens": 2000, "steps": 4}
-    opts.update({"layers": (1, 2)} if method in ("memit", "emmet", "alphaedit") else {"layer": 1})
+    opts.update({"layers": (1, 2)} if method in ("memit", "emmet", "alphaedit", "rls") else {"layer": 1})
     if method == "alphaedit":  # a tiny random model's keys have no null space at the paper's threshold
         opts["nullspace_threshold"] = 1e9
     base = dict(method=method, dataset=str(COUNTERFACT), limit=4, generation=GenerationConfig(length=24),
@@ -195,15 +195,23 @@ def test_runs_in_one_process_share_downstream_accuracy_of_identical_weights(home
     assert down[0][0]["tasks"] == down[1][0]["tasks"] and [d["n_edits"] for d in down[1]] == [0, 9]
 
 
-@pytest.mark.parametrize("anchor", [False, True], ids=["plain", "norm-anchored"])
-def test_alphaedit_sequential_resume_restores_key_memory(home, tiny_corpus, tmp_path, monkeypatch, anchor):
-    """The method state comes back whole: AlphaEdit's per-layer key memory and, anchored, the norm anchor
-    kept under a name beside the layers."""
-    cfg = _cfg(tiny_corpus, "alphaedit", sequential=True, cases_per_edit=2, generation=GenerationConfig(length=0))
-    if anchor:
-        opts = dict(cfg.method_options, norm_anchor=True, norm_anchor_samples=10)
-        cfg = _cfg(tiny_corpus, "alphaedit", sequential=True, cases_per_edit=2, generation=GenerationConfig(length=0),
-                   method_options=tuple(sorted(opts.items())))
+def _leaves(state, prefix=()):
+    for k, v in state.items():
+        yield from (_leaves(v, prefix + (k,)) if isinstance(v, dict) else [(prefix + (k,), v)])
+
+
+@pytest.mark.parametrize("method, extra, keys", [
+    ("alphaedit", {}, {(1,), (2,)}),
+    ("alphaedit", {"norm_anchor": True, "norm_anchor_samples": 10}, {(1,), (2,), ("anchor",)}),
+    ("rls", {}, {(1, "A"), (1, "B"), (2, "A"), (2, "B")}),
+], ids=["alphaedit", "alphaedit-norm-anchored", "rls"])
+def test_sequential_resume_restores_method_state(home, tiny_corpus, tmp_path, monkeypatch, method, extra, keys):
+    """The method state comes back whole after an interruption: AlphaEdit's per-layer key memory, the norm anchor
+    kept under a name beside the layers, RLS's per-layer A and B (nested under the layer)."""
+    cfg = _cfg(tiny_corpus, method, sequential=True, cases_per_edit=2, generation=GenerationConfig(length=0))
+    if extra:
+        cfg = _cfg(tiny_corpus, method, sequential=True, cases_per_edit=2, generation=GenerationConfig(length=0),
+                   method_options=tuple(sorted({**dict(cfg.method_options), **extra}.items())))
     ed = _editor()
     run_eval(ed, cfg, tmp_path / "full")
     with monkeypatch.context() as m:
@@ -213,9 +221,10 @@ def test_alphaedit_sequential_resume_restores_key_memory(home, tiny_corpus, tmp_
     ed2 = _editor()
     run_eval(ed2, cfg, tmp_path / "cut")
     assert _records(tmp_path / "cut") == _records(tmp_path / "full")
-    assert set(ed2.state["alphaedit"]) == set(ed.state["alphaedit"]) == ({1, 2, "anchor"} if anchor else {1, 2})
-    for k in ed.state["alphaedit"]:
-        assert torch.equal(ed2.state["alphaedit"][k], ed.state["alphaedit"][k])
+    full, resumed = dict(_leaves(ed.state[method])), dict(_leaves(ed2.state[method]))
+    assert set(resumed) == set(full) == keys
+    for k in full:
+        assert torch.equal(resumed[k], full[k])
     for l in (1, 2):
         assert torch.equal(ed2.adapter.w_out_weight(l), ed.adapter.w_out_weight(l))
 

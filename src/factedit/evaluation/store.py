@@ -206,10 +206,12 @@ class RunStore:
         from safetensors.torch import save_file
 
         name = "state-b.safetensors" if stack.get("state") == "state-a.safetensors" else "state-a.safetensors"
+        paths = list(_leaves(state))
         with atomic_path(self.patch_dir / name, suffix=".safetensors") as tmp:
-            # the keys are layers (ints) and named entries (NAS's anchor): their types travel in the metadata
-            save_file({str(k): v.contiguous() for k, v in state.items()}, str(tmp),
-                      metadata={"group": str(group), "keys": json.dumps(list(state))})
+            # keys are layers (ints) and named entries (NAS's anchor, RLS's "A"/"B" under a layer): the paths,
+            # with their types, travel in the metadata
+            save_file({_tensor_name(p): t.contiguous() for p, t in paths}, str(tmp),
+                      metadata={"group": str(group), "paths": json.dumps([list(p) for p, _ in paths])})
         return name
 
     def load_state(self, stack: dict) -> Optional[Dict[int, object]]:
@@ -225,9 +227,32 @@ class RunStore:
         if stack["groups"] and group != stack["groups"][-1]["group"]:
             raise RunError(f"{path} belongs to group {group}, not to the last committed one")
         tensors = load_file(str(path))
-        # files written before the keys were recorded: digits are layers, anything else a named entry
-        keys = json.loads(meta["keys"]) if "keys" in meta else [int(k) if k.isdigit() else k for k in tensors]
-        return {k: tensors[str(k)] for k in keys}
+        if "paths" in meta:
+            paths = [tuple(p) for p in json.loads(meta["paths"])]
+        elif "keys" in meta:  # flat state with its keys recorded
+            paths = [(k,) for k in json.loads(meta["keys"])]
+        else:  # files written before the keys were recorded: flat, digits are layers
+            paths = [(int(k) if k.isdigit() else k,) for k in tensors]
+        state: dict = {}
+        for p in paths:
+            node = state
+            for k in p[:-1]:
+                node = node.setdefault(k, {})
+            node[p[-1]] = tensors[_tensor_name(p)]
+        return state
+
+
+def _leaves(state: dict, prefix: tuple = ()):
+    """``(path, tensor)`` for every tensor of a (possibly nested) method state."""
+    for k, v in state.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _tensor_name(path) -> str:
+    return "/".join(str(k) for k in path)
 
 
 def _json_default(x):
