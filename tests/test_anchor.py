@@ -91,3 +91,35 @@ def test_bad_anchor_options_are_refused(home):
     for bad in ({"norm_anchor_samples": 3}, {"norm_anchor_skip": 1.0}, {"norm_anchor_quantile": 0}):
         with pytest.raises(MethodError, match="norm anchoring"):
             ed.make_config("emmet", **bad)
+
+
+def test_the_calibration_is_kept_on_disk_for_a_new_process(home, tiny_corpus, monkeypatch):
+    """The first anchored edit of a model calibrates (100 target optimisations by default: minutes on a CPU);
+    a new Editor of the same weights and settings reads the anchor from $FACTEDIT_HOME/anchors instead, and a
+    damaged file there is calibrated again and replaced."""
+    import factedit.edit.methods.batch as B
+
+    calls = []
+    real = B.anchor_norm
+    monkeypatch.setattr(B, "anchor_norm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    first = Editor(*tiny_model("llama"), progress=False)
+    first.edit(REQS[:2], method="memit", **_kw(tiny_corpus))
+    m = float(first.state["memit"][ANCHOR_KEY][0])
+    files = list((home / "anchors").glob("*.json"))
+    assert calls == [1] and len(files) == 1
+
+    second = Editor(*tiny_model("llama"), progress=False)
+    second.edit(REQS[:2], method="memit", **_kw(tiny_corpus))
+    assert calls == [1] and float(second.state["memit"][ANCHOR_KEY][0]) == m
+    for a, b in zip(first.history[-1].deltas, second.history[-1].deltas):
+        assert torch.equal(a.dense(), b.dense())
+
+    other = Editor(*tiny_model("llama"), progress=False)  # other settings: their own calibration
+    other.edit(REQS[:2], method="memit", **_kw(tiny_corpus, norm_anchor_quantile=0.9))
+    assert calls == [1, 1] and len(list((home / "anchors").glob("*.json"))) == 2
+
+    files[0].write_text("{not json")
+    third = Editor(*tiny_model("llama"), progress=False)
+    third.edit(REQS[:2], method="memit", **_kw(tiny_corpus))
+    assert calls == [1, 1, 1] and float(third.state["memit"][ANCHOR_KEY][0]) == m
+    assert '"m"' in files[0].read_text()

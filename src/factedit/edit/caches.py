@@ -1,21 +1,24 @@
-"""What edits of one model reuse: context templates, key statistics, AlphaEdit projectors, and
-memos tied to the current weights (optimised targets, downstream accuracy).
+"""What edits of one model reuse: context templates, key statistics, AlphaEdit projectors, norm anchors,
+and memos tied to the current weights (optimised targets, downstream accuracy).
 
     caches = EditCaches(adapter)
     caches.stats(5, corpus="wikitext2_valid.txt", n_tokens=100_000).mom2      # C of layer 5
     caches.templates(seed=0)                                                   # ["{}", "... . {}", ...]
 
 The methods receive it next to the adapter (never the Editor); everything in it is also cached
-on disk where that pays (statistics, templates), so a new process starts warm.
+on disk where that pays (statistics, templates, projectors, norm anchors), so a new process starts warm.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 from typing import Dict, List, Optional
 
 from ..core.fingerprints import model_fingerprint
-from ..core.paths import atomic_path, factedit_home
+from ..core.paths import atomic_path, atomic_write_text, factedit_home
 from ..stats.layer import LayerStats, layer_stats
 from .solver import null_space_basis
 from .templates import cached_context_templates
@@ -23,6 +26,9 @@ from .templates import cached_context_templates
 __all__ = ["EditCaches"]
 
 log = logging.getLogger(__name__)
+
+#: part of every cached anchor's key: raise it when the calibration changes, so older files are not used
+ANCHOR_CACHE_VERSION = 1
 
 
 class EditCaches:
@@ -124,11 +130,39 @@ class EditCaches:
             memos[full] = {}
         return memos[full]
 
+    def anchor_norm(self, key: tuple, compute) -> float:
+        """The norm anchor (:mod:`~factedit.edit.anchor`) of the current weights for ``key`` (the calibration's
+        settings), calibrated by ``compute()`` only the first time: kept for these weights in memory and on disk
+        (``$FACTEDIT_HOME/anchors/``, keyed by the weights' fingerprint and ``key``), so a new process that edits
+        the same model with the same settings does not optimise the calibration requests again."""
+        memo = self.weights_memo("norm anchor", *key)
+        if "m" not in memo:
+            memo["m"] = _cached_anchor(model_fingerprint(self.adapter.model), key, compute)
+        return memo["m"]
+
     def target_memo(self, layer: int, templates, value_cfg, essence, fact_token, site: str = "residual") -> dict:
         """The memo of optimised targets for the current weights and these settings (``site``
         ``"residual"``: request -> (z*, info) of the batch methods; ``"w_out"``: request -> ROME's
         :class:`~factedit.edit.values.ValueResult`)."""
         return self.weights_memo("targets", layer, tuple(templates), value_cfg, tuple(essence), fact_token, site)
+
+
+def _cached_anchor(fingerprint: str, key: tuple, compute) -> float:
+    """``compute()`` (a positive float) from ``$FACTEDIT_HOME/anchors/`` when an earlier process calibrated it for
+    the same weights and key; written there otherwise (atomic). A damaged file is recomputed and replaced."""
+    ident = json.dumps([ANCHOR_CACHE_VERSION, fingerprint, repr(key)])
+    path = factedit_home() / "anchors" / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if saved["key"] == ident and math.isfinite(saved["m"]) and saved["m"] > 0:
+                return float(saved["m"])
+            raise ValueError("not this calibration's")
+        except Exception as e:
+            log.warning("ignoring damaged norm-anchor cache %s (%s)", path, e)
+    m = float(compute())
+    atomic_write_text(path, json.dumps({"key": ident, "m": m}))
+    return m
 
 
 def _cached_basis(C, threshold: float):

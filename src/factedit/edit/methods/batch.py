@@ -338,11 +338,9 @@ def _anchor(adapter, caches, requests, cfg: BatchConfig, templates, state, Z_tar
     if ANCHOR_KEY in state:
         m = float(state[ANCHOR_KEY][0])
     else:
-        memo = caches.weights_memo("norm anchor", cfg.layers[-1], tuple(templates), cfg.value, cfg.norm_anchor_samples,
-                                   cfg.norm_anchor_quantile, cfg.seed, cfg.fact_token)
-        if "m" not in memo:
-            memo["m"], _ = anchor_norm(adapter, caches, cfg, templates, target_residuals)
-        m = memo["m"]
+        key = (cfg.layers[-1], tuple(templates), cfg.value, cfg.norm_anchor_samples, cfg.norm_anchor_quantile,
+               cfg.seed, cfg.fact_token)
+        m = caches.anchor_norm(key, lambda: anchor_norm(adapter, caches, cfg, templates, target_residuals)[0])
         update[ANCHOR_KEY] = torch.tensor([m], dtype=torch.float64)
     z0, v0 = bare_outputs(adapter, requests, cfg.layers[-1], cfg.fact_token)
     Z, skipped, norms = anchored_targets(Z_target, z0, v0, m, cfg.norm_anchor_skip)
