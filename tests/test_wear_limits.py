@@ -87,6 +87,12 @@ def test_calibration_from_the_runs_records(tmp_path):
     assert (fa["warned"], fa["healthy_edits"]) == (4, 12) and fa["rate"] == pytest.approx(4 / 12)
     assert e["help"] == "What helped in our runs: --set alpha=10 stayed healthy for all 8 edits in our b run."
     table = limits_table(cal).splitlines()
+    # another method that degraded sooner is pointed to the method, with the settings it was measured with
+    c = _run(tmp_path / "c", "emmet", 2, [(0, 10, 1.0, 0), (2, 11, 0.9, 0.1), (4, 14, 0.4, 0.2)],
+             [(0.1, None), (0.2, 1.0)], {"norm_anchor": False})
+    (_, ec) = calibrate([a, b, c])["limits"]
+    assert ec["run"] == "c" and ec["help"] == ("What helped in our runs: --method alphaedit --set alpha=10 stayed "
+                                               "healthy for all 8 edits.")
     assert table[2].startswith("| a | alphaedit (alpha=None, norm_anchor=False) | 4 | 6 (known recall 45.0%")
     assert table[2].endswith("| 20.0% | 1.80× | 4 of 12 |") and table[3].endswith("| not degraded | – | – | – |")
 

@@ -165,7 +165,9 @@ def help_text(run: dict, runs: list, facts: dict) -> str:
     others = [r for r in runs if r["method"] != run["method"] and reach(r) > mine]
     if others:
         best = max(others, key=reach)
-        parts.append(f"--method {best['method']} stayed healthy "
+        # the settings that run had on (a default now or not: the advice says what was measured)
+        opt = _option_text({}, {k: v for k, v in best["settings"].items() if v is not False})
+        parts.append(f"--method {best['method']}{' ' + opt if opt else ''} stayed healthy "
                      f"{'for all ' if facts[best['name']]['onset'] is None else 'to '}{reach(best)} edits")
     return ("What helped in our runs: " + "; ".join(parts) + ".") if parts else ""
 
