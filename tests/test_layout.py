@@ -142,6 +142,21 @@ def _is_method_module(module: str) -> bool:
     return module.startswith("factedit.edit.methods.") and module not in METHOD_SEAM
 
 
+def test_every_command_prints_its_help(capsys):
+    """``factedit COMMAND --help`` for every command (argparse formats help texts with %: a literal one in an
+    option's help, as "% of the unedited model's", crashed ``capacity --help``)."""
+    from factedit.cli import COMMANDS, main
+
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0, name
+        assert capsys.readouterr().out.startswith("usage: factedit " + name), name
+    with pytest.raises(SystemExit):
+        main(["capacity", "--help"])
+    assert "% of the unedited model's" in capsys.readouterr().out
+
+
 def test_front_ends_editor_and_history_import_no_method_module():
     """The CLI, the evaluation, the application layer, the page, the Editor and its history learn about methods
     from the registry only: no import of a method's own module (rome, batch, ft, ...)."""

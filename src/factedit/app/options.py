@@ -174,7 +174,7 @@ class Option:
     def add_to(self, parser: argparse.ArgumentParser, command: str) -> None:
         """Add this option to ``command``'s parser (with its deprecated spellings there)."""
         old = tuple(f for f, cmds in self.deprecated.items() if command in cmds)
-        kw: Dict[str, Any] = {"help": self.help_text(command)}
+        kw: Dict[str, Any] = {"help": self.help_text(command).replace("%", "%%")}  # argparse formats help with %
         default = self.default_for(command)
         if self.kind == "positional":
             parser.add_argument(self.name, nargs=self.nargs, help=kw["help"], metavar=self.metavar)
@@ -486,8 +486,9 @@ OPTIONS: Tuple[Option, ...] = (
            "model's; default), perplexity, or the re-scored earlier edits' ES, PS, NS, gen-ES, gen-PS, gen-NS",
            ("capacity",), default="recall", choices=("recall", "perplexity", "ES", "PS", "NS", "gen-ES", "gen-PS",
                                                      "gen-NS"), example="gen-ES"),
-    Option("threshold", ("--threshold",), "how many edits until the quantity passes this value (default: recall "
-           "70, ES/PS/NS 90, gen-ES/PS/NS 70, perplexity 1.15 × the unedited model's)", ("capacity",), type=float,
+    Option("threshold", ("--threshold",), "how many edits until the quantity passes this value, recall and scores "
+           "in percent (25 means 25 %; default: recall 70, ES/PS/NS 90, gen-ES/PS/NS 70, perplexity 1.15 × the "
+           "unedited model's)", ("capacity",), type=float,
            metavar="X", example="50"),
     Option("level", ("--level",), "confidence level of the interval around the extrapolated crossing (default "
            "0.9)", ("capacity",), type=float, default=0.9, example="0.8"),
