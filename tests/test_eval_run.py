@@ -221,6 +221,14 @@ def test_sequential_resume_restores_method_state(home, tiny_corpus, tmp_path, mo
     ed2 = _editor()
     run_eval(ed2, cfg, tmp_path / "cut")
     assert _records(tmp_path / "cut") == _records(tmp_path / "full")
+    if extra.get("norm_anchor"):  # each record says how its request was anchored; the summary counts the skips
+        m, recs = float(ed.state[method]["anchor"][0]), _records(tmp_path / "full")
+        assert all(r["anchor"]["anchor"] == m and isinstance(r["anchor"]["skipped"], bool) for r in recs)
+        summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+        assert summary["anchored_requests"] == len(recs)
+        assert summary["anchor_skipped"] == sum(r["anchor"]["skipped"] for r in recs)
+    else:
+        assert not any("anchor" in r for r in _records(tmp_path / "full"))
     full, resumed = dict(_leaves(ed.state[method])), dict(_leaves(ed2.state[method]))
     assert set(resumed) == set(full) == keys
     for k in full:

@@ -381,6 +381,10 @@ def _summary_of(records: List[dict], cfg: EvalConfig, groups, complete: bool) ->
         k = cfg.score_every
         s.update(score_every=k, n_scored=sum(1 for r in records if r.get("scored", True)),
                  scored=f"every {k}th group right after its edit (groups 0, {k}, {2 * k}, ...)")
+    anchored = [a for r in records for a in ([r["anchor"]] if isinstance(r.get("anchor"), dict) else
+                                             r.get("anchor") or [])]
+    if anchored:  # norm anchoring: requests whose target was too far above the anchor to be written
+        s.update(anchor_skipped=sum(bool(a.get("skipped")) for a in anchored), anchored_requests=len(anchored))
     return s
 
 
@@ -565,16 +569,19 @@ class _Run:
                           result.fingerprints if result is not None else None,
                           result.verification if result is not None else None,
                           result.retried if result is not None else False,
-                          result.wear if result is not None else None)
+                          result.wear if result is not None else None,
+                          result.info if result is not None else None)
 
     @staticmethod
     def _rows(group, scores, error, base, deltas, t_edit, t_score, guard, fingerprints, verification=None,
-              retried: bool = False, wear: Optional[dict] = None) -> List[dict]:
+              retried: bool = False, wear: Optional[dict] = None, info: Optional[list] = None) -> List[dict]:
         norm, fro = normalized_delta_norm(deltas) if deltas is not None else (None, None)
         rows, n0 = [], 0
         for c, s in zip(group, scores):
             k = len(c.requests)
             v = _case_verification(verification[n0: n0 + k]) if verification else _verification(s)
+            # norm anchoring: each request's ‖v*‖ before anchoring, the anchor, and whether it was not written
+            anchor = [x["anchor"] for x in (info or [])[n0: n0 + k] if isinstance(x, dict) and "anchor" in x]
             n0 += k
             many = {"requests": [r.to_dict() for r in c.requests]} if k > 1 or c.kind == "mquake" else {}
             problem = _problem(c)
@@ -583,7 +590,8 @@ class _Run:
                          **failed, "delta_norm": norm, "delta_fro": fro, "edit_seconds": t_edit / len(group),
                          "score_seconds": t_score, "guard": guard, "base_fingerprints": fingerprints,
                          "verified": None if v is None or failed else v["verified"], "verification": v,
-                         "retried": retried, **({"wear": wear} if wear else {})})
+                         "retried": retried, **({"wear": wear} if wear else {}),
+                         **({"anchor": anchor[0] if k == 1 else anchor} if anchor and not failed else {})})
         return rows
 
     def one_chunk(self, gs: List[int]) -> None:
