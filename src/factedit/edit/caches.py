@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: part of every cached anchor's key: raise it when the calibration changes, so older files are not used
 ANCHOR_CACHE_VERSION = 1
+#: the same for the targets kept on disk (raise it when the target optimisation changes)
+TARGETS_CACHE_VERSION = 1
 
 
 class EditCaches:
@@ -43,6 +45,10 @@ class EditCaches:
     MEMOS_PER_KIND = 8
     #: keep AlphaEdit's null-space bases on disk (off: recompute them in every process)
     disk_projectors = True
+    #: keep the batch methods' optimised targets on disk (``$FACTEDIT_HOME/targets/``), chunk by chunk as they are
+    #: optimised, so a batch too large to lose (10,000 requests optimise for hours) continues where it stopped
+    #: and a later process reuses them (off by default: most targets are needed once)
+    disk_targets = False
 
     def __init__(self, adapter, progress: bool = True):
         self.adapter = adapter
@@ -143,8 +149,63 @@ class EditCaches:
     def target_memo(self, layer: int, templates, value_cfg, essence, fact_token, site: str = "residual") -> dict:
         """The memo of optimised targets for the current weights and these settings (``site``
         ``"residual"``: request -> (z*, info) of the batch methods; ``"w_out"``: request -> ROME's
-        :class:`~factedit.edit.values.ValueResult`)."""
-        return self.weights_memo("targets", layer, tuple(templates), value_cfg, tuple(essence), fact_token, site)
+        :class:`~factedit.edit.values.ValueResult`). With :attr:`disk_targets`, a new residual memo starts with
+        the targets kept on disk for these weights and settings (:meth:`keep_targets`)."""
+        key = (layer, tuple(templates), value_cfg, tuple(essence), fact_token, site)
+        memo = self.weights_memo("targets", *key)
+        if self.disk_targets and site == "residual" and not memo:
+            memo.update(_read_targets(self._targets_dir(key)))
+        return memo
+
+    def keep_targets(self, layer: int, templates, value_cfg, essence, fact_token, found: Dict) -> None:
+        """Write one chunk of just-optimised residual targets (request -> (z*, info)) to disk when
+        :attr:`disk_targets` is on (one atomic file per chunk; :meth:`target_memo` reads them back)."""
+        if self.disk_targets and found:
+            _write_targets(self._targets_dir((layer, tuple(templates), value_cfg, tuple(essence), fact_token,
+                                              "residual")), found)
+
+    def _targets_dir(self, key: tuple):
+        ident = json.dumps([TARGETS_CACHE_VERSION, model_fingerprint(self.adapter.model), repr(key)])
+        return factedit_home() / "targets" / hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+def _write_targets(directory, found: Dict) -> None:
+    """One chunk of targets as ``DIR/<sha of its requests>.safetensors``: ``z`` (n, d) and, in the metadata, the
+    requests and their optimisation info (JSON)."""
+    import torch
+    from safetensors.torch import save_file
+
+    reqs = list(found)
+    meta = json.dumps({"requests": [r.to_dict() for r in reqs], "info": [found[r][1] for r in reqs]})
+    name = hashlib.sha256(json.dumps([r.to_dict() for r in reqs]).encode()).hexdigest()[:24]
+    z = torch.stack([found[r][0].detach().cpu() for r in reqs]).contiguous()
+    with atomic_path(directory / f"{name}.safetensors", suffix=".safetensors") as tmp:
+        save_file({"z": z}, str(tmp), metadata={"chunk": meta})
+
+
+def _read_targets(directory) -> Dict:
+    """Every chunk kept in ``directory`` (request -> (z*, info)); a damaged chunk is skipped (and optimised
+    again by its next use)."""
+    from safetensors import safe_open
+
+    from ..core.requests import Request
+
+    out: Dict = {}
+    if not directory.is_dir():
+        return out
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                chunk = json.loads(f.metadata()["chunk"])
+                z = f.get_tensor("z")
+            reqs = [Request(**d) for d in chunk["requests"]]
+            if z.ndim != 2 or z.shape[0] != len(reqs) or len(chunk["info"]) != len(reqs):
+                raise ValueError("its tensor does not match its requests")
+        except Exception as e:
+            log.warning("ignoring damaged target cache %s (%s)", path, e)
+            continue
+        out.update({r: (z[i], info) for i, (r, info) in enumerate(zip(reqs, chunk["info"]))})
+    return out
 
 
 def _cached_anchor(fingerprint: str, key: tuple, compute) -> float:

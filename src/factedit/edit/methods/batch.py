@@ -246,11 +246,13 @@ def target_residuals(adapter, caches, requests, cfg: BatchConfig, templates):
         problem = ValueProblem(adapter, L, [requests[i] for i in chunk], templates, cfg.essence_prompts,
                                cfg.fact_token, inject="residual", bare_weight=cfg.value.bare_weight)
         res = optimize_values(problem, cfg.value)
-        for j, i in enumerate(chunk):
-            memo[requests[i]] = (res.v0[j] + res.delta[j],
-                                 {"nll_before": res.nll_before[j], "nll_after": res.nll_after[j],
-                                  "steps": res.steps_each[j]})
-    zs = torch.stack([memo[r][0] for r in requests]).float()
+        found = {requests[i]: (res.v0[j] + res.delta[j], {"nll_before": res.nll_before[j],
+                                                          "nll_after": res.nll_after[j], "steps": res.steps_each[j]})
+                 for j, i in enumerate(chunk)}
+        memo.update(found)
+        caches.keep_targets(L, templates, cfg.value, cfg.essence_prompts, cfg.fact_token, found)
+    dev = adapter.w_out_device(L)  # targets read back from disk (EditCaches.disk_targets) are on the CPU
+    zs = torch.stack([memo[r][0].to(dev) for r in requests]).float()
     return zs, [dict(memo[r][1]) for r in requests]
 
 
