@@ -125,7 +125,44 @@ def test_the_stop_rule_ends_a_run_at_the_first_checkpoint_past_it(home, tiny_cor
     assert again["stopped"] == s["stopped"] and len(_jsonl(tmp_path / "stop" / "cases.jsonl")) == stopped_at
 
 
+def test_one_batch_scores_a_sample_of_its_cases(home, tiny_corpus, tmp_path):
+    """A batch of 6 requests from the original weights, 3 of its cases scored right after it (evenly spaced:
+    the first, third and last), with the scores the same cases have in a run that scores all six; the others
+    are edited and recorded unscored."""
+    one = dict(sequential=False, score_every=1, checkpoints=(), retention_sample=0, ability=AbilityConfig(),
+               cases_per_edit=6)
+    s = run_eval(_editor(), _cfg(tiny_corpus, score_sample=3, **one), tmp_path / "sample")
+    recs = _jsonl(tmp_path / "sample" / "cases.jsonl")
+    assert [r.get("scored", True) for r in recs] == [True, False, True, False, False, True]  # 0, round(2.5) = 2, 5
+    assert all("ES" not in r for r in recs if r.get("scored") is False)
+    assert s["score_sample"] == 3 and s["n_scored"] == 3 and s["n"] == 6 and "3 cases of each edit" in s["scored"]
+    every = _jsonl_by_id(run_eval(_editor(), _cfg(tiny_corpus, **one), tmp_path / "all") and
+                         tmp_path / "all" / "cases.jsonl")
+    for r in recs:
+        if r.get("scored", True):
+            assert r["ES"] == every[r["case_id"]]["ES"] and r["rewrite_lp"] == every[r["case_id"]]["rewrite_lp"]
+    assert s["ES"] == pytest.approx(100 * sum(r["ES"] for r in recs if r.get("scored", True)) / 3)
+
+
+def test_a_sequential_run_of_batches_scores_a_sample_and_rescores_only_scored_cases(home, tiny_corpus, tmp_path):
+    cfg = _cfg(tiny_corpus, score_every=1, cases_per_edit=3, score_sample=2, checkpoints=(3,), retention_sample=3)
+    s = run_eval(_editor(), cfg, tmp_path / "run")
+    recs = _jsonl(tmp_path / "run" / "cases.jsonl")
+    assert [r.get("scored", True) for r in recs] == [True, False, True] * 2 and s["n_scored"] == 4
+    assert all(r["verified"] is not None for r in recs)  # verification is not scoring: every edit has it
+    scored = [r["case_id"] for r in recs if r.get("scored", True)]
+    down = _jsonl(tmp_path / "run" / "downstream.jsonl")
+    assert all(set(d["retention_cases"]) <= set(scored) for d in down[1:]) and down[-1]["retention"]["n"] == 3
+
+
+def _jsonl_by_id(path):
+    return {r["case_id"]: r for r in _jsonl(path)}
+
+
 @pytest.mark.parametrize("change, message", [
+    ({"score_sample": 1, "cases_per_edit": 3}, "--score-sample must be 0 (every case) or a whole number >= 2"),
+    ({"score_sample": 3, "cases_per_edit": 3}, "--score-sample 3 samples the cases of each edit: it needs "
+                                                "--cases-per-edit above it"),
     ({"score_every": 0}, "--score-every must be a whole number >= 1"),
     ({"score_every": 2, "sequential": False, "checkpoints": (), "retention_sample": 0},
      "--score-every is for --sequential runs"),

@@ -351,6 +351,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("score_every", ("--score-every",), "with --sequential: score only every K-th edit right after it (the "
            "others are edited, verified and committed unscored; a long run's cost); the checkpoints re-score a fixed "
            "sample of the scored ones (default 1: every edit)", ("eval",), type=int, default=1, example="2"),
+    Option("score_sample", ("--score-sample",), "score at most N cases of each edit right after it, evenly spaced, "
+           "first and last included (a batch of thousands: the others are edited, verified and recorded unscored); "
+           "default 0: all", ("eval",), type=int, default=0, example="3"),
     Option("stop_ppl", ("--stop-ppl",), "with checkpoints and --ppl-corpus: stop the run (collapsed) at the first "
            "checkpoint whose perplexity is above X times the unedited model's", ("eval",), type=float, example="10"),
     Option("stop_recall", ("--stop-recall",), "with checkpoints and --knowns: stop the run (collapsed) at the first "

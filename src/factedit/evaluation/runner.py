@@ -64,6 +64,10 @@ class EvalConfig:
             2k, ...); the others are edited, verified and committed with ``"scored": false`` records. Their
             checkpoints then re-score a fixed sample: the scored cases, ``retention_sample`` of them evenly spaced
             over the whole run (those edited so far), the same cases at every checkpoint.
+        score_sample: score at most this many cases of each edit right after it (a batch of thousands of requests:
+            scoring them all would take hours), evenly spaced in the group, first and last included; the others are
+            edited, verified and recorded with ``"scored": false``; 0 (default): all. Checkpoints then re-score
+            only cases that were scored right after their edit.
         stop_ppl, stop_recall: sequential runs with checkpoints: stop (the model collapsed) at the first checkpoint
             whose perplexity exceeds ``stop_ppl`` × the unedited model's, or whose known-fact recall falls below
             ``stop_recall`` (a fraction of the unedited model's); the run records why and ends there (a rerun does
@@ -105,6 +109,7 @@ class EvalConfig:
     retention_sample: int = 0
     checkpoints: Tuple[int, ...] = ()
     score_every: int = 1
+    score_sample: int = 0
     stop_ppl: Optional[float] = None
     stop_recall: Optional[float] = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -149,6 +154,12 @@ class EvalConfig:
                                "--ppl-corpus FILE or --knowns FILE")
         if not isinstance(self.score_every, int) or self.score_every < 1:
             raise RunError(f"--score-every must be a whole number >= 1, got {self.score_every!r}")
+        if not isinstance(self.score_sample, int) or self.score_sample < 0 or self.score_sample == 1:
+            raise RunError(f"--score-sample must be 0 (every case) or a whole number >= 2 (the first and the last "
+                           f"case of each edit included), got {self.score_sample!r}")
+        if self.score_sample and self.score_sample >= self.cases_per_edit:
+            raise RunError(f"--score-sample {self.score_sample} samples the cases of each edit: it needs "
+                           f"--cases-per-edit above it (got {self.cases_per_edit})")
         if self.score_every > 1 and not self.sequential:
             raise RunError("--score-every is for --sequential runs (a single-edit run scores every case)")
         for name, value, what, need in (("--stop-ppl", self.stop_ppl, "a ratio > 1", self.ability.ppl_corpus),
@@ -213,7 +224,7 @@ def mode_text(sequential: bool, cases_per_edit: int) -> str:
 
 #: options added after runs were written, at the value those runs had (a resume then still matches)
 OPTION_DEFAULTS = {"gen_chat": False, "retention_sample": 0, "checkpoints": [], "score_every": 1, "stop_ppl": None,
-                   "stop_recall": None}
+                   "stop_recall": None, "score_sample": 0}
 #: options renamed since runs were written: old name -> today's
 RENAMED = {"batch_size": "cases_per_edit"}
 
@@ -381,6 +392,11 @@ def _summary_of(records: List[dict], cfg: EvalConfig, groups, complete: bool) ->
         k = cfg.score_every
         s.update(score_every=k, n_scored=sum(1 for r in records if r.get("scored", True)),
                  scored=f"every {k}th group right after its edit (groups 0, {k}, {2 * k}, ...)")
+    if cfg.score_sample:
+        k = cfg.score_sample
+        s.update(score_sample=k, n_scored=sum(1 for r in records if r.get("scored", True) and "error" not in r),
+                 scored=f"{k} cases of each edit right after it, evenly spaced (first and last included)"
+                        + (f", in every {cfg.score_every}th group" if cfg.score_every > 1 else ""))
     anchored = [a for r in records for a in ([r["anchor"]] if isinstance(r.get("anchor"), dict) else
                                              r.get("anchor") or [])]
     if anchored:  # norm anchoring: requests whose target was too far above the anchor to be written
@@ -552,17 +568,24 @@ class _Run:
         """Whether group ``g`` is scored right after its edit (every group unless ``score_every`` > 1)."""
         return not self.cfg.sequential or g % self.cfg.score_every == 0
 
+    def sampled(self, group: List[Case]) -> List[Case]:
+        """The cases of ``group`` scored right after its edit: all that can be edited, or ``score_sample`` of them
+        evenly spaced (first and last included)."""
+        return retention_cases([c for c in group if not _problem(c)], self.cfg.score_sample)
+
     def _score(self, group, error, result, base, t_edit, ge: bool = True, scored: bool = True) -> List[dict]:
         """The records of ``group`` after its edit: scored now, or (``scored`` False: a sampled run) edited,
         verified and committed with ``"scored": false``."""
         t0 = time.perf_counter()
         gen = self.cfg.generation if ge else replace(self.cfg.generation, length=0)
-        usable = [c for c in group if not _problem(c)]
+        usable = self.sampled(group)
+        chosen = {c.case_id for c in usable}
         blank = {} if scored else {"scored": False}
         got = iter([dict(blank) for _ in usable] if not scored or error and "error" in error or not usable else
                    score_cases(self.editor.adapter, usable, gen, self.cfg.score_batch, unedited=self.unedited,
                                gen_tokens=self.cfg.gen_tokens, gen_chat=self.cfg.gen_chat))
-        scores = [dict(blank) if _problem(c) else next(got) for c in group]
+        scores = [dict(blank) if _problem(c) else next(got) if c.case_id in chosen else {"scored": False}
+                  for c in group]
         t_score = (time.perf_counter() - t0) / len(group) if scored else 0.0
         return self._rows(group, scores, error, base, result.deltas if result is not None else None, t_edit,
                           t_score, result.guard if result is not None else None,
@@ -630,7 +653,7 @@ class _Run:
             t_edit = time.perf_counter() - t0 + t_pre * len(group) / len(cases)
             edits[g] = (computed, error, t_edit)
         owner = {g: i for i, g in enumerate(gs)}
-        scored = [(g, c) for g in gs for c in self.groups[g] if edits[g][1] is None and not _problem(c)]
+        scored = [(g, c) for g in gs for c in self.sampled(self.groups[g]) if edits[g][1] is None]
         t0 = time.perf_counter()
         models = RowDeltas(ed.adapter, [edits[g][0].deltas if edits[g][0] is not None else [] for g in gs])
         with models:
@@ -641,7 +664,9 @@ class _Run:
         for g in gs:
             group, (computed, error, t_edit) = self.groups[g], edits[g]
             base = {"group": g, "method": cfg.method, "n_edits_before": 0}
-            rows = self._rows(group, [by_case.get((g, c.case_id), {}) for c in group], error, base,
+            unscored = {c.case_id for c in group} - {c.case_id for c in self.sampled(group)} if error is None else set()
+            rows = self._rows(group, [by_case.get((g, c.case_id), {"scored": False} if c.case_id in unscored else {})
+                                      for c in group], error, base,
                               computed.deltas if computed is not None else None, t_edit,
                               t_score if error is None else 0.0, None, fingerprints)
             self.store.append(self.store.cases_path, rows)
@@ -709,12 +734,12 @@ class _Run:
 
     def _retention(self, edited: List[Case]) -> List[Case]:
         """The earlier edits a checkpoint re-scores: a sample evenly spaced in edit order (the first and the latest
-        included); with ``score_every`` > 1 a fixed sample instead, the scored groups' cases evenly spaced over
-        the whole run, those edited so far (the same cases at every checkpoint)."""
+        included); with ``score_every`` > 1 or ``score_sample`` a fixed sample instead, the cases scored right after
+        their edit evenly spaced over the whole run, those edited so far (the same cases at every checkpoint)."""
         usable = [c for c in edited if not _problem(c)]
-        if self.cfg.score_every <= 1:
+        if self.cfg.score_every <= 1 and not self.cfg.score_sample:
             return retention_cases(usable, self.cfg.retention_sample)
-        pool = [c for g, group in enumerate(self.groups) if self.scored(g) for c in group if not _problem(c)]
+        pool = [c for g, group in enumerate(self.groups) if self.scored(g) for c in self.sampled(group)]
         fixed = {c.case_id for c in retention_cases(pool, self.cfg.retention_sample)}
         return [c for c in usable if c.case_id in fixed]
 
