@@ -15,6 +15,7 @@ sequential run at 0 edits).
     python bench/run_results.py mquake --limit 100                 # runs/mquake/<method> (issue 34)
     python bench/run_results.py qaedit --limit 200                 # runs/qaedit/<method>, one by one
     python bench/run_results.py qaedit-seq --limit 200             # runs/qaedit-seq/<method>, accumulated
+    python bench/run_results.py batch --methods memit-100,emmet-100  # runs/batch/<run>: one batch of N (issue 36)
     python bench/run_results.py table                              # print the tables of every part (markdown)
 
 A long run's directory, with the patch stack a resume re-applies (``patches/``), lives in
@@ -22,7 +23,9 @@ A long run's directory, with the patch stack a resume re-applies (``patches/``),
 records that the docs cite (config.json, cases.jsonl, downstream.jsonl, summary.json, unedited.json) are
 copied into ``results/long/<method>`` (kept in git; ``table`` reads them there). Records there are never
 replaced by a run holding fewer edits (e.g. one started again from edit 0): remove them to allow it.
-A run given ``--out`` elsewhere copies its records only where ``--records`` says.
+A run given ``--out`` elsewhere copies its records only where ``--records`` says. Every run also records
+the peak resident memory of its process while it ran (``resources.json``; Linux, the largest of its stretches
+when it ran in several).
 
 Run it alone on the machine: the table reports seconds per edit.
 """
@@ -79,6 +82,13 @@ CAPACITY_CHECKPOINTS = (100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7
 CAPACITY_SCORE_EVERY = 10
 #: collapsed: known-fact recall below a quarter of the unedited model's, or perplexity above twice its
 CAPACITY_STOP = ("--stop-recall", "0.25", "--stop-ppl", "2")
+#: issue 36: one batch from the original weights at each size (records 1..N), MEMIT and EMMET; the targets are
+#: kept on disk ($FACTEDIT_HOME/targets, EditCaches.disk_targets), so both methods and every size share them and
+#: an interrupted batch continues (the sizes nest); BATCH_SCORE_SAMPLE cases of a larger batch scored right after
+#: it, perplexity and known recall at the end
+BATCH_SIZES = (100, 1000, 2000, 5000, 10000)
+BATCH = {f"{m}-{n}": (m, n) for n in BATCH_SIZES for m in ("memit", "emmet")}
+BATCH_SCORE_SAMPLE = 500
 #: earlier edits re-scored at each checkpoint of a long run (evenly spaced, first and latest included):
 #: all of them would cost O(n²), 5,500 case scorings per run at 0.3–0.8 s each on 2 cores (50 took 16–41 s)
 RETENTION = 50
@@ -96,15 +106,17 @@ DATASETS = {"mquake": DATA / "mquake" / "mquake_cf_354.json", "qaedit": DATA / "
 PPL_CORPUS = DATA / "corpus" / "wikitext2_test.txt"
 KNOWNS = DATA / "knowns" / "known_1000.json"
 PARTS = {"single": SINGLE, "sequential": SEQUENTIAL, "long": LONG, "mquake": MQUAKE_RUNS, "qaedit": QAEDIT_RUNS,
-         "qaedit-seq": QAEDIT_SEQ, "capacity": CAPACITY}
+         "qaedit-seq": QAEDIT_SEQ, "capacity": CAPACITY, "batch": BATCH}
 #: where each part's run directories go (outside git: /runs/ is ignored); a long run spans sessions, and its
 #: directory keeps the patch stack a resume re-applies
 DEFAULT_OUT = {"single": ROOT / "runs" / "single", "sequential": ROOT / "runs" / "seq", "long": ROOT / "runs" / "long",
-               "capacity": ROOT / "runs" / "capacity", **{part: ROOT / "runs" / part for part in DATASETS}}
+               "capacity": ROOT / "runs" / "capacity", "batch": ROOT / "runs" / "batch",
+               **{part: ROOT / "runs" / part for part in DATASETS}}
 #: where a part's records are copied after each run (kept in git, cited by docs/RESULTS.md; read by `table`)
-RECORDS = {"long": ROOT / "results" / "long", "capacity": ROOT / "results" / "capacity"}
+RECORDS = {"long": ROOT / "results" / "long", "capacity": ROOT / "results" / "capacity",
+           "batch": ROOT / "results" / "batch"}
 #: the files of a run directory that are copied there: its records, not its patch stack
-RECORD_FILES = ("config.json", "cases.jsonl", "downstream.jsonl", "summary.json", "unedited.json")
+RECORD_FILES = ("config.json", "cases.jsonl", "downstream.jsonl", "summary.json", "unedited.json", "resources.json")
 
 
 def _rel(p: Path) -> str:
@@ -115,6 +127,8 @@ def _rel(p: Path) -> str:
 def command(name: str, part: str, limit: int, out: Path, downstream_n: int, every: int) -> list:
     """The ``factedit eval`` argument list of run ``name`` (what the table prints)."""
     method, batch, *options = PARTS[part][name]
+    if part == "batch":  # one batch of its size: the run's records are the first `batch` ones
+        limit = batch
     args = ["factedit", "eval", "--method", method, "--dataset", _rel(DATASETS.get(part, CF)), "--limit", str(limit)]
     if batch > 1:
         args += ["--cases-per-edit", str(batch)]
@@ -127,8 +141,13 @@ def command(name: str, part: str, limit: int, out: Path, downstream_n: int, ever
     if part == "capacity":
         args += ["--sequential", "--checkpoints", ",".join(map(str, CAPACITY_CHECKPOINTS)), "--score-every",
                  str(CAPACITY_SCORE_EVERY), *CAPACITY_STOP]
-    if part in ("long", "capacity"):  # GLUE/MMLU sit at chance on the embedded model: perplexity and known facts
-        args += ["--ppl-corpus", _rel(PPL_CORPUS), "--knowns", _rel(KNOWNS), "--retention-sample", str(RETENTION)]
+    if part == "batch":  # the batch, then perplexity and known recall once (a checkpoint re-scores 2 of its cases)
+        args += ["--sequential", "--checkpoints", str(batch)]
+        if batch > BATCH_SCORE_SAMPLE:
+            args += ["--score-sample", str(BATCH_SCORE_SAMPLE)]
+    if part in ("long", "capacity", "batch"):  # GLUE/MMLU sit at chance on the embedded model: perplexity, known facts
+        args += ["--ppl-corpus", _rel(PPL_CORPUS), "--knowns", _rel(KNOWNS),
+                 "--retention-sample", str(2 if part == "batch" else RETENTION)]
     if method != "none":
         args += ["--stats-corpus", _rel(CORPUS)]
     for opt in options:
@@ -185,10 +204,12 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
     records into ``records/<method>`` after it and whenever it stops (:func:`copy_records`)."""
     from factedit import Editor, load_model
     from factedit.cli import parse
+    from factedit.core.timing import peak_rss_mb, reset_peak_rss
     from factedit.evaluation import run_eval
 
     model, tok = load_model()
     editor = Editor(model, tok, progress=False)
+    editor.caches.disk_targets = part == "batch"  # targets shared by both methods and every size, across processes
     # single edits: the runs of a family advance one chunk at a time in turn, so that each chunk's
     # targets are optimised once for all of them, and an interruption loses at most one chunk of it
     groups = [[m] for m in methods]
@@ -212,11 +233,14 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
                     if len(family) > 1 and done < total:
                         raise _Pause()
 
+                measured = reset_peak_rss()
                 try:
                     s = run_eval(editor, settings.eval, settings["out"], on_group=progress)
                 except _Pause:
                     continue
                 finally:  # after the run, and when it stops (interrupted, failed): its records to `records`
+                    if measured and (out / m).is_dir():
+                        _record_peak(out / m, peak_rss_mb())
                     if records is not None and (out / m).is_dir():
                         copy_records(out / m, records / m)
                 todo.remove(m)
@@ -225,6 +249,19 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
                 print(f"  {m}: " + " ".join(f"{k} {s[k]:.1f}" for k in shown), file=sys.stderr, flush=True)
                 if editor.history:  # a sequential run leaves its edits applied: back to the original weights
                     editor.revert(len(editor.history))
+
+
+def _record_peak(run_dir: Path, peak: float) -> None:
+    """Keep the largest peak resident memory (MiB) of the run's stretches in ``run_dir/resources.json``."""
+    import json
+
+    from factedit.core.paths import atomic_write_text
+
+    path = run_dir / "resources.json"
+    old = json.loads(path.read_text()).get("peak_rss_mib", 0) if path.is_file() else 0
+    atomic_write_text(path, json.dumps({"peak_rss_mib": round(max(old, peak), 1),
+                                        "what": "peak resident memory of the process while the run ran (Linux "
+                                                "VmHWM reset at each start of it; the largest over its stretches)"}))
 
 
 def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: int, run_out: Path = None) -> str:

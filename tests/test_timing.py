@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from factedit.cli import main
 from factedit.core.timing import phase, profiling, record
 
@@ -42,3 +44,22 @@ def test_edit_profile_names_the_phases_on_stderr(tiny_dir, tiny_corpus, home, ca
                  "compute the update", "values", "verify", "save outputs"):
         assert want in names, (want, names)
     assert all(r["seconds"] >= 0 for r in profile)
+
+
+def test_the_peak_of_a_stretch_is_read_after_a_reset():
+    """A 200 MiB block held and freed before the reset is in the process's peak, not in the stretch's after it."""
+    import subprocess
+    import sys
+
+    code = ("from factedit.core.timing import peak_rss_mb, reset_peak_rss\n"
+            "x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096]); del x\n"
+            "before = peak_rss_mb(); ok = reset_peak_rss(); after = peak_rss_mb()\n"
+            "y = bytearray(50 * 2**20); y[::4096] = b'1' * len(y[::4096]); del y\n"
+            "print(before, ok, after, peak_rss_mb())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    before, ok, after, later = out.stdout.split()
+    if ok != "True":
+        pytest.skip("this kernel cannot reset the peak (/proc/self/clear_refs)")
+    before, after, later = float(before), float(after), float(later)
+    assert before - after > 150  # the freed block left the peak
+    assert 40 < later - after < 70  # the stretch's own 50 MiB block is its peak

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
-__all__ = ["Profile", "phase", "record", "profiling", "peak_rss_mb", "seconds_since_process_start"]
+__all__ = ["Profile", "phase", "record", "profiling", "peak_rss_mb", "reset_peak_rss", "seconds_since_process_start"]
 
 _current: contextvars.ContextVar = contextvars.ContextVar("factedit_profile", default=None)
 
@@ -40,6 +40,17 @@ def peak_rss_mb() -> Optional[float]:
     except (ImportError, OSError):
         return None
     return peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_rss() -> bool:
+    """Start :func:`peak_rss_mb` afresh from the current resident memory (Linux ≥ 4.0: ``/proc/self/clear_refs``),
+    so that the peak of one stretch of a long process can be read; False where the platform cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 @dataclass
