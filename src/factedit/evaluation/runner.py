@@ -664,7 +664,8 @@ class _Run:
         for g in gs:
             group, (computed, error, t_edit) = self.groups[g], edits[g]
             base = {"group": g, "method": cfg.method, "n_edits_before": 0}
-            unscored = {c.case_id for c in group} - {c.case_id for c in self.sampled(group)} if error is None else set()
+            unscored = set() if error is not None else \
+                {c.case_id for c in group if not _problem(c)} - {c.case_id for c in self.sampled(group)}
             rows = self._rows(group, [by_case.get((g, c.case_id), {"scored": False} if c.case_id in unscored else {})
                                       for c in group], error, base,
                               computed.deltas if computed is not None else None, t_edit,
