@@ -6,7 +6,8 @@ and memos tied to the current weights (optimised targets, downstream accuracy).
     caches.templates(seed=0)                                                   # ["{}", "... . {}", ...]
 
 The methods receive it next to the adapter (never the Editor); everything in it is also cached
-on disk where that pays (statistics, templates, projectors, norm anchors), so a new process starts warm.
+on disk where that pays (statistics, templates, projectors, norm anchors; targets when asked: `disk_targets`),
+so a new process starts warm.
 """
 
 from __future__ import annotations
