@@ -237,6 +237,31 @@ def test_sequential_resume_restores_method_state(home, tiny_corpus, tmp_path, mo
         assert torch.equal(ed2.adapter.w_out_weight(l), ed.adapter.w_out_weight(l))
 
 
+@pytest.mark.parametrize("damage", ["missing", "torn", "foreign"])
+def test_a_run_whose_method_state_is_missing_or_damaged_is_refused(home, tiny_corpus, tmp_path, monkeypatch, damage):
+    """Committed AlphaEdit edits need their key memory to continue: without it (or with a file that is not it)
+    the resume stops with a clear error, and the run's files stay as they were."""
+    cfg = _cfg(tiny_corpus, "alphaedit", sequential=True, cases_per_edit=2, generation=GenerationConfig(length=0))
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 1)
+        with pytest.raises(Boom):
+            run_eval(_editor(), cfg, tmp_path / "cut")
+    stack = json.loads((tmp_path / "cut" / "patches" / "stack.json").read_text())
+    state = tmp_path / "cut" / "patches" / stack["state"]
+    if damage == "missing":
+        state.unlink()
+    elif damage == "torn":
+        state.write_bytes(state.read_bytes()[:100])
+    else:  # a valid safetensors file holding something else
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(2)}, str(state), metadata={"group": "0", "paths": json.dumps([[1]])})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cut").iterdir() if p.is_file()}
+    with pytest.raises(RunError, match="method state of this run's committed edits is missing or damaged"):
+        run_eval(_editor(), cfg, tmp_path / "cut")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cut").iterdir() if p.is_file()} == before
+
+
 def test_a_run_whose_patch_stack_was_lost_starts_again(home, tiny_corpus, tmp_path):
     """Records and checkpoints kept without the patch stack (as the batch methods' long runs are kept in
     the repository): the run cannot re-apply its edits, so it drops them and its checkpoints and starts

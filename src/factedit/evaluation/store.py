@@ -221,18 +221,24 @@ class RunStore:
         from safetensors.torch import load_file
 
         path = self.patch_dir / stack["state"]
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+            if "paths" in meta:
+                paths = [tuple(p) for p in json.loads(meta["paths"])]
+            elif "keys" in meta:  # flat state with its keys recorded
+                paths = [(k,) for k in json.loads(meta["keys"])]
+            else:  # files written before the keys were recorded: flat, digits are layers
+                paths = [(int(k) if k.isdigit() else k,) for k in tensors]
+            if sorted(_tensor_name(p) for p in paths) != sorted(tensors):
+                raise ValueError("its tensors are not the ones its metadata lists")
+        except Exception as e:  # missing, torn, or not a state file
+            raise RunError(f"{path}: the method state of this run's committed edits is missing or damaged ({e}); "
+                           "the run cannot continue them: move the run directory away to start again") from None
         group = int(meta.get("group", -1))
         if stack["groups"] and group != stack["groups"][-1]["group"]:
             raise RunError(f"{path} belongs to group {group}, not to the last committed one")
-        tensors = load_file(str(path))
-        if "paths" in meta:
-            paths = [tuple(p) for p in json.loads(meta["paths"])]
-        elif "keys" in meta:  # flat state with its keys recorded
-            paths = [(k,) for k in json.loads(meta["keys"])]
-        else:  # files written before the keys were recorded: flat, digits are layers
-            paths = [(int(k) if k.isdigit() else k,) for k in tensors]
         state: dict = {}
         for p in paths:
             node = state
