@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import math
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from ..core.fingerprints import model_fingerprint
 from ..core.paths import atomic_path, atomic_write_text, factedit_home
@@ -151,23 +151,33 @@ class EditCaches:
         """The memo of optimised targets for the current weights and these settings (``site``
         ``"residual"``: request -> (z*, info) of the batch methods; ``"w_out"``: request -> ROME's
         :class:`~factedit.edit.values.ValueResult`). With :attr:`disk_targets`, a new residual memo starts with
-        the targets kept on disk for these weights and settings (:meth:`keep_targets`)."""
+        the targets kept on disk for these weights and settings (:meth:`target_keeper`)."""
         key = (layer, tuple(templates), value_cfg, tuple(essence), fact_token, site)
         memo = self.weights_memo("targets", *key)
         if self.disk_targets and site == "residual" and not memo:
             memo.update(_read_targets(self._targets_dir(key)))
         return memo
 
-    def keep_targets(self, layer: int, templates, value_cfg, essence, fact_token, found: Dict) -> None:
-        """Write one chunk of just-optimised residual targets (request -> (z*, info)) to disk when
-        :attr:`disk_targets` is on (one atomic file per chunk; :meth:`target_memo` reads them back)."""
-        if self.disk_targets and found:
-            _write_targets(self._targets_dir((layer, tuple(templates), value_cfg, tuple(essence), fact_token,
-                                              "residual")), found)
+    def target_keeper(self, layer: int, templates, value_cfg, essence, fact_token) -> Optional[Callable]:
+        """With :attr:`disk_targets`, a function that writes one chunk of residual targets just optimised on the
+        current weights (request -> (z*, info)) to disk, one atomic file per chunk, where :meth:`target_memo` reads
+        them back; ``None`` otherwise. The directory is fixed here (the weights' fingerprint: 0.1 s for SmolLM2),
+        not per chunk."""
+        if not self.disk_targets:
+            return None
+        directory = self._targets_dir((layer, tuple(templates), value_cfg, tuple(essence), fact_token, "residual"))
+        return lambda found: _write_targets(directory, found)
 
     def _targets_dir(self, key: tuple):
-        ident = json.dumps([TARGETS_CACHE_VERSION, model_fingerprint(self.adapter.model), repr(key)])
-        return factedit_home() / "targets" / hashlib.sha256(ident.encode()).hexdigest()[:24]
+        _, digest = _disk_ident(TARGETS_CACHE_VERSION, model_fingerprint(self.adapter.model), key)
+        return factedit_home() / "targets" / digest
+
+
+def _disk_ident(version: int, fingerprint: str, key: tuple):
+    """What identifies a value kept on disk for these weights and settings (JSON text) and its file name (the
+    first 24 hex digits of its SHA-256)."""
+    ident = json.dumps([version, fingerprint, repr(key)])
+    return ident, hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
 def _write_targets(directory, found: Dict) -> None:
@@ -177,8 +187,9 @@ def _write_targets(directory, found: Dict) -> None:
     from safetensors.torch import save_file
 
     reqs = list(found)
-    meta = json.dumps({"requests": [r.to_dict() for r in reqs], "info": [found[r][1] for r in reqs]})
-    name = hashlib.sha256(json.dumps([r.to_dict() for r in reqs]).encode()).hexdigest()[:24]
+    requests = [r.to_dict() for r in reqs]
+    meta = json.dumps({"requests": requests, "info": [found[r][1] for r in reqs]})
+    name = hashlib.sha256(json.dumps(requests).encode()).hexdigest()[:24]
     z = torch.stack([found[r][0].detach().cpu() for r in reqs]).contiguous()
     with atomic_path(directory / f"{name}.safetensors", suffix=".safetensors") as tmp:
         save_file({"z": z}, str(tmp), metadata={"chunk": meta})
@@ -212,8 +223,8 @@ def _read_targets(directory) -> Dict:
 def _cached_anchor(fingerprint: str, key: tuple, compute) -> float:
     """``compute()`` (a positive float) from ``$FACTEDIT_HOME/anchors/`` when an earlier process calibrated it for
     the same weights and key; written there otherwise (atomic). A damaged file is recomputed and replaced."""
-    ident = json.dumps([ANCHOR_CACHE_VERSION, fingerprint, repr(key)])
-    path = factedit_home() / "anchors" / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.json"
+    ident, digest = _disk_ident(ANCHOR_CACHE_VERSION, fingerprint, key)
+    path = factedit_home() / "anchors" / f"{digest}.json"
     if path.is_file():
         try:
             saved = json.loads(path.read_text())

@@ -242,6 +242,7 @@ def target_residuals(adapter, caches, requests, cfg: BatchConfig, templates):
     # requests whose δ-dependent part (fact token onwards) has the same length share a chunk
     todo.sort(key=lambda i: _suffix_length(tok, requests[i], cfg.fact_token))
     chunks = [todo[i: i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    keep = caches.target_keeper(L, templates, cfg.value, cfg.essence_prompts, cfg.fact_token) if chunks else None
     for chunk in tqdm(chunks, desc="targets", unit="batch", disable=not caches.progress or len(chunks) < 2):
         problem = ValueProblem(adapter, L, [requests[i] for i in chunk], templates, cfg.essence_prompts,
                                cfg.fact_token, inject="residual", bare_weight=cfg.value.bare_weight)
@@ -250,7 +251,8 @@ def target_residuals(adapter, caches, requests, cfg: BatchConfig, templates):
                                                           "nll_after": res.nll_after[j], "steps": res.steps_each[j]})
                  for j, i in enumerate(chunk)}
         memo.update(found)
-        caches.keep_targets(L, templates, cfg.value, cfg.essence_prompts, cfg.fact_token, found)
+        if keep is not None:
+            keep(found)
     dev = adapter.w_out_device(L)  # targets read back from disk (EditCaches.disk_targets) are on the CPU
     zs = torch.stack([memo[r][0].to(dev) for r in requests]).float()
     return zs, [dict(memo[r][1]) for r in requests]
