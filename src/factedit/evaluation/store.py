@@ -227,9 +227,7 @@ class RunStore:
             tensors = load_file(str(path))
             if "paths" in meta:
                 paths = [tuple(p) for p in json.loads(meta["paths"])]
-            elif "keys" in meta:  # flat state with its keys recorded
-                paths = [(k,) for k in json.loads(meta["keys"])]
-            else:  # files written before the keys were recorded: flat, digits are layers
+            else:  # files written before the paths were recorded: flat, digits are layers
                 paths = [(int(k) if k.isdigit() else k,) for k in tensors]
             if sorted(_tensor_name(p) for p in paths) != sorted(tensors):
                 raise ValueError("its tensors are not the ones its metadata lists")
