@@ -664,10 +664,10 @@ class _Run:
         for g in gs:
             group, (computed, error, t_edit) = self.groups[g], edits[g]
             base = {"group": g, "method": cfg.method, "n_edits_before": 0}
-            unscored = set() if error is not None else \
-                {c.case_id for c in group if not _problem(c)} - {c.case_id for c in self.sampled(group)}
-            rows = self._rows(group, [by_case.get((g, c.case_id), {"scored": False} if c.case_id in unscored else {})
-                                      for c in group], error, base,
+            # an editable case of an edit that was made is scored, or left out of the sample
+            got = [by_case[g, c.case_id] if (g, c.case_id) in by_case else
+                   {"scored": False} if error is None and not _problem(c) else {} for c in group]
+            rows = self._rows(group, got, error, base,
                               computed.deltas if computed is not None else None, t_edit,
                               t_score if error is None else 0.0, None, fingerprints)
             self.store.append(self.store.cases_path, rows)
