@@ -13,7 +13,7 @@ from factedit.evaluation.ability import AbilityConfig
 from tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not COUNTERFACT.is_file(), reason="shared data not found")
-VOLATILE = ("edit_seconds", "score_seconds", "seconds")
+VOLATILE = ("edit_seconds", "score_seconds", "edit_timings", "seconds")
 
 
 def _cfg(tiny_corpus, **kw):

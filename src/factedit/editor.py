@@ -236,8 +236,10 @@ class Editor:
         if guard.enabled:
             with phase("guard: judge"):
                 self.guard.judge(res, refs, guard, len(group))
+        t = time.perf_counter()
         with phase("verify"):
             res.verification = verify_requests(self.adapter, group)
+        res.timings["verify"] = time.perf_counter() - t
         return res
 
     def revert(self, n: int = 1) -> None:

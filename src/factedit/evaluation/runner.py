@@ -593,11 +593,13 @@ class _Run:
                           result.verification if result is not None else None,
                           result.retried if result is not None else False,
                           result.wear if result is not None else None,
-                          result.info if result is not None else None)
+                          result.info if result is not None else None,
+                          result.timings if result is not None else None)
 
     @staticmethod
     def _rows(group, scores, error, base, deltas, t_edit, t_score, guard, fingerprints, verification=None,
-              retried: bool = False, wear: Optional[dict] = None, info: Optional[list] = None) -> List[dict]:
+              retried: bool = False, wear: Optional[dict] = None, info: Optional[list] = None,
+              timings: Optional[dict] = None) -> List[dict]:
         norm, fro = normalized_delta_norm(deltas) if deltas is not None else (None, None)
         rows, n0 = [], 0
         for c, s in zip(group, scores):
@@ -611,7 +613,10 @@ class _Run:
             failed = {"error": f"RequestError: {problem}"} if problem else error or {}
             rows.append({"case_id": c.case_id, "kind": c.kind, **base, "request": _request_dict(c), **many, **s,
                          **failed, "delta_norm": norm, "delta_fro": fro, "edit_seconds": t_edit / len(group),
-                         "score_seconds": t_score, "guard": guard, "base_fingerprints": fingerprints,
+                         "score_seconds": t_score,
+                         # the edit's phases (seconds of the whole group: statistics, templates, values, solve)
+                         **({"edit_timings": {k: round(v, 3) for k, v in timings.items()}} if timings else {}),
+                         "guard": guard, "base_fingerprints": fingerprints,
                          "verified": None if v is None or failed else v["verified"], "verification": v,
                          "retried": retried, **({"wear": wear} if wear else {}),
                          **({"anchor": anchor[0] if k == 1 else anchor} if anchor and not failed else {})})
@@ -669,7 +674,8 @@ class _Run:
                    {"scored": False} if error is None and not _problem(c) else {} for c in group]
             rows = self._rows(group, got, error, base,
                               computed.deltas if computed is not None else None, t_edit,
-                              t_score if error is None else 0.0, None, fingerprints)
+                              t_score if error is None else 0.0, None, fingerprints,
+                              timings=computed.timings if computed is not None else None)
             self.store.append(self.store.cases_path, rows)
             self.records += rows
             self.done.add(g)
