@@ -267,7 +267,7 @@ def _record_peak(run_dir: Path, peak: float) -> None:
 def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: int, run_out: Path = None) -> str:
     """The tables of the runs in ``out`` (a part's records); the commands they print write to ``run_out``
     (the run directories; default ``out``)."""
-    from factedit.evaluation.summarize import checkpoint_table, load_run, sequential_table
+    from factedit.evaluation.summarize import batch_table, checkpoint_table, load_run, sequential_table
     from factedit.evaluation.summarize import table as summary_table
 
     runs = [load_run(out / m) for m in methods if (out / m / "summary.json").is_file()]
@@ -282,6 +282,8 @@ def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: i
             done = len(r.records)
             lines += [f"Checkpoints of `{r.name}` ({done} of {limit} edits committed"
                       f"{'' if r.summary.get('complete') else ', in progress'}):", "", checkpoint_table(r), ""]
+    if part == "batch":
+        lines = [batch_table(sorted(runs, key=lambda r: (len(r.records), r.name))), ""]
     lines += ["Commands (from the repository root):", "", "```bash"]
     lines += [shlex.join(command(Path(r.path).name, part, limit, run_out or out, downstream_n, every)) for r in runs]
     lines += ["```"]

@@ -144,6 +144,39 @@ def test_one_batch_scores_a_sample_of_its_cases(home, tiny_corpus, tmp_path):
     assert s["ES"] == pytest.approx(100 * sum(r["ES"] for r in recs if r.get("scored", True)) / 3)
 
 
+def test_the_batch_table_reads_a_real_batch_run(home, tiny_corpus, tmp_path, capsys):
+    """One batch of 6 as the batch-scaling runs make it (sequential, a checkpoint at the batch, 3 cases scored):
+    its row in `factedit summarize` counts the scored cases and the verified requests from the records, and takes
+    perplexity and known recall from the checkpoint after the batch, the phases from the edit's timings."""
+    from factedit.evaluation.summarize import batch_table, load_run
+
+    cfg = _cfg(tiny_corpus, score_every=1, cases_per_edit=6, score_sample=3, checkpoints=(6,), retention_sample=2)
+    run_eval(_editor(), cfg, tmp_path / "b")
+    raw = [json.loads(l) for l in (tmp_path / "b" / "cases.jsonl").read_text().splitlines()]
+    phases = raw[0]["edit_timings"]
+    assert {"values", "solve", "verify"} <= set(phases) and all(r["edit_timings"] == phases for r in raw)
+    (tmp_path / "b" / "resources.json").write_text(json.dumps({"peak_rss_mib": 1234.4}))
+    rows = batch_table([load_run(tmp_path / "b")]).splitlines()
+    assert len(rows) == 3  # head, rule, one run
+    cells = [c.strip() for c in rows[2].strip("|").split("|")]
+    head = [c.strip() for c in rows[0].strip("|").split("|")]
+    row = dict(zip(head, cells))
+    down = _jsonl(tmp_path / "b" / "downstream.jsonl")[-1]
+    assert row["batch"] == "6" and row["method"] == "memit" and row["scored"] == "3"
+    ok = sum(bool(r["verified"]) for r in raw)
+    assert row["verified"] == f"{ok} of 6"
+    assert row["perplexity"] == f"{down['ability']['perplexity']:.2f}"
+    assert row["solve s"] == f"{phases['solve']:.1f}" and row["peak RSS MiB"] == "1234"
+    assert float(row["edit s"]) == pytest.approx(sum(r["edit_seconds"] for r in raw), abs=0.51)
+    seq = tmp_path / "seq"  # a run of several edits is not one batch: no row
+    run_eval(_editor(), _cfg(tiny_corpus, limit=4, checkpoints=(2,)), seq)
+    assert batch_table([load_run(seq)]) == ""
+    assert main(["summarize", str(tmp_path / "b"), str(seq)]) == 0
+    out = capsys.readouterr().out
+    batch_part = out.split("One-batch runs", 1)[1].split("plot:", 1)[0]
+    assert batch_part.count("| memit |") == 1 and "| 6 | memit | 3 |" in batch_part  # the batch, not the other run
+
+
 def test_a_sequential_run_of_batches_scores_a_sample_and_rescores_only_scored_cases(home, tiny_corpus, tmp_path):
     cfg = _cfg(tiny_corpus, score_every=1, cases_per_edit=3, score_sample=2, checkpoints=(3,), retention_sample=3)
     s = run_eval(_editor(), cfg, tmp_path / "run")

@@ -54,7 +54,15 @@ def cmd_eval(settings) -> int:
 
 
 def cmd_summarize(settings) -> int:
-    from ..evaluation.summarize import checkpoint_table, default_plot_dir, load_run, plot_runs, sequential_table, table
+    from ..evaluation.summarize import (
+        batch_table,
+        checkpoint_table,
+        default_plot_dir,
+        load_run,
+        plot_runs,
+        sequential_table,
+        table,
+    )
 
     runs = [load_run(d) for d in settings["runs"]]
     if settings["wear_limits"]:
@@ -75,6 +83,11 @@ def cmd_summarize(settings) -> int:
             if r.sequential and len(r.downstream) > 1:
                 print(f"\nCheckpoints of {r.name}:\n")
                 print(checkpoint_table(r))
+    batch = batch_table(runs)
+    if batch:
+        print("\nOne-batch runs (scored: the cases scored right after the batch; verified: of all its requests; "
+              "perplexity and known recall after it; seconds of the edit's phases):\n")
+        print(batch)
     for p in plots:
         print(f"plot: {p}")
     return 0

@@ -15,7 +15,8 @@ from typing import List, Optional, Sequence
 from .scoring import summarize_records
 from .store import RunError, read_jsonl
 
-__all__ = ["Run", "load_run", "table", "sequential_table", "checkpoint_table", "plot_runs", "default_plot_dir"]
+__all__ = ["Run", "load_run", "table", "sequential_table", "checkpoint_table", "batch_table", "plot_runs",
+           "default_plot_dir"]
 
 COLUMNS = (("n", "n", "{:.0f}"), ("ES", "ES", "{:.1f}"), ("PS", "PS", "{:.1f}"), ("NS", "NS", "{:.1f}"),
            ("S", "S", "{:.1f}"), ("EM", "EM", "{:.1f}"), ("PM", "PM", "{:.1f}"), ("NM", "NM", "{:.1f}"),
@@ -220,6 +221,45 @@ def checkpoint_table(run: Run) -> str:
     cols = [(h, fn) for h, fn in _CHECKPOINT_COLUMNS if any(fn(d) != "–" for d in run.downstream)]
     rows = [[str(d["n_edits"]), *(fn(d) for _, fn in cols)] for d in run.downstream]
     return _markdown(["edits", *(h for h, _ in cols)], rows)
+
+
+def _batch_row(run: Run) -> Optional[list]:
+    """One row of :func:`batch_table`, or None for a run that is not one batch of every case it holds."""
+    groups = {x.get("group") for x in run.records}
+    if len(groups) != 1 or len(run.records) < 2:
+        return None
+    recs, s = run.records, run.summary
+    first = recs[0]
+    timings = first.get("edit_timings") or {}
+    end = next((d for d in reversed(run.downstream) if d.get("n_edits") == len(recs)), {})
+    peak = None
+    res = run.path / "resources.json"
+    if res.is_file():
+        peak = json.loads(res.read_text(encoding="utf-8")).get("peak_rss_mib")
+    scored = sum(1 for x in recs if x.get("ES") is not None)
+    verified = [x.get("verified") for x in recs if x.get("verified") is not None]
+    return [str(len(recs)), str(s.get("method")), f"{scored}", *(_cell(s.get(k), "{:.1f}") for k in (
+        "ES", "PS", "NS", "gen_ES", "gen_PS", "gen_NS")),
+        f"{sum(verified)} of {len(verified)}" if verified else "–",
+        _perplexity(end), _known_recall(end),
+        _cell(timings.get("values"), "{:.0f}"), _cell(timings.get("solve"), "{:.1f}"),
+        _cell(timings.get("verify"), "{:.0f}"), _cell(first.get("edit_seconds", 0) * len(recs), "{:.0f}"),
+        _cell(peak, "{:.0f}")]
+
+
+def batch_table(runs: Sequence[Run]) -> str:
+    """A markdown table of one-batch runs (every case edited together from the original weights), one row per
+    run: the cases scored right after the edit (all, or a sample of them), both score families, how many of
+    the batch's requests took on their own prompt (verification, all of them), perplexity and known recall after
+    the batch, seconds of its phases (values: the targets, optimised or read from disk; solve: keys and the
+    closed form; verify) and of the whole edit, and the process's peak resident memory. Runs that are not
+    one batch are left out; "" when none is."""
+    rows = [row for row in map(_batch_row, runs) if row is not None]
+    if not rows:
+        return ""
+    head = ["batch", "method", "scored", "ES", "PS", "NS", "gen-ES", "gen-PS", "gen-NS", "verified",
+            "perplexity", "known recall", "targets s", "solve s", "verify s", "edit s", "peak RSS MiB"]
+    return _markdown(head, rows)
 
 
 def _plt():
