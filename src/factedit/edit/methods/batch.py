@@ -24,7 +24,7 @@ import torch
 from ...core.errors import MethodError, RequestError
 from ..anchor import ANCHOR_KEY, anchor_norm, anchored_targets, bare_outputs
 from ..deltas import LayerDelta, apply_deltas
-from ..keys import template_keys
+from ..keys import RESUME_BUDGET, TemplateKeys
 from ..results import Computed
 from ..solver import Solution, equality_constrained, least_squares, null_space, recursive_least_squares
 from ..values import ValueConfig, ValueProblem, optimize_values
@@ -310,13 +310,17 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
     deltas: List[LayerDelta] = []
     applied = []
     L = cfg.layers[-1]
+    # the keys of each layer on the weights the layers below it were updated to; each pass starts where the last
+    # one's updated layer begins (the rows' residual stream below it kept, within RESUME_BUDGET)
+    keys = TemplateKeys(ad, requests, templates, cfg.fact_token, budget=RESUME_BUDGET)
+    bare = TemplateKeys(ad, requests, ["{}"], cfg.fact_token, budget=RESUME_BUDGET // 4)
     try:
         for i, l in enumerate(cfg.layers):
             if cfg.current_residual == "templates":
-                K, Z_cur = template_keys(ad, requests, templates, l, L, cfg.fact_token)
+                K, Z_cur = keys(l, L)
             else:
-                K, _ = template_keys(ad, requests, templates, l, None, cfg.fact_token)
-                _, Z_cur = template_keys(ad, requests, ["{}"], l, L, cfg.fact_token)
+                K, _ = keys(l)
+                _, Z_cur = bare(l, L)
             dev = C[l].device  # the solve runs where the statistics and W_out are
             R = ((Z_target.to(dev) - Z_cur.to(dev)) / (len(cfg.layers) - i)).T  # (d_model, n)
             Kt = K.T.to(dev)  # (d_ff, n)
