@@ -204,7 +204,7 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
     records into ``records/<method>`` after it and whenever it stops (:func:`copy_records`)."""
     from factedit import Editor, load_model
     from factedit.cli import parse
-    from factedit.core.timing import peak_rss_mb, reset_peak_rss
+    from factedit.core.timing import PeakWindow
     from factedit.evaluation import run_eval
 
     model, tok = load_model()
@@ -233,14 +233,15 @@ def run(part: str, methods, limit: int, out: Path, downstream_n: int, every: int
                     if len(family) > 1 and done < total:
                         raise _Pause()
 
-                measured = reset_peak_rss()
+                memory = PeakWindow()
                 try:
-                    s = run_eval(editor, settings.eval, settings["out"], on_group=progress)
+                    with memory:
+                        s = run_eval(editor, settings.eval, settings["out"], on_group=progress)
                 except _Pause:
                     continue
                 finally:  # after the run, and when it stops (interrupted, failed): its records to `records`
-                    if measured and (out / m).is_dir():
-                        _record_peak(out / m, peak_rss_mb())
+                    if memory.peak is not None and (out / m).is_dir():
+                        _record_peak(out / m, memory.peak)
                     if records is not None and (out / m).is_dir():
                         copy_records(out / m, records / m)
                 todo.remove(m)

@@ -16,7 +16,7 @@ from conftest import COUNTERFACT
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
 
-VOLATILE = ("edit_seconds", "score_seconds", "edit_timings")
+VOLATILE = ("edit_seconds", "score_seconds", "edit_timings", "edit_peak_rss_mib")
 
 
 def _env(home):

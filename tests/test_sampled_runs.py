@@ -13,7 +13,7 @@ from factedit.evaluation.ability import AbilityConfig
 from tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not COUNTERFACT.is_file(), reason="shared data not found")
-VOLATILE = ("edit_seconds", "score_seconds", "edit_timings", "seconds")
+VOLATILE = ("edit_seconds", "score_seconds", "edit_timings", "edit_peak_rss_mib", "seconds")
 
 
 def _cfg(tiny_corpus, **kw):
@@ -40,6 +40,8 @@ def test_every_kth_edit_is_scored_and_the_checkpoints_rescore_a_fixed_sample(hom
     recs = _jsonl(tmp_path / "run" / "cases.jsonl")
     assert len(recs) == 6 and len(ed.history) == 6  # every edit made and committed
     assert [r.get("scored", True) for r in recs] == [True, False, True, False, True, False]
+    unedited = json.loads((tmp_path / "run" / "unedited.json").read_text())  # the unedited side of scored edits only
+    assert sorted(map(int, unedited)) == [r["case_id"] for r in recs[::2]]
     assert all("ES" in r for r in recs[::2]) and not any("ES" in r for r in recs[1::2])
     assert all(r["verified"] is not None for r in recs)  # verification is not scoring: every edit has it
     assert s["score_every"] == 2 and s["n_scored"] == 3 and "every 2th group" in s["scored"]
@@ -136,6 +138,8 @@ def test_one_batch_scores_a_sample_of_its_cases(home, tiny_corpus, tmp_path):
     assert [r.get("scored", True) for r in recs] == [True, False, True, False, False, True]  # 0, round(2.5) = 2, 5
     assert all("ES" not in r for r in recs if r.get("scored") is False)
     assert s["score_sample"] == 3 and s["n_scored"] == 3 and s["n"] == 6 and "3 cases of each edit" in s["scored"]
+    unedited = json.loads((tmp_path / "sample" / "unedited.json").read_text())  # only what is ever scored
+    assert sorted(map(int, unedited)) == sorted(r["case_id"] for r in recs if r.get("scored", True))
     every = _jsonl_by_id(run_eval(_editor(), _cfg(tiny_corpus, **one), tmp_path / "all") and
                          tmp_path / "all" / "cases.jsonl")
     for r in recs:
@@ -166,7 +170,9 @@ def test_the_batch_table_reads_a_real_batch_run(home, tiny_corpus, tmp_path, cap
     ok = sum(bool(r["verified"]) for r in raw)
     assert row["verified"] == f"{ok} of 6"
     assert row["perplexity"] == f"{down['ability']['perplexity']:.2f}"
-    assert row["solve s"] == f"{phases['solve']:.1f}" and row["peak RSS MiB"] == "1234"
+    assert row["solve s"] == f"{phases['solve']:.1f}" and row["run peak MiB"] == "1234"
+    if raw[0].get("edit_peak_rss_mib") is not None:  # (where the platform can reset the peak)
+        assert row["edit peak MiB"] == f"{raw[0]['edit_peak_rss_mib']:.0f}"
     assert float(row["edit s"]) == pytest.approx(sum(r["edit_seconds"] for r in raw), abs=0.51)
     seq = tmp_path / "seq"  # a run of several edits is not one batch: no row
     run_eval(_editor(), _cfg(tiny_corpus, limit=4, checkpoints=(2,)), seq)

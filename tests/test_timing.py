@@ -63,3 +63,28 @@ def test_the_peak_of_a_stretch_is_read_after_a_reset():
     before, after, later = float(before), float(after), float(later)
     assert before - after > 150  # the freed block left the peak
     assert 40 < later - after < 70  # the stretch's own 50 MiB block is its peak
+
+
+def test_peak_windows_nest():
+    """A window inside another (an edit inside a run) reads its own peak; the outer one still reads the blocks
+    held before the inner one reset the process's peak, and those held inside it."""
+    import subprocess
+    import sys
+
+    code = ("from factedit.core.timing import PeakWindow\n"
+            "def hold(mib):\n"
+            "    x = bytearray(mib * 2**20); x[::4096] = b'1' * len(x[::4096])\n"
+            "with PeakWindow() as outer:\n"
+            "    hold(200)\n"
+            "    with PeakWindow() as inner:\n"
+            "        hold(50)\n"
+            "    with PeakWindow() as after:\n"
+            "        pass\n"
+            "print(outer.peak, inner.peak, after.peak)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    outer, inner, after = out.stdout.split()
+    if inner == "None":
+        pytest.skip("this kernel cannot reset the peak (/proc/self/clear_refs)")
+    outer, inner, after = float(outer), float(inner), float(after)
+    assert 40 < inner - after < 70  # the inner window's 50 MiB block, not the 200 before it
+    assert outer - after > 150  # the outer one kept the 200 MiB block the inner reset cleared

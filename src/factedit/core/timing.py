@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
-__all__ = ["Profile", "phase", "record", "profiling", "peak_rss_mb", "reset_peak_rss", "seconds_since_process_start"]
+__all__ = ["Profile", "phase", "record", "profiling", "peak_rss_mb", "reset_peak_rss", "PeakWindow",
+           "seconds_since_process_start"]
 
 _current: contextvars.ContextVar = contextvars.ContextVar("factedit_profile", default=None)
 
@@ -44,12 +45,40 @@ def peak_rss_mb() -> Optional[float]:
 
 def reset_peak_rss() -> bool:
     """Start :func:`peak_rss_mb` afresh from the current resident memory (Linux ≥ 4.0: ``/proc/self/clear_refs``),
-    so that the peak of one stretch of a long process can be read; False where the platform cannot."""
+    so that the peak of one stretch of a long process can be read; False where the platform cannot. The open
+    :class:`PeakWindow` stretches keep the peak it clears."""
+    before = peak_rss_mb()
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
-        return True
     except OSError:
+        return False
+    for w in _windows:
+        w._seen = max(w._seen, before or 0.0)
+    return True
+
+
+_windows: List["PeakWindow"] = []
+
+
+class PeakWindow:
+    """The peak resident memory (MiB) of the stretch of the process inside ``with PeakWindow() as w:`` — ``w.peak``
+    after it, None where the platform cannot reset the peak. Windows nest: an inner one (an edit inside a run)
+    resets the process's peak, and the outer ones keep what it cleared."""
+
+    def __enter__(self) -> "PeakWindow":
+        self._seen, self.peak = 0.0, None
+        self._ok = reset_peak_rss()
+        _windows.append(self)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        _windows.remove(self)
+        now = peak_rss_mb()
+        if self._ok and now is not None:
+            self.peak = max(self._seen, now)
+            for w in _windows:  # what an outer window would have read, had this one not reset it
+                w._seen = max(w._seen, self.peak)
         return False
 
 

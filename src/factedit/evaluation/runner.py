@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core.errors import FactEditError, RequestError
+from ..core.timing import PeakWindow
 from ..edit.guard import CollapseError, GuardConfig
 from ..edit.methods.options import MethodOptions
 from ..edit.methods.registry import METHODS, REGISTRY, config_from_dict, method_spec
@@ -251,6 +252,17 @@ def retention_cases(earlier: List[Case], n: int) -> List[Case]:
     return [earlier[round(i * step)] for i in range(n)]
 
 
+def _group_scored(cfg: "EvalConfig", g: int) -> bool:
+    """Whether group ``g`` is scored right after its edit (every group unless ``score_every`` > 1)."""
+    return not cfg.sequential or g % cfg.score_every == 0
+
+
+def _sampled(cfg: "EvalConfig", group: List[Case]) -> List[Case]:
+    """The cases of ``group`` scored right after its edit: all that can be edited, or ``score_sample`` of them
+    evenly spaced (first and last included)."""
+    return retention_cases([c for c in group if not _problem(c)], cfg.score_sample)
+
+
 def _groups(cases: Sequence[Case], size: int) -> List[List[Case]]:
     return [list(cases[i: i + size]) for i in range(0, len(cases), size)]
 
@@ -320,7 +332,9 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
     store.check_or_write_config(config, compare, OPTION_DEFAULTS, upgrade_compare)
     groups = _groups(cases, cfg.cases_per_edit)
     mine = [g for g in range(len(groups)) if not split or world.owns(g)]
-    mine_cases = [c for g in mine for c in groups[g]]
+    # the cases ever scored (right after their edit; the checkpoints re-score only those): the unedited side of
+    # the others is never read
+    mine_cases = [c for g in mine if _group_scored(cfg, g) for c in _sampled(cfg, groups[g])]
     probes = any(c.kind in ("mquake", "knowedit", "qaedit") for c in cases)  # their unedited side is teacher-forced too
     unedited = _unedited(editor, store, mine_cases, cfg) if cfg.gen_tokens or probes else None  # before any edit
     ability = Ability(editor.adapter, cfg.ability) if cfg.measures and cfg.ability.enabled else None
@@ -542,7 +556,10 @@ class _Run:
         result, error, t0 = None, None, time.perf_counter()
         if cfg.method != BASELINE and _requests(group):  # (a group of cases that cannot be edited makes no edit)
             try:
-                result = ed.edit(_requests(group), config=self.method_cfg, guard=self.guard, verify=cfg.verify)
+                with PeakWindow() as memory:
+                    result = ed.edit(_requests(group), config=self.method_cfg, guard=self.guard, verify=cfg.verify)
+                if memory.peak is not None:  # the edit's own peak resident memory, not the scoring's
+                    base["edit_peak_rss_mib"] = round(memory.peak, 1)
             except CollapseError as e:
                 error = {"rolled_back": str(e)}
             except RequestError as e:  # this case cannot be edited; configuration errors stop the run
@@ -565,13 +582,10 @@ class _Run:
             self.done.add(g)
 
     def scored(self, g: int) -> bool:
-        """Whether group ``g`` is scored right after its edit (every group unless ``score_every`` > 1)."""
-        return not self.cfg.sequential or g % self.cfg.score_every == 0
+        return _group_scored(self.cfg, g)
 
     def sampled(self, group: List[Case]) -> List[Case]:
-        """The cases of ``group`` scored right after its edit: all that can be edited, or ``score_sample`` of them
-        evenly spaced (first and last included)."""
-        return retention_cases([c for c in group if not _problem(c)], self.cfg.score_sample)
+        return _sampled(self.cfg, group)
 
     def _score(self, group, error, result, base, t_edit, ge: bool = True, scored: bool = True) -> List[dict]:
         """The records of ``group`` after its edit: scored now, or (``scored`` False: a sampled run) edited,

@@ -244,7 +244,7 @@ def _batch_row(run: Run) -> Optional[list]:
         _perplexity(end), _known_recall(end),
         _cell(timings.get("values"), "{:.0f}"), _cell(timings.get("solve"), "{:.1f}"),
         _cell(timings.get("verify"), "{:.0f}"), _cell(first.get("edit_seconds", 0) * len(recs), "{:.0f}"),
-        _cell(peak, "{:.0f}")]
+        _cell(first.get("edit_peak_rss_mib"), "{:.0f}"), _cell(peak, "{:.0f}")]
 
 
 def batch_table(runs: Sequence[Run]) -> str:
@@ -252,13 +252,14 @@ def batch_table(runs: Sequence[Run]) -> str:
     run: the cases scored right after the edit (all, or a sample of them), both score families, how many of
     the batch's requests took on their own prompt (verification, all of them), perplexity and known recall after
     the batch, seconds of its phases (values: the targets, optimised or read from disk; solve: keys and the
-    closed form; verify) and of the whole edit, and the process's peak resident memory. Runs that are not
+    closed form; verify) and of the whole edit, and the peak resident memory of the process during the edit and
+    during the whole run (scoring and checkpoints included; ``resources.json``). Runs that are not
     one batch are left out; "" when none is."""
     rows = [row for row in map(_batch_row, runs) if row is not None]
     if not rows:
         return ""
     head = ["batch", "method", "scored", "ES", "PS", "NS", "gen-ES", "gen-PS", "gen-NS", "verified",
-            "perplexity", "known recall", "targets s", "solve s", "verify s", "edit s", "peak RSS MiB"]
+            "perplexity", "known recall", "targets s", "solve s", "verify s", "edit s", "edit peak MiB", "run peak MiB"]
     return _markdown(head, rows)
 
 
