@@ -521,3 +521,33 @@ def test_a_run_whose_last_batch_would_change_is_not_extended(home, tiny_corpus, 
     with pytest.raises(RunError, match="--limit 3, not a whole number of groups of 2 cases"):
         run_eval(_editor(), _cfg(tiny_corpus, "memit", limit=4, **kw), tmp_path / "run")
     assert (tmp_path / "run" / "config.json").read_text() == before
+
+
+def test_a_batch_leaves_out_a_prompt_asked_again_as_a_failure(home, tiny_corpus, tmp_path):
+    """CounterFact asks a few prompts twice with other answers. A batch method writes one answer per prompt, so an
+    evaluation batch holding both leaves the later case out, recorded as a failed edit with why, instead of the
+    whole batch failing; the cases it keeps are edited and scored exactly as in a batch without the repeats.
+    Fine-tuning, which has no such rule, edits them all."""
+    lines = COUNTERFACT.read_text(encoding="utf-8").splitlines()[:4]
+    recs = [json.loads(l) for l in lines]
+    contra = dict(recs[1], case_id=4, target_new="Buddhism")  # the prompt of case 1, another answer
+    dup = dict(recs[2], case_id=5)  # case 2 again, the same answer
+    data = tmp_path / "repeats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs + [contra, dup]), encoding="utf-8")
+    gen = GenerationConfig(length=0)
+    s = run_eval(_editor(), _cfg(tiny_corpus, "memit", dataset=str(data), limit=6, cases_per_edit=6, generation=gen),
+                 tmp_path / "six")
+    got = {r["case_id"]: r for r in _records(tmp_path / "six")}
+    assert s["n"] == 6 and s["errors"] == 2 and s["left_out"] == 2
+    assert got[4]["left_out"] and "contradictory requests in one batch" in got[4]["error"]
+    assert "case 1 asks it first" in got[4]["error"] and "'Buddhism'" in got[4]["error"]
+    assert got[5]["left_out"] and "duplicate requests" in got[5]["error"] and "ES" not in got[5]
+    run_eval(_editor(), _cfg(tiny_corpus, "memit", dataset=str(data), limit=4, cases_per_edit=4, generation=gen),
+             tmp_path / "four")
+    clean = {r["case_id"]: r for r in _records(tmp_path / "four")}
+    for i in range(4):  # the same batch of four requests: the same update, the same scores
+        assert got[i]["rewrite_lp"] == clean[i]["rewrite_lp"] and got[i]["delta_fro"] == clean[i]["delta_fro"]
+    assert s["ES"] == pytest.approx(100 * sum(clean[i]["ES"] for i in range(4)) / 6)  # the two count as 0
+    ft = run_eval(_editor(), _cfg(tiny_corpus, "ft", dataset=str(data), limit=6, cases_per_edit=6, generation=gen),
+                  tmp_path / "ft")
+    assert ft["errors"] == 0 and "left_out" not in ft

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core.errors import FactEditError, RequestError
+from ..core.requests import same_prompt_message
 from ..core.timing import PeakWindow
 from ..edit.guard import CollapseError, GuardConfig
 from ..edit.methods.options import MethodOptions
@@ -267,6 +268,50 @@ def _groups(cases: Sequence[Case], size: int) -> List[List[Case]]:
     return [list(cases[i: i + size]) for i in range(0, len(cases), size)]
 
 
+class _LeftOut:
+    """A case its batch cannot hold: one of its requests asks the prompt of an earlier request of the batch again,
+    and a batch method writes one answer per prompt. It is recorded like a case that cannot be edited: a failed
+    edit, in every score (CounterFact repeats a few prompts with other answers: 2 in its first 1,000 records, 78 in
+    10,000)."""
+
+    requests = ()
+
+    def __init__(self, case, problem: str):
+        self._case, self.problem = case, problem
+
+    @property
+    def asked(self) -> tuple:
+        """The requests the case asked for (none of which it makes)."""
+        return self._case.requests
+
+    def __getattr__(self, name):
+        return getattr(self._case, name)
+
+
+def _one_answer_per_prompt(group: List[Case]) -> List[Case]:
+    """``group`` with every case that asks again a prompt which an earlier kept case (or the case itself) asks
+    left out (:class:`_LeftOut`)."""
+    held: Dict[tuple, tuple] = {}  # (prompt, subject) -> (the request asking it, its case's id)
+    out = []
+    for c in group:
+        mine: Dict[tuple, tuple] = {}
+        clash = None
+        for r in c.requests:
+            key = (r.prompt, r.subject)
+            if key in held or key in mine:
+                clash = (*(held.get(key) or mine[key]), r)
+                break
+            mine[key] = (r, c.case_id)
+        if clash is None:
+            held.update(mine)
+            out.append(c)
+        else:
+            first, first_id, r = clash
+            out.append(_LeftOut(c, f"{same_prompt_message(first, r)}; case {first_id} asks it first, and a batch "
+                                   "writes one answer per prompt"))
+    return out
+
+
 def _config(editor, cfg: EvalConfig, dataset_path) -> Tuple[dict, dict, object]:
     from ..core.fingerprints import model_fingerprint
     from ..core.models import model_name
@@ -331,6 +376,8 @@ def run_eval(editor, cfg: EvalConfig, out_dir, on_group: Optional[Callable[[int,
         log.info("%s: extended from %s to %s cases", store.dir, *extended)
     store.check_or_write_config(config, compare, OPTION_DEFAULTS, upgrade_compare)
     groups = _groups(cases, cfg.cases_per_edit)
+    if cfg.method != BASELINE and method_spec(cfg.method).distinct_prompts:
+        groups = [_one_answer_per_prompt(g) for g in groups]
     mine = [g for g in range(len(groups)) if not split or world.owns(g)]
     # the cases ever scored (right after their edit; the checkpoints re-score only those): the unedited side of
     # the others is never read
@@ -413,6 +460,9 @@ def _summary_of(records: List[dict], cfg: EvalConfig, groups, complete: bool) ->
                         + (f", in every {cfg.score_every}th group" if cfg.score_every > 1 else ""))
     anchored = [a for r in records for a in ([r["anchor"]] if isinstance(r.get("anchor"), dict) else
                                              r.get("anchor") or [])]
+    left_out = sum(bool(r.get("left_out")) for r in records)
+    if left_out:  # cases a batch could not hold (a prompt asked twice): failures, counted apart too
+        s["left_out"] = left_out
     if anchored:  # norm anchoring: requests whose target was too far above the anchor to be written
         s.update(anchor_skipped=sum(bool(a.get("skipped")) for a in anchored), anchored_requests=len(anchored))
     return s
@@ -622,9 +672,12 @@ class _Run:
             # norm anchoring: each request's ‖v*‖ before anchoring, the anchor, and whether it was not written
             anchor = [x["anchor"] for x in (info or [])[n0: n0 + k] if isinstance(x, dict) and "anchor" in x]
             n0 += k
-            many = {"requests": [r.to_dict() for r in c.requests]} if k > 1 or c.kind == "mquake" else {}
+            asked = c.asked if isinstance(c, _LeftOut) else c.requests  # (a left-out case edits nothing)
+            many = {"requests": [r.to_dict() for r in asked]} if len(asked) > 1 or c.kind == "mquake" else {}
             problem = _problem(c)
             failed = {"error": f"RequestError: {problem}"} if problem else error or {}
+            if isinstance(c, _LeftOut):
+                failed["left_out"] = True
             rows.append({"case_id": c.case_id, "kind": c.kind, **base, "request": _request_dict(c), **many, **s,
                          **failed, "delta_norm": norm, "delta_fro": fro, "edit_seconds": t_edit / len(group),
                          "score_seconds": t_score,

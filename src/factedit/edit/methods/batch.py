@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ...core.errors import MethodError, RequestError
+from ...core.requests import same_prompt_message, same_prompt_pairs
 from ..anchor import ANCHOR_KEY, anchor_norm, anchored_targets, bare_outputs
 from ..deltas import LayerDelta, apply_deltas
 from ..keys import RESUME_BUDGET, TemplateKeys
@@ -206,18 +207,11 @@ class BatchConfig(StatsFields):
 
 def check_batch(requests: Sequence) -> None:
     """Refuse duplicate or contradictory requests (same prompt and subject) in one batch."""
-    seen: Dict[Tuple[str, str], int] = {}
-    for i, r in enumerate(requests):
-        key = (r.prompt, r.subject)
-        if key in seen:
-            j = seen[key]
-            kind = "duplicate" if requests[j].target_new == r.target_new else "contradictory"
-            raise RequestError(
-                f"{kind} requests in one batch: #{j} and #{i} both edit {r.prompt.replace('{}', r.subject)!r} "
-                f"(targets {requests[j].target_new!r} and {r.target_new!r}); "
-                "remove one or edit them in separate batches"
-            )
-        seen[key] = i
+    pairs = same_prompt_pairs(requests)
+    if pairs:
+        j, i = pairs[0]
+        msg = same_prompt_message(requests[j], requests[i]).replace("both edit", f"#{j} and #{i} both edit")
+        raise RequestError(f"{msg}; remove one or edit them in separate batches")
 
 
 def _suffix_length(tok, req, fact_token: str) -> int:
@@ -364,5 +358,5 @@ def _anchor(adapter, caches, requests, cfg: BatchConfig, templates, state, Z_tar
 
 
 for _name, _solve in SOLVES.items():
-    register(MethodSpec(_name, BatchConfig, compute_batch, fold_state=add_keys,
+    register(MethodSpec(_name, BatchConfig, compute_batch, fold_state=add_keys, distinct_prompts=True,
                         room=alphaedit_room if _solve.keeps_keys else None))

@@ -53,6 +53,8 @@ class MethodSpec:
         room: ``(adapter, caches, config, state) -> {layer: (null_dims, unused)}``: for projection methods, the
             dimensions of the preserved null space and those the method's state leaves unused (the wear
             meter's room left; ``None``: not a projection method).
+        distinct_prompts: a batch must not ask one prompt twice (one answer is written per prompt; the method
+            refuses such a batch): an evaluation leaves the later request out of its batch, as a failed edit.
     """
 
     name: str
@@ -64,6 +66,7 @@ class MethodSpec:
     prefetch: Optional[Callable] = None
     norm_limit: bool = False
     room: Optional[Callable] = None
+    distinct_prompts: bool = False
 
     @property
     def field_names(self) -> set:
