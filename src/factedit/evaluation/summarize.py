@@ -237,10 +237,10 @@ def _batch_row(run: Run) -> Optional[list]:
     if res.is_file():
         peak = json.loads(res.read_text(encoding="utf-8")).get("peak_rss_mib")
     scored = sum(1 for x in recs if x.get("ES") is not None)
-    verified = [x.get("verified") for x in recs if x.get("verified") is not None]
+    verified = [x.get("verified") for x in recs if x.get("verified") is not None]  # (a failed case: not verified)
     return [str(len(recs)), str(s.get("method")), f"{scored}", *(_cell(s.get(k), "{:.1f}") for k in (
         "ES", "PS", "NS", "gen_ES", "gen_PS", "gen_NS")),
-        f"{sum(verified)} of {len(verified)}" if verified else "–",
+        f"{sum(verified)} of {len(recs)}" if verified else "–",
         _perplexity(end), _known_recall(end),
         _cell(timings.get("values"), "{:.0f}"), _cell(timings.get("solve"), "{:.1f}"),
         _cell(timings.get("verify"), "{:.0f}"), _cell(first.get("edit_seconds", 0) * len(recs), "{:.0f}"),
@@ -250,7 +250,7 @@ def _batch_row(run: Run) -> Optional[list]:
 def batch_table(runs: Sequence[Run]) -> str:
     """A markdown table of one-batch runs (every case edited together from the original weights), one row per
     run: the cases scored right after the edit (all, or a sample of them), both score families, how many of
-    the batch's requests took on their own prompt (verification, all of them), perplexity and known recall after
+    the batch's cases took on their own prompt (verification, all of them; a case left out of the batch did not), perplexity and known recall after
     the batch, seconds of its phases (values: the targets, optimised or read from disk; solve: keys and the
     closed form; verify) and of the whole edit, and the peak resident memory of the process during the edit and
     during the whole run (scoring and checkpoints included; ``resources.json``). Runs that are not
