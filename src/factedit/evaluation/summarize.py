@@ -250,11 +250,11 @@ def _batch_row(run: Run) -> Optional[list]:
 def batch_table(runs: Sequence[Run]) -> str:
     """A markdown table of one-batch runs (every case edited together from the original weights), one row per
     run: the cases scored right after the edit (all, or a sample of them), both score families, how many of
-    the batch's cases took on their own prompt (verification, all of them; a case left out of the batch did not), perplexity and known recall after
-    the batch, seconds of its phases (values: the targets, optimised or read from disk; solve: keys and the
-    closed form; verify) and of the whole edit, and the peak resident memory of the process during the edit and
-    during the whole run (scoring and checkpoints included; ``resources.json``). Runs that are not
-    one batch are left out; "" when none is."""
+    the batch's cases took on their own prompt (verification, all of them; a case left out of the batch did
+    not), perplexity and known recall after the batch, seconds of its phases (values: the targets, optimised or
+    read from disk; solve: keys and the closed form; verify) and of the whole edit, and the peak resident
+    memory of the process during the edit and during the whole run (scoring and checkpoints included;
+    ``resources.json``). Runs that are not one batch are left out; "" when none is."""
     rows = [row for row in map(_batch_row, runs) if row is not None]
     if not rows:
         return ""
