@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional
 
 from .errors import RequestError
 
-__all__ = ["Request", "same_prompt_pairs", "same_prompt_message"]
+__all__ = ["Request", "same_prompt_message"]
 
 
 @dataclass(frozen=True)
@@ -69,21 +69,9 @@ class Request:
         return asdict(self)
 
 
-def same_prompt_pairs(requests: Sequence[Request]) -> List[Tuple[int, int]]:
-    """``(j, i)`` for every request ``i`` that asks the prompt of an earlier request ``j`` (same prompt template and
-    subject; ``j`` the first to ask it): what a batch method cannot hold, one answer being written per prompt."""
-    first: dict = {}
-    out = []
-    for i, r in enumerate(requests):
-        j = first.setdefault((r.prompt, r.subject), i)
-        if j != i:
-            out.append((j, i))
-    return out
-
-
-def same_prompt_message(earlier: Request, later: Request) -> str:
-    """Why ``later`` cannot join a batch holding ``earlier``: a duplicate (same new answer) or a contradiction."""
+def same_prompt_message(earlier: Request, later: Request, where: str = "") -> str:
+    """Why ``later`` cannot join a batch holding ``earlier`` (same prompt template and subject): a duplicate (same
+    new answer) or a contradiction; ``where`` names the two, e.g. ``"#0 and #3 "``."""
     kind = "duplicate" if earlier.target_new == later.target_new else "contradictory"
-    return (f"{kind} requests in one batch: both edit {later.text!r} (targets {earlier.target_new!r} and "
+    return (f"{kind} requests in one batch: {where}both edit {later.text!r} (targets {earlier.target_new!r} and "
             f"{later.target_new!r})")
-

@@ -75,10 +75,8 @@ class PeakWindow:
     def __exit__(self, *exc) -> bool:
         _windows.remove(self)
         now = peak_rss_mb()
-        if self._ok and now is not None:
+        if self._ok and now is not None:  # (an outer window reads this one's peak later: nothing resets it here)
             self.peak = max(self._seen, now)
-            for w in _windows:  # what an outer window would have read, had this one not reset it
-                w._seen = max(w._seen, self.peak)
         return False
 
 

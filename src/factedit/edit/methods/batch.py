@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ...core.errors import MethodError, RequestError
-from ...core.requests import same_prompt_message, same_prompt_pairs
+from ...core.requests import same_prompt_message
 from ..anchor import ANCHOR_KEY, anchor_norm, anchored_targets, bare_outputs
 from ..deltas import LayerDelta, apply_deltas
 from ..keys import RESUME_BUDGET, TemplateKeys
@@ -207,11 +207,12 @@ class BatchConfig(StatsFields):
 
 def check_batch(requests: Sequence) -> None:
     """Refuse duplicate or contradictory requests (same prompt and subject) in one batch."""
-    pairs = same_prompt_pairs(requests)
-    if pairs:
-        j, i = pairs[0]
-        msg = same_prompt_message(requests[j], requests[i]).replace("both edit", f"#{j} and #{i} both edit")
-        raise RequestError(f"{msg}; remove one or edit them in separate batches")
+    seen: Dict[Tuple[str, str], int] = {}
+    for i, r in enumerate(requests):
+        j = seen.setdefault((r.prompt, r.subject), i)
+        if j != i:
+            raise RequestError(f"{same_prompt_message(requests[j], r, f'#{j} and #{i} ')}; "
+                               "remove one or edit them in separate batches")
 
 
 def _suffix_length(tok, req, fact_token: str) -> int:
@@ -307,7 +308,8 @@ def compute_batch(adapter, caches, requests: Sequence, cfg: BatchConfig, state: 
     # the keys of each layer on the weights the layers below it were updated to; each pass starts where the last
     # one's updated layer begins (the rows' residual stream below it kept, within RESUME_BUDGET)
     keys = TemplateKeys(ad, requests, templates, cfg.fact_token, budget=RESUME_BUDGET)
-    bare = TemplateKeys(ad, requests, ["{}"], cfg.fact_token, budget=RESUME_BUDGET // 4)
+    bare = None if cfg.current_residual == "templates" else TemplateKeys(ad, requests, ["{}"], cfg.fact_token,
+                                                                          budget=RESUME_BUDGET // 4)
     try:
         for i, l in enumerate(cfg.layers):
             if cfg.current_residual == "templates":
