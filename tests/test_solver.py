@@ -79,6 +79,28 @@ def test_emmet_with_more_requests_than_key_dimensions_warns_and_fits(caplog):
     assert "cannot all hold" not in " ".join(r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("n,eps", [(5, 0.1), (D_FF + 4, 0.1), (D_FF + 4, 100.0)])
+def test_emmet_with_a_ridge_is_memit_with_that_lambda(n, eps):
+    """EMMET's ridge is MEMIT's λ: ``R (KᵀC⁻¹K + εI)⁻¹ KᵀC⁻¹ = R Kᵀ (εC + KKᵀ)⁻¹`` (push-through identity), so the
+    authors' always-on ``emmet_lambda`` (docs/ALGORITHMS.md §5) is MEMIT with λ = ε, below and above n = d_ff."""
+    K0, C, K1, R = _setup(n, 6)
+    sol = equality_constrained(R, K1, C, ridge=eps)
+    assert sol.ridge == eps
+    assert rel(sol.dense(), memit_update(R, K1, C, eps)) < 1e-8
+
+
+def test_emmet_default_past_the_key_dimensions_is_least_squares_without_preservation():
+    """n > d_ff with the automatic ridge (1e-6·tr M/n): MEMIT with that vanishing λ, i.e. (to 1e-3) the plain
+    least-squares fit ``Δ = R Kᵀ (KKᵀ)⁻¹`` of the n targets, which ignores the preserved keys (C drops out)."""
+    n = D_FF + 4
+    K0, C, K1, R = _setup(n, 7)
+    sol = equality_constrained(R, K1, C, max_condition=1e8)
+    assert 0 < sol.ridge < 1e-4
+    plain = torch.from_numpy(np.linalg.lstsq(K1.numpy().T, R.numpy().T, rcond=None)[0].T)
+    assert rel(sol.dense(), plain) < 1e-3
+    assert rel(sol.dense(), memit_update(R, K1, C, sol.ridge)) < 1e-8
+
+
 def test_rome_through_batched_solver_equals_single_edit_rome():
     K0, C, K1, R = _setup(1, 3)
     k, r = K1[:, 0], R[:, 0]
