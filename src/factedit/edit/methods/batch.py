@@ -61,9 +61,9 @@ def _emmet(R, K, C, layer, cfg, caches, memory) -> Solution:
     d_ff, n = K.shape
     if n > d_ff:  # M = Kᵀ C⁻¹ K (n × n) has rank ≤ d_ff: n exact equalities in d_ff dimensions cannot all hold
         log.warning("EMMET layer %d: %d requests in one batch but keys of %d dimensions: the equality constraints "
-                    "cannot all hold, and the ridge turns the solve into a regularised fit (batches of at most %d "
-                    "requests per call keep EMMET exact; MEMIT's least squares has no such limit)",
-                    layer, n, d_ff, d_ff)
+                    "cannot all hold, and the ridge turns the solve into a regularised fit, MEMIT's with λ = the "
+                    "ridge (docs/ALGORITHMS.md §5); for batches this large use memit, whose λ is the preservation "
+                    "weight", layer, n, d_ff)
     sol = equality_constrained(R, K, C, max_condition=cfg.max_condition, ridge=cfg.ridge)
     if sol.ridge:
         log.warning("EMMET layer %d: key system ill-conditioned (cond %.2e); ridge %.3g added",
