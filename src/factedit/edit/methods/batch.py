@@ -140,7 +140,8 @@ class BatchConfig(StatsFields):
             50-request batch at 0.62 efficacy and 1000 reaches 0.94 (100 gives the same).
         max_condition: EMMET adds a ridge when the key system's condition number exceeds this.
         ridge: EMMET's ridge ε added to ``Kᵀ C⁻¹ K`` always (``None``: only when ill-conditioned, automatic);
-            EasyEdit's ``emmet_lambda`` with its C scaled by ``mom2_update_weight`` is ε = λ · weight.
+            EasyEdit's ``emmet_lambda`` with its C scaled by ``mom2_update_weight`` is ε = λ · weight. Any ε
+            makes the update MEMIT's with λ = ε (docs/ALGORITHMS.md §5).
         nullspace_threshold: AlphaEdit keeps eigenvectors of C with eigenvalue below this (the paper's 1e-2).
         alpha: AlphaEdit's ridge α (absolute). ``None`` with ``alpha_scale`` ``None`` (default): the paper's
             :data:`DEFAULT_ALPHA` = 10, filled in by :meth:`resolved`. Decided on 2026-12-06 from 1,000 sequential
