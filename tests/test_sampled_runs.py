@@ -174,6 +174,9 @@ def test_the_batch_table_reads_a_real_batch_run(home, tiny_corpus, tmp_path, cap
     if raw[0].get("edit_peak_rss_mib") is not None:  # (where the platform can reset the peak)
         assert row["edit peak MiB"] == f"{raw[0]['edit_peak_rss_mib']:.0f}"
     assert float(row["edit s"]) == pytest.approx(sum(r["edit_seconds"] for r in raw), abs=0.51)
+    ridged = load_run(tmp_path / "b")  # a run given `--set` options names them beside its method
+    ridged.config["compare"]["method_options"]["options"] = [["ridge", "100"]]
+    assert "| 6 | memit ridge=100 | 3 |" in batch_table([ridged])
     seq = tmp_path / "seq"  # a run of several edits is not one batch: no row
     run_eval(_editor(), _cfg(tiny_corpus, limit=4, checkpoints=(2,)), seq)
     assert batch_table([load_run(seq)]) == ""

@@ -238,7 +238,10 @@ def _batch_row(run: Run) -> Optional[list]:
         peak = json.loads(res.read_text(encoding="utf-8")).get("peak_rss_mib")
     scored = sum(1 for x in recs if x.get("ES") is not None)
     verified = [x.get("verified") for x in recs if x.get("verified") is not None]  # (a failed case: not verified)
-    return [str(len(recs)), str(s.get("method")), f"{scored}", *(_cell(s.get(k), "{:.1f}") for k in (
+    # the method with the options it was given (`--set`), so that e.g. EMMET with and without a ridge differ
+    sets = (run.config.get("compare", {}).get("method_options") or {}).get("options") or []
+    method = " ".join([str(s.get("method")), *(f"{k}={v}" for k, v in sets)])
+    return [str(len(recs)), method, f"{scored}", *(_cell(s.get(k), "{:.1f}") for k in (
         "ES", "PS", "NS", "gen_ES", "gen_PS", "gen_NS")),
         f"{sum(verified)} of {len(recs)}" if verified else "–",
         _perplexity(end), _known_recall(end),
@@ -248,13 +251,13 @@ def _batch_row(run: Run) -> Optional[list]:
 
 
 def batch_table(runs: Sequence[Run]) -> str:
-    """A markdown table of one-batch runs (every case edited together from the original weights), one row per
-    run: the cases scored right after the edit (all, or a sample of them), both score families, how many of
-    the batch's cases took on their own prompt (verification, all of them; a case left out of the batch did
-    not), perplexity and known recall after the batch, seconds of its phases (values: the targets, optimised or
-    read from disk; solve: keys and the closed form; verify) and of the whole edit, and the peak resident
-    memory of the process during the edit and during the whole run (scoring and checkpoints included;
-    ``resources.json``). Runs that are not one batch are left out; "" when none is."""
+    """A markdown table of one-batch runs (every case edited together from the original weights), one row per run: the
+    method and its ``--set`` options, the cases scored right after the edit (all, or a sample of them), both score
+    families, how many of the batch's cases took on their own prompt (verification, all of them; a case left out of the
+    batch did not), perplexity and known recall after the batch, seconds of its phases (values: the targets, optimised
+    or read from disk; solve: keys and the closed form; verify) and of the whole edit, and the peak resident memory of
+    the process during the edit and during the whole run (scoring and checkpoints included; ``resources.json``). Runs
+    that are not one batch are left out; "" when none is."""
     rows = [row for row in map(_batch_row, runs) if row is not None]
     if not rows:
         return ""
