@@ -66,8 +66,8 @@ def _emmet(R, K, C, layer, cfg, caches, memory) -> Solution:
                     "weight", layer, n, d_ff)
     sol = equality_constrained(R, K, C, max_condition=cfg.max_condition, ridge=cfg.ridge)
     if sol.ridge:
-        log.warning("EMMET layer %d: key system ill-conditioned (cond %.2e); ridge %.3g added",
-                    layer, sol.condition, sol.ridge)
+        why = "key system ill-conditioned" if cfg.ridge is None else "ridge set"
+        log.warning("EMMET layer %d: %s (cond %.2e); ridge %.3g added", layer, why, sol.condition, sol.ridge)
     return sol
 
 
