@@ -117,7 +117,7 @@ DEFAULT_OUT = {"single": ROOT / "runs" / "single", "sequential": ROOT / "runs" /
                **{part: ROOT / "runs" / part for part in DATASETS}}
 #: where a part's records are copied after each run (kept in git, cited by docs/RESULTS.md; read by `table`)
 RECORDS = {"long": ROOT / "results" / "long", "capacity": ROOT / "results" / "capacity",
-           "batch": ROOT / "results" / "batch"}
+           "batch": ROOT / "results" / "batch", "qaedit-seq": ROOT / "results" / "qaedit-seq"}
 #: the files of a run directory that are copied there: its records, not its patch stack
 RECORD_FILES = ("config.json", "cases.jsonl", "downstream.jsonl", "summary.json", "unedited.json", "resources.json")
 
@@ -137,8 +137,8 @@ def command(name: str, part: str, limit: int, out: Path, downstream_n: int, ever
         args += ["--cases-per-edit", str(batch)]
     if part in ("sequential", "long"):
         args += ["--sequential", "--downstream-every", str(every)]
-    if part == "qaedit-seq":
-        args += ["--sequential"]
+    if part == "qaedit-seq":  # WILD's sequential protocol: every edit re-scored after the last one
+        args += ["--sequential", "--checkpoints", str(limit)]
     if part == "sequential":
         args += ["--downstream", _rel(DOWNSTREAM), "--downstream-n", str(downstream_n)]
     if part == "capacity":
@@ -148,9 +148,10 @@ def command(name: str, part: str, limit: int, out: Path, downstream_n: int, ever
         args += ["--sequential", "--checkpoints", str(batch)]
         if batch > BATCH_SCORE_SAMPLE:
             args += ["--score-sample", str(BATCH_SCORE_SAMPLE)]
-    if part in ("long", "capacity", "batch"):  # GLUE/MMLU sit at chance on the embedded model: perplexity, known facts
-        args += ["--ppl-corpus", _rel(PPL_CORPUS), "--knowns", _rel(KNOWNS),
-                 "--retention-sample", str(2 if part == "batch" else RETENTION)]
+    if part in ("long", "capacity", "batch", "qaedit-seq"):  # GLUE/MMLU sit at chance here: perplexity, known facts
+        args += ["--ppl-corpus", _rel(PPL_CORPUS), "--knowns", _rel(KNOWNS)]
+        if part != "qaedit-seq":  # (it re-scores all of its edits)
+            args += ["--retention-sample", str(2 if part == "batch" else RETENTION)]
     if method != "none":
         args += ["--stats-corpus", _rel(CORPUS)]
     for opt in options:
@@ -281,7 +282,7 @@ def table(out: Path, part: str, methods, limit: int, downstream_n: int, every: i
         seq = sequential_table(([load_run(base)] if (base / "summary.json").is_file() else []) + runs)
         if seq:
             lines += [seq, ""]
-    if part in ("long", "capacity"):
+    if part in ("long", "capacity", "qaedit-seq"):
         for r in runs:
             done = len(r.records)
             lines += [f"Checkpoints of `{r.name}` ({done} of {limit} edits committed"

@@ -179,3 +179,29 @@ def test_qaedit_locality_is_read_without_generations(home, tiny_corpus, tmp_path
     s = run_eval(Editor(model, tok, progress=False), replace(_cfg(tiny_corpus, path, "none"), gen_tokens=0),
                  tmp_path / "run")
     assert s["locality"] == 100.0 and s["rewrite_gen"] is None
+
+
+def test_a_sequential_qaedit_checkpoint_rescores_its_edits_with_qaedit_scores(home, tiny_corpus, tmp_path):
+    """WILD's sequential protocol: the edits re-scored after the last one. With one edit the checkpoint's scores
+    are the case's own right-after scores (nothing changed in between), and the checkpoint table shows them."""
+    from dataclasses import replace
+
+    from factedit.evaluation.ability import AbilityConfig
+    from factedit.evaluation.summarize import checkpoint_table, load_run
+
+    path = _write(tmp_path, [QA])
+    model, tok = tiny_model("llama")
+    cfg = replace(_cfg(tiny_corpus, path, "memit"), sequential=True, checkpoints=[1],
+                  ability=AbilityConfig(ppl_corpus=str(tiny_corpus), ppl_tokens=200, window=64))
+    run_eval(Editor(model, tok, progress=False), cfg, tmp_path / "run")
+    rec = json.loads((tmp_path / "run" / "cases.jsonl").read_text().splitlines()[0])
+    ends = [json.loads(l) for l in (tmp_path / "run" / "downstream.jsonl").read_text().splitlines()]
+    assert [d["n_edits"] for d in ends] == [0, 1] and ends[0]["retention"] is None
+    ret = ends[1]["retention"]
+    for k in ("rewrite_acc", "rephrase_acc", "locality", "rewrite_gen", "rewrite_em", "rephrase_gen", "rephrase_em",
+              "locality_gen"):
+        assert ret[k] == pytest.approx(100 * rec[k], rel=1e-5, abs=1e-6), k
+    table = checkpoint_table(load_run(tmp_path / "run")).splitlines()
+    assert table[0].startswith("| edits | edit succ. | rephrase | locality | edit gen | edit EM | rephrase gen | "
+                               "rephrase EM | locality gen | re-scored | perplexity |")
+    assert table[-1].startswith(f"| 1 | {100 * rec['rewrite_acc']:.1f} |")
