@@ -91,8 +91,8 @@ BATCH = {f"{m}-{n}": (m, n) for n in BATCH_SIZES for m in ("memit", "emmet")}
 #: EMMET with the authors' always-on ridge (emmet_lambda 0.1 on Kᵀ(w·C)⁻¹K, i.e. ridge = 0.1·w here with our
 #: w = mom2_update_weight 1000, docs/ALGORITHMS.md §5): what it needs past n = d_ff (1,536), beside the default
 BATCH.update({f"emmet-{n}-ridge100": ("emmet", n, "ridge=100") for n in BATCH_SIZES})
-#: MEMIT with ten times the default λ (mom2_update_weight 10,000; MEMIT's GPT-J file has 15,000): past 1,000 requests
-#: the default's solve favours the new facts over C's directions; what a stiffer C keeps, and what it costs in efficacy
+#: MEMIT with ten times the default λ (mom2_update_weight 10,000; MEMIT's GPT-J file has 15,000): what a stiffer
+#: preservation term keeps of the model at large batches, and what it costs in efficacy
 BATCH.update({f"memit-{n}-w10000": ("memit", n, "mom2_update_weight=10000") for n in BATCH_SIZES})
 BATCH_SCORE_SAMPLE = 500
 #: earlier edits re-scored at each checkpoint of a long run (evenly spaced, first and latest included):
