@@ -175,9 +175,10 @@ def copy_records(run_dir: Path, dest: Path) -> list:
     already holds more case records than ``run_dir`` (a run started again must not replace the records
     of a longer one; remove ``dest`` to allow it), nor when ``run_dir`` holds none. Returns the paths written."""
     run_dir, dest = Path(run_dir), Path(dest)
-    if not _count_lines(run_dir / "cases.jsonl"):  # stopped before its first case: nothing to keep
+    cases = _count_lines(run_dir / "cases.jsonl")
+    if not cases:  # stopped before its first case: nothing to keep
         return []
-    if _count_lines(dest / "cases.jsonl") > _count_lines(run_dir / "cases.jsonl"):
+    if _count_lines(dest / "cases.jsonl") > cases:
         print(f"  {dest} holds more case records than {run_dir}: not replaced (remove it to allow it)",
               file=sys.stderr, flush=True)
         return []

@@ -196,15 +196,13 @@ def _rescored(checkpoint: dict) -> str:
     return f"{ret.get('n')} of {checkpoint['n_edits']}" if checkpoint.get("retention_cases") else "all"
 
 
-_KNOWEDIT_CHECKPOINT_KEYS = ("rewrite_acc", "rephrase_acc", "locality", "rewrite_gen", "rewrite_em", "rephrase_gen",
-                             "rephrase_em", "locality_gen")
+#: the earlier edits' scores a checkpoint table shows: CounterFact's, or a KnowEdit / QAEdit run's
+_RETENTION_KEYS = ("ES", "PS", "NS", "gen_ES", "gen_PS", "gen_NS", "rewrite_acc", "rephrase_acc", "locality",
+                   "rewrite_gen", "rewrite_em", "rephrase_gen", "rephrase_em", "locality_gen", "gen_leak")
+_HEADS = {k: head for k, head, _ in COLUMNS}
 #: the columns of :func:`checkpoint_table`: header -> value of one checkpoint record
 _CHECKPOINT_COLUMNS = (
-    # the earlier edits' scores: CounterFact's, or a KnowEdit / QAEdit run's (named as in :data:`COLUMNS`)
-    *((head, lambda d, k=k: _cell((d.get("retention") or {}).get(k), "{:.1f}")) for k, head in (
-        *((k, k.replace("_", "-")) for k in ("ES", "PS", "NS", "gen_ES", "gen_PS", "gen_NS")),
-        *((k, head) for k, head, _ in COLUMNS if k in _KNOWEDIT_CHECKPOINT_KEYS))),
-    ("gen leak", lambda d: _cell((d.get("retention") or {}).get("gen_leak"), "{:.1f}")),
+    *((_HEADS[k], lambda d, k=k: _cell((d.get("retention") or {}).get(k), "{:.1f}")) for k in _RETENTION_KEYS),
     ("re-scored", _rescored),
     ("perplexity", _perplexity),
     ("known recall", _known_recall),
