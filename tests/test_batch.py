@@ -158,6 +158,21 @@ def test_one_layer_update_is_the_closed_form(method, home, tiny_corpus):
         assert rel(D, ref) < 1e-4  # float32 forwards (R) and float32 factors (Δ): measured ~1e-5
 
 
+def test_emmet_past_the_key_dimensions_is_memit_with_its_weight(home, tiny_corpus):
+    """A batch with more requests than the keys have dimensions (44 > the tiny LLaMA's 40): EMMET's equalities
+    cannot all hold, and the edit is MEMIT's with λ = mom2_update_weight (the weight recorded as each layer's
+    ridge), not a least-squares fit that drops the preserved keys."""
+    model, tok = tiny_model("llama")
+    ed = Editor(model, tok, progress=False)
+    assert ed.adapter.d_ff == 40
+    reqs = [Request("{} is located in", f"Entity {i}", f"city {i % 7}") for i in range(44)]
+    kw = _opts(tiny_corpus, layers=(1, 2), value=ValueConfig(steps=2), mom2_update_weight=0.5)
+    emmet, memit = (ed.compute(reqs, method=m, **kw) for m in ("emmet", "memit"))
+    assert all(x["ridge"] == {"1": 0.5, "2": 0.5} for x in emmet.info)
+    for a, b in zip(emmet.deltas, memit.deltas):
+        assert a.layer == b.layer and rel(a.dense().double(), b.dense().double()) < 1e-6
+
+
 @pytest.mark.parametrize("method", ["memit", "emmet", "alphaedit", "ft"])
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "gemma2"])
 def test_methods_run_and_revert_on_architectures(method, arch, home, tiny_corpus):

@@ -56,8 +56,9 @@ def test_emmet_reports_ridge_for_duplicate_keys():
 
 
 def test_emmet_with_more_requests_than_key_dimensions_warns_and_fits(caplog):
-    """n > d_ff: M = KᵀC⁻¹K has rank ≤ d_ff, so the n equalities cannot all hold; the solve says so by name and
-    returns the ridged fit (finite, the closed form with that ridge)."""
+    """n > d_ff: M = KᵀC⁻¹K has rank ≤ d_ff, so the n equalities cannot all hold; the method says so by name and
+    solves MEMIT's least squares with λ = its ridge, or MEMIT's default weight when no ridge is set (the automatic
+    vanishing ridge broke the embedded model at 2,000 requests); below d_ff the exact solve is untouched."""
     import logging
     from types import SimpleNamespace
 
@@ -66,17 +67,23 @@ def test_emmet_with_more_requests_than_key_dimensions_warns_and_fits(caplog):
     n = D_FF + 4
     K0, C, K1, R = _setup(n, 5)
     assert int(torch.linalg.matrix_rank(K1.T @ torch.linalg.solve(C, K1))) == D_FF  # singular n × n system
-    cfg = SimpleNamespace(max_condition=1e8, ridge=None)
-    with caplog.at_level(logging.WARNING, logger="factedit.edit.methods.batch"):
-        sol = SOLVES["emmet"].solve(R, K1, C, 3, cfg, None, None)
-    said = " ".join(r.getMessage() for r in caplog.records)
-    assert f"EMMET layer 3: {n} requests in one batch but keys of {D_FF} dimensions" in said
-    assert "cannot all hold" in said and sol.ridge > 0
-    assert rel(sol.dense(), emmet_update(R, K1, C, ridge=sol.ridge)) < 1e-6
+    for ridge, lam in ((None, 1000.0), (0.5, 0.5)):
+        cfg = SimpleNamespace(max_condition=1e8, ridge=ridge, mom2_update_weight=1000.0)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="factedit.edit.methods.batch"):
+            sol = SOLVES["emmet"].solve(R, K1, C, 3, cfg, None, None)
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert f"EMMET layer 3: {n} requests in one batch but keys of {D_FF} dimensions" in said
+        assert "cannot all hold" in said and f"λ = {lam:g}" in said and sol.ridge == lam
+        # the closed forms with explicit inverses: MEMIT's with λ, and EMMET's with the ridge λ (push-through)
+        assert rel(sol.dense(), memit_update(R, K1, C, lam)) < 1e-8
+        assert rel(sol.dense(), emmet_update(R, K1, C, ridge=lam)) < 1e-6
     caplog.clear()
+    cfg = SimpleNamespace(max_condition=1e8, ridge=None, mom2_update_weight=1000.0)
     with caplog.at_level(logging.WARNING, logger="factedit.edit.methods.batch"):
-        SOLVES["emmet"].solve(R[:, :D_FF - 2], K1[:, :D_FF - 2], C, 3, cfg, None, None)
+        sol = SOLVES["emmet"].solve(R[:, :D_FF - 2], K1[:, :D_FF - 2], C, 3, cfg, None, None)
     assert "cannot all hold" not in " ".join(r.getMessage() for r in caplog.records)
+    assert rel(sol.dense() @ K1[:, :D_FF - 2], R[:, :D_FF - 2]) < 1e-4  # exact below d_ff
 
 
 @pytest.mark.parametrize("n,eps", [(5, 0.1), (D_FF + 4, 0.1), (D_FF + 4, 100.0)])

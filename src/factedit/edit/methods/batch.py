@@ -59,11 +59,17 @@ def _memit(R, K, C, layer, cfg, caches, memory) -> Solution:
 
 def _emmet(R, K, C, layer, cfg, caches, memory) -> Solution:
     d_ff, n = K.shape
-    if n > d_ff:  # M = Kᵀ C⁻¹ K (n × n) has rank ≤ d_ff: n exact equalities in d_ff dimensions cannot all hold
+    if n > d_ff:
+        # M = Kᵀ C⁻¹ K (n × n) has rank ≤ d_ff: n exact equalities in d_ff dimensions cannot all hold, and any
+        # ridge ε makes the solve MEMIT's with λ = ε (docs/ALGORITHMS.md §5). The automatic ridge (1e-6·tr M/n)
+        # would be a vanishing λ, which broke the embedded model at 2,000 requests (0 of 1,996 took); so the
+        # default here is MEMIT's own λ, solved in MEMIT's d_ff × d_ff form (no n × n system to hold or factor).
+        lam = cfg.ridge if cfg.ridge is not None else cfg.mom2_update_weight
         log.warning("EMMET layer %d: %d requests in one batch but keys of %d dimensions: the equality constraints "
-                    "cannot all hold, and the ridge turns the solve into a regularised fit, MEMIT's with λ = the "
-                    "ridge (docs/ALGORITHMS.md §5); for batches this large use memit, whose λ is the preservation "
-                    "weight", layer, n, d_ff)
+                    "cannot all hold; solved as MEMIT's least squares with λ = %g (%s; EMMET with a ridge ε is "
+                    "MEMIT with λ = ε, docs/ALGORITHMS.md §5)", layer, n, d_ff, lam,
+                    "the ridge set" if cfg.ridge is not None else "mom2_update_weight, MEMIT's default")
+        return replace(least_squares(R, K, C, lam), ridge=float(lam))
     sol = equality_constrained(R, K, C, max_condition=cfg.max_condition, ridge=cfg.ridge)
     if sol.ridge:
         why = "key system ill-conditioned" if cfg.ridge is None else "ridge set"
@@ -141,7 +147,8 @@ class BatchConfig(StatsFields):
         max_condition: EMMET adds a ridge when the key system's condition number exceeds this.
         ridge: EMMET's ridge ε added to ``Kᵀ C⁻¹ K`` always (``None``: only when ill-conditioned, automatic);
             EasyEdit's ``emmet_lambda`` with its C scaled by ``mom2_update_weight`` is ε = λ · weight. Any ε
-            makes the update MEMIT's with λ = ε (docs/ALGORITHMS.md §5).
+            makes the update MEMIT's with λ = ε (docs/ALGORITHMS.md §5). A batch with more requests than the
+            keys have dimensions is solved as MEMIT with λ = ``ridge``, or ``mom2_update_weight`` when unset.
         nullspace_threshold: AlphaEdit keeps eigenvectors of C with eigenvalue below this (the paper's 1e-2).
         alpha: AlphaEdit's ridge α (absolute). ``None`` with ``alpha_scale`` ``None`` (default): the paper's
             :data:`DEFAULT_ALPHA` = 10, filled in by :meth:`resolved`. Decided on 2026-12-06 from 1,000 sequential
