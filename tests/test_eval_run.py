@@ -387,6 +387,9 @@ def test_summarize_table_and_plots(home, tiny_corpus, tmp_path, capsys):
     assert cell["downstream mean at end"] == f"{100 * down[-1]['tasks']['mean']:.1f}"
     assert cell["gen-ES at end"] == f"{down[-1]['retention']['gen_ES']:.1f}"  # generation-based retention
     assert row[7] == "–"  # GE not sampled (length 0)
+    from factedit.evaluation.summarize import load_run, score_panels
+
+    assert score_panels([load_run(tmp_path / "seq")]) == [("ES", "gen_ES"), ("PS", "gen_PS"), ("NS", "gen_NS")]
     for name in ("sequential_scores.png", "sequential_downstream.png", "sequential_delta_norm.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["summarize", str(tmp_path / "base"), "--json"]) == 0

@@ -205,3 +205,15 @@ def test_a_sequential_qaedit_checkpoint_rescores_its_edits_with_qaedit_scores(ho
     assert table[0].startswith("| edits | edit succ. | rephrase | locality | edit gen | edit EM | rephrase gen | "
                                "rephrase EM | locality gen | re-scored | perplexity |")
     assert table[-1].startswith(f"| 1 | {100 * rec['rewrite_acc']:.1f} |")
+    # the plot of the re-scored edits has the QAEdit panels (not CounterFact's empty ES/PS/NS), with a legend
+    import warnings
+
+    from factedit.evaluation.summarize import plot_runs, score_panels
+
+    run = load_run(tmp_path / "run")
+    assert score_panels([run]) == [("rewrite_acc", "rewrite_gen"), ("rephrase_acc", "rephrase_gen"),
+                                   ("locality", "locality_gen")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when a legend has no labelled line
+        written = plot_runs([run], tmp_path / "plots")
+    assert tmp_path / "plots" / "sequential_scores.png" in written

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from .scoring import summarize_records
 from .store import RunError, read_jsonl
@@ -279,6 +279,24 @@ def _plt():
     return plt
 
 
+#: the re-scored retention panels of the sequential plot, (teacher-forced key, generation-based key): CounterFact's
+#: ES/PS/NS, then the KnowEdit/QAEdit family's edit success, rephrase and locality
+_SCORE_PANELS = (("ES", "gen_ES"), ("PS", "gen_PS"), ("NS", "gen_NS"),
+                 ("rewrite_acc", "rewrite_gen"), ("rephrase_acc", "rephrase_gen"), ("locality", "locality_gen"))
+
+
+def _retention_points(run: Run, key: str) -> list:
+    return [(d["n_edits"], d["retention"][key]) for d in run.downstream
+            if (d.get("retention") or {}).get(key) is not None]
+
+
+def score_panels(runs: Sequence[Run]) -> List[Tuple[str, str]]:
+    """The panels of the sequential scores plot that some run has a re-scored checkpoint for (in
+    :data:`_SCORE_PANELS` order): a QAEdit run's are edit success, rephrase and locality, a CounterFact run's
+    ES/PS/NS."""
+    return [(tf, gen) for tf, gen in _SCORE_PANELS if any(_retention_points(r, k) for r in runs for k in (tf, gen))]
+
+
 def plot_runs(runs: Sequence[Run], out_dir) -> List[Path]:
     """PNG plots of the sequential runs among ``runs`` (one line per run); returns the files written."""
     seq = [r for r in runs if r.sequential]
@@ -295,19 +313,20 @@ def plot_runs(runs: Sequence[Run], out_dir) -> List[Path]:
         plt.close(fig)
         written.append(out / name)
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    for ax, key in zip(axes, ("ES", "PS", "NS")):
-        for i, r in enumerate(seq):
-            color = f"C{i}"
-            for k, style, label in ((key, "-", r.name), (f"gen_{key}", "--", f"{r.name} (generated)")):
-                pts = [(d["n_edits"], d["retention"][k]) for d in r.downstream
-                       if (d.get("retention") or {}).get(k) is not None]
-                if pts:
-                    ax.plot(*zip(*pts), style, color=color, marker="o", ms=3, label=label)
-        ax.set(title=f"{key} of earlier edits re-scored (dashed: gen-{key})", xlabel="edits", ylim=(0, 100))
-    axes[0].set_ylabel("%")
-    axes[0].legend(fontsize=8)
-    save(fig, "sequential_scores.png")
+    panels = score_panels(seq)
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(13 * len(panels) / 3, 3.8), sharey=True, squeeze=False)
+        for ax, (tf, gen) in zip(axes[0], panels):
+            for i, r in enumerate(seq):
+                for k, style, mark, label in ((tf, "-", "o", r.name), (gen, "--", "x", f"{r.name} (generated)")):
+                    pts = _retention_points(r, k)
+                    if pts:
+                        ax.plot(*zip(*pts), style, color=f"C{i}", marker=mark, ms=4, label=label)
+            ax.set(title=f"{_HEADS[tf]} of earlier edits, re-scored\n(dashed, x: {_HEADS[gen]})", xlabel="edits",
+                   ylim=(0, 100))
+        axes[0][0].set_ylabel("%")
+        axes[0][0].legend(fontsize=8)
+        save(fig, "sequential_scores.png")
 
     tasks = sorted({t for r in seq for d in r.downstream for t in (d.get("tasks") or {}) if t != "mean"})
     if tasks:
