@@ -211,6 +211,12 @@ def test_a_sequential_qaedit_checkpoint_rescores_its_edits_with_qaedit_scores(ho
     from factedit.evaluation.summarize import plot_runs, score_panels
 
     run = load_run(tmp_path / "run")
+    from factedit.evaluation.summarize import sequential_table
+
+    seq = sequential_table([run]).splitlines()  # the run's own scores at its end, beside the ability measures
+    cell = dict(zip((c.strip(" |") for c in seq[0].split(" | ")), (c.strip(" |") for c in seq[2].split(" | "))))
+    assert cell["edit succ. at end"] == f"{ret['rewrite_acc']:.1f}" and cell["re-scored at end"] == "all"
+    assert cell["locality gen at end"] == f"{ret['locality_gen']:.1f}" and cell["ES at end"] == "–"
     assert score_panels([run]) == [("rewrite_acc", "rewrite_gen"), ("rephrase_acc", "rephrase_gen"),
                                    ("locality", "locality_gen")]
     with warnings.catch_warnings():

@@ -156,10 +156,13 @@ def sequential_table(runs: Sequence[Run], window: int = 40) -> str:
     # the generation-based retention and the ability measures, when any run tracked them
     extra = [(name, fn) for name, fn in (
         ("gen-ES at end", lambda f, l: _cell((l.get("retention") or {}).get("gen_ES"), "{:.1f}")),
+        # a KnowEdit/QAEdit run's own scores (its checkpoints re-score edit success, rephrase and locality)
+        *((f"{_HEADS[k]} at end", lambda f, l, k=k: _cell((l.get("retention") or {}).get(k), "{:.1f}"))
+          for k in ("rewrite_acc", "rewrite_gen", "locality", "locality_gen")),
         ("perplexity at 0", lambda f, l: _perplexity(f)),
         ("perplexity at end", lambda f, l: _perplexity(l)),
         ("known recall at end", lambda f, l: _known_recall(l)),
-        ("re-scored at end", lambda f, l: _rescored(l) if l.get("retention_cases") else "–"))
+        ("re-scored at end", lambda f, l: _rescored(l)))
         if any(fn(r.downstream[0], r.downstream[-1]) != "–" for r in seq)]
     head += [name for name, _ in extra]
     rows = []
