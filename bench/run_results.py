@@ -87,7 +87,8 @@ CAPACITY_STOP = ("--stop-recall", "0.25", "--stop-ppl", "2")
 #: an interrupted batch continues (the sizes nest); BATCH_SCORE_SAMPLE cases of a larger batch scored right after
 #: it, perplexity and known recall at the end
 BATCH_SIZES = (100, 1000, 2000, 5000, 10000)
-BATCH = {f"{m}-{n}": (m, n) for n in BATCH_SIZES for m in ("memit", "emmet")}
+#: (EMMET past the keys' 1,536 dimensions is MEMIT with its weight, docs/ALGORITHMS.md §5: no emmet-2000 and up)
+BATCH = {f"{m}-{n}": (m, n) for n in BATCH_SIZES for m in ("memit", "emmet") if m == "memit" or n <= 1536}
 #: EMMET with the authors' always-on ridge (emmet_lambda 0.1 on Kᵀ(w·C)⁻¹K, i.e. ridge = 0.1·w here with our
 #: w = mom2_update_weight 1000, docs/ALGORITHMS.md §5): what it needs past n = d_ff (1,536), beside the default
 BATCH.update({f"emmet-{n}-ridge100": ("emmet", n, "ridge=100") for n in BATCH_SIZES})
