@@ -179,10 +179,12 @@ def test_sequential_table_retention_and_ge_change_against_unedited_records():
     rows = sequential_table([seq], window=2).splitlines()
     assert "| GE, first 2 | GE, last 2 |" in rows[0]
     # edit order: (0, 3) then (0, 7), (2, 1), (2, 9); first two GE 0.2, 0.3; last two 0.5, 0.1
-    assert rows[2] == "| seq | emmet | 4 | 100.0 | 75.0 | 50.0 | 100.0 | 25.0 | 30.0 | 50.0 | 25.0 |"
+    # ... and the re-scored edits at the end: all of them (the checkpoint names no sample)
+    assert rows[0].endswith("| re-scored at end |")
+    assert rows[2] == "| seq | emmet | 4 | 100.0 | 75.0 | 50.0 | 100.0 | 25.0 | 30.0 | 50.0 | 25.0 | all |"
 
     rows = sequential_table([base, seq], window=2).splitlines()
     assert "| ΔGE vs unedited, first 2 | ΔGE vs unedited, last 2 |" in rows[0] and len(rows) == 3
     # first two: (0.2 - 0.2 + 0.3 - 0.1) / 2 = 0.1; last two: (0.5 - 0.4 + 0.1 - 0.2) / 2 = 0.0
-    assert rows[2] == "| seq | emmet | 4 | 100.0 | 75.0 | 50.0 | 100.0 | 10.0 | 0.0 | 50.0 | 25.0 |"
+    assert rows[2] == "| seq | emmet | 4 | 100.0 | 75.0 | 50.0 | 100.0 | 10.0 | 0.0 | 50.0 | 25.0 | all |"
     assert sequential_table([base]) == ""
