@@ -205,18 +205,16 @@ def test_a_sequential_qaedit_checkpoint_rescores_its_edits_with_qaedit_scores(ho
     assert table[0].startswith("| edits | edit succ. | rephrase | locality | edit gen | edit EM | rephrase gen | "
                                "rephrase EM | locality gen | re-scored | perplexity |")
     assert table[-1].startswith(f"| 1 | {100 * rec['rewrite_acc']:.1f} |")
-    # the plot of the re-scored edits has the QAEdit panels (not CounterFact's empty ES/PS/NS), with a legend
     import warnings
 
-    from factedit.evaluation.summarize import plot_runs, score_panels
+    from factedit.evaluation.summarize import plot_runs, score_panels, sequential_table
 
     run = load_run(tmp_path / "run")
-    from factedit.evaluation.summarize import sequential_table
-
     seq = sequential_table([run]).splitlines()  # the run's own scores at its end, beside the ability measures
     cell = dict(zip((c.strip(" |") for c in seq[0].split(" | ")), (c.strip(" |") for c in seq[2].split(" | "))))
     assert cell["edit succ. at end"] == f"{ret['rewrite_acc']:.1f}" and cell["re-scored at end"] == "all"
     assert cell["locality gen at end"] == f"{ret['locality_gen']:.1f}" and cell["ES at end"] == "–"
+    # the plot of the re-scored edits has the QAEdit panels (not CounterFact's empty ES/PS/NS), with a legend
     assert score_panels([run]) == [("rewrite_acc", "rewrite_gen"), ("rephrase_acc", "rephrase_gen"),
                                    ("locality", "locality_gen")]
     with warnings.catch_warnings():

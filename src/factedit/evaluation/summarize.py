@@ -155,10 +155,9 @@ def sequential_table(runs: Sequence[Run], window: int = 40) -> str:
             f"{ge}, first {window}", f"{ge}, last {window}", "downstream mean at 0", "downstream mean at end"]
     # the generation-based retention and the ability measures, when any run tracked them
     extra = [(name, fn) for name, fn in (
-        ("gen-ES at end", lambda f, l: _cell((l.get("retention") or {}).get("gen_ES"), "{:.1f}")),
-        # a KnowEdit/QAEdit run's own scores (its checkpoints re-score edit success, rephrase and locality)
-        *((f"{_HEADS[k]} at end", lambda f, l, k=k: _cell((l.get("retention") or {}).get(k), "{:.1f}"))
-          for k in ("rewrite_acc", "rewrite_gen", "locality", "locality_gen")),
+        # gen-ES, then a KnowEdit/QAEdit run's own scores (its checkpoints re-score edit success and locality)
+        *((f"{_HEADS[k]} at end", lambda f, l, k=k: _retention_cell(l, k))
+          for k in ("gen_ES", "rewrite_acc", "rewrite_gen", "locality", "locality_gen")),
         ("perplexity at 0", lambda f, l: _perplexity(f)),
         ("perplexity at end", lambda f, l: _perplexity(l)),
         ("known recall at end", lambda f, l: _known_recall(l)),
@@ -176,6 +175,11 @@ def sequential_table(runs: Sequence[Run], window: int = 40) -> str:
                      *(_cell(None if m is None else 100 * m, "{:.1f}") for m in mean),
                      *(fn(first, last) for _, fn in extra)])
     return _markdown(head, rows)
+
+
+def _retention_cell(checkpoint: dict, key: str) -> str:
+    """One score of the earlier edits a checkpoint re-scored ("–" when it has none)."""
+    return _cell((checkpoint.get("retention") or {}).get(key), "{:.1f}")
 
 
 def _perplexity(checkpoint: dict) -> str:
@@ -205,7 +209,7 @@ _RETENTION_KEYS = ("ES", "PS", "NS", "gen_ES", "gen_PS", "gen_NS", "rewrite_acc"
 _HEADS = {k: head for k, head, _ in COLUMNS}
 #: the columns of :func:`checkpoint_table`: header -> value of one checkpoint record
 _CHECKPOINT_COLUMNS = (
-    *((_HEADS[k], lambda d, k=k: _cell((d.get("retention") or {}).get(k), "{:.1f}")) for k in _RETENTION_KEYS),
+    *((_HEADS[k], lambda d, k=k: _retention_cell(d, k)) for k in _RETENTION_KEYS),
     ("re-scored", _rescored),
     ("perplexity", _perplexity),
     ("known recall", _known_recall),
