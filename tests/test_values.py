@@ -80,6 +80,34 @@ def test_optimisation_is_deterministic():
     assert torch.equal(a.delta, b.delta)
 
 
+def test_nadam_first_step_is_nesterov_with_constant_momentum():
+    # one update from δ = 0 with gradient g: Adam moves lr·sign(g); NAdam with μ = β₁/2 constant moves
+    # lr·(1−μ)/(1−μ)·sign(g) + lr·μ/(1−μ²)·(1−β₁)·sign(g) (its definition, torch's NAdam with momentum_decay 0)
+    model, tok = tiny_model("llama")
+    ad = ModelAdapter(model, tok)
+    cfg = dict(steps=2, clamp_norm_factor=1e6)
+    adam = optimize_values(ValueProblem(ad, 1, REQS[:1], TEMPLATES), ValueConfig(**cfg))
+    nadam = optimize_values(ValueProblem(ad, 1, REQS[:1], TEMPLATES), ValueConfig(**cfg, optimizer="nadam"))
+    mu, beta1, lr = 0.45, 0.9, 0.5
+    assert adam.steps == nadam.steps == 1
+    assert torch.allclose(adam.delta.abs(), torch.full_like(adam.delta, lr), rtol=1e-4)
+    expected = adam.delta * (1 + mu * (1 - beta1) / (1 - mu * mu))
+    assert torch.allclose(nadam.delta, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_value_config_refuses_unknown_choices_and_keeps_its_disk_identity():
+    from factedit.core.errors import MethodError
+
+    with pytest.raises(MethodError, match="value.optimizer must be one of adam, nadam"):
+        ValueConfig(optimizer="sgd")
+    with pytest.raises(MethodError, match="value.early_stop_on must be one of nll, loss"):
+        ValueConfig(early_stop_on="los")
+    # targets kept on disk are found by the repr of the settings: a field added later shows only when set
+    assert "optimizer" not in repr(ValueConfig()) and "optimizer='nadam'" in repr(ValueConfig(optimizer="nadam"))
+    assert repr(ValueConfig()) == ("ValueConfig(steps=25, lr=0.5, kl_factor=0.0625, weight_decay=0.5, "
+                                   "clamp_norm_factor=4.0, early_stop_loss=0.05, early_stop_on='nll', bare_weight=0.0)")
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3_text"])
 def test_active_subset_equals_full_batch(arch):
     """Dropping finished requests from the batch gives the same logits for the others."""
