@@ -51,10 +51,6 @@ class _Warm(_ADAM):
         return out
 
 
-def _nadam(params, lr):
-    return torch.optim.NAdam(params, lr=lr, momentum_decay=0.0)  # Nesterov momentum, no μ schedule
-
-
 def _beta2(params, lr):
     return _ADAM(params, lr=lr, betas=(0.9, 0.99))
 
@@ -65,13 +61,14 @@ RULES = {
     "Adam, lr 0.7": ({"lr": 0.7}, None),
     "Adam, lr 1.0 for 2 steps, then 0.5": ({}, _Warm),
     "Adam, β₂ 0.99": ({}, _beta2),
-    "NAdam, lr 0.5": ({}, _nadam),
+    "NAdam, lr 0.5": ({"optimizer": "nadam"}, None),  # Nesterov momentum, μ = β₁/2 constant
 }
 
 
 @contextlib.contextmanager
 def optimiser(factory):
-    """``torch.optim.Adam`` as the value optimisation sees it (it builds ``torch.optim.Adam([δ], lr=…)``)."""
+    """``torch.optim.Adam`` as the value optimisation sees it (``ValueConfig.make_optimizer`` builds
+    ``torch.optim.Adam([δ], lr=…)``)."""
     if factory is None:
         yield
         return
