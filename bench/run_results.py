@@ -59,10 +59,13 @@ SINGLE = {"none": ("none", 1), "rome": ("rome", 1), "r-rome": ("r-rome", 1), "p-
           "emmet-zt": ("emmet", 25, "current_residual=templates", LR05),
           "alphaedit-zt": ("alphaedit", 25, "current_residual=templates", LR05),
           # issue 34: ROME without C⁻¹ (C = I), what an EasyEdit file with mom2_adjustment: false runs
-          "rome-noc": ("rome", 1, "mom2_adjustment=false")}
+          "rome-noc": ("rome", 1, "mom2_adjustment=false"),
+          # issue 35: r-ROME's δ by NAdam (fewer steps, a shorter δ: docs/ALGORITHMS.md §2), against "r-rome"
+          "r-rome-nadam": ("r-rome", 1, "value.optimizer=nadam")}
 #: sequential runs, in the order they are run (the cheaper batch methods first)
 SEQUENTIAL = {"emmet": ("emmet", 10, LR05), "alphaedit": ("alphaedit", 10, LR05), "rome": ("rome", 1),
-              "r-rome": ("r-rome", 1), "rome-noc": ("rome", 1, "mom2_adjustment=false")}
+              "r-rome": ("r-rome", 1), "rome-noc": ("rome", 1, "mom2_adjustment=false"),
+              "r-rome-nadam": ("r-rome", 1, "value.optimizer=nadam")}
 #: the 1,000-edit sequential runs of issue 16: batches of 100 for the batch methods (targets shared),
 #: single edits for the ROME variants; perplexity on held-out text and known-fact recall every --every edits
 #: "alphaedit" is the run of the default before 2026-12-06 (α relative, alpha_scale 0.02); since then the default
