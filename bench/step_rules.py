@@ -122,7 +122,6 @@ def main():
         base = None
         for name, (over, factory) in RULES.items():
             problem = ValueProblem(editor.adapter, layer, [req], templates, cfg.essence_prompts, cfg.fact_token)
-            problem.prepare()
             seen = trajectory(problem)
             vcfg = replace(cfg.value, **over)
             with optimiser(factory):
